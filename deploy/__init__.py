@@ -1,0 +1,1 @@
+"""Deploy: SavedModel export with preprocessing inside the serving signature, and its checks."""

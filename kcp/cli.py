@@ -1,0 +1,235 @@
+"""The `kcp` command line: one subcommand per stage, and `run` for all of them in order.
+
+    kcp run                                   # the embedded digits, end to end
+    kcp train --run-dir runs/r1 --set train.epochs=5
+
+A user error (bad key, missing file, unknown source) prints one line and exits 2;
+`--verbose` adds the traceback. Beam pipeline options go after `--`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import sys
+import time
+import traceback
+
+from kcp.errors import UserError
+
+EXAMPLES = {
+    "preprocess": [
+        "kcp preprocess --source digits --run-dir runs/digits",
+        "kcp preprocess --run-dir runs/digits --set data.num_shards=4 -- --direct_num_workers=2",
+    ],
+    "train": [
+        "kcp train --run-dir runs/digits --set train.epochs=10 --set train.optimizer=momentum",
+    ],
+    "export": [
+        "kcp export --run-dir runs/digits --set export.name=digits",
+    ],
+    "run": [
+        "kcp run",
+        "kcp run --run-dir runs/digits --model cnn --set train.epochs=20",
+    ],
+}
+
+DESCRIPTIONS = {
+    "preprocess": "Read a source with Apache Beam, split, analyze, and write TFRecords + RUN/data/metadata.json.",
+    "train": "Train a model on RUN/data and write RUN/train/ (model.keras, metrics.json, history.json).",
+    "export": "Export RUN/train/model.keras as a SavedModel in RUN/export/NAME/VERSION/.",
+    "run": "preprocess, train and export in order, then reload the export and check its accuracy.",
+}
+
+RUNS_ROOT = "runs"
+
+
+def sys_argv() -> list[str]:
+    return sys.argv[1:]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kcp", description="keras-cloud-pipeline: raw data to a served Keras model.",
+        epilog="example:\n  kcp run", formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in EXAMPLES:
+        sub = commands.add_parser(
+            name, help=DESCRIPTIONS[name], description=DESCRIPTIONS[name],
+            epilog="examples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[name]),
+            formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub.add_argument("--run-dir", "--job-dir", dest="run_dir", metavar="RUN",
+                         help="the run directory, local or gs:// (default: a new runs/<UTC timestamp> for "
+                              "preprocess and run; the newest run under runs/ otherwise)")
+        sub.add_argument("--config", metavar="FILE", help="a YAML file with sections data, model, train, tune, export")
+        sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                         help="override one config value (YAML syntax); repeatable")
+        sub.add_argument("--verbose", action="store_true", help="debug logging and tracebacks")
+        if name in ("preprocess", "run"):
+            sub.add_argument("--source", help="short for --set data.source=SOURCE (e.g. digits)")
+        if name in ("train", "run"):
+            sub.add_argument("--model", help="short for --set model.name=NAME")
+    return parser
+
+
+def utc_run_dir() -> str:
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    candidate, suffix = os.path.join(RUNS_ROOT, stamp), 1
+    while os.path.exists(candidate):
+        suffix += 1
+        candidate = os.path.join(RUNS_ROOT, f"{stamp}-{suffix}")
+    return candidate
+
+
+def newest_run_with_data() -> str | None:
+    if not os.path.isdir(RUNS_ROOT):
+        return None
+    runs = [os.path.join(RUNS_ROOT, name) for name in os.listdir(RUNS_ROOT)]
+    runs = [run for run in runs if os.path.exists(os.path.join(run, "data", "metadata.json"))]
+    return max(runs, key=os.path.getmtime) if runs else None
+
+
+def resolve_run_dir(args) -> str:
+    if args.run_dir:
+        return args.run_dir.rstrip("/") or args.run_dir
+    if args.command in ("preprocess", "run"):
+        return utc_run_dir()
+    newest = newest_run_with_data()
+    if newest is None:
+        raise UserError(f"--run-dir: not given and no run under {RUNS_ROOT}/ has data; run `kcp preprocess` first")
+    logging.getLogger("kcp").info("using the newest run, %s", newest)
+    return newest
+
+
+def resolve_config(args, run_dir: str):
+    """Defaults <- RUN/config.yaml <- --config <- --source/--model <- --set."""
+    import yaml
+
+    from kcp import storage
+    from kcp.config import load_config, read_yaml_file
+
+    layers = []
+    existing = storage.join(run_dir, "config.yaml")
+    if storage.exists(existing):
+        layers.append(yaml.safe_load(storage.read_text(existing)) or {})
+    if args.config:
+        layers.append(read_yaml_file(args.config))
+    if getattr(args, "source", None):
+        layers.append({"data": {"source": args.source}})
+    if getattr(args, "model", None):
+        layers.append({"model": {"name": args.model}})
+    return load_config(layers, args.overrides)
+
+
+def _configure_logging(verbose: bool) -> None:
+    # TensorFlow's C++ INFO lines (oneDNN, CPU features) are not warnings; keep its warnings.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "1")
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("kcp").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+# --- commands ---------------------------------------------------------------------------
+
+def cmd_preprocess(config, run_dir: str, beam_args: list[str]) -> dict:
+    from pipeline.preprocess import run_preprocess
+
+    say(f"[preprocess] {config.data.source} -> {run_dir}/data")
+    contract = run_preprocess(config, run_dir, beam_args)
+    counts = " · ".join(f"{split} {info.count}" for split, info in contract.splits.items())
+    say(f"[preprocess] {counts} examples, {contract.num_classes} classes, {contract.bad_examples} bad "
+        f"(dead letters in {run_dir}/data/dead_letter/)" if contract.bad_examples else
+        f"[preprocess] {counts} examples, {contract.num_classes} classes, 0 bad")
+    return {"contract": contract}
+
+
+def cmd_train(config, run_dir: str, beam_args: list[str]) -> dict:
+    from trainer.train import train
+
+    say(f"[train] {config.model.name}, {config.train.epochs} epochs, batch {config.train.batch_size}, "
+        f"{config.train.optimizer} lr {config.train.learning_rate:g}")
+    metrics = train(config, run_dir)
+    say(f"[train] test accuracy {metrics.get('test', {}).get('accuracy', float('nan')):.4f}, "
+        f"{metrics['examples_per_second']:.0f} examples/s, {metrics['wall_seconds']:.1f} s -> {run_dir}/train")
+    return {"metrics": metrics}
+
+
+def cmd_export(config, run_dir: str, beam_args: list[str]) -> dict:
+    from deploy.export import export_for_serving
+
+    path = export_for_serving(config, run_dir)
+    say(f"[export] SavedModel -> {path}")
+    return {"export_dir": path}
+
+
+def cmd_run(config, run_dir: str, beam_args: list[str]) -> dict:
+    from deploy.validate import export_accuracy
+
+    started = time.perf_counter()
+    results = {}
+    results.update(cmd_preprocess(config, run_dir, beam_args))
+    results.update(cmd_train(config, run_dir, []))
+    results.update(cmd_export(config, run_dir, []))
+    trainer_accuracy = results["metrics"]["test"]["accuracy"]
+    reloaded = export_accuracy(results["export_dir"], run_dir, "test")
+    metrics, contract = results["metrics"], results["contract"]
+    say("")
+    say(f"kcp run: done in {time.perf_counter() - started:.0f} s — {run_dir}")
+    say(f"  data      {contract.source}: " + ", ".join(f"{s} {i.count}" for s, i in contract.splits.items())
+        + f" examples; {contract.bad_examples} bad")
+    say(f"  model     {metrics['model']}, {metrics['params']:,} parameters, {metrics['epochs']} epochs, "
+        f"{metrics['examples_per_second']:.0f} examples/s")
+    say("  accuracy  " + " · ".join(f"{split} {metrics[split]['accuracy']:.4f}"
+                                    for split in ("train", "validation", "test") if split in metrics))
+    say(f"  export    {results['export_dir']}")
+    say(f"  reloaded  export test accuracy {reloaded:.4f} (trainer {trainer_accuracy:.4f}, "
+        f"difference {abs(reloaded - trainer_accuracy):.4f})")
+    results["export_accuracy"] = reloaded
+    return results
+
+
+COMMANDS = {"preprocess": cmd_preprocess, "train": cmd_train, "export": cmd_export, "run": cmd_run}
+
+
+def main(argv: list[str] | None = None, *, lenient: bool = False) -> int:
+    """Entry of `kcp` (strict flags) and of the stage modules (`lenient`: unknown flags warned)."""
+    argv = list(sys_argv() if argv is None else argv)
+    beam_args: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, beam_args = argv[:cut], argv[cut + 1:]
+    parser = build_parser()
+    if lenient:
+        args, unknown = parser.parse_known_args(argv)
+    else:
+        args, unknown = parser.parse_args(argv), []
+    _configure_logging(args.verbose)
+    if unknown:
+        logging.getLogger("kcp").warning("ignoring flags this stage does not know: %s", " ".join(unknown))
+    if beam_args and args.command not in ("preprocess", "run"):
+        logging.getLogger("kcp").warning("ignoring Beam options after --: %s runs no Beam pipeline", args.command)
+    try:
+        from kcp import storage
+
+        run_dir = resolve_run_dir(args)
+        config = resolve_config(args, run_dir)
+        storage.makedirs(run_dir)
+        storage.write_text_atomic(storage.join(run_dir, "config.yaml"), config.to_yaml())
+        COMMANDS[args.command](config, run_dir, beam_args)
+    except UserError as error:
+        if args.verbose:
+            traceback.print_exc()
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"kcp {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,245 @@
+"""One run configuration: YAML sections `data`, `model`, `train`, `tune`, `export`.
+
+Read into frozen dataclasses. Precedence, lowest first: the defaults here, the run
+directory's `config.yaml` (when a later stage runs on an existing run), `--config FILE`,
+then each `--set section.key=value` in order. Unknown keys and bad values raise
+`ConfigError` with a one-line message that names the key and what is allowed, before
+any work starts.
+
+Example:
+    kcp train --config my.yaml --set train.epochs=3 --set model.filters=[16,32]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+from kcp.errors import UserError
+
+# The registry lives in trainer.models (which imports Keras); the names are repeated here
+# so that validating a config never imports TensorFlow. A test keeps the two equal.
+MODEL_NAMES = ("cnn", "resnet", "rnn", "transformer")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw")
+INITIALIZERS = ("glorot_uniform", "glorot_normal", "he_uniform", "he_normal")
+SPLITS = ("train", "validation", "test")
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration key or value that is not allowed; the message is one line."""
+
+
+def option(default: Any, *, choices=None, minimum=None, maximum=None, help: str = ""):
+    """A dataclass field carrying its own validation rules."""
+    metadata = {"choices": choices, "minimum": minimum, "maximum": maximum, "help": help}
+    if isinstance(default, (list, dict)):
+        raise TypeError("use a tuple or a default_factory for mutable defaults")
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = option("digits", help="digits (embedded default)")
+    split: tuple = option((0.8, 0.1, 0.1), help="train/validation/test fractions when the source has no splits")
+    num_shards: int = option(0, minimum=0, help="shards per split; 0 picks from the data size")
+    compression: str = option("none", choices=("none", "gzip"))
+    seed: int = option(42, help="seed of the reproducible split")
+
+    def __post_init__(self):
+        split = self.split
+        if len(split) != 3 or any(not 0 <= s <= 1 for s in split) or abs(sum(split) - 1) > 1e-6:
+            raise ConfigError(f"data.split: {list(split)!r} must be three fractions (train, validation, test) summing to 1")
+        if split[0] == 0:
+            raise ConfigError("data.split: the train fraction must be above 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = option("cnn", choices=MODEL_NAMES)
+    dropout: float = option(0.1, minimum=0.0, maximum=0.95)
+    initializer: str = option("he_normal", choices=INITIALIZERS)
+    # cnn
+    filters: tuple = option((32, 64), help="filters per convolution block")
+    kernel_size: int = option(3, minimum=1)
+    convs_per_block: int = option(2, minimum=1)
+    batch_norm: bool = option(True)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = option(30, minimum=1)
+    batch_size: int = option(64, minimum=1, help="global batch size")
+    optimizer: str = option("adam", choices=OPTIMIZERS)
+    learning_rate: float = option(1e-3, minimum=0.0)
+    momentum: float = option(0.9, minimum=0.0, maximum=1.0, help="for the momentum and nesterov optimizers")
+    weight_decay: float = option(0.0, minimum=0.0, help="decoupled weight decay; 0 turns it off")
+    seed: int = option(42)
+    shuffle_buffer: int = option(10_000, minimum=1)
+    cache: bool = option(True, help="keep the serialized records in memory after the first epoch")
+
+    def __post_init__(self):
+        if self.learning_rate <= 0:
+            raise ConfigError(f"train.learning_rate: {self.learning_rate!r} must be above 0")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    algorithm: str = option("random", choices=("random", "grid", "hyperband", "bayesian"))
+    max_trials: int = option(10, minimum=1)
+    objective: str = option("val_accuracy")
+    direction: str = option("max", choices=("min", "max"))
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    name: str = option("model", help="model name in RUN/export/NAME/VERSION and in the serving URL")
+    min_accuracy: Optional[float] = option(None, minimum=0.0, maximum=1.0)
+
+    def __post_init__(self):
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ConfigError(f"export.name: {self.name!r} must be a plain directory name")
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def to_dict(self) -> dict:
+        return _to_plain(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _to_plain(value):
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _describe(value) -> str:
+    return repr(list(value)) if isinstance(value, tuple) else repr(value)
+
+
+def _coerce(key: str, value: Any, annotation: Any):
+    """Checks `value` against a field's annotation; returns it in the field's type."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union:  # Optional[X]
+        (inner,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return None if value is None else _coerce(key, value, inner)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: {value!r} is not a boolean (true or false)")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: {value!r} is not an integer")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: {value!r} is not a number")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: {value!r} is not a string")
+        return value
+    if annotation is tuple:
+        if not isinstance(value, (list, tuple)) or any(isinstance(v, (list, dict)) for v in value):
+            raise ConfigError(f"{key}: {value!r} is not a list of values")
+        return tuple(value)
+    raise TypeError(f"unsupported annotation {annotation!r} for {key}")
+
+
+def _check_rules(key: str, value: Any, metadata) -> None:
+    choices = metadata.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        minimum, maximum = metadata.get("minimum"), metadata.get("maximum")
+        if minimum is not None and value < minimum:
+            raise ConfigError(f"{key}: {value!r} is below the minimum {minimum}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"{key}: {value!r} is above the maximum {maximum}")
+
+
+def _build(cls, values: dict, prefix: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {_describe(values)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        kind = "key" if prefix else "section"
+        raise ConfigError(f"{where}{unknown[0]}: unknown {kind}; allowed: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[name] = _build(annotation, value if value is not None else {}, key)
+            continue
+        value = _coerce(key, value, annotation)
+        _check_rules(key, value, fields[name].metadata)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_override(text: str) -> dict:
+    """`section.key=value` -> {"section": {"key": value}}, the value read as YAML."""
+    path, sep, raw = text.partition("=")
+    parts = path.strip().split(".")
+    if not sep or len(parts) < 2 or not all(parts):
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. train.epochs=3")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({error.problem})") from None
+    nested: dict = {parts[-1]: value}
+    for part in reversed(parts[:-1]):
+        nested = {part: nested}
+    return nested
+
+
+def read_yaml_file(path: str) -> dict:
+    from kcp import storage
+
+    if not storage.exists(path):
+        raise ConfigError(f"--config {path}: file not found")
+    try:
+        values = yaml.safe_load(storage.read_text(path)) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--config {path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path}: expected a mapping with sections data, model, train, tune, export")
+    return values
+
+
+def load_config(layers: list[dict] = (), overrides: list[str] = ()) -> Config:
+    """Builds a Config from dict layers (lowest precedence first) and --set overrides."""
+    values: dict = {}
+    for layer in layers:
+        values = _merge(values, layer)
+    for text in overrides:
+        values = _merge(values, parse_override(text))
+    return _build(Config, values, "")

@@ -1,0 +1,230 @@
+"""The data contract between the stages: `RUN/data/metadata.json` and the Example encoding.
+
+This module is the single owner of feature names, dtypes, shapes and how each feature is
+encoded in a `tf.train.Example`. The pipeline writes through it; the trainer, the tuner
+and the exporter read through it and import nothing else from `pipeline/`.
+
+One example holds three features:
+    key    bytes   a stable identifier of the source example (file path, row id)
+    label  int64   index into `class_names`
+    INPUT  the model input, named by `input_feature`:
+           image:    raw uint8 bytes of shape [height, width, channels]
+           sequence: float32 list of shape [time, features]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+from kcp import storage
+from kcp.errors import UserError
+
+FORMAT_VERSION = 1
+METADATA_FILE = "metadata.json"
+LABELS_FILE = "labels.txt"
+MODALITIES = ("image", "sequence")
+KEY_FEATURE = "key"
+LABEL_FEATURE = "label"
+
+
+class ContractError(UserError, ValueError):
+    """metadata.json is missing, unreadable, or not one this version understands."""
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    dtype: str  # numpy dtype name of the decoded values: uint8, float32
+    shape: tuple  # decoded shape of one example
+    encoding: str  # raw_bytes | float_list
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    count: int
+    num_shards: int
+    file_pattern: str  # glob relative to the data directory
+
+
+@dataclass(frozen=True)
+class DataContract:
+    modality: str
+    input_feature: str
+    input_spec: FeatureSpec
+    class_names: tuple
+    splits: dict  # split name -> SplitInfo
+    statistics: dict  # mean/std per channel (images) or per feature (sequences), class_counts
+    compression: str = "none"
+    source: str = ""
+    bad_examples: int = 0
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def input_shape(self) -> tuple:
+        return tuple(self.input_spec.shape)
+
+    def to_json(self) -> str:
+        plain = dataclasses.asdict(self)
+        plain["input_spec"]["shape"] = list(self.input_spec.shape)
+        plain["class_names"] = list(self.class_names)
+        return json.dumps(plain, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str = METADATA_FILE) -> "DataContract":
+        try:
+            plain = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ContractError(f"{where}: not valid JSON ({error.msg} at line {error.lineno})") from None
+        if not isinstance(plain, dict):
+            raise ContractError(f"{where}: expected a JSON object")
+        version = plain.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ContractError(
+                f"{where}: format_version {version!r} is not supported (this kcp reads {FORMAT_VERSION}); "
+                "rerun `kcp preprocess` with this version"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING}
+        missing = sorted(required - set(plain))
+        if missing:
+            raise ContractError(f"{where}: missing key {missing[0]!r}")
+        unknown = sorted(set(plain) - names)
+        if unknown:
+            raise ContractError(f"{where}: unknown key {unknown[0]!r}")
+        try:
+            plain["input_spec"] = FeatureSpec(**{**plain["input_spec"], "shape": tuple(plain["input_spec"]["shape"])})
+            plain["splits"] = {name: SplitInfo(**info) for name, info in plain["splits"].items()}
+        except (TypeError, KeyError, AttributeError) as error:
+            raise ContractError(f"{where}: malformed input_spec or splits ({error})") from None
+        plain["class_names"] = tuple(plain["class_names"])
+        contract = cls(**plain)
+        if contract.modality not in MODALITIES:
+            raise ContractError(f"{where}: modality {contract.modality!r} is not one of {', '.join(MODALITIES)}")
+        return contract
+
+    def split_files(self, data_dir: str, split: str) -> list[str]:
+        if split not in self.splits:
+            raise ContractError(f"split {split!r} is not in the contract; it has {', '.join(self.splits)}")
+        return storage.glob(storage.join(data_dir, self.splits[split].file_pattern))
+
+
+def data_dir(run_dir: str) -> str:
+    return storage.join(run_dir, "data")
+
+
+def metadata_path(run_dir: str) -> str:
+    return storage.join(data_dir(run_dir), METADATA_FILE)
+
+
+def write_contract(run_dir: str, contract: DataContract) -> str:
+    """Writes labels.txt, then metadata.json last and atomically; returns metadata's path."""
+    directory = data_dir(run_dir)
+    storage.write_text_atomic(storage.join(directory, LABELS_FILE), "".join(f"{n}\n" for n in contract.class_names))
+    path = metadata_path(run_dir)
+    storage.write_text_atomic(path, contract.to_json())
+    return path
+
+
+def read_contract(run_dir: str) -> DataContract:
+    path = metadata_path(run_dir)
+    if not storage.exists(path):
+        raise ContractError(f"{path}: not found; run `kcp preprocess --run-dir {run_dir}` first")
+    return DataContract.from_json(storage.read_text(path), where=path)
+
+
+# --- tf.train.Example encoding ------------------------------------------------------------
+
+def encode_example(contract_input: FeatureSpec, input_feature: str, key: str, inputs, label: int) -> bytes:
+    """Serializes one example. `inputs` is a NumPy array of the spec's dtype and shape."""
+    import numpy as np
+    import tensorflow as tf
+
+    array = np.asarray(inputs)
+    if tuple(array.shape) != tuple(contract_input.shape):
+        raise ValueError(f"{key}: shape {tuple(array.shape)} does not match the contract's {tuple(contract_input.shape)}")
+    if contract_input.encoding == "raw_bytes":
+        value = tf.train.Feature(bytes_list=tf.train.BytesList(value=[array.astype(contract_input.dtype).tobytes()]))
+    elif contract_input.encoding == "float_list":
+        value = tf.train.Feature(float_list=tf.train.FloatList(value=array.astype(np.float32).ravel()))
+    else:
+        raise ValueError(f"unknown encoding {contract_input.encoding!r}")
+    features = {
+        KEY_FEATURE: tf.train.Feature(bytes_list=tf.train.BytesList(value=[key.encode("utf-8")])),
+        LABEL_FEATURE: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
+        input_feature: value,
+    }
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+
+
+def parsing_spec(contract: DataContract) -> dict:
+    """The `tf.io.parse_example` spec of the contract's examples."""
+    import math
+
+    import tensorflow as tf
+
+    spec = {
+        KEY_FEATURE: tf.io.FixedLenFeature([], tf.string),
+        LABEL_FEATURE: tf.io.FixedLenFeature([], tf.int64),
+    }
+    encoding = contract.input_spec.encoding
+    if encoding == "raw_bytes":
+        spec[contract.input_feature] = tf.io.FixedLenFeature([], tf.string)
+    elif encoding == "float_list":
+        spec[contract.input_feature] = tf.io.FixedLenFeature([math.prod(contract.input_shape)], tf.float32)
+    return spec
+
+
+def parse_examples(contract: DataContract, serialized):
+    """Parses a batch of serialized Examples -> (inputs in the spec's dtype and shape, labels, keys)."""
+    import tensorflow as tf
+
+    parsed = tf.io.parse_example(serialized, parsing_spec(contract))
+    raw = parsed[contract.input_feature]
+    shape = [-1, *contract.input_shape]
+    if contract.input_spec.encoding == "raw_bytes":
+        inputs = tf.reshape(tf.io.decode_raw(raw, tf.dtypes.as_dtype(contract.input_spec.dtype)), shape)
+    else:
+        inputs = tf.reshape(raw, shape)
+    return inputs, parsed[LABEL_FEATURE], parsed[KEY_FEATURE]
+
+
+def read_split(contract: DataContract, data_dir: str, split: str, batch_size: int, *, shuffle_buffer: int = 0,
+               seed=None, deterministic: bool = True, cache: bool = False, drop_remainder: bool = False):
+    """A `tf.data.Dataset` of batches `(inputs, labels, keys)` from one split's shards.
+
+    Inputs keep the contract's dtype (uint8 images stay uint8). Files are read in parallel
+    (interleave) and batches parsed in parallel; with `shuffle_buffer` the file order and
+    the records are shuffled with `seed`. `cache` keeps the serialized records in memory
+    after the first pass, so later epochs skip the file reads.
+    """
+    import tensorflow as tf
+
+    files = contract.split_files(data_dir, split)
+    if not files:
+        raise ContractError(f"{data_dir}: no TFRecord files match split {split!r} "
+                            f"({contract.splits[split].file_pattern})")
+    compression = "GZIP" if contract.compression == "gzip" else ""
+    autotune = tf.data.AUTOTUNE
+    dataset = tf.data.Dataset.from_tensor_slices(files)
+    if shuffle_buffer:
+        dataset = dataset.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    dataset = dataset.interleave(
+        lambda path: tf.data.TFRecordDataset(path, compression_type=compression),
+        cycle_length=min(len(files), 16), num_parallel_calls=autotune, deterministic=deterministic)
+    if cache:
+        dataset = dataset.cache()
+    if shuffle_buffer:
+        dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+    # The contract knows the count: a known cardinality gives Keras its steps per epoch.
+    count = contract.splits[split].count
+    batches = count // batch_size if drop_remainder else -(-count // batch_size)
+    dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches))
+    return dataset.map(lambda serialized: parse_examples(contract, serialized),
+                       num_parallel_calls=autotune, deterministic=deterministic)

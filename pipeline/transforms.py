@@ -1,0 +1,226 @@
+"""Composite PTransforms and the pure functions behind them.
+
+Per-element work is in plain functions and DoFns that can be tested without Beam; the
+`expand()` methods only wire steps together, each with a unique CamelCase label.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import uuid
+
+import apache_beam as beam
+import numpy as np
+
+from pipeline import contract as contract_lib
+from pipeline.sources import RawExample
+
+SPLITS = ("train", "validation", "test")
+TARGET_SHARD_BYTES = 64 * 2**20
+MAX_SHARDS = 1024
+
+
+def stable_fraction(text: str, seed: int) -> float:
+    """A number in [0, 1) that depends only on `text` and `seed`: same on every run and worker."""
+    digest = hashlib.sha256(f"{seed}:{text}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def stable_split(key: str, fractions, seed: int) -> str:
+    """Assigns an example key to train/validation/test with the given fractions."""
+    position = stable_fraction(key, seed)
+    cumulative = 0.0
+    for split, fraction in zip(SPLITS, fractions):
+        cumulative += fraction
+        if position < cumulative:
+            return split
+    return SPLITS[-1]  # rounding: fractions that sum to 1 - epsilon
+
+
+def shard_count(num_examples: int, bytes_per_example: int) -> int:
+    """Shards for a split so that each is about TARGET_SHARD_BYTES, at least 1."""
+    estimated = num_examples * max(1, bytes_per_example)
+    return int(min(MAX_SHARDS, max(1, math.ceil(estimated / TARGET_SHARD_BYTES))))
+
+
+def assign_shard(record, num_shards: int):
+    """(key, value) -> (shard id, (key, value)); salted apart from the split hash, so the
+    shards of a split are evenly filled whatever `data.seed` is."""
+    return int(stable_fraction(record[0], "shard") * num_shards), record
+
+
+def shard_name(split: str, shard: int, num_shards: int, compression: str) -> str:
+    suffix = ".tfrecord.gz" if compression == "gzip" else ".tfrecord"
+    return f"{split}-{shard:05d}-of-{num_shards:05d}{suffix}"
+
+
+def shard_pattern(split: str, num_shards: int, compression: str) -> str:
+    return shard_name(split, 0, num_shards, compression).replace("00000-of", "*-of", 1)
+
+
+class ChannelStatsFn(beam.CombineFn):
+    """Mean and standard deviation per channel (the last axis) over every value of every input.
+
+    Sums are kept in float64, so a million 32x32x3 images lose no precision that matters.
+    """
+
+    def create_accumulator(self):
+        return (0, None, None)  # (values per channel, sum, sum of squares)
+
+    def add_input(self, accumulator, inputs):
+        count, total, squares = accumulator
+        values = np.asarray(inputs, dtype=np.float64)
+        values = values.reshape(-1, values.shape[-1])
+        batch_sum, batch_squares = values.sum(axis=0), np.square(values).sum(axis=0)
+        if total is None:
+            return (values.shape[0], batch_sum, batch_squares)
+        return (count + values.shape[0], total + batch_sum, squares + batch_squares)
+
+    def merge_accumulators(self, accumulators):
+        merged = self.create_accumulator()
+        for count, total, squares in accumulators:
+            if total is None:
+                continue
+            if merged[1] is None:
+                merged = (count, total, squares)
+            else:
+                merged = (merged[0] + count, merged[1] + total, merged[2] + squares)
+        return merged
+
+    def extract_output(self, accumulator):
+        count, total, squares = accumulator
+        if not count:
+            return {"mean": [], "std": []}
+        mean = total / count
+        variance = np.maximum(squares / count - np.square(mean), 0.0)
+        return {"mean": [float(m) for m in mean], "std": [float(s) for s in np.sqrt(variance)]}
+
+
+class EncodeExampleFn(beam.DoFn):
+    """RawExample -> (key, serialized tf.train.Example); bad examples to the dead-letter output."""
+
+    DEAD_LETTER = "dead_letter"
+
+    def __init__(self, plan):
+        self._plan = plan
+        self._label_index = {name: index for index, name in enumerate(plan.class_names)}
+
+    def process(self, example: RawExample):
+        label = self._label_index.get(example.label)
+        if label is None:
+            yield beam.pvalue.TaggedOutput(self.DEAD_LETTER, dead_letter(example.key, self._plan.uri,
+                                                                      f"unknown label {example.label!r}"))
+            return
+        try:
+            serialized = contract_lib.encode_example(
+                self._plan.input_spec, self._plan.input_feature, example.key, example.inputs, label)
+        except ValueError as error:
+            yield beam.pvalue.TaggedOutput(self.DEAD_LETTER, dead_letter(example.key, self._plan.uri, str(error)))
+            return
+        yield example.key, serialized
+
+
+def dead_letter(key: str, source: str, reason: str) -> str:
+    return json.dumps({"key": key, "source": source, "reason": reason}, sort_keys=True)
+
+
+class _WriteShardFn(beam.DoFn):
+    """Writes one shard: its records sorted by key, to a temporary name renamed at the end.
+
+    Sorting makes every rerun byte-identical per shard; the rename means a retried or
+    crashed bundle never leaves a half-written file under the final name.
+    """
+
+    def __init__(self, directory: str, split: str, compression: str):
+        self._directory = directory
+        self._split = split
+        self._compression = compression
+
+    def process(self, shard_and_records, num_shards):
+        from apache_beam.io.filesystems import FileSystems
+        from apache_beam.io.filesystem import CompressionTypes
+        from apache_beam.io.tfrecordio import _TFRecordUtil  # Beam's TFRecord framing (length + CRC32C)
+
+        shard, records = shard_and_records
+        records = sorted(records)
+        final = FileSystems.join(self._directory, shard_name(self._split, shard, num_shards, self._compression))
+        temporary = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+        compression = CompressionTypes.GZIP if self._compression == "gzip" else CompressionTypes.UNCOMPRESSED
+        with FileSystems.create(temporary, compression_type=compression) as handle:
+            for _, serialized in records:
+                _TFRecordUtil.write_record(handle, serialized)
+        if FileSystems.exists(final):
+            FileSystems.delete([final])
+        FileSystems.rename([temporary], [final])
+        yield {"split": self._split, "shard": shard, "path": final, "count": len(records)}
+
+
+class WriteShards(beam.PTransform):
+    """(key, serialized Example) -> sharded TFRecord files; outputs one summary dict per shard.
+
+    Each record goes to the shard `stable_fraction(key) * num_shards`, so shard contents do
+    not depend on the runner or the number of workers. Written from a keyed step rather than
+    WriteToTFRecord, which wrote an empty file while reporting success on Beam's Dask runner.
+    """
+
+    def __init__(self, directory: str, split: str, num_shards: int, bytes_per_example: int, compression: str):
+        super().__init__()
+        self._directory, self._split = directory, split
+        self._num_shards, self._bytes_per_example = num_shards, bytes_per_example
+        self._compression = compression
+
+    def expand(self, records):
+        if self._num_shards > 0:
+            num_shards = records.pipeline | "FixedShardCount" >> beam.Create([self._num_shards])
+        else:
+            bytes_per_example = self._bytes_per_example
+            num_shards = (
+                records
+                | "CountRecords" >> beam.combiners.Count.Globally()
+                | "ChooseShardCount" >> beam.Map(shard_count, bytes_per_example)
+            )
+        shards = beam.pvalue.AsSingleton(num_shards)
+        return (
+            records
+            | "AssignShard" >> beam.Map(assign_shard, shards)
+            | "GroupByShard" >> beam.GroupByKey()
+            | "WriteShard" >> beam.ParDo(_WriteShardFn(self._directory, self._split, self._compression), shards)
+        )
+
+
+class AnalyzeImages(beam.PTransform):
+    """Full-pass statistics of the train split: per-channel mean/std and class counts."""
+
+    def expand(self, examples):
+        channel_stats = (
+            examples
+            | "Inputs" >> beam.Map(lambda example: example.inputs)
+            | "ChannelMeanStd" >> beam.CombineGlobally(ChannelStatsFn())
+            | "TagChannelStats" >> beam.Map(lambda stats: ("channel_stats", stats))
+        )
+        class_counts = (
+            examples
+            | "Labels" >> beam.Map(lambda example: example.label)
+            | "CountPerClass" >> beam.combiners.Count.PerElement()
+            | "CollectClassCounts" >> beam.combiners.ToDict()
+            | "TagClassCounts" >> beam.Map(lambda counts: ("class_counts", counts))
+        )
+        return (channel_stats, class_counts) | "MergeStatistics" >> beam.Flatten()
+
+
+def write_summary(items, path: str) -> None:
+    """Writes what the pipeline measured (statistics, shards, dead letters) for the driver to read."""
+    from apache_beam.io.filesystems import FileSystems
+
+    summary: dict = {"shards": [], "dead_letters": 0}
+    for kind, payload in items:
+        if kind == "shard":
+            summary["shards"].append(payload)
+        elif kind == "dead_letter":
+            summary["dead_letters"] += payload
+        else:
+            summary[kind] = payload
+    with FileSystems.create(path) as handle:
+        handle.write(json.dumps(summary, sort_keys=True).encode("utf-8"))

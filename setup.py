@@ -1,0 +1,36 @@
+"""keras-cloud-pipeline: raw data to a served Keras model, on a laptop first and on cloud runners after.
+
+Kept as setup.py beside the packages so Dataflow (`--setup_file ./setup.py`) and Vertex AI
+workers install exactly this code. Exact versions live in constraints.txt.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="keras-cloud-pipeline",
+    version="0.1.0",
+    description="Apache Beam preprocessing, Keras 3 training and tuning, SavedModel serving, one run directory.",
+    python_requires=">=3.10,<3.13",
+    packages=find_packages(include=["kcp", "kcp.*", "pipeline", "pipeline.*", "trainer", "trainer.*",
+                                    "tuning", "tuning.*", "deploy", "deploy.*"]),
+    install_requires=[
+        # `tensorflow`, not `tensorflow-cpu`: see constraints.txt. The wheel runs on CPU.
+        "tensorflow>=2.16,<2.22",
+        "keras>=3.5,<4",
+        "apache-beam>=2.60,<3",
+        "numpy>=1.26",
+        "pyyaml>=6",
+        "scikit-learn>=1.3",  # the embedded default data set (digits)
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2"],
+        "jax": ["jax>=0.4.30"],
+        "gpu": ["tensorflow[and-cuda]>=2.16,<2.22"],
+        # TPU VMs bring their own tensorflow-tpu and libtpu in the VM image (there is no
+        # tensorflow-tpu 2.21 wheel, and installing it beside `tensorflow` would put two
+        # distributions into one folder); TPUStrategy itself is part of core TensorFlow.
+        "tpu": [],
+        "gcp": ["apache-beam[gcp]>=2.60,<3", "google-cloud-storage>=2"],
+    },
+    entry_points={"console_scripts": ["kcp=kcp.cli:main"]},
+)

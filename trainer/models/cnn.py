@@ -1,0 +1,52 @@
+"""Plain convolutional networks: Conv2D for images, Conv1D for sequences.
+
+Each block is `convs_per_block` x (conv -> batch norm -> ReLU), then 2x max pooling while
+the spatial size allows it; a global average pool and a softmax head close the model.
+
+    kcp describe-model --model cnn --set model.filters=[32,64,128] --input-shape 32,32,3 --num-classes 10
+"""
+
+from __future__ import annotations
+
+from kcp.config import ModelConfig
+from trainer.models.common import ModelInputs, classifier_head, normalized_input
+
+
+def conv_block(x, filters: int, kernel_size: int, *, rank: int, convs: int, batch_norm: bool,
+               initializer: str, name: str):
+    """`convs` convolutions of `filters` channels; layer names `{name}_conv{i}`, `{name}_bn{i}`."""
+    import keras
+
+    conv = keras.layers.Conv2D if rank == 2 else keras.layers.Conv1D
+    for index in range(1, convs + 1):
+        x = conv(filters, kernel_size, padding="same", use_bias=not batch_norm,
+                 kernel_initializer=initializer, name=f"{name}_conv{index}")(x)
+        if batch_norm:
+            x = keras.layers.BatchNormalization(name=f"{name}_bn{index}")(x)
+        x = keras.layers.Activation("relu", name=f"{name}_relu{index}")(x)
+    return x
+
+
+def build(spec: ModelInputs, config: ModelConfig):
+    """Builds the CNN for an image ([H, W, C]) or sequence ([T, F]) input."""
+    import keras
+
+    if spec.modality == "image":
+        rank, pool = 2, keras.layers.MaxPooling2D
+    elif spec.modality == "sequence":
+        rank, pool = 1, keras.layers.MaxPooling1D
+    else:
+        raise ValueError(f"model.name: 'cnn' does not support modality {spec.modality!r}")
+    if not config.filters:
+        raise ValueError("model.filters: must list at least one block's filter count")
+    inputs, x = normalized_input(spec)
+    spatial = min(spec.shape[:rank])
+    for index, filters in enumerate(config.filters, start=1):
+        x = conv_block(x, int(filters), config.kernel_size, rank=rank, convs=config.convs_per_block,
+                       batch_norm=config.batch_norm, initializer=config.initializer, name=f"block{index}")
+        if spatial >= 4 and index < len(config.filters):  # keep at least 2 positions for the last block
+            x = pool(2, name=f"block{index}_pool")(x)
+            spatial //= 2
+    pooled = (keras.layers.GlobalAveragePooling2D if rank == 2 else keras.layers.GlobalAveragePooling1D)(name="avg_pool")(x)
+    outputs = classifier_head(pooled, spec.num_classes, config.dropout)
+    return keras.Model(inputs, outputs, name="cnn")

@@ -1,0 +1,1 @@
+"""Tuning: Keras Tuner search over the trainer's model configs (see the tuning issue)."""
