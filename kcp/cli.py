@@ -105,15 +105,13 @@ def resolve_run_dir(args) -> str:
 
 def resolve_config(args, run_dir: str):
     """Defaults <- RUN/config.yaml <- --config <- --source/--model <- --set."""
-    import yaml
-
     from kcp import storage
     from kcp.config import load_config, read_yaml_file
 
     layers = []
     existing = storage.join(run_dir, "config.yaml")
     if storage.exists(existing):
-        layers.append(yaml.safe_load(storage.read_text(existing)) or {})
+        layers.append(read_yaml_file(existing))
     if args.config:
         layers.append(read_yaml_file(args.config))
     if getattr(args, "source", None):

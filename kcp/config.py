@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -27,6 +28,25 @@ MODEL_NAMES = ("cnn", "resnet", "rnn", "transformer")
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw")
 INITIALIZERS = ("glorot_uniform", "glorot_normal", "he_uniform", "he_normal")
 SPLITS = ("train", "validation", "test")
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-3` as a float (YAML 1.2), as users write learning rates."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str):
+    """Parses YAML text the way every config value is read."""
+    return yaml.load(text, Loader=_YamlLoader)
 
 
 class ConfigError(UserError, ValueError):
@@ -48,6 +68,7 @@ class DataConfig:
     num_shards: int = option(0, minimum=0, help="shards per split; 0 picks from the data size")
     compression: str = option("none", choices=("none", "gzip"))
     seed: int = option(42, help="seed of the reproducible split")
+    limit: int = option(0, minimum=0, help="read at most this many examples (0: all), for quick trials")
 
     def __post_init__(self):
         split = self.split
@@ -212,7 +233,7 @@ def parse_override(text: str) -> dict:
     if not sep or len(parts) < 2 or not all(parts):
         raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. train.epochs=3")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as error:
         raise ConfigError(f"--set {text!r}: the value is not valid YAML ({error.problem})") from None
     nested: dict = {parts[-1]: value}
@@ -225,13 +246,13 @@ def read_yaml_file(path: str) -> dict:
     from kcp import storage
 
     if not storage.exists(path):
-        raise ConfigError(f"--config {path}: file not found")
+        raise ConfigError(f"{path}: file not found")
     try:
-        values = yaml.safe_load(storage.read_text(path)) or {}
+        values = load_yaml(storage.read_text(path)) or {}
     except yaml.YAMLError as error:
-        raise ConfigError(f"--config {path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
     if not isinstance(values, dict):
-        raise ConfigError(f"--config {path}: expected a mapping with sections data, model, train, tune, export")
+        raise ConfigError(f"{path}: expected a mapping with sections data, model, train, tune, export")
     return values
 
 

@@ -159,7 +159,8 @@ def encode_example(contract_input: FeatureSpec, input_feature: str, key: str, in
         LABEL_FEATURE: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
         input_feature: value,
     }
-    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+    # deterministic: the feature map's order would otherwise differ between processes.
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString(deterministic=True)
 
 
 def parsing_spec(contract: DataContract) -> dict:

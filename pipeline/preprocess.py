@@ -62,7 +62,7 @@ def build_pipeline(pipeline: beam.Pipeline, plan: SourcePlan, config: Config, da
         split = example.split if plan.has_splits else transforms.stable_split(example.key, fractions, seed)
         return transforms.SPLITS.index(split)
 
-    examples = pipeline | "Read" >> beam.Create(read_source(plan), reshuffle=False)
+    examples = pipeline | "Read" >> beam.Create(read_source(plan, data.limit), reshuffle=False)
     train, validation, test = examples | "Split" >> beam.Partition(split_index, len(transforms.SPLITS))
     statistics = train | "Analyze" >> transforms.AnalyzeImages()
 

@@ -75,8 +75,9 @@ def plan_source(uri: str) -> SourcePlan:
     raise SourceError(f"data.source: {uri!r} is not a known source; allowed: digits")
 
 
-def read_source(plan: SourcePlan) -> list[RawExample]:
-    """The examples of an in-memory source (small, bundled data sets)."""
+def read_source(plan: SourcePlan, limit: int = 0) -> list[RawExample]:
+    """The examples of an in-memory source (small, bundled data sets); the first `limit` if set."""
     if plan.uri.split(":", 1)[0] == "digits":
-        return read_digits()
+        examples = read_digits()
+        return examples[:limit] if limit else examples
     raise SourceError(f"data.source: {plan.uri!r} cannot be read in memory")

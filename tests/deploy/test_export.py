@@ -1,0 +1,44 @@
+import json
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from deploy.validate import export_accuracy, predict_split
+from pipeline import contract as contract_lib
+
+
+def test_export_predictions_equal_the_keras_model(digits_run):
+    contract = contract_lib.read_contract(digits_run)
+    model = keras.saving.load_model(os.path.join(digits_run, "train", "model.keras"))
+    exported = predict_split(os.path.join(digits_run, "export", "model", "1"), digits_run, "test")
+    inputs = np.concatenate([batch.numpy() for batch, _, _ in contract_lib.read_split(
+        contract, contract_lib.data_dir(digits_run), "test", 64)])
+    expected = model.predict(inputs.astype(np.float32), verbose=0)
+    np.testing.assert_allclose(exported["probabilities"], expected, atol=1e-5)
+    np.testing.assert_array_equal(exported["class_ids"], expected.argmax(axis=-1))
+    assert len(exported["labels"]) == contract.splits["test"].count
+
+
+def test_export_accuracy_equals_the_trainers(digits_run):
+    with open(os.path.join(digits_run, "train", "metrics.json")) as handle:
+        trainer_accuracy = json.load(handle)["test"]["accuracy"]
+    accuracy = export_accuracy(os.path.join(digits_run, "export", "model", "1"), digits_run)
+    assert abs(accuracy - trainer_accuracy) <= 0.002
+
+
+def test_serving_signature_takes_uint8_and_returns_names(digits_run):
+    loaded = tf.saved_model.load(os.path.join(digits_run, "export", "model", "1"))
+    serve = loaded.signatures["serving_default"]
+    (spec,) = serve.structured_input_signature[1].values()
+    assert spec.dtype == tf.uint8 and spec.shape.as_list() == [None, 8, 8, 1]
+    outputs = serve(image=tf.zeros([2, 8, 8, 1], tf.uint8))
+    assert set(outputs) == {"class_ids", "class_names", "probabilities"}
+    names = [n.decode() for n in outputs["class_names"].numpy()]
+    assert names == [str(i) for i in outputs["class_ids"].numpy()]
+    np.testing.assert_allclose(outputs["probabilities"].numpy().sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_no_temporary_directory_is_left_behind(digits_run):
+    assert [name for name in os.listdir(os.path.join(digits_run, "export", "model")) if not name.isdigit()] == []

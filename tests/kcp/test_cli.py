@@ -1,0 +1,110 @@
+"""The `kcp` command line, end to end on the embedded digits, and its error handling."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from kcp import cli
+from tests.conftest import IN_PROCESS_BEAM
+
+
+def test_run_writes_every_stage_output(digits_run):
+    for relative in ("config.yaml", "data/metadata.json", "data/labels.txt", "train/model.keras",
+                     "train/metrics.json", "train/history.json", "export/model/1/saved_model.pb"):
+        assert os.path.exists(os.path.join(digits_run, relative)), relative
+
+
+def test_metrics_json_has_the_promised_keys(digits_run):
+    with open(os.path.join(digits_run, "train", "metrics.json")) as handle:
+        metrics = json.load(handle)
+    for split in ("train", "validation", "test"):
+        assert 0.0 <= metrics[split]["accuracy"] <= 1.0
+        assert metrics[split]["loss"] > 0
+    assert metrics["epochs"] == 3
+    assert metrics["examples_per_second"] > 0 and metrics["wall_seconds"] > 0
+    with open(os.path.join(digits_run, "train", "history.json")) as handle:
+        history = json.load(handle)
+    assert len(history["loss"]) == len(history["val_accuracy"]) == 3
+
+
+def test_resolved_config_is_written_to_the_run(digits_run):
+    with open(os.path.join(digits_run, "config.yaml")) as handle:
+        written = yaml.safe_load(handle)
+    assert written["train"]["epochs"] == 3
+    assert set(written) == {"data", "model", "train", "tune", "export"}
+
+
+def test_run_prints_both_accuracies(tmp_path, capsys):
+    code = cli.main(["run", "--run-dir", str(tmp_path), "--set", "train.epochs=1", "--set", "data.limit=200",
+                     "--", *IN_PROCESS_BEAM])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "reloaded  export test accuracy" in out and "(trainer " in out
+
+
+def test_a_stage_on_an_existing_run_keeps_its_config(digits_run, tmp_path, capsys):
+    run_dir = str(tmp_path)
+    assert cli.main(["preprocess", "--run-dir", run_dir, "--set", "data.limit=120", "--", *IN_PROCESS_BEAM]) == 0
+    assert cli.main(["train", "--run-dir", run_dir, "--set", "train.epochs=1"]) == 0
+    with open(os.path.join(run_dir, "config.yaml")) as handle:
+        written = yaml.safe_load(handle)
+    assert written["data"]["limit"] == 120 and written["train"]["epochs"] == 1
+    assert cli.main(["export", "--run-dir", run_dir]) == 0
+    assert cli.main(["export", "--run-dir", run_dir]) == 0
+    assert sorted(os.listdir(os.path.join(run_dir, "export", "model"))) == ["1", "2"]
+
+
+@pytest.mark.parametrize("argv, key", [
+    (["run", "--set", "train.epochs=0"], "train.epochs"),
+    (["run", "--set", "model.name=nope"], "model.name"),
+    (["run", "--source", "nope"], "data.source"),
+    (["train", "--set", "train.optimizer=adamax"], "train.optimizer"),
+])
+def test_user_errors_exit_2_with_one_line(tmp_path, capsys, argv, key):
+    code = cli.main([*argv[:1], "--run-dir", str(tmp_path), *argv[1:]])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and key in lines[0] and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "data" / "metadata.json")
+
+
+def test_train_without_data_says_what_to_run(tmp_path, capsys):
+    assert cli.main(["train", "--run-dir", str(tmp_path / "empty")]) == 2
+    assert "run `kcp preprocess" in capsys.readouterr().err
+
+
+def test_the_console_script_exits_2_naming_the_key(tmp_path):
+    kcp = os.path.join(os.path.dirname(sys.executable), "kcp")
+    result = subprocess.run([kcp, "run", "--run-dir", str(tmp_path), "--set", "model.name=nope"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("kcp run: error: model.name: 'nope' is not one of "
+                                     "cnn, resnet, rnn, transformer")
+
+
+def test_every_subcommand_help_shows_an_example(capsys):
+    for command in cli.COMMANDS:
+        with pytest.raises(SystemExit) as exited:
+            cli.main([command, "--help"])
+        assert exited.value.code == 0
+        assert f"kcp {command}" in capsys.readouterr().out.split("examples:")[1]
+
+
+def test_stage_modules_ignore_unknown_launcher_flags(tmp_path, caplog):
+    from trainer import task
+
+    code = task.main(["--run-dir", str(tmp_path), "--set", "train.epochs=0", "--launcher-flag=1"])
+    assert code == 2  # the flag was ignored; the bad value still fails
+    assert "--launcher-flag=1" in caplog.text
+
+
+def test_kcp_itself_rejects_unknown_flags(tmp_path):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["train", "--run-dir", str(tmp_path), "--epochs", "3"])
+    assert exited.value.code == 2

@@ -1,0 +1,104 @@
+import dataclasses
+
+import pytest
+import yaml
+
+from kcp.config import (MODEL_NAMES, Config, ConfigError, load_config, parse_override,
+                        read_yaml_file)
+
+
+def test_defaults_build_and_round_trip_through_yaml():
+    config = load_config()
+    assert config.data.source == "digits"
+    assert config.model.name == "cnn"
+    again = load_config([yaml.safe_load(config.to_yaml())])
+    assert again == config
+
+
+def test_config_is_frozen():
+    config = load_config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.train.epochs = 3
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("train.epochs=3", {"train": {"epochs": 3}}),
+    ("train.learning_rate=1e-2", {"train": {"learning_rate": 0.01}}),
+    ("train.learning_rate=3.0E-4", {"train": {"learning_rate": 0.0003}}),
+    ("export.name=1e", {"export": {"name": "1e"}}),
+    ("model.filters=[16, 32]", {"model": {"filters": [16, 32]}}),
+    ("model.batch_norm=false", {"model": {"batch_norm": False}}),
+    ("data.source=digits", {"data": {"source": "digits"}}),
+    ("export.min_accuracy=null", {"export": {"min_accuracy": None}}),
+])
+def test_parse_override_reads_yaml_scalars_and_lists(text, expected):
+    assert parse_override(text) == expected
+
+
+def test_overrides_apply_in_order_and_convert_types():
+    config = load_config([], ["train.epochs=3", "train.epochs=5", "model.filters=[8,16,32]",
+                              "train.learning_rate=1"])
+    assert config.train.epochs == 5
+    assert config.model.filters == (8, 16, 32)
+    assert config.train.learning_rate == 1.0 and isinstance(config.train.learning_rate, float)
+
+
+def test_layers_take_precedence_in_order():
+    config = load_config([{"train": {"epochs": 7, "batch_size": 16}}, {"train": {"epochs": 9}}],
+                         ["train.batch_size=32"])
+    assert (config.train.epochs, config.train.batch_size) == (9, 32)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.name=nope", "model.name: 'nope' is not one of cnn, resnet, rnn, transformer"),
+    ("train.epochs=0", "train.epochs: 0 is below the minimum 1"),
+    ("train.epochs=two", "train.epochs: 'two' is not an integer"),
+    ("train.epochs=2.5", "train.epochs: 2.5 is not an integer"),
+    ("train.epoch=3", "train.epoch: unknown key; allowed: epochs,"),
+    ("trian.epochs=3", "trian: unknown section; allowed: data, model, train, tune, export"),
+    ("model.batch_norm=maybe", "model.batch_norm: 'maybe' is not a boolean"),
+    ("model.dropout=1.5", "model.dropout: 1.5 is above the maximum 0.95"),
+    ("train.learning_rate=0", "train.learning_rate: 0.0 must be above 0"),
+    ("data.split=[0.5, 0.2]", "data.split: [0.5, 0.2] must be three fractions"),
+    ("data.split=[0.5, 0.2, 0.2]", "data.split: [0.5, 0.2, 0.2] must be three fractions"),
+    ("data.compression=zip", "data.compression: 'zip' is not one of none, gzip"),
+    ("export.name=a/b", "export.name: 'a/b' must be a plain directory name"),
+    ("train=3", "expected section.key=value"),
+    ("model.filters=[1, [2]]", "model.filters: [1, [2]] is not a list of values"),
+])
+def test_bad_values_fail_with_one_line_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as raised:
+        load_config([], [override])
+    text = str(raised.value)
+    assert message in text
+    assert "\n" not in text
+
+
+def test_a_section_that_is_not_a_mapping_is_rejected():
+    with pytest.raises(ConfigError, match="^train: expected a mapping"):
+        load_config([{"train": 3}])
+
+
+def test_read_yaml_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  epochs: 4\nmodel:\n  filters: [8]\n")
+    config = load_config([read_yaml_file(str(path))])
+    assert config.train.epochs == 4 and config.model.filters == (8,)
+
+
+def test_read_yaml_file_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="missing.yaml: file not found"):
+        read_yaml_file(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        read_yaml_file(str(bad))
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("3\n")
+    with pytest.raises(ConfigError, match="scalar.yaml: expected a mapping"):
+        read_yaml_file(str(scalar))
+
+
+def test_every_section_is_present():
+    assert [f.name for f in dataclasses.fields(Config)] == ["data", "model", "train", "tune", "export"]
+

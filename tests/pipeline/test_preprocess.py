@@ -1,0 +1,129 @@
+import collections
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kcp.config import load_config
+from pipeline import contract as contract_lib
+from pipeline import transforms
+from pipeline.preprocess import local_runner_defaults, run_preprocess
+from pipeline.sources import SourceError, digits_to_uint8, plan_source
+from tests.conftest import IN_PROCESS_BEAM
+
+
+def read_records(data_dir: str, pattern: str, compression: str = "") -> list[bytes]:
+    files = sorted(tf.io.gfile.glob(os.path.join(data_dir, pattern)))
+    return [r.numpy() for r in tf.data.TFRecordDataset(files, compression_type=compression)]
+
+
+@pytest.fixture(scope="module")
+def digits_contract(tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("pre"))
+    config = load_config([], ["data.num_shards=2"])
+    return run_dir, run_preprocess(config, run_dir, IN_PROCESS_BEAM)
+
+
+def test_counts_classes_and_statistics_match_numpy(digits_contract):
+    from sklearn.datasets import load_digits
+
+    run_dir, contract = digits_contract
+    digits = load_digits()
+    images = digits_to_uint8(digits.images)
+    keys = [f"digits/{i:04d}" for i in range(len(images))]
+    splits = np.array([transforms.stable_split(k, (0.8, 0.1, 0.1), 42) for k in keys])
+    train = splits == "train"
+
+    assert {s: i.count for s, i in contract.splits.items()} == {
+        s: int((splits == s).sum()) for s in ("train", "validation", "test")}
+    assert contract.class_names == tuple(str(d) for d in range(10))
+    assert contract.input_shape == (8, 8, 1)
+    train_pixels = images[train].astype(np.float64)
+    np.testing.assert_allclose(contract.statistics["mean"], [train_pixels.mean()], rtol=1e-9)
+    np.testing.assert_allclose(contract.statistics["std"], [train_pixels.std()], rtol=1e-9)
+    expected_counts = collections.Counter(str(t) for t in digits.target[train])
+    assert contract.statistics["class_counts"] == {str(d): expected_counts[str(d)] for d in range(10)}
+    assert contract.bad_examples == 0
+    assert contract_lib.read_contract(run_dir) == contract
+
+
+def test_shards_hold_every_example_once_with_the_right_label(digits_contract):
+    from sklearn.datasets import load_digits
+
+    run_dir, contract = digits_contract
+    data_dir = contract_lib.data_dir(run_dir)
+    assert os.listdir(os.path.join(data_dir, "dead_letter")) == []  # no bad input: no dead-letter file
+    assert sorted(os.listdir(data_dir)) == [
+        "dead_letter", "labels.txt", "metadata.json",
+        "test-00000-of-00002.tfrecord", "test-00001-of-00002.tfrecord",
+        "train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord",
+        "validation-00000-of-00002.tfrecord", "validation-00001-of-00002.tfrecord"]
+    digits = load_digits()
+    seen = {}
+    for split in ("train", "validation", "test"):
+        for inputs, labels, keys in contract_lib.read_split(contract, data_dir, split, 100):
+            for image, label, key in zip(inputs.numpy(), labels.numpy(), keys.numpy()):
+                seen[key.decode()] = (split, image, label)
+    assert len(seen) == 1797
+    index = 1234
+    split, image, label = seen[f"digits/{index:04d}"]
+    assert split == transforms.stable_split(f"digits/{index:04d}", (0.8, 0.1, 0.1), 42)
+    np.testing.assert_array_equal(image, digits_to_uint8(digits.images[index:index + 1])[0])
+    assert label == digits.target[index]
+
+
+def test_rerun_with_other_runner_settings_gives_identical_examples(digits_contract, tmp_path):
+    run_dir, _ = digits_contract
+    config = load_config([], ["data.num_shards=2"])
+    other = str(tmp_path / "other")
+    run_preprocess(config, other, ["--runner=FnApiRunner", "--direct_running_mode=multi_processing",
+                                   "--direct_num_workers=2"])
+    for split in ("train", "validation", "test"):
+        for shard in range(2):
+            name = transforms.shard_name(split, shard, 2, "none")
+            with open(os.path.join(run_dir, "data", name), "rb") as a, open(os.path.join(other, "data", name), "rb") as b:
+                assert a.read() == b.read(), name
+
+
+def test_gzip_shards_and_automatic_shard_count(tmp_path):
+    config = load_config([], ["data.compression=gzip", "data.limit=300"])
+    contract = run_preprocess(config, str(tmp_path), IN_PROCESS_BEAM)
+    assert contract.splits["train"].file_pattern == "train-*-of-00001.tfrecord.gz"
+    data_dir = str(tmp_path / "data")
+    total = sum(len(read_records(data_dir, f"{s}-*.tfrecord.gz", "GZIP")) for s in ("train", "validation", "test"))
+    assert total == 300 == sum(i.count for i in contract.splits.values())
+
+
+def test_a_crashed_run_leaves_no_metadata(tmp_path, monkeypatch):
+    config = load_config([], ["data.limit=50"])
+    run_preprocess(config, str(tmp_path), IN_PROCESS_BEAM)
+    assert (tmp_path / "data" / "metadata.json").exists()
+
+    def crash(items, path):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(transforms, "write_summary", crash)
+    with pytest.raises(Exception, match="disk full"):
+        run_preprocess(config, str(tmp_path), IN_PROCESS_BEAM)
+    assert not (tmp_path / "data" / "metadata.json").exists()
+
+
+def test_a_rerun_removes_the_earlier_shards_first(tmp_path):
+    run_preprocess(load_config([], ["data.num_shards=3", "data.limit=60"]), str(tmp_path), IN_PROCESS_BEAM)
+    run_preprocess(load_config([], ["data.num_shards=1", "data.limit=60"]), str(tmp_path), IN_PROCESS_BEAM)
+    assert sorted(p.name for p in (tmp_path / "data").glob("*.tfrecord")) == [
+        "test-00000-of-00001.tfrecord", "train-00000-of-00001.tfrecord", "validation-00000-of-00001.tfrecord"]
+
+
+def test_unknown_source_fails_before_the_pipeline():
+    with pytest.raises(SourceError, match="data.source: 'mnist' is not a known source; allowed: digits"):
+        plan_source("mnist")
+
+
+def test_local_runner_defaults_fill_in_only_what_is_missing():
+    assert local_runner_defaults([])[:2] == ["--runner=FnApiRunner", "--direct_running_mode=multi_processing"]
+    assert local_runner_defaults(["--runner", "DataflowRunner", "--project", "p"]) == [
+        "--runner", "DataflowRunner", "--project", "p"]
+    assert local_runner_defaults(["--direct_num_workers=3"]) == [
+        "--runner=FnApiRunner", "--direct_running_mode=multi_processing", "--direct_num_workers=3"]

@@ -1,0 +1,66 @@
+import collections
+
+import apache_beam as beam
+import numpy as np
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from pipeline import transforms
+
+
+def test_stable_split_is_deterministic_and_follows_the_fractions():
+    keys = [f"example/{i}" for i in range(20_000)]
+    first = [transforms.stable_split(k, (0.8, 0.1, 0.1), 42) for k in keys]
+    assert first == [transforms.stable_split(k, (0.8, 0.1, 0.1), 42) for k in keys]
+    counts = collections.Counter(first)
+    assert abs(counts["train"] / len(keys) - 0.8) < 0.01
+    assert abs(counts["validation"] / len(keys) - 0.1) < 0.01
+    assert abs(counts["test"] / len(keys) - 0.1) < 0.01
+
+
+def test_stable_split_depends_on_the_seed():
+    keys = [f"k{i}" for i in range(1000)]
+    one = [transforms.stable_split(k, (0.5, 0.25, 0.25), 1) for k in keys]
+    two = [transforms.stable_split(k, (0.5, 0.25, 0.25), 2) for k in keys]
+    assert one != two
+
+
+def test_stable_split_with_empty_splits():
+    keys = [f"k{i}" for i in range(500)]
+    assert {transforms.stable_split(k, (1.0, 0.0, 0.0), 0) for k in keys} == {"train"}
+
+
+def test_channel_stats_match_numpy():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(50, 6, 5, 3), dtype=np.uint8)
+    fn = transforms.ChannelStatsFn()
+    # two partial accumulators merged, as a runner would
+    left, right = fn.create_accumulator(), fn.create_accumulator()
+    for image in images[:20]:
+        left = fn.add_input(left, image)
+    for image in images[20:]:
+        right = fn.add_input(right, image)
+    stats = fn.extract_output(fn.merge_accumulators([left, right, fn.create_accumulator()]))
+    flat = images.reshape(-1, 3).astype(np.float64)
+    np.testing.assert_allclose(stats["mean"], flat.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(stats["std"], flat.std(axis=0), rtol=1e-9)
+
+
+def test_channel_stats_inside_a_beam_pipeline():
+    images = [np.full((2, 2, 1), value, np.uint8) for value in (0, 10, 20)]
+    with BeamTestPipeline(argv=['--runner=FnApiRunner']) as pipeline:
+        stats = pipeline | beam.Create(images) | beam.CombineGlobally(transforms.ChannelStatsFn())
+        assert_that(stats, equal_to([{"mean": [10.0], "std": [pytest.approx(np.std([0, 10, 20]))]}]))
+
+
+@pytest.mark.parametrize("count, size, expected", [(0, 100, 1), (1797, 128, 1), (50_000, 3136, 3),
+                                                   (10**9, 10**6, transforms.MAX_SHARDS)])
+def test_shard_count(count, size, expected):
+    assert transforms.shard_count(count, size) == expected
+
+
+def test_shard_names_and_pattern():
+    assert transforms.shard_name("train", 3, 12, "none") == "train-00003-of-00012.tfrecord"
+    assert transforms.shard_name("test", 0, 1, "gzip") == "test-00000-of-00001.tfrecord.gz"
+    assert transforms.shard_pattern("validation", 4, "none") == "validation-*-of-00004.tfrecord"
