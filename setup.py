@@ -18,6 +18,7 @@ setup(
         "tensorflow>=2.16,<2.22",
         "keras>=3.5,<4",
         "apache-beam>=2.60,<3",
+        "google-crc32c>=1.5",  # Beam's TFRecord framing needs a CRC32C; [gcp] brings it, the core did not
         "numpy>=1.26",
         "pyyaml>=6",
         "scikit-learn>=1.3",  # the embedded default data set (digits)

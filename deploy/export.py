@@ -52,6 +52,8 @@ def export_for_serving(config: Config, run_dir: str) -> str:
     """Exports RUN/train/model.keras; returns the new version's directory."""
     import keras
 
+    import trainer.models.layers  # noqa: F401  registers the zoo's custom layers for loading
+
     contract = contract_lib.read_contract(run_dir)
     model_path = storage.join(run_dir, "train", "model.keras")
     if not storage.exists(model_path):

@@ -34,6 +34,11 @@ EXAMPLES = {
         "kcp run",
         "kcp run --run-dir runs/digits --model cnn --set train.epochs=20",
     ],
+    "describe-model": [
+        "kcp describe-model --model resnet --set model.depth=56 --input-shape 32,32,3 --num-classes 10",
+        "kcp describe-model --model transformer --input-shape 100 --modality text --vocab-size 20000 --num-classes 2",
+        "kcp describe-model --run-dir runs/digits",
+    ],
 }
 
 DESCRIPTIONS = {
@@ -41,6 +46,7 @@ DESCRIPTIONS = {
     "train": "Train a model on RUN/data and write RUN/train/ (model.keras, metrics.json, history.json).",
     "export": "Export RUN/train/model.keras as a SavedModel in RUN/export/NAME/VERSION/.",
     "run": "preprocess, train and export in order, then reload the export and check its accuracy.",
+    "describe-model": "Print a model's layers and parameter count for an input spec or a run's contract.",
 }
 
 RUNS_ROOT = "runs"
@@ -69,8 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--verbose", action="store_true", help="debug logging and tracebacks")
         if name in ("preprocess", "run"):
             sub.add_argument("--source", help="short for --set data.source=SOURCE (e.g. digits)")
-        if name in ("train", "run"):
+        if name in ("train", "run", "describe-model"):
             sub.add_argument("--model", help="short for --set model.name=NAME")
+        if name == "describe-model":
+            sub.add_argument("--input-shape", help="one example's shape, e.g. 32,32,3 (image), 100,3 (sequence), 200 (text)")
+            sub.add_argument("--num-classes", type=int, help="number of classes")
+            sub.add_argument("--modality", choices=("image", "sequence", "text"),
+                             help="default: from the rank of --input-shape (3: image, 2: sequence, 1: text)")
+            sub.add_argument("--vocab-size", type=int, default=0, help="text: vocabulary size including padding and OOV")
     return parser
 
 
@@ -103,14 +115,14 @@ def resolve_run_dir(args) -> str:
     return newest
 
 
-def resolve_config(args, run_dir: str):
+def resolve_config(args, run_dir: str | None):
     """Defaults <- RUN/config.yaml <- --config <- --source/--model <- --set."""
     from kcp import storage
     from kcp.config import load_config, read_yaml_file
 
     layers = []
-    existing = storage.join(run_dir, "config.yaml")
-    if storage.exists(existing):
+    existing = storage.join(run_dir, "config.yaml") if run_dir else None
+    if existing and storage.exists(existing):
         layers.append(read_yaml_file(existing))
     if args.config:
         layers.append(read_yaml_file(args.config))
@@ -192,7 +204,37 @@ def cmd_run(config, run_dir: str, beam_args: list[str]) -> dict:
     return results
 
 
-COMMANDS = {"preprocess": cmd_preprocess, "train": cmd_train, "export": cmd_export, "run": cmd_run}
+def model_inputs_from_flags(args):
+    """The ModelInputs of `describe-model`: from --run-dir's contract, or from the flags."""
+    from trainer.models import ModelInputs
+
+    if args.run_dir:
+        from pipeline import contract as contract_lib
+
+        return ModelInputs.from_contract(contract_lib.read_contract(args.run_dir))
+    if not args.input_shape or not args.num_classes:
+        raise UserError("describe-model: give --input-shape and --num-classes, or --run-dir with a contract")
+    try:
+        shape = tuple(int(part) for part in args.input_shape.split(","))
+    except ValueError:
+        raise UserError(f"--input-shape: {args.input_shape!r} is not a comma-separated list of integers") from None
+    modality = args.modality or {3: "image", 2: "sequence", 1: "text"}.get(len(shape))
+    if modality is None:
+        raise UserError(f"--input-shape: {args.input_shape!r} has {len(shape)} dimensions; expected 1, 2 or 3")
+    return ModelInputs(modality=modality, shape=shape, num_classes=args.num_classes, vocab_size=args.vocab_size,
+                       input_name=modality)
+
+
+def cmd_describe_model(config, args) -> None:
+    from trainer.models import build_model
+
+    model = build_model(model_inputs_from_flags(args), config.model)
+    model.summary(print_fn=lambda line, **_: say(line))
+    say(f"Total params: {model.count_params()}")
+
+
+COMMANDS = {"preprocess": cmd_preprocess, "train": cmd_train, "export": cmd_export, "run": cmd_run,
+            "describe-model": None}
 
 
 def main(argv: list[str] | None = None, *, lenient: bool = False) -> int:
@@ -215,6 +257,9 @@ def main(argv: list[str] | None = None, *, lenient: bool = False) -> int:
     try:
         from kcp import storage
 
+        if args.command == "describe-model":  # reads a run's contract and config at most; writes nothing
+            cmd_describe_model(resolve_config(args, args.run_dir), args)
+            return 0
         run_dir = resolve_run_dir(args)
         config = resolve_config(args, run_dir)
         storage.makedirs(run_dir)

@@ -79,15 +79,71 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class AugmentLayersConfig:
+    """Online augmentation layers at the model's input: images only, active only in training."""
+
+    flip: str = option("none", choices=("none", "horizontal", "vertical", "horizontal_and_vertical"))
+    translation: float = option(0.0, minimum=0.0, maximum=1.0, help="fraction of height/width")
+    rotation: float = option(0.0, minimum=0.0, maximum=1.0, help="fraction of a full turn")
+    zoom: float = option(0.0, minimum=0.0, maximum=1.0)
+    contrast: float = option(0.0, minimum=0.0, maximum=1.0)
+
+    @property
+    def enabled(self) -> bool:
+        return self.flip != "none" or any((self.translation, self.rotation, self.zoom, self.contrast))
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str = option("cnn", choices=MODEL_NAMES)
     dropout: float = option(0.1, minimum=0.0, maximum=0.95)
-    initializer: str = option("he_normal", choices=INITIALIZERS)
+    initializer: Optional[str] = option(
+        None, choices=(None, *INITIALIZERS),
+        help="kernel initializer; null: he_normal for cnn/resnet (ReLU), glorot_uniform for rnn/transformer")
+    augment: AugmentLayersConfig = field(default_factory=AugmentLayersConfig)
     # cnn
-    filters: tuple = option((32, 64), help="filters per convolution block")
-    kernel_size: int = option(3, minimum=1)
-    convs_per_block: int = option(2, minimum=1)
-    batch_norm: bool = option(True)
+    filters: tuple = option((32, 64), help="cnn: filters per convolution block")
+    kernel_size: int = option(3, minimum=1, help="cnn: kernel size")
+    convs_per_block: int = option(2, minimum=1, help="cnn: convolutions per block")
+    batch_norm: bool = option(True, help="cnn: batch normalization after each convolution")
+    # resnet
+    depth: int = option(20, minimum=8, help="resnet: 6n+2 (20, 32, 44, 56, 110) CIFAR-style; 18, 34, 50, 101, 152 ImageNet-style")
+    version: int = option(1, choices=(1, 2), help="resnet: 1 (post-activation) or 2 (pre-activation)")
+    width: int = option(0, minimum=0, help="resnet: base filters; 0: 16 CIFAR-style, 64 ImageNet-style")
+    # rnn
+    cell: str = option("lstm", choices=("simple", "lstm", "gru"), help="rnn: recurrent cell")
+    units: int = option(128, minimum=1, help="rnn: units per layer")
+    bidirectional: bool = option(False, help="rnn: bidirectional layers")
+    # rnn and transformer
+    layers: int = option(2, minimum=1, help="rnn: stacked layers; transformer: encoder blocks")
+    # transformer
+    heads: int = option(4, minimum=1, help="transformer: attention heads")
+    dim: int = option(64, minimum=1, help="transformer: model width; rnn/cnn on text: embedding size")
+    mlp_dim: int = option(128, minimum=1, help="transformer: feed-forward width")
+    positional: str = option("sinusoidal", choices=("sinusoidal", "learned"), help="transformer: position encoding")
+    patch_size: int = option(0, minimum=0, help="transformer on images: patch side; 0: the side that gives 8x8 patches")
+    pooling: str = option("mean", choices=("mean", "cls"), help="transformer: mean of tokens or a class token")
+
+    def __post_init__(self):
+        if self.name == "transformer" and self.dim % self.heads:
+            raise ConfigError(f"model.dim: {self.dim} is not divisible by model.heads ({self.heads})")
+        if self.name == "resnet":
+            from_depth = resnet_style(self.depth)
+            if from_depth is None:
+                raise ConfigError(f"model.depth: {self.depth} is not a ResNet depth; allowed: 6n+2 "
+                                  f"(20, 32, 44, 56, 110) or {', '.join(map(str, IMAGENET_RESNET_DEPTHS))}")
+
+
+IMAGENET_RESNET_DEPTHS = (18, 34, 50, 101, 152)
+
+
+def resnet_style(depth: int) -> Optional[str]:
+    """'imagenet' for 18/34/50/101/152, 'cifar' for other depths 6n+2, None otherwise."""
+    if depth in IMAGENET_RESNET_DEPTHS:
+        return "imagenet"
+    if depth >= 8 and (depth - 2) % 6 == 0:
+        return "cifar"
+    return None
 
 
 @dataclass(frozen=True)
@@ -184,7 +240,8 @@ def _coerce(key: str, value: Any, annotation: Any):
 def _check_rules(key: str, value: Any, metadata) -> None:
     choices = metadata.get("choices")
     if choices is not None and value not in choices:
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        allowed = ", ".join("null" if choice is None else str(choice) for choice in choices)
+        raise ConfigError(f"{key}: {value!r} is not one of {allowed}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         minimum, maximum = metadata.get("minimum"), metadata.get("maximum")
         if minimum is not None and value < minimum:

@@ -21,6 +21,7 @@ def make_dataset(contract, data_dir: str, split: str, config: TrainConfig, *, tr
         deterministic=not training,
         cache=config.cache,
     )
-    dataset = dataset.map(lambda inputs, labels, keys: (tf.cast(inputs, tf.float32), labels),
+    input_dtype = tf.int32 if contract.modality == "text" else tf.float32  # token ids stay integers
+    dataset = dataset.map(lambda inputs, labels, keys: (tf.cast(inputs, input_dtype), labels),
                           num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.prefetch(tf.data.AUTOTUNE)

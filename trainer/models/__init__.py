@@ -6,11 +6,14 @@
 from __future__ import annotations
 
 from kcp.config import ModelConfig
-from trainer.models import cnn
+from trainer.models import cnn, resnet, rnn, transformer
 from trainer.models.common import ModelInputs
 
 REGISTRY = {
     "cnn": cnn.build,
+    "resnet": resnet.build,
+    "rnn": rnn.build,
+    "transformer": transformer.build,
 }
 
 

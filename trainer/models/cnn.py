@@ -1,15 +1,16 @@
-"""Plain convolutional networks: Conv2D for images, Conv1D for sequences.
+"""Plain convolutional networks: Conv2D for images, Conv1D for sequences and for text.
 
 Each block is `convs_per_block` x (conv -> batch norm -> ReLU), then 2x max pooling while
 the spatial size allows it; a global average pool and a softmax head close the model.
+Text is embedded first (`model.dim` per token), then convolved along time.
 
     kcp describe-model --model cnn --set model.filters=[32,64,128] --input-shape 32,32,3 --num-classes 10
 """
 
 from __future__ import annotations
 
-from kcp.config import ModelConfig
-from trainer.models.common import ModelInputs, classifier_head, normalized_input
+from kcp.config import ConfigError, ModelConfig
+from trainer.models.common import ModelInputs, classifier_head, initializer_for, model_input, token_embedding
 
 
 def conv_block(x, filters: int, kernel_size: int, *, rank: int, convs: int, batch_norm: bool,
@@ -28,25 +29,24 @@ def conv_block(x, filters: int, kernel_size: int, *, rank: int, convs: int, batc
 
 
 def build(spec: ModelInputs, config: ModelConfig):
-    """Builds the CNN for an image ([H, W, C]) or sequence ([T, F]) input."""
+    """Builds the CNN for an image ([H, W, C]), sequence ([T, F]) or text ([T] token ids) input."""
     import keras
 
-    if spec.modality == "image":
-        rank, pool = 2, keras.layers.MaxPooling2D
-    elif spec.modality == "sequence":
-        rank, pool = 1, keras.layers.MaxPooling1D
-    else:
-        raise ValueError(f"model.name: 'cnn' does not support modality {spec.modality!r}")
     if not config.filters:
-        raise ValueError("model.filters: must list at least one block's filter count")
-    inputs, x = normalized_input(spec)
+        raise ConfigError("model.filters: must list at least one block's filter count")
+    inputs, x = model_input(spec, config)
+    if spec.modality == "text":
+        x = token_embedding(x, spec, config.dim, mask_zero=False)  # Conv1D has no mask support
+    rank = 2 if spec.modality == "image" else 1
+    pool = keras.layers.MaxPooling2D if rank == 2 else keras.layers.MaxPooling1D
     spatial = min(spec.shape[:rank])
+    initializer = initializer_for(config)
     for index, filters in enumerate(config.filters, start=1):
         x = conv_block(x, int(filters), config.kernel_size, rank=rank, convs=config.convs_per_block,
-                       batch_norm=config.batch_norm, initializer=config.initializer, name=f"block{index}")
+                       batch_norm=config.batch_norm, initializer=initializer, name=f"block{index}")
         if spatial >= 4 and index < len(config.filters):  # keep at least 2 positions for the last block
             x = pool(2, name=f"block{index}_pool")(x)
             spatial //= 2
-    pooled = (keras.layers.GlobalAveragePooling2D if rank == 2 else keras.layers.GlobalAveragePooling1D)(name="avg_pool")(x)
-    outputs = classifier_head(pooled, spec.num_classes, config.dropout)
-    return keras.Model(inputs, outputs, name="cnn")
+    global_pool = keras.layers.GlobalAveragePooling2D if rank == 2 else keras.layers.GlobalAveragePooling1D
+    outputs = classifier_head(global_pool(name="avg_pool")(x), spec.num_classes, config.dropout)
+    return keras.Model(inputs, outputs, name=f"cnn{rank}d")

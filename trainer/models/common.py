@@ -1,5 +1,6 @@
 """What every model family shares: the input spec taken from the contract, the input
-normalisation with the pipeline's statistics, and the classifier head."""
+layers (online augmentation, normalisation with the pipeline's statistics, token
+embedding), the initializer choice and the classifier head."""
 
 from __future__ import annotations
 
@@ -7,52 +8,115 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kcp.config import ConfigError, ModelConfig
+
+MODALITIES = ("image", "sequence", "text")
+
 
 @dataclass(frozen=True)
 class ModelInputs:
     """The part of the data contract a model builder needs."""
 
-    modality: str  # image | sequence
-    shape: tuple  # one example, e.g. (8, 8, 1)
+    modality: str  # image | sequence | text
+    shape: tuple  # one example: (H, W, C) image, (T, F) sequence, (T,) token ids
     num_classes: int
     mean: tuple = ()  # per channel (images) or per feature (sequences); empty: no normalisation
     std: tuple = ()
+    vocab_size: int = 0  # text: token ids are 0 (padding), 1 (out of vocabulary), 2..vocab_size-1
     input_name: str = "image"
+
+    def __post_init__(self):
+        if self.modality not in MODALITIES:
+            raise ConfigError(f"modality {self.modality!r} is not one of {', '.join(MODALITIES)}")
+        expected_rank = {"image": 3, "sequence": 2, "text": 1}[self.modality]
+        if len(self.shape) != expected_rank:
+            raise ConfigError(f"input shape {tuple(self.shape)} does not fit modality {self.modality!r} "
+                              f"(expected {expected_rank} dimensions)")
+        if self.modality == "text" and self.vocab_size < 2:
+            raise ConfigError(f"vocab_size {self.vocab_size} is too small for text input")
+        if self.num_classes < 2:
+            raise ConfigError(f"num_classes {self.num_classes} must be at least 2")
+
+    @property
+    def dtype(self) -> str:
+        return "int32" if self.modality == "text" else "float32"
 
     @classmethod
     def from_contract(cls, contract) -> "ModelInputs":
+        statistics = contract.statistics
         return cls(
             modality=contract.modality,
             shape=tuple(contract.input_shape),
             num_classes=contract.num_classes,
-            mean=tuple(contract.statistics.get("mean", ())),
-            std=tuple(contract.statistics.get("std", ())),
+            mean=tuple(statistics.get("mean", ())),
+            std=tuple(statistics.get("std", ())),
+            vocab_size=int(statistics.get("vocab_size", 0)),
             input_name=contract.input_feature,
         )
 
 
-def normalized_input(spec: ModelInputs):
-    """The model's Input and the input normalised with the pipeline's mean/std.
+FAMILY_INITIALIZERS = {"cnn": "he_normal", "resnet": "he_normal", "rnn": "glorot_uniform",
+                       "transformer": "glorot_uniform"}
 
-    The statistics are fixed at construction (never adapted here), so training and serving
-    use exactly the numbers the pipeline measured. Returns (inputs, normalised tensor).
+
+def initializer_for(config: ModelConfig) -> str:
+    """`model.initializer`, or the family's default: He for ReLU networks, Glorot otherwise."""
+    return config.initializer or FAMILY_INITIALIZERS[config.name]
+
+
+def model_input(spec: ModelInputs, config: ModelConfig):
+    """The model's Input and the tensor the family's body starts from.
+
+    Images and sequences pass through the online augmentation layers (images, training
+    only) and a Normalization layer fixed at construction to the pipeline's mean/std
+    (never adapted here), so training and serving use exactly the numbers the pipeline
+    measured. Text stays as int token ids; families embed it themselves.
+    Returns (inputs, tensor).
     """
     import keras
 
-    inputs = keras.Input(shape=spec.shape, dtype="float32", name=spec.input_name)
-    if not spec.mean:
-        return inputs, inputs
-    variance = np.square(np.asarray(spec.std, dtype=np.float64))
-    normalized = keras.layers.Normalization(
-        axis=-1, mean=list(spec.mean), variance=list(variance), name="normalize")(inputs)
-    return inputs, normalized
+    inputs = keras.Input(shape=spec.shape, dtype=spec.dtype, name=spec.input_name)
+    x = inputs
+    if config.augment.enabled:
+        if spec.modality != "image":
+            raise ConfigError(f"model.augment: augmentation layers apply to images, not {spec.modality}")
+        x = augmentation_layers(config)(x)
+    if spec.modality != "text" and spec.mean:
+        variance = np.square(np.asarray(spec.std, dtype=np.float64))
+        x = keras.layers.Normalization(axis=-1, mean=list(spec.mean), variance=list(variance), name="normalize")(x)
+    return inputs, x
+
+
+def augmentation_layers(config: ModelConfig):
+    """A Sequential of Keras random image layers from `model.augment` (inactive at inference)."""
+    import keras
+
+    augment, steps = config.augment, []
+    if augment.flip != "none":
+        steps.append(keras.layers.RandomFlip(augment.flip, name="augment_flip"))
+    if augment.translation:
+        steps.append(keras.layers.RandomTranslation(augment.translation, augment.translation, name="augment_translation"))
+    if augment.rotation:
+        steps.append(keras.layers.RandomRotation(augment.rotation, name="augment_rotation"))
+    if augment.zoom:
+        steps.append(keras.layers.RandomZoom(augment.zoom, name="augment_zoom"))
+    if augment.contrast:
+        steps.append(keras.layers.RandomContrast(augment.contrast, value_range=(0, 255), name="augment_contrast"))
+    return keras.Sequential(steps, name="augment")
+
+
+def token_embedding(tokens, spec: ModelInputs, dim: int, *, mask_zero: bool, name: str = "token_embedding"):
+    """Embeds int token ids; id 0 is padding (masked for layers that support masks)."""
+    import keras
+
+    return keras.layers.Embedding(spec.vocab_size, dim, mask_zero=mask_zero, name=name)(tokens)
 
 
 def classifier_head(x, num_classes: int, dropout: float, initializer: str = "glorot_uniform"):
-    """Dropout, then a softmax Dense layer named `predictions`."""
+    """Dropout, then a softmax Dense layer named `predictions` (float32 under mixed precision)."""
     import keras
 
     if dropout > 0:
         x = keras.layers.Dropout(dropout, name="head_dropout")(x)
     return keras.layers.Dense(num_classes, activation="softmax", kernel_initializer=initializer,
-                              name="predictions")(x)
+                              dtype="float32", name="predictions")(x)

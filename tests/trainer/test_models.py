@@ -1,0 +1,229 @@
+"""One table of tests over every family and every modality it supports (STYLE: keras applications)."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras
+from kcp.config import MODEL_NAMES, ConfigError, load_config
+from trainer.models import REGISTRY, ModelInputs, build_model
+from trainer.models.transformer import attention_layers, attention_scores
+
+SPECS = {
+    "image": ModelInputs("image", (8, 8, 1), 10, mean=(100.0,), std=(50.0,), input_name="image"),
+    "sequence": ModelInputs("sequence", (12, 3), 4, mean=(0.0, 1.0, 2.0), std=(1.0, 2.0, 3.0), input_name="sequence"),
+    "text": ModelInputs("text", (10,), 3, vocab_size=50, input_name="text"),
+}
+SMALL = {  # small settings of each family, so the whole table runs in a couple of minutes
+    "cnn": ["model.filters=[16, 32]"],
+    "resnet": ["model.depth=8", "model.width=8"],
+    "rnn": ["model.units=32"],
+    "transformer": ["model.dim=32", "model.heads=2", "model.mlp_dim=64", "model.patch_size=2"],
+}
+CASES = [(family, modality) for family in MODEL_NAMES for modality in SPECS]
+
+
+def small_config(family, *extra):
+    return load_config([], [f"model.name={family}", "model.dropout=0.0", *SMALL[family], *extra]).model
+
+
+def random_inputs(spec, count, seed=0):
+    rng = np.random.default_rng(seed)
+    if spec.modality == "text":
+        tokens = rng.integers(2, spec.vocab_size, size=(count, *spec.shape))
+        lengths = rng.integers(3, spec.shape[0] + 1, size=count)
+        tokens[np.arange(spec.shape[0])[None, :] >= lengths[:, None]] = 0  # padded tails
+        return tokens.astype(np.int32)
+    return rng.normal(100.0, 50.0, size=(count, *spec.shape)).astype(np.float32)
+
+
+def test_registry_names_match_the_config():
+    assert tuple(REGISTRY) == MODEL_NAMES
+
+
+@pytest.mark.parametrize("family, modality", CASES)
+def test_output_is_a_probability_per_class(family, modality):
+    spec = SPECS[modality]
+    model = build_model(spec, small_config(family))
+    probabilities = model.predict(random_inputs(spec, 5), verbose=0)
+    assert probabilities.shape == (5, spec.num_classes)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family, modality", CASES)
+def test_save_and_reload_give_identical_predictions(family, modality, tmp_path):
+    spec = SPECS[modality]
+    model = build_model(spec, small_config(family))
+    inputs = random_inputs(spec, 4)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    reloaded = keras.saving.load_model(path)
+    np.testing.assert_array_equal(model.predict(inputs, verbose=0), reloaded.predict(inputs, verbose=0))
+
+
+@pytest.mark.parametrize("family, modality", CASES)
+def test_gradients_reach_the_first_layer(family, modality):
+    spec = SPECS[modality]
+    model = build_model(spec, small_config(family))
+    first = next(layer for layer in model.layers if layer.trainable_weights)
+    inputs = random_inputs(spec, 8)
+    labels = np.arange(8) % spec.num_classes
+    with tf.GradientTape() as tape:
+        loss = keras.losses.sparse_categorical_crossentropy(labels, model(inputs, training=True))
+    gradients = tape.gradient(loss, first.trainable_weights)
+    assert any(float(tf.norm(g)) > 0 for g in gradients if g is not None), first.name
+
+
+class StopAtPerfectAccuracy(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        if logs["accuracy"] >= 1.0:
+            self.model.stop_training = True
+
+
+@pytest.mark.parametrize("family, modality", CASES)
+def test_overfits_a_fixed_batch_of_64(family, modality):
+    spec = SPECS[modality]
+    keras.utils.set_random_seed(1)
+    model = build_model(spec, small_config(family))
+    model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    inputs = random_inputs(spec, 64, seed=2)
+    labels = np.random.default_rng(3).integers(0, spec.num_classes, 64)
+    history = model.fit(inputs, labels, batch_size=64, epochs=400, verbose=0, shuffle=False,
+                        callbacks=[StopAtPerfectAccuracy()])
+    assert history.history["accuracy"][-1] == 1.0, f"{len(history.history['accuracy'])} steps"
+
+
+@pytest.mark.parametrize("depth, expected", [(20, 0.27e6), (32, 0.46e6), (56, 0.85e6), (110, 1.7e6)])
+def test_cifar_resnet_parameter_counts_match_he_et_al(depth, expected):
+    config = load_config([], ["model.name=resnet", f"model.depth={depth}"]).model
+    model = build_model(ModelInputs("image", (32, 32, 3), 10), config)
+    assert abs(model.count_params() - expected) / expected <= 0.03
+
+
+def test_resnet50_v1_matches_keras_applications_exactly():
+    config = load_config([], ["model.name=resnet", "model.depth=50"]).model
+    model = build_model(ModelInputs("image", (224, 224, 3), 1000), config)
+    assert model.count_params() == 25_636_712
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("depth", [18, 34, 101])
+def test_imagenet_resnets_build_for_both_versions(depth, version):
+    config = load_config([], ["model.name=resnet", f"model.depth={depth}", f"model.version={version}"]).model
+    model = build_model(ModelInputs("image", (64, 64, 3), 5), config)
+    assert model.output_shape == (None, 5)
+    assert model.name == f"resnet{depth}_v{version}"
+
+
+def test_resnet_v2_is_pre_activation():
+    config = load_config([], ["model.name=resnet", "model.depth=20", "model.version=2"]).model
+    model = build_model(ModelInputs("image", (32, 32, 3), 10), config)
+    names = [layer.name for layer in model.layers]
+    assert "conv2_block1_preact_bn" in names and "post_bn" in names and "conv1_bn" not in names
+
+
+@pytest.mark.parametrize("depth", [21, 9, 100])
+def test_invalid_resnet_depths_are_rejected(depth):
+    with pytest.raises(ConfigError, match=f"model.depth: {depth} is not a ResNet depth"):
+        load_config([], ["model.name=resnet", f"model.depth={depth}"])
+
+
+@pytest.mark.parametrize("cell, layer_class", [("simple", "SimpleRNN"), ("lstm", "LSTM"), ("gru", "GRU")])
+def test_rnn_cells_stacking_and_bidirectional(cell, layer_class):
+    config = small_config("rnn", f"model.cell={cell}", "model.layers=3", "model.bidirectional=true")
+    model = build_model(SPECS["sequence"], config)
+    wrappers = [layer for layer in model.layers if layer.name.endswith("_bidirectional")]
+    assert [w.name for w in wrappers] == ["rnn1_bidirectional", "rnn2_bidirectional", "rnn3_bidirectional"]
+    assert all(type(w.forward_layer).__name__ == layer_class for w in wrappers)
+
+
+def test_rnn_text_masks_padding():
+    spec = SPECS["text"]
+    model = build_model(spec, small_config("rnn"))
+    tokens = random_inputs(spec, 1)
+    tokens[0, 5:] = 0
+    longer_padding = tokens.copy()
+    other = tokens.copy()
+    other[0, 5:] = 7  # real tokens where padding was: must change the prediction
+    same = model.predict(tokens, verbose=0)
+    np.testing.assert_allclose(same, model.predict(longer_padding, verbose=0))
+    assert not np.allclose(same, model.predict(other, verbose=0))
+
+
+def test_rnn_reads_images_row_by_row():
+    model = build_model(SPECS["image"], small_config("rnn"))
+    assert model.get_layer("rows_as_steps").output.shape == (None, 8, 8)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+@pytest.mark.parametrize("positional", ["sinusoidal", "learned"])
+def test_transformer_variants_save_and_reload(pooling, positional, tmp_path):
+    spec = SPECS["text"]
+    config = small_config("transformer", f"model.pooling={pooling}", f"model.positional={positional}")
+    model = build_model(spec, config)
+    inputs = random_inputs(spec, 3)
+    model.save(str(tmp_path / "m.keras"))
+    reloaded = keras.saving.load_model(str(tmp_path / "m.keras"))
+    np.testing.assert_allclose(model.predict(inputs, verbose=0), reloaded.predict(inputs, verbose=0), atol=1e-6)
+    has_table = any("position_encoding" in w.path for w in model.weights)
+    assert has_table == (positional == "learned")
+
+
+def test_transformer_image_patches():
+    config = small_config("transformer", "model.patch_size=4")
+    model = build_model(ModelInputs("image", (32, 32, 3), 10), config)
+    assert model.get_layer("patches").output.shape == (None, 64, 32)
+
+
+def test_attention_scores_per_block_and_head(tmp_path):
+    spec = SPECS["text"]
+    config = small_config("transformer", "model.layers=3")
+    model = build_model(spec, config)
+    model.save(str(tmp_path / "m.keras"))
+    model = keras.saving.load_model(str(tmp_path / "m.keras"))
+    tokens = random_inputs(spec, 2)
+    tokens[0, 4:] = 0
+    scores = attention_scores(model, tokens)
+    assert [layer.name for layer in attention_layers(model)] == ["block1_attention", "block2_attention",
+                                                                 "block3_attention"]
+    assert len(scores) == 3 and scores[0].shape == (2, 2, 10, 10)
+    np.testing.assert_allclose(scores[1].sum(axis=-1), 1.0, atol=1e-5)
+    assert np.abs(scores[2][0, :, :, 4:]).max() < 1e-6  # nobody attends to padding
+
+
+def test_normalization_uses_the_contract_statistics_and_is_not_adapted():
+    model = build_model(SPECS["sequence"], small_config("cnn"))
+    layer = model.get_layer("normalize")
+    np.testing.assert_allclose(np.ravel(layer.mean), [0.0, 1.0, 2.0])
+    np.testing.assert_allclose(np.ravel(layer.variance), [1.0, 4.0, 9.0])
+    assert not layer.trainable_weights
+
+
+def test_augmentation_layers_act_only_in_training():
+    config = small_config("cnn", "model.augment.flip=horizontal", "model.augment.rotation=0.1",
+                          "model.augment.contrast=0.2")
+    model = build_model(SPECS["image"], config)
+    augment = model.get_layer("augment")
+    images = random_inputs(SPECS["image"], 4)
+    np.testing.assert_array_equal(np.asarray(augment(images, training=False)), images)
+    assert not np.allclose(np.asarray(augment(images, training=True)), images)
+
+
+def test_augmentation_is_refused_for_sequences():
+    with pytest.raises(ConfigError, match="model.augment: augmentation layers apply to images"):
+        build_model(SPECS["sequence"], small_config("cnn", "model.augment.zoom=0.1"))
+
+
+@pytest.mark.parametrize("family, expected", [("cnn", "he_normal"), ("rnn", "glorot_uniform")])
+def test_family_default_initializers_and_override(family, expected):
+    from trainer.models.common import initializer_for
+
+    assert initializer_for(small_config(family)) == expected
+    assert initializer_for(small_config(family, "model.initializer=glorot_normal")) == "glorot_normal"
+
+
+def test_input_spec_errors_are_clear():
+    with pytest.raises(ConfigError, match=r"input shape \(8, 8\) does not fit modality 'image'"):
+        ModelInputs("image", (8, 8), 10)
+    with pytest.raises(ConfigError, match="model.dim: 30 is not divisible by model.heads"):
+        load_config([], ["model.name=transformer", "model.dim=30", "model.heads=4"])

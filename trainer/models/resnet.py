@@ -1,0 +1,144 @@
+"""Residual networks (He et al. 2015, 2016): v1 (post-activation) and v2 (pre-activation).
+
+- CIFAR-style, depth 6n+2 (20, 32, 44, 56, 110): a 3x3 stem, three stages of n basic
+  blocks with `width`, 2x`width`, 4x`width` filters (width 16), 1x1 projection shortcuts
+  where the shape changes. No bias before batch norm, as in the paper (ResNet-20: 0.27M).
+- ImageNet-style, depth 18/34 (basic blocks) or 50/101/152 (bottleneck blocks): a 7x7/2
+  stem and max pool, four stages of width 64..512 (x4 for bottlenecks). Layers mirror
+  `keras.applications.resnet` (convolutions with bias, BN epsilon 1.001e-5), so ResNet-50
+  v1 has exactly its 25,636,712 parameters and the same layer names.
+- Sequences and text use the same blocks with 1D convolutions.
+
+    kcp describe-model --model resnet --set model.depth=56 --input-shape 32,32,3 --num-classes 10
+"""
+
+from __future__ import annotations
+
+from kcp.config import ModelConfig, resnet_style
+from trainer.models.common import ModelInputs, classifier_head, initializer_for, model_input, token_embedding
+
+IMAGENET_STAGES = {  # depth -> (blocks per stage, bottleneck)
+    18: ((2, 2, 2, 2), False),
+    34: ((3, 4, 6, 3), False),
+    50: ((3, 4, 6, 3), True),
+    101: ((3, 4, 23, 3), True),
+    152: ((3, 8, 36, 3), True),
+}
+BN_EPSILON = 1.001e-5
+
+
+class _Layers:
+    """Picks 1D or 2D layers once, so the blocks below are written once for both."""
+
+    def __init__(self, rank: int, initializer: str, use_bias: bool):
+        import keras
+
+        self.keras = keras
+        self.rank, self.initializer, self.use_bias = rank, initializer, use_bias
+
+    def conv(self, x, filters, kernel_size, stride=1, name=None, padding="same"):
+        conv = self.keras.layers.Conv2D if self.rank == 2 else self.keras.layers.Conv1D
+        return conv(filters, kernel_size, strides=stride, padding=padding, use_bias=self.use_bias,
+                    kernel_initializer=self.initializer, name=name)(x)
+
+    def bn(self, x, name):
+        return self.keras.layers.BatchNormalization(axis=-1, epsilon=BN_EPSILON, name=name)(x)
+
+    def relu(self, x, name):
+        return self.keras.layers.Activation("relu", name=name)(x)
+
+    def add(self, tensors, name):
+        return self.keras.layers.Add(name=name)(tensors)
+
+
+def basic_block(layers: _Layers, x, filters: int, stride: int, *, preact: bool, name: str):
+    """Two 3x3 convolutions with an identity or 1x1-projection shortcut."""
+    projection = stride != 1 or x.shape[-1] != filters
+    if preact:  # v2: BN-ReLU before each convolution; the shortcut branches after the first
+        y = layers.relu(layers.bn(x, f"{name}_preact_bn"), f"{name}_preact_relu")
+        shortcut = layers.conv(y, filters, 1, stride, name=f"{name}_0_conv") if projection else x
+        y = layers.conv(y, filters, 3, stride, name=f"{name}_1_conv")
+        y = layers.relu(layers.bn(y, f"{name}_1_bn"), f"{name}_1_relu")
+        y = layers.conv(y, filters, 3, name=f"{name}_2_conv")
+        return layers.add([shortcut, y], f"{name}_out")
+    shortcut = x
+    if projection:
+        shortcut = layers.bn(layers.conv(x, filters, 1, stride, name=f"{name}_0_conv"), f"{name}_0_bn")
+    y = layers.conv(x, filters, 3, stride, name=f"{name}_1_conv")
+    y = layers.relu(layers.bn(y, f"{name}_1_bn"), f"{name}_1_relu")
+    y = layers.bn(layers.conv(y, filters, 3, name=f"{name}_2_conv"), f"{name}_2_bn")
+    return layers.relu(layers.add([shortcut, y], f"{name}_add"), f"{name}_out")
+
+
+def bottleneck_block(layers: _Layers, x, filters: int, stride: int, *, preact: bool, name: str):
+    """1x1 reduce, 3x3, 1x1 expand to 4x`filters`, as keras.applications' block1 (v1) / block2 (v2)."""
+    expanded = 4 * filters
+    projection = stride != 1 or x.shape[-1] != expanded
+    if preact:
+        y = layers.relu(layers.bn(x, f"{name}_preact_bn"), f"{name}_preact_relu")
+        shortcut = layers.conv(y, expanded, 1, stride, name=f"{name}_0_conv") if projection else x
+        y = layers.conv(y, filters, 1, name=f"{name}_1_conv")
+        y = layers.relu(layers.bn(y, f"{name}_1_bn"), f"{name}_1_relu")
+        y = layers.conv(y, filters, 3, stride, name=f"{name}_2_conv")
+        y = layers.relu(layers.bn(y, f"{name}_2_bn"), f"{name}_2_relu")
+        y = layers.conv(y, expanded, 1, name=f"{name}_3_conv")
+        return layers.add([shortcut, y], f"{name}_out")
+    shortcut = x
+    if projection:
+        shortcut = layers.bn(layers.conv(x, expanded, 1, stride, name=f"{name}_0_conv"), f"{name}_0_bn")
+    y = layers.conv(x, filters, 1, stride, name=f"{name}_1_conv")
+    y = layers.relu(layers.bn(y, f"{name}_1_bn"), f"{name}_1_relu")
+    y = layers.conv(y, filters, 3, name=f"{name}_2_conv")
+    y = layers.relu(layers.bn(y, f"{name}_2_bn"), f"{name}_2_relu")
+    y = layers.bn(layers.conv(y, expanded, 1, name=f"{name}_3_conv"), f"{name}_3_bn")
+    return layers.relu(layers.add([shortcut, y], f"{name}_add"), f"{name}_out")
+
+
+def stack(layers: _Layers, x, block, filters: int, blocks: int, stride: int, *, preact: bool, name: str):
+    """One stage: `blocks` residual blocks, the first with `stride`; names `{name}_block{i}`."""
+    for index in range(1, blocks + 1):
+        x = block(layers, x, filters, stride if index == 1 else 1, preact=preact, name=f"{name}_block{index}")
+    return x
+
+
+def build(spec: ModelInputs, config: ModelConfig):
+    """Builds ResNet-`model.depth`, `model.version` 1 or 2, for images, sequences or text."""
+    import keras
+
+    style = resnet_style(config.depth)
+    preact = config.version == 2
+    rank = 2 if spec.modality == "image" else 1
+    layers = _Layers(rank, initializer_for(config), use_bias=style == "imagenet")
+    inputs, x = model_input(spec, config)
+    if spec.modality == "text":
+        x = token_embedding(x, spec, config.dim, mask_zero=False)
+
+    if style == "cifar":
+        width = config.width or 16
+        blocks = (config.depth - 2) // 6
+        x = layers.conv(x, width, 3, name="conv1_conv")
+        if not preact:
+            x = layers.relu(layers.bn(x, "conv1_bn"), "conv1_relu")
+        for stage, multiplier in enumerate((1, 2, 4)):
+            x = stack(layers, x, basic_block, width * multiplier, blocks, 1 if stage == 0 else 2,
+                      preact=preact, name=f"conv{stage + 2}")
+    else:
+        width = config.width or 64
+        stage_blocks, bottleneck = IMAGENET_STAGES[config.depth]
+        padding = keras.layers.ZeroPadding2D if rank == 2 else keras.layers.ZeroPadding1D
+        pool = keras.layers.MaxPooling2D if rank == 2 else keras.layers.MaxPooling1D
+        x = padding(3, name="conv1_pad")(x)
+        x = layers.conv(x, width, 7, 2, name="conv1_conv", padding="valid")
+        if not preact:
+            x = layers.relu(layers.bn(x, "conv1_bn"), "conv1_relu")
+        x = padding(1, name="pool1_pad")(x)
+        x = pool(3, strides=2, name="pool1_pool")(x)
+        block = bottleneck_block if bottleneck else basic_block
+        for stage, blocks in enumerate(stage_blocks):
+            x = stack(layers, x, block, width * 2**stage, blocks, 1 if stage == 0 else 2,
+                      preact=preact, name=f"conv{stage + 2}")
+    if preact:
+        x = layers.relu(layers.bn(x, "post_bn"), "post_relu")
+    global_pool = keras.layers.GlobalAveragePooling2D if rank == 2 else keras.layers.GlobalAveragePooling1D
+    outputs = classifier_head(global_pool(name="avg_pool")(x), spec.num_classes, config.dropout)
+    return keras.Model(inputs, outputs, name=f"resnet{config.depth}_v{config.version}")

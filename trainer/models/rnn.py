@@ -1,0 +1,44 @@
+"""Recurrent networks: SimpleRNN, LSTM or GRU cells, stacked, optionally bidirectional.
+
+Sequences are read as they are ([T, F]); images row by row (H time steps of W*C values);
+text through an embedding that masks padding (id 0), so padded steps never update state.
+
+    kcp describe-model --model rnn --set model.cell=gru --set model.bidirectional=true --input-shape 28,28,1 --num-classes 10
+"""
+
+from __future__ import annotations
+
+from kcp.config import ModelConfig
+from trainer.models.common import ModelInputs, classifier_head, initializer_for, model_input, token_embedding
+
+CELLS = {"simple": "SimpleRNN", "lstm": "LSTM", "gru": "GRU"}
+
+
+def recurrent_layer(x, cell: str, units: int, *, return_sequences: bool, bidirectional: bool,
+                    initializer: str, name: str):
+    """One recurrent layer `{name}` (wrapped as `{name}_bidirectional` when bidirectional)."""
+    import keras
+
+    layer = getattr(keras.layers, CELLS[cell])(units, return_sequences=return_sequences,
+                                                kernel_initializer=initializer, name=name)
+    if bidirectional:
+        layer = keras.layers.Bidirectional(layer, name=f"{name}_bidirectional")
+    return layer(x)
+
+
+def build(spec: ModelInputs, config: ModelConfig):
+    """Builds `model.layers` stacked `model.cell` layers of `model.units` and a softmax head."""
+    import keras
+
+    inputs, x = model_input(spec, config)
+    if spec.modality == "image":
+        height, width, channels = spec.shape
+        x = keras.layers.Reshape((height, width * channels), name="rows_as_steps")(x)  # (batch, H, W*C)
+    elif spec.modality == "text":
+        x = token_embedding(x, spec, config.dim, mask_zero=True)
+    initializer = initializer_for(config)
+    for index in range(1, config.layers + 1):
+        x = recurrent_layer(x, config.cell, config.units, return_sequences=index < config.layers,
+                            bidirectional=config.bidirectional, initializer=initializer, name=f"rnn{index}")
+    outputs = classifier_head(x, spec.num_classes, config.dropout)
+    return keras.Model(inputs, outputs, name=f"{config.cell}{config.layers}")

@@ -1,0 +1,106 @@
+"""Transformer encoder classifiers: tokens -> N x (self-attention, MLP) -> pooled head.
+
+Tokens are the text's embedded ids, a linear projection of each time step (sequences), or
+non-overlapping patches projected to `model.dim` (images, as in ViT). A sinusoidal or
+learned position encoding is added. Each block is pre-norm: LayerNorm -> multi-head
+self-attention -> dropout -> residual add, then LayerNorm -> MLP (GELU) -> residual add.
+The head pools the mean of the (unpadded) tokens or a learned class token.
+
+`attention_scores(model, inputs)` returns every block's attention probabilities
+(batch, heads, tokens, tokens), for the report's attention maps.
+
+    kcp describe-model --model transformer --set model.patch_size=4 --input-shape 32,32,3 --num-classes 10
+"""
+
+from __future__ import annotations
+
+from kcp.config import ConfigError, ModelConfig
+from trainer.models.common import ModelInputs, classifier_head, initializer_for, model_input, token_embedding
+from trainer.models.layers import ClassToken, PositionEncoding
+
+
+def default_patch_size(height: int, width: int) -> int:
+    """The patch side that cuts an image into about 8x8 patches (1 for 8x8 digits, 4 for 32x32)."""
+    return max(1, min(height, width) // 8)
+
+
+def encoder_block(x, *, heads: int, dim: int, mlp_dim: int, dropout: float, initializer: str,
+                  attention_mask, name: str):
+    """One pre-norm encoder block; its attention layer is `{name}_attention`."""
+    import keras
+
+    h = keras.layers.LayerNormalization(epsilon=1e-6, name=f"{name}_norm1")(x)
+    h, _ = keras.layers.MultiHeadAttention(heads, dim // heads, dropout=dropout, kernel_initializer=initializer,
+                                           name=f"{name}_attention")(
+        h, h, attention_mask=attention_mask, return_attention_scores=True)
+    h = keras.layers.Dropout(dropout, name=f"{name}_attention_dropout")(h)
+    x = keras.layers.Add(name=f"{name}_attention_add")([x, h])
+    h = keras.layers.LayerNormalization(epsilon=1e-6, name=f"{name}_norm2")(x)
+    h = keras.layers.Dense(mlp_dim, activation="gelu", kernel_initializer=initializer, name=f"{name}_mlp1")(h)
+    h = keras.layers.Dropout(dropout, name=f"{name}_mlp_dropout1")(h)
+    h = keras.layers.Dense(dim, kernel_initializer=initializer, name=f"{name}_mlp2")(h)
+    h = keras.layers.Dropout(dropout, name=f"{name}_mlp_dropout2")(h)
+    return keras.layers.Add(name=f"{name}_mlp_add")([x, h])
+
+
+def build(spec: ModelInputs, config: ModelConfig):
+    """Builds the encoder classifier for images (patches), sequences (steps) or text (tokens)."""
+    import keras
+    from keras import ops
+
+    if config.dim % config.heads:
+        raise ConfigError(f"model.dim: {config.dim} is not divisible by model.heads ({config.heads})")
+    initializer = initializer_for(config)
+    inputs, x = model_input(spec, config)
+    padding = None  # (batch, tokens) True where a token is real; text only
+    if spec.modality == "image":
+        height, width, _ = spec.shape
+        patch = config.patch_size or default_patch_size(height, width)
+        if patch > min(height, width):
+            raise ConfigError(f"model.patch_size: {patch} is larger than the image ({height}x{width})")
+        x = keras.layers.Conv2D(config.dim, patch, strides=patch, kernel_initializer=initializer,
+                                name="patch_embedding")(x)  # (batch, H/p, W/p, dim)
+        x = keras.layers.Reshape(((height // patch) * (width // patch), config.dim), name="patches")(x)
+    elif spec.modality == "sequence":
+        x = keras.layers.Dense(config.dim, kernel_initializer=initializer, name="step_projection")(x)
+    else:
+        padding = ops.not_equal(inputs, 0)
+        x = token_embedding(x, spec, config.dim, mask_zero=False)  # masks are explicit below
+    x = PositionEncoding(config.positional, name="position_encoding")(x)  # (batch, tokens, dim)
+    if config.pooling == "cls":
+        x = ClassToken(name="class_token")(x)
+        if padding is not None:
+            padding = ops.concatenate([ops.ones_like(padding[:, :1]), padding], axis=1)
+    attention_mask = None
+    if padding is not None:
+        tokens = x.shape[1]
+        attention_mask = ops.repeat(ops.expand_dims(padding, 1), tokens, axis=1)  # (batch, query, key)
+    x = keras.layers.Dropout(config.dropout, name="token_dropout")(x)
+    for index in range(1, config.layers + 1):
+        x = encoder_block(x, heads=config.heads, dim=config.dim, mlp_dim=config.mlp_dim, dropout=config.dropout,
+                          initializer=initializer, attention_mask=attention_mask, name=f"block{index}")
+    x = keras.layers.LayerNormalization(epsilon=1e-6, name="final_norm")(x)
+    if config.pooling == "cls":
+        pooled = x[:, 0]
+    else:
+        pooled = keras.layers.GlobalAveragePooling1D(name="avg_pool")(x, mask=padding)
+    outputs = classifier_head(pooled, spec.num_classes, config.dropout)
+    return keras.Model(inputs, outputs, name="transformer")
+
+
+def attention_layers(model) -> list:
+    """The model's attention layers in block order."""
+    layers = [layer for layer in model.layers if layer.name.endswith("_attention") and layer.name.startswith("block")]
+    return sorted(layers, key=lambda layer: int(layer.name[len("block"):-len("_attention")]))
+
+
+def attention_scores(model, inputs) -> list:
+    """Attention probabilities of every block for a batch: a list of (batch, heads, tokens, tokens)."""
+    import keras
+
+    layers = attention_layers(model)
+    if not layers:
+        raise ValueError(f"model {model.name!r} has no attention layers")
+    probe = keras.Model(model.inputs, [layer.output[1] for layer in layers])
+    outputs = probe.predict(inputs, verbose=0)
+    return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
