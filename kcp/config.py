@@ -106,6 +106,8 @@ class ModelConfig:
     kernel_size: int = option(3, minimum=1, help="cnn: kernel size")
     convs_per_block: int = option(2, minimum=1, help="cnn: convolutions per block")
     batch_norm: bool = option(True, help="cnn: batch normalization after each convolution")
+    sync_batch_norm: Optional[bool] = option(
+        None, help="batch statistics across replicas; null: on when training on 2+ replicas (TF backend)")
     # resnet
     depth: int = option(20, minimum=8, help="resnet: 6n+2 (20, 32, 44, 56, 110) CIFAR-style; 18, 34, 50, 101, 152 ImageNet-style")
     version: int = option(1, choices=(1, 2), help="resnet: 1 (post-activation) or 2 (pre-activation)")
@@ -146,21 +148,45 @@ def resnet_style(depth: int) -> Optional[str]:
     return None
 
 
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
+SCHEDULES = ("constant", "step", "cosine", "plateau")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = option(30, minimum=1)
-    batch_size: int = option(64, minimum=1, help="global batch size")
+    batch_size: int = option(64, minimum=1, help="per replica; the global batch is batch_size x replicas")
     optimizer: str = option("adam", choices=OPTIMIZERS)
-    learning_rate: float = option(1e-3, minimum=0.0)
+    learning_rate: float = option(1e-3, minimum=0.0, help="peak learning rate (after warmup)")
     momentum: float = option(0.9, minimum=0.0, maximum=1.0, help="for the momentum and nesterov optimizers")
     weight_decay: float = option(0.0, minimum=0.0, help="decoupled weight decay; 0 turns it off")
+    schedule: str = option("cosine", choices=SCHEDULES)
+    warmup_epochs: float = option(1.0, minimum=0.0, help="cosine: linear warmup from 0, at most half the run")
+    decay_epochs: int = option(10, minimum=1, help="step: epochs between decays")
+    decay_rate: float = option(0.1, minimum=0.0, maximum=1.0, help="step and plateau: factor per decay")
+    plateau_patience: int = option(3, minimum=1, help="plateau: epochs without improvement before a decay")
+    clip_norm: float = option(0.0, minimum=0.0, help="gradient clipping by global norm; 0 turns it off")
+    label_smoothing: float = option(0.0, minimum=0.0, maximum=0.5)
+    precision: str = option("float32", choices=PRECISIONS, help="mixed_* for GPUs/TPUs; bf16 is ~7x slower on CPU")
+    jit_compile: Optional[bool] = option(None, help="XLA; null: Keras decides (on for GPU/TPU, off on CPU)")
+    steps_per_execution: int = option(1, minimum=1)
+    early_stopping_patience: int = option(0, minimum=0, help="epochs without improvement; 0 turns it off")
+    monitor: str = option("val_accuracy", help="metric for early stopping, the best checkpoint and plateau")
+    strategy: str = option("auto", choices=STRATEGIES)
+    cpu_devices: int = option(0, minimum=0, help="split the CPU into N logical devices (try mirrored without GPUs)")
     seed: int = option(42)
     shuffle_buffer: int = option(10_000, minimum=1)
     cache: bool = option(True, help="keep the serialized records in memory after the first epoch")
+    deterministic: bool = option(False, help="deterministic input order and ops (slower; for tests)")
 
     def __post_init__(self):
         if self.learning_rate <= 0:
             raise ConfigError(f"train.learning_rate: {self.learning_rate!r} must be above 0")
+
+    @property
+    def monitor_mode(self) -> str:
+        return "min" if "loss" in self.monitor else "max"
 
 
 @dataclass(frozen=True)

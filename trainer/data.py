@@ -1,4 +1,4 @@
-"""The trainer's `tf.data` input: the contract's shards as (float inputs, labels) batches."""
+"""The trainer's `tf.data` input: the contract's shards as (model inputs, labels) batches."""
 
 from __future__ import annotations
 
@@ -6,22 +6,40 @@ from kcp.config import TrainConfig
 from pipeline import contract as contract_lib
 
 
-def make_dataset(contract, data_dir: str, split: str, config: TrainConfig, *, training: bool):
-    """Batches of `(float32 inputs, int64 labels)` for `model.fit` / `model.evaluate`.
+def make_dataset(contract, data_dir: str, split: str, config: TrainConfig, *, global_batch: int, training: bool,
+                 drop_remainder: bool = False, one_hot: bool = False, workers: int = 1):
+    """Batches of `(inputs, labels)` for `model.fit` / `model.evaluate`, batched globally.
 
-    Training batches are shuffled (files and records, reseeded each epoch); evaluation
-    batches keep the file order, so metrics and predictions line up with the shards.
+    Under a strategy, Keras splits each global batch across the replicas. Training batches
+    are shuffled (files and records, reseeded each epoch; in `train.deterministic` mode the
+    order is fixed by the seed); evaluation batches keep the file order, so metrics and
+    predictions line up with the shards. Images become float32 (the model normalises them),
+    token ids int32; labels become one-hot when label smoothing needs it.
     """
     import tensorflow as tf
 
     dataset = contract_lib.read_split(
-        contract, data_dir, split, config.batch_size,
+        contract, data_dir, split, global_batch,
         shuffle_buffer=config.shuffle_buffer if training else 0,
         seed=config.seed,
-        deterministic=not training,
+        deterministic=config.deterministic or not training,
         cache=config.cache,
+        drop_remainder=drop_remainder,
     )
-    input_dtype = tf.int32 if contract.modality == "text" else tf.float32  # token ids stay integers
-    dataset = dataset.map(lambda inputs, labels, keys: (tf.cast(inputs, input_dtype), labels),
-                          num_parallel_calls=tf.data.AUTOTUNE)
+    input_dtype = tf.int32 if contract.modality == "text" else tf.float32
+    num_classes = contract.num_classes
+
+    def to_model(inputs, labels, keys):
+        labels = tf.one_hot(labels, num_classes) if one_hot else labels
+        return tf.cast(inputs, input_dtype), labels
+
+    dataset = dataset.map(to_model, num_parallel_calls=tf.data.AUTOTUNE, deterministic=config.deterministic or not training)
+    if workers > 1:
+        # Each worker reads its own files when there are enough of them; otherwise every
+        # worker reads everything and keeps its share of the batches.
+        options = tf.data.Options()
+        policy = tf.data.experimental.AutoShardPolicy
+        enough_files = contract.splits[split].num_shards >= workers
+        options.experimental_distribute.auto_shard_policy = policy.FILE if enough_files else policy.DATA
+        dataset = dataset.with_options(options)
     return dataset.prefetch(tf.data.AUTOTUNE)

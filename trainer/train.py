@@ -1,125 +1,237 @@
-"""The one training entry: read the contract, build the model, fit, evaluate, save.
+"""The one training entry: read the contract, build the model in the strategy scope, fit,
+evaluate, save.
 
     python -m trainer.task --run-dir runs/r1 --set train.epochs=30
 
-Writes RUN/train/: model.keras, metrics.json, history.json.
+Writes RUN/train/: model.keras, metrics.json, history.json, confusion_matrix.json,
+checkpoints/best.weights.h5, logs/ (TensorBoard), backup/ (while running; preemption).
+On Vertex AI, AIP_CHECKPOINT_DIR, AIP_TENSORBOARD_LOG_DIR and AIP_MODEL_DIR take over
+checkpoints/backup, logs, and receive a copy of model.keras and metrics.json.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
+import os
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
+
+import numpy as np
 
 from kcp import storage
 from kcp.config import Config, TrainConfig
 from pipeline import contract as contract_lib
 
 log = logging.getLogger("kcp.train")
+SPLITS = ("train", "validation", "test")
 
 
-def make_optimizer(config: TrainConfig):
-    """The optimizer named by `train.optimizer`, with `train.learning_rate`."""
+@dataclass(frozen=True)
+class TrainPaths:
+    """Where this process writes; non-chief workers of a cluster keep to their own folder."""
+
+    train_dir: str
+    outputs: str  # model.keras, metrics.json, history.json, confusion_matrix.json
+    checkpoints: str
+    backup: str
+    logs: str
+    model_copy: str | None  # AIP_MODEL_DIR
+    chief: bool
+
+    @classmethod
+    def resolve(cls, run_dir: str, multi_worker: bool) -> "TrainPaths":
+        from trainer.distribute import worker_info
+
+        train_dir = storage.join(run_dir, "train")
+        task_type, index, chief = worker_info() if multi_worker else ("worker", 0, True)
+        checkpoint_root = os.environ.get("AIP_CHECKPOINT_DIR") or train_dir
+        backup = storage.join(checkpoint_root, "backup")
+        if multi_worker:  # Keras' BackupAndRestore is not multi-worker aware: one folder per worker
+            backup = storage.join(backup, f"{task_type}-{index}")
+        outputs = train_dir if chief else storage.join(train_dir, f"{task_type}-{index}")
+        return cls(
+            train_dir=train_dir,
+            outputs=outputs,
+            checkpoints=storage.join(checkpoint_root, "checkpoints") if chief else tempfile.mkdtemp(),
+            backup=backup,
+            logs=os.environ.get("AIP_TENSORBOARD_LOG_DIR") or storage.join(train_dir, "logs"),
+            model_copy=os.environ.get("AIP_MODEL_DIR") if chief else None,
+            chief=chief,
+        )
+
+
+def make_optimizer(config: TrainConfig, rate):
+    """The optimizer named by `train.optimizer` with learning rate (or schedule) `rate`."""
     import keras
 
-    rate, decay = config.learning_rate, config.weight_decay or None
+    decay = config.weight_decay or None
+    common = {"weight_decay": decay, "global_clipnorm": config.clip_norm or None}
     name = config.optimizer
     if name in ("sgd", "momentum", "nesterov"):
         momentum = 0.0 if name == "sgd" else config.momentum
-        return keras.optimizers.SGD(rate, momentum=momentum, nesterov=name == "nesterov", weight_decay=decay)
+        return keras.optimizers.SGD(rate, momentum=momentum, nesterov=name == "nesterov", **common)
     if name == "adagrad":
-        return keras.optimizers.Adagrad(rate, weight_decay=decay)
+        return keras.optimizers.Adagrad(rate, **common)
     if name == "rmsprop":
-        return keras.optimizers.RMSprop(rate, weight_decay=decay)
+        return keras.optimizers.RMSprop(rate, **common)
     if name == "adam":
-        return keras.optimizers.Adam(rate, weight_decay=decay)
+        return keras.optimizers.Adam(rate, **common)
     if name == "adamw":
-        return keras.optimizers.AdamW(rate, weight_decay=config.weight_decay)
+        return keras.optimizers.AdamW(rate, **{**common, "weight_decay": config.weight_decay})
     raise ValueError(f"train.optimizer: {name!r} is not supported")
 
 
-def _throughput_timer():
+def loss_and_metrics(config: TrainConfig, num_classes: int):
+    """Sparse labels, unless label smoothing needs one-hot ones; top-5 accuracy above 5 classes."""
     import keras
 
-    class ThroughputTimer(keras.callbacks.Callback):
-        """Seconds spent in training batches per epoch (validation excluded)."""
-
-        def __init__(self):
-            super().__init__()
-            self.epoch_seconds: list[float] = []
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self._start = time.perf_counter()
-            self._last = self._start
-
-        def on_train_batch_end(self, batch, logs=None):
-            self._last = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            self.epoch_seconds.append(self._last - self._start)
-
-    return ThroughputTimer()
+    one_hot = config.label_smoothing > 0
+    if one_hot:
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
+    else:
+        loss = keras.losses.SparseCategoricalCrossentropy()
+    metrics = ["accuracy"]
+    if num_classes > 5:
+        top5 = keras.metrics.TopKCategoricalAccuracy if one_hot else keras.metrics.SparseTopKCategoricalAccuracy
+        metrics.append(top5(k=5, name="top5_accuracy"))
+    return loss, metrics, one_hot
 
 
-def examples_per_second(num_examples: int, epoch_seconds: list[float]) -> float:
-    """Training throughput; the first epoch (tracing, cache fill) is left out when there are more."""
-    steady = epoch_seconds[1:] if len(epoch_seconds) > 1 else epoch_seconds
-    seconds = sum(steady)
-    return num_examples * len(steady) / seconds if seconds > 0 else 0.0
+def make_callbacks(config: TrainConfig, paths: TrainPaths, has_validation: bool):
+    import keras
+
+    from trainer.callbacks import EpochHistory, ThroughputTimer
+
+    timer = ThroughputTimer()
+    monitor = config.monitor if has_validation or not config.monitor.startswith("val_") else config.monitor[4:]
+    callbacks = [
+        timer,
+        keras.callbacks.BackupAndRestore(paths.backup, delete_checkpoint=True),
+        EpochHistory(storage.join(paths.outputs, "history.json")),
+        keras.callbacks.ModelCheckpoint(storage.join(paths.checkpoints, "best.weights.h5"), monitor=monitor,
+                                        mode=config.monitor_mode, save_best_only=True, save_weights_only=True),
+    ]
+    if paths.chief:
+        callbacks.append(keras.callbacks.TensorBoard(paths.logs, profile_batch=0))
+    if config.early_stopping_patience:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, mode=config.monitor_mode,
+                                                       patience=config.early_stopping_patience,
+                                                       restore_best_weights=True))
+    if config.schedule == "plateau":
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=config.monitor_mode,
+                                                           factor=config.decay_rate,
+                                                           patience=config.plateau_patience))
+    return callbacks, timer
 
 
-def _evaluate(model, dataset) -> dict:
-    results = model.evaluate(dataset, verbose=0, return_dict=True)
-    return {name: float(value) for name, value in results.items() if name != "compile_metrics"}
+def weights_digest(model) -> str:
+    """SHA-256 of every weight's bytes, in order: equal digests mean identical models."""
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        digest.update(np.ascontiguousarray(np.asarray(weight)).tobytes())
+    return digest.hexdigest()
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> list[list[int]]:
+    """Rows are true classes, columns predicted classes."""
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (labels.astype(np.int64), predictions.astype(np.int64)), 1)
+    return matrix.tolist()
 
 
 def train(config: Config, run_dir: str) -> dict:
     """Trains `config.model` on RUN/data and writes RUN/train/. Returns metrics.json's content."""
     import keras
+    import tensorflow as tf
 
+    from trainer.callbacks import examples_per_second, learning_rate, steps_per_epoch
     from trainer.data import make_dataset
+    from trainer.distribute import choose_strategy, num_workers
     from trainer.models import ModelInputs, build_model
 
     started = time.perf_counter()
+    train_config = config.train
     contract = contract_lib.read_contract(run_dir)
     data_dir = contract_lib.data_dir(run_dir)
-    train_dir = storage.join(run_dir, "train")
-    storage.makedirs(train_dir)
-    keras.utils.set_random_seed(config.train.seed)
+    if train_config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    strategy = choose_strategy(train_config.strategy, train_config.cpu_devices)
+    paths = TrainPaths.resolve(run_dir, multi_worker=train_config.strategy == "multi_worker")
+    storage.makedirs(paths.outputs)
+    keras.utils.set_random_seed(train_config.seed)
+    keras.mixed_precision.set_global_policy(train_config.precision)
 
-    datasets = {
-        split: make_dataset(contract, data_dir, split, config.train, training=False)
-        for split in populated_splits(contract)
-    }
-    train_data = make_dataset(contract, data_dir, "train", config.train, training=True)
-    model = build_model(ModelInputs.from_contract(contract), config.model)
-    model.compile(optimizer=make_optimizer(config.train), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
-    timer = _throughput_timer()
-    verbose = 1 if sys.stdout.isatty() else 2
-    history = model.fit(train_data, validation_data=datasets.get("validation"), epochs=config.train.epochs,
-                        callbacks=[timer], verbose=verbose,
+    replicas = strategy.num_replicas_in_sync
+    workers = num_workers() if train_config.strategy == "multi_worker" else 1
+    global_batch = train_config.batch_size * replicas
+    drop_remainder = isinstance(strategy, tf.distribute.TPUStrategy)  # TPUs need static shapes
+    loss, metrics, one_hot = loss_and_metrics(train_config, contract.num_classes)
+    splits = [split for split in SPLITS if split in contract.splits and contract.splits[split].count]
+
+    def dataset(split, training):
+        return make_dataset(contract, data_dir, split, train_config, global_batch=global_batch, training=training,
+                            drop_remainder=drop_remainder and training, one_hot=one_hot, workers=workers)
+
+    evaluation = {split: dataset(split, training=False) for split in splits}
+    steps = steps_per_epoch(contract.splits["train"].count, global_batch, drop_remainder)
+    model_config = config.model
+    if model_config.sync_batch_norm is None:
+        model_config = dataclasses.replace(model_config, sync_batch_norm=replicas > 1)
+    with strategy.scope():
+        model = build_model(ModelInputs.from_contract(contract), model_config)
+        model.compile(optimizer=make_optimizer(train_config, learning_rate(train_config, steps)), loss=loss,
+                      metrics=metrics, jit_compile="auto" if train_config.jit_compile is None else train_config.jit_compile,
+                      steps_per_execution=train_config.steps_per_execution)
+    callbacks, timer = make_callbacks(train_config, paths, "validation" in evaluation)
+    log.info("train: %s on %d replica(s), global batch %d, %d steps per epoch", config.model.name, replicas,
+             global_batch, steps)
+    history = model.fit(dataset("train", training=True), validation_data=evaluation.get("validation"),
+                        epochs=train_config.epochs, callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 2,
                         shuffle=False)  # the tf.data pipeline shuffles
 
-    metrics = {split: _evaluate(model, dataset) for split, dataset in datasets.items()}
-    metrics.update({
-        "epochs": len(history.history.get("loss", [])),
+    results = {split: {name: float(value) for name, value in model.evaluate(data, verbose=0, return_dict=True).items()}
+               for split, data in evaluation.items()}
+    history_path = storage.join(paths.outputs, "history.json")
+    epochs_done = len(json.loads(storage.read_text(history_path)).get("loss", [])) if storage.exists(history_path) \
+        else len(history.history.get("loss", []))
+    metrics_json = {
+        **results,
+        "epochs": epochs_done,
         "examples_per_second": examples_per_second(contract.splits["train"].count, timer.epoch_seconds),
         "wall_seconds": time.perf_counter() - started,
         "model": config.model.name,
         "params": int(model.count_params()),
-    })
-    history_plain = {name: [float(v) for v in values] for name, values in history.history.items()}
-    storage.write_text_atomic(storage.join(train_dir, "history.json"), json.dumps(history_plain, indent=2) + "\n")
-    _save_model(model, storage.join(train_dir, "model.keras"))
-    storage.write_text_atomic(storage.join(train_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")
-    return metrics
+        "replicas": replicas,
+        "global_batch_size": global_batch,
+        "weights_sha256": weights_digest(model),
+    }
+    if "test" in evaluation:
+        labels, predictions = predict_labels(model, evaluation["test"], one_hot)
+        matrix = {"class_names": list(contract.class_names), "matrix": confusion_matrix(labels, predictions,
+                                                                                          contract.num_classes)}
+        storage.write_text_atomic(storage.join(paths.outputs, "confusion_matrix.json"), json.dumps(matrix) + "\n")
+    if paths.chief:
+        _save_model(model, storage.join(paths.outputs, "model.keras"))
+    storage.write_text_atomic(storage.join(paths.outputs, "metrics.json"), json.dumps(metrics_json, indent=2) + "\n")
+    if paths.model_copy:
+        storage.makedirs(paths.model_copy)
+        _save_model(model, storage.join(paths.model_copy, "model.keras"))
+        storage.write_text_atomic(storage.join(paths.model_copy, "metrics.json"), json.dumps(metrics_json, indent=2))
+    return metrics_json
 
 
-def populated_splits(contract) -> list[str]:
-    """The splits that hold examples, in train/validation/test order."""
-    return [split for split in ("train", "validation", "test") if contract.splits.get(split) and contract.splits[split].count]
+def predict_labels(model, dataset, one_hot: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(true labels, predicted labels) over a dataset of (inputs, labels) batches, in order."""
+    labels = np.concatenate([np.asarray(batch_labels) for _, batch_labels in dataset])
+    if one_hot:
+        labels = labels.argmax(axis=-1)
+    predictions = model.predict(dataset.map(lambda inputs, _: inputs), verbose=0).argmax(axis=-1)
+    return labels, predictions
 
 
 def _save_model(model, path: str) -> None:

@@ -10,20 +10,21 @@ Text is embedded first (`model.dim` per token), then convolved along time.
 from __future__ import annotations
 
 from kcp.config import ConfigError, ModelConfig
-from trainer.models.common import ModelInputs, classifier_head, initializer_for, model_input, token_embedding
+from trainer.models.common import (ModelInputs, batch_norm, classifier_head, initializer_for, model_input,
+                                   token_embedding)
 
 
-def conv_block(x, filters: int, kernel_size: int, *, rank: int, convs: int, batch_norm: bool,
+def conv_block(x, filters: int, kernel_size: int, *, rank: int, convs: int, config: ModelConfig,
                initializer: str, name: str):
     """`convs` convolutions of `filters` channels; layer names `{name}_conv{i}`, `{name}_bn{i}`."""
     import keras
 
     conv = keras.layers.Conv2D if rank == 2 else keras.layers.Conv1D
     for index in range(1, convs + 1):
-        x = conv(filters, kernel_size, padding="same", use_bias=not batch_norm,
+        x = conv(filters, kernel_size, padding="same", use_bias=not config.batch_norm,
                  kernel_initializer=initializer, name=f"{name}_conv{index}")(x)
-        if batch_norm:
-            x = keras.layers.BatchNormalization(name=f"{name}_bn{index}")(x)
+        if config.batch_norm:
+            x = batch_norm(x, config, f"{name}_bn{index}")
         x = keras.layers.Activation("relu", name=f"{name}_relu{index}")(x)
     return x
 
@@ -43,7 +44,7 @@ def build(spec: ModelInputs, config: ModelConfig):
     initializer = initializer_for(config)
     for index, filters in enumerate(config.filters, start=1):
         x = conv_block(x, int(filters), config.kernel_size, rank=rank, convs=config.convs_per_block,
-                       batch_norm=config.batch_norm, initializer=initializer, name=f"block{index}")
+                       config=config, initializer=initializer, name=f"block{index}")
         if spatial >= 4 and index < len(config.filters):  # keep at least 2 positions for the last block
             x = pool(2, name=f"block{index}_pool")(x)
             spatial //= 2

@@ -112,6 +112,18 @@ def token_embedding(tokens, spec: ModelInputs, dim: int, *, mask_zero: bool, nam
     return keras.layers.Embedding(spec.vocab_size, dim, mask_zero=mask_zero, name=name)(tokens)
 
 
+def batch_norm(x, config: ModelConfig, name: str, epsilon: float = 1e-3):
+    """BatchNormalization, synchronized across replicas when `model.sync_batch_norm` is true.
+
+    Without it, each replica (and each worker of a cluster) keeps moving statistics of its
+    own data only, and workers end with different models.
+    """
+    import keras
+
+    return keras.layers.BatchNormalization(axis=-1, epsilon=epsilon, synchronized=bool(config.sync_batch_norm),
+                                           name=name)(x)
+
+
 def classifier_head(x, num_classes: int, dropout: float, initializer: str = "glorot_uniform"):
     """Dropout, then a softmax Dense layer named `predictions` (float32 under mixed precision)."""
     import keras

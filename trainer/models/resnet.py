@@ -15,7 +15,8 @@
 from __future__ import annotations
 
 from kcp.config import ModelConfig, resnet_style
-from trainer.models.common import ModelInputs, classifier_head, initializer_for, model_input, token_embedding
+from trainer.models.common import (ModelInputs, batch_norm, classifier_head, initializer_for, model_input,
+                                   token_embedding)
 
 IMAGENET_STAGES = {  # depth -> (blocks per stage, bottleneck)
     18: ((2, 2, 2, 2), False),
@@ -30,11 +31,11 @@ BN_EPSILON = 1.001e-5
 class _Layers:
     """Picks 1D or 2D layers once, so the blocks below are written once for both."""
 
-    def __init__(self, rank: int, initializer: str, use_bias: bool):
+    def __init__(self, rank: int, initializer: str, use_bias: bool, config: ModelConfig):
         import keras
 
         self.keras = keras
-        self.rank, self.initializer, self.use_bias = rank, initializer, use_bias
+        self.rank, self.initializer, self.use_bias, self.config = rank, initializer, use_bias, config
 
     def conv(self, x, filters, kernel_size, stride=1, name=None, padding="same"):
         conv = self.keras.layers.Conv2D if self.rank == 2 else self.keras.layers.Conv1D
@@ -42,7 +43,7 @@ class _Layers:
                     kernel_initializer=self.initializer, name=name)(x)
 
     def bn(self, x, name):
-        return self.keras.layers.BatchNormalization(axis=-1, epsilon=BN_EPSILON, name=name)(x)
+        return batch_norm(x, self.config, name, epsilon=BN_EPSILON)
 
     def relu(self, x, name):
         return self.keras.layers.Activation("relu", name=name)(x)
@@ -108,7 +109,7 @@ def build(spec: ModelInputs, config: ModelConfig):
     style = resnet_style(config.depth)
     preact = config.version == 2
     rank = 2 if spec.modality == "image" else 1
-    layers = _Layers(rank, initializer_for(config), use_bias=style == "imagenet")
+    layers = _Layers(rank, initializer_for(config), use_bias=style == "imagenet", config=config)
     inputs, x = model_input(spec, config)
     if spec.modality == "text":
         x = token_embedding(x, spec, config.dim, mask_zero=False)

@@ -1,0 +1,140 @@
+"""The trainer runtime on the embedded digits: optimizers, schedules, callbacks, outputs."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from kcp.config import OPTIMIZERS, SCHEDULES, load_config
+from trainer.callbacks import EpochHistory, learning_rate
+from tests.conftest import fresh_run
+from trainer.train import confusion_matrix, make_optimizer, train
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    config = load_config([], ["train.learning_rate=0.1", "train.epochs=10", "train.warmup_epochs=2"]).train
+    schedule = learning_rate(config, steps_per_epoch=10)
+    assert float(schedule(0)) == pytest.approx(0.0)
+    assert float(schedule(10)) == pytest.approx(0.05, rel=1e-4)
+    assert float(schedule(20)) == pytest.approx(0.1, rel=1e-4)
+    assert float(schedule(60)) == pytest.approx(0.05, rel=1e-3)
+    assert float(schedule(100)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_step_schedule_decays_every_decay_epochs():
+    config = load_config([], ["train.schedule=step", "train.learning_rate=0.1", "train.decay_epochs=3",
+                              "train.decay_rate=0.5"]).train
+    schedule = learning_rate(config, steps_per_epoch=4)
+    assert [round(float(schedule(step)), 6) for step in (0, 11, 12, 24)] == [0.1, 0.1, 0.05, 0.025]
+
+
+def test_warmup_is_capped_at_half_the_run():
+    config = load_config([], ["train.epochs=1", "train.warmup_epochs=5", "train.learning_rate=1"]).train
+    schedule = learning_rate(config, steps_per_epoch=10)
+    assert float(schedule(5)) == pytest.approx(1.0, rel=1e-4)
+
+
+@pytest.mark.parametrize("name, cls, momentum, nesterov", [
+    ("sgd", "SGD", 0.0, False), ("momentum", "SGD", 0.9, False), ("nesterov", "SGD", 0.9, True),
+    ("adagrad", "Adagrad", None, None), ("rmsprop", "RMSprop", None, None), ("adam", "Adam", None, None),
+    ("adamw", "AdamW", None, None)])
+def test_optimizers(name, cls, momentum, nesterov):
+    config = load_config([], [f"train.optimizer={name}", "train.clip_norm=1.0"]).train
+    optimizer = make_optimizer(config, 0.01)
+    assert type(optimizer).__name__ == cls
+    assert optimizer.global_clipnorm == 1.0
+    if momentum is not None:
+        assert optimizer.momentum == momentum and optimizer.nesterov == nesterov
+
+
+def test_confusion_matrix_counts_true_rows_and_predicted_columns():
+    matrix = confusion_matrix(np.array([0, 0, 1, 2, 2, 2]), np.array([0, 1, 1, 2, 0, 2]), 3)
+    assert matrix == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
+
+
+def test_epoch_history_keeps_the_epochs_before_a_resume(tmp_path):
+    path = str(tmp_path / "history.json")
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(0.5), "mse")
+    first = EpochHistory(path)
+    first.set_model(model)
+    for epoch in range(3):  # epochs 1..3 done, then "killed" during epoch 4
+        first.on_epoch_end(epoch, {"loss": float(epoch)})
+    resumed = EpochHistory(path)
+    resumed.set_model(model)
+    resumed.on_epoch_end(2, {"loss": 20.0})  # BackupAndRestore restarted at the 3rd epoch
+    resumed.on_epoch_end(3, {"loss": 30.0})
+    with open(path) as handle:
+        history = json.load(handle)
+    assert history["loss"] == [0.0, 1.0, 20.0, 30.0]
+    assert history["learning_rate"] == [0.5] * 4
+
+
+OPTIMIZER_RATES = {"sgd": 0.1, "momentum": 0.02, "nesterov": 0.02, "adagrad": 0.05, "rmsprop": 1e-3,
+                   "adam": 2e-3, "adamw": 2e-3}
+CASES = [(name, "cosine") for name in OPTIMIZERS] + [("adam", s) for s in SCHEDULES if s != "cosine"]
+
+
+@pytest.mark.parametrize("optimizer, schedule", CASES)
+def test_every_optimizer_and_schedule_learns_digits(digits_data, tmp_path, optimizer, schedule):
+    run_dir = fresh_run(digits_data, tmp_path)
+    config = load_config([], [f"train.optimizer={optimizer}", f"train.schedule={schedule}",
+                              f"train.learning_rate={OPTIMIZER_RATES[optimizer]}", "train.epochs=8",
+                              "train.decay_epochs=4", "train.decay_rate=0.5", "model.filters=[16, 32]"])
+    metrics = train(config, run_dir)
+    assert metrics["test"]["accuracy"] >= 0.90, metrics["test"]
+
+
+def test_outputs_metrics_and_confusion_matrix(digits_data, tmp_path):
+    run_dir = fresh_run(digits_data, tmp_path)
+    config = load_config([], ["train.epochs=2", "model.filters=[8]", "train.label_smoothing=0.1",
+                              "train.early_stopping_patience=5"])
+    metrics = train(config, run_dir)
+    train_dir = os.path.join(run_dir, "train")
+    assert {"model.keras", "metrics.json", "history.json", "confusion_matrix.json", "checkpoints", "logs"} <= set(
+        os.listdir(train_dir))
+    assert not os.path.exists(os.path.join(train_dir, "backup"))  # deleted after a completed run
+    assert os.listdir(os.path.join(train_dir, "checkpoints")) == ["best.weights.h5"]
+    assert any(name.startswith("events.out") for _, _, files in os.walk(os.path.join(train_dir, "logs"))
+               for name in files)
+    assert 0 <= metrics["test"]["top5_accuracy"] <= 1 and metrics["test"]["top5_accuracy"] >= metrics["test"]["accuracy"]
+    with open(os.path.join(train_dir, "confusion_matrix.json")) as handle:
+        matrix = json.load(handle)
+    counts = np.array(matrix["matrix"])
+    assert matrix["class_names"] == [str(d) for d in range(10)]
+    assert counts.sum() == 194  # every test example once
+    assert np.trace(counts) / counts.sum() == pytest.approx(metrics["test"]["accuracy"], abs=1e-6)
+
+
+def test_vertex_ai_directories_are_honoured(digits_data, tmp_path, monkeypatch):
+    run_dir = fresh_run(digits_data, tmp_path)
+    for name in ("AIP_MODEL_DIR", "AIP_CHECKPOINT_DIR", "AIP_TENSORBOARD_LOG_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    train(load_config([], ["train.epochs=1", "model.filters=[8]"]), run_dir)
+    assert sorted(os.listdir(tmp_path / "aip_model_dir")) == ["metrics.json", "model.keras"]
+    assert os.listdir(tmp_path / "aip_checkpoint_dir" / "checkpoints") == ["best.weights.h5"]
+    assert os.listdir(tmp_path / "aip_tensorboard_log_dir")
+
+
+def test_auto_strategy_without_accelerators_is_the_default_one():
+    import tensorflow as tf
+
+    from trainer.distribute import choose_strategy
+
+    assert choose_strategy("auto") is tf.distribute.get_strategy()
+
+
+def test_tpu_strategy_without_a_tpu_fails_at_once(monkeypatch):
+    import time
+
+    from kcp.errors import UserError
+    from trainer.distribute import choose_strategy
+
+    for name in ("TPU_NAME", "KUBE_GOOGLE_CLOUD_TPU_ENDPOINTS", "TPU_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    started = time.perf_counter()
+    with pytest.raises(UserError, match="train.strategy: 'tpu' but no TPU was found"):
+        choose_strategy("tpu")
+    assert time.perf_counter() - started < 10

@@ -1,0 +1,88 @@
+"""The trainer's callbacks and learning-rate schedules."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import keras
+
+from kcp import storage
+from kcp.config import TrainConfig
+
+
+def learning_rate(config: TrainConfig, steps_per_epoch: int):
+    """A float or a LearningRateSchedule for `train.schedule` (plateau: a float the callback lowers)."""
+    rate = config.learning_rate
+    if config.schedule in ("constant", "plateau"):
+        return rate
+    if config.schedule == "step":
+        return keras.optimizers.schedules.ExponentialDecay(
+            rate, decay_steps=config.decay_epochs * steps_per_epoch, decay_rate=config.decay_rate, staircase=True)
+    total = config.epochs * steps_per_epoch
+    warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), total // 2)
+    if warmup == 0:
+        return keras.optimizers.schedules.CosineDecay(rate, decay_steps=total)
+    return keras.optimizers.schedules.CosineDecay(0.0, decay_steps=total - warmup, warmup_target=rate,
+                                                  warmup_steps=warmup)
+
+
+class ThroughputTimer(keras.callbacks.Callback):
+    """Seconds spent in training batches per epoch (validation excluded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.epoch_seconds: list[float] = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = self._last = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._last = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epoch_seconds.append(self._last - self._start)
+
+
+def examples_per_second(num_examples: int, epoch_seconds: list[float]) -> float:
+    """Training throughput; the first epoch (tracing, cache fill) is left out when there are more."""
+    steady = epoch_seconds[1:] if len(epoch_seconds) > 1 else epoch_seconds
+    seconds = sum(steady)
+    return num_examples * len(steady) / seconds if seconds > 0 else 0.0
+
+
+class EpochHistory(keras.callbacks.Callback):
+    """Writes history.json after every epoch, keeping the epochs before a resumed one.
+
+    Entry i is epoch i + 1. On a fresh start (epoch 0) the file is rewritten; after a
+    BackupAndRestore resume at epoch k, entries 0..k-1 from the killed run are kept, so a
+    5-epoch run killed after epoch 2 and resumed holds 5 entries, not 7.
+    """
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+        self.history: dict[str, list[float]] = {}
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 0 or not self.history:
+            previous = json.loads(storage.read_text(self.path)) if epoch and storage.exists(self.path) else {}
+            self.history = {name: values[:epoch] for name, values in previous.items()}
+        for name, value in (logs or {}).items():
+            values = self.history.setdefault(name, [])
+            del values[epoch:]
+            values.append(float(value))
+        self.history.setdefault("learning_rate", [])
+        del self.history["learning_rate"][epoch:]
+        self.history["learning_rate"].append(current_learning_rate(self.model.optimizer))
+        storage.write_text_atomic(self.path, json.dumps(self.history, indent=2) + "\n")
+
+
+def current_learning_rate(optimizer) -> float:
+    rate = optimizer.learning_rate
+    return float(keras.ops.convert_to_numpy(rate))
+
+
+def steps_per_epoch(num_examples: int, global_batch: int, drop_remainder: bool) -> int:
+    return max(1, num_examples // global_batch if drop_remainder else math.ceil(num_examples / global_batch))

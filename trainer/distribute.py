@@ -1,0 +1,97 @@
+"""Picks the `tf.distribute` strategy named by `train.strategy`.
+
+    auto          TPU when a TPU cluster resolves, else Mirrored over 2+ GPUs, else the default
+    one_device    the first GPU, else the CPU
+    mirrored      all local GPUs (or `train.cpu_devices` logical CPUs), synchronous all-reduce
+    multi_worker  MultiWorkerMirroredStrategy from TF_CONFIG (see the README for an example)
+    tpu           TPUStrategy; fails at once with a clear message when there is no TPU
+
+TPU detection never hangs: the resolver is only asked when a TPU variable is set, and
+`TPUClusterResolver()` with none set raises at once without a network call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from kcp.errors import UserError
+
+log = logging.getLogger("kcp.distribute")
+TPU_VARIABLES = ("TPU_NAME", "KUBE_GOOGLE_CLOUD_TPU_ENDPOINTS", "TPU_CONFIG")
+
+
+def split_cpu(count: int) -> None:
+    """Splits the physical CPU into `count` logical devices; must run before TF initialises devices."""
+    import tensorflow as tf
+
+    if count <= 1:
+        return
+    cpus = tf.config.list_physical_devices("CPU")
+    try:
+        tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * count)
+    except RuntimeError:
+        existing = len(tf.config.list_logical_devices("CPU"))
+        if existing != count:
+            raise UserError(f"train.cpu_devices: TensorFlow already started with {existing} CPU device(s); "
+                            f"set it before anything else runs") from None
+
+
+def tpu_strategy():
+    import tensorflow as tf
+
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+    except (ValueError, tf.errors.NotFoundError) as error:
+        raise UserError(f"train.strategy: 'tpu' but no TPU was found ({str(error).splitlines()[0]})") from None
+    return tf.distribute.TPUStrategy(resolver)
+
+
+def worker_info() -> tuple[str, int, bool]:
+    """(task type, task index, is chief) from TF_CONFIG; ('worker', 0, True) without one."""
+    config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    task = config.get("task", {})
+    task_type, index = task.get("type", "worker"), int(task.get("index", 0))
+    cluster = config.get("cluster", {})
+    chief = task_type == "chief" or (task_type == "worker" and index == 0 and "chief" not in cluster)
+    return task_type, index, chief
+
+
+def num_workers() -> int:
+    """Workers (chief included) in TF_CONFIG's cluster; 1 without one."""
+    cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
+    return max(1, len(cluster.get("chief", [])) + len(cluster.get("worker", [])))
+
+
+def choose_strategy(name: str, cpu_devices: int = 0):
+    """Returns the strategy for `train.strategy`; build and compile the model inside its scope."""
+    import tensorflow as tf
+
+    if name == "multi_worker":
+        if not os.environ.get("TF_CONFIG"):
+            raise UserError("train.strategy: 'multi_worker' needs TF_CONFIG with the cluster and this task")
+        from trainer import compat
+
+        compat.patch_multi_worker_fit()
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    split_cpu(cpu_devices)
+    gpus = tf.config.list_logical_devices("GPU")
+    if name == "tpu":
+        return tpu_strategy()
+    if name == "auto":
+        if any(os.environ.get(variable) for variable in TPU_VARIABLES):
+            return tpu_strategy()
+        if len(gpus) > 1:
+            return tf.distribute.MirroredStrategy()
+        return tf.distribute.get_strategy()
+    if name == "one_device":
+        return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+    if name == "mirrored":
+        if gpus:
+            return tf.distribute.MirroredStrategy()
+        cpus = [device.name for device in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(cpus)
+    raise UserError(f"train.strategy: {name!r} is not supported")
