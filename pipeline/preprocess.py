@@ -20,7 +20,7 @@ import apache_beam as beam
 from kcp import storage
 from kcp.config import Config
 from pipeline import contract as contract_lib
-from pipeline import transforms
+from pipeline import splits, transforms
 from pipeline.sources import SourcePlan, plan_source, read_source
 
 log = logging.getLogger("kcp.preprocess")
@@ -47,7 +47,7 @@ def clear_previous_outputs(data_dir: str) -> None:
     """Removes an earlier run's contract first, then its shards, so a crash never looks complete."""
     metadata = storage.join(data_dir, contract_lib.METADATA_FILE)
     storage.remove(metadata)
-    for split in transforms.SPLITS:
+    for split in splits.SPLITS:
         for path in storage.glob(storage.join(data_dir, f"{split}-*.tfrecord*")):
             storage.remove(path)
     storage.remove_tree(storage.join(data_dir, "dead_letter"))
@@ -59,16 +59,16 @@ def build_pipeline(pipeline: beam.Pipeline, plan: SourcePlan, config: Config, da
     fractions, seed = tuple(data.split), data.seed
 
     def split_index(example, _num_partitions):
-        split = example.split if plan.has_splits else transforms.stable_split(example.key, fractions, seed)
-        return transforms.SPLITS.index(split)
+        split = example.split if plan.has_splits else splits.stable_split(example.key, fractions, seed)
+        return splits.SPLITS.index(split)
 
     examples = pipeline | "Read" >> beam.Create(read_source(plan, data.limit), reshuffle=False)
-    train, validation, test = examples | "Split" >> beam.Partition(split_index, len(transforms.SPLITS))
+    train, validation, test = examples | "Split" >> beam.Partition(split_index, len(splits.SPLITS))
     statistics = train | "Analyze" >> transforms.AnalyzeImages()
 
     bytes_per_example = math.prod(plan.input_spec.shape) * (1 if plan.input_spec.dtype == "uint8" else 4) + 64
     shard_summaries, dead_letters = [], []
-    for split, split_examples in zip(transforms.SPLITS, (train, validation, test)):
+    for split, split_examples in zip(splits.SPLITS, (train, validation, test)):
         name = split.capitalize()
         encoded = split_examples | f"Encode{name}" >> beam.ParDo(transforms.EncodeExampleFn(plan)).with_outputs(
             transforms.EncodeExampleFn.DEAD_LETTER, main="examples")
@@ -115,15 +115,15 @@ def run_preprocess(config: Config, run_dir: str, beam_args: list[str] = ()) -> c
 
 def contract_from_summary(plan: SourcePlan, config: Config, summary: dict, data_dir: str) -> contract_lib.DataContract:
     """Assembles the contract from what the pipeline measured, filling in empty shards."""
-    splits = {}
-    for split in transforms.SPLITS:
+    split_infos = {}
+    for split in splits.SPLITS:
         shards = [s for s in summary["shards"] if s["split"] == split]
         num_shards = config.data.num_shards or max([_shards_in_name(s["path"]) for s in shards], default=1)
         written = {s["shard"] for s in shards}
         for shard in range(num_shards):
             if shard not in written:
                 _write_empty_shard(data_dir, transforms.shard_name(split, shard, num_shards, config.data.compression))
-        splits[split] = contract_lib.SplitInfo(
+        split_infos[split] = contract_lib.SplitInfo(
             count=sum(s["count"] for s in shards),
             num_shards=num_shards,
             file_pattern=transforms.shard_pattern(split, num_shards, config.data.compression),
@@ -139,7 +139,7 @@ def contract_from_summary(plan: SourcePlan, config: Config, summary: dict, data_
         input_feature=plan.input_feature,
         input_spec=plan.input_spec,
         class_names=plan.class_names,
-        splits=splits,
+        splits=split_infos,
         statistics=statistics,
         compression=config.data.compression,
         source=plan.uri,

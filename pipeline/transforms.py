@@ -6,7 +6,6 @@ Per-element work is in plain functions and DoFns that can be tested without Beam
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import uuid
@@ -16,27 +15,9 @@ import numpy as np
 
 from pipeline import contract as contract_lib
 from pipeline.sources import RawExample
-
-SPLITS = ("train", "validation", "test")
+from pipeline.splits import stable_fraction
 TARGET_SHARD_BYTES = 64 * 2**20
 MAX_SHARDS = 1024
-
-
-def stable_fraction(text: str, seed: int) -> float:
-    """A number in [0, 1) that depends only on `text` and `seed`: same on every run and worker."""
-    digest = hashlib.sha256(f"{seed}:{text}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
-
-
-def stable_split(key: str, fractions, seed: int) -> str:
-    """Assigns an example key to train/validation/test with the given fractions."""
-    position = stable_fraction(key, seed)
-    cumulative = 0.0
-    for split, fraction in zip(SPLITS, fractions):
-        cumulative += fraction
-        if position < cumulative:
-            return split
-    return SPLITS[-1]  # rounding: fractions that sum to 1 - epsilon
 
 
 def shard_count(num_examples: int, bytes_per_example: int) -> int:

@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from kcp.config import load_config
 from pipeline import contract as contract_lib
-from pipeline import transforms
+from pipeline import splits, transforms
 from pipeline.preprocess import local_runner_defaults, run_preprocess
 from pipeline.sources import SourceError, digits_to_uint8, plan_source
 from tests.conftest import IN_PROCESS_BEAM
@@ -32,11 +32,11 @@ def test_counts_classes_and_statistics_match_numpy(digits_contract):
     digits = load_digits()
     images = digits_to_uint8(digits.images)
     keys = [f"digits/{i:04d}" for i in range(len(images))]
-    splits = np.array([transforms.stable_split(k, (0.8, 0.1, 0.1), 42) for k in keys])
-    train = splits == "train"
+    assigned = np.array([splits.stable_split(k, (0.8, 0.1, 0.1), 42) for k in keys])
+    train = assigned == "train"
 
     assert {s: i.count for s, i in contract.splits.items()} == {
-        s: int((splits == s).sum()) for s in ("train", "validation", "test")}
+        s: int((assigned == s).sum()) for s in ("train", "validation", "test")}
     assert contract.class_names == tuple(str(d) for d in range(10))
     assert contract.input_shape == (8, 8, 1)
     train_pixels = images[train].astype(np.float64)
@@ -68,7 +68,7 @@ def test_shards_hold_every_example_once_with_the_right_label(digits_contract):
     assert len(seen) == 1797
     index = 1234
     split, image, label = seen[f"digits/{index:04d}"]
-    assert split == transforms.stable_split(f"digits/{index:04d}", (0.8, 0.1, 0.1), 42)
+    assert split == splits.stable_split(f"digits/{index:04d}", (0.8, 0.1, 0.1), 42)
     np.testing.assert_array_equal(image, digits_to_uint8(digits.images[index:index + 1])[0])
     assert label == digits.target[index]
 

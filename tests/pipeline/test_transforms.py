@@ -6,13 +6,13 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipeline import transforms
+from pipeline import splits, transforms
 
 
 def test_stable_split_is_deterministic_and_follows_the_fractions():
     keys = [f"example/{i}" for i in range(20_000)]
-    first = [transforms.stable_split(k, (0.8, 0.1, 0.1), 42) for k in keys]
-    assert first == [transforms.stable_split(k, (0.8, 0.1, 0.1), 42) for k in keys]
+    first = [splits.stable_split(k, (0.8, 0.1, 0.1), 42) for k in keys]
+    assert first == [splits.stable_split(k, (0.8, 0.1, 0.1), 42) for k in keys]
     counts = collections.Counter(first)
     assert abs(counts["train"] / len(keys) - 0.8) < 0.01
     assert abs(counts["validation"] / len(keys) - 0.1) < 0.01
@@ -21,14 +21,14 @@ def test_stable_split_is_deterministic_and_follows_the_fractions():
 
 def test_stable_split_depends_on_the_seed():
     keys = [f"k{i}" for i in range(1000)]
-    one = [transforms.stable_split(k, (0.5, 0.25, 0.25), 1) for k in keys]
-    two = [transforms.stable_split(k, (0.5, 0.25, 0.25), 2) for k in keys]
+    one = [splits.stable_split(k, (0.5, 0.25, 0.25), 1) for k in keys]
+    two = [splits.stable_split(k, (0.5, 0.25, 0.25), 2) for k in keys]
     assert one != two
 
 
 def test_stable_split_with_empty_splits():
     keys = [f"k{i}" for i in range(500)]
-    assert {transforms.stable_split(k, (1.0, 0.0, 0.0), 0) for k in keys} == {"train"}
+    assert {splits.stable_split(k, (1.0, 0.0, 0.0), 0) for k in keys} == {"train"}
 
 
 def test_channel_stats_match_numpy():
