@@ -21,6 +21,8 @@ setup(
         "apache-beam>=2.60,<3",
         "google-crc32c>=1.5",  # Beam's TFRecord framing needs a CRC32C; [gcp] brings it, the core did not
         "numpy>=1.26",
+        "pillow>=10",  # decoding image folders
+        "matplotlib>=3.7",  # samples.png and the run report
         "pyyaml>=6",
         "scikit-learn>=1.3",  # the embedded default data set (digits)
     ],

@@ -27,15 +27,20 @@ def next_version(export_root: str) -> int:
     return max(versions, default=0) + 1
 
 
-def serving_functions(model, contract):
-    """The tf.functions exported as signatures, keyed by signature name."""
+def serving_functions(model, contract, vectorizer=None):
+    """The tf.functions exported as signatures, keyed by signature name.
+
+    Text signatures take raw strings and tokenise them in the graph with `vectorizer`.
+    """
     import tensorflow as tf
 
     class_names = tf.constant(list(contract.class_names))
-    dtype = tf.dtypes.as_dtype(contract.input_spec.dtype)
+    text = contract.modality == "text"
+    dtype = tf.string if text else tf.dtypes.as_dtype(contract.input_spec.dtype)
 
     def predict(inputs):
-        probabilities = model(tf.cast(inputs, tf.float32), training=False)
+        model_inputs = tf.cast(vectorizer(inputs), tf.int32) if text else tf.cast(inputs, tf.float32)
+        probabilities = model(model_inputs, training=False)
         class_ids = tf.argmax(probabilities, axis=-1)
         return {
             "class_ids": class_ids,
@@ -67,7 +72,12 @@ def export_for_serving(config: Config, run_dir: str) -> str:
     temporary = storage.join(export_root, f".tmp-{uuid.uuid4().hex[:8]}")
     archive = keras.export.ExportArchive()
     archive.track(model)
-    for name, function in serving_functions(model, contract).items():
+    vectorizer = None
+    if contract.modality == "text":
+        vectorizer = contract_lib.text_vectorizer(contract, run_dir)
+        vectorizer(["build"])  # ExportArchive only tracks built layers
+        archive.track(vectorizer)  # its lookup table goes into the SavedModel
+    for name, function in serving_functions(model, contract, vectorizer).items():
         archive.add_endpoint(name, function)
     archive.write_out(temporary, verbose=False)
     if storage.is_remote(final):

@@ -151,11 +151,9 @@ def cmd_preprocess(config, run_dir: str, beam_args: list[str]) -> dict:
     from pipeline.preprocess import run_preprocess
 
     say(f"[preprocess] {config.data.source} -> {run_dir}/data")
-    contract = run_preprocess(config, run_dir, beam_args)
-    counts = " · ".join(f"{split} {info.count}" for split, info in contract.splits.items())
-    say(f"[preprocess] {counts} examples, {contract.num_classes} classes, {contract.bad_examples} bad "
-        f"(dead letters in {run_dir}/data/dead_letter/)" if contract.bad_examples else
-        f"[preprocess] {counts} examples, {contract.num_classes} classes, 0 bad")
+    contract = run_preprocess(config, run_dir, beam_args, report=lambda line: say(f"[preprocess] {line}"))
+    if contract.bad_examples:
+        say(f"[preprocess] {contract.bad_examples} bad inputs: reasons in {run_dir}/data/dead_letter/")
     return {"contract": contract}
 
 

@@ -62,13 +62,43 @@ def option(default: Any, *, choices=None, minimum=None, maximum=None, help: str 
 
 
 @dataclass(frozen=True)
+class OfflineAugmentConfig:
+    """Augmented copies written by the pipeline (train split only), deterministic per key and copy."""
+
+    copies: int = option(0, minimum=0, help="augmented copies per train example; 0 turns augmentation off")
+    flip: bool = option(False, help="images: horizontal flip (off: digits and letters are not mirror-symmetric)")
+    crop_padding: float = option(0.1, minimum=0.0, maximum=0.5, help="images: pad by this fraction, crop back")
+    rotation: float = option(10.0, minimum=0.0, maximum=180.0, help="images: max degrees either way")
+    brightness: float = option(0.1, minimum=0.0, maximum=1.0, help="images: max shift, fraction of 255")
+    contrast: float = option(0.1, minimum=0.0, maximum=1.0, help="images: max relative contrast change")
+    cutout: float = option(0.0, minimum=0.0, maximum=0.9, help="images: side of a zeroed square, fraction of the side")
+    time_shift: float = option(0.1, minimum=0.0, maximum=0.9, help="sequences: max shift, fraction of the length")
+    scale: float = option(0.1, minimum=0.0, maximum=0.9, help="sequences: max relative amplitude change")
+    noise: float = option(0.05, minimum=0.0, help="sequences: noise std in units of each feature's std")
+    token_delete: float = option(0.1, minimum=0.0, maximum=0.9, help="text: probability of deleting each token")
+    token_swap: float = option(0.1, minimum=0.0, maximum=0.9, help="text: fraction of adjacent swaps")
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    source: str = option("digits", help="digits (embedded default)")
+    source: str = option("digits", help="digits | folder:PATH | npz:PATH | csv:PATH | jsonl:PATH | tfds:NAME[:SPLIT]")
     split: tuple = option((0.8, 0.1, 0.1), help="train/validation/test fractions when the source has no splits")
     num_shards: int = option(0, minimum=0, help="shards per split; 0 picks from the data size")
     compression: str = option("none", choices=("none", "gzip"))
     seed: int = option(42, help="seed of the reproducible split")
     limit: int = option(0, minimum=0, help="read at most this many examples (0: all), for quick trials")
+    modality: Optional[str] = option(None, choices=(None, "image", "sequence", "text"), help="npz: override")
+    image_size: Optional[tuple] = option(None, help="[height, width]; null: the most common size")
+    channels: Optional[int] = option(None, choices=(None, 1, 3), help="null: 3 if any image has colour, else 1")
+    text_column: str = option("text")
+    label_column: str = option("label")
+    split_column: str = option("split", help="optional column with train/validation/test")
+    vocab_size: int = option(20_000, minimum=3, help="text: largest vocabulary, padding and OOV ids included")
+    min_count: int = option(2, minimum=1, help="text: least count of a token in the train split")
+    max_length: Optional[int] = option(None, minimum=1, help="text: tokens per example; null: 95th percentile")
+    tfds_data_dir: Optional[str] = option(None, help="tfds: where the prepared data lives")
+    max_bad_fraction: float = option(0.01, minimum=0.0, maximum=1.0, help="fail when more inputs are unreadable")
+    augment: OfflineAugmentConfig = field(default_factory=OfflineAugmentConfig)
 
     def __post_init__(self):
         split = self.split
@@ -76,6 +106,9 @@ class DataConfig:
             raise ConfigError(f"data.split: {list(split)!r} must be three fractions (train, validation, test) summing to 1")
         if split[0] == 0:
             raise ConfigError("data.split: the train fraction must be above 0")
+        if self.image_size is not None and (len(self.image_size) != 2 or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in self.image_size)):
+            raise ConfigError(f"data.image_size: {list(self.image_size)!r} must be [height, width] in pixels")
 
 
 @dataclass(frozen=True)

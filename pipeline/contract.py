@@ -10,6 +10,8 @@ One example holds three features:
     INPUT  the model input, named by `input_feature`:
            image:    raw uint8 bytes of shape [height, width, channels]
            sequence: float32 list of shape [time, features]
+           text:     the raw UTF-8 string; tokenised in the graph (trainer and export) with
+                     RUN/data/vocab.txt and the standardisation in `standardize_text`
 """
 
 from __future__ import annotations
@@ -24,7 +26,12 @@ from kcp.errors import UserError
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
 LABELS_FILE = "labels.txt"
-MODALITIES = ("image", "sequence")
+VOCAB_FILE = "vocab.txt"
+MODALITIES = ("image", "sequence", "text")
+# Text ids: 0 is padding, 1 out-of-vocabulary, then vocab.txt's tokens in order (Keras'
+# TextVectorization convention). The strip pattern is TextVectorization's default.
+STRIP_PUNCTUATION = r'[!"#$%&()\*\+,-\./:;<=>?@\[\\\]^_`{|}~\']'
+RESERVED_TOKEN_IDS = 2
 KEY_FEATURE = "key"
 LABEL_FEATURE = "label"
 
@@ -35,9 +42,9 @@ class ContractError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    dtype: str  # numpy dtype name of the decoded values: uint8, float32
-    shape: tuple  # decoded shape of one example
-    encoding: str  # raw_bytes | float_list
+    dtype: str  # numpy dtype name of the decoded values: uint8, float32; "string" for text
+    shape: tuple  # decoded shape of one example; () for text
+    encoding: str  # raw_bytes | float_list | utf8
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,7 @@ class DataContract:
     compression: str = "none"
     source: str = ""
     bad_examples: int = 0
+    augmentation: dict = dataclasses.field(default_factory=lambda: {"copies": 0})
     format_version: int = FORMAT_VERSION
 
     @property
@@ -122,10 +130,12 @@ def metadata_path(run_dir: str) -> str:
     return storage.join(data_dir(run_dir), METADATA_FILE)
 
 
-def write_contract(run_dir: str, contract: DataContract) -> str:
-    """Writes labels.txt, then metadata.json last and atomically; returns metadata's path."""
+def write_contract(run_dir: str, contract: DataContract, vocabulary: list[str] | None = None) -> str:
+    """Writes labels.txt (and vocab.txt), then metadata.json last and atomically; returns its path."""
     directory = data_dir(run_dir)
     storage.write_text_atomic(storage.join(directory, LABELS_FILE), "".join(f"{n}\n" for n in contract.class_names))
+    if vocabulary is not None:
+        storage.write_text_atomic(storage.join(directory, VOCAB_FILE), "".join(f"{t}\n" for t in vocabulary))
     path = metadata_path(run_dir)
     storage.write_text_atomic(path, contract.to_json())
     return path
@@ -141,10 +151,15 @@ def read_contract(run_dir: str) -> DataContract:
 # --- tf.train.Example encoding ------------------------------------------------------------
 
 def encode_example(contract_input: FeatureSpec, input_feature: str, key: str, inputs, label: int) -> bytes:
-    """Serializes one example. `inputs` is a NumPy array of the spec's dtype and shape."""
+    """Serializes one example. `inputs` is a NumPy array of the spec's dtype and shape, or a str."""
     import numpy as np
     import tensorflow as tf
 
+    if contract_input.encoding == "utf8":
+        if not isinstance(inputs, str):
+            raise ValueError(f"{key}: text input is {type(inputs).__name__}, not a string")
+        value = tf.train.Feature(bytes_list=tf.train.BytesList(value=[inputs.encode("utf-8")]))
+        return _serialize(key, label, input_feature, value)
     array = np.asarray(inputs)
     if tuple(array.shape) != tuple(contract_input.shape):
         raise ValueError(f"{key}: shape {tuple(array.shape)} does not match the contract's {tuple(contract_input.shape)}")
@@ -154,6 +169,12 @@ def encode_example(contract_input: FeatureSpec, input_feature: str, key: str, in
         value = tf.train.Feature(float_list=tf.train.FloatList(value=array.astype(np.float32).ravel()))
     else:
         raise ValueError(f"unknown encoding {contract_input.encoding!r}")
+    return _serialize(key, label, input_feature, value)
+
+
+def _serialize(key: str, label: int, input_feature: str, value) -> bytes:
+    import tensorflow as tf
+
     features = {
         KEY_FEATURE: tf.train.Feature(bytes_list=tf.train.BytesList(value=[key.encode("utf-8")])),
         LABEL_FEATURE: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
@@ -174,7 +195,7 @@ def parsing_spec(contract: DataContract) -> dict:
         LABEL_FEATURE: tf.io.FixedLenFeature([], tf.int64),
     }
     encoding = contract.input_spec.encoding
-    if encoding == "raw_bytes":
+    if encoding in ("raw_bytes", "utf8"):
         spec[contract.input_feature] = tf.io.FixedLenFeature([], tf.string)
     elif encoding == "float_list":
         spec[contract.input_feature] = tf.io.FixedLenFeature([math.prod(contract.input_shape)], tf.float32)
@@ -188,7 +209,9 @@ def parse_examples(contract: DataContract, serialized):
     parsed = tf.io.parse_example(serialized, parsing_spec(contract))
     raw = parsed[contract.input_feature]
     shape = [-1, *contract.input_shape]
-    if contract.input_spec.encoding == "raw_bytes":
+    if contract.input_spec.encoding == "utf8":
+        inputs = raw
+    elif contract.input_spec.encoding == "raw_bytes":
         inputs = tf.reshape(tf.io.decode_raw(raw, tf.dtypes.as_dtype(contract.input_spec.dtype)), shape)
     else:
         inputs = tf.reshape(raw, shape)
@@ -229,3 +252,34 @@ def read_split(contract: DataContract, data_dir: str, split: str, batch_size: in
     dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches))
     return dataset.map(lambda serialized: parse_examples(contract, serialized),
                        num_parallel_calls=autotune, deterministic=deterministic)
+
+
+# --- text -----------------------------------------------------------------------------
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def standardize_text(text: str) -> list[str]:
+    """What the in-graph tokenizer does, in Python: lower-case ASCII letters only (as
+    `tf.strings.lower` does), strip punctuation, split on ASCII whitespace."""
+    import re
+
+    stripped = re.sub(STRIP_PUNCTUATION, "", text.translate(_ASCII_LOWER))
+    return [token for token in re.split(r"[ \t\n\r\x0b\x0c]+", stripped) if token]
+
+
+def read_vocabulary(run_dir: str) -> list[str]:
+    path = storage.join(data_dir(run_dir), VOCAB_FILE)
+    if not storage.exists(path):
+        raise ContractError(f"{path}: not found; text runs need the vocabulary `kcp preprocess` writes")
+    return storage.read_text(path).splitlines()
+
+
+def text_vectorizer(contract: DataContract, run_dir: str):
+    """A Keras TextVectorization layer: raw strings -> int ids of length `max_length`."""
+    import keras
+
+    return keras.layers.TextVectorization(
+        standardize="lower_and_strip_punctuation", split="whitespace", output_mode="int",
+        output_sequence_length=int(contract.statistics["max_length"]), vocabulary=read_vocabulary(run_dir),
+        name="tokenize")

@@ -9,6 +9,7 @@ with `--runner DataflowRunner --project P --region R --temp_location gs://b/tmp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -19,9 +20,10 @@ import apache_beam as beam
 
 from kcp import storage
 from kcp.config import Config
+from kcp.errors import UserError
 from pipeline import contract as contract_lib
 from pipeline import splits, transforms
-from pipeline.sources import SourcePlan, plan_source, read_source
+from pipeline.sources import SourcePlan, plan_source
 
 log = logging.getLogger("kcp.preprocess")
 
@@ -53,68 +55,119 @@ def clear_previous_outputs(data_dir: str) -> None:
     storage.remove_tree(storage.join(data_dir, "dead_letter"))
 
 
-def build_pipeline(pipeline: beam.Pipeline, plan: SourcePlan, config: Config, data_dir: str, summary_path: str):
-    """Wires Read -> Split -> Analyze -> Encode -> Write onto `pipeline`."""
+def split_assigner(plan: SourcePlan, records: list, fractions, seed):
+    """Returns example -> split name: given splits are kept; the rest by the stable key hash.
+
+    A source that brings train (and test) but no validation split gets its validation carved
+    out of train by the same hash, with the fraction validation / (train + validation).
+    """
+    carve = plan.has_splits and not any(record.split == "validation" for record in records)
+    carve_fractions = (fractions[0] / (fractions[0] + fractions[1]), fractions[1] / (fractions[0] + fractions[1]), 0.0)
+
+    def assign(example) -> str:
+        if example.split is None:
+            return splits.stable_split(example.key, fractions, seed)
+        if carve and example.split == "train":
+            return splits.stable_split(example.key, carve_fractions, seed)
+        return example.split
+
+    return assign
+
+
+def build_pipeline(pipeline: beam.Pipeline, plan: SourcePlan, records: list, config: Config, data_dir: str,
+                   summary_path: str):
+    """Wires Read -> Decode -> Split -> Analyze -> Augment -> Encode -> Write onto `pipeline`."""
     data = config.data
-    fractions, seed = tuple(data.split), data.seed
+    assign = split_assigner(plan, records, tuple(data.split), data.seed)
 
     def split_index(example, _num_partitions):
-        split = example.split if plan.has_splits else splits.stable_split(example.key, fractions, seed)
-        return splits.SPLITS.index(split)
+        return splits.SPLITS.index(assign(example))
 
-    examples = pipeline | "Read" >> beam.Create(read_source(plan, data.limit), reshuffle=False)
-    train, validation, test = examples | "Split" >> beam.Partition(split_index, len(splits.SPLITS))
-    statistics = train | "Analyze" >> transforms.AnalyzeImages()
+    read = pipeline | "Read" >> beam.Create(records)
+    decoded = read | "Decode" >> beam.ParDo(transforms.DecodeRecordFn(plan)).with_outputs(
+        transforms.DEAD_LETTER, main="examples")
+    train, validation, test = decoded.examples | "Split" >> beam.Partition(split_index, len(splits.SPLITS))
+    if plan.modality == "text":
+        statistics = train | "Analyze" >> transforms.AnalyzeText(data.vocab_size, data.min_count)
+    else:
+        statistics = train | "Analyze" >> transforms.AnalyzeArrays()
+    counters = [read | "CountRead" >> beam.combiners.Count.Globally() | "TagRead" >> beam.Map(lambda n: ("read", n))]
+    if data.augment.copies:
+        train = train | "Augment" >> beam.FlatMap(transforms.with_augmented_copies, plan.modality, data.augment)
+        counters.append(
+            train
+            | "KeysOfCopies" >> beam.Filter(lambda example: "#aug" in example.key)
+            | "CountAugmented" >> beam.combiners.Count.Globally()
+            | "TagAugmented" >> beam.Map(lambda n: ("augmented", n)))
 
-    bytes_per_example = math.prod(plan.input_spec.shape) * (1 if plan.input_spec.dtype == "uint8" else 4) + 64
-    shard_summaries, dead_letters = [], []
+    bytes_per_example = 256 if plan.modality == "text" else \
+        math.prod(plan.input_spec.shape) * (1 if plan.input_spec.dtype == "uint8" else 4) + 64
+    shard_summaries, dead_letters = [], [decoded[transforms.DEAD_LETTER]]
     for split, split_examples in zip(splits.SPLITS, (train, validation, test)):
         name = split.capitalize()
         encoded = split_examples | f"Encode{name}" >> beam.ParDo(transforms.EncodeExampleFn(plan)).with_outputs(
-            transforms.EncodeExampleFn.DEAD_LETTER, main="examples")
+            transforms.DEAD_LETTER, main="examples")
         written = encoded.examples | f"Write{name}" >> transforms.WriteShards(
             data_dir, split, data.num_shards, bytes_per_example, data.compression)
         shard_summaries.append(written | f"Tag{name}Shards" >> beam.Map(lambda shard: ("shard", shard)))
-        dead_letters.append(encoded[transforms.EncodeExampleFn.DEAD_LETTER])
+        dead_letters.append(encoded[transforms.DEAD_LETTER])
 
     all_dead = tuple(dead_letters) | "MergeDeadLetters" >> beam.Flatten()
     _ = all_dead | "WriteDeadLetters" >> beam.io.WriteToText(
         storage.join(data_dir, "dead_letter", "dead_letter"), file_name_suffix=".jsonl", skip_if_empty=True)
-    dead_count = (
+    counters.append(
         all_dead
         | "CountDeadLetters" >> beam.combiners.Count.Globally()
-        | "TagDeadLetters" >> beam.Map(lambda count: ("dead_letter", count))
-    )
+        | "TagDeadLetters" >> beam.Map(lambda count: ("dead_letters", count)))
     _ = (
-        (statistics, dead_count, *shard_summaries)
+        (statistics, *counters, *shard_summaries)
         | "MergeSummary" >> beam.Flatten()
         | "CollectSummary" >> beam.combiners.ToList()
         | "WriteSummary" >> beam.Map(transforms.write_summary, summary_path)
     )
 
 
-def run_preprocess(config: Config, run_dir: str, beam_args: list[str] = ()) -> contract_lib.DataContract:
-    """Runs the Beam pipeline and writes `RUN/data/metadata.json` last. Returns the contract."""
+def run_preprocess(config: Config, run_dir: str, beam_args: list[str] = (), report=None) -> contract_lib.DataContract:
+    """Runs the Beam pipeline and writes `RUN/data/metadata.json` last. Returns the contract.
+
+    `report(line)` receives a line per stage. Fails (UserError) without writing the contract
+    when more than `data.max_bad_fraction` of the inputs could not be read.
+    """
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    plan = plan_source(config.data.source)
+    report = report or (lambda line: log.info("%s", line))
+    plan, records = plan_source(config.data.source, config.data)
+    shape = "x".join(map(str, plan.input_spec.shape)) or "string"
+    report(f"plan: {len(records)} inputs, {len(plan.class_names)} classes, {plan.modality} {shape}, "
+           f"splits {'from the source' if plan.has_splits else 'by key hash'}")
     data_dir = contract_lib.data_dir(run_dir)
     storage.makedirs(data_dir)
     clear_previous_outputs(data_dir)
     summary_path = storage.join(data_dir, f".summary-{uuid.uuid4().hex[:8]}.json")
     options = PipelineOptions(local_runner_defaults(list(beam_args)))
-    log.info("preprocess: reading %s into %s", plan.uri, data_dir)
+    report(f"beam: {options.get_all_options()['runner']} running Read > Decode > Split > Analyze > "
+           f"{'Augment > ' if config.data.augment.copies else ''}Encode > Write")
     with beam.Pipeline(options=options) as pipeline:
-        build_pipeline(pipeline, plan, config, data_dir, summary_path)
+        build_pipeline(pipeline, plan, records, config, data_dir, summary_path)
     summary = json.loads(storage.read_text(summary_path))
     storage.remove(summary_path)
-    contract = contract_from_summary(plan, config, summary, data_dir)
-    contract_lib.write_contract(run_dir, contract)
+    bad, read = summary["dead_letters"], summary["read"]
+    if read and bad / read > config.data.max_bad_fraction:
+        raise UserError(f"data.max_bad_fraction: {bad} of {read} inputs ({bad / read:.1%}) could not be read, above "
+                        f"{config.data.max_bad_fraction:.1%}; reasons in {storage.join(data_dir, 'dead_letter')}")
+    contract, vocabulary = contract_from_summary(plan, config, summary, data_dir)
+    if contract.splits["train"].count:
+        from pipeline.samples import write_samples
+
+        write_samples(contract, run_dir)
+    contract_lib.write_contract(run_dir, contract, vocabulary)
+    report("counts: " + ", ".join(f"{split} {info.count}" for split, info in contract.splits.items())
+           + f" written; {read} read, {bad} bad, {summary['augmented']} augmented copies")
     return contract
 
 
-def contract_from_summary(plan: SourcePlan, config: Config, summary: dict, data_dir: str) -> contract_lib.DataContract:
-    """Assembles the contract from what the pipeline measured, filling in empty shards."""
+def contract_from_summary(plan: SourcePlan, config: Config, summary: dict, data_dir: str):
+    """Assembles the contract (and the vocabulary, for text) from what the pipeline measured."""
     split_infos = {}
     for split in splits.SPLITS:
         shards = [s for s in summary["shards"] if s["split"] == split]
@@ -128,13 +181,21 @@ def contract_from_summary(plan: SourcePlan, config: Config, summary: dict, data_
             num_shards=num_shards,
             file_pattern=transforms.shard_pattern(split, num_shards, config.data.compression),
         )
-    channel_stats = summary.get("channel_stats", {"mean": [], "std": []})
-    statistics = {
-        "mean": channel_stats["mean"],
-        "std": channel_stats["std"],
-        "class_counts": {name: summary.get("class_counts", {}).get(name, 0) for name in plan.class_names},
-    }
-    return contract_lib.DataContract(
+    class_counts = summary.get("class_counts", {})
+    statistics = {"class_counts": {name: class_counts.get(name, 0) for name in plan.class_names}}
+    vocabulary = None
+    if plan.modality == "text":
+        vocabulary = summary.get("vocabulary", [])
+        percentiles = transforms.length_percentiles(summary.get("length_counts", {})) or {"p95": 1}
+        statistics.update({
+            "vocab_size": len(vocabulary) + contract_lib.RESERVED_TOKEN_IDS,
+            "max_length": int(config.data.max_length or max(1, percentiles["p95"])),
+            "length_percentiles": percentiles,
+        })
+    else:
+        channel_stats = summary.get("channel_stats", {"mean": [], "std": []})
+        statistics.update({"mean": channel_stats["mean"], "std": channel_stats["std"]})
+    contract = contract_lib.DataContract(
         modality=plan.modality,
         input_feature=plan.input_feature,
         input_spec=plan.input_spec,
@@ -144,7 +205,10 @@ def contract_from_summary(plan: SourcePlan, config: Config, summary: dict, data_
         compression=config.data.compression,
         source=plan.uri,
         bad_examples=summary["dead_letters"],
+        augmentation={"copies": config.data.augment.copies, **(
+            dataclasses.asdict(config.data.augment) if config.data.augment.copies else {})},
     )
+    return contract, vocabulary
 
 
 def _shards_in_name(path: str) -> int:

@@ -13,8 +13,9 @@ import uuid
 import apache_beam as beam
 import numpy as np
 
+from pipeline import augment as augment_lib
 from pipeline import contract as contract_lib
-from pipeline.sources import RawExample
+from pipeline.sources import BadInput, RawExample, SourcePlan, SourceRecord, decode_record
 from pipeline.splits import stable_fraction
 TARGET_SHARD_BYTES = 64 * 2**20
 MAX_SHARDS = 1024
@@ -79,28 +80,49 @@ class ChannelStatsFn(beam.CombineFn):
         return {"mean": [float(m) for m in mean], "std": [float(s) for s in np.sqrt(variance)]}
 
 
+DEAD_LETTER = "dead_letter"
+
+
+class DecodeRecordFn(beam.DoFn):
+    """SourceRecord -> RawExample; unreadable inputs to the dead-letter output with the reason."""
+
+    def __init__(self, plan: SourcePlan):
+        self._plan = plan
+
+    def process(self, record: SourceRecord):
+        try:
+            yield decode_record(self._plan, record)
+        except BadInput as error:
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(record.key, self._plan.uri, str(error)))
+
+
 class EncodeExampleFn(beam.DoFn):
     """RawExample -> (key, serialized tf.train.Example); bad examples to the dead-letter output."""
 
-    DEAD_LETTER = "dead_letter"
-
-    def __init__(self, plan):
+    def __init__(self, plan: SourcePlan):
         self._plan = plan
         self._label_index = {name: index for index, name in enumerate(plan.class_names)}
 
     def process(self, example: RawExample):
         label = self._label_index.get(example.label)
         if label is None:
-            yield beam.pvalue.TaggedOutput(self.DEAD_LETTER, dead_letter(example.key, self._plan.uri,
-                                                                      f"unknown label {example.label!r}"))
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(example.key, self._plan.uri,
+                                                                  f"unknown label {example.label!r}"))
             return
         try:
             serialized = contract_lib.encode_example(
                 self._plan.input_spec, self._plan.input_feature, example.key, example.inputs, label)
         except ValueError as error:
-            yield beam.pvalue.TaggedOutput(self.DEAD_LETTER, dead_letter(example.key, self._plan.uri, str(error)))
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(example.key, self._plan.uri, str(error)))
             return
         yield example.key, serialized
+
+
+def with_augmented_copies(example: RawExample, modality: str, config):
+    """The example itself, then its `config.copies` augmented copies."""
+    yield example
+    for key, inputs in augment_lib.augmented_copies(example.key, example.inputs, modality, config):
+        yield RawExample(key, inputs, example.label, example.split)
 
 
 def dead_letter(key: str, source: str, reason: str) -> str:
@@ -171,8 +193,18 @@ class WriteShards(beam.PTransform):
         )
 
 
-class AnalyzeImages(beam.PTransform):
-    """Full-pass statistics of the train split: per-channel mean/std and class counts."""
+def _class_counts(examples):
+    return (
+        examples
+        | "Labels" >> beam.Map(lambda example: example.label)
+        | "CountPerClass" >> beam.combiners.Count.PerElement()
+        | "CollectClassCounts" >> beam.combiners.ToDict()
+        | "TagClassCounts" >> beam.Map(lambda counts: ("class_counts", counts))
+    )
+
+
+class AnalyzeArrays(beam.PTransform):
+    """Full pass over the train split: mean/std per channel (images) or feature (sequences), class counts."""
 
     def expand(self, examples):
         channel_stats = (
@@ -181,26 +213,70 @@ class AnalyzeImages(beam.PTransform):
             | "ChannelMeanStd" >> beam.CombineGlobally(ChannelStatsFn())
             | "TagChannelStats" >> beam.Map(lambda stats: ("channel_stats", stats))
         )
-        class_counts = (
-            examples
-            | "Labels" >> beam.Map(lambda example: example.label)
-            | "CountPerClass" >> beam.combiners.Count.PerElement()
-            | "CollectClassCounts" >> beam.combiners.ToDict()
-            | "TagClassCounts" >> beam.Map(lambda counts: ("class_counts", counts))
+        return (channel_stats, _class_counts(examples)) | "MergeStatistics" >> beam.Flatten()
+
+
+def select_vocabulary(token_counts, max_tokens: int) -> list[str]:
+    """The `max_tokens` most frequent tokens, ties broken alphabetically (deterministic)."""
+    ranked = sorted(token_counts, key=lambda item: (-item[1], item[0]))
+    return [token for token, _ in ranked[:max_tokens]]
+
+
+class AnalyzeText(beam.PTransform):
+    """Full pass over the train split: vocabulary, token-length histogram, class counts."""
+
+    def __init__(self, vocab_size: int, min_count: int):
+        super().__init__()
+        self._max_tokens = vocab_size - contract_lib.RESERVED_TOKEN_IDS
+        self._min_count = min_count
+
+    def expand(self, examples):
+        min_count, max_tokens = self._min_count, self._max_tokens
+        tokens = examples | "Tokenize" >> beam.Map(lambda example: contract_lib.standardize_text(example.inputs))
+        vocabulary = (
+            tokens
+            | "AllTokens" >> beam.FlatMap(lambda words: words)
+            | "CountTokens" >> beam.combiners.Count.PerElement()
+            | "DropRareTokens" >> beam.Filter(lambda item: item[1] >= min_count)
+            | "CollectTokens" >> beam.combiners.ToList()
+            | "TopTokens" >> beam.Map(select_vocabulary, max_tokens)
+            | "TagVocabulary" >> beam.Map(lambda words: ("vocabulary", words))
         )
-        return (channel_stats, class_counts) | "MergeStatistics" >> beam.Flatten()
+        lengths = (
+            tokens
+            | "Lengths" >> beam.Map(len)
+            | "CountLengths" >> beam.combiners.Count.PerElement()
+            | "CollectLengths" >> beam.combiners.ToDict()
+            | "TagLengths" >> beam.Map(lambda counts: ("length_counts", {str(k): v for k, v in counts.items()}))
+        )
+        return (vocabulary, lengths, _class_counts(examples)) | "MergeStatistics" >> beam.Flatten()
+
+
+def length_percentiles(length_counts: dict) -> dict:
+    """p50/p90/p95/p99/max of a {length: count} histogram (nearest rank)."""
+    lengths = sorted((int(length), count) for length, count in length_counts.items())
+    total = sum(count for _, count in lengths)
+    result = {}
+    for name, q in (("p50", 0.5), ("p90", 0.9), ("p95", 0.95), ("p99", 0.99), ("max", 1.0)):
+        rank, seen = max(1, math.ceil(q * total)), 0
+        for length, count in lengths:
+            seen += count
+            if seen >= rank:
+                result[name] = length
+                break
+    return result
 
 
 def write_summary(items, path: str) -> None:
     """Writes what the pipeline measured (statistics, shards, dead letters) for the driver to read."""
     from apache_beam.io.filesystems import FileSystems
 
-    summary: dict = {"shards": [], "dead_letters": 0}
+    summary: dict = {"shards": [], "dead_letters": 0, "read": 0, "augmented": 0}
     for kind, payload in items:
         if kind == "shard":
             summary["shards"].append(payload)
-        elif kind == "dead_letter":
-            summary["dead_letters"] += payload
+        elif kind in ("dead_letters", "read", "augmented"):
+            summary[kind] += payload
         else:
             summary[kind] = payload
     with FileSystems.create(path) as handle:

@@ -7,14 +7,15 @@ from pipeline import contract as contract_lib
 
 
 def make_dataset(contract, data_dir: str, split: str, config: TrainConfig, *, global_batch: int, training: bool,
-                 drop_remainder: bool = False, one_hot: bool = False, workers: int = 1):
+                 drop_remainder: bool = False, one_hot: bool = False, workers: int = 1, vectorizer=None):
     """Batches of `(inputs, labels)` for `model.fit` / `model.evaluate`, batched globally.
 
     Under a strategy, Keras splits each global batch across the replicas. Training batches
     are shuffled (files and records, reseeded each epoch; in `train.deterministic` mode the
     order is fixed by the seed); evaluation batches keep the file order, so metrics and
-    predictions line up with the shards. Images become float32 (the model normalises them),
-    token ids int32; labels become one-hot when label smoothing needs it.
+    predictions line up with the shards. Images and sequences become float32 (the model
+    normalises them); text goes through `vectorizer` (the contract's TextVectorization) to
+    int32 ids; labels become one-hot when label smoothing needs it.
     """
     import tensorflow as tf
 
@@ -26,12 +27,13 @@ def make_dataset(contract, data_dir: str, split: str, config: TrainConfig, *, gl
         cache=config.cache,
         drop_remainder=drop_remainder,
     )
-    input_dtype = tf.int32 if contract.modality == "text" else tf.float32
     num_classes = contract.num_classes
 
     def to_model(inputs, labels, keys):
         labels = tf.one_hot(labels, num_classes) if one_hot else labels
-        return tf.cast(inputs, input_dtype), labels
+        if vectorizer is not None:  # text: raw strings -> token ids, as the export does in its graph
+            return tf.cast(vectorizer(inputs), tf.int32), labels
+        return tf.cast(inputs, tf.float32), labels
 
     dataset = dataset.map(to_model, num_parallel_calls=tf.data.AUTOTUNE, deterministic=config.deterministic or not training)
     if workers > 1:

@@ -173,9 +173,12 @@ def train(config: Config, run_dir: str) -> dict:
     loss, metrics, one_hot = loss_and_metrics(train_config, contract.num_classes)
     splits = [split for split in SPLITS if split in contract.splits and contract.splits[split].count]
 
+    vectorizer = contract_lib.text_vectorizer(contract, run_dir) if contract.modality == "text" else None
+
     def dataset(split, training):
         return make_dataset(contract, data_dir, split, train_config, global_batch=global_batch, training=training,
-                            drop_remainder=drop_remainder and training, one_hot=one_hot, workers=workers)
+                            drop_remainder=drop_remainder and training, one_hot=one_hot, workers=workers,
+                            vectorizer=vectorizer)
 
     evaluation = {split: dataset(split, training=False) for split in splits}
     steps = steps_per_epoch(contract.splits["train"].count, global_batch, drop_remainder)

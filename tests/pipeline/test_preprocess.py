@@ -55,7 +55,7 @@ def test_shards_hold_every_example_once_with_the_right_label(digits_contract):
     data_dir = contract_lib.data_dir(run_dir)
     assert os.listdir(os.path.join(data_dir, "dead_letter")) == []  # no bad input: no dead-letter file
     assert sorted(os.listdir(data_dir)) == [
-        "dead_letter", "labels.txt", "metadata.json",
+        "dead_letter", "labels.txt", "metadata.json", "samples.png",
         "test-00000-of-00002.tfrecord", "test-00001-of-00002.tfrecord",
         "train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord",
         "validation-00000-of-00002.tfrecord", "validation-00001-of-00002.tfrecord"]

@@ -44,9 +44,10 @@ class ModelInputs:
     @classmethod
     def from_contract(cls, contract) -> "ModelInputs":
         statistics = contract.statistics
+        text = contract.modality == "text"
         return cls(
             modality=contract.modality,
-            shape=tuple(contract.input_shape),
+            shape=(int(statistics["max_length"]),) if text else tuple(contract.input_shape),
             num_classes=contract.num_classes,
             mean=tuple(statistics.get("mean", ())),
             std=tuple(statistics.get("std", ())),

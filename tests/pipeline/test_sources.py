@@ -1,0 +1,261 @@
+"""Each source kind end to end: shards and a contract whose counts, classes and statistics match NumPy."""
+
+import collections
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kcp import cli
+from kcp.config import load_config
+from pipeline import contract as contract_lib
+from pipeline import splits
+from pipeline.contract import standardize_text
+from pipeline.preprocess import run_preprocess
+from pipeline.sources import SourceError, plan_source
+from tests.conftest import IN_PROCESS_BEAM
+
+
+def write_png(path, array):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def read_all(run_dir, contract):
+    out = {}
+    for split in ("train", "validation", "test"):
+        for inputs, labels, keys in contract_lib.read_split(contract, contract_lib.data_dir(run_dir), split, 500):
+            for value, label, key in zip(inputs.numpy(), labels.numpy(), keys.numpy()):
+                out[key.decode()] = (split, value, int(label))
+    return out
+
+
+def test_image_folder_with_corrupt_files(tmp_path, capsys):
+    """3,000 good images and 5 bad ones: 5 dead letters with reasons, 3,000 examples, exit 0."""
+    root = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for index in range(3000):
+        label = ("cat", "dog", "owl")[index % 3]
+        array = rng.integers(0, 256, size=(6, 5, 3), dtype=np.uint8)
+        relative = f"{label}/img{index:04d}.png"
+        write_png(str(root / relative), array)
+        arrays[relative] = (label, array)
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((6, 5, 3), np.uint8)).save(png, format="PNG")
+    (root / "cat" / "truncated.png").write_bytes(png.getvalue()[:40])
+    (root / "dog" / "notes.png").write_text("this is not an image")
+    (root / "owl" / "empty.png").write_bytes(b"")
+    (root / "owl" / "noise.jpg").write_bytes(rng.integers(0, 256, 500, dtype=np.uint8).tobytes())
+    (root / "cat" / "garbage.gif").write_bytes(b"GIF89a" + b"\x00" * 7)
+    run_dir = str(tmp_path / "run")
+
+    code = cli.main(["preprocess", "--source", f"folder:{root}", "--run-dir", run_dir, "--", *IN_PROCESS_BEAM])
+    assert code == 0
+    contract = contract_lib.read_contract(run_dir)
+    assert contract.bad_examples == 5
+    assert sum(info.count for info in contract.splits.values()) == 3000
+    dead = [json.loads(line) for path in (tmp_path / "run" / "data" / "dead_letter").iterdir()
+            for line in path.read_text().splitlines()]
+    assert sorted(d["key"] for d in dead) == ["cat/garbage.gif", "cat/truncated.png", "dog/notes.png",
+                                              "owl/empty.png", "owl/noise.jpg"]
+    reasons = {d["key"]: d["reason"] for d in dead}
+    assert reasons["owl/empty.png"] == "empty file"
+    assert reasons["dog/notes.png"].startswith("not a decodable image")
+    assert "5 bad inputs" in capsys.readouterr().out
+
+    assert contract.class_names == ("cat", "dog", "owl") and contract.input_shape == (6, 5, 3)
+    train = [arrays[k][1] for k in arrays if splits.stable_split(k, (0.8, 0.1, 0.1), 42) == "train"]
+    pixels = np.stack(train).reshape(-1, 3).astype(np.float64)
+    np.testing.assert_allclose(contract.statistics["mean"], pixels.mean(axis=0), rtol=1e-9)
+    np.testing.assert_allclose(contract.statistics["std"], pixels.std(axis=0), rtol=1e-9)
+    counts = collections.Counter(arrays[k][0] for k in arrays if splits.stable_split(k, (0.8, 0.1, 0.1), 42) == "train")
+    assert contract.statistics["class_counts"] == dict(counts)
+    written = read_all(run_dir, contract)
+    split, value, label = written["dog/img0001.png"]
+    np.testing.assert_array_equal(value, arrays["dog/img0001.png"][1])
+    assert contract.class_names[label] == "dog"
+
+
+def test_too_many_bad_inputs_fail_without_a_contract(tmp_path, capsys):
+    root = tmp_path / "images"
+    for index in range(20):
+        write_png(str(root / "a" / f"{index}.png"), np.zeros((4, 4), np.uint8))
+    for index in range(2):
+        (root / "a" / f"bad{index}.png").write_bytes(b"")
+    write_png(str(root / "b" / "x.png"), np.zeros((4, 4), np.uint8))
+    code = cli.main(["preprocess", "--source", f"folder:{root}", "--run-dir", str(tmp_path / "run"),
+                     "--", *IN_PROCESS_BEAM])
+    assert code == 2
+    assert "data.max_bad_fraction: 2 of 23 inputs (8.7%) could not be read" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "data" / "metadata.json").exists()
+    assert len(list((tmp_path / "run" / "data" / "dead_letter").iterdir())) == 1
+
+
+def test_folder_splits_are_kept_sizes_and_channels_inferred(tmp_path):
+    root = tmp_path / "images"
+    for index in range(30):
+        write_png(str(root / "train" / ("a" if index % 2 else "b") / f"{index}.png"), np.full((10, 8), index, np.uint8))
+    for index in range(6):
+        write_png(str(root / "test" / ("a" if index % 2 else "b") / f"{index}.png"), np.full((10, 8), 7, np.uint8))
+    write_png(str(root / "train" / "a" / "odd.png"), np.full((20, 16, 3), 100, np.uint8))  # colour, other size
+    run_dir = str(tmp_path / "run")
+    contract = run_preprocess(load_config([], [f"data.source=folder:{root}"]), run_dir, IN_PROCESS_BEAM)
+    assert contract.input_shape == (10, 8, 3)  # the most common size; colour because one image has it
+    assert contract.splits["test"].count == 6
+    assert contract.splits["train"].count + contract.splits["validation"].count == 31
+    assert contract.splits["validation"].count > 0  # carved out of train, the source has none
+    written = read_all(run_dir, contract)
+    assert all(split == "test" for key, (split, _, _) in written.items() if key.startswith("test/"))
+    resized = written["train/a/odd.png"][1]
+    assert resized.shape == (10, 8, 3) and np.all(resized == 100)
+
+
+def test_npz_images_without_splits(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, size=(200, 7, 7), dtype=np.int64)
+    y = rng.integers(0, 4, size=200)
+    path = tmp_path / "data.npz"
+    np.savez(path, x=x, y=y)
+    run_dir = str(tmp_path / "run")
+    contract = run_preprocess(load_config([], [f"data.source=npz:{path}"]), run_dir, IN_PROCESS_BEAM)
+    assert contract.modality == "image" and contract.input_shape == (7, 7, 1)
+    assert contract.class_names == ("0", "1", "2", "3")
+    train = np.array([splits.stable_split(f"all/{i:07d}", (0.8, 0.1, 0.1), 42) == "train" for i in range(200)])
+    np.testing.assert_allclose(contract.statistics["mean"], [x[train].mean()], rtol=1e-9)
+    assert contract.statistics["class_counts"] == {str(c): int((y[train] == c).sum()) for c in range(4)}
+
+
+def test_npz_sequences_keep_their_splits(tmp_path):
+    rng = np.random.default_rng(2)
+    x_train = rng.normal(size=(50, 12, 2)).astype(np.float32) * [1.0, 5.0] + [0.0, 3.0]
+    x_test = rng.normal(size=(10, 12, 2)).astype(np.float32)
+    x_validation = rng.normal(size=(5, 12, 2)).astype(np.float32)
+    path = tmp_path / "seq.npz"
+    np.savez(path, x_train=x_train, y_train=np.array(["up", "down"] * 25), x_test=x_test,
+             y_test=np.array(["up", "down"] * 5), x_validation=x_validation, y_validation=np.array(["up"] * 5))
+    run_dir = str(tmp_path / "run")
+    contract = run_preprocess(load_config([], [f"data.source=npz:{path}"]), run_dir, IN_PROCESS_BEAM)
+    assert contract.modality == "sequence" and contract.input_shape == (12, 2)
+    assert {s: i.count for s, i in contract.splits.items()} == {"train": 50, "validation": 5, "test": 10}
+    assert contract.class_names == ("down", "up")
+    flat = x_train.reshape(-1, 2).astype(np.float64)
+    np.testing.assert_allclose(contract.statistics["mean"], flat.mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(contract.statistics["std"], flat.std(axis=0), rtol=1e-5)
+    written = read_all(run_dir, contract)
+    np.testing.assert_allclose(written["test/0000003"][1], x_test[3])
+
+
+TEXTS = ["A good movie, truly good!", "Bad plot; bad acting.", "good fun", "so bad", "Good, good, GOOD",
+         "terrible and bad", "", "fine film, good cast"] * 5
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+def test_text_tables(tmp_path, kind):
+    labels = ["pos", "neg", "pos", "neg", "pos", "neg", "pos", "pos"] * 5
+    split_values = (["train"] * 6 + ["test", "validation"]) * 5
+    path = tmp_path / f"reviews.{kind}"
+    if kind == "csv":
+        import csv
+
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["review", "sentiment", "split"])
+            writer.writerows(zip(TEXTS, labels, split_values))
+    else:
+        path.write_text("".join(json.dumps({"review": t, "sentiment": l, "split": s}) + "\n"
+                                for t, l, s in zip(TEXTS, labels, split_values)))
+    run_dir = str(tmp_path / "run")
+    config = load_config([], [f"data.source={kind}:{path}", "data.text_column=review", "data.label_column=sentiment",
+                              "data.min_count=2", "data.max_bad_fraction=0.2"])
+    contract = run_preprocess(config, run_dir, IN_PROCESS_BEAM)
+    assert contract.modality == "text" and contract.class_names == ("neg", "pos")
+    assert contract.bad_examples == 5  # the empty texts, all in the test split
+    assert {s: i.count for s, i in contract.splits.items()} == {"train": 30, "validation": 5, "test": 0}
+    tokens = collections.Counter(t for text, s in zip(TEXTS, split_values) if s == "train"
+                                 for t in standardize_text(text))
+    expected = sorted([t for t, c in tokens.items() if c >= 2], key=lambda t: (-tokens[t], t))
+    assert contract_lib.read_vocabulary(run_dir) == expected
+    assert contract.statistics["vocab_size"] == len(expected) + 2
+    lengths = sorted(len(standardize_text(t)) for t, s in zip(TEXTS, split_values) if s == "train")
+    assert contract.statistics["max_length"] == lengths[int(np.ceil(0.95 * len(lengths))) - 1]
+
+
+def test_text_trains_and_exports_raw_strings(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"text": t or "empty", "label": l}) + "\n"
+                            for t, l in zip(TEXTS, ["pos", "neg", "pos", "neg", "pos", "neg", "neg", "pos"] * 5)))
+    run_dir = str(tmp_path / "run")
+    code = cli.main(["run", "--source", f"jsonl:{path}", "--run-dir", run_dir, "--model", "transformer",
+                     "--set", "train.epochs=2", "--set", "data.min_count=1", "--", *IN_PROCESS_BEAM])
+    assert code == 0
+    import tensorflow as tf
+
+    serve = tf.saved_model.load(os.path.join(run_dir, "export", "model", "1")).signatures["serving_default"]
+    outputs = serve(text=tf.constant(["good good movie", "bad bad plot"]))
+    assert outputs["probabilities"].shape == (2, 2)
+
+
+@pytest.mark.parametrize("uri, message", [
+    ("folder:/nonexistent/x", "data.source: /nonexistent/x does not exist"),
+    ("npz:/nonexistent.npz", "data.source: /nonexistent.npz does not exist"),
+    ("csv:", "names no path"),
+    ("parquet:x", "is not a known source"),
+])
+def test_bad_sources_fail_before_the_pipeline(uri, message):
+    with pytest.raises(SourceError, match=message):
+        plan_source(uri)
+
+
+def test_missing_text_column_is_named(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("body,label\nhello,a\n")
+    with pytest.raises(SourceError, match="data.text_column: column 'text' is not in .*t.csv \\(it has body, label\\)"):
+        plan_source(f"csv:{path}")
+
+
+def test_npz_without_known_arrays_is_named(tmp_path):
+    path = tmp_path / "bad.npz"
+    np.savez(path, images=np.zeros((2, 3, 3)))
+    with pytest.raises(SourceError, match="expected arrays x and y, or x_train and y_train"):
+        plan_source(f"npz:{path}")
+
+
+def test_tfds_not_prepared_names_the_directory_and_the_command(tmp_path):
+    with pytest.raises(SourceError, match=f"tfds 'mnist' is not prepared in {tmp_path}; prepare it with `tfds build mnist"):
+        plan_source("tfds:mnist", load_config([], [f"data.tfds_data_dir={tmp_path}"]).data)
+
+
+def test_augmented_run_is_identical_across_runner_settings(tmp_path):
+    config = load_config([], ["data.augment.copies=2", "data.limit=300", "data.num_shards=2"])
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    contract = run_preprocess(config, one, IN_PROCESS_BEAM)
+    run_preprocess(config, two, ["--runner=FnApiRunner", "--direct_running_mode=multi_processing",
+                                 "--direct_num_workers=2"])
+    assert contract.splits["train"].count == 3 * sum(1 for i in range(300) if splits.stable_split(
+        f"digits/{i:04d}", (0.8, 0.1, 0.1), 42) == "train")
+    for name in sorted(os.listdir(os.path.join(one, "data"))):
+        if name.endswith(".tfrecord"):
+            with open(os.path.join(one, "data", name), "rb") as a, open(os.path.join(two, "data", name), "rb") as b:
+                assert a.read() == b.read(), name
+    assert os.path.getsize(os.path.join(one, "data", "samples.png")) > 5000
+
+
+def test_tfds_source_with_mock_data(tmp_path):
+    """tfds.testing.mock_data serves random examples offline; `is_prepared` is all it cannot fake."""
+    from unittest import mock
+
+    import tensorflow_datasets as tfds
+
+    run_dir = str(tmp_path / "run")
+    config = load_config([], ["data.source=tfds:mnist:train", f"data.tfds_data_dir={tmp_path}"])
+    with tfds.testing.mock_data(num_examples=40), \
+            mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", return_value=True):
+        contract = run_preprocess(config, run_dir, IN_PROCESS_BEAM)
+    assert contract.modality == "image" and contract.input_shape == (28, 28, 1)
+    assert contract.class_names == tuple(str(d) for d in range(10))
+    assert sum(i.count for i in contract.splits.values()) == 40
+    assert contract.splits["train"].count > contract.splits["test"].count > 0
