@@ -27,7 +27,7 @@ setup(
         "scikit-learn>=1.3",  # the embedded default data set (digits)
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2"],
+        "test": ["pytest>=8", "pytest-timeout>=2", "gcp-storage-emulator>=2024"],
         "jax": ["jax>=0.4.30"],
         "gpu": ["tensorflow[and-cuda]>=2.16,<2.22"],
         # TPU VMs bring their own tensorflow-tpu and libtpu in the VM image (there is no

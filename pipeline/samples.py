@@ -13,18 +13,29 @@ from pipeline import contract as contract_lib
 
 def collect_samples(contract, run_dir: str, rows: int = 6, scan: int = 2000) -> list[list[tuple[str, object]]]:
     """Up to `rows` originals from the train shards, each followed by its copies (key, inputs)."""
-    groups: dict = collections.OrderedDict()
-    seen = 0
-    for inputs, _, keys in contract_lib.read_split(contract, contract_lib.data_dir(run_dir), "train", 256):
-        for value, key in zip(inputs.numpy(), keys.numpy()):
-            key = key.decode("utf-8")
-            base = key.split("#aug", 1)[0]
-            if base in groups or len(groups) < rows:
-                groups.setdefault(base, []).append((key, value.decode("utf-8") if isinstance(value, bytes) else value))
-            seen += 1
-        if seen >= scan:
-            break
-    return [sorted(group, key=lambda item: (item[0] != base, item[0])) for base, group in groups.items()]
+    import tempfile
+
+    import tensorflow as tf
+
+    first_shard = contract.split_files(contract_lib.data_dir(run_dir), "train")[0]
+    with tempfile.TemporaryDirectory() as local:
+        if storage.is_remote(first_shard):  # read through kcp.storage, as every remote file here
+            path = storage.join(local, "shard")
+            with open(path, "wb") as handle:
+                handle.write(storage.read_bytes(first_shard))
+        else:
+            path = first_shard
+        compression = "GZIP" if contract.compression == "gzip" else ""
+        groups: dict = collections.OrderedDict()
+        records = tf.data.TFRecordDataset(path, compression_type=compression).take(scan).batch(256)
+        for serialized in records:
+            inputs, _, keys = contract_lib.parse_examples(contract, serialized)
+            for value, key in zip(inputs.numpy(), keys.numpy()):
+                key = key.decode("utf-8")
+                base = key.split("#aug", 1)[0]
+                if base in groups or len(groups) < rows:
+                    groups.setdefault(base, []).append((key, value.decode("utf-8") if isinstance(value, bytes) else value))
+    return [sorted(group, key=lambda item: ("#aug" in item[0], item[0])) for group in groups.values()]
 
 
 def write_samples(contract, run_dir: str, rows: int = 6) -> str:
@@ -63,12 +74,5 @@ def write_samples(contract, run_dir: str, rows: int = 6) -> str:
     figure.savefig(buffer, format="png", dpi=100)
     plt.close(figure)
     path = storage.join(contract_lib.data_dir(run_dir), "samples.png")
-    if storage.is_remote(path):
-        import tensorflow as tf
-
-        with tf.io.gfile.GFile(path, "wb") as handle:
-            handle.write(buffer.getvalue())
-    else:
-        with open(path, "wb") as handle:
-            handle.write(buffer.getvalue())
+    storage.write_bytes_atomic(path, buffer.getvalue())
     return path

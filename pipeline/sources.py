@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from kcp import storage
 from kcp.config import DataConfig
 from kcp.errors import UserError
 from pipeline.contract import FeatureSpec
@@ -88,24 +89,10 @@ def class_names_of(labels) -> tuple:
     return tuple(sorted(names))
 
 
-def _open(path: str, mode: str = "rb"):
-    from apache_beam.io.filesystems import FileSystems
-
-    if "://" in path:
-        return FileSystems.open(path) if "r" in mode else FileSystems.create(path)
-    return open(path, mode)
-
-
-def _exists(path: str) -> bool:
-    from apache_beam.io.filesystems import FileSystems
-
-    return FileSystems.exists(path) if "://" in path else os.path.exists(path)
-
-
 def _check_path(uri: str, path: str) -> None:
     if not path:
         raise SourceError(f"data.source: {uri!r} names no path")
-    if not _exists(path):
+    if not storage.exists(path):
         raise SourceError(f"data.source: {path} does not exist")
 
 
@@ -125,12 +112,8 @@ def _list_folder(root: str) -> list[tuple[str, str]]:
     root = root.rstrip("/")
     found = []
     if "://" in root:
-        from apache_beam.io.filesystems import FileSystems
-
-        results = FileSystems.match([f"{root}/*/*", f"{root}/*/*/*"])
-        for result in results:
-            for metadata in result.metadata_list:
-                found.append((metadata.path, metadata.path[len(root) + 1:]))
+        paths = set(storage.glob(f"{root}/*/*")) | set(storage.glob(f"{root}/*/*/*"))
+        found = [(path, path[len(root) + 1:]) for path in paths if path[len(root) + 1:].count("/") in (1, 2)]
     else:
         for directory, _, files in os.walk(root):
             for name in files:
@@ -146,9 +129,8 @@ def _image_header(path: str):
     from PIL import Image
 
     try:
-        with _open(path) as handle:
-            with Image.open(io.BytesIO(handle.read(1 << 16)) if "://" in path else handle) as image:
-                return image.height, image.width, image.mode not in GRAY_MODES
+        with Image.open(io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path) as image:
+            return image.height, image.width, image.mode not in GRAY_MODES
     except Exception:  # noqa: BLE001  an unreadable file is a dead letter later, not a planning error
         return None
 
@@ -187,8 +169,7 @@ def decode_image_file(path: str, shape: tuple) -> np.ndarray:
     """Reads and decodes one image file to uint8 [H, W, C] of `shape` (resized, converted)."""
     from PIL import Image, UnidentifiedImageError
 
-    with _open(path) as handle:
-        content = handle.read()
+    content = storage.read_bytes(path)
     if not content:
         raise BadInput("empty file")
     try:
@@ -208,8 +189,7 @@ def decode_image_file(path: str, shape: tuple) -> np.ndarray:
 def _plan_npz(uri: str, path: str, data: DataConfig):
     _check_path(uri, path)
     try:
-        with _open(path) as handle:
-            arrays = dict(np.load(io.BytesIO(handle.read()), allow_pickle=False))
+        arrays = dict(np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False))
     except (ValueError, OSError) as error:
         raise SourceError(f"data.source: {path} is not a NumPy .npz archive ({error})") from None
     if "x" in arrays and "y" in arrays:
@@ -273,8 +253,7 @@ def decode_array(array, spec: FeatureSpec) -> np.ndarray:
 
 def _plan_text_table(uri: str, kind: str, path: str, data: DataConfig):
     _check_path(uri, path)
-    with _open(path) as handle:
-        content = handle.read().decode("utf-8-sig")
+    content = storage.read_bytes(path).decode("utf-8-sig")
     if kind == "csv":
         reader = csv.DictReader(io.StringIO(content))
         columns = reader.fieldnames or []

@@ -39,3 +39,32 @@ def fresh_run(digits_data: str, tmp_path) -> str:
     run_dir.mkdir(parents=True)
     os.symlink(os.path.join(digits_data, "data"), run_dir / "data")
     return str(run_dir)
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    """A GCS emulator with bucket `kcp-test`; yields a google-cloud-storage client for it."""
+    from tests.gcs import GcsEmulator
+
+    from apache_beam.internal.gcp import auth as beam_auth
+
+    emulator = GcsEmulator(str(tmp_path_factory.mktemp("gcs"))).start()
+    saved = {key: os.environ.get(key) for key in emulator.environment()}
+    os.environ.update(emulator.environment())
+    # Google's token server cannot be reached here: Beam's gcsio gets no credentials and
+    # falls back to its anonymous google-cloud-storage client, which the emulator accepts.
+    saved_auth = (beam_auth._Credentials._credentials_init, beam_auth._Credentials._credentials)
+    beam_auth._Credentials._credentials_init, beam_auth._Credentials._credentials = True, None
+    try:
+        from google.cloud import storage as gcs_storage
+
+        client = gcs_storage.Client(project="test-project")
+        yield client
+    finally:
+        beam_auth._Credentials._credentials_init, beam_auth._Credentials._credentials = saved_auth
+        emulator.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
