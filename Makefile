@@ -15,7 +15,7 @@ $(VENV)/.installed-core: $(BIN)/python setup.py constraints.txt
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed-core
-	$(PIP) -e '.[test,jax,gcp]'
+	$(PIP) -e '.[test,jax,gcp,dask]'
 	$(BIN)/python -m pip check
 	touch $@
 

@@ -35,6 +35,7 @@ setup(
         # distributions into one folder); TPUStrategy itself is part of core TensorFlow.
         "tpu": [],
         "gcp": ["apache-beam[gcp]>=2.60,<3", "google-cloud-storage>=2"],
+        "dask": ["apache-beam[dask]>=2.60,<3"],
     },
     entry_points={"console_scripts": ["kcp=kcp.cli:main"]},
 )

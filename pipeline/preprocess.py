@@ -28,12 +28,20 @@ from pipeline.sources import SourcePlan, plan_source
 log = logging.getLogger("kcp.preprocess")
 
 
+# Beam knows the Dask runner only by its full path; accept the short name too.
+RUNNER_ALIASES = {
+    "DaskRunner": "apache_beam.runners.dask.dask_runner.DaskRunner",
+    "--runner=DaskRunner": "--runner=apache_beam.runners.dask.dask_runner.DaskRunner",
+}
+
+
 def local_runner_defaults(beam_args: list[str]) -> list[str]:
     """Fills in the local runner when the user named none.
 
     Beam 2.77's plain DirectRunner first tries to download the Prism runner and can hang
     offline, so the local default is the FnApiRunner using every core in subprocesses.
     """
+    beam_args = [RUNNER_ALIASES.get(arg, arg) for arg in beam_args]
     given = {arg.split("=", 1)[0].lstrip("-") for arg in beam_args if arg.startswith("--")}
     defaults = []
     if "runner" not in given:
@@ -80,13 +88,12 @@ def build_pipeline(pipeline: beam.Pipeline, plan: SourcePlan, records: list, con
     data = config.data
     assign = split_assigner(plan, records, tuple(data.split), data.seed)
 
-    def split_index(example, _num_partitions):
-        return splits.SPLITS.index(assign(example))
-
     read = pipeline | "Read" >> beam.Create(records)
-    decoded = read | "Decode" >> beam.ParDo(transforms.DecodeRecordFn(plan)).with_outputs(
-        transforms.DEAD_LETTER, main="examples")
-    train, validation, test = decoded.examples | "Split" >> beam.Partition(split_index, len(splits.SPLITS))
+    decoded = read | "Decode" >> beam.Map(transforms.decode_or_dead_letter, plan)
+    by_split = transforms.select(decoded, transforms.EXAMPLE, "Decoded") \
+        | "Split" >> beam.Map(lambda example: (assign(example), example))
+    train, validation, test = (transforms.select(by_split, split, f"Split{split.capitalize()}")
+                               for split in splits.SPLITS)
     if plan.modality == "text":
         statistics = train | "Analyze" >> transforms.AnalyzeText(data.vocab_size, data.min_count)
     else:
@@ -102,15 +109,16 @@ def build_pipeline(pipeline: beam.Pipeline, plan: SourcePlan, records: list, con
 
     bytes_per_example = 256 if plan.modality == "text" else \
         math.prod(plan.input_spec.shape) * (1 if plan.input_spec.dtype == "uint8" else 4) + 64
-    shard_summaries, dead_letters = [], [decoded[transforms.DEAD_LETTER]]
+    label_index = {name: index for index, name in enumerate(plan.class_names)}
+    shard_summaries = []
+    dead_letters = [transforms.select(decoded, transforms.DEAD_LETTER, "DecodeDeadLetters")]
     for split, split_examples in zip(splits.SPLITS, (train, validation, test)):
         name = split.capitalize()
-        encoded = split_examples | f"Encode{name}" >> beam.ParDo(transforms.EncodeExampleFn(plan)).with_outputs(
-            transforms.DEAD_LETTER, main="examples")
-        written = encoded.examples | f"Write{name}" >> transforms.WriteShards(
-            data_dir, split, data.num_shards, bytes_per_example, data.compression)
+        encoded = split_examples | f"Encode{name}" >> beam.Map(transforms.encode_or_dead_letter, plan, label_index)
+        written = transforms.select(encoded, transforms.EXAMPLE, f"Encoded{name}") | f"Write{name}" >> \
+            transforms.WriteShards(data_dir, split, data.num_shards, bytes_per_example, data.compression)
         shard_summaries.append(written | f"Tag{name}Shards" >> beam.Map(lambda shard: ("shard", shard)))
-        dead_letters.append(encoded[transforms.DEAD_LETTER])
+        dead_letters.append(transforms.select(encoded, transforms.DEAD_LETTER, f"Encode{name}DeadLetters"))
 
     all_dead = tuple(dead_letters) | "MergeDeadLetters" >> beam.Flatten()
     _ = all_dead | "WriteDeadLetters" >> beam.io.WriteToText(

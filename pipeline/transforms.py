@@ -81,41 +81,37 @@ class ChannelStatsFn(beam.CombineFn):
 
 
 DEAD_LETTER = "dead_letter"
+EXAMPLE = "example"
 
 
-class DecodeRecordFn(beam.DoFn):
-    """SourceRecord -> RawExample; unreadable inputs to the dead-letter output with the reason."""
+def select(tagged, tag: str, label: str):
+    """The values tagged `tag` in a PCollection of (tag, value).
 
-    def __init__(self, plan: SourcePlan):
-        self._plan = plan
-
-    def process(self, record: SourceRecord):
-        try:
-            yield decode_record(self._plan, record)
-        except BadInput as error:
-            yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(record.key, self._plan.uri, str(error)))
+    Used instead of multi-output ParDos and Partition: Beam 2.77's Dask runner sent every
+    element to every output of those, duplicating the data; a Filter works on every runner.
+    """
+    return tagged | f"{label}Select" >> beam.Filter(lambda item: item[0] == tag) \
+        | f"{label}Values" >> beam.Map(lambda item: item[1])
 
 
-class EncodeExampleFn(beam.DoFn):
-    """RawExample -> (key, serialized tf.train.Example); bad examples to the dead-letter output."""
+def decode_or_dead_letter(record: SourceRecord, plan: SourcePlan):
+    """SourceRecord -> (EXAMPLE, RawExample), or (DEAD_LETTER, json line) with the reason."""
+    try:
+        return EXAMPLE, decode_record(plan, record)
+    except BadInput as error:
+        return DEAD_LETTER, dead_letter(record.key, plan.uri, str(error))
 
-    def __init__(self, plan: SourcePlan):
-        self._plan = plan
-        self._label_index = {name: index for index, name in enumerate(plan.class_names)}
 
-    def process(self, example: RawExample):
-        label = self._label_index.get(example.label)
-        if label is None:
-            yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(example.key, self._plan.uri,
-                                                                  f"unknown label {example.label!r}"))
-            return
-        try:
-            serialized = contract_lib.encode_example(
-                self._plan.input_spec, self._plan.input_feature, example.key, example.inputs, label)
-        except ValueError as error:
-            yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(example.key, self._plan.uri, str(error)))
-            return
-        yield example.key, serialized
+def encode_or_dead_letter(example: RawExample, plan: SourcePlan, label_index: dict):
+    """RawExample -> (EXAMPLE, (key, serialized tf.train.Example)), or a dead letter."""
+    label = label_index.get(example.label)
+    if label is None:
+        return DEAD_LETTER, dead_letter(example.key, plan.uri, f"unknown label {example.label!r}")
+    try:
+        serialized = contract_lib.encode_example(plan.input_spec, plan.input_feature, example.key, example.inputs, label)
+    except ValueError as error:
+        return DEAD_LETTER, dead_letter(example.key, plan.uri, str(error))
+    return EXAMPLE, (example.key, serialized)
 
 
 def with_augmented_copies(example: RawExample, modality: str, config):
