@@ -169,9 +169,17 @@ def run_preprocess(config: Config, run_dir: str, beam_args: list[str] = (), repo
 
         write_samples(contract, run_dir)
     contract_lib.write_contract(run_dir, contract, vocabulary)
-    report("counts: " + ", ".join(f"{split} {info.count}" for split, info in contract.splits.items())
-           + f" written; {read} read, {bad} bad, {summary['augmented']} augmented copies")
+    for line in counts_table(contract, read, bad, summary["augmented"]):
+        report(line)
     return contract
+
+
+def counts_table(contract, read: int, bad: int, augmented: int) -> list[str]:
+    """The closing table: read, bad, written per split, augmented copies."""
+    rows = [("read", read), ("bad", bad)] + [(f"{split} written", info.count) for split, info in contract.splits.items()]
+    rows.append(("augmented copies", augmented))
+    width = max(len(name) for name, _ in rows)
+    return [f"  {name:<{width}}  {value:>9,}" for name, value in rows]
 
 
 def contract_from_summary(plan: SourcePlan, config: Config, summary: dict, data_dir: str):
