@@ -2,9 +2,11 @@
 
     python -m deploy.export --run-dir runs/r1
 
-The serving signature takes raw inputs (uint8 images as the pipeline stored them) and
-returns `class_ids`, `class_names` and `probabilities`; the normalisation with the
-pipeline's statistics is inside the model, so serving cannot skew from training.
+The serving signatures take the raw inputs a client has (encoded image files, strings,
+float arrays) and return `class_ids`, `class_names` and `probabilities`; decoding,
+tokenisation and the normalisation with the pipeline's statistics are inside the graph, so
+serving cannot skew from training. assets.extra/ holds labels.txt and TF Serving warmup
+requests built from real test examples (tensorflow-serving-api's PredictionLog protos).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from kcp.errors import UserError
 from pipeline import contract as contract_lib
 
 log = logging.getLogger("kcp.export")
+WARMUP_REQUESTS = 100  # TF Serving replays these at load; it accepts at most 1,000
 
 
 def next_version(export_root: str) -> int:
@@ -27,19 +30,37 @@ def next_version(export_root: str) -> int:
     return max(versions, default=0) + 1
 
 
+def client_inputs(contract, inputs) -> list | object:
+    """What a client would send for a batch of stored inputs: PNG bytes for images (lossless),
+    the strings for text, the floats for sequences."""
+    import tensorflow as tf
+
+    if contract.modality == "image":
+        return [tf.io.encode_png(image).numpy() for image in inputs]
+    return inputs
+
+
 def serving_functions(model, contract, vectorizer=None):
     """The tf.functions exported as signatures, keyed by signature name.
 
-    Text signatures take raw strings and tokenise them in the graph with `vectorizer`.
+    image:    serving_default(image_bytes: string [N]) PNG/JPEG/BMP/GIF of any size, decoded
+              and resized in the graph; serve_images(image: uint8 [N, H, W, C])
+    sequence: serving_default(sequence: float32 [N, T, F])
+    text:     serving_default(text: string [N]), tokenised with the run's vocabulary
+    all:      serve_examples(examples: string [N]) serialized tf.train.Example (TFX convention)
+    Outputs: class_ids, class_names, probabilities.
     """
     import tensorflow as tf
 
     class_names = tf.constant(list(contract.class_names))
-    text = contract.modality == "text"
-    dtype = tf.string if text else tf.dtypes.as_dtype(contract.input_spec.dtype)
+    modality = contract.modality
 
-    def predict(inputs):
-        model_inputs = tf.cast(vectorizer(inputs), tf.int32) if text else tf.cast(inputs, tf.float32)
+    def predict(stored_inputs):
+        """From inputs as the contract stores them (uint8 images, floats, strings)."""
+        if modality == "text":
+            model_inputs = tf.cast(vectorizer(stored_inputs), tf.int32)
+        else:
+            model_inputs = tf.cast(stored_inputs, tf.float32)
         probabilities = model(model_inputs, training=False)
         class_ids = tf.argmax(probabilities, axis=-1)
         return {
@@ -48,9 +69,62 @@ def serving_functions(model, contract, vectorizer=None):
             "probabilities": probabilities,
         }
 
-    serve_raw = tf.function(
-        predict, input_signature=[tf.TensorSpec([None, *contract.input_shape], dtype, name=contract.input_feature)])
-    return {"serving_default": serve_raw}
+    def from_examples(examples):
+        inputs, _, _ = contract_lib.parse_examples(contract, examples)
+        return predict(inputs)
+
+    functions = {"serve_examples": tf.function(
+        from_examples, input_signature=[tf.TensorSpec([None], tf.string, name="examples")])}
+    if modality == "image":
+        height, width, channels = contract.input_shape
+
+        def decode(encoded):
+            image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
+            resized = tf.image.resize(image, [height, width], method="bilinear")
+            return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+
+        def from_bytes(image_bytes):
+            images = tf.map_fn(decode, image_bytes, fn_output_signature=tf.TensorSpec([height, width, channels],
+                                                                                      tf.uint8))
+            return predict(images)
+
+        functions["serving_default"] = tf.function(
+            from_bytes, input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+        functions["serve_images"] = tf.function(
+            predict, input_signature=[tf.TensorSpec([None, height, width, channels], tf.uint8, name="image")])
+    elif modality == "text":
+        functions["serving_default"] = tf.function(
+            predict, input_signature=[tf.TensorSpec([None], tf.string, name=contract.input_feature)])
+    else:
+        functions["serving_default"] = tf.function(
+            predict, input_signature=[tf.TensorSpec([None, *contract.input_shape], tf.float32,
+                                                    name=contract.input_feature)])
+    return functions
+
+
+def serving_input_name(contract) -> str:
+    return "image_bytes" if contract.modality == "image" else contract.input_feature
+
+
+def write_warmup_requests(path: str, contract, run_dir: str, name: str, count: int) -> int:
+    """assets.extra/tf_serving_warmup_requests: PredictionLog records of real test inputs."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+    split = "test" if contract.splits.get("test") and contract.splits["test"].count else "train"
+    written = 0
+    with tf.io.TFRecordWriter(path) as writer:
+        for inputs, _, _ in contract_lib.read_split(contract, contract_lib.data_dir(run_dir), split, 1):
+            request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(
+                name=name, signature_name="serving_default"))
+            request.inputs[serving_input_name(contract)].CopyFrom(
+                tf.make_tensor_proto(client_inputs(contract, inputs.numpy())))
+            log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
+            writer.write(log.SerializeToString())
+            written += 1
+            if written >= count:
+                break
+    return written
 
 
 def export_for_serving(config: Config, run_dir: str) -> str:
@@ -80,6 +154,11 @@ def export_for_serving(config: Config, run_dir: str) -> str:
     for name, function in serving_functions(model, contract, vectorizer).items():
         archive.add_endpoint(name, function)
     archive.write_out(temporary, verbose=False)
+    extra = storage.join(temporary, "assets.extra")
+    storage.makedirs(extra)
+    storage.write_text_atomic(storage.join(extra, "labels.txt"), "".join(f"{n}\n" for n in contract.class_names))
+    write_warmup_requests(storage.join(extra, "tf_serving_warmup_requests"), contract, run_dir,
+                          config.export.name, WARMUP_REQUESTS)
     if storage.is_remote(final):
         _copy_tree(temporary, final)
         storage.remove_tree(temporary)

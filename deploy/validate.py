@@ -1,26 +1,45 @@
-"""Check an export against the data: run a split through its serving signature from raw inputs."""
+"""Validation before push: run a split through the export's serving signature from raw inputs.
+
+    kcp validate --run-dir runs/digits [--version N]
+
+The test split goes in as a client would send it (PNG bytes for images, strings for text,
+floats for sequences); the export's accuracy must match the trainer's test accuracy within
+0.5 percentage points and reach `export.min_accuracy` when set. The figures and the verdict
+go to RUN/export/NAME/VERSION/assets.extra/validation.json, which travels with the model.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 
+from kcp import storage
+from kcp.config import Config
+from kcp.errors import UserError
 from pipeline import contract as contract_lib
+
+MAX_DIFFERENCE = 0.005
 
 
 def predict_split(export_dir: str, run_dir: str, split: str = "test", batch_size: int = 256) -> dict:
-    """Loads the SavedModel with `tf.saved_model.load` and predicts a split from raw inputs.
+    """Loads the SavedModel with `tf.saved_model.load` and predicts a split from client inputs.
 
     Returns {"keys", "labels", "class_ids", "probabilities"} as NumPy arrays in shard order.
     """
     import tensorflow as tf
 
+    from deploy.export import client_inputs, serving_input_name
+
     contract = contract_lib.read_contract(run_dir)
-    loaded = tf.saved_model.load(export_dir)
-    serve = loaded.signatures["serving_default"]
+    serve = tf.saved_model.load(export_dir).signatures["serving_default"]
+    name = serving_input_name(contract)
     keys, labels, class_ids, probabilities = [], [], [], []
-    dataset = contract_lib.read_split(contract, contract_lib.data_dir(run_dir), split, batch_size)
-    for inputs, batch_labels, batch_keys in dataset:
-        outputs = serve(**{contract.input_feature: inputs})
+    for inputs, batch_labels, batch_keys in contract_lib.read_split(contract, contract_lib.data_dir(run_dir), split,
+                                                                     batch_size):
+        raw = client_inputs(contract, inputs.numpy())
+        outputs = serve(**{name: tf.constant(raw)})
         keys.append(batch_keys.numpy())
         labels.append(batch_labels.numpy())
         class_ids.append(outputs["class_ids"].numpy())
@@ -37,3 +56,46 @@ def export_accuracy(export_dir: str, run_dir: str, split: str = "test") -> float
     """Accuracy of the reloaded export on a split, fed the raw inputs a client would send."""
     predictions = predict_split(export_dir, run_dir, split)
     return float(np.mean(predictions["class_ids"] == predictions["labels"]))
+
+
+def version_dir(run_dir: str, name: str, version: int | None) -> str:
+    """RUN/export/NAME/VERSION, the newest version when `version` is None."""
+    root = storage.join(run_dir, "export", name)
+    versions = sorted(int(entry) for entry in storage.list_dir(root) if entry.isdigit())
+    if not versions:
+        raise UserError(f"{root}: no exported version; run `kcp export --run-dir {run_dir}` first")
+    if version is None:
+        version = versions[-1]
+    elif version not in versions:
+        raise UserError(f"--version: {version} is not exported under {root} (it has {', '.join(map(str, versions))})")
+    return storage.join(root, str(version))
+
+
+def validate_export(config: Config, run_dir: str, version: int | None = None) -> dict:
+    """Validates one export version; writes and returns its validation.json content."""
+    directory = version_dir(run_dir, config.export.name, version)
+    metrics_path = storage.join(run_dir, "train", "metrics.json")
+    if not storage.exists(metrics_path):
+        raise UserError(f"{metrics_path}: not found; validation compares with the trainer's test metrics")
+    trainer = json.loads(storage.read_text(metrics_path))["test"]["accuracy"]
+    accuracy = export_accuracy(directory, run_dir, "test")
+    reasons = []
+    if abs(accuracy - trainer) > MAX_DIFFERENCE:
+        reasons.append(f"export accuracy {accuracy:.4f} differs from the trainer's {trainer:.4f} by more than "
+                       f"{MAX_DIFFERENCE:.3f}")
+    if config.export.min_accuracy is not None and accuracy < config.export.min_accuracy:
+        reasons.append(f"export accuracy {accuracy:.4f} is below export.min_accuracy {config.export.min_accuracy}")
+    result = {
+        "version": int(os.path.basename(directory.rstrip("/"))),
+        "export_accuracy": accuracy,
+        "trainer_accuracy": trainer,
+        "difference": accuracy - trainer,
+        "max_difference": MAX_DIFFERENCE,
+        "min_accuracy": config.export.min_accuracy,
+        "examples": contract_lib.read_contract(run_dir).splits["test"].count,
+        "blessed": not reasons,
+        "reasons": reasons,
+    }
+    storage.write_text_atomic(storage.join(directory, "assets.extra", "validation.json"),
+                              json.dumps(result, indent=2) + "\n")
+    return result

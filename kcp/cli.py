@@ -34,6 +34,22 @@ EXAMPLES = {
         "kcp run",
         "kcp run --run-dir runs/digits --model cnn --set train.epochs=20",
     ],
+    "validate": [
+        "kcp validate --run-dir runs/digits --set export.min_accuracy=0.95",
+    ],
+    "push": [
+        "kcp push --run-dir runs/digits --to gs://BUCKET/models/digits",
+    ],
+    "serve": [
+        "kcp serve --run-dir runs/digits --port 8501",
+        "curl -s localhost:8501/v1/models/model:predict -d '{\"instances\": [{\"b64\": \"'$(base64 -w0 digit.png)'\"}]}'",
+    ],
+    "predict": [
+        "kcp predict --run-dir runs/digits --input folder:new_images --output predictions.jsonl",
+    ],
+    "report": [
+        "kcp report --run-dir runs/digits",
+    ],
     "describe-model": [
         "kcp describe-model --model resnet --set model.depth=56 --input-shape 32,32,3 --num-classes 10",
         "kcp describe-model --model transformer --input-shape 100 --modality text --vocab-size 20000 --num-classes 2",
@@ -46,6 +62,11 @@ DESCRIPTIONS = {
     "train": "Train a model on RUN/data and write RUN/train/ (model.keras, metrics.json, history.json).",
     "export": "Export RUN/train/model.keras as a SavedModel in RUN/export/NAME/VERSION/.",
     "run": "preprocess, train and export in order, then reload the export and check its accuracy.",
+    "validate": "Run the test split through the export from raw inputs; bless it or not (validation.json).",
+    "push": "Copy a blessed export version to gs:// with the google-cloud-storage client.",
+    "serve": "Serve RUN/export/ over TF Serving's REST API (predict, classify, metadata).",
+    "predict": "Batch prediction with Beam RunInference over the export; writes JSON lines.",
+    "report": "Write RUN/report/index.html: curves, confusion matrix, mistakes, filters, attention, augmentation.",
     "describe-model": "Print a model's layers and parameter count for an input spec or a run's contract.",
 }
 
@@ -77,6 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--source", help="short for --set data.source=SOURCE (e.g. digits)")
         if name in ("train", "run", "describe-model"):
             sub.add_argument("--model", help="short for --set model.name=NAME")
+        if name in ("validate", "push", "predict"):
+            sub.add_argument("--version", type=int, help="export version (default: the newest)")
+        if name == "push":
+            sub.add_argument("--to", required=True, metavar="gs://BUCKET/PATH", help="destination; VERSION is appended")
+            sub.add_argument("--force", action="store_true", help="push a version that is not blessed")
+        if name == "serve":
+            sub.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+            sub.add_argument("--port", type=int, default=8501)
+            sub.add_argument("--max-batch-size", type=int, default=32, help="rows per batched model call")
+            sub.add_argument("--batch-timeout-ms", type=float, default=2.0, help="wait for more rows this long")
+            sub.add_argument("--no-batching", action="store_true", help="one model call per request")
+            sub.add_argument("--max-request-mb", type=float, default=10.0, help="largest request body")
+        if name == "predict":
+            sub.add_argument("--input", required=True, metavar="SOURCE", help="a source URI, as for preprocess")
+            sub.add_argument("--output", required=True, metavar="PATH", help="the JSON-lines file to write")
         if name == "describe-model":
             sub.add_argument("--input-shape", help="one example's shape, e.g. 32,32,3 (image), 100,3 (sequence), 200 (text)")
             sub.add_argument("--num-classes", type=int, help="number of classes")
@@ -199,7 +235,70 @@ def cmd_run(config, run_dir: str, beam_args: list[str]) -> dict:
     say(f"  reloaded  export test accuracy {reloaded:.4f} (trainer {trainer_accuracy:.4f}, "
         f"difference {abs(reloaded - trainer_accuracy):.4f})")
     results["export_accuracy"] = reloaded
+    results.update(cmd_report(config, run_dir, []))
     return results
+
+
+def cmd_validate(config, run_dir: str, beam_args: list[str], args=None) -> dict:
+    from deploy.validate import validate_export
+
+    result = validate_export(config, run_dir, getattr(args, "version", None))
+    verdict = "blessed" if result["blessed"] else "NOT blessed: " + "; ".join(result["reasons"])
+    say(f"[validate] version {result['version']}: export test accuracy {result['export_accuracy']:.4f}, trainer "
+        f"{result['trainer_accuracy']:.4f} (difference {result['difference']:+.4f}) -> {verdict}")
+    return {"validation": result, "exit_code": 0 if result["blessed"] else 1}
+
+
+def cmd_push(config, run_dir: str, beam_args: list[str], args=None) -> dict:
+    from deploy.push import push_export
+    from deploy.validate import version_dir
+
+    directory = version_dir(run_dir, config.export.name, args.version)
+    written = push_export(directory, args.to, force=args.force)
+    say(f"[push] {len(written)} files -> {args.to.rstrip('/')}/{os.path.basename(directory)}/")
+    return {"pushed": written}
+
+
+def cmd_serve(config, run_dir: str, beam_args: list[str], args=None) -> dict:
+    from deploy.server import make_server
+
+    server = make_server(run_dir, args.host, args.port, max_batch_size=args.max_batch_size,
+                         batch_timeout_ms=args.batch_timeout_ms, batching=not args.no_batching,
+                         max_request_bytes=int(args.max_request_mb * 2**20))
+    models = {name: sorted(versions) for name, versions in server.registry.models.items()}
+    say(f"[serve] http://{args.host}:{server.server_address[1]}/v1/models/<name> serving {models or 'nothing yet'}")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return {}
+
+
+def cmd_predict(config, run_dir: str, beam_args: list[str], args=None) -> dict:
+    from deploy.predict import run_batch_prediction
+    from deploy.validate import version_dir
+    from pipeline import contract as contract_lib
+    from pipeline.sources import plan_source
+
+    contract = contract_lib.read_contract(run_dir)
+    directory = version_dir(run_dir, config.export.name, args.version)
+    plan, records = plan_source(args.input, config.data)
+    if plan.modality != contract.modality:
+        raise UserError(f"--input: {args.input} holds {plan.modality}, the model takes {contract.modality}")
+    say(f"[predict] {len(records)} inputs through {directory}")
+    run_batch_prediction(directory, contract.class_names, plan, records, args.output, beam_args)
+    say(f"[predict] -> {args.output}")
+    return {}
+
+
+def cmd_report(config, run_dir: str, beam_args: list[str]) -> dict:
+    from kcp.report import build_report
+
+    path = build_report(run_dir)
+    say(f"[report] {path}")
+    return {"report": path}
 
 
 def model_inputs_from_flags(args):
@@ -232,7 +331,9 @@ def cmd_describe_model(config, args) -> None:
 
 
 COMMANDS = {"preprocess": cmd_preprocess, "train": cmd_train, "export": cmd_export, "run": cmd_run,
-            "describe-model": None}
+            "validate": cmd_validate, "push": cmd_push, "serve": cmd_serve, "predict": cmd_predict,
+            "report": cmd_report, "describe-model": None}
+NEEDS_ARGS = ("validate", "push", "serve", "predict")
 
 
 def main(argv: list[str] | None = None, *, lenient: bool = False) -> int:
@@ -250,7 +351,7 @@ def main(argv: list[str] | None = None, *, lenient: bool = False) -> int:
     _configure_logging(args.verbose)
     if unknown:
         logging.getLogger("kcp").warning("ignoring flags this stage does not know: %s", " ".join(unknown))
-    if beam_args and args.command not in ("preprocess", "run"):
+    if beam_args and args.command not in ("preprocess", "run", "predict"):
         logging.getLogger("kcp").warning("ignoring Beam options after --: %s runs no Beam pipeline", args.command)
     try:
         from kcp import storage
@@ -262,14 +363,17 @@ def main(argv: list[str] | None = None, *, lenient: bool = False) -> int:
         config = resolve_config(args, run_dir)
         storage.makedirs(run_dir)
         storage.write_text_atomic(storage.join(run_dir, "config.yaml"), config.to_yaml())
-        COMMANDS[args.command](config, run_dir, beam_args)
+        if args.command in NEEDS_ARGS:
+            result = COMMANDS[args.command](config, run_dir, beam_args, args)
+        else:
+            result = COMMANDS[args.command](config, run_dir, beam_args)
     except UserError as error:
         if args.verbose:
             traceback.print_exc()
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"kcp {args.command}: error: {message}", file=sys.stderr)
         return 2
-    return 0
+    return result.get("exit_code", 0) if isinstance(result, dict) else 0
 
 
 if __name__ == "__main__":

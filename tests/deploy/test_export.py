@@ -28,16 +28,20 @@ def test_export_accuracy_equals_the_trainers(digits_run):
     assert abs(accuracy - trainer_accuracy) <= 0.002
 
 
-def test_serving_signature_takes_uint8_and_returns_names(digits_run):
+def test_signatures_take_raw_bytes_and_uint8_and_return_names(digits_run):
     loaded = tf.saved_model.load(os.path.join(digits_run, "export", "model", "1"))
-    serve = loaded.signatures["serving_default"]
-    (spec,) = serve.structured_input_signature[1].values()
+    (spec,) = loaded.signatures["serve_images"].structured_input_signature[1].values()
     assert spec.dtype == tf.uint8 and spec.shape.as_list() == [None, 8, 8, 1]
-    outputs = serve(image=tf.zeros([2, 8, 8, 1], tf.uint8))
+    (spec,) = loaded.signatures["serving_default"].structured_input_signature[1].values()
+    assert spec.dtype == tf.string and spec.name == "image_bytes"
+    outputs = loaded.signatures["serve_images"](image=tf.zeros([2, 8, 8, 1], tf.uint8))
     assert set(outputs) == {"class_ids", "class_names", "probabilities"}
     names = [n.decode() for n in outputs["class_names"].numpy()]
     assert names == [str(i) for i in outputs["class_ids"].numpy()]
     np.testing.assert_allclose(outputs["probabilities"].numpy().sum(axis=1), 1.0, atol=1e-5)
+    jpeg = tf.io.encode_jpeg(tf.zeros([32, 40, 3], tf.uint8))  # another format, size and colour
+    from_bytes = loaded.signatures["serving_default"](image_bytes=tf.stack([jpeg]))
+    np.testing.assert_allclose(from_bytes["probabilities"], outputs["probabilities"][:1], atol=1e-6)
 
 
 def test_no_temporary_directory_is_left_behind(digits_run):

@@ -1,0 +1,252 @@
+"""Validate, push, the TF-Serving-compatible REST server over loopback, and batch prediction."""
+
+import base64
+import io
+import json
+import os
+import shutil
+import threading
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from deploy.server import make_server
+from kcp import cli
+from kcp.config import load_config
+from tests.conftest import IN_PROCESS_BEAM
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory):
+    """A colour image folder (3 classes, 10x12 and some 20x24 files) run through run, validate."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for index in range(90):
+        label = index % 3
+        image = np.zeros((10, 12, 3), np.uint8)
+        image[..., label] = 200  # the class is the dominant channel: learnable in a few epochs
+        image = np.clip(image + rng.integers(0, 40, image.shape), 0, 255).astype(np.uint8)
+        if index % 10 == 0:
+            image = np.asarray(Image.fromarray(image).resize((24, 20)))
+        path = root / f"class{label}" / f"{index:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(path)
+    run_dir = str(tmp_path_factory.mktemp("image_run"))
+    assert cli.main(["run", "--source", f"folder:{root}", "--run-dir", run_dir, "--set", "train.epochs=8",
+                     "--set", "model.filters=[8]", "--set", "export.name=colors", "--", *IN_PROCESS_BEAM]) == 0
+    return run_dir, root
+
+
+@pytest.fixture()
+def server(image_run):
+    run_dir, _ = image_run
+    httpd = make_server(run_dir, "127.0.0.1", 0, max_batch_size=16, batch_timeout_ms=20)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def call(url, body=None, raw=None):
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    request = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def png_b64(path) -> str:
+    return base64.b64encode(open(path, "rb").read()).decode()
+
+
+def test_export_has_signatures_labels_and_warmup(image_run):
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    run_dir, _ = image_run
+    version = os.path.join(run_dir, "export", "colors", "1")
+    loaded = tf.saved_model.load(version)
+    assert set(loaded.signatures) == {"serving_default", "serve_images", "serve_examples"}
+    assert open(os.path.join(version, "assets.extra", "labels.txt")).read().split() == ["class0", "class1", "class2"]
+    records = list(tf.data.TFRecordDataset(os.path.join(version, "assets.extra", "tf_serving_warmup_requests")))
+    assert 0 < len(records) <= 1000
+    log = prediction_log_pb2.PredictionLog.FromString(records[0].numpy())
+    request = log.predict_log.request
+    assert request.model_spec.signature_name == "serving_default" and "image_bytes" in request.inputs
+    replay = loaded.signatures["serving_default"](image_bytes=tf.make_ndarray(request.inputs["image_bytes"]))
+    assert replay["probabilities"].shape[1] == 3
+
+
+def test_the_three_signatures_agree(image_run):
+    from pipeline import contract as contract_lib
+
+    run_dir, _ = image_run
+    contract = contract_lib.read_contract(run_dir)
+    loaded = tf.saved_model.load(os.path.join(run_dir, "export", "colors", "1"))
+    serialized = next(iter(tf.data.TFRecordDataset(contract.split_files(contract_lib.data_dir(run_dir), "test"))
+                           .batch(8)))
+    images, _, _ = contract_lib.parse_examples(contract, serialized)
+    by_examples = loaded.signatures["serve_examples"](examples=serialized)["probabilities"].numpy()
+    by_arrays = loaded.signatures["serve_images"](image=images)["probabilities"].numpy()
+    png = tf.stack([tf.io.encode_png(image) for image in images])
+    by_bytes = loaded.signatures["serving_default"](image_bytes=png)["probabilities"].numpy()
+    np.testing.assert_allclose(by_examples, by_arrays, atol=1e-6)
+    np.testing.assert_allclose(by_bytes, by_arrays, atol=1e-6)
+
+
+def test_validation_blesses_a_faithful_export(image_run):
+    run_dir, _ = image_run
+    assert cli.main(["validate", "--run-dir", run_dir]) == 0
+    result = json.load(open(os.path.join(run_dir, "export", "colors", "1", "assets.extra", "validation.json")))
+    assert result["blessed"] is True and abs(result["difference"]) <= 0.005
+    assert result["export_accuracy"] == pytest.approx(result["trainer_accuracy"], abs=0.005)
+
+
+def test_validation_refuses_below_min_accuracy(digits_run, tmp_path):
+    copy = str(tmp_path / "copy")
+    shutil.copytree(digits_run, copy)  # 3 epochs of digits: well below 0.999
+    assert cli.main(["validate", "--run-dir", copy, "--set", "export.min_accuracy=0.999"]) == 1
+    result = json.load(open(os.path.join(copy, "export", "model", "1", "assets.extra", "validation.json")))
+    assert result["blessed"] is False and "below export.min_accuracy 0.999" in result["reasons"][0]
+
+
+def test_push_to_the_emulator_and_refuse_unblessed(image_run, gcs, tmp_path, capsys):
+    from deploy.push import push_export
+
+    run_dir, _ = image_run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(run_dir, copy)
+    assert cli.main(["validate", "--run-dir", copy]) == 0
+    assert cli.main(["push", "--run-dir", copy, "--to", "gs://kcp-test/models/colors"]) == 0
+    names = sorted(blob.name for blob in gcs.list_blobs("kcp-test", prefix="models/colors/1/"))
+    assert "models/colors/1/saved_model.pb" in names and "models/colors/1/assets.extra/validation.json" in names
+    local = sorted(os.path.relpath(os.path.join(d, f), os.path.join(copy, "export", "colors", "1"))
+                   for d, _, files in os.walk(os.path.join(copy, "export", "colors", "1")) for f in files)
+    assert [name[len("models/colors/1/"):] for name in names] == local
+    assert cli.main(["push", "--run-dir", copy, "--to", "gs://kcp-test/models/colors"]) == 2  # never overwritten
+    assert "already exists" in capsys.readouterr().err
+
+    validation = os.path.join(copy, "export", "colors", "1", "assets.extra", "validation.json")
+    result = json.load(open(validation))
+    result.update(blessed=False, reasons=["export accuracy 0.5 is below export.min_accuracy 0.9"])
+    json.dump(result, open(validation, "w"))
+    with pytest.raises(Exception, match="not blessed"):
+        push_export(os.path.join(copy, "export", "colors", "1"), "gs://kcp-test/models/other")
+    assert push_export(os.path.join(copy, "export", "colors", "1"), "gs://kcp-test/models/other", force=True)
+
+
+def test_status_and_metadata(server):
+    url, _ = server
+    code, body = call(f"{url}/v1/models/colors")
+    assert code == 200 and body["model_version_status"][0] == {
+        "version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
+    code, body = call(f"{url}/v1/models/colors/metadata")
+    signatures = body["metadata"]["signature_def"]["signature_def"]
+    assert code == 200 and signatures["serving_default"]["inputs"]["image_bytes"]["dtype"] == "DT_STRING"
+    image = signatures["serve_images"]["inputs"]["image"]
+    assert image["dtype"] == "DT_UINT8"
+    assert [d["size"] for d in image["tensor_shape"]["dim"]] == ["-1", "10", "12", "3"]
+    assert signatures["serving_default"]["outputs"]["probabilities"]["dtype"] == "DT_FLOAT"
+
+
+def test_row_and_columnar_formats_and_another_size(server, image_run):
+    url, _ = server
+    run_dir, root = image_run
+    big = root / "class1" / "010.png"  # saved at 24x20, the model takes 12x10
+    assert Image.open(big).size == (24, 20)
+    loaded = tf.saved_model.load(os.path.join(run_dir, "export", "colors", "1"))
+    expected = loaded.signatures["serving_default"](image_bytes=tf.constant([open(big, "rb").read()]))
+    code, rows = call(f"{url}/v1/models/colors:predict", {"instances": [{"b64": png_b64(big)}]})
+    assert code == 200
+    assert rows["predictions"][0]["class_ids"] == int(expected["class_ids"][0])
+    assert rows["predictions"][0]["class_names"] == expected["class_names"][0].numpy().decode()
+    np.testing.assert_allclose(rows["predictions"][0]["probabilities"], expected["probabilities"][0], atol=1e-6)
+    code, columns = call(f"{url}/v1/models/colors/versions/1:predict",
+                         {"inputs": {"image_bytes": [{"b64": png_b64(big)}, {"b64": png_b64(root / "class0" / "003.png")}]}})
+    assert code == 200 and len(columns["outputs"]["class_ids"]) == 2
+    assert columns["outputs"]["class_ids"][0] == rows["predictions"][0]["class_ids"]
+    array = np.asarray(Image.open(root / "class2" / "005.png")).tolist()
+    code, arrays = call(f"{url}/v1/models/colors:predict", {"signature_name": "serve_images", "instances": [array]})
+    assert code == 200 and arrays["predictions"][0]["class_names"] in ("class0", "class1", "class2")
+    code, classified = call(f"{url}/v1/models/colors:classify", {"examples": [{"image_bytes": {"b64": png_b64(big)}}]})
+    assert code == 200 and [c for c, _ in classified["results"][0]] == ["class0", "class1", "class2"]
+    assert sum(p for _, p in classified["results"][0]) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("path, body, raw, code, message", [
+    ("/v1/models/colors:predict", None, b"{not json", 400, "JSON Parse error"),
+    ("/v1/models/nope:predict", {"instances": [1]}, None, 404, "Servable not found"),
+    ("/v1/models/colors/versions/9:predict", {"instances": [1]}, None, 404, "Servable not found"),
+    ("/v1/models/colors:predict", {"instances": [{"b64": "!!!"}]}, None, 400, "invalid base64"),
+    ("/v1/models/colors:predict", {"instances": [[1, 2, 3]]}, None, 400, "expected strings"),
+    ("/v1/models/colors:predict", {"signature_name": "serve_images", "instances": [[[1, 2]]]}, None, 400, "shape"),
+    ("/v1/models/colors:predict", {"instances": [{"b64": base64.b64encode(b"not an image").decode()}]}, None, 400, ""),
+    ("/v1/models/colors:predict", {"instances": []}, None, 400, "non-empty"),
+    ("/v1/models/colors:predict", {"instances": [1], "inputs": [1]}, None, 400, "exactly one of"),
+    ("/v1/models/colors:predict", {"signature_name": "nope", "instances": [1]}, None, 400, "signature 'nope'"),
+    ("/v1/nothing", None, None, 404, "no such endpoint"),
+])
+def test_bad_requests_get_4xx_with_an_error(server, path, body, raw, code, message):
+    url, _ = server
+    status, answer = call(f"{url}{path}", body, raw)
+    assert status == code and message in answer["error"]
+    assert call(f"{url}/v1/models/colors")[0] == 200  # and the server is still fine
+
+
+def test_request_size_is_limited(image_run):
+    run_dir, _ = image_run
+    httpd = make_server(run_dir, "127.0.0.1", 0, max_request_bytes=1000)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        status, answer = call(f"http://127.0.0.1:{httpd.server_address[1]}/v1/models/colors:predict",
+                              {"instances": ["x" * 5000]})
+        assert status == 413 and "exceeds the limit" in answer["error"]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_concurrent_requests_are_batched(server, image_run):
+    url, httpd = server
+    _, root = image_run
+    body = {"instances": [{"b64": png_b64(root / "class0" / "003.png")}]}
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda _: call(f"{url}/v1/models/colors:predict", body), range(48)))
+    assert all(code == 200 for code, _ in answers)
+    assert len({json.dumps(a["predictions"]) for _, a in answers}) == 1
+    batcher = httpd.registry.models["colors"][1].batchers["serving_default"]
+    assert batcher.batches_run < 48  # several requests shared a model call
+
+
+def test_a_new_version_is_served_without_restart(server, image_run, tmp_path):
+    url, _ = server
+    run_dir, _ = image_run
+    assert cli.main(["export", "--run-dir", run_dir]) == 0
+    code, body = call(f"{url}/v1/models/colors")
+    assert code == 200 and [s["version"] for s in body["model_version_status"]] == ["1", "2"]
+    assert call(f"{url}/v1/models/colors/versions/2:predict", {"instances": [[1, 2]]})[0] == 400  # bad input, v2 found
+    shutil.rmtree(os.path.join(run_dir, "export", "colors", "2"))
+
+
+def test_batch_prediction_matches_the_server(server, image_run, tmp_path):
+    url, _ = server
+    run_dir, root = image_run
+    output = str(tmp_path / "predictions.jsonl")
+    assert cli.main(["predict", "--run-dir", run_dir, "--input", f"folder:{root}", "--output", output,
+                     "--", *IN_PROCESS_BEAM]) == 0
+    lines = [json.loads(line) for line in open(output)]
+    assert len(lines) == 90
+    for line in lines[:12]:
+        code, answer = call(f"{url}/v1/models/colors:predict", {"instances": [{"b64": png_b64(root / line["key"])}]})
+        assert code == 200
+        assert answer["predictions"][0]["class_ids"] == line["class_id"]
+        assert answer["predictions"][0]["class_names"] == line["class_name"]
+        assert max(answer["predictions"][0]["probabilities"]) == pytest.approx(line["probability"], abs=1e-6)
