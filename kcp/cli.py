@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import logging
 import os
 import sys
@@ -33,6 +34,10 @@ EXAMPLES = {
     "run": [
         "kcp run",
         "kcp run --run-dir runs/digits --model cnn --set train.epochs=20",
+    ],
+    "tune": [
+        "kcp tune --run-dir runs/digits --model resnet --set tune.algorithm=bayesian --set tune.max_trials=8",
+        "kcp tune --run-dir gs://B/runs/r --role chief --oracle 10.0.0.2:8000   # and on each worker: --role worker",
     ],
     "validate": [
         "kcp validate --run-dir runs/digits --set export.min_accuracy=0.95",
@@ -62,6 +67,7 @@ DESCRIPTIONS = {
     "train": "Train a model on RUN/data and write RUN/train/ (model.keras, metrics.json, history.json).",
     "export": "Export RUN/train/model.keras as a SavedModel in RUN/export/NAME/VERSION/.",
     "run": "preprocess, train and export in order, then reload the export and check its accuracy.",
+    "tune": "Keras Tuner search over the trainer's configs; writes RUN/tuning/ (trials.csv, best_config.yaml).",
     "validate": "Run the test split through the export from raw inputs; bless it or not (validation.json).",
     "push": "Copy a blessed export version to gs:// with the google-cloud-storage client.",
     "serve": "Serve RUN/export/ over TF Serving's REST API (predict, classify, metadata).",
@@ -96,8 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--verbose", action="store_true", help="debug logging and tracebacks")
         if name in ("preprocess", "run"):
             sub.add_argument("--source", help="short for --set data.source=SOURCE (e.g. digits)")
-        if name in ("train", "run", "describe-model"):
+        if name in ("train", "run", "describe-model", "tune"):
             sub.add_argument("--model", help="short for --set model.name=NAME")
+        if name == "tune":
+            sub.add_argument("--role", choices=("chief", "worker"), help="distributed search: this process's role")
+            sub.add_argument("--oracle", metavar="HOST:PORT", help="the chief's address (KERASTUNER_ORACLE_IP/PORT)")
+            sub.add_argument("--tuner-id", help="this worker's id (default: worker-<host>-<pid>)")
         if name in ("validate", "push", "predict"):
             sub.add_argument("--version", type=int, help="export version (default: the newest)")
         if name == "push":
@@ -239,6 +249,33 @@ def cmd_run(config, run_dir: str, beam_args: list[str]) -> dict:
     return results
 
 
+def cmd_tune(config, run_dir: str, beam_args: list[str], args=None) -> dict:
+    import socket
+
+    from tuning.search import retrain_best, run_search
+
+    if args.role:
+        if not args.oracle or ":" not in args.oracle:
+            raise UserError("--oracle: a distributed search needs the chief's HOST:PORT")
+        host, port = args.oracle.rsplit(":", 1)
+        tuner_id = "chief" if args.role == "chief" else (args.tuner_id or f"worker-{socket.gethostname()}-{os.getpid()}")
+        if args.role == "worker" and "chief" in tuner_id:
+            raise UserError(f"--tuner-id: {tuner_id!r} contains 'chief', which Keras Tuner reserves for the chief")
+        os.environ.update(KERASTUNER_TUNER_ID=tuner_id, KERASTUNER_ORACLE_IP=host, KERASTUNER_ORACLE_PORT=port)
+    role = os.environ.get("KERASTUNER_TUNER_ID", "")
+    say(f"[tune] {config.tune.algorithm} over {config.model.name}"
+        + (f" as {role} of {os.environ.get('KERASTUNER_ORACLE_IP')}:{os.environ.get('KERASTUNER_ORACLE_PORT')}"
+           if role else f", {config.tune.max_trials} trials"))
+    result = run_search(config, run_dir)
+    if result.get("best_trial") is not None:
+        say(f"[tune] best trial {result['best_trial']}: {result['objective']} {result['best_score']:.4f} "
+            f"{json.dumps(result['hyperparameters'])} -> {run_dir}/tuning/best_config.yaml")
+    if config.tune.retrain_best and "chief" not in role and "worker" not in role:
+        result["retrained"] = retrain_best(config, run_dir)
+        say(f"[tune] retrained the best config on train + validation, exported to {result['retrained']['export_dir']}")
+    return {"tuning": result}
+
+
 def cmd_validate(config, run_dir: str, beam_args: list[str], args=None) -> dict:
     from deploy.validate import validate_export
 
@@ -331,9 +368,9 @@ def cmd_describe_model(config, args) -> None:
 
 
 COMMANDS = {"preprocess": cmd_preprocess, "train": cmd_train, "export": cmd_export, "run": cmd_run,
-            "validate": cmd_validate, "push": cmd_push, "serve": cmd_serve, "predict": cmd_predict,
+            "tune": cmd_tune, "validate": cmd_validate, "push": cmd_push, "serve": cmd_serve, "predict": cmd_predict,
             "report": cmd_report, "describe-model": None}
-NEEDS_ARGS = ("validate", "push", "serve", "predict")
+NEEDS_ARGS = ("tune", "validate", "push", "serve", "predict")
 
 
 def main(argv: list[str] | None = None, *, lenient: bool = False) -> int:

@@ -212,6 +212,7 @@ class TrainConfig:
     shuffle_buffer: int = option(10_000, minimum=1)
     cache: bool = option(True, help="keep the serialized records in memory after the first epoch")
     deterministic: bool = option(False, help="deterministic input order and ops (slower; for tests)")
+    include_validation: bool = option(False, help="fit on train + validation (the final run after tuning)")
 
     def __post_init__(self):
         if self.learning_rate <= 0:
@@ -225,9 +226,13 @@ class TrainConfig:
 @dataclass(frozen=True)
 class TuneConfig:
     algorithm: str = option("random", choices=("random", "grid", "hyperband", "bayesian"))
-    max_trials: int = option(10, minimum=1)
+    max_trials: int = option(10, minimum=1, help="trials (hyperband sizes its brackets from train.epochs instead)")
     objective: str = option("val_accuracy")
     direction: str = option("max", choices=("min", "max"))
+    executions_per_trial: int = option(1, minimum=1)
+    early_stopping_patience: int = option(3, minimum=0, help="epochs without improvement inside a trial; 0 off")
+    space: dict = option(None, help="config key -> [choices] or {min, max, step, sampling}; null: the family's default")
+    retrain_best: bool = option(False, help="retrain the best config on train + validation and export it")
 
 
 @dataclass(frozen=True)
@@ -289,6 +294,12 @@ def _coerce(key: str, value: Any, annotation: Any):
         if not isinstance(value, str):
             raise ConfigError(f"{key}: {value!r} is not a string")
         return value
+    if annotation is dict:
+        if value is None:
+            return None
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key}: {value!r} is not a mapping of keys to values")
+        return dict(value)
     if annotation is tuple:
         if not isinstance(value, (list, tuple)) or any(isinstance(v, (list, dict)) for v in value):
             raise ConfigError(f"{key}: {value!r} is not a list of values")

@@ -218,7 +218,7 @@ def parse_examples(contract: DataContract, serialized):
     return inputs, parsed[LABEL_FEATURE], parsed[KEY_FEATURE]
 
 
-def read_split(contract: DataContract, data_dir: str, split: str, batch_size: int, *, shuffle_buffer: int = 0,
+def read_split(contract: DataContract, data_dir: str, split, batch_size: int, *, shuffle_buffer: int = 0,
                seed=None, deterministic: bool = True, cache: bool = False, drop_remainder: bool = False):
     """A `tf.data.Dataset` of batches `(inputs, labels, keys)` from one split's shards.
 
@@ -229,10 +229,10 @@ def read_split(contract: DataContract, data_dir: str, split: str, batch_size: in
     """
     import tensorflow as tf
 
-    files = contract.split_files(data_dir, split)
+    names = [split] if isinstance(split, str) else list(split)  # several splits read as one
+    files = [path for name in names for path in contract.split_files(data_dir, name)]
     if not files:
-        raise ContractError(f"{data_dir}: no TFRecord files match split {split!r} "
-                            f"({contract.splits[split].file_pattern})")
+        raise ContractError(f"{data_dir}: no TFRecord files match split {split!r}")
     compression = "GZIP" if contract.compression == "gzip" else ""
     autotune = tf.data.AUTOTUNE
     dataset = tf.data.Dataset.from_tensor_slices(files)
@@ -247,7 +247,7 @@ def read_split(contract: DataContract, data_dir: str, split: str, batch_size: in
         dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     # The contract knows the count: a known cardinality gives Keras its steps per epoch.
-    count = contract.splits[split].count
+    count = sum(contract.splits[name].count for name in names)
     batches = count // batch_size if drop_remainder else -(-count // batch_size)
     dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches))
     return dataset.map(lambda serialized: parse_examples(contract, serialized),

@@ -41,7 +41,8 @@ def make_dataset(contract, data_dir: str, split: str, config: TrainConfig, *, gl
         # worker reads everything and keeps its share of the batches.
         options = tf.data.Options()
         policy = tf.data.experimental.AutoShardPolicy
-        enough_files = contract.splits[split].num_shards >= workers
+        names = [split] if isinstance(split, str) else split
+        enough_files = sum(contract.splits[name].num_shards for name in names) >= workers
         options.experimental_distribute.auto_shard_policy = policy.FILE if enough_files else policy.DATA
         dataset = dataset.with_options(options)
     return dataset.prefetch(tf.data.AUTOTUNE)

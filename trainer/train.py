@@ -181,7 +181,9 @@ def train(config: Config, run_dir: str) -> dict:
                             vectorizer=vectorizer)
 
     evaluation = {split: dataset(split, training=False) for split in splits}
-    steps = steps_per_epoch(contract.splits["train"].count, global_batch, drop_remainder)
+    fitted = contract.splits["train"].count + (contract.splits["validation"].count if train_config.include_validation
+                                                 and "validation" in contract.splits else 0)
+    steps = steps_per_epoch(fitted, global_batch, drop_remainder)
     model_config = config.model
     if model_config.sync_batch_norm is None:
         model_config = dataclasses.replace(model_config, sync_batch_norm=replicas > 1)
@@ -190,10 +192,12 @@ def train(config: Config, run_dir: str) -> dict:
         model.compile(optimizer=make_optimizer(train_config, learning_rate(train_config, steps)), loss=loss,
                       metrics=metrics, jit_compile="auto" if train_config.jit_compile is None else train_config.jit_compile,
                       steps_per_execution=train_config.steps_per_execution)
-    callbacks, timer = make_callbacks(train_config, paths, "validation" in evaluation)
+    fit_splits = ["train", "validation"] if train_config.include_validation and "validation" in evaluation else "train"
+    validation = None if fit_splits != "train" else evaluation.get("validation")
+    callbacks, timer = make_callbacks(train_config, paths, validation is not None)
     log.info("train: %s on %d replica(s), global batch %d, %d steps per epoch", config.model.name, replicas,
              global_batch, steps)
-    history = model.fit(dataset("train", training=True), validation_data=evaluation.get("validation"),
+    history = model.fit(dataset(fit_splits, training=True), validation_data=validation,
                         epochs=train_config.epochs, callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 2,
                         shuffle=False)  # the tf.data pipeline shuffles
 
@@ -205,7 +209,7 @@ def train(config: Config, run_dir: str) -> dict:
     metrics_json = {
         **results,
         "epochs": epochs_done,
-        "examples_per_second": examples_per_second(contract.splits["train"].count, timer.epoch_seconds),
+        "examples_per_second": examples_per_second(fitted, timer.epoch_seconds),
         "wall_seconds": time.perf_counter() - started,
         "model": config.model.name,
         "params": int(model.count_params()),

@@ -1,0 +1,147 @@
+"""Keras Tuner search over the trainer's configs: algorithms, results, grid, distributed, resume."""
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from kcp.config import ConfigError, load_config
+from tests.conftest import fresh_run
+from tuning.search import run_search, search_space
+
+SMALL = ["model.filters=[8]", "train.epochs=2", "tune.early_stopping_patience=0"]
+QUIET = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+
+
+def read_trials(run_dir):
+    with open(os.path.join(run_dir, "tuning", "trials.csv")) as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.parametrize("algorithm", ["random", "grid", "bayesian", "hyperband"])
+def test_each_algorithm_runs_and_writes_its_results(digits_data, tmp_path, algorithm):
+    run_dir = fresh_run(digits_data, tmp_path)
+    epochs = ["train.epochs=3"] if algorithm == "hyperband" else []  # its brackets come from max epochs
+    config = load_config([], [*SMALL, *epochs, f"tune.algorithm={algorithm}", "tune.max_trials=3",
+                              "tune.space={train.learning_rate: {min: 1.0e-3, max: 1.0e-2, sampling: log}, "
+                              "model.kernel_size: [3, 5]}"])
+    result = run_search(config, run_dir)
+    trials = read_trials(run_dir)
+    assert len(trials) >= 3 if algorithm == "hyperband" else len(trials) == 3
+    assert all(t["status"] == "COMPLETED" and 0 < float(t["val_accuracy"]) <= 1 for t in trials)
+    assert all(float(t["seconds"]) > 0 for t in trials)
+    tuning = os.path.join(run_dir, "tuning")
+    best = json.load(open(os.path.join(tuning, "best_hparams.json")))
+    assert best["best_score"] == pytest.approx(max(float(t["val_accuracy"]) for t in trials), abs=1e-6)
+    assert best["best_score"] == result["best_score"]
+    assert set(best["hyperparameters"]) == {"train.learning_rate", "model.kernel_size"}
+    assert os.path.getsize(os.path.join(tuning, "trials.png")) > 5000
+    from kcp.config import read_yaml_file
+
+    best_config = load_config([read_yaml_file(os.path.join(tuning, "best_config.yaml"))])  # `kcp train --config` takes it
+    assert best_config.model.kernel_size == best["hyperparameters"]["model.kernel_size"]
+
+
+def test_grid_enumerates_exactly_its_grid(digits_data, tmp_path):
+    run_dir = fresh_run(digits_data, tmp_path)
+    config = load_config([], [*SMALL, "tune.algorithm=grid", "tune.max_trials=20",
+                              "tune.space={model.kernel_size: [3, 5], model.batch_norm: [true, false]}"])
+    run_search(config, run_dir)
+    combos = sorted((t["model.kernel_size"], t["model.batch_norm"]) for t in read_trials(run_dir))
+    assert combos == [("3", "False"), ("3", "True"), ("5", "False"), ("5", "True")]
+
+
+@pytest.mark.parametrize("space, message", [
+    ("{model.nope: [1, 2]}", "tune.space: 'model.nope' is not a data, model or train key"),
+    ("{train.learning_rate: {min: 0.1}}", "tune.space.train.learning_rate: a range needs min and max"),
+    ("{train.learning_rate: {min: 0.1, max: 0.01}}", "min 0.1 must be below max 0.01"),
+    ("{model.cell: [lstm, nope]}", "model.cell: 'nope' is not one of simple, lstm, gru"),
+    ("{model.units: 64}", "expected a list of choices or a {min, max} range"),
+])
+def test_bad_search_spaces_fail_before_any_trial(space, message):
+    with pytest.raises(ConfigError, match=message.replace("{", "\\{").replace("}", "\\}")):
+        search_space(load_config([], [f"tune.space={space}"]))
+
+
+def test_each_family_has_a_valid_default_space():
+    for family in ("cnn", "resnet", "rnn", "transformer"):
+        assert search_space(load_config([], [f"model.name={family}"]))
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tune_process(run_dir, *extra):
+    argv = [sys.executable, "-m", "tuning.task", "--run-dir", run_dir]
+    for override in (*SMALL, "tune.algorithm=random", "tune.max_trials=6",
+                     "tune.space={train.learning_rate: {min: 1.0e-4, max: 1.0e-1, sampling: log}}"):
+        argv += ["--set", override]
+    return subprocess.Popen([*argv, *extra], env=QUIET, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_chief_and_two_workers_run_each_trial_once_and_exit(digits_data, tmp_path):
+    run_dir = fresh_run(digits_data, tmp_path)
+    oracle = f"127.0.0.1:{free_port()}"
+    chief = tune_process(run_dir, "--role", "chief", "--oracle", oracle)
+    time.sleep(3)
+    workers = [tune_process(run_dir, "--role", "worker", "--oracle", oracle, "--tuner-id", f"worker{i}")
+               for i in range(2)]
+    outputs = [process.communicate(timeout=600)[0] for process in (*workers, chief)]
+    finished = time.time()
+    for process, output in zip((*workers, chief), outputs):
+        assert process.returncode == 0, output[-3000:]
+    trials = read_trials(run_dir)
+    assert len(trials) == 6 and len({t["trial_id"] for t in trials}) == 6
+    assert all(t["status"] == "COMPLETED" for t in trials)
+    last_trial = os.path.getmtime(os.path.join(run_dir, "tuning", "trial_stats.json"))
+    assert finished - last_trial < 60
+
+
+def test_a_killed_chief_resumes_without_repeating_finished_trials(digits_data, tmp_path):
+    run_dir = fresh_run(digits_data, tmp_path)
+    seconds = os.path.join(run_dir, "tuning", "trial_stats.json")
+    process = tune_process(run_dir)  # a single process is its own chief
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if os.path.exists(seconds) and len(json.load(open(seconds))) >= 2:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    process.communicate(timeout=60)
+    done_before = json.load(open(seconds))
+    resumed = tune_process(run_dir)
+    output = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, output[-3000:]
+    trials = read_trials(run_dir)
+    assert len(trials) == 6 and all(t["status"] == "COMPLETED" for t in trials)
+    after = json.load(open(seconds))
+    for trial_id, took in done_before.items():
+        assert after[trial_id] == took  # a finished trial was never run again
+
+
+def test_retrain_best_trains_on_train_and_validation_and_exports(digits_data, tmp_path):
+    from kcp import cli
+
+    run_dir = fresh_run(digits_data, tmp_path)
+    code = cli.main(["tune", "--run-dir", run_dir, "--set", "tune.max_trials=2", "--set", "tune.retrain_best=true",
+                     "--set", "model.filters=[8]", "--set", "train.epochs=2"])
+    assert code == 0
+    history = json.load(open(os.path.join(run_dir, "train", "history.json")))
+    assert "val_accuracy" not in history  # validation was part of the training data
+    metrics = json.load(open(os.path.join(run_dir, "train", "metrics.json")))
+    assert metrics["examples_per_second"] > 0
+    assert os.path.exists(os.path.join(run_dir, "export", "model", "1", "saved_model.pb"))
+    best = json.load(open(os.path.join(run_dir, "tuning", "best_hparams.json")))
+    from kcp.config import read_yaml_file
+
+    assert read_yaml_file(os.path.join(run_dir, "config.yaml"))["tune"]["retrain_best"] is True
+    assert set(best["hyperparameters"]) == {"model.kernel_size", "model.dropout", "train.learning_rate"}

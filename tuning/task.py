@@ -1,0 +1,20 @@
+"""Vertex AI / cloud launcher entry of the tuner.
+
+    python -m tuning.task --job-dir gs://bucket/runs/r1 --set tune.algorithm=bayesian
+
+Flags are those of `kcp tune`; unknown launcher flags are ignored with a warning. For a
+distributed search, give `--role chief|worker` and `--oracle HOST:PORT`, or set Keras
+Tuner's KERASTUNER_TUNER_ID, KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT.
+"""
+
+from __future__ import annotations
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kcp import cli
+
+    return cli.main(["tune", *(argv if argv is not None else cli.sys_argv())], lenient=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
