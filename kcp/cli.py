@@ -193,7 +193,7 @@ def say(text: str) -> None:
 
 # --- commands ---------------------------------------------------------------------------
 
-def cmd_preprocess(config, run_dir: str, beam_args: list[str]) -> dict:
+def cmd_preprocess(config, run_dir: str, beam_args: list[str], args=None) -> dict:
     from pipeline.preprocess import run_preprocess
 
     say(f"[preprocess] {config.data.source} -> {run_dir}/data")
@@ -203,7 +203,7 @@ def cmd_preprocess(config, run_dir: str, beam_args: list[str]) -> dict:
     return {"contract": contract}
 
 
-def cmd_train(config, run_dir: str, beam_args: list[str]) -> dict:
+def cmd_train(config, run_dir: str, beam_args: list[str], args=None) -> dict:
     from trainer.train import train
 
     say(f"[train] {config.model.name}, {config.train.epochs} epochs, batch {config.train.batch_size}, "
@@ -214,7 +214,7 @@ def cmd_train(config, run_dir: str, beam_args: list[str]) -> dict:
     return {"metrics": metrics}
 
 
-def cmd_export(config, run_dir: str, beam_args: list[str]) -> dict:
+def cmd_export(config, run_dir: str, beam_args: list[str], args=None) -> dict:
     from deploy.export import export_for_serving
 
     path = export_for_serving(config, run_dir)
@@ -222,14 +222,14 @@ def cmd_export(config, run_dir: str, beam_args: list[str]) -> dict:
     return {"export_dir": path}
 
 
-def cmd_run(config, run_dir: str, beam_args: list[str]) -> dict:
+def cmd_run(config, run_dir: str, beam_args: list[str], args=None) -> dict:
     from deploy.validate import export_accuracy
 
     started = time.perf_counter()
     results = {}
-    results.update(cmd_preprocess(config, run_dir, beam_args))
-    results.update(cmd_train(config, run_dir, []))
-    results.update(cmd_export(config, run_dir, []))
+    results.update(cmd_preprocess(config, run_dir, beam_args, args))
+    results.update(cmd_train(config, run_dir, [], args))
+    results.update(cmd_export(config, run_dir, [], args))
     trainer_accuracy = results["metrics"]["test"]["accuracy"]
     reloaded = export_accuracy(results["export_dir"], run_dir, "test")
     metrics, contract = results["metrics"], results["contract"]
@@ -245,7 +245,7 @@ def cmd_run(config, run_dir: str, beam_args: list[str]) -> dict:
     say(f"  reloaded  export test accuracy {reloaded:.4f} (trainer {trainer_accuracy:.4f}, "
         f"difference {abs(reloaded - trainer_accuracy):.4f})")
     results["export_accuracy"] = reloaded
-    results.update(cmd_report(config, run_dir, []))
+    results.update(cmd_report(config, run_dir, [], args))
     return results
 
 
@@ -330,7 +330,7 @@ def cmd_predict(config, run_dir: str, beam_args: list[str], args=None) -> dict:
     return {}
 
 
-def cmd_report(config, run_dir: str, beam_args: list[str]) -> dict:
+def cmd_report(config, run_dir: str, beam_args: list[str], args=None) -> dict:
     from kcp.report import build_report
 
     path = build_report(run_dir)
@@ -370,7 +370,6 @@ def cmd_describe_model(config, args) -> None:
 COMMANDS = {"preprocess": cmd_preprocess, "train": cmd_train, "export": cmd_export, "run": cmd_run,
             "tune": cmd_tune, "validate": cmd_validate, "push": cmd_push, "serve": cmd_serve, "predict": cmd_predict,
             "report": cmd_report, "describe-model": None}
-NEEDS_ARGS = ("tune", "validate", "push", "serve", "predict")
 
 
 def main(argv: list[str] | None = None, *, lenient: bool = False) -> int:
@@ -400,10 +399,7 @@ def main(argv: list[str] | None = None, *, lenient: bool = False) -> int:
         config = resolve_config(args, run_dir)
         storage.makedirs(run_dir)
         storage.write_text_atomic(storage.join(run_dir, "config.yaml"), config.to_yaml())
-        if args.command in NEEDS_ARGS:
-            result = COMMANDS[args.command](config, run_dir, beam_args, args)
-        else:
-            result = COMMANDS[args.command](config, run_dir, beam_args)
+        result = COMMANDS[args.command](config, run_dir, beam_args, args)
     except UserError as error:
         if args.verbose:
             traceback.print_exc()
