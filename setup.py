@@ -20,6 +20,8 @@ setup(
         "tensorboard>=2.16",  # TF 2.21 no longer requires it; the trainer's TensorBoard callback does
         "tensorflow-serving-api>=2.16,<2.22",  # PredictionLog protos for the export's warmup requests
         "google-cloud-storage>=2",  # kcp push
+        "tensorflow-datasets>=4.9",  # the tfds: source
+        "keras-tuner[bayesian]>=1.4",  # kcp tune (the bayesian extra brings scipy and scikit-learn)
         "apache-beam>=2.60,<3",
         "google-crc32c>=1.5",  # Beam's TFRecord framing needs a CRC32C; [gcp] brings it, the core did not
         "numpy>=1.26",
