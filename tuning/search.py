@@ -249,6 +249,34 @@ def write_results(tuner, config: Config, run_dir: str, space: dict) -> dict:
     return result
 
 
+CHIEF_GONE_SECONDS = 30
+
+
+def watch_chief(host: str, port: int, grace_seconds: float = CHIEF_GONE_SECONDS, interval: float = 2.0) -> None:
+    """Ends this worker process (exit 0) once the chief has been unreachable for `grace_seconds`.
+
+    Keras Tuner's client waits for the chief with no deadline, so without this a worker whose
+    chief died would hang forever. Its finished trials are already with the chief's oracle.
+    """
+    import socket
+    import threading
+
+    def watch():
+        last_seen = time.monotonic()
+        while True:
+            try:
+                socket.create_connection((host, port), timeout=interval).close()
+                last_seen = time.monotonic()
+            except OSError:
+                if time.monotonic() - last_seen > grace_seconds:
+                    log.warning("tune: the chief at %s:%d is gone; this worker stops", host, port)
+                    logging.shutdown()
+                    os._exit(0)  # noqa: SLF001  the search thread is blocked inside grpc
+            time.sleep(interval)
+
+    threading.Thread(target=watch, name="chief-watchdog", daemon=True).start()
+
+
 def run_search(config: Config, run_dir: str) -> dict:
     """Runs (or resumes) the search; the chief of a distributed search only serves the oracle."""
     import keras
@@ -259,14 +287,10 @@ def run_search(config: Config, run_dir: str) -> dict:
     keras.utils.set_random_seed(config.train.seed)
     tuner_id = os.environ.get("KERASTUNER_TUNER_ID", "")
     worker = bool(tuner_id) and "chief" not in tuner_id
+    if worker:
+        watch_chief(os.environ["KERASTUNER_ORACLE_IP"], int(os.environ["KERASTUNER_ORACLE_PORT"]))
     tuner = make_tuner(config, run_dir, make_hypermodel(config, run_dir, space), directory)
-    try:
-        tuner.search(epochs=config.train.epochs, verbose=0)
-    except Exception as error:  # noqa: BLE001  grpc's errors have no common importable base here
-        if worker and "UNAVAILABLE" in str(error):
-            log.warning("tune: the chief is gone; this worker stops (%s)", str(error).splitlines()[0])
-            return {"role": tuner_id, "chief_gone": True}
-        raise
+    tuner.search(epochs=config.train.epochs, verbose=0)
     if worker:  # a worker holds only a client of the chief's oracle: the chief writes the results
         return {"role": tuner_id}
     return write_results(tuner, config, run_dir, space)

@@ -145,3 +145,21 @@ def test_retrain_best_trains_on_train_and_validation_and_exports(digits_data, tm
 
     assert read_yaml_file(os.path.join(run_dir, "config.yaml"))["tune"]["retrain_best"] is True
     assert set(best["hyperparameters"]) == {"model.kernel_size", "model.dropout", "train.learning_rate"}
+
+
+def test_workers_exit_cleanly_when_the_chief_is_gone(digits_data, tmp_path):
+    run_dir = fresh_run(digits_data, tmp_path)
+    oracle = f"127.0.0.1:{free_port()}"
+    chief = tune_process(run_dir, "--role", "chief", "--oracle", oracle)
+    worker = tune_process(run_dir, "--role", "worker", "--oracle", oracle, "--tuner-id", "worker0")
+    stats = os.path.join(run_dir, "tuning", "trial_stats.json")
+    deadline = time.time() + 300
+    while time.time() < deadline and not os.path.exists(stats):  # the worker finished a trial
+        time.sleep(0.2)
+    chief.send_signal(signal.SIGKILL)
+    chief.communicate(timeout=60)
+    started = time.time()
+    output = worker.communicate(timeout=180)[0]
+    assert worker.returncode == 0, output[-2000:]
+    assert time.time() - started < 90  # the watchdog's 30 s grace, plus a trial in progress
+    assert "the chief at 127.0.0.1" in output and "is gone" in output
