@@ -48,9 +48,20 @@ class RequestError(Exception):
 class LoadedVersion:
     version: int
     path: str
-    signatures: dict  # name -> concrete function
+    model: object  # what tf.saved_model.load returned; keeps the signatures' variables alive
     class_names: list  # from the export's assets.extra/labels.txt
     batchers: dict = field(default_factory=dict)
+
+    @property
+    def signatures(self) -> dict:
+        return dict(self.model.signatures)
+
+    def signature(self, name: str):
+        """The concrete function of signature `name`, or a 400 naming the ones there are."""
+        function = self.model.signatures.get(name)
+        if function is None:
+            raise RequestError(f"signature {name!r} not found; this model has {', '.join(self.model.signatures)}")
+        return function
 
 
 def _decode_value(value):
@@ -156,7 +167,7 @@ class Batcher:
                 merged = {name: tf.concat([inputs[name] for inputs, _ in pending], axis=0) for name in pending[0][0]}
                 outputs = {name: value.numpy() for name, value in self.function(**merged).items()}
                 self.batches_run += 1
-            except Exception as error:  # noqa: BLE001  one bad batch must not stop the batcher
+            except Exception:  # noqa: BLE001  one bad batch must not stop the batcher
                 # fall back to one call each, so a bad request fails alone
                 for inputs, future in pending:
                     try:
@@ -203,12 +214,10 @@ class ModelRegistry:
                 except Exception as error:  # noqa: BLE001  a broken export must not stop the server
                     log.error("serve: cannot load %s: %s", path, error)
                     continue
-                signatures = dict(loaded.signatures)
-                signatures["_object"] = loaded  # keep the loaded object (and its variables) alive
                 labels = os.path.join(path, "assets.extra", "labels.txt")
                 class_names = open(labels).read().splitlines() if os.path.exists(labels) else []
                 with self.lock:
-                    self.models.setdefault(name, {})[version] = LoadedVersion(version, path, signatures, class_names)
+                    self.models.setdefault(name, {})[version] = LoadedVersion(version, path, loaded, class_names)
                 log.info("serve: loaded %s version %d", name, version)
 
     def get(self, name: str, version: str | None) -> LoadedVersion:
@@ -224,10 +233,7 @@ class ModelRegistry:
             return versions[int(version)]
 
     def call(self, loaded: LoadedVersion, signature: str, inputs: dict) -> dict:
-        function = loaded.signatures.get(signature)
-        if function is None or signature == "_object":
-            names = ", ".join(n for n in loaded.signatures if n != "_object")
-            raise RequestError(f"signature {signature!r} not found; this model has {names}")
+        function = loaded.signature(signature)
         if not self.batching:
             return {name: value.numpy() for name, value in function(**inputs).items()}
         with self.lock:
@@ -291,8 +297,6 @@ def tensor_info(spec) -> dict:
 def metadata(name: str, loaded: LoadedVersion) -> dict:
     signatures = {}
     for signature, function in loaded.signatures.items():
-        if signature == "_object":
-            continue
         signatures[signature] = {
             "inputs": {n: tensor_info(s) for n, s in input_specs(function).items()},
             "outputs": {n: tensor_info(s) for n, s in function.structured_outputs.items()},
@@ -363,18 +367,12 @@ def make_handler(registry: ModelRegistry, max_request_bytes: int):
                 if not isinstance(body, dict):
                     raise RequestError("the request body must be a JSON object")
                 loaded = registry.get(name, version)
+                signature = body.get("signature_name") or "serving_default"
+                function = loaded.signature(signature)
                 if rest == ":predict":
-                    signature = body.get("signature_name") or "serving_default"
-                    function = loaded.signatures.get(signature)
-                    if function is None or signature == "_object":
-                        raise RequestError(f"signature {signature!r} not found")
                     inputs, form = parse_predict_body(body, input_specs(function))
                     self._send(HTTPStatus.OK, format_predictions(registry.call(loaded, signature, inputs), form))
                 else:
-                    signature = body.get("signature_name") or "serving_default"
-                    function = loaded.signatures.get(signature)
-                    if function is None or signature == "_object":
-                        raise RequestError(f"signature {signature!r} not found")
                     examples = body.get("examples")
                     if not isinstance(examples, list) or not examples:
                         raise RequestError("'examples' must be a non-empty list")

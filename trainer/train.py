@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -57,7 +56,7 @@ class TrainPaths:
         return cls(
             train_dir=train_dir,
             outputs=outputs,
-            checkpoints=storage.join(checkpoint_root, "checkpoints") if chief else tempfile.mkdtemp(),
+            checkpoints=storage.join(checkpoint_root if chief else outputs, "checkpoints"),
             backup=backup,
             logs=os.environ.get("AIP_TENSORBOARD_LOG_DIR") or storage.join(train_dir, "logs"),
             model_copy=os.environ.get("AIP_MODEL_DIR") if chief else None,

@@ -1,7 +1,6 @@
 """Validate, push, the TF-Serving-compatible REST server over loopback, and batch prediction."""
 
 import base64
-import io
 import json
 import os
 import shutil
@@ -17,7 +16,6 @@ from PIL import Image
 
 from deploy.server import make_server
 from kcp import cli
-from kcp.config import load_config
 from tests.conftest import IN_PROCESS_BEAM
 
 

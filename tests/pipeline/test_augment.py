@@ -1,5 +1,4 @@
 import numpy as np
-import pytest
 
 from kcp.config import load_config
 from pipeline.augment import augment_image, augment_sequence, augment_text, augmented_copies, rng_for
