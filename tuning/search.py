@@ -161,6 +161,9 @@ def make_tuner(config: Config, run_dir: str, hypermodel, directory: str):
     import keras
     import keras_tuner as kt
 
+    from trainer import compat
+
+    compat.patch_keras_tuner_atomic_json()
     tune = config.tune
     objective = kt.Objective(tune.objective, direction=tune.direction)
     common = dict(objective=objective, executions_per_trial=tune.executions_per_trial, directory=directory,
@@ -172,25 +175,40 @@ def make_tuner(config: Config, run_dir: str, hypermodel, directory: str):
 
     class TimedTuner(base):
         """Times each trial, records the process's RSS after it, and releases the Keras session
-        between trials, so trials in one process do not grow its memory."""
+        between trials, so trials in one process do not grow its memory.
+
+        The figures are written only after Keras Tuner has saved the trial as ended, so a
+        trial in trial_stats.json is a finished one even when the process is killed between
+        the two writes (it is then re-run on resume, and its figures written then)."""
 
         def run_trial(self, trial, *args, **kwargs):
             started = time.perf_counter()
             try:
                 return super().run_trial(trial, *args, **kwargs)
             finally:
-                stats = json.loads(storage.read_text(stats_path)) if storage.exists(stats_path) else {}
-                stats[trial.trial_id] = {"seconds": time.perf_counter() - started, "rss_mb": resident_mb()}
-                storage.write_text_atomic(stats_path, json.dumps(stats))
+                self._kcp_stats = {"seconds": time.perf_counter() - started, "rss_mb": resident_mb()}
 
         def on_trial_end(self, trial):
             super().on_trial_end(trial)
+            measured = getattr(self, "_kcp_stats", None)
+            self._kcp_stats = None
+            if measured is not None:
+                stats = json.loads(storage.read_text(stats_path)) if storage.exists(stats_path) else {}
+                stats[trial.trial_id] = measured
+                storage.write_text_atomic(stats_path, json.dumps(stats))
             keras.backend.clear_session()
             gc.collect()
 
     if tune.algorithm == "hyperband":
         return TimedTuner(hypermodel, max_epochs=config.train.epochs, factor=3, **common)
     return TimedTuner(hypermodel, max_trials=tune.max_trials, **common)
+
+
+def figures(measured: dict | None) -> list[str]:
+    """A trial's seconds and RSS for trials.csv; empty where the process died before it wrote them."""
+    if not measured:
+        return ["", ""]
+    return [f"{measured['seconds']:.1f}", f"{measured['rss_mb']:.0f}"]
 
 
 def write_results(tuner, config: Config, run_dir: str, space: dict) -> dict:
@@ -214,8 +232,7 @@ def write_results(tuner, config: Config, run_dir: str, space: dict) -> dict:
         scores.append(score)
         writer.writerow([trial.trial_id, *[native(trial.hyperparameters.values.get(k, ""), space[k]) for k in keys],
                          "" if score is None else f"{score:.6f}", trial.status,
-                         f"{stats.get(trial.trial_id, {}).get('seconds', 0.0):.1f}",
-                         f"{stats.get(trial.trial_id, {}).get('rss_mb', 0.0):.0f}"])
+                         *figures(stats.get(trial.trial_id))])
     storage.write_text_atomic(storage.join(directory, "trials.csv"), buffer.getvalue())
 
     best = tuner.oracle.get_best_trials(1)

@@ -163,3 +163,33 @@ def test_workers_exit_cleanly_when_the_chief_is_gone(digits_data, tmp_path):
     assert worker.returncode == 0, output[-2000:]
     assert time.time() - started < 90  # the watchdog's 30 s grace, plus a trial in progress
     assert "the chief at 127.0.0.1" in output and "is gone" in output
+
+
+def test_an_interrupted_keras_tuner_state_write_keeps_the_previous_state(tmp_path, monkeypatch):
+    """keras-tuner 1.4 truncates trial.json before writing it; a kill in between broke every resume."""
+    from keras_tuner.src import utils as kt_utils
+
+    from trainer import compat
+
+    assert compat.patch_keras_tuner_atomic_json()
+    path = str(tmp_path / "trial.json")
+    kt_utils.save_json(path, {"status": "RUNNING", "trial_id": "0001"})
+
+    def killed(*args):
+        raise OSError("killed before the rename")
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(OSError):
+        kt_utils.save_json(path, {"status": "COMPLETED", "trial_id": "0001"})
+    assert kt_utils.load_json(path) == {"status": "RUNNING", "trial_id": "0001"}
+    monkeypatch.undo()
+    kt_utils.save_json(path, {"status": "COMPLETED", "trial_id": "0001"})
+    assert kt_utils.load_json(path)["status"] == "COMPLETED"
+    assert os.listdir(tmp_path) == ["trial.json"]  # no temporary left behind
+
+
+def test_trials_csv_leaves_figures_empty_for_a_trial_whose_process_died_before_writing_them():
+    from tuning.search import figures
+
+    assert figures(None) == ["", ""]
+    assert figures({"seconds": 12.34, "rss_mb": 810.6}) == ["12.3", "811"]
