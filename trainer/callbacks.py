@@ -52,6 +52,43 @@ def examples_per_second(num_examples: int, epoch_seconds: list[float]) -> float:
     return num_examples * len(steady) / seconds if seconds > 0 else 0.0
 
 
+class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """Keras' BackupAndRestore, with a backup that a kill at any instant leaves whole.
+
+    Keras 3.x rewrites latest.weights.h5 and then training_metadata.json in place: a kill
+    inside the first leaves a truncated HDF5 file, inside the second an empty JSON file
+    (the resume dies in `json.loads`), and between the two new weights beside the previous
+    epoch's number (the resume re-runs an epoch on weights that already saw it). Here each
+    backup's weights go to a file of their own, and the metadata, replaced atomically after
+    them, names that file; older weight files are removed only then. The metadata therefore
+    always names a complete pair, and a resume restores the last backup that finished.
+    """
+
+    def _save_model(self):
+        storage.makedirs(self.backup_dir)
+        name = f"epoch{self._current_epoch:05d}-batch{self._last_batch_seen:06d}.weights.h5"
+        self.model.save_weights(storage.join(self.backup_dir, name), overwrite=True)
+        metadata = {"epoch": self._current_epoch, "batch": self._last_batch_seen, "weights": name}
+        storage.write_text_atomic(self._training_metadata_path, json.dumps(metadata))
+        for path in storage.glob(storage.join(self.backup_dir, "*.weights.h5")):
+            if path.rsplit("/", 1)[-1] != name:
+                storage.remove(path)
+
+    def _load_model(self):
+        if not storage.exists(self._training_metadata_path):
+            return
+        if not self.model.built:
+            raise ValueError("BackupAndRestore needs a built model before fit(); build it on a batch first")
+        metadata = json.loads(storage.read_text(self._training_metadata_path))
+        if self.model.optimizer is not None and not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)
+        self.model.load_weights(storage.join(self.backup_dir, metadata.get("weights", "latest.weights.h5")))
+        self.model._initial_epoch = metadata["epoch"]
+
+    def on_train_begin(self, logs=None):
+        self._load_model()
+
+
 class EpochHistory(keras.callbacks.Callback):
     """Writes history.json after every epoch, keeping the epochs before a resumed one.
 

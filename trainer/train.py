@@ -104,13 +104,13 @@ def loss_and_metrics(config: TrainConfig, num_classes: int):
 def make_callbacks(config: TrainConfig, paths: TrainPaths, has_validation: bool):
     import keras
 
-    from trainer.callbacks import EpochHistory, ThroughputTimer
+    from trainer.callbacks import AtomicBackupAndRestore, EpochHistory, ThroughputTimer
 
     timer = ThroughputTimer()
     monitor = config.monitor if has_validation or not config.monitor.startswith("val_") else config.monitor[4:]
     callbacks = [
         timer,
-        keras.callbacks.BackupAndRestore(paths.backup, delete_checkpoint=True),
+        AtomicBackupAndRestore(paths.backup, delete_checkpoint=True),
         EpochHistory(storage.join(paths.outputs, "history.json")),
         keras.callbacks.ModelCheckpoint(storage.join(paths.checkpoints, "best.weights.h5"), monitor=monitor,
                                         mode=config.monitor_mode, save_best_only=True, save_weights_only=True),

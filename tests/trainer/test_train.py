@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from kcp.config import OPTIMIZERS, SCHEDULES, load_config
-from trainer.callbacks import EpochHistory, learning_rate
+from kcp import storage
+from trainer.callbacks import AtomicBackupAndRestore, EpochHistory, learning_rate
 from tests.conftest import fresh_run
 from trainer.train import confusion_matrix, make_optimizer, train
 
@@ -70,6 +71,45 @@ def test_epoch_history_keeps_the_epochs_before_a_resume(tmp_path):
         history = json.load(handle)
     assert history["loss"] == [0.0, 1.0, 20.0, 30.0]
     assert history["learning_rate"] == [0.5] * 4
+
+
+def test_a_backup_killed_at_any_point_restores_the_last_one_that_finished(tmp_path, monkeypatch):
+    """Keras' own BackupAndRestore rewrites its weights and metadata in place: a kill inside
+    either write broke the resume, and one between them paired new weights with an old epoch."""
+    x = np.random.RandomState(0).rand(16, 2).astype("float32")
+    y = x.sum(axis=1, keepdims=True)
+
+    def tiny():
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        model.compile(keras.optimizers.SGD(0.1), "mse")
+        return model
+
+    backup = str(tmp_path / "backup")
+    model = tiny()
+    model.fit(x, y, epochs=2, verbose=0, callbacks=[AtomicBackupAndRestore(backup, delete_checkpoint=False)])
+    after_two = [w.copy() for w in model.get_weights()]
+    model.fit(x, y, epochs=1, verbose=0)  # the third epoch moves the weights on...
+    third = AtomicBackupAndRestore(backup, delete_checkpoint=False)
+    third.set_model(model)
+    third._current_epoch = 3
+
+    def killed(*args):
+        raise OSError("killed before the metadata was replaced")
+
+    monkeypatch.setattr(storage, "write_text_atomic", killed)
+    with pytest.raises(OSError):
+        third._save_model()  # ...and its backup dies after the weights, before the metadata
+    monkeypatch.undo()
+    with open(os.path.join(backup, "epoch00004-batch000000.weights.h5"), "wb") as handle:
+        handle.write(b"\x89HDF\r\n")  # and a kill inside save_weights left a truncated file
+    resumed, restored, epochs = tiny(), [], []
+    watch = keras.callbacks.LambdaCallback(on_train_begin=lambda logs: restored.extend(resumed.get_weights()),
+                                           on_epoch_begin=lambda epoch, logs: epochs.append(epoch))
+    resumed.fit(x, y, epochs=4, verbose=0, callbacks=[AtomicBackupAndRestore(backup), watch])
+    assert epochs == [2, 3]
+    for got, want in zip(restored, after_two):
+        np.testing.assert_array_equal(got, want)
+    assert not os.path.exists(backup)  # a finished run removes its backup
 
 
 OPTIMIZER_RATES = {"sgd": 0.1, "momentum": 0.02, "nesterov": 0.02, "adagrad": 0.05, "rmsprop": 1e-3,
