@@ -42,13 +42,36 @@ def fresh_run(digits_data: str, tmp_path) -> str:
 
 
 @pytest.fixture(scope="session")
-def gcs(tmp_path_factory):
-    """A GCS emulator with bucket `kcp-test`; yields a google-cloud-storage client for it."""
+def gcs_emulator(tmp_path_factory):
+    """gcp-storage-emulator on 127.0.0.1 with bucket `kcp-test`, for the whole session."""
     from tests.gcs import GcsEmulator
 
+    emulator = GcsEmulator(str(tmp_path_factory.mktemp("gcs"))).start()
+    try:
+        yield emulator
+    finally:
+        emulator.stop()
+
+
+@pytest.fixture(scope="session")
+def google_apis(gcs_emulator, tmp_path_factory):
+    """An HTTPS proxy playing Google's API hosts in front of the emulator, for TensorFlow's own
+    GCS filesystem; its `environment()` is for the subprocesses that use it."""
+    from tests.gcs import GoogleApisProxy
+
+    proxy = GoogleApisProxy(str(tmp_path_factory.mktemp("google-apis")), gcs_emulator.port).start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs(gcs_emulator):
+    """A google-cloud-storage client for the emulator, with STORAGE_EMULATOR_HOST set in this process."""
     from apache_beam.internal.gcp import auth as beam_auth
 
-    emulator = GcsEmulator(str(tmp_path_factory.mktemp("gcs"))).start()
+    emulator = gcs_emulator
     saved = {key: os.environ.get(key) for key in emulator.environment()}
     os.environ.update(emulator.environment())
     # Google's token server cannot be reached here: Beam's gcsio gets no credentials and
@@ -62,7 +85,6 @@ def gcs(tmp_path_factory):
         yield client
     finally:
         beam_auth._Credentials._credentials_init, beam_auth._Credentials._credentials = saved_auth
-        emulator.stop()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
