@@ -142,7 +142,17 @@ def make_hypermodel(config: Config, run_dir: str, space: dict):
     return TrainerHyperModel()
 
 
-TRIAL_STATS = "trial_stats.json"
+TRIAL_STATS = "trial_stats"  # one JSON file per trial: workers sharing the run directory never race on one file
+
+
+def write_trial_stats(directory: str, trial_id: str, measured: dict) -> None:
+    storage.write_text_atomic(storage.join(directory, TRIAL_STATS, f"{trial_id}.json"), json.dumps(measured))
+
+
+def read_trial_stats(directory: str) -> dict:
+    """{trial_id: {"seconds": …, "rss_mb": …}} for every trial whose figures were written."""
+    paths = storage.glob(storage.join(directory, TRIAL_STATS, "*.json"))
+    return {path.rsplit("/", 1)[-1][:-len(".json")]: json.loads(storage.read_text(path)) for path in paths}
 
 
 def resident_mb() -> float:
@@ -171,31 +181,26 @@ def make_tuner(config: Config, run_dir: str, hypermodel, directory: str):
     classes = {"random": kt.RandomSearch, "grid": kt.GridSearch, "bayesian": kt.BayesianOptimization,
                "hyperband": kt.Hyperband}
     base = classes[tune.algorithm]
-    stats_path = storage.join(directory, TRIAL_STATS)
+    stats_directory = directory
 
     class TimedTuner(base):
         """Times each trial, records the process's RSS after it, and releases the Keras session
         between trials, so trials in one process do not grow its memory.
 
-        The figures are written only after Keras Tuner has saved the trial as ended, so a
-        trial in trial_stats.json is a finished one even when the process is killed between
-        the two writes (it is then re-run on resume, and its figures written then)."""
+        A trial's figures go to their own file before Keras Tuner records the trial as ended,
+        so a chief that sees the last trial end already sees every worker's figures. A
+        process killed between the two re-runs that trial on resume and rewrites its figures."""
 
         def run_trial(self, trial, *args, **kwargs):
             started = time.perf_counter()
             try:
                 return super().run_trial(trial, *args, **kwargs)
             finally:
-                self._kcp_stats = {"seconds": time.perf_counter() - started, "rss_mb": resident_mb()}
+                measured = {"seconds": time.perf_counter() - started, "rss_mb": resident_mb()}
+                write_trial_stats(stats_directory, trial.trial_id, measured)
 
         def on_trial_end(self, trial):
             super().on_trial_end(trial)
-            measured = getattr(self, "_kcp_stats", None)
-            self._kcp_stats = None
-            if measured is not None:
-                stats = json.loads(storage.read_text(stats_path)) if storage.exists(stats_path) else {}
-                stats[trial.trial_id] = measured
-                storage.write_text_atomic(stats_path, json.dumps(stats))
             keras.backend.clear_session()
             gc.collect()
 
@@ -219,8 +224,7 @@ def write_results(tuner, config: Config, run_dir: str, space: dict) -> dict:
     import matplotlib.pyplot as plt
 
     directory = storage.join(run_dir, "tuning")
-    stats_path = storage.join(directory, TRIAL_STATS)
-    stats = json.loads(storage.read_text(stats_path)) if storage.exists(stats_path) else {}
+    stats = read_trial_stats(directory)
     trials = sorted(tuner.oracle.trials.values(), key=lambda t: t.trial_id)
     keys = list(space)
     buffer = io.StringIO()

@@ -1,6 +1,7 @@
 """Keras Tuner search over the trainer's configs: algorithms, results, grid, distributed, resume."""
 
 import csv
+import glob
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ import pytest
 
 from kcp.config import ConfigError, load_config
 from tests.conftest import fresh_run
-from tuning.search import run_search, search_space
+from tuning.search import read_trial_stats, run_search, search_space
 
 SMALL = ["model.filters=[8]", "train.epochs=2", "tune.early_stopping_patience=0"]
 QUIET = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
@@ -102,28 +103,44 @@ def test_chief_and_two_workers_run_each_trial_once_and_exit(digits_data, tmp_pat
     trials = read_trials(run_dir)
     assert len(trials) == 6 and len({t["trial_id"] for t in trials}) == 6
     assert all(t["status"] == "COMPLETED" for t in trials)
-    last_trial = os.path.getmtime(os.path.join(run_dir, "tuning", "trial_stats.json"))
+    stats = read_trial_stats(os.path.join(run_dir, "tuning"))
+    assert sorted(stats) == sorted(t["trial_id"] for t in trials)  # no worker's figures lost to another's
+    assert all(float(t["seconds"]) > 0 for t in trials)
+    last_trial = max(os.path.getmtime(path) for path in glob.glob(os.path.join(run_dir, "tuning", "trial_stats", "*")))
     assert finished - last_trial < 60
+
+
+def completed_trials(run_dir):
+    """Trial ids that Keras Tuner has saved as COMPLETED."""
+    done = set()
+    for path in glob.glob(os.path.join(run_dir, "tuning", "search", "trial_*", "trial.json")):
+        with open(path) as handle:
+            state = json.load(handle)  # atomic writes: never a partial file, even mid-kill
+        if state["status"] == "COMPLETED":
+            done.add(state["trial_id"])
+    return done
 
 
 def test_a_killed_chief_resumes_without_repeating_finished_trials(digits_data, tmp_path):
     run_dir = fresh_run(digits_data, tmp_path)
-    seconds = os.path.join(run_dir, "tuning", "trial_stats.json")
+    tuning = os.path.join(run_dir, "tuning")
     process = tune_process(run_dir)  # a single process is its own chief
     deadline = time.time() + 300
     while time.time() < deadline:
-        if os.path.exists(seconds) and len(json.load(open(seconds))) >= 2:
+        if len(read_trial_stats(tuning)) >= 2:
             process.send_signal(signal.SIGKILL)
             break
         time.sleep(0.05)
     process.communicate(timeout=60)
-    done_before = json.load(open(seconds))
+    finished = completed_trials(run_dir)
+    assert finished  # at least the first trial had ended when the second one's figures appeared
+    done_before = {trial_id: figures for trial_id, figures in read_trial_stats(tuning).items() if trial_id in finished}
     resumed = tune_process(run_dir)
     output = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, output[-3000:]
     trials = read_trials(run_dir)
     assert len(trials) == 6 and all(t["status"] == "COMPLETED" for t in trials)
-    after = json.load(open(seconds))
+    after = read_trial_stats(tuning)
     for trial_id, took in done_before.items():
         assert after[trial_id] == took  # a finished trial was never run again
 
@@ -152,9 +169,9 @@ def test_workers_exit_cleanly_when_the_chief_is_gone(digits_data, tmp_path):
     oracle = f"127.0.0.1:{free_port()}"
     chief = tune_process(run_dir, "--role", "chief", "--oracle", oracle)
     worker = tune_process(run_dir, "--role", "worker", "--oracle", oracle, "--tuner-id", "worker0")
-    stats = os.path.join(run_dir, "tuning", "trial_stats.json")
+    tuning = os.path.join(run_dir, "tuning")
     deadline = time.time() + 300
-    while time.time() < deadline and not os.path.exists(stats):  # the worker finished a trial
+    while time.time() < deadline and not read_trial_stats(tuning):  # the worker finished a trial
         time.sleep(0.2)
     chief.send_signal(signal.SIGKILL)
     chief.communicate(timeout=60)
