@@ -82,43 +82,49 @@ def split_assigner(plan: SourcePlan, records: list, fractions, seed):
     return assign
 
 
+def planned_counts(records: list, assign, copies: int) -> dict:
+    """Records each split will get if every input decodes, known before the pipeline runs:
+    the shard count of a split comes from it, so no step has to wait for a count."""
+    counts = dict.fromkeys(splits.SPLITS, 0)
+    for record in records:
+        counts[assign(record)] += 1
+    counts["train"] *= 1 + copies
+    return counts
+
+
 def build_pipeline(pipeline: beam.Pipeline, plan: SourcePlan, records: list, config: Config, data_dir: str,
                    summary_path: str):
-    """Wires Read -> Decode -> Split -> Analyze -> Augment -> Encode -> Write onto `pipeline`."""
+    """Wires Read -> (Decode -> Split -> Augment -> Encode, fused) -> Analyze / Write onto `pipeline`."""
     data = config.data
     assign = split_assigner(plan, records, tuple(data.split), data.seed)
 
     read = pipeline | "Read" >> beam.Create(records)
-    decoded = read | "Decode" >> beam.Map(transforms.decode_or_dead_letter, plan)
-    by_split = transforms.select(decoded, transforms.EXAMPLE, "Decoded") \
-        | "Split" >> beam.Map(lambda example: (assign(example), example))
-    train, validation, test = (transforms.select(by_split, split, f"Split{split.capitalize()}")
-                               for split in splits.SPLITS)
+    label_index = {name: index for index, name in enumerate(plan.class_names)}
+    processed = read | "DecodeSplitAugmentEncode" >> beam.FlatMap(
+        transforms.process_record, plan, assign, label_index, data.augment)
+    train = transforms.select(processed, transforms.ANALYZE, "TrainOriginals")
     if plan.modality == "text":
         statistics = train | "Analyze" >> transforms.AnalyzeText(data.vocab_size, data.min_count)
     else:
         statistics = train | "Analyze" >> transforms.AnalyzeArrays()
     counters = [read | "CountRead" >> beam.combiners.Count.Globally() | "TagRead" >> beam.Map(lambda n: ("read", n))]
     if data.augment.copies:
-        train = train | "Augment" >> beam.FlatMap(transforms.with_augmented_copies, plan.modality, data.augment)
         counters.append(
-            train
-            | "KeysOfCopies" >> beam.Filter(lambda example: "#aug" in example.key)
-            | "CountAugmented" >> beam.combiners.Count.Globally()
+            transforms.select(processed, transforms.AUGMENTED, "Augmented")
+            | "CountAugmented" >> beam.CombineGlobally(sum)
             | "TagAugmented" >> beam.Map(lambda n: ("augmented", n)))
 
     bytes_per_example = 256 if plan.modality == "text" else \
         math.prod(plan.input_spec.shape) * (1 if plan.input_spec.dtype == "uint8" else 4) + 64
-    label_index = {name: index for index, name in enumerate(plan.class_names)}
+    planned = planned_counts(records, assign, data.augment.copies)
     shard_summaries = []
-    dead_letters = [transforms.select(decoded, transforms.DEAD_LETTER, "DecodeDeadLetters")]
-    for split, split_examples in zip(splits.SPLITS, (train, validation, test)):
+    dead_letters = [transforms.select(processed, transforms.DEAD_LETTER, "DeadLetters")]
+    for split in splits.SPLITS:
         name = split.capitalize()
-        encoded = split_examples | f"Encode{name}" >> beam.Map(transforms.encode_or_dead_letter, plan, label_index)
-        written = transforms.select(encoded, transforms.EXAMPLE, f"Encoded{name}") | f"Write{name}" >> \
-            transforms.WriteShards(data_dir, split, data.num_shards, bytes_per_example, data.compression)
+        num_shards = data.num_shards or transforms.shard_count(planned[split], bytes_per_example)
+        written = transforms.select(processed, split, f"Encoded{name}") | f"Write{name}" >> \
+            transforms.WriteShards(data_dir, split, num_shards, data.compression)
         shard_summaries.append(written | f"Tag{name}Shards" >> beam.Map(lambda shard: ("shard", shard)))
-        dead_letters.append(transforms.select(encoded, transforms.DEAD_LETTER, f"Encode{name}DeadLetters"))
 
     all_dead = tuple(dead_letters) | "MergeDeadLetters" >> beam.Flatten()
     _ = all_dead | "WriteDeadLetters" >> beam.io.WriteToText(

@@ -121,6 +121,35 @@ def with_augmented_copies(example: RawExample, modality: str, config):
         yield RawExample(key, inputs, example.label, example.split)
 
 
+ANALYZE = "analyze"
+AUGMENTED = "augmented"
+
+
+def process_record(record: SourceRecord, plan: SourcePlan, assign, label_index: dict, augment_config):
+    """One source record through decode -> split -> augment (train only) -> encode, in one step.
+
+    Yields tagged items: (DEAD_LETTER, json line) for a record or copy that cannot be used;
+    (ANALYZE, RawExample) for each train original (the full-pass statistics); (split,
+    (key, serialized Example)) for the example and its copies; (AUGMENTED, copies made).
+    One fused step instead of a chain of Map/Filter steps: Beam's per-element cost is paid
+    once per record, not once per step.
+    """
+    tag, example = decode_or_dead_letter(record, plan)
+    if tag == DEAD_LETTER:
+        yield tag, example
+        return
+    split = assign(example)
+    examples = [example]
+    if split == "train":
+        yield ANALYZE, example
+        if augment_config.copies:
+            examples = list(with_augmented_copies(example, plan.modality, augment_config))
+            yield AUGMENTED, len(examples) - 1
+    for item in examples:
+        tag, value = encode_or_dead_letter(item, plan, label_index)
+        yield (split if tag == EXAMPLE else tag), value
+
+
 def dead_letter(key: str, source: str, reason: str) -> str:
     return json.dumps({"key": key, "source": source, "reason": reason}, sort_keys=True)
 
@@ -157,35 +186,29 @@ class _WriteShardFn(beam.DoFn):
 
 
 class WriteShards(beam.PTransform):
-    """(key, serialized Example) -> sharded TFRecord files; outputs one summary dict per shard.
+    """(key, serialized Example) -> `num_shards` TFRecord files; outputs one summary dict per shard.
 
     Each record goes to the shard `stable_fraction(key) * num_shards`, so shard contents do
-    not depend on the runner or the number of workers. Written from a keyed step rather than
+    not depend on the runner or the number of workers. The shard count is fixed before the
+    pipeline runs (from the planned record count), so records flow straight to the group
+    without first being held back for a count. Written from a keyed step rather than
     WriteToTFRecord, which wrote an empty file while reporting success on Beam's Dask runner.
     """
 
-    def __init__(self, directory: str, split: str, num_shards: int, bytes_per_example: int, compression: str):
+    def __init__(self, directory: str, split: str, num_shards: int, compression: str):
         super().__init__()
+        if num_shards < 1:
+            raise ValueError(f"num_shards must be at least 1, got {num_shards}")
         self._directory, self._split = directory, split
-        self._num_shards, self._bytes_per_example = num_shards, bytes_per_example
-        self._compression = compression
+        self._num_shards, self._compression = num_shards, compression
 
     def expand(self, records):
-        if self._num_shards > 0:
-            num_shards = records.pipeline | "FixedShardCount" >> beam.Create([self._num_shards])
-        else:
-            bytes_per_example = self._bytes_per_example
-            num_shards = (
-                records
-                | "CountRecords" >> beam.combiners.Count.Globally()
-                | "ChooseShardCount" >> beam.Map(shard_count, bytes_per_example)
-            )
-        shards = beam.pvalue.AsSingleton(num_shards)
         return (
             records
-            | "AssignShard" >> beam.Map(assign_shard, shards)
+            | "AssignShard" >> beam.Map(assign_shard, self._num_shards)
             | "GroupByShard" >> beam.GroupByKey()
-            | "WriteShard" >> beam.ParDo(_WriteShardFn(self._directory, self._split, self._compression), shards)
+            | "WriteShard" >> beam.ParDo(_WriteShardFn(self._directory, self._split, self._compression),
+                                         self._num_shards)
         )
 
 

@@ -64,3 +64,37 @@ def test_shard_names_and_pattern():
     assert transforms.shard_name("train", 3, 12, "none") == "train-00003-of-00012.tfrecord"
     assert transforms.shard_name("test", 0, 1, "gzip") == "test-00000-of-00001.tfrecord.gz"
     assert transforms.shard_pattern("validation", 4, "none") == "validation-*-of-00004.tfrecord"
+
+
+
+def test_process_record_decodes_splits_augments_and_encodes_in_one_step():
+    import tensorflow as tf
+
+    from kcp.config import load_config
+    from pipeline.preprocess import planned_counts, split_assigner
+    from pipeline.sources import SourceRecord, plan_source
+
+    data = load_config([], ["data.augment.copies=2"]).data
+    plan, records = plan_source("digits", data)
+    assign = split_assigner(plan, records, tuple(data.split), data.seed)
+    labels = {name: index for index, name in enumerate(plan.class_names)}
+    train = next(r for r in records if assign(r) == "train")
+    test = next(r for r in records if assign(r) == "test")
+
+    out = list(transforms.process_record(train, plan, assign, labels, data.augment))
+    assert [tag for tag, _ in out] == [transforms.ANALYZE, transforms.AUGMENTED, "train", "train", "train"]
+    assert out[0][1].key == train.key and out[1][1] == 2
+    examples = [tf.train.Example.FromString(value[1]) for _, value in out[2:]]
+    assert [value[0] for _, value in out[2:]] == [train.key, f"{train.key}#aug1", f"{train.key}#aug2"]
+    assert {e.features.feature["label"].int64_list.value[0] for e in examples} == {labels[train.label]}
+
+    out = list(transforms.process_record(test, plan, assign, labels, data.augment))
+    assert [tag for tag, _ in out] == ["test"]  # no statistics and no copies outside train
+
+    broken = SourceRecord("broken", np.zeros((3, 3), np.uint8), train.label)  # not the plan's 8x8
+    tags = [tag for tag, _ in transforms.process_record(broken, plan, assign, labels, data.augment)]
+    assert tags == [transforms.DEAD_LETTER]
+
+    counts = planned_counts(records, assign, data.augment.copies)
+    by_split = collections.Counter(assign(r) for r in records)
+    assert counts == {"train": 3 * by_split["train"], "validation": by_split["validation"], "test": by_split["test"]}
