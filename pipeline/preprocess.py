@@ -53,6 +53,14 @@ def local_runner_defaults(beam_args: list[str]) -> list[str]:
     return defaults + list(beam_args)
 
 
+PARTS_PREFIX = ".parts-"  # per-bundle record parts while the shards are written
+
+
+def drops_finish_bundle_outputs(runner) -> bool:
+    """Beam 2.77's Dask runner loses the elements a DoFn outputs from `finish_bundle`."""
+    return "dask" in str(runner).lower()
+
+
 def clear_previous_outputs(data_dir: str) -> None:
     """Removes an earlier run's contract first, then its shards, so a crash never looks complete."""
     metadata = storage.join(data_dir, contract_lib.METADATA_FILE)
@@ -61,6 +69,8 @@ def clear_previous_outputs(data_dir: str) -> None:
         for path in storage.glob(storage.join(data_dir, f"{split}-*.tfrecord*")):
             storage.remove(path)
     storage.remove_tree(storage.join(data_dir, "dead_letter"))
+    for path in storage.glob(storage.join(data_dir, f"{PARTS_PREFIX}*")):  # a killed run's parts
+        storage.remove_tree(path)
 
 
 def split_assigner(plan: SourcePlan, records: list, fractions, seed):
@@ -93,7 +103,7 @@ def planned_counts(records: list, assign, copies: int) -> dict:
 
 
 def build_pipeline(pipeline: beam.Pipeline, plan: SourcePlan, records: list, config: Config, data_dir: str,
-                   summary_path: str):
+                   summary_path: str, parts_dir: str | None):
     """Wires Read -> (Decode -> Split -> Augment -> Encode, fused) -> Analyze / Write onto `pipeline`."""
     data = config.data
     assign = split_assigner(plan, records, tuple(data.split), data.seed)
@@ -123,7 +133,7 @@ def build_pipeline(pipeline: beam.Pipeline, plan: SourcePlan, records: list, con
         name = split.capitalize()
         num_shards = data.num_shards or transforms.shard_count(planned[split], bytes_per_example)
         written = transforms.select(processed, split, f"Encoded{name}") | f"Write{name}" >> \
-            transforms.WriteShards(data_dir, split, num_shards, data.compression)
+            transforms.WriteShards(data_dir, split, num_shards, data.compression, parts_dir)
         shard_summaries.append(written | f"Tag{name}Shards" >> beam.Map(lambda shard: ("shard", shard)))
 
     all_dead = tuple(dead_letters) | "MergeDeadLetters" >> beam.Flatten()
@@ -161,8 +171,15 @@ def run_preprocess(config: Config, run_dir: str, beam_args: list[str] = (), repo
     options = PipelineOptions(local_runner_defaults(list(beam_args)))
     report(f"beam: {options.get_all_options()['runner']} running Read > Decode > Split > Analyze > "
            f"{'Augment > ' if config.data.augment.copies else ''}Encode > Write")
-    with beam.Pipeline(options=options) as pipeline:
-        build_pipeline(pipeline, plan, records, config, data_dir, summary_path)
+    parts_dir = storage.join(data_dir, f"{PARTS_PREFIX}{uuid.uuid4().hex[:8]}")
+    if drops_finish_bundle_outputs(options.get_all_options()["runner"]):
+        parts_dir = None  # the shard writer groups the records themselves there
+    try:
+        with beam.Pipeline(options=options) as pipeline:
+            build_pipeline(pipeline, plan, records, config, data_dir, summary_path, parts_dir)
+    finally:
+        if parts_dir:
+            storage.remove_tree(parts_dir)
     summary = json.loads(storage.read_text(summary_path))
     storage.remove(summary_path)
     bad, read = summary["dead_letters"], summary["read"]

@@ -154,11 +154,69 @@ def dead_letter(key: str, source: str, reason: str) -> str:
     return json.dumps({"key": key, "source": source, "reason": reason}, sort_keys=True)
 
 
+def _tfrecord_util():
+    from apache_beam.io.tfrecordio import _TFRecordUtil  # Beam's TFRecord framing (length + CRC32C)
+
+    return _TFRecordUtil
+
+
+class _WritePartsFn(beam.DoFn):
+    """Appends each (key, serialized) record to this bundle's part file for its shard, and at
+    the end of the bundle outputs (shard, part path): only file names go through the group.
+
+    A part holds (key, record) pairs in TFRecord framing. A retried bundle writes new parts
+    under new names; the parts of a failed attempt are never named downstream and go with
+    the parts folder when the run ends.
+    """
+
+    def __init__(self, parts_dir: str, split: str, num_shards: int):
+        self._parts_dir, self._split, self._num_shards = parts_dir, split, num_shards
+        self._open = {}
+
+    def start_bundle(self):
+        self._open = {}
+
+    def process(self, record):
+        from apache_beam.io.filesystems import FileSystems
+
+        shard = assign_shard(record, self._num_shards)[0]
+        if shard not in self._open:
+            path = FileSystems.join(self._parts_dir, f"{self._split}-{shard:05d}-{uuid.uuid4().hex}.part")
+            self._open[shard] = (path, FileSystems.create(path))
+        handle = self._open[shard][1]
+        util = _tfrecord_util()
+        util.write_record(handle, record[0].encode("utf-8"))
+        util.write_record(handle, record[1])
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindows
+
+        opened, self._open = self._open, {}
+        for shard, (path, handle) in sorted(opened.items()):
+            handle.close()
+            yield GlobalWindows.windowed_value((shard, path))
+
+
+def read_part(path: str) -> list:
+    """The (key, record) pairs of one part file."""
+    from apache_beam.io.filesystems import FileSystems
+
+    util, pairs = _tfrecord_util(), []
+    with FileSystems.open(path) as handle:
+        while True:
+            key = util.read_record(handle)
+            if key is None:
+                return pairs
+            pairs.append((key.decode("utf-8"), util.read_record(handle)))
+
+
 class _WriteShardFn(beam.DoFn):
-    """Writes one shard: its records sorted by key, to a temporary name renamed at the end.
+    """Writes one shard from its parts (or its grouped records): the records sorted by key, to
+    a temporary name renamed at the end.
 
     Sorting makes every rerun byte-identical per shard; the rename means a retried or
-    crashed bundle never leaves a half-written file under the final name.
+    crashed bundle never leaves a half-written file under the final name. Parts are not
+    deleted here (a retried bundle must find them again); the driver removes their folder.
     """
 
     def __init__(self, directory: str, split: str, compression: str):
@@ -166,19 +224,19 @@ class _WriteShardFn(beam.DoFn):
         self._split = split
         self._compression = compression
 
-    def process(self, shard_and_records, num_shards):
+    def process(self, shard_and_items, num_shards):
         from apache_beam.io.filesystems import FileSystems
         from apache_beam.io.filesystem import CompressionTypes
-        from apache_beam.io.tfrecordio import _TFRecordUtil  # Beam's TFRecord framing (length + CRC32C)
 
-        shard, records = shard_and_records
-        records = sorted(records)
+        shard, items = shard_and_items  # part file names, or the (key, record) pairs themselves
+        records = sorted(pair for item in items for pair in (read_part(item) if isinstance(item, str) else [item]))
         final = FileSystems.join(self._directory, shard_name(self._split, shard, num_shards, self._compression))
         temporary = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
         compression = CompressionTypes.GZIP if self._compression == "gzip" else CompressionTypes.UNCOMPRESSED
+        util = _tfrecord_util()
         with FileSystems.create(temporary, compression_type=compression) as handle:
             for _, serialized in records:
-                _TFRecordUtil.write_record(handle, serialized)
+                util.write_record(handle, serialized)
         if FileSystems.exists(final):
             FileSystems.delete([final])
         FileSystems.rename([temporary], [final])
@@ -189,24 +247,35 @@ class WriteShards(beam.PTransform):
     """(key, serialized Example) -> `num_shards` TFRecord files; outputs one summary dict per shard.
 
     Each record goes to the shard `stable_fraction(key) * num_shards`, so shard contents do
-    not depend on the runner or the number of workers. The shard count is fixed before the
-    pipeline runs (from the planned record count), so records flow straight to the group
-    without first being held back for a count. Written from a keyed step rather than
-    WriteToTFRecord, which wrote an empty file while reporting success on Beam's Dask runner.
+    not depend on the runner or the number of workers. Workers append records to per-bundle
+    part files under `parts_dir`; only the part names are grouped by shard, and each shard
+    is then written from its parts, sorted by key. The records themselves never go through
+    the runner's shuffle. With `parts_dir=None` the records themselves are grouped instead:
+    Beam 2.77's Dask runner drops what `finish_bundle` outputs, so the part names never
+    arrive there (the same bug made WriteToTFRecord write an empty file while reporting
+    success). Both ways give the same bytes. The shard count is fixed before the pipeline
+    runs (from the planned record count).
     """
 
-    def __init__(self, directory: str, split: str, num_shards: int, compression: str):
+    def __init__(self, directory: str, split: str, num_shards: int, compression: str, parts_dir: str | None):
         super().__init__()
         if num_shards < 1:
             raise ValueError(f"num_shards must be at least 1, got {num_shards}")
         self._directory, self._split = directory, split
         self._num_shards, self._compression = num_shards, compression
+        self._parts_dir = parts_dir
 
     def expand(self, records):
+        if self._parts_dir is None:
+            grouped = (records
+                       | "AssignShard" >> beam.Map(assign_shard, self._num_shards)
+                       | "GroupByShard" >> beam.GroupByKey())
+        else:
+            grouped = (records
+                       | "WriteParts" >> beam.ParDo(_WritePartsFn(self._parts_dir, self._split, self._num_shards))
+                       | "GroupPartsByShard" >> beam.GroupByKey())
         return (
-            records
-            | "AssignShard" >> beam.Map(assign_shard, self._num_shards)
-            | "GroupByShard" >> beam.GroupByKey()
+            grouped
             | "WriteShard" >> beam.ParDo(_WriteShardFn(self._directory, self._split, self._compression),
                                          self._num_shards)
         )

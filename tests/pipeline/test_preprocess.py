@@ -8,7 +8,7 @@ import tensorflow as tf
 from kcp.config import load_config
 from pipeline import contract as contract_lib
 from pipeline import splits, transforms
-from pipeline.preprocess import local_runner_defaults, run_preprocess
+from pipeline.preprocess import drops_finish_bundle_outputs, local_runner_defaults, run_preprocess
 from pipeline.sources import SourceError, digits_to_uint8, plan_source
 from tests.conftest import IN_PROCESS_BEAM
 
@@ -84,6 +84,33 @@ def test_rerun_with_other_runner_settings_gives_identical_examples(digits_contra
             name = transforms.shard_name(split, shard, 2, "none")
             with open(os.path.join(run_dir, "data", name), "rb") as a, open(os.path.join(other, "data", name), "rb") as b:
                 assert a.read() == b.read(), name
+
+
+def test_the_records_parts_are_gone_after_a_run_and_a_killed_runs_parts_too(tmp_path):
+    dead = tmp_path / "data" / ".parts-0badc0de"
+    dead.mkdir(parents=True)
+    (dead / "train-00000-1234.part").write_bytes(b"left by a killed run")
+    parts_read = []
+    original = transforms.read_part
+
+    def read_part(path):  # the shard writer really reads parts (records do not go through the group)
+        parts_read.append(path)
+        return original(path)
+
+    transforms.read_part = read_part
+    try:
+        contract = run_preprocess(load_config([], ["data.limit=100", "data.num_shards=2"]), str(tmp_path),
+                                  IN_PROCESS_BEAM)
+    finally:
+        transforms.read_part = original
+    assert parts_read and all("/.parts-" in path for path in parts_read)
+    assert not list((tmp_path / "data").glob(".parts-*"))
+    assert sum(info.count for info in contract.splits.values()) == 100
+
+
+def test_only_the_dask_runner_groups_the_records_themselves():
+    assert drops_finish_bundle_outputs("apache_beam.runners.dask.dask_runner.DaskRunner")
+    assert not drops_finish_bundle_outputs("FnApiRunner") and not drops_finish_bundle_outputs("DataflowRunner")
 
 
 def test_gzip_shards_and_automatic_shard_count(tmp_path):
