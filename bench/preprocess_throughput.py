@@ -5,8 +5,9 @@
 Writes N random 32x32x3 PNGs into a temporary image folder, then times
 1. `run_preprocess` (folder source, K augmented copies, FnApiRunner multi-processing with
    --workers processes; planning, analysis and the contract included), and
-2. a minimal loop doing the same per-example work: read -> decode -> augment K copies ->
-   serialize -> write one TFRecord file (no split, no statistics, no sorting).
+2. a minimal loop doing the same per-example work: read -> decode -> augment K copies of
+   the train examples (the same key hash as the pipeline's split) -> serialize -> write one
+   TFRecord file (no statistics, no shards, no sorting).
 Prints input images per second for both and their ratio.
 """
 
@@ -40,7 +41,10 @@ def plain_loop(root: str, copies: int, output: str) -> int:
     from pipeline.contract import FeatureSpec, encode_example
     from pipeline.sources import decode_image_file
 
-    config = load_config([], [f"data.augment.copies={copies}"]).data.augment
+    from pipeline.splits import stable_split
+
+    data = load_config([], [f"data.augment.copies={copies}"]).data
+    config = data.augment
     spec = FeatureSpec("uint8", (32, 32, 3), "raw_bytes")
     written = 0
     with tf.io.TFRecordWriter(output) as writer:
@@ -49,7 +53,9 @@ def plain_loop(root: str, copies: int, output: str) -> int:
             for name in sorted(os.listdir(os.path.join(root, directory))):
                 key = f"{directory}/{name}"
                 image = decode_image_file(os.path.join(root, directory, name), spec.shape)
-                for copy_key, inputs in [(key, image), *augmented_copies(key, image, "image", config)]:
+                copies = augmented_copies(key, image, "image", config) \
+                    if stable_split(key, tuple(data.split), data.seed) == "train" else []  # as the pipeline does
+                for copy_key, inputs in [(key, image), *copies]:
                     writer.write(encode_example(spec, "image", copy_key, inputs, label))
                     written += 1
     return written
