@@ -173,20 +173,22 @@ class _WritePartsFn(beam.DoFn):
         self._parts_dir, self._split, self._num_shards = parts_dir, split, num_shards
         self._open = {}
 
+    def setup(self):
+        from apache_beam.io.filesystems import FileSystems
+
+        self._filesystems, self._util = FileSystems, _tfrecord_util()
+
     def start_bundle(self):
         self._open = {}
 
     def process(self, record):
-        from apache_beam.io.filesystems import FileSystems
-
         shard = assign_shard(record, self._num_shards)[0]
         if shard not in self._open:
-            path = FileSystems.join(self._parts_dir, f"{self._split}-{shard:05d}-{uuid.uuid4().hex}.part")
-            self._open[shard] = (path, FileSystems.create(path))
+            path = self._filesystems.join(self._parts_dir, f"{self._split}-{shard:05d}-{uuid.uuid4().hex}.part")
+            self._open[shard] = (path, self._filesystems.create(path))
         handle = self._open[shard][1]
-        util = _tfrecord_util()
-        util.write_record(handle, record[0].encode("utf-8"))
-        util.write_record(handle, record[1])
+        self._util.write_record(handle, record[0].encode("utf-8"))
+        self._util.write_record(handle, record[1])
 
     def finish_bundle(self):
         from apache_beam.transforms.window import GlobalWindows
