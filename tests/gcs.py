@@ -148,11 +148,10 @@ class GoogleApisProxy:
         class Handler(socketserver.StreamRequestHandler):
             def handle(self):
                 line = self.rfile.readline(65536).decode("latin-1").split()
-                headers = read_headers(self.rfile)
+                read_headers(self.rfile)  # the CONNECT request's own headers are not needed
                 if len(line) != 3 or line[0] != "CONNECT" or line[1].split(":")[0] not in GOOGLE_HOSTS:
                     self.wfile.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
                     return
-                del headers
                 self.wfile.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
                 self.wfile.flush()
                 with context.wrap_socket(self.connection, server_side=True) as tls:

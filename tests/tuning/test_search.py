@@ -5,7 +5,6 @@ import glob
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import pytest
 
 from kcp.config import ConfigError, load_config
 from tests.conftest import fresh_run
+from tests.gcs import free_port
 from tuning.search import read_trial_stats, run_search, search_space
 
 SMALL = ["model.filters=[8]", "train.epochs=2", "tune.early_stopping_patience=0"]
@@ -73,12 +73,6 @@ def test_bad_search_spaces_fail_before_any_trial(space, message):
 def test_each_family_has_a_valid_default_space():
     for family in ("cnn", "resnet", "rnn", "transformer"):
         assert search_space(load_config([], [f"model.name={family}"]))
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def tune_process(run_dir, *extra):
