@@ -36,9 +36,9 @@ def make_images(root: str, count: int) -> None:
 def plain_loop(root: str, copies: int, output: str) -> int:
     import tensorflow as tf
 
-    from kcp.config import load_config
+    from kcp.core.config import load_config
     from pipeline.augment import augmented_copies
-    from pipeline.contract import FeatureSpec, encode_example
+    from kcp.core.contract import FeatureSpec, encode_example
     from pipeline.sources import decode_image_file
 
     from pipeline.splits import stable_split
@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
 
-    from kcp.config import load_config
+    from kcp.core.config import load_config
     from pipeline.preprocess import run_preprocess
 
     work = tempfile.mkdtemp(prefix="kcp-bench-")

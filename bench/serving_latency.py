@@ -35,7 +35,7 @@ def free_port() -> int:
 def png_of_first_test_image(run_dir: str) -> bytes:
     import tensorflow as tf
 
-    from pipeline import contract as contract_lib
+    from kcp.core import contract as contract_lib
 
     contract = contract_lib.read_contract(run_dir)
     images, _, _ = next(iter(contract_lib.read_split(contract, contract_lib.data_dir(run_dir), "test", 1)))

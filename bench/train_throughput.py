@@ -31,8 +31,8 @@ def main() -> None:
     import keras
     import numpy as np
 
-    from kcp.config import load_config
-    from pipeline import contract as contract_lib
+    from kcp.core.config import load_config
+    from kcp.core import contract as contract_lib
     from pipeline.preprocess import run_preprocess
     from trainer.callbacks import ThroughputTimer, examples_per_second
     from trainer.data import make_dataset

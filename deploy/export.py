@@ -1,6 +1,6 @@
 """Export the trained model as a SavedModel in TF Serving layout: RUN/export/NAME/VERSION/.
 
-    python -m deploy.export --run-dir runs/r1
+    python -m deploy.task --run-dir runs/r1
 
 The serving signatures take the raw inputs a client has (encoded image files, strings,
 float arrays) and return `class_ids`, `class_names` and `probabilities`; decoding,
@@ -15,19 +15,14 @@ import logging
 import os
 import uuid
 
-from kcp import storage
-from kcp.config import Config
-from kcp.errors import UserError
-from pipeline import contract as contract_lib
+from kcp.core import storage
+from kcp.core.config import Config
+from kcp.core.errors import UserError
+from kcp.core import contract as contract_lib
+from kcp.core.layout import RunLayout
 
 log = logging.getLogger("kcp.export")
 WARMUP_REQUESTS = 100  # TF Serving replays these at load; it accepts at most 1,000
-
-
-def next_version(export_root: str) -> int:
-    """One more than the highest integer version directory under `export_root` (1 if none)."""
-    versions = [int(name.rstrip("/")) for name in storage.list_dir(export_root) if name.rstrip("/").isdigit()]
-    return max(versions, default=0) + 1
 
 
 def client_inputs(contract, inputs) -> list | object:
@@ -133,14 +128,15 @@ def export_for_serving(config: Config, run_dir: str) -> str:
 
     import trainer.models.layers  # noqa: F401  registers the zoo's custom layers for loading
 
+    layout = RunLayout(run_dir)
     contract = contract_lib.read_contract(run_dir)
-    model_path = storage.join(run_dir, "train", "model.keras")
+    model_path = layout.model
     if not storage.exists(model_path):
         raise UserError(f"{model_path}: not found; run `kcp train --run-dir {run_dir}` first")
     model = keras.saving.load_model(model_path)
-    export_root = storage.join(run_dir, "export", config.export.name)
+    export_root = layout.export_root(config.export.name)
     storage.makedirs(export_root)
-    version = next_version(export_root)
+    version = layout.next_version(config.export.name)
     final = storage.join(export_root, str(version))
     # TF Serving only loads integer directories, so it never sees the temporary one.
     temporary = storage.join(export_root, f".tmp-{uuid.uuid4().hex[:8]}")
@@ -176,13 +172,3 @@ def _copy_tree(source: str, target: str) -> None:
         tf.io.gfile.makedirs(storage.join(target, relative) if relative else target)
         for name in files:
             tf.io.gfile.copy(storage.join(directory, name), storage.join(target, relative, name), overwrite=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from kcp import cli
-
-    return cli.main(["export", *(argv if argv is not None else cli.sys_argv())], lenient=True)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -20,7 +20,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 
-from kcp import storage
+from kcp.core import storage
 from pipeline.sources import BadInput, SourcePlan, SourceRecord, decode_array, decode_text
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 
-from kcp.errors import UserError
+from kcp.core.errors import UserError
 
 
 def split_gs_uri(uri: str) -> tuple[str, str]:

@@ -15,10 +15,11 @@ import os
 
 import numpy as np
 
-from kcp import storage
-from kcp.config import Config
-from kcp.errors import UserError
-from pipeline import contract as contract_lib
+from kcp.core import storage
+from kcp.core.config import Config
+from kcp.core.errors import UserError
+from kcp.core import contract as contract_lib
+from kcp.core.layout import RunLayout
 
 MAX_DIFFERENCE = 0.005
 
@@ -58,23 +59,11 @@ def export_accuracy(export_dir: str, run_dir: str, split: str = "test") -> float
     return float(np.mean(predictions["class_ids"] == predictions["labels"]))
 
 
-def version_dir(run_dir: str, name: str, version: int | None) -> str:
-    """RUN/export/NAME/VERSION, the newest version when `version` is None."""
-    root = storage.join(run_dir, "export", name)
-    versions = sorted(int(entry) for entry in storage.list_dir(root) if entry.isdigit())
-    if not versions:
-        raise UserError(f"{root}: no exported version; run `kcp export --run-dir {run_dir}` first")
-    if version is None:
-        version = versions[-1]
-    elif version not in versions:
-        raise UserError(f"--version: {version} is not exported under {root} (it has {', '.join(map(str, versions))})")
-    return storage.join(root, str(version))
-
-
 def validate_export(config: Config, run_dir: str, version: int | None = None) -> dict:
     """Validates one export version; writes and returns its validation.json content."""
-    directory = version_dir(run_dir, config.export.name, version)
-    metrics_path = storage.join(run_dir, "train", "metrics.json")
+    layout = RunLayout(run_dir)
+    directory = layout.version_dir(config.export.name, version)
+    metrics_path = layout.metrics
     if not storage.exists(metrics_path):
         raise UserError(f"{metrics_path}: not found; validation compares with the trainer's test metrics")
     trainer = json.loads(storage.read_text(metrics_path))["test"]["accuracy"]

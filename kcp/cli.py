@@ -18,7 +18,8 @@ import sys
 import time
 import traceback
 
-from kcp.errors import UserError
+from kcp.core.errors import UserError
+from kcp.core.layout import RunLayout
 
 EXAMPLES = {
     "preprocess": [
@@ -163,8 +164,8 @@ def resolve_run_dir(args) -> str:
 
 def resolve_config(args, run_dir: str | None):
     """Defaults <- RUN/config.yaml <- --config <- --source/--model <- --set."""
-    from kcp import storage
-    from kcp.config import load_config, read_yaml_file
+    from kcp.core import storage
+    from kcp.core.config import load_config, read_yaml_file
 
     layers = []
     existing = storage.join(run_dir, "config.yaml") if run_dir else None
@@ -288,9 +289,8 @@ def cmd_validate(config, run_dir: str, beam_args: list[str], args=None) -> dict:
 
 def cmd_push(config, run_dir: str, beam_args: list[str], args=None) -> dict:
     from deploy.push import push_export
-    from deploy.validate import version_dir
 
-    directory = version_dir(run_dir, config.export.name, args.version)
+    directory = RunLayout(run_dir).version_dir(config.export.name, args.version)
     written = push_export(directory, args.to, force=args.force)
     say(f"[push] {len(written)} files -> {args.to.rstrip('/')}/{os.path.basename(directory)}/")
     return {"pushed": written}
@@ -315,12 +315,11 @@ def cmd_serve(config, run_dir: str, beam_args: list[str], args=None) -> dict:
 
 def cmd_predict(config, run_dir: str, beam_args: list[str], args=None) -> dict:
     from deploy.predict import run_batch_prediction
-    from deploy.validate import version_dir
-    from pipeline import contract as contract_lib
+    from kcp.core import contract as contract_lib
     from pipeline.sources import plan_source
 
     contract = contract_lib.read_contract(run_dir)
-    directory = version_dir(run_dir, config.export.name, args.version)
+    directory = RunLayout(run_dir).version_dir(config.export.name, args.version)
     plan, records = plan_source(args.input, config.data)
     if plan.modality != contract.modality:
         raise UserError(f"--input: {args.input} holds {plan.modality}, the model takes {contract.modality}")
@@ -343,7 +342,7 @@ def model_inputs_from_flags(args):
     from trainer.models import ModelInputs
 
     if args.run_dir:
-        from pipeline import contract as contract_lib
+        from kcp.core import contract as contract_lib
 
         return ModelInputs.from_contract(contract_lib.read_contract(args.run_dir))
     if not args.input_shape or not args.num_classes:
@@ -390,7 +389,7 @@ def main(argv: list[str] | None = None, *, lenient: bool = False) -> int:
     if beam_args and args.command not in ("preprocess", "run", "predict"):
         logging.getLogger("kcp").warning("ignoring Beam options after --: %s runs no Beam pipeline", args.command)
     try:
-        from kcp import storage
+        from kcp.core import storage
 
         if args.command == "describe-model":  # reads a run's contract and config at most; writes nothing
             cmd_describe_model(resolve_config(args, args.run_dir), args)

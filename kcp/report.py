@@ -18,8 +18,9 @@ import json
 
 import numpy as np
 
-from kcp import storage
-from pipeline import contract as contract_lib
+from kcp.core import storage
+from kcp.core import contract as contract_lib
+from kcp.core.layout import RunLayout
 
 EXAMPLES_SHOWN = 12
 
@@ -294,13 +295,13 @@ def build_report(run_dir: str) -> str:
 
     import trainer.models.layers  # noqa: F401  registers the zoo's custom layers for loading
 
-    report_dir = storage.join(run_dir, "report")
+    layout = RunLayout(run_dir)
+    report_dir = layout.report
     storage.makedirs(report_dir)
     contract = contract_lib.read_contract(run_dir)
-    train_dir = storage.join(run_dir, "train")
-    metrics = _read_json(storage.join(train_dir, "metrics.json")) or {}
-    history = _read_json(storage.join(train_dir, "history.json"))
-    confusion = _read_json(storage.join(train_dir, "confusion_matrix.json"))
+    metrics = _read_json(layout.metrics) or {}
+    history = _read_json(layout.history)
+    confusion = _read_json(layout.confusion_matrix)
     sections = []
 
     summary = [["source", contract.source], ["modality", contract.modality],
@@ -329,7 +330,7 @@ def build_report(run_dir: str) -> str:
                                                                    "confusion matrix")
                                  + _table(["class", "precision", "recall", "F1", "support"], rows)))
 
-    model_path = storage.join(train_dir, "model.keras")
+    model_path = layout.model
     if storage.exists(model_path) and contract.splits.get("test") and contract.splits["test"].count:
         model = keras.saving.load_model(model_path)
         test = predict_test(run_dir, contract, model)
@@ -344,15 +345,15 @@ def build_report(run_dir: str) -> str:
         if attention:
             sections.append(_section("Attention maps", _image(attention, "attention maps")))
 
-    samples = storage.join(contract_lib.data_dir(run_dir), "samples.png")
+    samples = layout.samples
     if storage.exists(samples):
         storage.write_bytes_atomic(storage.join(report_dir, "samples.png"), storage.read_bytes(samples))
         copies = contract.augmentation.get("copies", 0)
         sections.append(_section("Augmentation", _image("samples.png", "augmentation samples")
                                  + f'<p class="note">{copies} augmented copies per train example.</p>'))
 
-    trials_png = storage.join(run_dir, "tuning", "trials.png")
-    trials_csv = storage.join(run_dir, "tuning", "trials.csv")
+    trials_png = storage.join(layout.tuning, "trials.png")
+    trials_csv = storage.join(layout.tuning, "trials.csv")
     if storage.exists(trials_png) or storage.exists(trials_csv):
         body = ""
         if storage.exists(trials_png):
@@ -363,7 +364,7 @@ def build_report(run_dir: str) -> str:
             body += _table(rows[0], rows[1:]) if rows else ""
         sections.append(_section("Tuning", body))
 
-    config_path = storage.join(run_dir, "config.yaml")
+    config_path = layout.config
     if storage.exists(config_path):
         sections.append(_section("Config", f"<pre>{html.escape(storage.read_text(config_path))}</pre>"))
     if metrics:

@@ -11,7 +11,7 @@ import hashlib
 
 import numpy as np
 
-from kcp.config import OfflineAugmentConfig
+from kcp.core.config import OfflineAugmentConfig
 
 
 def rng_for(key: str, copy: int) -> np.random.Generator:

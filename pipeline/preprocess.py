@@ -1,6 +1,6 @@
 """The preprocessing stage: source -> split -> analyze -> encode -> sharded TFRecords + contract.
 
-    python -m pipeline.preprocess --run-dir runs/r1 --source digits -- --runner FnApiRunner
+    python -m pipeline.task --run-dir runs/r1 --source digits -- --runner FnApiRunner
 
 Beam options after `--` pass straight to the runner, so the same command runs on Dataflow
 with `--runner DataflowRunner --project P --region R --temp_location gs://b/tmp
@@ -18,10 +18,11 @@ import uuid
 
 import apache_beam as beam
 
-from kcp import storage
-from kcp.config import Config
-from kcp.errors import UserError
-from pipeline import contract as contract_lib
+from kcp.core import storage
+from kcp.core.config import Config
+from kcp.core.errors import UserError
+from kcp.core.layout import DEAD_LETTER_DIR
+from kcp.core import contract as contract_lib
 from pipeline import splits, transforms
 from pipeline.sources import SourcePlan, plan_source
 
@@ -68,7 +69,7 @@ def clear_previous_outputs(data_dir: str) -> None:
     for split in splits.SPLITS:
         for path in storage.glob(storage.join(data_dir, f"{split}-*.tfrecord*")):
             storage.remove(path)
-    storage.remove_tree(storage.join(data_dir, "dead_letter"))
+    storage.remove_tree(storage.join(data_dir, DEAD_LETTER_DIR))
     for path in storage.glob(storage.join(data_dir, f"{PARTS_PREFIX}*")):  # a killed run's parts
         storage.remove_tree(path)
 
@@ -138,7 +139,7 @@ def build_pipeline(pipeline: beam.Pipeline, plan: SourcePlan, records: list, con
 
     all_dead = tuple(dead_letters) | "MergeDeadLetters" >> beam.Flatten()
     _ = all_dead | "WriteDeadLetters" >> beam.io.WriteToText(
-        storage.join(data_dir, "dead_letter", "dead_letter"), file_name_suffix=".jsonl", skip_if_empty=True)
+        storage.join(data_dir, DEAD_LETTER_DIR, "dead_letter"), file_name_suffix=".jsonl", skip_if_empty=True)
     counters.append(
         all_dead
         | "CountDeadLetters" >> beam.combiners.Count.Globally()
@@ -185,7 +186,7 @@ def run_preprocess(config: Config, run_dir: str, beam_args: list[str] = (), repo
     bad, read = summary["dead_letters"], summary["read"]
     if read and bad / read > config.data.max_bad_fraction:
         raise UserError(f"data.max_bad_fraction: {bad} of {read} inputs ({bad / read:.1%}) could not be read, above "
-                        f"{config.data.max_bad_fraction:.1%}; reasons in {storage.join(data_dir, 'dead_letter')}")
+                        f"{config.data.max_bad_fraction:.1%}; reasons in {storage.join(data_dir, DEAD_LETTER_DIR)}")
     contract, vocabulary = contract_from_summary(plan, config, summary, data_dir)
     if contract.splits["train"].count:
         from pipeline.samples import write_samples
@@ -262,13 +263,3 @@ def _write_empty_shard(directory: str, name: str) -> None:
     compression = CompressionTypes.GZIP if name.endswith(".gz") else CompressionTypes.UNCOMPRESSED
     with FileSystems.create(FileSystems.join(directory, name), compression_type=compression):
         pass
-
-
-def main(argv: list[str] | None = None) -> int:
-    from kcp import cli
-
-    return cli.main(["preprocess", *(argv if argv is not None else cli.sys_argv())], lenient=True)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

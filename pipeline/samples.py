@@ -7,8 +7,9 @@ import io
 
 import numpy as np
 
-from kcp import storage
-from pipeline import contract as contract_lib
+from kcp.core import storage
+from kcp.core import contract as contract_lib
+from kcp.core.layout import RunLayout
 
 
 def collect_samples(contract, run_dir: str, rows: int = 6, scan: int = 2000) -> list[list[tuple[str, object]]]:
@@ -73,6 +74,6 @@ def write_samples(contract, run_dir: str, rows: int = 6) -> str:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     plt.close(figure)
-    path = storage.join(contract_lib.data_dir(run_dir), "samples.png")
+    path = RunLayout(run_dir).samples
     storage.write_bytes_atomic(path, buffer.getvalue())
     return path

@@ -25,11 +25,11 @@ from typing import Any, Optional
 
 import numpy as np
 
-from kcp import storage
-from kcp.config import DataConfig
-from kcp.errors import UserError
-from pipeline.contract import FeatureSpec
-from pipeline.splits import SPLITS
+from kcp.core import storage
+from kcp.core.config import DataConfig
+from kcp.core.errors import UserError
+from kcp.core.contract import FeatureSpec
+from kcp.core.layout import SPLITS
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")

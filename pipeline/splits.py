@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-SPLITS = ("train", "validation", "test")
+from kcp.core.layout import SPLITS
 
 
 def stable_fraction(text: str, seed) -> float:

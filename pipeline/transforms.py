@@ -14,7 +14,7 @@ import apache_beam as beam
 import numpy as np
 
 from pipeline import augment as augment_lib
-from pipeline import contract as contract_lib
+from kcp.core import contract as contract_lib
 from pipeline.sources import BadInput, RawExample, SourcePlan, SourceRecord, decode_record
 from pipeline.splits import stable_fraction
 TARGET_SHARD_BYTES = 64 * 2**20

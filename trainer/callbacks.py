@@ -8,8 +8,8 @@ import time
 
 import keras
 
-from kcp import storage
-from kcp.config import TrainConfig
+from kcp.core import storage
+from kcp.core.config import TrainConfig
 
 
 def learning_rate(config: TrainConfig, steps_per_epoch: int):

@@ -81,7 +81,7 @@ def patch_keras_tuner_atomic_json() -> bool:
         return True
     from keras_tuner.src import utils as kt_utils
 
-    from kcp import storage
+    from kcp.core import storage
 
     def save_json(path, obj):
         text = json.dumps(obj)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from kcp.config import TrainConfig
-from pipeline import contract as contract_lib
+from kcp.core.config import TrainConfig
+from kcp.core import contract as contract_lib
 
 
 def make_dataset(contract, data_dir: str, split: str, config: TrainConfig, *, global_batch: int, training: bool,

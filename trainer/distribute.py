@@ -16,7 +16,7 @@ import json
 import logging
 import os
 
-from kcp.errors import UserError
+from kcp.core.errors import UserError
 
 log = logging.getLogger("kcp.distribute")
 TPU_VARIABLES = ("TPU_NAME", "KUBE_GOOGLE_CLOUD_TPU_ENDPOINTS", "TPU_CONFIG")

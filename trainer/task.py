@@ -8,11 +8,13 @@ adds that the trainer does not know are ignored with a warning.
 
 from __future__ import annotations
 
+import sys
+
+from kcp import cli
+
 
 def main(argv: list[str] | None = None) -> int:
-    from kcp import cli
-
-    return cli.main(["train", *(argv if argv is not None else cli.sys_argv())], lenient=True)
+    return cli.main(["train", *(sys.argv[1:] if argv is None else argv)], lenient=True)
 
 
 if __name__ == "__main__":

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kcp import storage
-from kcp.config import Config, TrainConfig
-from pipeline import contract as contract_lib
+from kcp.core import storage
+from kcp.core.config import Config, TrainConfig
+from kcp.core import contract as contract_lib
+from kcp.core.layout import SPLITS, RunLayout
 
 log = logging.getLogger("kcp.train")
-SPLITS = ("train", "validation", "test")
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class TrainPaths:
     def resolve(cls, run_dir: str, multi_worker: bool) -> "TrainPaths":
         from trainer.distribute import worker_info
 
-        train_dir = storage.join(run_dir, "train")
+        train_dir = RunLayout(run_dir).train
         task_type, index, chief = worker_info() if multi_worker else ("worker", 0, True)
         checkpoint_root = os.environ.get("AIP_CHECKPOINT_DIR") or train_dir
         backup = storage.join(checkpoint_root, "backup")

@@ -27,9 +27,10 @@ import logging
 import os
 import time
 
-from kcp import storage
-from kcp.config import Config, ConfigError, load_config
-from pipeline import contract as contract_lib
+from kcp.core import storage
+from kcp.core.config import Config, ConfigError, load_config
+from kcp.core import contract as contract_lib
+from kcp.core.layout import RunLayout
 
 log = logging.getLogger("kcp.tune")
 
@@ -223,7 +224,7 @@ def write_results(tuner, config: Config, run_dir: str, space: dict) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    directory = storage.join(run_dir, "tuning")
+    directory = RunLayout(run_dir).tuning
     stats = read_trial_stats(directory)
     trials = sorted(tuner.oracle.trials.values(), key=lambda t: t.trial_id)
     keys = list(space)
@@ -303,7 +304,7 @@ def run_search(config: Config, run_dir: str) -> dict:
     import keras
 
     space = search_space(config)
-    directory = storage.join(run_dir, "tuning")
+    directory = RunLayout(run_dir).tuning
     storage.makedirs(directory)
     keras.utils.set_random_seed(config.train.seed)
     tuner_id = os.environ.get("KERASTUNER_TUNER_ID", "")
@@ -322,7 +323,7 @@ def retrain_best(config: Config, run_dir: str) -> dict:
     from deploy.export import export_for_serving
     from trainer.train import train
 
-    best_path = storage.join(run_dir, "tuning", "best_hparams.json")
+    best_path = RunLayout(run_dir).best_hparams
     if not storage.exists(best_path):
         raise ConfigError(f"tune.retrain_best: {best_path} does not exist; no trial completed")
     best = json.loads(storage.read_text(best_path))

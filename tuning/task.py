@@ -9,11 +9,13 @@ Tuner's KERASTUNER_TUNER_ID, KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT.
 
 from __future__ import annotations
 
+import sys
+
+from kcp import cli
+
 
 def main(argv: list[str] | None = None) -> int:
-    from kcp import cli
-
-    return cli.main(["tune", *(argv if argv is not None else cli.sys_argv())], lenient=True)
+    return cli.main(["tune", *(sys.argv[1:] if argv is None else argv)], lenient=True)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import numpy as np
 import tensorflow as tf
 
 from deploy.validate import export_accuracy, predict_split
-from pipeline import contract as contract_lib
+from kcp.core import contract as contract_lib
 
 
 def test_export_predictions_equal_the_keras_model(digits_run):

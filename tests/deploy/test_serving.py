@@ -84,7 +84,7 @@ def test_export_has_signatures_labels_and_warmup(image_run):
 
 
 def test_the_three_signatures_agree(image_run):
-    from pipeline import contract as contract_lib
+    from kcp.core import contract as contract_lib
 
     run_dir, _ = image_run
     contract = contract_lib.read_contract(run_dir)

@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import yaml
 
-from kcp.config import Config, ConfigError, load_config, parse_override, read_yaml_file
+from kcp.core.config import Config, ConfigError, load_config, parse_override, read_yaml_file
 
 
 def test_defaults_build_and_round_trip_through_yaml():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kcp.config import MODEL_NAMES, load_config
+from kcp.core.config import MODEL_NAMES, load_config
 from kcp.report import build_report, per_class_scores
 from tests.conftest import fresh_run
 from trainer.train import train

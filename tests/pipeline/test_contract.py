@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from pipeline import contract as contract_lib
-from pipeline.contract import ContractError, DataContract, FeatureSpec, SplitInfo
+from kcp.core import contract as contract_lib
+from kcp.core.contract import ContractError, DataContract, FeatureSpec, SplitInfo
 
 
 def make_contract(**changes) -> DataContract:

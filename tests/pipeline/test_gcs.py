@@ -7,9 +7,9 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from kcp import storage
-from kcp.config import load_config
-from pipeline import contract as contract_lib
+from kcp.core import storage
+from kcp.core.config import load_config
+from kcp.core import contract as contract_lib
 from pipeline.preprocess import run_preprocess
 from tests.conftest import IN_PROCESS_BEAM
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kcp.config import load_config
-from pipeline import contract as contract_lib
+from kcp.core.config import load_config
+from kcp.core import contract as contract_lib
 from pipeline import splits, transforms
 from pipeline.preprocess import drops_finish_bundle_outputs, local_runner_defaults, run_preprocess
 from pipeline.sources import SourceError, digits_to_uint8, plan_source

@@ -5,7 +5,7 @@ import os
 import pytest
 import tensorflow as tf
 
-from kcp.config import load_config
+from kcp.core.config import load_config
 from pipeline.preprocess import local_runner_defaults, run_preprocess
 from tests.conftest import IN_PROCESS_BEAM
 

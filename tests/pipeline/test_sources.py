@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 
 from kcp import cli
-from kcp.config import load_config
-from pipeline import contract as contract_lib
+from kcp.core.config import load_config
+from kcp.core import contract as contract_lib
 from pipeline import splits
-from pipeline.contract import standardize_text
+from kcp.core.contract import standardize_text
 from pipeline.preprocess import run_preprocess
 from pipeline.sources import SourceError, plan_source
 from tests.conftest import IN_PROCESS_BEAM

@@ -70,7 +70,7 @@ def test_shard_names_and_pattern():
 def test_process_record_decodes_splits_augments_and_encodes_in_one_step():
     import tensorflow as tf
 
-    from kcp.config import load_config
+    from kcp.core.config import load_config
     from pipeline.preprocess import planned_counts, split_assigner
     from pipeline.sources import SourceRecord, plan_source
 

@@ -9,7 +9,7 @@ SCRIPT = r"""
 import json, sys
 import numpy as np
 import keras
-from kcp.config import MODEL_NAMES, load_config
+from kcp.core.config import MODEL_NAMES, load_config
 from trainer.models import ModelInputs, build_model
 
 specs = {

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 import keras
-from kcp.config import MODEL_NAMES, ConfigError, load_config
+from kcp.core.config import MODEL_NAMES, ConfigError, load_config
 from trainer.models import REGISTRY, ModelInputs, build_model
 from trainer.models.transformer import attention_layers, attention_scores
 

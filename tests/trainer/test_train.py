@@ -7,8 +7,8 @@ import keras
 import numpy as np
 import pytest
 
-from kcp.config import OPTIMIZERS, SCHEDULES, load_config
-from kcp import storage
+from kcp.core.config import OPTIMIZERS, SCHEDULES, load_config
+from kcp.core import storage
 from trainer.callbacks import AtomicBackupAndRestore, EpochHistory, learning_rate
 from tests.conftest import fresh_run
 from trainer.train import confusion_matrix, make_optimizer, train
@@ -169,7 +169,7 @@ def test_auto_strategy_without_accelerators_is_the_default_one():
 def test_tpu_strategy_without_a_tpu_fails_at_once(monkeypatch):
     import time
 
-    from kcp.errors import UserError
+    from kcp.core.errors import UserError
     from trainer.distribute import choose_strategy
 
     for name in ("TPU_NAME", "KUBE_GOOGLE_CLOUD_TPU_ENDPOINTS", "TPU_CONFIG"):

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from kcp.config import ConfigError, load_config
+from kcp.core.config import ConfigError, load_config
 from tests.conftest import fresh_run
 from tests.gcs import free_port
 from tuning.search import read_trial_stats, run_search, search_space
@@ -43,7 +43,7 @@ def test_each_algorithm_runs_and_writes_its_results(digits_data, tmp_path, algor
     assert best["best_score"] == result["best_score"]
     assert set(best["hyperparameters"]) == {"train.learning_rate", "model.kernel_size"}
     assert os.path.getsize(os.path.join(tuning, "trials.png")) > 5000
-    from kcp.config import read_yaml_file
+    from kcp.core.config import read_yaml_file
 
     best_config = load_config([read_yaml_file(os.path.join(tuning, "best_config.yaml"))])  # `kcp train --config` takes it
     assert best_config.model.kernel_size == best["hyperparameters"]["model.kernel_size"]
@@ -152,7 +152,7 @@ def test_retrain_best_trains_on_train_and_validation_and_exports(digits_data, tm
     assert metrics["examples_per_second"] > 0
     assert os.path.exists(os.path.join(run_dir, "export", "model", "1", "saved_model.pb"))
     best = json.load(open(os.path.join(run_dir, "tuning", "best_hparams.json")))
-    from kcp.config import read_yaml_file
+    from kcp.core.config import read_yaml_file
 
     assert read_yaml_file(os.path.join(run_dir, "config.yaml"))["tune"]["retrain_best"] is True
     assert set(best["hyperparameters"]) == {"model.kernel_size", "model.dropout", "train.learning_rate"}

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from kcp.config import ModelConfig
+from kcp.core.config import ModelConfig
 from trainer.models import cnn, resnet, rnn, transformer
 from trainer.models.common import ModelInputs
 

@@ -9,7 +9,7 @@ Text is embedded first (`model.dim` per token), then convolved along time.
 
 from __future__ import annotations
 
-from kcp.config import ConfigError, ModelConfig
+from kcp.core.config import ConfigError, ModelConfig
 from trainer.models.common import (ModelInputs, batch_norm, classifier_head, initializer_for, model_input,
                                    token_embedding)
 

@@ -8,9 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kcp.config import ConfigError, ModelConfig
-
-MODALITIES = ("image", "sequence", "text")
+from kcp.core.config import ConfigError, ModelConfig
+from kcp.core.contract import MODALITIES
 
 
 @dataclass(frozen=True)

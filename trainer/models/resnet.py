@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from kcp.config import ModelConfig, resnet_style
+from kcp.core.config import ModelConfig, resnet_style
 from trainer.models.common import (ModelInputs, batch_norm, classifier_head, initializer_for, model_input,
                                    token_embedding)
 

@@ -8,7 +8,7 @@ text through an embedding that masks padding (id 0), so padded steps never updat
 
 from __future__ import annotations
 
-from kcp.config import ModelConfig
+from kcp.core.config import ModelConfig
 from trainer.models.common import ModelInputs, classifier_head, initializer_for, model_input, token_embedding
 
 CELLS = {"simple": "SimpleRNN", "lstm": "LSTM", "gru": "GRU"}

@@ -14,7 +14,7 @@ The head pools the mean of the (unpadded) tokens or a learned class token.
 
 from __future__ import annotations
 
-from kcp.config import ConfigError, ModelConfig
+from kcp.core.config import ConfigError, ModelConfig
 from trainer.models.common import ModelInputs, classifier_head, initializer_for, model_input, token_embedding
 from trainer.models.layers import ClassToken, PositionEncoding
 

@@ -2,7 +2,7 @@
 
 This module is the single owner of feature names, dtypes, shapes and how each feature is
 encoded in a `tf.train.Example`. The pipeline writes through it; the trainer, the tuner
-and the exporter read through it and import nothing else from `pipeline/`.
+and the exporter read through it. It is part of the foundation: it imports no stage.
 
 One example holds three features:
     key    bytes   a stable identifier of the source example (file path, row id)
@@ -20,13 +20,12 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
-from kcp import storage
-from kcp.errors import UserError
+from kcp.core import storage
+from kcp.core.errors import UserError
+from kcp.core.layout import RunLayout
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
-LABELS_FILE = "labels.txt"
-VOCAB_FILE = "vocab.txt"
 MODALITIES = ("image", "sequence", "text")
 # Text ids: 0 is padding, 1 out-of-vocabulary, then vocab.txt's tokens in order (Keras'
 # TextVectorization convention). The strip pattern is TextVectorization's default.
@@ -123,26 +122,21 @@ class DataContract:
 
 
 def data_dir(run_dir: str) -> str:
-    return storage.join(run_dir, "data")
-
-
-def metadata_path(run_dir: str) -> str:
-    return storage.join(data_dir(run_dir), METADATA_FILE)
+    return RunLayout(run_dir).data
 
 
 def write_contract(run_dir: str, contract: DataContract, vocabulary: list[str] | None = None) -> str:
     """Writes labels.txt (and vocab.txt), then metadata.json last and atomically; returns its path."""
-    directory = data_dir(run_dir)
-    storage.write_text_atomic(storage.join(directory, LABELS_FILE), "".join(f"{n}\n" for n in contract.class_names))
+    layout = RunLayout(run_dir)
+    storage.write_text_atomic(layout.labels, "".join(f"{n}\n" for n in contract.class_names))
     if vocabulary is not None:
-        storage.write_text_atomic(storage.join(directory, VOCAB_FILE), "".join(f"{t}\n" for t in vocabulary))
-    path = metadata_path(run_dir)
-    storage.write_text_atomic(path, contract.to_json())
-    return path
+        storage.write_text_atomic(layout.vocabulary, "".join(f"{t}\n" for t in vocabulary))
+    storage.write_text_atomic(layout.metadata, contract.to_json())
+    return layout.metadata
 
 
 def read_contract(run_dir: str) -> DataContract:
-    path = metadata_path(run_dir)
+    path = RunLayout(run_dir).metadata
     if not storage.exists(path):
         raise ContractError(f"{path}: not found; run `kcp preprocess --run-dir {run_dir}` first")
     return DataContract.from_json(storage.read_text(path), where=path)
@@ -269,7 +263,7 @@ def standardize_text(text: str) -> list[str]:
 
 
 def read_vocabulary(run_dir: str) -> list[str]:
-    path = storage.join(data_dir(run_dir), VOCAB_FILE)
+    path = RunLayout(run_dir).vocabulary
     if not storage.exists(path):
         raise ContractError(f"{path}: not found; text runs need the vocabulary `kcp preprocess` writes")
     return storage.read_text(path).splitlines()

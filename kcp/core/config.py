@@ -20,14 +20,13 @@ from typing import Any, Optional
 
 import yaml
 
-from kcp.errors import UserError
+from kcp.core.errors import UserError
 
 # The registry lives in trainer.models (which imports Keras); the names are repeated here
 # so that validating a config never imports TensorFlow. A test keeps the two equal.
 MODEL_NAMES = ("cnn", "resnet", "rnn", "transformer")
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw")
 INITIALIZERS = ("glorot_uniform", "glorot_normal", "he_uniform", "he_normal")
-SPLITS = ("train", "validation", "test")
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -370,7 +369,7 @@ def parse_override(text: str) -> dict:
 
 
 def read_yaml_file(path: str) -> dict:
-    from kcp import storage
+    from kcp.core import storage
 
     if not storage.exists(path):
         raise ConfigError(f"{path}: file not found")

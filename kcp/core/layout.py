@@ -1,0 +1,123 @@
+"""The run directory, the interface between the stages: every path a stage reads or writes.
+
+    layout = RunLayout("runs/digits")          # or RunLayout("gs://bucket/runs/r1")
+    layout.metadata                            # runs/digits/data/metadata.json
+    layout.version_dir("model")                # the newest export version, e.g. .../export/model/3
+
+Stages never build these paths themselves, so renaming a file is a change in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kcp.core import storage
+from kcp.core.errors import UserError
+
+SPLITS = ("train", "validation", "test")
+DEAD_LETTER_DIR = "dead_letter"  # under RUN/data/
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Paths under one run directory `root` (a local path or a `gs://` URI)."""
+
+    root: str
+
+    def _join(self, *parts: str) -> str:
+        return storage.join(self.root, *parts)
+
+    @property
+    def config(self) -> str:
+        return self._join("config.yaml")
+
+    # --- data: written by the pipeline ---------------------------------------------------
+    @property
+    def data(self) -> str:
+        return self._join("data")
+
+    @property
+    def metadata(self) -> str:
+        return self._join("data", "metadata.json")
+
+    @property
+    def labels(self) -> str:
+        return self._join("data", "labels.txt")
+
+    @property
+    def vocabulary(self) -> str:
+        return self._join("data", "vocab.txt")
+
+    @property
+    def dead_letter(self) -> str:
+        return self._join("data", DEAD_LETTER_DIR)
+
+    @property
+    def samples(self) -> str:
+        return self._join("data", "samples.png")
+
+    # --- train: written by the trainer ---------------------------------------------------
+    @property
+    def train(self) -> str:
+        return self._join("train")
+
+    @property
+    def model(self) -> str:
+        return self._join("train", "model.keras")
+
+    @property
+    def metrics(self) -> str:
+        return self._join("train", "metrics.json")
+
+    @property
+    def history(self) -> str:
+        return self._join("train", "history.json")
+
+    @property
+    def confusion_matrix(self) -> str:
+        return self._join("train", "confusion_matrix.json")
+
+    # --- tuning, report ------------------------------------------------------------------
+    @property
+    def tuning(self) -> str:
+        return self._join("tuning")
+
+    @property
+    def best_hparams(self) -> str:
+        return self._join("tuning", "best_hparams.json")
+
+    @property
+    def report(self) -> str:
+        return self._join("report")
+
+    # --- export: RUN/export/NAME/VERSION ---------------------------------------------------
+    @property
+    def exports(self) -> str:
+        return self._join("export")
+
+    def export_root(self, name: str) -> str:
+        return self._join("export", name)
+
+    def versions(self, name: str) -> list[int]:
+        """The integer version folders under RUN/export/NAME, ascending (temporaries are not versions)."""
+        return export_versions(self.export_root(name))
+
+    def next_version(self, name: str) -> int:
+        return max(self.versions(name), default=0) + 1
+
+    def version_dir(self, name: str, version: int | None = None) -> str:
+        """RUN/export/NAME/VERSION; the newest version when `version` is None."""
+        root, versions = self.export_root(name), self.versions(name)
+        if not versions:
+            raise UserError(f"{root}: no exported version; run `kcp export --run-dir {self.root}` first")
+        if version is None:
+            version = versions[-1]
+        elif version not in versions:
+            raise UserError(f"--version: {version} is not exported under {root} "
+                            f"(it has {', '.join(map(str, versions))})")
+        return storage.join(root, str(version))
+
+
+def export_versions(export_root: str) -> list[int]:
+    """The integer version folders directly under one model's export folder, ascending."""
+    return sorted(int(name) for name in storage.list_dir(export_root) if name.isdigit())
