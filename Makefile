@@ -22,7 +22,9 @@ $(VENV)/.installed-test: $(VENV)/.installed-core
 demo: $(VENV)/.installed-core
 	$(BIN)/kcp run
 
+# lint-imports checks the layering rule in .importlinter before any test runs
 test: $(VENV)/.installed-test
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 clean:

@@ -25,13 +25,18 @@ setup(
         "apache-beam>=2.60,<3",
         "google-crc32c>=1.5",  # Beam's TFRecord framing needs a CRC32C; [gcp] brings it, the core did not
         "numpy>=1.26",
+        # Beam builds a pipeline through its interactive runner when it runs inside IPython
+        # (Jupyter, Colab), and that imports pandas; the bound is Beam's own ([interactive])
+        "pandas>=1.4.3,<2.4,!=1.5.0,!=1.5.1",
         "pillow>=10",  # decoding image folders
         "matplotlib>=3.7",  # samples.png and the run report
         "pyyaml>=6",
         "scikit-learn>=1.3",  # the embedded default data set (digits)
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2", "gcp-storage-emulator>=2024"],
+        # import-linter checks the layering rule (.importlinter); nbclient + ipykernel run the notebook
+        "test": ["pytest>=8", "pytest-timeout>=2", "gcp-storage-emulator>=2024", "import-linter>=2.1",
+                 "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],
         "jax": ["jax>=0.4.30"],
         "gpu": ["tensorflow[and-cuda]>=2.16,<2.22"],
         # TPU VMs bring their own tensorflow-tpu and libtpu in the VM image (there is no

@@ -28,7 +28,7 @@ def digits_arrays():
     import numpy as np
     from sklearn.datasets import load_digits
 
-    from pipeline.sources import digits_to_uint8
+    from kcp.core.sources import digits_to_uint8
     from pipeline.splits import stable_split
 
     digits = load_digits()

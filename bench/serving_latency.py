@@ -37,8 +37,10 @@ def png_of_first_test_image(run_dir: str) -> bytes:
 
     from kcp.core import contract as contract_lib
 
+    from kcp.core import examples as example_lib
+
     contract = contract_lib.read_contract(run_dir)
-    images, _, _ = next(iter(contract_lib.read_split(contract, contract_lib.data_dir(run_dir), "test", 1)))
+    images, _, _ = next(iter(example_lib.read_split(contract, contract_lib.data_dir(run_dir), "test", 1)))
     return tf.io.encode_png(images[0]).numpy()
 
 

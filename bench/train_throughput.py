@@ -33,6 +33,7 @@ def main() -> None:
 
     from kcp.core.config import load_config
     from kcp.core import contract as contract_lib
+    from kcp.core import examples as example_lib
     from pipeline.preprocess import run_preprocess
     from trainer.callbacks import ThroughputTimer, examples_per_second
     from trainer.data import make_dataset
@@ -56,7 +57,7 @@ def main() -> None:
 
     # the same model and train examples, in memory, bare model.fit
     inputs, labels = [], []
-    for batch, batch_labels, _ in contract_lib.read_split(contract, contract_lib.data_dir(run_dir), "train", 512):
+    for batch, batch_labels, _ in example_lib.read_split(contract, contract_lib.data_dir(run_dir), "train", 512):
         inputs.append(batch.numpy().astype("float32"))
         labels.append(batch_labels.numpy())
     x_train, y_train = np.concatenate(inputs), np.concatenate(labels)

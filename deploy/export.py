@@ -15,10 +15,16 @@ import logging
 import os
 import uuid
 
+import keras
+import tensorflow as tf
+from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+import trainer.models.layers  # noqa: F401  registers the zoo's custom layers, which model.keras may hold
 from kcp.core import storage
 from kcp.core.config import Config
 from kcp.core.errors import UserError
 from kcp.core import contract as contract_lib
+from kcp.core import examples as example_lib
 from kcp.core.layout import RunLayout
 
 log = logging.getLogger("kcp.export")
@@ -28,8 +34,6 @@ WARMUP_REQUESTS = 100  # TF Serving replays these at load; it accepts at most 1,
 def client_inputs(contract, inputs) -> list | object:
     """What a client would send for a batch of stored inputs: PNG bytes for images (lossless),
     the strings for text, the floats for sequences."""
-    import tensorflow as tf
-
     if contract.modality == "image":
         return [tf.io.encode_png(image).numpy() for image in inputs]
     return inputs
@@ -45,8 +49,6 @@ def serving_functions(model, contract, vectorizer=None):
     all:      serve_examples(examples: string [N]) serialized tf.train.Example (TFX convention)
     Outputs: class_ids, class_names, probabilities.
     """
-    import tensorflow as tf
-
     class_names = tf.constant(list(contract.class_names))
     modality = contract.modality
 
@@ -65,7 +67,7 @@ def serving_functions(model, contract, vectorizer=None):
         }
 
     def from_examples(examples):
-        inputs, _, _ = contract_lib.parse_examples(contract, examples)
+        inputs, _, _ = example_lib.parse_examples(contract, examples)
         return predict(inputs)
 
     functions = {"serve_examples": tf.function(
@@ -103,13 +105,10 @@ def serving_input_name(contract) -> str:
 
 def write_warmup_requests(path: str, contract, run_dir: str, name: str, count: int) -> int:
     """assets.extra/tf_serving_warmup_requests: PredictionLog records of real test inputs."""
-    import tensorflow as tf
-    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
-
     split = "test" if contract.splits.get("test") and contract.splits["test"].count else "train"
     written = 0
     with tf.io.TFRecordWriter(path) as writer:
-        for inputs, _, _ in contract_lib.read_split(contract, contract_lib.data_dir(run_dir), split, 1):
+        for inputs, _, _ in example_lib.read_split(contract, contract_lib.data_dir(run_dir), split, 1):
             request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(
                 name=name, signature_name="serving_default"))
             request.inputs[serving_input_name(contract)].CopyFrom(
@@ -124,10 +123,6 @@ def write_warmup_requests(path: str, contract, run_dir: str, name: str, count: i
 
 def export_for_serving(config: Config, run_dir: str) -> str:
     """Exports RUN/train/model.keras; returns the new version's directory."""
-    import keras
-
-    import trainer.models.layers  # noqa: F401  registers the zoo's custom layers for loading
-
     layout = RunLayout(run_dir)
     contract = contract_lib.read_contract(run_dir)
     model_path = layout.model
@@ -144,7 +139,7 @@ def export_for_serving(config: Config, run_dir: str) -> str:
     archive.track(model)
     vectorizer = None
     if contract.modality == "text":
-        vectorizer = contract_lib.text_vectorizer(contract, run_dir)
+        vectorizer = example_lib.text_vectorizer(contract, run_dir)
         vectorizer(["build"])  # ExportArchive only tracks built layers
         archive.track(vectorizer)  # its lookup table goes into the SavedModel
     for name, function in serving_functions(model, contract, vectorizer).items():
@@ -165,8 +160,6 @@ def export_for_serving(config: Config, run_dir: str) -> str:
 
 
 def _copy_tree(source: str, target: str) -> None:
-    import tensorflow as tf
-
     for directory, _, files in tf.io.gfile.walk(source):
         relative = directory[len(source):].lstrip("/")
         tf.io.gfile.makedirs(storage.join(target, relative) if relative else target)

@@ -18,10 +18,13 @@ from typing import Any, Iterable, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
+import tensorflow as tf
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
+from apache_beam.options.pipeline_options import PipelineOptions
 
 from kcp.core import storage
-from pipeline.sources import BadInput, SourcePlan, SourceRecord, decode_array, decode_text
+from kcp.core.beamio import DEAD_LETTER, EXAMPLE, dead_letter, local_runner_defaults, select
+from kcp.core.sources import BadInput, SourcePlan, SourceRecord, decode_array, decode_text
 
 
 class SavedModelHandler(ModelHandler[Any, PredictionResult, Any]):
@@ -32,14 +35,10 @@ class SavedModelHandler(ModelHandler[Any, PredictionResult, Any]):
         self._max_batch_size = max_batch_size
 
     def load_model(self):
-        import tensorflow as tf
-
         return tf.saved_model.load(self._export_dir)
 
     def run_inference(self, batch: Sequence[Any], model, inference_args: Optional[dict] = None
                       ) -> Iterable[PredictionResult]:
-        import tensorflow as tf
-
         function = model.signatures[self._signature]
         if isinstance(batch[0], (bytes, str)):
             inputs = tf.constant(list(batch), dtype=tf.string)
@@ -84,11 +83,6 @@ def to_json_line(item, class_names: tuple) -> str:
 
 def run_batch_prediction(export_dir: str, class_names: tuple, plan: SourcePlan, records: list, output: str,
                          beam_args: list[str]) -> None:
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    from pipeline.preprocess import local_runner_defaults
-    from pipeline.transforms import DEAD_LETTER, EXAMPLE, dead_letter, select
-
     signature, input_name = signature_for(plan)
 
     def to_keyed_input(record):

@@ -15,10 +15,14 @@ import os
 
 import numpy as np
 
+import tensorflow as tf
+
+from deploy.export import client_inputs, serving_input_name
 from kcp.core import storage
 from kcp.core.config import Config
 from kcp.core.errors import UserError
 from kcp.core import contract as contract_lib
+from kcp.core import examples as example_lib
 from kcp.core.layout import RunLayout
 
 MAX_DIFFERENCE = 0.005
@@ -29,15 +33,11 @@ def predict_split(export_dir: str, run_dir: str, split: str = "test", batch_size
 
     Returns {"keys", "labels", "class_ids", "probabilities"} as NumPy arrays in shard order.
     """
-    import tensorflow as tf
-
-    from deploy.export import client_inputs, serving_input_name
-
     contract = contract_lib.read_contract(run_dir)
     serve = tf.saved_model.load(export_dir).signatures["serving_default"]
     name = serving_input_name(contract)
     keys, labels, class_ids, probabilities = [], [], [], []
-    for inputs, batch_labels, batch_keys in contract_lib.read_split(contract, contract_lib.data_dir(run_dir), split,
+    for inputs, batch_labels, batch_keys in example_lib.read_split(contract, contract_lib.data_dir(run_dir), split,
                                                                      batch_size):
         raw = client_inputs(contract, inputs.numpy())
         outputs = serve(**{name: tf.constant(raw)})

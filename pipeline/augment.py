@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+from PIL import Image
 
 from kcp.core.config import OfflineAugmentConfig
 
@@ -21,8 +22,6 @@ def rng_for(key: str, copy: int) -> np.random.Generator:
 
 def augment_image(image: np.ndarray, config: OfflineAugmentConfig, rng: np.random.Generator) -> np.ndarray:
     """uint8 [H, W, C] -> uint8 [H, W, C]: crop with padding, flip, rotation, brightness/contrast, cutout."""
-    from PIL import Image
-
     height, width, channels = image.shape
     x = image
     if config.crop_padding:

@@ -13,46 +13,27 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import uuid
 
 import apache_beam as beam
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
 
+from kcp.core import contract as contract_lib
 from kcp.core import storage
+from kcp.core.beamio import DEAD_LETTER, local_runner_defaults, select
 from kcp.core.config import Config
 from kcp.core.errors import UserError
 from kcp.core.layout import DEAD_LETTER_DIR
-from kcp.core import contract as contract_lib
-from pipeline import splits, transforms
-from pipeline.sources import SourcePlan, plan_source
+from kcp.core.sources import SourcePlan, plan_source
+from pipeline import splits
+from pipeline.analysis import AnalyzeArrays, AnalyzeText, length_percentiles, write_summary
+from pipeline.records import ANALYZE, AUGMENTED, process_record
+from pipeline.samples import write_samples
+from pipeline.shards import WriteShards, shard_count, shard_name, shard_pattern
 
 log = logging.getLogger("kcp.preprocess")
-
-
-# Beam knows the Dask runner only by its full path; accept the short name too.
-RUNNER_ALIASES = {
-    "DaskRunner": "apache_beam.runners.dask.dask_runner.DaskRunner",
-    "--runner=DaskRunner": "--runner=apache_beam.runners.dask.dask_runner.DaskRunner",
-}
-
-
-def local_runner_defaults(beam_args: list[str]) -> list[str]:
-    """Fills in the local runner when the user named none.
-
-    Beam 2.77's plain DirectRunner first tries to download the Prism runner and can hang
-    offline, so the local default is the FnApiRunner using every core in subprocesses.
-    """
-    beam_args = [RUNNER_ALIASES.get(arg, arg) for arg in beam_args]
-    given = {arg.split("=", 1)[0].lstrip("-") for arg in beam_args if arg.startswith("--")}
-    defaults = []
-    if "runner" not in given:
-        defaults.append("--runner=FnApiRunner")
-        if "direct_running_mode" not in given:
-            defaults.append("--direct_running_mode=multi_processing")
-        if "direct_num_workers" not in given:
-            defaults.append(f"--direct_num_workers={os.cpu_count() or 1}")
-    return defaults + list(beam_args)
-
 
 PARTS_PREFIX = ".parts-"  # per-bundle record parts while the shards are written
 
@@ -112,16 +93,16 @@ def build_pipeline(pipeline: beam.Pipeline, plan: SourcePlan, records: list, con
     read = pipeline | "Read" >> beam.Create(records)
     label_index = {name: index for index, name in enumerate(plan.class_names)}
     processed = read | "DecodeSplitAugmentEncode" >> beam.FlatMap(
-        transforms.process_record, plan, assign, label_index, data.augment)
-    train = transforms.select(processed, transforms.ANALYZE, "TrainOriginals")
+        process_record, plan, assign, label_index, data.augment)
+    train = select(processed, ANALYZE, "TrainOriginals")
     if plan.modality == "text":
-        statistics = train | "Analyze" >> transforms.AnalyzeText(data.vocab_size, data.min_count)
+        statistics = train | "Analyze" >> AnalyzeText(data.vocab_size, data.min_count)
     else:
-        statistics = train | "Analyze" >> transforms.AnalyzeArrays()
+        statistics = train | "Analyze" >> AnalyzeArrays()
     counters = [read | "CountRead" >> beam.combiners.Count.Globally() | "TagRead" >> beam.Map(lambda n: ("read", n))]
     if data.augment.copies:
         counters.append(
-            transforms.select(processed, transforms.AUGMENTED, "Augmented")
+            select(processed, AUGMENTED, "Augmented")
             | "CountAugmented" >> beam.CombineGlobally(sum)
             | "TagAugmented" >> beam.Map(lambda n: ("augmented", n)))
 
@@ -129,12 +110,12 @@ def build_pipeline(pipeline: beam.Pipeline, plan: SourcePlan, records: list, con
         math.prod(plan.input_spec.shape) * (1 if plan.input_spec.dtype == "uint8" else 4) + 64
     planned = planned_counts(records, assign, data.augment.copies)
     shard_summaries = []
-    dead_letters = [transforms.select(processed, transforms.DEAD_LETTER, "DeadLetters")]
+    dead_letters = [select(processed, DEAD_LETTER, "DeadLetters")]
     for split in splits.SPLITS:
         name = split.capitalize()
-        num_shards = data.num_shards or transforms.shard_count(planned[split], bytes_per_example)
-        written = transforms.select(processed, split, f"Encoded{name}") | f"Write{name}" >> \
-            transforms.WriteShards(data_dir, split, num_shards, data.compression, parts_dir)
+        num_shards = data.num_shards or shard_count(planned[split], bytes_per_example)
+        written = select(processed, split, f"Encoded{name}") | f"Write{name}" >> \
+            WriteShards(data_dir, split, num_shards, data.compression, parts_dir)
         shard_summaries.append(written | f"Tag{name}Shards" >> beam.Map(lambda shard: ("shard", shard)))
 
     all_dead = tuple(dead_letters) | "MergeDeadLetters" >> beam.Flatten()
@@ -148,7 +129,7 @@ def build_pipeline(pipeline: beam.Pipeline, plan: SourcePlan, records: list, con
         (statistics, *counters, *shard_summaries)
         | "MergeSummary" >> beam.Flatten()
         | "CollectSummary" >> beam.combiners.ToList()
-        | "WriteSummary" >> beam.Map(transforms.write_summary, summary_path)
+        | "WriteSummary" >> beam.Map(write_summary, summary_path)
     )
 
 
@@ -158,8 +139,6 @@ def run_preprocess(config: Config, run_dir: str, beam_args: list[str] = (), repo
     `report(line)` receives a line per stage. Fails (UserError) without writing the contract
     when more than `data.max_bad_fraction` of the inputs could not be read.
     """
-    from apache_beam.options.pipeline_options import PipelineOptions
-
     report = report or (lambda line: log.info("%s", line))
     plan, records = plan_source(config.data.source, config.data)
     shape = "x".join(map(str, plan.input_spec.shape)) or "string"
@@ -189,8 +168,6 @@ def run_preprocess(config: Config, run_dir: str, beam_args: list[str] = (), repo
                         f"{config.data.max_bad_fraction:.1%}; reasons in {storage.join(data_dir, DEAD_LETTER_DIR)}")
     contract, vocabulary = contract_from_summary(plan, config, summary, data_dir)
     if contract.splits["train"].count:
-        from pipeline.samples import write_samples
-
         write_samples(contract, run_dir)
     contract_lib.write_contract(run_dir, contract, vocabulary)
     for line in counts_table(contract, read, bad, summary["augmented"]):
@@ -215,18 +192,18 @@ def contract_from_summary(plan: SourcePlan, config: Config, summary: dict, data_
         written = {s["shard"] for s in shards}
         for shard in range(num_shards):
             if shard not in written:
-                _write_empty_shard(data_dir, transforms.shard_name(split, shard, num_shards, config.data.compression))
+                _write_empty_shard(data_dir, shard_name(split, shard, num_shards, config.data.compression))
         split_infos[split] = contract_lib.SplitInfo(
             count=sum(s["count"] for s in shards),
             num_shards=num_shards,
-            file_pattern=transforms.shard_pattern(split, num_shards, config.data.compression),
+            file_pattern=shard_pattern(split, num_shards, config.data.compression),
         )
     class_counts = summary.get("class_counts", {})
     statistics = {"class_counts": {name: class_counts.get(name, 0) for name in plan.class_names}}
     vocabulary = None
     if plan.modality == "text":
         vocabulary = summary.get("vocabulary", [])
-        percentiles = transforms.length_percentiles(summary.get("length_counts", {})) or {"p95": 1}
+        percentiles = length_percentiles(summary.get("length_counts", {})) or {"p95": 1}
         statistics.update({
             "vocab_size": len(vocabulary) + contract_lib.RESERVED_TOKEN_IDS,
             "max_length": int(config.data.max_length or max(1, percentiles["p95"])),
@@ -257,9 +234,6 @@ def _shards_in_name(path: str) -> int:
 
 def _write_empty_shard(directory: str, name: str) -> None:
     """A shard no key hashed to: an empty TFRecord file, so every NNNNN-of-MMMMM exists."""
-    from apache_beam.io.filesystem import CompressionTypes
-    from apache_beam.io.filesystems import FileSystems
-
     compression = CompressionTypes.GZIP if name.endswith(".gz") else CompressionTypes.UNCOMPRESSED
     with FileSystems.create(FileSystems.join(directory, name), compression_type=compression):
         pass

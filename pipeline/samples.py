@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import collections
 import io
+import tempfile
 
 import numpy as np
+import tensorflow as tf
 
 from kcp.core import storage
 from kcp.core import contract as contract_lib
+from kcp.core import examples as example_lib
 from kcp.core.layout import RunLayout
 
 
 def collect_samples(contract, run_dir: str, rows: int = 6, scan: int = 2000) -> list[list[tuple[str, object]]]:
     """Up to `rows` originals from the train shards, each followed by its copies (key, inputs)."""
-    import tempfile
-
-    import tensorflow as tf
-
     first_shard = contract.split_files(contract_lib.data_dir(run_dir), "train")[0]
     with tempfile.TemporaryDirectory() as local:
         if storage.is_remote(first_shard):  # read through kcp.storage, as every remote file here
@@ -30,7 +29,7 @@ def collect_samples(contract, run_dir: str, rows: int = 6, scan: int = 2000) -> 
         groups: dict = collections.OrderedDict()
         records = tf.data.TFRecordDataset(path, compression_type=compression).take(scan).batch(256)
         for serialized in records:
-            inputs, _, keys = contract_lib.parse_examples(contract, serialized)
+            inputs, _, keys = example_lib.parse_examples(contract, serialized)
             for value, key in zip(inputs.numpy(), keys.numpy()):
                 key = key.decode("utf-8")
                 base = key.split("#aug", 1)[0]

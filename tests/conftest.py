@@ -6,6 +6,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 import pytest  # noqa: E402
 
+import trainer.models  # noqa: E402,F401  registers the model families, whose keys the config loader validates
+
 # In-process Beam for tests: the multi-processing default is exercised by `make demo`
 # and by a dedicated test; starting worker processes in every test would only add time.
 IN_PROCESS_BEAM = ["--runner=FnApiRunner", "--direct_running_mode=in_memory"]

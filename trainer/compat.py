@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 
 log = logging.getLogger("kcp.compat")
@@ -65,29 +64,4 @@ def patch_multi_worker_fit() -> bool:
     tf_trainer.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build
     tf_trainer.reduce_per_replica = reduce_per_replica
     _PATCHED.add("keras-20585")
-    return True
-
-
-def patch_keras_tuner_atomic_json() -> bool:
-    """Makes Keras Tuner write trial.json and oracle.json atomically; returns True once patched.
-
-    keras-tuner 1.4.x (`keras_tuner.src.utils.save_json`) truncates the file and then
-    writes it, so a tuner killed in between (preemption, OOM kill) leaves an empty
-    trial.json, and every later resume fails in `Oracle.reload` with
-    "JSONDecodeError: Expecting value: line 1 column 1". Writing a temporary file and
-    renaming it over the old one leaves either the old state or the new one.
-    """
-    if "keras-tuner-atomic-json" in _PATCHED:
-        return True
-    from keras_tuner.src import utils as kt_utils
-
-    from kcp.core import storage
-
-    def save_json(path, obj):
-        text = json.dumps(obj)
-        storage.write_text_atomic(str(path), text)
-        return text
-
-    kt_utils.save_json = save_json
-    _PATCHED.add("keras-tuner-atomic-json")
     return True

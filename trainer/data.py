@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import tensorflow as tf
+
 from kcp.core.config import TrainConfig
-from kcp.core import contract as contract_lib
+from kcp.core import examples as example_lib
 
 
 def make_dataset(contract, data_dir: str, split: str, config: TrainConfig, *, global_batch: int, training: bool,
@@ -17,9 +19,7 @@ def make_dataset(contract, data_dir: str, split: str, config: TrainConfig, *, gl
     normalises them); text goes through `vectorizer` (the contract's TextVectorization) to
     int32 ids; labels become one-hot when label smoothing needs it.
     """
-    import tensorflow as tf
-
-    dataset = contract_lib.read_split(
+    dataset = example_lib.read_split(
         contract, data_dir, split, global_batch,
         shuffle_buffer=config.shuffle_buffer if training else 0,
         seed=config.seed,

@@ -16,7 +16,10 @@ import json
 import logging
 import os
 
+import tensorflow as tf
+
 from kcp.core.errors import UserError
+from trainer import compat
 
 log = logging.getLogger("kcp.distribute")
 TPU_VARIABLES = ("TPU_NAME", "KUBE_GOOGLE_CLOUD_TPU_ENDPOINTS", "TPU_CONFIG")
@@ -24,8 +27,6 @@ TPU_VARIABLES = ("TPU_NAME", "KUBE_GOOGLE_CLOUD_TPU_ENDPOINTS", "TPU_CONFIG")
 
 def split_cpu(count: int) -> None:
     """Splits the physical CPU into `count` logical devices; must run before TF initialises devices."""
-    import tensorflow as tf
-
     if count <= 1:
         return
     cpus = tf.config.list_physical_devices("CPU")
@@ -39,8 +40,6 @@ def split_cpu(count: int) -> None:
 
 
 def tpu_strategy():
-    import tensorflow as tf
-
     try:
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
         tf.config.experimental_connect_to_cluster(resolver)
@@ -68,13 +67,9 @@ def num_workers() -> int:
 
 def choose_strategy(name: str, cpu_devices: int = 0):
     """Returns the strategy for `train.strategy`; build and compile the model inside its scope."""
-    import tensorflow as tf
-
     if name == "multi_worker":
         if not os.environ.get("TF_CONFIG"):
             raise UserError("train.strategy: 'multi_worker' needs TF_CONFIG with the cluster and this task")
-        from trainer import compat
-
         compat.patch_multi_worker_fit()
         return tf.distribute.MultiWorkerMirroredStrategy()
     split_cpu(cpu_devices)

@@ -3,15 +3,19 @@ evaluate, save.
 
     python -m trainer.task --run-dir runs/r1 --set train.epochs=30
 
-Writes RUN/train/: model.keras, metrics.json, history.json, confusion_matrix.json,
-checkpoints/best.weights.h5, logs/ (TensorBoard), backup/ (while running; preemption).
-On Vertex AI, AIP_CHECKPOINT_DIR, AIP_TENSORBOARD_LOG_DIR and AIP_MODEL_DIR take over
-checkpoints/backup, logs, and receive a copy of model.keras and metrics.json.
+`Trainer(config, run_dir)` is the entry that `kcp train` and the tuner share: `build()`
+gives the compiled model of `config.model`, `fit()` fits it on the contract's splits,
+`evaluate()` scores it, and `run()` (what `train(config, run_dir)` does) writes RUN/train/:
+model.keras, metrics.json, history.json, confusion_matrix.json, checkpoints/best.weights.h5,
+logs/ (TensorBoard), backup/ (while running; preemption). On Vertex AI, AIP_CHECKPOINT_DIR,
+AIP_TENSORBOARD_LOG_DIR and AIP_MODEL_DIR take over checkpoints/backup, logs, and receive a
+copy of model.keras and metrics.json.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -20,12 +24,20 @@ import sys
 import time
 from dataclasses import dataclass
 
+import keras
 import numpy as np
+import tensorflow as tf
 
+from kcp.core import contract as contract_lib
+from kcp.core import examples as example_lib
 from kcp.core import storage
 from kcp.core.config import Config, TrainConfig
-from kcp.core import contract as contract_lib
 from kcp.core.layout import SPLITS, RunLayout
+from trainer.callbacks import (AtomicBackupAndRestore, EpochHistory, ThroughputTimer, examples_per_second,
+                               learning_rate, steps_per_epoch)
+from trainer.data import make_dataset
+from trainer.distribute import choose_strategy, num_workers, worker_info
+from trainer.models import ModelInputs, build_model
 
 log = logging.getLogger("kcp.train")
 
@@ -44,8 +56,6 @@ class TrainPaths:
 
     @classmethod
     def resolve(cls, run_dir: str, multi_worker: bool) -> "TrainPaths":
-        from trainer.distribute import worker_info
-
         train_dir = RunLayout(run_dir).train
         task_type, index, chief = worker_info() if multi_worker else ("worker", 0, True)
         checkpoint_root = os.environ.get("AIP_CHECKPOINT_DIR") or train_dir
@@ -66,8 +76,6 @@ class TrainPaths:
 
 def make_optimizer(config: TrainConfig, rate):
     """The optimizer named by `train.optimizer` with learning rate (or schedule) `rate`."""
-    import keras
-
     decay = config.weight_decay or None
     common = {"weight_decay": decay, "global_clipnorm": config.clip_norm or None}
     name = config.optimizer
@@ -85,11 +93,15 @@ def make_optimizer(config: TrainConfig, rate):
     raise ValueError(f"train.optimizer: {name!r} is not supported")
 
 
-def loss_and_metrics(config: TrainConfig, num_classes: int):
-    """Sparse labels, unless label smoothing needs one-hot ones; top-5 accuracy above 5 classes."""
-    import keras
+def one_hot_labels(config: TrainConfig) -> bool:
+    """Labels are sparse class ids, unless label smoothing needs one-hot ones."""
+    return config.label_smoothing > 0
 
-    one_hot = config.label_smoothing > 0
+
+def loss_and_metrics(config: TrainConfig, num_classes: int):
+    """The loss for the labels of `one_hot_labels`; top-5 accuracy above 5 classes. New objects
+    on every call: a model's metrics hold its own state."""
+    one_hot = one_hot_labels(config)
     if one_hot:
         loss = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
     else:
@@ -98,14 +110,134 @@ def loss_and_metrics(config: TrainConfig, num_classes: int):
     if num_classes > 5:
         top5 = keras.metrics.TopKCategoricalAccuracy if one_hot else keras.metrics.SparseTopKCategoricalAccuracy
         metrics.append(top5(k=5, name="top5_accuracy"))
-    return loss, metrics, one_hot
+    return loss, metrics
+
+
+class Trainer:
+    """`config` on the contract of `run_dir`: its strategy, datasets, compiled model, fit and scores.
+
+    Creating one reads the contract and picks the strategy (and turns on op determinism when
+    `train.deterministic`); nothing is built or written until a method is called.
+    """
+
+    def __init__(self, config: Config, run_dir: str):
+        self.started = time.perf_counter()
+        self.config, self.run_dir = config, run_dir
+        settings = config.train
+        self.contract = contract_lib.read_contract(run_dir)
+        self.data_dir = contract_lib.data_dir(run_dir)
+        if settings.deterministic:
+            tf.config.experimental.enable_op_determinism()
+        self.strategy = choose_strategy(settings.strategy, settings.cpu_devices)  # before TF starts its devices
+        self.vectorizer = example_lib.text_vectorizer(self.contract, run_dir) if self.contract.modality == "text" \
+            else None
+        self.multi_worker = settings.strategy == "multi_worker"
+        self.replicas = self.strategy.num_replicas_in_sync
+        self.global_batch = settings.batch_size * self.replicas
+        self.drop_remainder = isinstance(self.strategy, tf.distribute.TPUStrategy)  # TPUs need static shapes
+        self.one_hot = one_hot_labels(settings)
+        splits = self.contract.splits
+        self.splits = [split for split in SPLITS if split in splits and splits[split].count]
+        with_validation = settings.include_validation and "validation" in self.splits
+        fit_names = ["train", "validation"] if with_validation else ["train"]
+        self.fit_splits = fit_names if with_validation else "train"
+        self.fitted = sum(splits[name].count for name in fit_names)
+        self.steps = steps_per_epoch(self.fitted, self.global_batch, self.drop_remainder)
+
+    def dataset(self, split, training: bool):
+        """Batches of (inputs, labels) of `split` (a name or a list of names) for fit or evaluate."""
+        return make_dataset(self.contract, self.data_dir, split, self.config.train, global_batch=self.global_batch,
+                            training=training, drop_remainder=self.drop_remainder and training,
+                            one_hot=self.one_hot, workers=num_workers() if self.multi_worker else 1,
+                            vectorizer=self.vectorizer)
+
+    @functools.cached_property
+    def evaluation(self) -> dict:
+        """{split: evaluation dataset} for every split with examples (validation data included)."""
+        return {split: self.dataset(split, training=False) for split in self.splits}
+
+    @property
+    def validation(self):
+        """The validation data of fit; None when validation is part of the training data."""
+        return self.evaluation.get("validation") if self.fit_splits == "train" else None
+
+    def build(self):
+        """The model of `config.model`, built and compiled in the strategy scope: optimizer and
+        schedule, loss and metrics, XLA and steps per execution as `config.train` says."""
+        settings = self.config.train
+        keras.mixed_precision.set_global_policy(settings.precision)
+        model_config = self.config.model
+        if model_config.sync_batch_norm is None:
+            model_config = dataclasses.replace(model_config, sync_batch_norm=self.replicas > 1)
+        loss, metrics = loss_and_metrics(settings, self.contract.num_classes)
+        with self.strategy.scope():
+            model = build_model(ModelInputs.from_contract(self.contract), model_config)
+            model.compile(optimizer=make_optimizer(settings, learning_rate(settings, self.steps)), loss=loss,
+                          metrics=metrics, jit_compile="auto" if settings.jit_compile is None
+                          else settings.jit_compile, steps_per_execution=settings.steps_per_execution)
+        return model
+
+    def fit(self, model, callbacks=(), **fit_kwargs):
+        """`model.fit` on the training splits, validating on validation unless it is trained on;
+        `fit_kwargs` (epochs, initial_epoch, verbose...) override the config's. Returns the History."""
+        fit_kwargs = {"epochs": self.config.train.epochs, "verbose": 1 if sys.stdout.isatty() else 2, **fit_kwargs}
+        return model.fit(self.dataset(self.fit_splits, training=True), validation_data=self.validation,
+                         callbacks=list(callbacks), shuffle=False, **fit_kwargs)  # the tf.data pipeline shuffles
+
+    def evaluate(self, model) -> dict:
+        """{split: {metric: value}} for every split with examples."""
+        return {split: {name: float(value) for name, value in model.evaluate(data, verbose=0, return_dict=True).items()}
+                for split, data in self.evaluation.items()}
+
+    def run(self) -> dict:
+        """Builds, fits with the trainer's callbacks, evaluates and writes RUN/train/ (or the
+        AIP_* folders). Returns metrics.json's content."""
+        settings = self.config.train
+        paths = TrainPaths.resolve(self.run_dir, multi_worker=self.multi_worker)
+        storage.makedirs(paths.outputs)
+        keras.utils.set_random_seed(settings.seed)
+        model = self.build()
+        callbacks, timer = make_callbacks(settings, paths, self.validation is not None)
+        log.info("train: %s on %d replica(s), global batch %d, %d steps per epoch", self.config.model.name,
+                 self.replicas, self.global_batch, self.steps)
+        history = self.fit(model, callbacks)
+        results = self.evaluate(model)
+        history_path = storage.join(paths.outputs, "history.json")
+        epochs_done = len(json.loads(storage.read_text(history_path)).get("loss", [])) \
+            if storage.exists(history_path) else len(history.history.get("loss", []))
+        metrics_json = {
+            **results,
+            "epochs": epochs_done,
+            "examples_per_second": examples_per_second(self.fitted, timer.epoch_seconds),
+            "wall_seconds": time.perf_counter() - self.started,
+            "model": self.config.model.name,
+            "params": int(model.count_params()),
+            "replicas": self.replicas,
+            "global_batch_size": self.global_batch,
+            "weights_sha256": weights_digest(model),
+        }
+        if "test" in self.evaluation:
+            labels, predictions = predict_labels(model, self.evaluation["test"], self.one_hot)
+            matrix = {"class_names": list(self.contract.class_names),
+                      "matrix": confusion_matrix(labels, predictions, self.contract.num_classes)}
+            storage.write_text_atomic(storage.join(paths.outputs, "confusion_matrix.json"), json.dumps(matrix) + "\n")
+        if paths.chief:
+            _save_model(model, storage.join(paths.outputs, "model.keras"))
+        text = json.dumps(metrics_json, indent=2)
+        storage.write_text_atomic(storage.join(paths.outputs, "metrics.json"), text + "\n")
+        if paths.model_copy:
+            storage.makedirs(paths.model_copy)
+            _save_model(model, storage.join(paths.model_copy, "model.keras"))
+            storage.write_text_atomic(storage.join(paths.model_copy, "metrics.json"), text)
+        return metrics_json
+
+
+def train(config: Config, run_dir: str) -> dict:
+    """Trains `config.model` on RUN/data and writes RUN/train/. Returns metrics.json's content."""
+    return Trainer(config, run_dir).run()
 
 
 def make_callbacks(config: TrainConfig, paths: TrainPaths, has_validation: bool):
-    import keras
-
-    from trainer.callbacks import AtomicBackupAndRestore, EpochHistory, ThroughputTimer
-
     timer = ThroughputTimer()
     monitor = config.monitor if has_validation or not config.monitor.startswith("val_") else config.monitor[4:]
     callbacks = [
@@ -141,94 +273,6 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
     matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(matrix, (labels.astype(np.int64), predictions.astype(np.int64)), 1)
     return matrix.tolist()
-
-
-def train(config: Config, run_dir: str) -> dict:
-    """Trains `config.model` on RUN/data and writes RUN/train/. Returns metrics.json's content."""
-    import keras
-    import tensorflow as tf
-
-    from trainer.callbacks import examples_per_second, learning_rate, steps_per_epoch
-    from trainer.data import make_dataset
-    from trainer.distribute import choose_strategy, num_workers
-    from trainer.models import ModelInputs, build_model
-
-    started = time.perf_counter()
-    train_config = config.train
-    contract = contract_lib.read_contract(run_dir)
-    data_dir = contract_lib.data_dir(run_dir)
-    if train_config.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    strategy = choose_strategy(train_config.strategy, train_config.cpu_devices)
-    paths = TrainPaths.resolve(run_dir, multi_worker=train_config.strategy == "multi_worker")
-    storage.makedirs(paths.outputs)
-    keras.utils.set_random_seed(train_config.seed)
-    keras.mixed_precision.set_global_policy(train_config.precision)
-
-    replicas = strategy.num_replicas_in_sync
-    workers = num_workers() if train_config.strategy == "multi_worker" else 1
-    global_batch = train_config.batch_size * replicas
-    drop_remainder = isinstance(strategy, tf.distribute.TPUStrategy)  # TPUs need static shapes
-    loss, metrics, one_hot = loss_and_metrics(train_config, contract.num_classes)
-    splits = [split for split in SPLITS if split in contract.splits and contract.splits[split].count]
-
-    vectorizer = contract_lib.text_vectorizer(contract, run_dir) if contract.modality == "text" else None
-
-    def dataset(split, training):
-        return make_dataset(contract, data_dir, split, train_config, global_batch=global_batch, training=training,
-                            drop_remainder=drop_remainder and training, one_hot=one_hot, workers=workers,
-                            vectorizer=vectorizer)
-
-    evaluation = {split: dataset(split, training=False) for split in splits}
-    fitted = contract.splits["train"].count + (contract.splits["validation"].count if train_config.include_validation
-                                                 and "validation" in contract.splits else 0)
-    steps = steps_per_epoch(fitted, global_batch, drop_remainder)
-    model_config = config.model
-    if model_config.sync_batch_norm is None:
-        model_config = dataclasses.replace(model_config, sync_batch_norm=replicas > 1)
-    with strategy.scope():
-        model = build_model(ModelInputs.from_contract(contract), model_config)
-        model.compile(optimizer=make_optimizer(train_config, learning_rate(train_config, steps)), loss=loss,
-                      metrics=metrics, jit_compile="auto" if train_config.jit_compile is None else train_config.jit_compile,
-                      steps_per_execution=train_config.steps_per_execution)
-    fit_splits = ["train", "validation"] if train_config.include_validation and "validation" in evaluation else "train"
-    validation = None if fit_splits != "train" else evaluation.get("validation")
-    callbacks, timer = make_callbacks(train_config, paths, validation is not None)
-    log.info("train: %s on %d replica(s), global batch %d, %d steps per epoch", config.model.name, replicas,
-             global_batch, steps)
-    history = model.fit(dataset(fit_splits, training=True), validation_data=validation,
-                        epochs=train_config.epochs, callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 2,
-                        shuffle=False)  # the tf.data pipeline shuffles
-
-    results = {split: {name: float(value) for name, value in model.evaluate(data, verbose=0, return_dict=True).items()}
-               for split, data in evaluation.items()}
-    history_path = storage.join(paths.outputs, "history.json")
-    epochs_done = len(json.loads(storage.read_text(history_path)).get("loss", [])) if storage.exists(history_path) \
-        else len(history.history.get("loss", []))
-    metrics_json = {
-        **results,
-        "epochs": epochs_done,
-        "examples_per_second": examples_per_second(fitted, timer.epoch_seconds),
-        "wall_seconds": time.perf_counter() - started,
-        "model": config.model.name,
-        "params": int(model.count_params()),
-        "replicas": replicas,
-        "global_batch_size": global_batch,
-        "weights_sha256": weights_digest(model),
-    }
-    if "test" in evaluation:
-        labels, predictions = predict_labels(model, evaluation["test"], one_hot)
-        matrix = {"class_names": list(contract.class_names), "matrix": confusion_matrix(labels, predictions,
-                                                                                          contract.num_classes)}
-        storage.write_text_atomic(storage.join(paths.outputs, "confusion_matrix.json"), json.dumps(matrix) + "\n")
-    if paths.chief:
-        _save_model(model, storage.join(paths.outputs, "model.keras"))
-    storage.write_text_atomic(storage.join(paths.outputs, "metrics.json"), json.dumps(metrics_json, indent=2) + "\n")
-    if paths.model_copy:
-        storage.makedirs(paths.model_copy)
-        _save_model(model, storage.join(paths.model_copy, "model.keras"))
-        storage.write_text_atomic(storage.join(paths.model_copy, "metrics.json"), json.dumps(metrics_json, indent=2))
-    return metrics_json
 
 
 def predict_labels(model, dataset, one_hot: bool) -> tuple[np.ndarray, np.ndarray]:

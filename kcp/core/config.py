@@ -6,6 +6,12 @@ then each `--set section.key=value` in order. Unknown keys and bad values raise
 `ConfigError` with a one-line message that names the key and what is allowed, before
 any work starts.
 
+The `model` section is flat in YAML (`model: {name: resnet, depth: 56, dropout: 0.1}`): the
+keys every family shares are defined here; each family's own keys are defined by a dataclass
+beside its builder (trainer/models/<family>.py), registered with `@model_family(NAME)`, and
+validated by it. This module imports no stage: the front and the trainer import
+`trainer.models`, which registers the families, before they load a config.
+
 Example:
     kcp train --config my.yaml --set train.epochs=3 --set model.filters=[16,32]
 """
@@ -13,51 +19,21 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import re
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import yaml
 
-from kcp.core.errors import UserError
+from kcp.core import storage
+from kcp.core.layout import RunLayout
+from kcp.core.schema import (ConfigError, build, coerce, merge, option, parse_override, read_yaml_file,
+                              to_plain)
 
-# The registry lives in trainer.models (which imports Keras); the names are repeated here
-# so that validating a config never imports TensorFlow. A test keeps the two equal.
-MODEL_NAMES = ("cnn", "resnet", "rnn", "transformer")
+__all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "TuneConfig", "ExportConfig",
+           "MODEL_FAMILIES", "model_family", "option", "load_config", "parse_override", "read_yaml_file"]
+
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw")
 INITIALIZERS = ("glorot_uniform", "glorot_normal", "he_uniform", "he_normal")
-
-
-class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-3` as a float (YAML 1.2), as users write learning rates."""
-
-
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-                   |[-+]?\.(?:inf|Inf|INF)
-                   |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."))
-
-
-def load_yaml(text: str):
-    """Parses YAML text the way every config value is read."""
-    return yaml.load(text, Loader=_YamlLoader)
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration key or value that is not allowed; the message is one line."""
-
-
-def option(default: Any, *, choices=None, minimum=None, maximum=None, help: str = ""):
-    """A dataclass field carrying its own validation rules."""
-    metadata = {"choices": choices, "minimum": minimum, "maximum": maximum, "help": help}
-    if isinstance(default, (list, dict)):
-        raise TypeError("use a tuple or a default_factory for mutable defaults")
-    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -125,59 +101,77 @@ class AugmentLayersConfig:
         return self.flip != "none" or any((self.translation, self.rotation, self.zoom, self.contrast))
 
 
+MODEL_FAMILIES: dict[str, type] = {}  # model.name -> the family's config dataclass
+
+
+def model_family(name: str):
+    """Class decorator that registers a family's config dataclass as `model.name: NAME`."""
+    def register(cls):
+        MODEL_FAMILIES[name] = cls
+        return cls
+    return register
+
+
+def family_config_class(name: str) -> type:
+    """The config dataclass of family `name`; a ConfigError naming the families otherwise."""
+    if not MODEL_FAMILIES:
+        raise RuntimeError("no model family is registered: import trainer.models before loading a config")
+    if name not in MODEL_FAMILIES:
+        raise ConfigError(f"model.name: {name!r} is not one of {', '.join(MODEL_FAMILIES)}")
+    return MODEL_FAMILIES[name]
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = option("cnn", choices=MODEL_NAMES)
+    """The keys every family shares, plus `family`: the chosen family's own config.
+
+    Family keys read as attributes of the section (`config.model.depth`), as they are written.
+    """
+
+    name: str = option("cnn", help="the model family: cnn, resnet, rnn or transformer")
     dropout: float = option(0.1, minimum=0.0, maximum=0.95)
     initializer: Optional[str] = option(
         None, choices=(None, *INITIALIZERS),
-        help="kernel initializer; null: he_normal for cnn/resnet (ReLU), glorot_uniform for rnn/transformer")
-    augment: AugmentLayersConfig = field(default_factory=AugmentLayersConfig)
-    # cnn
-    filters: tuple = option((32, 64), help="cnn: filters per convolution block")
-    kernel_size: int = option(3, minimum=1, help="cnn: kernel size")
-    convs_per_block: int = option(2, minimum=1, help="cnn: convolutions per block")
-    batch_norm: bool = option(True, help="cnn: batch normalization after each convolution")
+        help="kernel initializer; null: the family's (he_normal for cnn/resnet, glorot_uniform for rnn/transformer)")
     sync_batch_norm: Optional[bool] = option(
         None, help="batch statistics across replicas; null: on when training on 2+ replicas (TF backend)")
-    # resnet
-    depth: int = option(20, minimum=8, help="resnet: 6n+2 (20, 32, 44, 56, 110) CIFAR-style; 18, 34, 50, 101, 152 ImageNet-style")
-    version: int = option(1, choices=(1, 2), help="resnet: 1 (post-activation) or 2 (pre-activation)")
-    width: int = option(0, minimum=0, help="resnet: base filters; 0: 16 CIFAR-style, 64 ImageNet-style")
-    # rnn
-    cell: str = option("lstm", choices=("simple", "lstm", "gru"), help="rnn: recurrent cell")
-    units: int = option(128, minimum=1, help="rnn: units per layer")
-    bidirectional: bool = option(False, help="rnn: bidirectional layers")
-    # rnn and transformer
-    layers: int = option(2, minimum=1, help="rnn: stacked layers; transformer: encoder blocks")
-    # transformer
-    heads: int = option(4, minimum=1, help="transformer: attention heads")
-    dim: int = option(64, minimum=1, help="transformer: model width; rnn/cnn on text: embedding size")
-    mlp_dim: int = option(128, minimum=1, help="transformer: feed-forward width")
-    positional: str = option("sinusoidal", choices=("sinusoidal", "learned"), help="transformer: position encoding")
-    patch_size: int = option(0, minimum=0, help="transformer on images: patch side; 0: the side that gives 8x8 patches")
-    pooling: str = option("mean", choices=("mean", "cls"), help="transformer: mean of tokens or a class token")
+    augment: AugmentLayersConfig = field(default_factory=AugmentLayersConfig)
+    family: Any = field(default=None, metadata={"internal": True})  # not a YAML key: built by from_values
 
     def __post_init__(self):
-        if self.name == "transformer" and self.dim % self.heads:
-            raise ConfigError(f"model.dim: {self.dim} is not divisible by model.heads ({self.heads})")
-        if self.name == "resnet":
-            from_depth = resnet_style(self.depth)
-            if from_depth is None:
-                raise ConfigError(f"model.depth: {self.depth} is not a ResNet depth; allowed: 6n+2 "
-                                  f"(20, 32, 44, 56, 110) or {', '.join(map(str, IMAGENET_RESNET_DEPTHS))}")
+        if self.family is None:
+            object.__setattr__(self, "family", family_config_class(self.name)())
 
+    def __getattr__(self, key: str):
+        # only called when `key` is not a shared key: look in the family's own config
+        family = self.__dict__.get("family")
+        if family is not None and key in {f.name for f in dataclasses.fields(family)}:
+            return getattr(family, key)
+        raise AttributeError(f"model.{key}: not a key of the {self.__dict__.get('name')!r} family")
 
-IMAGENET_RESNET_DEPTHS = (18, 34, 50, 101, 152)
+    @classmethod
+    def shared_keys(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
 
+    def to_plain(self) -> dict:
+        """Flat, as written: the shared keys, then the family's own."""
+        return {**{name: to_plain(getattr(self, name)) for name in self.shared_keys()}, **to_plain(self.family)}
 
-def resnet_style(depth: int) -> Optional[str]:
-    """'imagenet' for 18/34/50/101/152, 'cifar' for other depths 6n+2, None otherwise."""
-    if depth in IMAGENET_RESNET_DEPTHS:
-        return "imagenet"
-    if depth >= 8 and (depth - 2) % 6 == 0:
-        return "cifar"
-    return None
+    @classmethod
+    def from_values(cls, values: dict, prefix: str) -> "ModelConfig":
+        """The flat section: shared keys here, the rest validated by the chosen family's dataclass."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"{prefix}: expected a mapping of keys, got {values!r}")
+        shared = cls.shared_keys()
+        name = coerce(f"{prefix}.name", values.get("name", "cnn"), str)
+        family_class = family_config_class(name)
+        family_keys = [f.name for f in dataclasses.fields(family_class)]
+        unknown = sorted(set(values) - set(shared) - set(family_keys))
+        if unknown:
+            raise ConfigError(f"{prefix}.{unknown[0]}: not a key of the {name} family; allowed: "
+                              f"{', '.join(shared + family_keys)}")
+        family = build(family_class, {k: v for k, v in values.items() if k in family_keys}, prefix)
+        return build(cls, {k: v for k, v in values.items() if k in shared}, prefix, family=family)
 
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
@@ -253,140 +247,49 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
 
     def to_dict(self) -> dict:
-        return _to_plain(self)
+        return to_plain(self)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def _to_plain(value):
-    if dataclasses.is_dataclass(value):
-        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, tuple):
-        return [_to_plain(v) for v in value]
-    return value
+def load_config(layers: list[dict] = (), overrides: list[str] = (), *, base: dict | None = None) -> Config:
+    """Builds a Config from dict layers (lowest precedence first) and --set overrides.
 
-
-def _describe(value) -> str:
-    return repr(list(value)) if isinstance(value, tuple) else repr(value)
-
-
-def _coerce(key: str, value: Any, annotation: Any):
-    """Checks `value` against a field's annotation; returns it in the field's type."""
-    origin = typing.get_origin(annotation)
-    if origin is typing.Union:  # Optional[X]
-        (inner,) = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return None if value is None else _coerce(key, value, inner)
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: {value!r} is not a boolean (true or false)")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: {value!r} is not an integer")
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: {value!r} is not a number")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: {value!r} is not a string")
-        return value
-    if annotation is dict:
-        if value is None:
-            return None
-        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise ConfigError(f"{key}: {value!r} is not a mapping of keys to values")
-        return dict(value)
-    if annotation is tuple:
-        if not isinstance(value, (list, tuple)) or any(isinstance(v, (list, dict)) for v in value):
-            raise ConfigError(f"{key}: {value!r} is not a list of values")
-        return tuple(value)
-    raise TypeError(f"unsupported annotation {annotation!r} for {key}")
-
-
-def _check_rules(key: str, value: Any, metadata) -> None:
-    choices = metadata.get("choices")
-    if choices is not None and value not in choices:
-        allowed = ", ".join("null" if choice is None else str(choice) for choice in choices)
-        raise ConfigError(f"{key}: {value!r} is not one of {allowed}")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        minimum, maximum = metadata.get("minimum"), metadata.get("maximum")
-        if minimum is not None and value < minimum:
-            raise ConfigError(f"{key}: {value!r} is below the minimum {minimum}")
-        if maximum is not None and value > maximum:
-            raise ConfigError(f"{key}: {value!r} is above the maximum {maximum}")
-
-
-def _build(cls, values: dict, prefix: str):
-    if not isinstance(values, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {_describe(values)}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        where = f"{prefix}." if prefix else ""
-        kind = "key" if prefix else "section"
-        raise ConfigError(f"{where}{unknown[0]}: unknown {kind}; allowed: {', '.join(fields)}")
-    kwargs = {}
-    for name, value in values.items():
-        key = f"{prefix}.{name}" if prefix else name
-        annotation = hints[name]
-        if dataclasses.is_dataclass(annotation):
-            kwargs[name] = _build(annotation, value if value is not None else {}, key)
-            continue
-        value = _coerce(key, value, annotation)
-        _check_rules(key, value, fields[name].metadata)
-        kwargs[name] = value
-    return cls(**kwargs)
-
-
-def _merge(base: dict, update: dict) -> dict:
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def parse_override(text: str) -> dict:
-    """`section.key=value` -> {"section": {"key": value}}, the value read as YAML."""
-    path, sep, raw = text.partition("=")
-    parts = path.strip().split(".")
-    if not sep or len(parts) < 2 or not all(parts):
-        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. train.epochs=3")
-    try:
-        value = load_yaml(raw) if raw.strip() else ""
-    except yaml.YAMLError as error:
-        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({error.problem})") from None
-    nested: dict = {parts[-1]: value}
-    for part in reversed(parts[:-1]):
-        nested = {part: nested}
-    return nested
-
-
-def read_yaml_file(path: str) -> dict:
-    from kcp.core import storage
-
-    if not storage.exists(path):
-        raise ConfigError(f"{path}: file not found")
-    try:
-        values = load_yaml(storage.read_text(path)) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: expected a mapping with sections data, model, train, tune, export")
-    return values
-
-
-def load_config(layers: list[dict] = (), overrides: list[str] = ()) -> Config:
-    """Builds a Config from dict layers (lowest precedence first) and --set overrides."""
+    `base` is a config recorded earlier (a run's config.yaml, the config a tuning trial
+    starts from), below every layer. When the layers choose another model family, the
+    recorded family's own keys are dropped: they describe a model no longer asked for.
+    """
     values: dict = {}
     for layer in layers:
-        values = _merge(values, layer)
+        values = merge(values, layer)
     for text in overrides:
-        values = _merge(values, parse_override(text))
-    return _build(Config, values, "")
+        values = merge(values, parse_override(text))
+    if base:
+        base_model = dict(base.get("model") or {})
+        chosen = (values.get("model") or {}).get("name", base_model.get("name"))
+        if chosen != base_model.get("name"):
+            base = {**base, "model": {k: v for k, v in base_model.items() if k in ModelConfig.shared_keys()}}
+        values = merge(base, values)
+    return build(Config, values, "")
+
+
+def resolve_config(run_dir: str | None, config_file: str | None = None, source: str | None = None,
+                   model: str | None = None, overrides=()) -> Config:
+    """What a command runs with: defaults <- RUN/config.yaml <- `config_file` <- `source`/`model`
+    <- `overrides` ("section.key=value"), in that order."""
+    recorded = None
+    if run_dir and storage.exists(RunLayout(run_dir).config):
+        recorded = read_yaml_file(RunLayout(run_dir).config)
+    layers = [read_yaml_file(config_file)] if config_file else []
+    if source:
+        layers.append({"data": {"source": source}})
+    if model:
+        layers.append({"model": {"name": model}})
+    return load_config(layers, list(overrides), base=recorded)
+
+
+def record_config(run_dir: str, config: Config) -> None:
+    """RUN/config.yaml: the resolved config of the last stage that produced something."""
+    storage.makedirs(run_dir)
+    storage.write_text_atomic(RunLayout(run_dir).config, config.to_yaml())

@@ -1,8 +1,10 @@
 """The data contract between the stages: `RUN/data/metadata.json` and the Example encoding.
 
-This module is the single owner of feature names, dtypes, shapes and how each feature is
-encoded in a `tf.train.Example`. The pipeline writes through it; the trainer, the tuner
-and the exporter read through it. It is part of the foundation: it imports no stage.
+This module and kcp/core/examples.py (the `tf.train.Example` encoding, with TensorFlow)
+are the single owner of feature names, dtypes, shapes and how each feature is encoded.
+This one never imports TensorFlow, so reading a run's contract is instant. The pipeline
+writes through them; the trainer, the tuner and the exporter read through them. Both are
+part of the foundation: they import no stage.
 
 One example holds three features:
     key    bytes   a stable identifier of the source example (file path, row id)
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 
 from kcp.core import storage
@@ -142,112 +145,6 @@ def read_contract(run_dir: str) -> DataContract:
     return DataContract.from_json(storage.read_text(path), where=path)
 
 
-# --- tf.train.Example encoding ------------------------------------------------------------
-
-def encode_example(contract_input: FeatureSpec, input_feature: str, key: str, inputs, label: int) -> bytes:
-    """Serializes one example. `inputs` is a NumPy array of the spec's dtype and shape, or a str."""
-    import numpy as np
-    import tensorflow as tf
-
-    if contract_input.encoding == "utf8":
-        if not isinstance(inputs, str):
-            raise ValueError(f"{key}: text input is {type(inputs).__name__}, not a string")
-        value = tf.train.Feature(bytes_list=tf.train.BytesList(value=[inputs.encode("utf-8")]))
-        return _serialize(key, label, input_feature, value)
-    array = np.asarray(inputs)
-    if tuple(array.shape) != tuple(contract_input.shape):
-        raise ValueError(f"{key}: shape {tuple(array.shape)} does not match the contract's {tuple(contract_input.shape)}")
-    if contract_input.encoding == "raw_bytes":
-        value = tf.train.Feature(bytes_list=tf.train.BytesList(value=[array.astype(contract_input.dtype).tobytes()]))
-    elif contract_input.encoding == "float_list":
-        value = tf.train.Feature(float_list=tf.train.FloatList(value=array.astype(np.float32).ravel()))
-    else:
-        raise ValueError(f"unknown encoding {contract_input.encoding!r}")
-    return _serialize(key, label, input_feature, value)
-
-
-def _serialize(key: str, label: int, input_feature: str, value) -> bytes:
-    import tensorflow as tf
-
-    features = {
-        KEY_FEATURE: tf.train.Feature(bytes_list=tf.train.BytesList(value=[key.encode("utf-8")])),
-        LABEL_FEATURE: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
-        input_feature: value,
-    }
-    # deterministic: the feature map's order would otherwise differ between processes.
-    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString(deterministic=True)
-
-
-def parsing_spec(contract: DataContract) -> dict:
-    """The `tf.io.parse_example` spec of the contract's examples."""
-    import math
-
-    import tensorflow as tf
-
-    spec = {
-        KEY_FEATURE: tf.io.FixedLenFeature([], tf.string),
-        LABEL_FEATURE: tf.io.FixedLenFeature([], tf.int64),
-    }
-    encoding = contract.input_spec.encoding
-    if encoding in ("raw_bytes", "utf8"):
-        spec[contract.input_feature] = tf.io.FixedLenFeature([], tf.string)
-    elif encoding == "float_list":
-        spec[contract.input_feature] = tf.io.FixedLenFeature([math.prod(contract.input_shape)], tf.float32)
-    return spec
-
-
-def parse_examples(contract: DataContract, serialized):
-    """Parses a batch of serialized Examples -> (inputs in the spec's dtype and shape, labels, keys)."""
-    import tensorflow as tf
-
-    parsed = tf.io.parse_example(serialized, parsing_spec(contract))
-    raw = parsed[contract.input_feature]
-    shape = [-1, *contract.input_shape]
-    if contract.input_spec.encoding == "utf8":
-        inputs = raw
-    elif contract.input_spec.encoding == "raw_bytes":
-        inputs = tf.reshape(tf.io.decode_raw(raw, tf.dtypes.as_dtype(contract.input_spec.dtype)), shape)
-    else:
-        inputs = tf.reshape(raw, shape)
-    return inputs, parsed[LABEL_FEATURE], parsed[KEY_FEATURE]
-
-
-def read_split(contract: DataContract, data_dir: str, split, batch_size: int, *, shuffle_buffer: int = 0,
-               seed=None, deterministic: bool = True, cache: bool = False, drop_remainder: bool = False):
-    """A `tf.data.Dataset` of batches `(inputs, labels, keys)` from one split's shards.
-
-    Inputs keep the contract's dtype (uint8 images stay uint8). Files are read in parallel
-    (interleave) and batches parsed in parallel; with `shuffle_buffer` the file order and
-    the records are shuffled with `seed`. `cache` keeps the serialized records in memory
-    after the first pass, so later epochs skip the file reads.
-    """
-    import tensorflow as tf
-
-    names = [split] if isinstance(split, str) else list(split)  # several splits read as one
-    files = [path for name in names for path in contract.split_files(data_dir, name)]
-    if not files:
-        raise ContractError(f"{data_dir}: no TFRecord files match split {split!r}")
-    compression = "GZIP" if contract.compression == "gzip" else ""
-    autotune = tf.data.AUTOTUNE
-    dataset = tf.data.Dataset.from_tensor_slices(files)
-    if shuffle_buffer:
-        dataset = dataset.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-    dataset = dataset.interleave(
-        lambda path: tf.data.TFRecordDataset(path, compression_type=compression),
-        cycle_length=min(len(files), 16), num_parallel_calls=autotune, deterministic=deterministic)
-    if cache:
-        dataset = dataset.cache()
-    if shuffle_buffer:
-        dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
-    # The contract knows the count: a known cardinality gives Keras its steps per epoch.
-    count = sum(contract.splits[name].count for name in names)
-    batches = count // batch_size if drop_remainder else -(-count // batch_size)
-    dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches))
-    return dataset.map(lambda serialized: parse_examples(contract, serialized),
-                       num_parallel_calls=autotune, deterministic=deterministic)
-
-
 # --- text -----------------------------------------------------------------------------
 
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
@@ -256,8 +153,6 @@ _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrst
 def standardize_text(text: str) -> list[str]:
     """What the in-graph tokenizer does, in Python: lower-case ASCII letters only (as
     `tf.strings.lower` does), strip punctuation, split on ASCII whitespace."""
-    import re
-
     stripped = re.sub(STRIP_PUNCTUATION, "", text.translate(_ASCII_LOWER))
     return [token for token in re.split(r"[ \t\n\r\x0b\x0c]+", stripped) if token]
 
@@ -267,13 +162,3 @@ def read_vocabulary(run_dir: str) -> list[str]:
     if not storage.exists(path):
         raise ContractError(f"{path}: not found; text runs need the vocabulary `kcp preprocess` writes")
     return storage.read_text(path).splitlines()
-
-
-def text_vectorizer(contract: DataContract, run_dir: str):
-    """A Keras TextVectorization layer: raw strings -> int ids of length `max_length`."""
-    import keras
-
-    return keras.layers.TextVectorization(
-        standardize="lower_and_strip_punctuation", split="whitespace", output_mode="int",
-        output_sequence_length=int(contract.statistics["max_length"]), vocabulary=read_vocabulary(run_dir),
-        name="tokenize")

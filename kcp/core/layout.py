@@ -9,12 +9,15 @@ Stages never build these paths themselves, so renaming a file is a change in one
 
 from __future__ import annotations
 
+import datetime
+import os
 from dataclasses import dataclass
 
 from kcp.core import storage
 from kcp.core.errors import UserError
 
 SPLITS = ("train", "validation", "test")
+RUNS_ROOT = "runs"  # where runs go when no run directory is named
 DEAD_LETTER_DIR = "dead_letter"  # under RUN/data/
 
 
@@ -121,3 +124,22 @@ class RunLayout:
 def export_versions(export_root: str) -> list[int]:
     """The integer version folders directly under one model's export folder, ascending."""
     return sorted(int(name) for name in storage.list_dir(export_root) if name.isdigit())
+
+
+def new_run_dir(root: str = RUNS_ROOT) -> str:
+    """A fresh local `ROOT/<UTC timestamp>` (with a suffix when that name is taken)."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    candidate, suffix = os.path.join(root, stamp), 1
+    while os.path.exists(candidate):
+        suffix += 1
+        candidate = os.path.join(root, f"{stamp}-{suffix}")
+    return candidate
+
+
+def newest_run(root: str = RUNS_ROOT) -> str | None:
+    """The most recently changed local run under `root` that has preprocessed data, or None."""
+    if not os.path.isdir(root):
+        return None
+    runs = [os.path.join(root, name) for name in os.listdir(root)]
+    runs = [run for run in runs if os.path.exists(RunLayout(run).metadata)]
+    return max(runs, key=os.path.getmtime) if runs else None

@@ -7,13 +7,14 @@ import tensorflow as tf
 
 from deploy.validate import export_accuracy, predict_split
 from kcp.core import contract as contract_lib
+from kcp.core import examples as example_lib
 
 
 def test_export_predictions_equal_the_keras_model(digits_run):
     contract = contract_lib.read_contract(digits_run)
     model = keras.saving.load_model(os.path.join(digits_run, "train", "model.keras"))
     exported = predict_split(os.path.join(digits_run, "export", "model", "1"), digits_run, "test")
-    inputs = np.concatenate([batch.numpy() for batch, _, _ in contract_lib.read_split(
+    inputs = np.concatenate([batch.numpy() for batch, _, _ in example_lib.read_split(
         contract, contract_lib.data_dir(digits_run), "test", 64)])
     expected = model.predict(inputs.astype(np.float32), verbose=0)
     np.testing.assert_allclose(exported["probabilities"], expected, atol=1e-5)

@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from deploy.server import make_server
+from deploy.serving import make_server
 from kcp import cli
 from tests.conftest import IN_PROCESS_BEAM
 
@@ -85,13 +85,14 @@ def test_export_has_signatures_labels_and_warmup(image_run):
 
 def test_the_three_signatures_agree(image_run):
     from kcp.core import contract as contract_lib
+    from kcp.core import examples as example_lib
 
     run_dir, _ = image_run
     contract = contract_lib.read_contract(run_dir)
     loaded = tf.saved_model.load(os.path.join(run_dir, "export", "colors", "1"))
     serialized = next(iter(tf.data.TFRecordDataset(contract.split_files(contract_lib.data_dir(run_dir), "test"))
                            .batch(8)))
-    images, _, _ = contract_lib.parse_examples(contract, serialized)
+    images, _, _ = example_lib.parse_examples(contract, serialized)
     by_examples = loaded.signatures["serve_examples"](examples=serialized)["probabilities"].numpy()
     by_arrays = loaded.signatures["serve_images"](image=images)["probabilities"].numpy()
     png = tf.stack([tf.io.encode_png(image) for image in images])

@@ -107,3 +107,40 @@ def test_kcp_itself_rejects_unknown_flags(tmp_path):
     with pytest.raises(SystemExit) as exited:
         cli.main(["train", "--run-dir", str(tmp_path), "--epochs", "3"])
     assert exited.value.code == 2
+
+
+def test_describe_model_shows_the_family_config_with_its_defaults(capsys):
+    code = cli.main(["describe-model", "--model", "resnet", "--set", "model.depth=8", "--set", "model.width=8",
+                     "--input-shape", "8,8,1", "--num-classes", "10"])
+    assert code == 0
+    out = capsys.readouterr().out
+    config_lines = out.split("model:\n", 1)[1].split("\n")
+    assert "  name: \"resnet\"" in config_lines and "  depth: 8" in config_lines
+    assert "  version: 1" in config_lines  # a default the family applied
+    assert not any(line.startswith("  filters:") for line in config_lines)  # cnn's key, not resnet's
+    assert "resnet8_v1" in out and "Total params:" in out
+
+
+def test_a_key_of_another_family_exits_2_naming_the_family(capsys):
+    code = cli.main(["describe-model", "--model", "rnn", "--set", "model.depth=8", "--input-shape", "8,3",
+                     "--num-classes", "2"])
+    assert code == 2
+    assert "model.depth: not a key of the rnn family; allowed:" in capsys.readouterr().err
+
+
+def test_stages_that_only_read_leave_the_recorded_config_alone(digits_run):
+    path = os.path.join(digits_run, "config.yaml")
+    with open(path) as handle:
+        before = handle.read()
+    assert cli.main(["validate", "--run-dir", digits_run, "--set", "export.min_accuracy=0.5"]) in (0, 1)  # ran
+    assert cli.main(["report", "--run-dir", digits_run, "--set", "export.min_accuracy=0.25"]) == 0
+    with open(path) as handle:
+        assert handle.read() == before
+
+
+def test_import_kcp_is_light_and_its_api_loads_on_first_use():
+    script = ("import sys, kcp; heavy = [m for m in ('tensorflow', 'keras', 'apache_beam') if m in sys.modules]; "
+              "print(heavy, kcp.Run.__module__, 'Run' in dir(kcp))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[0] == "[] kcp.api True"

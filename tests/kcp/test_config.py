@@ -101,3 +101,35 @@ def test_read_yaml_file_errors_name_the_file(tmp_path):
 def test_every_section_is_present():
     assert [f.name for f in dataclasses.fields(Config)] == ["data", "model", "train", "tune", "export"]
 
+
+
+def test_the_model_section_is_flat_and_validated_by_the_chosen_family():
+    config = load_config([], ["model.name=resnet", "model.depth=56", "model.dropout=0.2"])
+    assert (config.model.depth, config.model.dropout, config.model.version) == (56, 0.2, 1)
+    plain = config.to_dict()["model"]
+    assert plain["depth"] == 56 and "filters" not in plain and "family" not in plain
+    assert load_config([config.to_dict()]) == config
+
+
+def test_a_key_of_another_family_is_an_error_naming_the_allowed_keys():
+    with pytest.raises(ConfigError) as raised:
+        load_config([], ["model.depth=20"])  # the default family is cnn
+    assert str(raised.value).startswith("model.depth: not a key of the cnn family; allowed: name, dropout,")
+    assert "filters" in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_a_recorded_config_keeps_its_family_keys_until_the_family_changes():
+    recorded = load_config([], ["model.filters=[8]", "train.epochs=4"]).to_dict()
+    same = load_config([], ["model.kernel_size=5"], base=recorded)
+    assert (same.model.filters, same.model.kernel_size, same.train.epochs) == ((8,), 5, 4)
+    other = load_config([{"model": {"name": "rnn"}}], [], base=recorded)
+    assert (other.model.name, other.model.units, other.train.epochs) == ("rnn", 128, 4)
+    with pytest.raises(ConfigError, match="model.filters: not a key of the rnn family"):
+        load_config([{"model": {"name": "rnn", "filters": [8]}}], [], base=recorded)
+
+
+def test_family_rules_are_checked_by_the_family():
+    with pytest.raises(ConfigError, match=r"model.dim: 30 is not divisible by model.heads \(4\)"):
+        load_config([], ["model.name=transformer", "model.dim=30", "model.heads=4"])
+    with pytest.raises(ConfigError, match="model.depth: 21 is not a ResNet depth"):
+        load_config([], ["model.name=resnet", "model.depth=21"])

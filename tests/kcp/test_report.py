@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kcp.core.config import MODEL_NAMES, load_config
+from kcp.core.config import MODEL_FAMILIES, load_config
 from kcp.report import build_report, per_class_scores
 from tests.conftest import fresh_run
 from trainer.train import train
@@ -38,7 +38,7 @@ def assert_real_png(path):
 @pytest.fixture(scope="module")
 def reports(digits_data, tmp_path_factory):
     built = {}
-    for family in MODEL_NAMES:
+    for family in MODEL_FAMILIES:
         run_dir = fresh_run(digits_data, tmp_path_factory.mktemp(family))
         config = load_config([], [f"model.name={family}", "train.epochs=1", *TINY[family]])
         with open(os.path.join(run_dir, "config.yaml"), "w") as handle:
@@ -48,7 +48,7 @@ def reports(digits_data, tmp_path_factory):
     return built
 
 
-@pytest.mark.parametrize("family", MODEL_NAMES)
+@pytest.mark.parametrize("family", tuple(MODEL_FAMILIES))
 def test_report_has_every_expected_figure(reports, family):
     page_path = reports[family]
     report_dir = os.path.dirname(page_path)

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 
 from kcp.core import contract as contract_lib
+
+from kcp.core import examples as example_lib
 from kcp.core.contract import ContractError, DataContract, FeatureSpec, SplitInfo
 
 
@@ -68,8 +70,8 @@ def test_invalid_json_is_a_contract_error():
 def test_image_example_encodes_and_parses_back():
     contract = make_contract()
     image = np.arange(24, dtype=np.uint8).reshape(4, 3, 2)
-    serialized = contract_lib.encode_example(contract.input_spec, "image", "k/1", image, 1)
-    inputs, labels, keys = contract_lib.parse_examples(contract, [serialized, serialized])
+    serialized = example_lib.encode_example(contract.input_spec, "image", "k/1", image, 1)
+    inputs, labels, keys = example_lib.parse_examples(contract, [serialized, serialized])
     assert inputs.dtype.name == "uint8"
     np.testing.assert_array_equal(inputs.numpy(), np.stack([image, image]))
     assert labels.numpy().tolist() == [1, 1]
@@ -80,8 +82,8 @@ def test_sequence_example_encodes_and_parses_back():
     spec = FeatureSpec(dtype="float32", shape=(5, 2), encoding="float_list")
     contract = make_contract(modality="sequence", input_feature="sequence", input_spec=spec)
     sequence = np.linspace(-1, 1, 10, dtype=np.float32).reshape(5, 2)
-    serialized = contract_lib.encode_example(spec, "sequence", "s", sequence, 0)
-    inputs, labels, _ = contract_lib.parse_examples(contract, [serialized])
+    serialized = example_lib.encode_example(spec, "sequence", "s", sequence, 0)
+    inputs, labels, _ = example_lib.parse_examples(contract, [serialized])
     np.testing.assert_allclose(inputs.numpy()[0], sequence)
     assert labels.numpy().tolist() == [0]
 
@@ -89,4 +91,4 @@ def test_sequence_example_encodes_and_parses_back():
 def test_encode_rejects_a_wrong_shape():
     contract = make_contract()
     with pytest.raises(ValueError, match=r"k: shape \(4, 3\) does not match the contract's \(4, 3, 2\)"):
-        contract_lib.encode_example(contract.input_spec, "image", "k", np.zeros((4, 3), np.uint8), 0)
+        example_lib.encode_example(contract.input_spec, "image", "k", np.zeros((4, 3), np.uint8), 0)

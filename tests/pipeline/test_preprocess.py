@@ -7,9 +7,11 @@ import tensorflow as tf
 
 from kcp.core.config import load_config
 from kcp.core import contract as contract_lib
-from pipeline import splits, transforms
-from pipeline.preprocess import drops_finish_bundle_outputs, local_runner_defaults, run_preprocess
-from pipeline.sources import SourceError, digits_to_uint8, plan_source
+from kcp.core import examples as example_lib
+from kcp.core.beamio import local_runner_defaults
+from kcp.core.sources import SourceError, digits_to_uint8, plan_source
+from pipeline import shards, splits
+from pipeline.preprocess import drops_finish_bundle_outputs, run_preprocess
 from tests.conftest import IN_PROCESS_BEAM
 
 
@@ -62,7 +64,7 @@ def test_shards_hold_every_example_once_with_the_right_label(digits_contract):
     digits = load_digits()
     seen = {}
     for split in ("train", "validation", "test"):
-        for inputs, labels, keys in contract_lib.read_split(contract, data_dir, split, 100):
+        for inputs, labels, keys in example_lib.read_split(contract, data_dir, split, 100):
             for image, label, key in zip(inputs.numpy(), labels.numpy(), keys.numpy()):
                 seen[key.decode()] = (split, image, label)
     assert len(seen) == 1797
@@ -81,7 +83,7 @@ def test_rerun_with_other_runner_settings_gives_identical_examples(digits_contra
                                    "--direct_num_workers=2"])
     for split in ("train", "validation", "test"):
         for shard in range(2):
-            name = transforms.shard_name(split, shard, 2, "none")
+            name = shards.shard_name(split, shard, 2, "none")
             with open(os.path.join(run_dir, "data", name), "rb") as a, open(os.path.join(other, "data", name), "rb") as b:
                 assert a.read() == b.read(), name
 
@@ -91,18 +93,18 @@ def test_the_records_parts_are_gone_after_a_run_and_a_killed_runs_parts_too(tmp_
     dead.mkdir(parents=True)
     (dead / "train-00000-1234.part").write_bytes(b"left by a killed run")
     parts_read = []
-    original = transforms.read_part
+    original = shards.read_part
 
     def read_part(path):  # the shard writer really reads parts (records do not go through the group)
         parts_read.append(path)
         return original(path)
 
-    transforms.read_part = read_part
+    shards.read_part = read_part
     try:
         contract = run_preprocess(load_config([], ["data.limit=100", "data.num_shards=2"]), str(tmp_path),
                                   IN_PROCESS_BEAM)
     finally:
-        transforms.read_part = original
+        shards.read_part = original
     assert parts_read and all("/.parts-" in path for path in parts_read)
     assert not list((tmp_path / "data").glob(".parts-*"))
     assert sum(info.count for info in contract.splits.values()) == 100
@@ -130,7 +132,7 @@ def test_a_crashed_run_leaves_no_metadata(tmp_path, monkeypatch):
     def crash(items, path):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(transforms, "write_summary", crash)
+    monkeypatch.setattr("pipeline.preprocess.write_summary", crash)  # where build_pipeline looks it up
     with pytest.raises(Exception, match="disk full"):
         run_preprocess(config, str(tmp_path), IN_PROCESS_BEAM)
     assert not (tmp_path / "data" / "metadata.json").exists()

@@ -6,7 +6,8 @@ import pytest
 import tensorflow as tf
 
 from kcp.core.config import load_config
-from pipeline.preprocess import local_runner_defaults, run_preprocess
+from kcp.core.beamio import local_runner_defaults
+from pipeline.preprocess import run_preprocess
 from tests.conftest import IN_PROCESS_BEAM
 
 

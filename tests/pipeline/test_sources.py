@@ -10,12 +10,13 @@ import pytest
 from PIL import Image
 
 from kcp import cli
-from kcp.core.config import load_config
 from kcp.core import contract as contract_lib
-from pipeline import splits
+from kcp.core import examples as example_lib
+from kcp.core.config import load_config
 from kcp.core.contract import standardize_text
+from kcp.core.sources import SourceError, plan_source
+from pipeline import splits
 from pipeline.preprocess import run_preprocess
-from pipeline.sources import SourceError, plan_source
 from tests.conftest import IN_PROCESS_BEAM
 
 
@@ -27,7 +28,7 @@ def write_png(path, array):
 def read_all(run_dir, contract):
     out = {}
     for split in ("train", "validation", "test"):
-        for inputs, labels, keys in contract_lib.read_split(contract, contract_lib.data_dir(run_dir), split, 500):
+        for inputs, labels, keys in example_lib.read_split(contract, contract_lib.data_dir(run_dir), split, 500):
             for value, label, key in zip(inputs.numpy(), labels.numpy(), keys.numpy()):
                 out[key.decode()] = (split, value, int(label))
     return out

@@ -9,7 +9,7 @@ SCRIPT = r"""
 import json, sys
 import numpy as np
 import keras
-from kcp.core.config import MODEL_NAMES, load_config
+from kcp.core.config import MODEL_FAMILIES, load_config
 from trainer.models import ModelInputs, build_model
 
 specs = {
@@ -21,7 +21,7 @@ small = {"cnn": ["model.filters=[8]"], "resnet": ["model.depth=8", "model.width=
          "rnn": ["model.units=16"], "transformer": ["model.dim=16", "model.heads=2", "model.mlp_dim=32"]}
 rng = np.random.default_rng(0)
 results = []
-for family in MODEL_NAMES:
+for family in MODEL_FAMILIES:
     for modality, spec in specs.items():
         config = load_config([], [f"model.name={family}", "model.dropout=0.0", *small[family]]).model
         model = build_model(spec, config)

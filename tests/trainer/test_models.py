@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 import keras
-from kcp.core.config import MODEL_NAMES, ConfigError, load_config
+from kcp.core.config import MODEL_FAMILIES, ConfigError, load_config
 from trainer.models import REGISTRY, ModelInputs, build_model
 from trainer.models.transformer import attention_layers, attention_scores
 
@@ -20,7 +20,7 @@ SMALL = {  # small settings of each family, so the whole table runs in a couple 
     "rnn": ["model.units=32"],
     "transformer": ["model.dim=32", "model.heads=2", "model.mlp_dim=64", "model.patch_size=2"],
 }
-CASES = [(family, modality) for family in MODEL_NAMES for modality in SPECS]
+CASES = [(family, modality) for family in MODEL_FAMILIES for modality in SPECS]
 
 
 def small_config(family, *extra):
@@ -38,7 +38,7 @@ def random_inputs(spec, count, seed=0):
 
 
 def test_registry_names_match_the_config():
-    assert tuple(REGISTRY) == MODEL_NAMES
+    assert tuple(REGISTRY) == tuple(MODEL_FAMILIES)
 
 
 @pytest.mark.parametrize("family, modality", CASES)
@@ -227,3 +227,13 @@ def test_input_spec_errors_are_clear():
         ModelInputs("image", (8, 8), 10)
     with pytest.raises(ConfigError, match="model.dim: 30 is not divisible by model.heads"):
         load_config([], ["model.name=transformer", "model.dim=30", "model.heads=4"])
+
+
+@pytest.mark.parametrize("family", tuple(MODEL_FAMILIES))
+def test_each_family_s_default_tuning_space_is_valid_for_that_family(family):
+    from tuning.space import search_space
+
+    config = load_config([], [f"model.name={family}"])
+    space = search_space(config)
+    assert space == MODEL_FAMILIES[family].search_space and space
+    assert any(key.startswith("model.") for key in space)  # it searches the family's own keys

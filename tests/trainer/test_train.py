@@ -11,7 +11,7 @@ from kcp.core.config import OPTIMIZERS, SCHEDULES, load_config
 from kcp.core import storage
 from trainer.callbacks import AtomicBackupAndRestore, EpochHistory, learning_rate
 from tests.conftest import fresh_run
-from trainer.train import confusion_matrix, make_optimizer, train
+from trainer.train import Trainer, confusion_matrix, make_optimizer, train
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero():
@@ -146,6 +146,20 @@ def test_outputs_metrics_and_confusion_matrix(digits_data, tmp_path):
     assert matrix["class_names"] == [str(d) for d in range(10)]
     assert counts.sum() == 194  # every test example once
     assert np.trace(counts) / counts.sum() == pytest.approx(metrics["test"]["accuracy"], abs=1e-6)
+
+
+def test_the_trainer_entry_builds_fits_and_evaluates_without_writing(digits_data, tmp_path):
+    run_dir = fresh_run(digits_data, tmp_path)
+    trainer = Trainer(load_config([], ["train.epochs=1", "model.filters=[8]", "train.include_validation=true"]),
+                      run_dir)
+    counts = {split: info.count for split, info in trainer.contract.splits.items()}
+    assert trainer.fitted == counts["train"] + counts["validation"]
+    model = trainer.build()
+    history = trainer.fit(model, verbose=0)
+    assert len(history.history["loss"]) == 1 and "val_loss" not in history.history  # validation is fitted on
+    scores = trainer.evaluate(model)
+    assert set(scores) == {"train", "validation", "test"} and 0 <= scores["test"]["accuracy"] <= 1
+    assert not os.path.exists(os.path.join(run_dir, "train"))  # only run() (train()) writes RUN/train/
 
 
 def test_vertex_ai_directories_are_honoured(digits_data, tmp_path, monkeypatch):

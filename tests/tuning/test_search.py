@@ -9,12 +9,17 @@ import subprocess
 import sys
 import time
 
+import keras
+import keras_tuner as kt
 import pytest
 
 from kcp.core.config import ConfigError, load_config
 from tests.conftest import fresh_run
 from tests.gcs import free_port
-from tuning.search import read_trial_stats, run_search, search_space
+from tuning.hypermodel import TrainerHyperModel, read_trial_stats
+from tuning.results import best_config, figures
+from tuning.search import run_search
+from tuning.space import search_space
 
 SMALL = ["model.filters=[8]", "train.epochs=2", "tune.early_stopping_patience=0"]
 QUIET = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
@@ -67,7 +72,7 @@ def test_grid_enumerates_exactly_its_grid(digits_data, tmp_path):
 ])
 def test_bad_search_spaces_fail_before_any_trial(space, message):
     with pytest.raises(ConfigError, match=message.replace("{", "\\{").replace("}", "\\}")):
-        search_space(load_config([], [f"tune.space={space}"]))
+        search_space(load_config([], ["model.name=rnn", f"tune.space={space}"]))  # rnn: model.cell, model.units
 
 
 def test_each_family_has_a_valid_default_space():
@@ -158,6 +163,36 @@ def test_retrain_best_trains_on_train_and_validation_and_exports(digits_data, tm
     assert set(best["hyperparameters"]) == {"model.kernel_size", "model.dropout", "train.learning_rate"}
 
 
+def test_best_config_is_the_best_trial_fitting_on_train_and_validation(tmp_path):
+    config = load_config([], ["model.kernel_size=3", "train.learning_rate=0.01"])
+    with pytest.raises(ConfigError, match="best_hparams.json does not exist; no trial completed"):
+        best_config(config, str(tmp_path))
+    os.makedirs(tmp_path / "tuning")
+    best = {"best_trial": "02", "hyperparameters": {"model.kernel_size": 5, "train.learning_rate": 0.002}}
+    (tmp_path / "tuning" / "best_hparams.json").write_text(json.dumps(best))
+    final = best_config(config, str(tmp_path))
+    assert (final.model.kernel_size, final.train.learning_rate) == (5, 0.002)
+    assert final.train.include_validation is True
+    assert final.to_dict()["data"] == config.to_dict()["data"]
+
+
+def test_a_trial_is_built_and_fitted_by_the_trainer_entry(digits_data, tmp_path):
+    """The trial gets the trainer's compile (optimizer, one-hot labels for label smoothing)
+    and Keras Tuner's fit arguments; it is scored on validation even if the config fits on it."""
+    run_dir = fresh_run(digits_data, tmp_path)
+    config = load_config([], [*SMALL, "train.optimizer=sgd", "train.label_smoothing=0.1",
+                              "train.include_validation=true", "tune.space={model.kernel_size: [3, 5]}"])
+    hypermodel = TrainerHyperModel(config, run_dir, search_space(config))
+    hp = kt.HyperParameters()
+    model = hypermodel.build(hp)
+    assert hp.values == {"model.kernel_size": 3}
+    assert type(model.optimizer).__name__ == "SGD"
+    assert isinstance(model.loss, keras.losses.CategoricalCrossentropy)
+    history = hypermodel.fit(hp, model, epochs=1, verbose=0, callbacks=[])
+    assert len(history.history["loss"]) == 1 and "val_accuracy" in history.history
+    assert not os.path.exists(os.path.join(run_dir, "train"))  # a trial writes no training outputs
+
+
 def test_workers_exit_cleanly_when_the_chief_is_gone(digits_data, tmp_path):
     run_dir = fresh_run(digits_data, tmp_path)
     oracle = f"127.0.0.1:{free_port()}"
@@ -180,7 +215,7 @@ def test_an_interrupted_keras_tuner_state_write_keeps_the_previous_state(tmp_pat
     """keras-tuner 1.4 truncates trial.json before writing it; a kill in between broke every resume."""
     from keras_tuner.src import utils as kt_utils
 
-    from trainer import compat
+    from tuning import compat
 
     assert compat.patch_keras_tuner_atomic_json()
     path = str(tmp_path / "trial.json")
@@ -200,7 +235,5 @@ def test_an_interrupted_keras_tuner_state_write_keeps_the_previous_state(tmp_pat
 
 
 def test_trials_csv_leaves_figures_empty_for_a_trial_whose_process_died_before_writing_them():
-    from tuning.search import figures
-
     assert figures(None) == ["", ""]
     assert figures({"seconds": 12.34, "rss_mb": 810.6}) == ["12.3", "811"]

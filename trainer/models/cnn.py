@@ -9,9 +9,34 @@ Text is embedded first (`model.dim` per token), then convolved along time.
 
 from __future__ import annotations
 
-from kcp.core.config import ConfigError, ModelConfig
+from dataclasses import dataclass
+from typing import ClassVar
+
+
+from kcp.core.config import ConfigError, ModelConfig, model_family, option
 from trainer.models.common import (ModelInputs, batch_norm, classifier_head, initializer_for, model_input,
                                    token_embedding)
+
+
+@model_family("cnn")
+@dataclass(frozen=True)
+class CNNConfig:
+    """The cnn family's own keys (`model.filters`, ...)."""
+
+    filters: tuple = option((32, 64), help="filters per convolution block")
+    kernel_size: int = option(3, minimum=1, help="kernel size")
+    convs_per_block: int = option(2, minimum=1, help="convolutions per block")
+    batch_norm: bool = option(True, help="batch normalization after each convolution")
+    dim: int = option(64, minimum=1, help="text: embedding size")
+
+    default_initializer: ClassVar[str] = "he_normal"  # ReLU networks
+    search_space: ClassVar[dict] = {
+        "model.kernel_size": [3, 5], "model.dropout": {"min": 0.0, "max": 0.5, "step": 0.1},
+        "train.learning_rate": {"min": 1e-4, "max": 1e-2, "sampling": "log"}}
+
+    def __post_init__(self):
+        if not self.filters:
+            raise ConfigError("model.filters: must list at least one block's filter count")
 
 
 def conv_block(x, filters: int, kernel_size: int, *, rank: int, convs: int, config: ModelConfig,
@@ -33,8 +58,6 @@ def build(spec: ModelInputs, config: ModelConfig):
     """Builds the CNN for an image ([H, W, C]), sequence ([T, F]) or text ([T] token ids) input."""
     import keras
 
-    if not config.filters:
-        raise ConfigError("model.filters: must list at least one block's filter count")
     inputs, x = model_input(spec, config)
     if spec.modality == "text":
         x = token_embedding(x, spec, config.dim, mask_zero=False)  # Conv1D has no mask support

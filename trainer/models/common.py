@@ -55,13 +55,9 @@ class ModelInputs:
         )
 
 
-FAMILY_INITIALIZERS = {"cnn": "he_normal", "resnet": "he_normal", "rnn": "glorot_uniform",
-                       "transformer": "glorot_uniform"}
-
-
 def initializer_for(config: ModelConfig) -> str:
     """`model.initializer`, or the family's default: He for ReLU networks, Glorot otherwise."""
-    return config.initializer or FAMILY_INITIALIZERS[config.name]
+    return config.initializer or config.family.default_initializer
 
 
 def model_input(spec: ModelInputs, config: ModelConfig):

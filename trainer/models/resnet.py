@@ -14,7 +14,11 @@
 
 from __future__ import annotations
 
-from kcp.core.config import ModelConfig, resnet_style
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+
+from kcp.core.config import ConfigError, ModelConfig, model_family, option
 from trainer.models.common import (ModelInputs, batch_norm, classifier_head, initializer_for, model_input,
                                    token_embedding)
 
@@ -26,6 +30,37 @@ IMAGENET_STAGES = {  # depth -> (blocks per stage, bottleneck)
     152: ((3, 8, 36, 3), True),
 }
 BN_EPSILON = 1.001e-5
+
+
+def resnet_style(depth: int) -> Optional[str]:
+    """'imagenet' for 18/34/50/101/152, 'cifar' for other depths 6n+2, None otherwise."""
+    if depth in IMAGENET_STAGES:
+        return "imagenet"
+    if depth >= 8 and (depth - 2) % 6 == 0:
+        return "cifar"
+    return None
+
+
+@model_family("resnet")
+@dataclass(frozen=True)
+class ResNetConfig:
+    """The resnet family's own keys (`model.depth`, ...)."""
+
+    depth: int = option(20, minimum=8, help="6n+2 (20, 32, 44, 56, 110) CIFAR-style; 18, 34, 50, 101, 152 "
+                                            "ImageNet-style")
+    version: int = option(1, choices=(1, 2), help="1 (post-activation) or 2 (pre-activation)")
+    width: int = option(0, minimum=0, help="base filters; 0: 16 CIFAR-style, 64 ImageNet-style")
+    dim: int = option(64, minimum=1, help="text: embedding size")
+
+    default_initializer: ClassVar[str] = "he_normal"  # ReLU networks
+    search_space: ClassVar[dict] = {
+        "model.depth": [20, 32], "model.version": [1, 2],
+        "train.learning_rate": {"min": 1e-4, "max": 1e-2, "sampling": "log"}}
+
+    def __post_init__(self):
+        if resnet_style(self.depth) is None:
+            raise ConfigError(f"model.depth: {self.depth} is not a ResNet depth; allowed: 6n+2 "
+                              f"(20, 32, 44, 56, 110) or {', '.join(map(str, IMAGENET_STAGES))}")
 
 
 class _Layers:

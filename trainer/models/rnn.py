@@ -8,10 +8,31 @@ text through an embedding that masks padding (id 0), so padded steps never updat
 
 from __future__ import annotations
 
-from kcp.core.config import ModelConfig
+from dataclasses import dataclass
+from typing import ClassVar
+
+
+from kcp.core.config import ModelConfig, model_family, option
 from trainer.models.common import ModelInputs, classifier_head, initializer_for, model_input, token_embedding
 
 CELLS = {"simple": "SimpleRNN", "lstm": "LSTM", "gru": "GRU"}
+
+
+@model_family("rnn")
+@dataclass(frozen=True)
+class RNNConfig:
+    """The rnn family's own keys (`model.cell`, ...)."""
+
+    cell: str = option("lstm", choices=tuple(CELLS), help="recurrent cell")
+    units: int = option(128, minimum=1, help="units per layer")
+    layers: int = option(2, minimum=1, help="stacked recurrent layers")
+    bidirectional: bool = option(False, help="bidirectional layers")
+    dim: int = option(64, minimum=1, help="text: embedding size")
+
+    default_initializer: ClassVar[str] = "glorot_uniform"
+    search_space: ClassVar[dict] = {
+        "model.cell": ["lstm", "gru"], "model.units": [64, 128], "model.bidirectional": [False, True],
+        "train.learning_rate": {"min": 1e-4, "max": 1e-2, "sampling": "log"}}
 
 
 def recurrent_layer(x, cell: str, units: int, *, return_sequences: bool, bidirectional: bool,

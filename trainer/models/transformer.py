@@ -14,9 +14,34 @@ The head pools the mean of the (unpadded) tokens or a learned class token.
 
 from __future__ import annotations
 
-from kcp.core.config import ConfigError, ModelConfig
+from dataclasses import dataclass
+from typing import ClassVar
+
+from kcp.core.config import ConfigError, ModelConfig, model_family, option
 from trainer.models.common import ModelInputs, classifier_head, initializer_for, model_input, token_embedding
-from trainer.models.layers import ClassToken, PositionEncoding
+
+
+@model_family("transformer")
+@dataclass(frozen=True)
+class TransformerConfig:
+    """The transformer family's own keys (`model.heads`, ...)."""
+
+    layers: int = option(2, minimum=1, help="encoder blocks")
+    heads: int = option(4, minimum=1, help="attention heads")
+    dim: int = option(64, minimum=1, help="model width (token embedding size)")
+    mlp_dim: int = option(128, minimum=1, help="feed-forward width")
+    positional: str = option("sinusoidal", choices=("sinusoidal", "learned"), help="position encoding")
+    patch_size: int = option(0, minimum=0, help="images: patch side; 0: the side that gives 8x8 patches")
+    pooling: str = option("mean", choices=("mean", "cls"), help="mean of the tokens or a class token")
+
+    default_initializer: ClassVar[str] = "glorot_uniform"
+    search_space: ClassVar[dict] = {
+        "model.layers": [1, 2], "model.heads": [2, 4], "model.dim": [32, 64],
+        "train.learning_rate": {"min": 1e-4, "max": 3e-3, "sampling": "log"}}
+
+    def __post_init__(self):
+        if self.dim % self.heads:
+            raise ConfigError(f"model.dim: {self.dim} is not divisible by model.heads ({self.heads})")
 
 
 def default_patch_size(height: int, width: int) -> int:
@@ -47,9 +72,8 @@ def build(spec: ModelInputs, config: ModelConfig):
     """Builds the encoder classifier for images (patches), sequences (steps) or text (tokens)."""
     import keras
     from keras import ops
+    from trainer.models.layers import ClassToken, PositionEncoding
 
-    if config.dim % config.heads:
-        raise ConfigError(f"model.dim: {config.dim} is not divisible by model.heads ({config.heads})")
     initializer = initializer_for(config)
     inputs, x = model_input(spec, config)
     padding = None  # (batch, tokens) True where a token is real; text only

@@ -1,26 +1,22 @@
-"""The run report: RUN/report/index.html and the PNGs beside it (matplotlib, Agg).
+"""The report's figures: each plots what a run wrote and saves a PNG beside index.html.
 
-    kcp report --run-dir runs/digits
-
-Shows what the run has: learning curves with the best epoch, the test confusion matrix
-with per-class precision/recall/F1, the most confidently wrong test examples, the
-pipeline's augmentation grid, the first convolution's filters and the test inputs that
-excite a few of them most, the attention maps of a Transformer block, the tuning trials,
-and the config and metrics. The page needs no network; the images lie beside it.
+Learning curves, the confusion matrix with per-class scores, the most confidently wrong test
+examples, the first convolution's filters and the inputs that excite them, attention maps.
 """
 
 from __future__ import annotations
 
-import csv
-import html
 import io
-import json
 
+import keras
 import numpy as np
+import tensorflow as tf
 
-from kcp.core import storage
 from kcp.core import contract as contract_lib
-from kcp.core.layout import RunLayout
+
+from kcp.core import examples as example_lib
+from kcp.core import storage
+from trainer.models.transformer import attention_layers, attention_scores
 
 EXAMPLES_SHOWN = 12
 
@@ -41,10 +37,6 @@ def _save(figure, report_dir: str, name: str) -> str:
     plt.close(figure)
     storage.write_bytes_atomic(storage.join(report_dir, name), buffer.getvalue())
     return name
-
-
-def _read_json(path: str):
-    return json.loads(storage.read_text(path)) if storage.exists(path) else None
 
 
 # --- figures ----------------------------------------------------------------------------
@@ -154,8 +146,6 @@ def first_conv_layer(model):
 
 def plot_filters(model, test: dict, model_inputs, modality: str, report_dir: str) -> list[str]:
     """The first convolution's kernels, and for 4 filters the test inputs that excite them most."""
-    import keras
-
     plt = _pyplot()
     layer = first_conv_layer(model)
     if layer is None:
@@ -201,8 +191,6 @@ def plot_filters(model, test: dict, model_inputs, modality: str, report_dir: str
 
 
 def plot_attention(model, test: dict, model_inputs, report_dir: str) -> str | None:
-    from trainer.models.transformer import attention_layers, attention_scores
-
     plt = _pyplot()
     if not attention_layers(model):
         return None
@@ -229,11 +217,9 @@ def plot_attention(model, test: dict, model_inputs, report_dir: str) -> str | No
 
 def predict_test(run_dir: str, contract, model, limit: int = 2000) -> dict:
     """Raw test inputs, their model inputs, labels and probabilities (the first `limit`)."""
-    import tensorflow as tf
-
-    vectorizer = contract_lib.text_vectorizer(contract, run_dir) if contract.modality == "text" else None
+    vectorizer = example_lib.text_vectorizer(contract, run_dir) if contract.modality == "text" else None
     raw, labels = [], []
-    for inputs, batch_labels, _ in contract_lib.read_split(contract, contract_lib.data_dir(run_dir), "test", 256):
+    for inputs, batch_labels, _ in example_lib.read_split(contract, contract_lib.data_dir(run_dir), "test", 256):
         raw.append(inputs.numpy())
         labels.append(batch_labels.numpy())
         if sum(len(batch) for batch in labels) >= limit:
@@ -250,127 +236,3 @@ def predict_test(run_dir: str, contract, model, limit: int = 2000) -> dict:
 
 
 # --- page -------------------------------------------------------------------------------
-
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>kcp report: {title}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1150px; color: #222; }}
-h1 {{ font-size: 1.5rem; }} h2 {{ font-size: 1.15rem; border-bottom: 1px solid #ddd; padding-bottom: .2rem; margin-top: 2rem; }}
-img {{ max-width: 100%; border: 1px solid #eee; }} table {{ border-collapse: collapse; font-size: .85rem; }}
-td, th {{ border: 1px solid #ddd; padding: .2rem .5rem; text-align: right; }} th {{ background: #f5f5f5; }}
-pre {{ background: #f7f7f7; padding: .8rem; font-size: .8rem; overflow-x: auto; }} .note {{ color: #666; font-size: .85rem; }}
-</style></head>
-<body data-images="pending">
-<h1>kcp report: {title}</h1>
-{sections}
-<script>
-// Self-check used by the tests and visible to readers: every image must have loaded.
-window.addEventListener("load", function () {{
-  var images = Array.prototype.slice.call(document.images);
-  var broken = images.filter(function (img) {{ return !(img.complete && img.naturalWidth > 0); }});
-  document.body.dataset.images = broken.length ? "missing:" + broken.map(function (i) {{ return i.getAttribute("src"); }}).join(",") : "ok:" + images.length;
-}});
-</script>
-</body></html>
-"""
-
-
-def _table(header: list[str], rows: list[list]) -> str:
-    head = "".join(f"<th>{html.escape(str(cell))}</th>" for cell in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _section(title: str, body: str) -> str:
-    return f"<h2>{html.escape(title)}</h2>\n{body}\n"
-
-
-def _image(name: str, alt: str) -> str:
-    return f'<p><img src="{html.escape(name)}" alt="{html.escape(alt)}"></p>'
-
-
-def build_report(run_dir: str) -> str:
-    """Writes RUN/report/index.html and its figures; returns the page's path."""
-    import keras
-
-    import trainer.models.layers  # noqa: F401  registers the zoo's custom layers for loading
-
-    layout = RunLayout(run_dir)
-    report_dir = layout.report
-    storage.makedirs(report_dir)
-    contract = contract_lib.read_contract(run_dir)
-    metrics = _read_json(layout.metrics) or {}
-    history = _read_json(layout.history)
-    confusion = _read_json(layout.confusion_matrix)
-    sections = []
-
-    summary = [["source", contract.source], ["modality", contract.modality],
-               ["examples", ", ".join(f"{s} {i.count}" for s, i in contract.splits.items())],
-               ["bad inputs", contract.bad_examples]]
-    if metrics:
-        summary += [["model", f"{metrics.get('model')} ({metrics.get('params', 0):,} parameters)"],
-                    ["test accuracy", f"{metrics.get('test', {}).get('accuracy', float('nan')):.4f}"],
-                    ["epochs", metrics.get("epochs")],
-                    ["train examples/s", f"{metrics.get('examples_per_second', 0):,.0f}"]]
-    sections.append(_section("Run", _table(["", ""], summary)))
-
-    if history and history.get("loss"):
-        best = best_epoch(history)
-        note = f'<p class="note">best epoch {best + 1}' + (
-            f", validation accuracy {history['val_accuracy'][best]:.4f}" if history.get("val_accuracy") else "") + "</p>"
-        sections.append(_section("Learning curves", _image(plot_curves(history, report_dir), "learning curves") + note))
-
-    if confusion:
-        matrix = np.asarray(confusion["matrix"])
-        names = confusion["class_names"]
-        scores = per_class_scores(matrix)
-        rows = [[name, f"{s['precision']:.3f}", f"{s['recall']:.3f}", f"{s['f1']:.3f}", s["support"]]
-                for name, s in zip(names, scores)]
-        sections.append(_section("Confusion matrix (test)", _image(plot_confusion(matrix, names, report_dir),
-                                                                   "confusion matrix")
-                                 + _table(["class", "precision", "recall", "F1", "support"], rows)))
-
-    model_path = layout.model
-    if storage.exists(model_path) and contract.splits.get("test") and contract.splits["test"].count:
-        model = keras.saving.load_model(model_path)
-        test = predict_test(run_dir, contract, model)
-        name, wrong = plot_mistakes(test, list(contract.class_names), contract.modality, report_dir)
-        body = _image(name, "most confidently wrong examples") if name else ""
-        body += f'<p class="note">{wrong} of {len(test["labels"])} test examples are wrong.</p>'
-        sections.append(_section("Most confidently wrong", body))
-        for figure in plot_filters(model, test, test["model_inputs"], contract.modality, report_dir):
-            title = "Learned filters" if figure == "filters.png" else "What excites the filters"
-            sections.append(_section(title, _image(figure, title)))
-        attention = plot_attention(model, test, test["model_inputs"], report_dir)
-        if attention:
-            sections.append(_section("Attention maps", _image(attention, "attention maps")))
-
-    samples = layout.samples
-    if storage.exists(samples):
-        storage.write_bytes_atomic(storage.join(report_dir, "samples.png"), storage.read_bytes(samples))
-        copies = contract.augmentation.get("copies", 0)
-        sections.append(_section("Augmentation", _image("samples.png", "augmentation samples")
-                                 + f'<p class="note">{copies} augmented copies per train example.</p>'))
-
-    trials_png = storage.join(layout.tuning, "trials.png")
-    trials_csv = storage.join(layout.tuning, "trials.csv")
-    if storage.exists(trials_png) or storage.exists(trials_csv):
-        body = ""
-        if storage.exists(trials_png):
-            storage.write_bytes_atomic(storage.join(report_dir, "trials.png"), storage.read_bytes(trials_png))
-            body += _image("trials.png", "tuning trials")
-        if storage.exists(trials_csv):
-            rows = list(csv.reader(io.StringIO(storage.read_text(trials_csv))))
-            body += _table(rows[0], rows[1:]) if rows else ""
-        sections.append(_section("Tuning", body))
-
-    config_path = layout.config
-    if storage.exists(config_path):
-        sections.append(_section("Config", f"<pre>{html.escape(storage.read_text(config_path))}</pre>"))
-    if metrics:
-        sections.append(_section("Metrics", f"<pre>{html.escape(json.dumps(metrics, indent=2))}</pre>"))
-
-    page = PAGE.format(title=html.escape(str(run_dir)), sections="\n".join(sections))
-    path = storage.join(report_dir, "index.html")
-    storage.write_text_atomic(path, page)
-    return path

@@ -6,7 +6,14 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipeline import splits, transforms
+from kcp.core.beamio import DEAD_LETTER
+from kcp.core.config import load_config
+from kcp.core.sources import SourceRecord, plan_source
+from pipeline import splits
+from pipeline.analysis import ChannelStatsFn
+from pipeline.preprocess import planned_counts, split_assigner
+from pipeline.records import ANALYZE, AUGMENTED, process_record
+from pipeline.shards import MAX_SHARDS, shard_count, shard_name, shard_pattern
 
 
 def test_stable_split_is_deterministic_and_follows_the_fractions():
@@ -34,7 +41,7 @@ def test_stable_split_with_empty_splits():
 def test_channel_stats_match_numpy():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(50, 6, 5, 3), dtype=np.uint8)
-    fn = transforms.ChannelStatsFn()
+    fn = ChannelStatsFn()
     # two partial accumulators merged, as a runner would
     left, right = fn.create_accumulator(), fn.create_accumulator()
     for image in images[:20]:
@@ -50,29 +57,25 @@ def test_channel_stats_match_numpy():
 def test_channel_stats_inside_a_beam_pipeline():
     images = [np.full((2, 2, 1), value, np.uint8) for value in (0, 10, 20)]
     with BeamTestPipeline(argv=['--runner=FnApiRunner']) as pipeline:
-        stats = pipeline | beam.Create(images) | beam.CombineGlobally(transforms.ChannelStatsFn())
+        stats = pipeline | beam.Create(images) | beam.CombineGlobally(ChannelStatsFn())
         assert_that(stats, equal_to([{"mean": [10.0], "std": [pytest.approx(np.std([0, 10, 20]))]}]))
 
 
 @pytest.mark.parametrize("count, size, expected", [(0, 100, 1), (1797, 128, 1), (50_000, 3136, 3),
-                                                   (10**9, 10**6, transforms.MAX_SHARDS)])
+                                                   (10**9, 10**6, MAX_SHARDS)])
 def test_shard_count(count, size, expected):
-    assert transforms.shard_count(count, size) == expected
+    assert shard_count(count, size) == expected
 
 
 def test_shard_names_and_pattern():
-    assert transforms.shard_name("train", 3, 12, "none") == "train-00003-of-00012.tfrecord"
-    assert transforms.shard_name("test", 0, 1, "gzip") == "test-00000-of-00001.tfrecord.gz"
-    assert transforms.shard_pattern("validation", 4, "none") == "validation-*-of-00004.tfrecord"
+    assert shard_name("train", 3, 12, "none") == "train-00003-of-00012.tfrecord"
+    assert shard_name("test", 0, 1, "gzip") == "test-00000-of-00001.tfrecord.gz"
+    assert shard_pattern("validation", 4, "none") == "validation-*-of-00004.tfrecord"
 
 
 
 def test_process_record_decodes_splits_augments_and_encodes_in_one_step():
     import tensorflow as tf
-
-    from kcp.core.config import load_config
-    from pipeline.preprocess import planned_counts, split_assigner
-    from pipeline.sources import SourceRecord, plan_source
 
     data = load_config([], ["data.augment.copies=2"]).data
     plan, records = plan_source("digits", data)
@@ -81,19 +84,19 @@ def test_process_record_decodes_splits_augments_and_encodes_in_one_step():
     train = next(r for r in records if assign(r) == "train")
     test = next(r for r in records if assign(r) == "test")
 
-    out = list(transforms.process_record(train, plan, assign, labels, data.augment))
-    assert [tag for tag, _ in out] == [transforms.ANALYZE, transforms.AUGMENTED, "train", "train", "train"]
+    out = list(process_record(train, plan, assign, labels, data.augment))
+    assert [tag for tag, _ in out] == [ANALYZE, AUGMENTED, "train", "train", "train"]
     assert out[0][1].key == train.key and out[1][1] == 2
     examples = [tf.train.Example.FromString(value[1]) for _, value in out[2:]]
     assert [value[0] for _, value in out[2:]] == [train.key, f"{train.key}#aug1", f"{train.key}#aug2"]
     assert {e.features.feature["label"].int64_list.value[0] for e in examples} == {labels[train.label]}
 
-    out = list(transforms.process_record(test, plan, assign, labels, data.augment))
+    out = list(process_record(test, plan, assign, labels, data.augment))
     assert [tag for tag, _ in out] == ["test"]  # no statistics and no copies outside train
 
     broken = SourceRecord("broken", np.zeros((3, 3), np.uint8), train.label)  # not the plan's 8x8
-    tags = [tag for tag, _ in transforms.process_record(broken, plan, assign, labels, data.augment)]
-    assert tags == [transforms.DEAD_LETTER]
+    tags = [tag for tag, _ in process_record(broken, plan, assign, labels, data.augment)]
+    assert tags == [DEAD_LETTER]
 
     counts = planned_counts(records, assign, data.augment.copies)
     by_split = collections.Counter(assign(r) for r in records)

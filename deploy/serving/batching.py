@@ -1,0 +1,67 @@
+"""Server-side batching: concurrent calls of one signature run as one batch."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+
+import tensorflow as tf
+
+
+class Batcher:
+    """Collects concurrent calls of one signature into batches of at most `max_batch_size` rows."""
+
+    def __init__(self, function, max_batch_size: int, timeout_s: float):
+        self.function, self.max_batch_size, self.timeout_s = function, max_batch_size, timeout_s
+        self.requests: queue.Queue = queue.Queue()
+        self.batches_run = 0
+        self.in_flight = 0  # calls that entered __call__ and have no result yet
+        self.lock = threading.Lock()
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def __call__(self, inputs: dict) -> dict:
+        future: Future = Future()
+        with self.lock:
+            self.in_flight += 1
+        try:
+            self.requests.put((inputs, future))
+            return future.result()
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+    def _loop(self):
+        while True:
+            pending = [self.requests.get()]
+            rows = len(next(iter(pending[0][0].values())))
+            deadline = time.monotonic() + self.timeout_s
+            # wait for more rows only while other calls are on their way: a lone request runs at once
+            while rows < self.max_batch_size and self.in_flight > len(pending):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    item = self.requests.get(timeout=remaining)
+                except queue.Empty:
+                    break
+                pending.append(item)
+                rows += len(next(iter(item[0].values())))
+            sizes = [len(next(iter(inputs.values()))) for inputs, _ in pending]
+            try:
+                merged = {name: tf.concat([inputs[name] for inputs, _ in pending], axis=0) for name in pending[0][0]}
+                outputs = {name: value.numpy() for name, value in self.function(**merged).items()}
+                self.batches_run += 1
+            except Exception:  # noqa: BLE001  one bad batch must not stop the batcher
+                # fall back to one call each, so a bad request fails alone
+                for inputs, future in pending:
+                    try:
+                        future.set_result({n: v.numpy() for n, v in self.function(**inputs).items()})
+                    except Exception as single:  # noqa: BLE001
+                        future.set_exception(single)
+                continue
+            start = 0
+            for (inputs, future), size in zip(pending, sizes):
+                future.set_result({name: value[start:start + size] for name, value in outputs.items()})
+                start += size

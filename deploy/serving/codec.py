@@ -1,0 +1,142 @@
+"""TF Serving's REST JSON: {"b64": ...} values, row and columnar requests, response bodies."""
+
+from __future__ import annotations
+
+import base64
+from http import HTTPStatus
+
+import numpy as np
+import tensorflow as tf
+
+
+class RequestError(Exception):
+    """A bad request: answered with `status` and {"error": message}."""
+
+    def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST):
+        super().__init__(message)
+        self.status = status
+
+
+def _decode_value(value):
+    """JSON value -> Python value with {"b64": ...} turned into bytes (recursively)."""
+    if isinstance(value, dict):
+        if set(value) == {"b64"}:
+            try:
+                return base64.b64decode(value["b64"], validate=True)
+            except (ValueError, TypeError):
+                raise RequestError("invalid base64 in a {\"b64\": ...} value") from None
+        return {key: _decode_value(inner) for key, inner in value.items()}
+    if isinstance(value, list):
+        return [_decode_value(inner) for inner in value]
+    return value
+
+
+def _to_json(value):
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, np.ndarray):
+        return [_to_json(v) for v in value.tolist()] if value.dtype == object else value.tolist()
+    if isinstance(value, list):
+        return [_to_json(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def input_specs(function) -> dict:
+    """{input name: tf.TensorSpec} of a signature's concrete function."""
+    return dict(function.structured_input_signature[1])
+
+
+def to_tensor(name: str, values, spec):
+    """A request's values for one input as a tensor of the signature's dtype and shape."""
+    try:
+        if spec.dtype == tf.string:
+            array = np.array(values, dtype=object)
+            if array.size and not all(isinstance(v, (bytes, str)) for v in array.ravel()):
+                raise RequestError(f"input {name!r}: expected strings or {{\"b64\": ...}} values")
+            tensor = tf.constant(array.tolist() if array.ndim else [array.item()], dtype=tf.string)
+        else:
+            array = np.asarray(values)
+            if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+                raise RequestError(f"input {name!r}: expected numbers of dtype {spec.dtype.name}")
+            if spec.dtype.is_integer and np.issubdtype(array.dtype, np.floating) and not np.all(array == np.round(array)):
+                raise RequestError(f"input {name!r}: expected integers of dtype {spec.dtype.name}")
+            if spec.dtype == tf.uint8 and array.size and (array.min() < 0 or array.max() > 255):
+                raise RequestError(f"input {name!r}: uint8 values must lie in 0..255")
+            tensor = tf.constant(array.astype(spec.dtype.as_numpy_dtype))
+    except (ValueError, TypeError) as error:
+        raise RequestError(f"input {name!r}: {error}") from None
+    if not spec.shape.is_compatible_with(tensor.shape):
+        raise RequestError(f"input {name!r}: shape {tensor.shape.as_list()} does not match the signature's "
+                           f"{spec.shape.as_list()}")
+    return tensor
+
+
+def parse_predict_body(body: dict, specs: dict) -> tuple[dict, str]:
+    """TF Serving's row ("instances") or columnar ("inputs") format -> ({name: tensor}, format)."""
+    if ("instances" in body) == ("inputs" in body):
+        raise RequestError("the request must have exactly one of 'instances' (row format) or 'inputs' (columnar)")
+    names = list(specs)
+    if "instances" in body:
+        instances = _decode_value(body["instances"])
+        if not isinstance(instances, list) or not instances:
+            raise RequestError("'instances' must be a non-empty list")
+        if all(isinstance(i, dict) and not (set(i) == {"b64"}) for i in instances):
+            missing = [n for n in names if any(n not in i for i in instances)]
+            if missing:
+                raise RequestError(f"instances lack input {missing[0]!r}; the signature takes {', '.join(names)}")
+            columns = {n: [i[n] for i in instances] for n in names}
+        elif len(names) == 1:
+            columns = {names[0]: instances}
+        else:
+            raise RequestError(f"this signature takes several inputs ({', '.join(names)}): send objects per instance")
+        return {n: to_tensor(n, v, specs[n]) for n, v in columns.items()}, "row"
+    inputs = _decode_value(body["inputs"])
+    if isinstance(inputs, dict):
+        unknown = sorted(set(inputs) - set(names))
+        if unknown:
+            raise RequestError(f"unknown input {unknown[0]!r}; the signature takes {', '.join(names)}")
+        missing = [n for n in names if n not in inputs]
+        if missing:
+            raise RequestError(f"'inputs' lacks {missing[0]!r}")
+        return {n: to_tensor(n, inputs[n], specs[n]) for n in names}, "columnar"
+    if len(names) != 1:
+        raise RequestError(f"this signature takes several inputs ({', '.join(names)}): send an object")
+    return {names[0]: to_tensor(names[0], inputs, specs[names[0]])}, "columnar"
+
+
+def format_predictions(outputs: dict, form: str) -> dict:
+    if form == "columnar":
+        return {"outputs": {name: _to_json(value) for name, value in outputs.items()}}
+    rows = len(next(iter(outputs.values())))
+    return {"predictions": [{name: _to_json(value[i]) for name, value in outputs.items()} for i in range(rows)]}
+
+
+DTYPE_NAMES = {"float32": "DT_FLOAT", "float64": "DT_DOUBLE"}
+
+
+def tensor_info(spec) -> dict:
+    """A TensorSpec as TF Serving's metadata writes a TensorInfo (unknown sizes are -1)."""
+    return {"dtype": DTYPE_NAMES.get(spec.dtype.name, "DT_" + spec.dtype.name.upper()),
+            "tensor_shape": {"dim": [{"size": str(-1 if size is None else size), "name": ""}
+                                     for size in spec.shape.as_list()], "unknown_rank": False},
+            "name": spec.name or ""}
+
+
+def metadata(name: str, version: int, functions: dict) -> dict:
+    """TF Serving's GetModelMetadata answer for one version's {signature name: concrete function}."""
+    signatures = {}
+    for signature, function in functions.items():
+        signatures[signature] = {
+            "inputs": {n: tensor_info(s) for n, s in input_specs(function).items()},
+            "outputs": {n: tensor_info(s) for n, s in function.structured_outputs.items()},
+            "method_name": "tensorflow/serving/predict",
+        }
+    return {"model_spec": {"name": name, "signature_name": "", "version": str(version)},
+            "metadata": {"signature_def": {"signature_def": signatures}}}
+
+
+def status(name: str, versions: list[int]) -> dict:
+    return {"model_version_status": [{"version": str(v), "state": "AVAILABLE",
+                                      "status": {"error_code": "OK", "error_message": ""}} for v in versions]}

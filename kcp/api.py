@@ -1,0 +1,213 @@
+"""The Python API, for notebooks (Jupyter, Colab, Kaggle) and scripts; the `kcp` command is a
+thin layer over it.
+
+    import kcp
+    run = kcp.Run("runs/nb")                       # a run directory, local or gs://
+    contract = run.preprocess(source="digits")
+    result = run.train(model="cnn", overrides=["train.epochs=5"])
+    export_dir = run.export()
+    run.report()                                   # shows the figures inline in Jupyter
+
+Every function takes the run directory first and the same configuration inputs as the
+command line: a YAML file (`config_file`), `source`/`model` shortcuts and dotted
+`overrides` ("train.epochs=5"), layered over the run's recorded config.yaml. Stages that
+produce something record the config they ran with in RUN/config.yaml.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+
+import trainer.models  # noqa: F401  registers the model families, whose keys the config loader validates
+from deploy.export import export_for_serving
+from deploy.predict import run_batch_prediction
+from deploy.push import push_export
+from deploy.serving import make_server
+from deploy.validate import export_accuracy, validate_export
+from kcp.core import contract as contract_lib
+from kcp.core import storage
+from kcp.core.config import Config, record_config, resolve_config
+from kcp.core.contract import DataContract
+from kcp.core.errors import UserError
+from kcp.core.layout import RunLayout, new_run_dir, newest_run
+from kcp.core.sources import plan_source
+from kcp.report import build_report
+from pipeline.preprocess import run_preprocess
+from trainer.train import train as train_model
+from tuning.results import best_config
+from tuning.search import run_search
+
+# --- typed results ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrainResult:
+    metrics: dict  # RUN/train/metrics.json: per-split metrics, throughput, parameters
+    history: dict  # RUN/train/history.json: per-epoch values
+    model_path: str
+
+    @property
+    def test_accuracy(self) -> float:
+        return self.metrics.get("test", {}).get("accuracy", float("nan"))
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    summary: dict  # best trial, score, hyperparameters (best_hparams.json)
+    retrained: TrainResult | None = None
+    export_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class Report:
+    """RUN/report/: `path` is index.html; in Jupyter the figures show inline."""
+
+    path: str
+    figures: list = field(default_factory=list)
+
+    def _repr_html_(self) -> str:
+        images = [f'<img src="data:image/png;base64,{base64.b64encode(storage.read_bytes(path)).decode()}" '
+                  f'alt="{html.escape(os.path.basename(path))}" style="max-width:100%">' for path in self.figures]
+        return f"<p>{html.escape(self.path)}</p>" + "".join(images)
+
+
+# --- the stages -------------------------------------------------------------------------
+
+def preprocess(run_dir: str, source: str | None = None, *, config_file: str | None = None, overrides=(),
+               beam_args=(), progress=None) -> DataContract:
+    """Runs the Beam pipeline: RUN/data/ shards and metadata.json. Returns the data contract."""
+    config = resolve_config(run_dir, config_file, source=source, overrides=overrides)
+    record_config(run_dir, config)
+    return run_preprocess(config, run_dir, list(beam_args), report=progress)
+
+
+def train(run_dir: str, model: str | None = None, *, config_file: str | None = None, overrides=()) -> TrainResult:
+    """Trains on RUN/data and writes RUN/train/."""
+    config = resolve_config(run_dir, config_file, model=model, overrides=overrides)
+    record_config(run_dir, config)
+    return _train_result(run_dir, train_model(config, run_dir))
+
+
+def _train_result(run_dir: str, metrics: dict) -> TrainResult:
+    layout = RunLayout(run_dir)
+    history = json.loads(storage.read_text(layout.history)) if storage.exists(layout.history) else {}
+    return TrainResult(metrics=metrics, history=history, model_path=layout.model)
+
+
+def tune(run_dir: str, model: str | None = None, *, config_file: str | None = None, overrides=()) -> TuneResult:
+    """Keras Tuner search (RUN/tuning/); with `tune.retrain_best`, retrains the best config on
+    train + validation and exports it. Workers of a distributed search return their role only."""
+    config = resolve_config(run_dir, config_file, model=model, overrides=overrides)
+    record_config(run_dir, config)
+    summary = run_search(config, run_dir)
+    role = os.environ.get("KERASTUNER_TUNER_ID", "")
+    if not config.tune.retrain_best or "chief" in role or "worker" in role:
+        return TuneResult(summary)
+    final = best_config(config, run_dir)
+    retrained = _train_result(run_dir, train_model(final, run_dir))
+    return TuneResult(summary, retrained, export_for_serving(final, run_dir))
+
+
+def export(run_dir: str, *, config_file: str | None = None, overrides=()) -> str:
+    """Exports RUN/train/model.keras as RUN/export/NAME/VERSION; returns that directory."""
+    config = resolve_config(run_dir, config_file, overrides=overrides)
+    record_config(run_dir, config)
+    return export_for_serving(config, run_dir)
+
+
+def validate(run_dir: str, version: int | None = None, *, overrides=()) -> dict:
+    """Runs the test split through the export from raw inputs; writes validation.json (blessed or not)."""
+    return validate_export(resolve_config(run_dir, overrides=overrides), run_dir, version)
+
+
+def push(run_dir: str, destination: str, version: int | None = None, *, force: bool = False,
+         overrides=()) -> list[str]:
+    """Copies a blessed export version to `gs://BUCKET/PATH/VERSION/`; returns the URIs written."""
+    config = resolve_config(run_dir, overrides=overrides)
+    return push_export(RunLayout(run_dir).version_dir(config.export.name, version), destination, force=force)
+
+
+def predict(run_dir: str, input: str, output: str, version: int | None = None, *, beam_args=(),  # noqa: A002
+            overrides=()) -> str:
+    """Beam batch prediction of a source (as for preprocess) through the export; returns `output`."""
+    config = resolve_config(run_dir, overrides=overrides)
+    contract = contract_lib.read_contract(run_dir)
+    plan, records = plan_source(input, config.data)
+    if plan.modality != contract.modality:
+        raise UserError(f"--input: {input} holds {plan.modality}, the model takes {contract.modality}")
+    directory = RunLayout(run_dir).version_dir(config.export.name, version)
+    run_batch_prediction(directory, contract.class_names, plan, records, output, list(beam_args))
+    return output
+
+
+def report(run_dir: str) -> Report:
+    """Writes RUN/report/index.html and its figures."""
+    path = build_report(run_dir)
+    return Report(path, storage.glob(storage.join(RunLayout(run_dir).report, "*.png")))
+
+
+def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8501, **options):
+    """A ready TF-Serving-compatible server (call `serve_forever`, or use `Run.serve` for a background one)."""
+    return make_server(run_dir, host, port, **options)
+
+
+def reloaded_accuracy(export_dir: str, run_dir: str, split: str = "test") -> float:
+    """The export's accuracy on a split, fed the raw inputs a client would send."""
+    return export_accuracy(export_dir, run_dir, split)
+
+
+# --- one small object for notebooks -----------------------------------------------------
+
+@dataclass
+class Run:
+    """One run directory and the stages on it; each method is the function of the same name."""
+
+    run_dir: str = field(default_factory=new_run_dir)
+
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.run_dir)
+
+    @property
+    def config(self) -> Config:
+        return resolve_config(self.run_dir)
+
+    @property
+    def contract(self) -> DataContract:
+        return contract_lib.read_contract(self.run_dir)
+
+    def preprocess(self, source: str | None = None, **options) -> DataContract:
+        return preprocess(self.run_dir, source, **options)
+
+    def train(self, model: str | None = None, **options) -> TrainResult:
+        return train(self.run_dir, model, **options)
+
+    def tune(self, model: str | None = None, **options) -> TuneResult:
+        return tune(self.run_dir, model, **options)
+
+    def export(self, **options) -> str:
+        return export(self.run_dir, **options)
+
+    def validate(self, version: int | None = None, **options) -> dict:
+        return validate(self.run_dir, version, **options)
+
+    def predict(self, input: str, output: str, **options) -> str:  # noqa: A002
+        return predict(self.run_dir, input, output, **options)
+
+    def report(self) -> Report:
+        return report(self.run_dir)
+
+    def serve(self, port: int = 0, **options):
+        """Starts the server in a background thread; returns it (`server.url`, `server.shutdown()`)."""
+        server = serve(self.run_dir, "127.0.0.1", port, **options)
+        server.url = f"http://127.0.0.1:{server.server_address[1]}"
+        threading.Thread(target=server.serve_forever, name="kcp-serve", daemon=True).start()
+        return server
+
+
+__all__ = ["Run", "TrainResult", "TuneResult", "Report", "preprocess", "train", "tune", "export", "validate",
+           "push", "predict", "report", "serve", "resolve_config", "new_run_dir", "newest_run"]

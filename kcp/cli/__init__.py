@@ -1,0 +1,82 @@
+"""The `kcp` command line: one subcommand per stage, and `run` for all of them in order.
+
+    kcp run                                   # the embedded digits, end to end
+    kcp train --run-dir runs/r1 --set train.epochs=5
+
+A thin layer over the Python API (kcp/api.py): parser.py is the table of commands and
+flags, commands.py the handlers. A user error (bad key, missing file, unknown source)
+prints one line and exits 2; `--verbose` adds the traceback. Beam options go after `--`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+
+import trainer.models  # noqa: F401  registers the model families, whose keys the config loader validates
+from kcp.cli.parser import COMMANDS, build_parser
+from kcp.core.config import resolve_config
+from kcp.core.errors import UserError
+from kcp.core.layout import new_run_dir, newest_run
+
+log = logging.getLogger("kcp")
+
+
+def _configure_logging(verbose: bool) -> None:
+    # TensorFlow's C++ INFO lines (oneDNN, CPU features) are not warnings; keep its warnings.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "1")
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def resolve_run_dir(args) -> str | None:
+    """--run-dir; else a new timestamped run (preprocess, run) or the newest run with data."""
+    if args.run_dir:
+        return args.run_dir.rstrip("/") or args.run_dir
+    if args.command == "describe-model":
+        return None
+    if args.command in ("preprocess", "run"):
+        return new_run_dir()
+    newest = newest_run()
+    if newest is None:
+        raise UserError("--run-dir: not given and no run under runs/ has data; run `kcp preprocess` first")
+    log.info("using the newest run, %s", newest)
+    return newest
+
+
+def main(argv: list[str] | None = None, *, lenient: bool = False) -> int:
+    """Entry of `kcp` (strict flags) and of the `python -m STAGE.task` launchers (`lenient`:
+    unknown flags are warned about and ignored)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    beam_args: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, beam_args = argv[:cut], argv[cut + 1:]
+    parser = build_parser()
+    if lenient:
+        args, unknown = parser.parse_known_args(argv)
+    else:
+        args, unknown = parser.parse_args(argv), []
+    _configure_logging(args.verbose)
+    if unknown:
+        log.warning("ignoring flags this stage does not know: %s", " ".join(unknown))
+    if beam_args and not COMMANDS[args.command].runs_beam:
+        log.warning("ignoring Beam options after --: %s runs no Beam pipeline", args.command)
+    try:
+        run_dir = resolve_run_dir(args)
+        config = resolve_config(run_dir, args.config, getattr(args, "source", None), getattr(args, "model", None),
+                                args.overrides)
+        # Imported only now: the handlers bring TensorFlow, Keras and Beam (about 8 s on 2 cores,
+        # measured), which `kcp --help` and a bad flag or config key must not wait for.
+        from kcp.cli.commands import HANDLERS
+
+        return HANDLERS[args.command](args, run_dir, config, beam_args)
+    except UserError as error:
+        if args.verbose:
+            traceback.print_exc()
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"kcp {args.command}: error: {message}", file=sys.stderr)
+        return 2

@@ -1,0 +1,185 @@
+"""The `kcp` command handlers: each calls the Python API (kcp/api.py) and prints what it did.
+
+A handler takes the parsed flags, the run directory, the config the flags resolve to and
+the Beam options after `--`, and returns the exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+
+from kcp import api
+from kcp.core.contract import read_contract
+from kcp.core.errors import UserError
+from kcp.core.layout import SPLITS, RunLayout
+from trainer.models import ModelInputs, build_model
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def config_inputs(args) -> dict:
+    """The configuration flags as the API's keyword arguments."""
+    return {"config_file": args.config, "overrides": args.overrides}
+
+
+def preprocess(args, run_dir: str, config, beam_args: list[str]) -> int:
+    _preprocess(args, run_dir, config, beam_args)
+    return 0
+
+
+def _preprocess(args, run_dir: str, config, beam_args: list[str]):
+    say(f"[preprocess] {config.data.source} -> {run_dir}/data")
+    contract = api.preprocess(run_dir, args.source, beam_args=beam_args, **config_inputs(args),
+                              progress=lambda line: say(f"[preprocess] {line}"))
+    if contract.bad_examples:
+        say(f"[preprocess] {contract.bad_examples} bad inputs: reasons in {run_dir}/data/dead_letter/")
+    return contract
+
+
+def train(args, run_dir: str, config, beam_args: list[str]) -> int:
+    _train(args, run_dir, config)
+    return 0
+
+
+def _train(args, run_dir: str, config) -> dict:
+    say(f"[train] {config.model.name}, {config.train.epochs} epochs, batch {config.train.batch_size}, "
+        f"{config.train.optimizer} lr {config.train.learning_rate:g}")
+    metrics = api.train(run_dir, args.model, **config_inputs(args)).metrics
+    say(f"[train] test accuracy {metrics.get('test', {}).get('accuracy', float('nan')):.4f}, "
+        f"{metrics['examples_per_second']:.0f} examples/s, {metrics['wall_seconds']:.1f} s -> {run_dir}/train")
+    return metrics
+
+
+def export(args, run_dir: str, config, beam_args: list[str]) -> int:
+    _export(args, run_dir)
+    return 0
+
+
+def _export(args, run_dir: str) -> str:
+    export_dir = api.export(run_dir, **config_inputs(args))
+    say(f"[export] SavedModel -> {export_dir}")
+    return export_dir
+
+
+def run(args, run_dir: str, config, beam_args: list[str]) -> int:
+    """preprocess, train, export; then the reloaded export's accuracy, and the report."""
+    started = time.perf_counter()
+    contract = _preprocess(args, run_dir, config, beam_args)
+    metrics = _train(args, run_dir, config)
+    export_dir = _export(args, run_dir)
+    trainer_accuracy = metrics["test"]["accuracy"]
+    reloaded = api.reloaded_accuracy(export_dir, run_dir, "test")
+    say("")
+    say(f"kcp run: done in {time.perf_counter() - started:.0f} s — {run_dir}")
+    say(f"  data      {contract.source}: " + ", ".join(f"{s} {i.count}" for s, i in contract.splits.items())
+        + f" examples; {contract.bad_examples} bad")
+    say(f"  model     {metrics['model']}, {metrics['params']:,} parameters, {metrics['epochs']} epochs, "
+        f"{metrics['examples_per_second']:.0f} examples/s")
+    say("  accuracy  " + " · ".join(f"{split} {metrics[split]['accuracy']:.4f}" for split in SPLITS if split in metrics))
+    say(f"  export    {export_dir}")
+    say(f"  reloaded  export test accuracy {reloaded:.4f} (trainer {trainer_accuracy:.4f}, "
+        f"difference {abs(reloaded - trainer_accuracy):.4f})")
+    return report(args, run_dir, config, [])
+
+
+def tune(args, run_dir: str, config, beam_args: list[str]) -> int:
+    if args.role:
+        if not args.oracle or ":" not in args.oracle:
+            raise UserError("--oracle: a distributed search needs the chief's HOST:PORT")
+        host, port = args.oracle.rsplit(":", 1)
+        tuner_id = "chief" if args.role == "chief" else (args.tuner_id or f"worker-{socket.gethostname()}-{os.getpid()}")
+        if args.role == "worker" and "chief" in tuner_id:
+            raise UserError(f"--tuner-id: {tuner_id!r} contains 'chief', which Keras Tuner reserves for the chief")
+        os.environ.update(KERASTUNER_TUNER_ID=tuner_id, KERASTUNER_ORACLE_IP=host, KERASTUNER_ORACLE_PORT=port)
+    role = os.environ.get("KERASTUNER_TUNER_ID", "")
+    say(f"[tune] {config.tune.algorithm} over {config.model.name}"
+        + (f" as {role} of {os.environ.get('KERASTUNER_ORACLE_IP')}:{os.environ.get('KERASTUNER_ORACLE_PORT')}"
+           if role else f", {config.tune.max_trials} trials"))
+    result = api.tune(run_dir, args.model, **config_inputs(args))
+    summary = result.summary
+    if summary.get("best_trial") is not None:
+        say(f"[tune] best trial {summary['best_trial']}: {summary['objective']} {summary['best_score']:.4f} "
+            f"{json.dumps(summary['hyperparameters'])} -> {run_dir}/tuning/best_config.yaml")
+    if result.export_dir:
+        say(f"[tune] retrained the best config on train + validation, exported to {result.export_dir}")
+    return 0
+
+
+def validate(args, run_dir: str, config, beam_args: list[str]) -> int:
+    result = api.validate(run_dir, args.version, overrides=args.overrides)
+    verdict = "blessed" if result["blessed"] else "NOT blessed: " + "; ".join(result["reasons"])
+    say(f"[validate] version {result['version']}: export test accuracy {result['export_accuracy']:.4f}, trainer "
+        f"{result['trainer_accuracy']:.4f} (difference {result['difference']:+.4f}) -> {verdict}")
+    return 0 if result["blessed"] else 1
+
+
+def push(args, run_dir: str, config, beam_args: list[str]) -> int:
+    written = api.push(run_dir, args.to, args.version, force=args.force, overrides=args.overrides)
+    version = RunLayout(run_dir).version_dir(config.export.name, args.version).rstrip("/").rsplit("/", 1)[-1]
+    say(f"[push] {len(written)} files -> {args.to.rstrip('/')}/{version}/")
+    return 0
+
+
+def serve(args, run_dir: str, config, beam_args: list[str]) -> int:
+    server = api.serve(run_dir, args.host, args.port, max_batch_size=args.max_batch_size,
+                       batch_timeout_ms=args.batch_timeout_ms, batching=not args.no_batching,
+                       max_request_bytes=int(args.max_request_mb * 2**20))
+    models = {name: sorted(versions) for name, versions in server.registry.models.items()}
+    say(f"[serve] http://{args.host}:{server.server_address[1]}/v1/models/<name> serving {models or 'nothing yet'}")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def predict(args, run_dir: str, config, beam_args: list[str]) -> int:
+    say(f"[predict] {args.input} through {RunLayout(run_dir).version_dir(config.export.name, args.version)}")
+    api.predict(run_dir, args.input, args.output, args.version, beam_args=beam_args, overrides=args.overrides)
+    say(f"[predict] -> {args.output}")
+    return 0
+
+
+def report(args, run_dir: str, config, beam_args: list[str]) -> int:
+    say(f"[report] {api.report(run_dir).path}")
+    return 0
+
+
+def model_inputs_from_flags(args) -> ModelInputs:
+    """The ModelInputs of `describe-model`: from --run-dir's contract, or from the flags."""
+    if args.run_dir:
+        return ModelInputs.from_contract(read_contract(args.run_dir))
+    if not args.input_shape or not args.num_classes:
+        raise UserError("describe-model: give --input-shape and --num-classes, or --run-dir with a contract")
+    try:
+        shape = tuple(int(part) for part in args.input_shape.split(","))
+    except ValueError:
+        raise UserError(f"--input-shape: {args.input_shape!r} is not a comma-separated list of integers") from None
+    modality = args.modality or {3: "image", 2: "sequence", 1: "text"}.get(len(shape))
+    if modality is None:
+        raise UserError(f"--input-shape: {args.input_shape!r} has {len(shape)} dimensions; expected 1, 2 or 3")
+    return ModelInputs(modality=modality, shape=shape, num_classes=args.num_classes, vocab_size=args.vocab_size,
+                       input_name=modality)
+
+
+def describe_model(args, run_dir: str | None, config, beam_args: list[str]) -> int:
+    """The model section with every default applied, then the Keras summary; writes nothing."""
+    say("model:")
+    for key, value in config.to_dict()["model"].items():
+        say(f"  {key}: {json.dumps(value)}")
+    model = build_model(model_inputs_from_flags(args), config.model)
+    model.summary(print_fn=lambda line, **_: say(line))
+    say(f"Total params: {model.count_params()}")
+    return 0
+
+
+HANDLERS = {"preprocess": preprocess, "train": train, "export": export, "run": run, "tune": tune,
+            "validate": validate, "push": push, "serve": serve, "predict": predict, "report": report,
+            "describe-model": describe_model}

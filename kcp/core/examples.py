@@ -1,0 +1,115 @@
+"""The contract's `tf.train.Example` encoding: writing examples (the pipeline), parsing them
+and reading a split as a `tf.data.Dataset` (trainer, exporter, validation, report), and the
+in-graph tokenizer of text runs. Imports TensorFlow; the contract itself (metadata.json) is
+kcp/core/contract.py, which does not.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from kcp.core.contract import (KEY_FEATURE, LABEL_FEATURE, ContractError, DataContract, FeatureSpec,
+                               read_vocabulary)
+
+
+def encode_example(contract_input: FeatureSpec, input_feature: str, key: str, inputs, label: int) -> bytes:
+    """Serializes one example. `inputs` is a NumPy array of the spec's dtype and shape, or a str."""
+    if contract_input.encoding == "utf8":
+        if not isinstance(inputs, str):
+            raise ValueError(f"{key}: text input is {type(inputs).__name__}, not a string")
+        value = tf.train.Feature(bytes_list=tf.train.BytesList(value=[inputs.encode("utf-8")]))
+        return _serialize(key, label, input_feature, value)
+    array = np.asarray(inputs)
+    if tuple(array.shape) != tuple(contract_input.shape):
+        raise ValueError(f"{key}: shape {tuple(array.shape)} does not match the contract's {tuple(contract_input.shape)}")
+    if contract_input.encoding == "raw_bytes":
+        value = tf.train.Feature(bytes_list=tf.train.BytesList(value=[array.astype(contract_input.dtype).tobytes()]))
+    elif contract_input.encoding == "float_list":
+        value = tf.train.Feature(float_list=tf.train.FloatList(value=array.astype(np.float32).ravel()))
+    else:
+        raise ValueError(f"unknown encoding {contract_input.encoding!r}")
+    return _serialize(key, label, input_feature, value)
+
+
+def _serialize(key: str, label: int, input_feature: str, value) -> bytes:
+    features = {
+        KEY_FEATURE: tf.train.Feature(bytes_list=tf.train.BytesList(value=[key.encode("utf-8")])),
+        LABEL_FEATURE: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
+        input_feature: value,
+    }
+    # deterministic: the feature map's order would otherwise differ between processes.
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString(deterministic=True)
+
+
+def parsing_spec(contract: DataContract) -> dict:
+    """The `tf.io.parse_example` spec of the contract's examples."""
+    spec = {
+        KEY_FEATURE: tf.io.FixedLenFeature([], tf.string),
+        LABEL_FEATURE: tf.io.FixedLenFeature([], tf.int64),
+    }
+    encoding = contract.input_spec.encoding
+    if encoding in ("raw_bytes", "utf8"):
+        spec[contract.input_feature] = tf.io.FixedLenFeature([], tf.string)
+    elif encoding == "float_list":
+        spec[contract.input_feature] = tf.io.FixedLenFeature([math.prod(contract.input_shape)], tf.float32)
+    return spec
+
+
+def parse_examples(contract: DataContract, serialized):
+    """Parses a batch of serialized Examples -> (inputs in the spec's dtype and shape, labels, keys)."""
+    parsed = tf.io.parse_example(serialized, parsing_spec(contract))
+    raw = parsed[contract.input_feature]
+    shape = [-1, *contract.input_shape]
+    if contract.input_spec.encoding == "utf8":
+        inputs = raw
+    elif contract.input_spec.encoding == "raw_bytes":
+        inputs = tf.reshape(tf.io.decode_raw(raw, tf.dtypes.as_dtype(contract.input_spec.dtype)), shape)
+    else:
+        inputs = tf.reshape(raw, shape)
+    return inputs, parsed[LABEL_FEATURE], parsed[KEY_FEATURE]
+
+
+def read_split(contract: DataContract, data_dir: str, split, batch_size: int, *, shuffle_buffer: int = 0,
+               seed=None, deterministic: bool = True, cache: bool = False, drop_remainder: bool = False):
+    """A `tf.data.Dataset` of batches `(inputs, labels, keys)` from one split's shards.
+
+    Inputs keep the contract's dtype (uint8 images stay uint8). Files are read in parallel
+    (interleave) and batches parsed in parallel; with `shuffle_buffer` the file order and
+    the records are shuffled with `seed`. `cache` keeps the serialized records in memory
+    after the first pass, so later epochs skip the file reads.
+    """
+    names = [split] if isinstance(split, str) else list(split)  # several splits read as one
+    files = [path for name in names for path in contract.split_files(data_dir, name)]
+    if not files:
+        raise ContractError(f"{data_dir}: no TFRecord files match split {split!r}")
+    compression = "GZIP" if contract.compression == "gzip" else ""
+    autotune = tf.data.AUTOTUNE
+    dataset = tf.data.Dataset.from_tensor_slices(files)
+    if shuffle_buffer:
+        dataset = dataset.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    dataset = dataset.interleave(
+        lambda path: tf.data.TFRecordDataset(path, compression_type=compression),
+        cycle_length=min(len(files), 16), num_parallel_calls=autotune, deterministic=deterministic)
+    if cache:
+        dataset = dataset.cache()
+    if shuffle_buffer:
+        dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+    # The contract knows the count: a known cardinality gives Keras its steps per epoch.
+    count = sum(contract.splits[name].count for name in names)
+    batches = count // batch_size if drop_remainder else -(-count // batch_size)
+    dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches))
+    return dataset.map(lambda serialized: parse_examples(contract, serialized),
+                       num_parallel_calls=autotune, deterministic=deterministic)
+
+
+def text_vectorizer(contract: DataContract, run_dir: str):
+    """A Keras TextVectorization layer: raw strings -> int ids of length `max_length`."""
+    return keras.layers.TextVectorization(
+        standardize="lower_and_strip_punctuation", split="whitespace", output_mode="int",
+        output_sequence_length=int(contract.statistics["max_length"]), vocabulary=read_vocabulary(run_dir),
+        name="tokenize")

@@ -1,0 +1,143 @@
+"""kcp.core.storage: the local backend, backend choice, and a gs:// round trip through Beam's
+FileSystems against the GCS emulator."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kcp.core import storage
+
+
+def test_atomic_write_replaces_the_file_and_leaves_no_temporary(tmp_path):
+    path = str(tmp_path / "sub" / "a.json")
+    storage.write_text_atomic(path, "old")
+    storage.write_text_atomic(path, "new")
+    assert storage.read_text(path) == "new"
+    assert os.listdir(tmp_path / "sub") == ["a.json"]
+
+
+def test_failed_atomic_write_keeps_the_old_file_and_removes_the_temporary(tmp_path, monkeypatch):
+    path = str(tmp_path / "a.json")
+    storage.write_text_atomic(path, "old")
+    renames = []
+
+    def failing_replace(source, target):
+        renames.append((source, target))
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk gone"):
+        storage.write_bytes_atomic(path, b"new")
+    monkeypatch.undo()
+    assert len(renames) == 1 and renames[0][0].startswith(path + ".tmp-") and renames[0][1] == path
+    assert os.listdir(tmp_path) == ["a.json"]
+    assert storage.read_text(path) == "old"
+
+
+def test_local_listing_globbing_and_removal(tmp_path):
+    base = str(tmp_path)
+    for name in ("c.txt", "a.txt", "b.log"):
+        storage.write_text_atomic(storage.join(base, name), name)
+    storage.makedirs(storage.join(base, "d", "e"))
+    assert storage.list_dir(base) == ["a.txt", "b.log", "c.txt", "d"]
+    assert storage.list_dir(storage.join(base, "missing")) == []
+    assert storage.glob(storage.join(base, "*.txt")) == [storage.join(base, "a.txt"), storage.join(base, "c.txt")]
+    assert storage.exists(storage.join(base, "d", "e")) and not storage.exists(storage.join(base, "nope"))
+
+    storage.remove(storage.join(base, "missing.txt"))  # absent: a no-op
+    storage.remove_tree(storage.join(base, "missing"))  # absent: a no-op
+    storage.remove(storage.join(base, "b.log"))
+    storage.remove_tree(storage.join(base, "d"))
+    storage.rename(storage.join(base, "c.txt"), storage.join(base, "z.txt"))
+    assert storage.list_dir(base) == ["a.txt", "z.txt"]
+    assert storage.read_text(storage.join(base, "z.txt")) == "c.txt"
+
+
+def test_backend_for_picks_one_backend_per_scheme(tmp_path, monkeypatch):
+    local = storage.backend_for(str(tmp_path / "a.yaml"))
+    assert type(local) is storage.LocalBackend
+    assert storage.backend_for(tmp_path / "b.yaml") is local  # a pathlib.Path is local too
+    beam = storage.backend_for("gs://bucket/a.json")
+    assert type(beam) is storage.BeamBackend and storage.backend_for("gs://other/b") is beam
+
+    # A scheme Beam has no filesystem for falls back to tf.io.gfile (TensorFlow is not imported here).
+    monkeypatch.setattr(storage, "_BACKENDS", {})
+    monkeypatch.setattr(storage.GfileBackend, "__init__", lambda self: None)
+    assert type(storage.backend_for("kcp-no-such-scheme://x/y")) is storage.GfileBackend
+
+
+def test_gfile_backend_renames_without_overwrite_and_writes_with_it():
+    calls = []
+
+    class FakeGfile:
+        class GFile:
+            def __init__(self, path, mode):
+                calls.append(("open", path, mode))
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+            def write(self, content):
+                calls.append(("write", content))
+
+        @staticmethod
+        def rename(source, target, overwrite):
+            calls.append(("rename", source, target, overwrite))
+
+    backend = storage.GfileBackend.__new__(storage.GfileBackend)
+    backend.gfile = FakeGfile
+    backend.rename("x://a", "x://b")
+    assert calls == [("rename", "x://a", "x://b", False)]
+    calls.clear()
+    backend.write_bytes_atomic("x://c", b"data")
+    temporary = calls[0][1]
+    assert temporary.startswith("x://c.tmp-")
+    assert calls == [("open", temporary, "wb"), ("write", b"data"), ("rename", temporary, "x://c", True)]
+
+
+def test_reading_a_local_file_imports_neither_tensorflow_nor_beam(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("a: 1\n")
+    code = ("import sys; from kcp.core import storage; "
+            f"assert storage.read_text({str(path)!r}) == 'a: 1\\n'; storage.list_dir({str(tmp_path)!r}); "
+            "print(sorted(m for m in ('tensorflow', 'apache_beam') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert result.stdout.strip() == "[]"
+
+
+def test_gcs_round_trip_through_beam(gcs):
+    base = "gs://kcp-test/storage-test"
+    assert type(storage.backend_for(base)) is storage.BeamBackend
+    storage.makedirs(base)  # object stores need no folders: nothing is written
+    assert not storage.exists(base) and storage.list_dir(base) == []
+
+    storage.write_text_atomic(f"{base}/a.json", "first")
+    storage.write_text_atomic(f"{base}/a.json", "second")  # overwrites an existing object
+    storage.write_bytes_atomic(f"{base}/sub/b.txt", b"bee")
+    storage.write_text_atomic(f"{base}/sub/deeper/c.txt", "sea")
+    assert storage.read_text(f"{base}/a.json") == "second"
+    assert sorted(blob.name for blob in gcs.list_blobs("kcp-test", prefix="storage-test/")) == [
+        "storage-test/a.json", "storage-test/sub/b.txt", "storage-test/sub/deeper/c.txt"]  # no temporaries
+
+    assert storage.exists(f"{base}/a.json")  # a file
+    assert storage.exists(base) and storage.exists(f"{base}/sub") and storage.exists(f"{base}/sub/")  # "folders"
+    assert not storage.exists(f"{base}/su") and not storage.exists(f"{base}/missing.json")
+    assert storage.list_dir(base) == ["a.json", "sub"]
+    assert storage.list_dir(f"{base}/sub/") == ["b.txt", "deeper"]
+    assert storage.list_dir(f"{base}/missing") == []
+    assert storage.glob(f"{base}/*") == [f"{base}/a.json"]  # `*` stops at "/"
+    assert storage.glob(f"{base}/**.txt") == [f"{base}/sub/b.txt", f"{base}/sub/deeper/c.txt"]
+
+    storage.rename(f"{base}/a.json", f"{base}/sub/a.json")
+    assert not storage.exists(f"{base}/a.json") and storage.read_text(f"{base}/sub/a.json") == "second"
+    storage.remove(f"{base}/missing.json")  # absent: a no-op
+    storage.remove_tree(f"{base}/missing")  # absent: a no-op
+    storage.remove_tree(f"{base}/sub")
+    assert not storage.exists(f"{base}/sub") and storage.list_dir(base) == []
+    assert list(gcs.list_blobs("kcp-test", prefix="storage-test/")) == []

@@ -1,0 +1,114 @@
+"""The hypermodel over the trainer's entry, and the tuner that runs its trials.
+
+A trial's hyperparameters become a config (tuning.space); the trainer's `Trainer` builds,
+compiles and fits that config exactly as `kcp train` does. No model, optimizer or input
+code lives here. Each trial's seconds and resident memory go to a file of their own.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+
+import keras
+import keras_tuner as kt
+
+from kcp.core import storage
+from kcp.core.config import Config
+from trainer.train import Trainer
+from tuning import compat
+from tuning.space import hyperparameter, trial_config
+
+TRIAL_STATS = "trial_stats"  # one JSON file per trial: workers sharing the run directory never race on one file
+TUNERS = {"random": kt.RandomSearch, "grid": kt.GridSearch, "bayesian": kt.BayesianOptimization,
+          "hyperband": kt.Hyperband}
+
+
+class TrainerHyperModel(kt.HyperModel):
+    """`build(hp)`: the trial's config, built and compiled by the trainer; `fit(hp, model, ...)`:
+    the trainer's fit on the contract's splits, with Keras Tuner's callbacks and its fit
+    arguments (Hyperband's epochs and initial_epoch) and the tuning early stopping."""
+
+    def __init__(self, config: Config, run_dir: str, space: dict):
+        super().__init__()
+        self.config, self.run_dir, self.space = config, run_dir, space
+        self._trainer = None  # the current trial's: its build and fit share one
+
+    def trainer(self, hp) -> Trainer:
+        values = {key: hyperparameter(hp, key, spec) for key, spec in self.space.items()}
+        # a trial is scored on the validation split, so it never fits on it
+        trial = trial_config(self.config, {**values, "train.include_validation": False}, self.space)
+        if self._trainer is None or self._trainer.config != trial:
+            self._trainer = Trainer(trial, self.run_dir)
+        return self._trainer
+
+    def build(self, hp):
+        return self.trainer(hp).build()
+
+    def fit(self, hp, model, *args, **kwargs):
+        if args:
+            raise TypeError("TrainerHyperModel.fit: the data comes from the run's contract, not from search()")
+        callbacks = list(kwargs.pop("callbacks", []))
+        tune = self.config.tune
+        if tune.early_stopping_patience:
+            callbacks.append(keras.callbacks.EarlyStopping(monitor=tune.objective, mode=tune.direction,
+                                                           patience=tune.early_stopping_patience,
+                                                           restore_best_weights=True))
+        return self.trainer(hp).fit(model, callbacks, **kwargs)
+
+
+def write_trial_stats(directory: str, trial_id: str, measured: dict) -> None:
+    storage.write_text_atomic(storage.join(directory, TRIAL_STATS, f"{trial_id}.json"), json.dumps(measured))
+
+
+def read_trial_stats(directory: str) -> dict:
+    """{trial_id: {"seconds": …, "rss_mb": …}} for every trial whose figures were written."""
+    paths = storage.glob(storage.join(directory, TRIAL_STATS, "*.json"))
+    return {path.rsplit("/", 1)[-1][:-len(".json")]: json.loads(storage.read_text(path)) for path in paths}
+
+
+def resident_mb() -> float:
+    """This process's resident memory in MiB (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return 0.0
+
+
+def make_tuner(config: Config, hypermodel, directory: str):
+    """The `tune.algorithm` tuner over `hypermodel`, its project in DIRECTORY/search (resumed if there)."""
+    compat.patch_keras_tuner_atomic_json()
+    tune = config.tune
+    common = dict(objective=kt.Objective(tune.objective, direction=tune.direction),
+                  executions_per_trial=tune.executions_per_trial, directory=directory, project_name="search",
+                  overwrite=False, seed=config.train.seed)
+
+    class TimedTuner(TUNERS[tune.algorithm]):
+        """Times each trial, records the process's RSS after it, and releases the Keras session
+        between trials, so trials in one process do not grow its memory.
+
+        A trial's figures go to their own file before Keras Tuner records the trial as ended,
+        so a chief that sees the last trial end already sees every worker's figures. A
+        process killed between the two re-runs that trial on resume and rewrites its figures."""
+
+        def run_trial(self, trial, *args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return super().run_trial(trial, *args, **kwargs)
+            finally:
+                measured = {"seconds": time.perf_counter() - started, "rss_mb": resident_mb()}
+                write_trial_stats(directory, trial.trial_id, measured)
+
+        def on_trial_end(self, trial):
+            super().on_trial_end(trial)
+            keras.backend.clear_session()
+            gc.collect()
+
+    if tune.algorithm == "hyperband":
+        return TimedTuner(hypermodel, max_epochs=config.train.epochs, factor=3, **common)
+    return TimedTuner(hypermodel, max_trials=tune.max_trials, **common)
