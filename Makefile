@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-faults bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: $(VENV)/.installed-core
 test: $(VENV)/.installed-test
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
+
+# every fault-injection case (docs/operations.md, "What we guarantee"), local and gs://; `make test` runs a fixed sample
+test-faults: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -m "faults or not faults" tests/kcp/test_faults.py
 
 clean:
 	rm -rf runs test-artifacts .pytest_cache

@@ -6,16 +6,25 @@ The serving signatures take the raw inputs a client has (encoded image files, st
 float arrays) and return `class_ids`, `class_names` and `probabilities`; decoding,
 tokenisation and the normalisation with the pipeline's statistics are inside the graph, so
 serving cannot skew from training. assets.extra/ holds labels.txt and TF Serving warmup
-requests built from real test examples (tensorflow-serving-api's PredictionLog protos).
+requests built from real test examples (tensorflow-serving-api's PredictionLog protos):
+`export.warmup_requests` of them (default 100, TF Serving accepts at most 1,000; 0 writes none).
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 import logging
 import os
+import shutil
+import socket
+import tempfile
+import time
 import uuid
 
 import keras
+import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
@@ -28,7 +37,6 @@ from kcp.core import examples as example_lib
 from kcp.core.layout import RunLayout
 
 log = logging.getLogger("kcp.export")
-WARMUP_REQUESTS = 100  # TF Serving replays these at load; it accepts at most 1,000
 
 
 def client_inputs(contract, inputs) -> list | object:
@@ -122,19 +130,69 @@ def write_warmup_requests(path: str, contract, run_dir: str, name: str, count: i
 
 
 def export_for_serving(config: Config, run_dir: str) -> str:
-    """Exports RUN/train/model.keras; returns the new version's directory."""
+    """Exports RUN/train/model.keras; returns the new version's directory.
+
+    The SavedModel is written to a temporary folder and published as the next version number,
+    claimed atomically, so two concurrent exports never get the same version and no reader ever
+    sees a partial one: locally one os.rename of the whole folder, which fails when the version
+    exists (the next number is tried); on gs:// an object RUN/export/NAME/.claims/VERSION
+    created with `ifGenerationMatch=0` claims the number, then the files are copied with
+    saved_model.pb last (TF Serving, `kcp validate` and `kcp push` take a version only once
+    saved_model.pb is there).
+    """
     layout = RunLayout(run_dir)
     contract = contract_lib.read_contract(run_dir)
     model_path = layout.model
     if not storage.exists(model_path):
         raise UserError(f"{model_path}: not found; run `kcp train --run-dir {run_dir}` first")
+    fingerprint = _check_fingerprint(layout, run_dir)
     model = keras.saving.load_model(model_path)
+    fingerprint["weights_sha256"] = weights_sha256(model)
     export_root = layout.export_root(config.export.name)
     storage.makedirs(export_root)
-    version = layout.next_version(config.export.name)
-    final = storage.join(export_root, str(version))
-    # TF Serving only loads integer directories, so it never sees the temporary one.
-    temporary = storage.join(export_root, f".tmp-{uuid.uuid4().hex[:8]}")
+    remote = storage.is_remote(export_root)
+    # TF Serving only loads integer directories, so it never sees the temporary one; for gs://
+    # the SavedModel is made on local disk and uploaded in the order that keeps it unloadable until whole.
+    temporary = tempfile.mkdtemp(prefix="kcp-export-") if remote \
+        else storage.join(export_root, f".tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        _write_savedmodel(model, contract, config, run_dir, temporary)
+        storage.write_text_atomic(storage.join(temporary, "assets.extra", FINGERPRINT),
+                                  json.dumps(fingerprint, indent=2) + "\n")
+        final = _publish_remote(layout, config.export.name, temporary) if remote \
+            else _publish_local(layout, config.export.name, temporary)
+    finally:
+        if remote or os.path.exists(temporary):
+            shutil.rmtree(temporary, ignore_errors=True)
+    log.info("export: wrote %s", final)
+    return final
+
+
+FINGERPRINT = "kcp_fingerprint.json"  # in assets.extra/: what the export was made from
+
+
+def weights_sha256(model) -> str:
+    """SHA-256 of every weight's bytes, in order: the trainer's metrics.json `weights_sha256`."""
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        digest.update(np.ascontiguousarray(np.asarray(weight)).tobytes())
+    return digest.hexdigest()
+
+
+def _check_fingerprint(layout: RunLayout, run_dir: str) -> dict:
+    """Refuses to pair the data contract of RUN/data with a model trained on another one (a
+    preprocess rerun after training): the normalisation, vocabulary and class names inside the
+    export would not be the model's. Returns {contract_sha256} for the export's fingerprint."""
+    contract_sha = storage.sha256(layout.metadata)
+    if storage.exists(layout.metrics):
+        trained_on = json.loads(storage.read_text(layout.metrics)).get("contract_sha256")
+        if trained_on and trained_on != contract_sha:
+            raise UserError(f"{layout.model} was trained on another data contract than {layout.metadata} "
+                            f"(preprocessed again since); run `kcp train --run-dir {run_dir}` before exporting")
+    return {"contract_sha256": contract_sha}
+
+
+def _write_savedmodel(model, contract, config: Config, run_dir: str, directory: str) -> None:
     archive = keras.export.ExportArchive()
     archive.track(model)
     vectorizer = None
@@ -144,24 +202,52 @@ def export_for_serving(config: Config, run_dir: str) -> str:
         archive.track(vectorizer)  # its lookup table goes into the SavedModel
     for name, function in serving_functions(model, contract, vectorizer).items():
         archive.add_endpoint(name, function)
-    archive.write_out(temporary, verbose=False)
-    extra = storage.join(temporary, "assets.extra")
+    archive.write_out(directory, verbose=False)
+    extra = storage.join(directory, "assets.extra")
     storage.makedirs(extra)
-    storage.write_text_atomic(storage.join(extra, "labels.txt"), "".join(f"{n}\n" for n in contract.class_names))
-    write_warmup_requests(storage.join(extra, "tf_serving_warmup_requests"), contract, run_dir,
-                          config.export.name, WARMUP_REQUESTS)
-    if storage.is_remote(final):
-        _copy_tree(temporary, final)
-        storage.remove_tree(temporary)
+    storage.write_text_atomic(storage.join(extra, "labels.txt"), contract_lib.lines_text(contract.class_names))
+    if config.export.warmup_requests:
+        write_warmup_requests(storage.join(extra, "tf_serving_warmup_requests"), contract, run_dir,
+                              config.export.name, config.export.warmup_requests)
+
+
+def _publish_local(layout: RunLayout, name: str, temporary: str) -> str:
+    """Renames the whole folder to the next free version: os.rename fails (EEXIST/ENOTEMPTY)
+    when another export took that number first, and the next number is tried."""
+    for _ in range(1000):
+        final = storage.join(layout.export_root(name), str(layout.next_version(name)))
+        try:
+            storage.fault_point("before", final)
+            os.rename(temporary, final)
+            storage.fault_point("after", final)
+            return final
+        except OSError as error:
+            if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+    raise UserError(f"{layout.export_root(name)}: could not claim a version number")
+
+
+def _publish_remote(layout: RunLayout, name: str, local_dir: str) -> str:
+    claim = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}).encode()
+    for _ in range(1000):
+        version = layout.next_version(name)
+        if storage.create_exclusive(storage.join(layout.version_claims(name), str(version)), claim):
+            break
     else:
-        os.rename(temporary, final)
-    log.info("export: wrote %s", final)
+        raise UserError(f"{layout.export_root(name)}: could not claim a version number")
+    final = storage.join(layout.export_root(name), str(version))
+    _copy_tree(local_dir, final)
     return final
 
 
 def _copy_tree(source: str, target: str) -> None:
-    for directory, _, files in tf.io.gfile.walk(source):
-        relative = directory[len(source):].lstrip("/")
-        tf.io.gfile.makedirs(storage.join(target, relative) if relative else target)
-        for name in files:
-            tf.io.gfile.copy(storage.join(directory, name), storage.join(target, relative, name), overwrite=True)
+    """Copies a local folder to `target` (any URI tf.io.gfile takes), saved_model.pb last."""
+    files = []
+    for directory, _, names in os.walk(source):
+        files += [os.path.relpath(os.path.join(directory, name), source) for name in names]
+    files.sort(key=lambda relative: (relative == "saved_model.pb", relative))
+    for relative in files:
+        destination = storage.join(target, *relative.split(os.sep))
+        tf.io.gfile.makedirs(destination.rsplit("/", 1)[0])
+        storage.fault_point("before", destination)
+        tf.io.gfile.copy(os.path.join(source, relative), destination, overwrite=True)

@@ -1,67 +1,91 @@
-"""Batch prediction: a Beam pipeline with RunInference over the exported SavedModel.
+"""Batch prediction: a Beam pipeline over the exported SavedModel.
 
-    kcp predict --run-dir runs/digits --input folder:/data/new_images --output predictions.jsonl
+    kcp predict --run-dir runs/digits --input folder:/data/new_images --output preds/p
 
-Reads the same source kinds as preprocessing and writes one JSON line per input:
-{"key", "class_id", "class_name", "probability"}. Image files go through the model's own
-`serving_default` (the bytes are decoded in the graph, as the REST server does); in-memory
-images through `serve_images`, text and sequences through `serving_default`. Beam's
+Reads the same source kinds as preprocessing, through the same planned read (the driver
+plans, the workers read: `kcp.core.beamio.ReadSource`), and writes one JSON line per input,
+{"key", "class_id", "class_name", "probability"}, to sharded files
+`PREFIX-00000-of-000NN.jsonl` (`--output PREFIX`; a trailing `.jsonl` is dropped from the
+prefix), or to exactly `--output` with `--single-file`. An input that cannot be read or
+decoded, or whose prediction fails, goes to `PREFIX.dead_letter-*.jsonl` (key, source,
+reason) and the job goes on. Image files go through the model's own `serving_default` (the
+bytes are decoded in the graph, as the REST server does) after Pillow has checked that they
+decode; in-memory images through `serve_images`, text and sequences through
+`serving_default`. Inputs are batched (`beam.BatchElements`); a batch whose call fails is
+retried one input at a time, so only the failing inputs become dead letters. Beam's
 TensorFlow model handlers load with `tf.keras.models.load_model` and reject Keras 3
-SavedModels, so a small handler here calls `tf.saved_model.load`. Runner options pass
-through after `--`, as for `kcp preprocess`.
+SavedModels, so the model is loaded here with `tf.saved_model.load`. Runner options pass
+through after `--`, as for `kcp preprocess` (the same local default, chosen by the planned
+input count).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Sequence
 
 import apache_beam as beam
 import numpy as np
-import tensorflow as tf
-from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from kcp.core import storage
-from kcp.core.beamio import DEAD_LETTER, EXAMPLE, dead_letter, local_runner_defaults, select
-from kcp.core.sources import BadInput, SourcePlan, SourceRecord, decode_array, decode_text
+from kcp.core.beamio import (DEAD_LETTER, EXAMPLE, CountProgress, ProgressReporter, ReadSource, dead_letter,
+                             local_runner_defaults, progress_directory, select)
+from kcp.core.sources import (BadInput, SourcePlan, SourceRecord, check_image_bytes, decode_array, decode_text)
+
+MAX_BATCH_SIZE = 64
 
 
-class SavedModelHandler(ModelHandler[Any, PredictionResult, Any]):
-    """Loads an export with tf.saved_model.load and calls one of its signatures on a batch."""
+class SavedModelHandler:
+    """Loads an export with tf.saved_model.load and calls one of its signatures on a batch.
 
-    def __init__(self, export_dir: str, signature: str, input_name: str, max_batch_size: int = 64):
+    TensorFlow is imported here, on the workers, not when the module is imported.
+    """
+
+    def __init__(self, export_dir: str, signature: str, input_name: str):
         self._export_dir, self._signature, self._input_name = export_dir, signature, input_name
-        self._max_batch_size = max_batch_size
 
     def load_model(self):
+        import tensorflow as tf
+
         return tf.saved_model.load(self._export_dir)
 
-    def run_inference(self, batch: Sequence[Any], model, inference_args: Optional[dict] = None
-                      ) -> Iterable[PredictionResult]:
+    def run_inference(self, batch: Sequence[Any], model) -> list[dict]:
+        """One dict of outputs (name -> this input's row) per input of the batch."""
+        import tensorflow as tf
+
         function = model.signatures[self._signature]
         if isinstance(batch[0], (bytes, str)):
             inputs = tf.constant(list(batch), dtype=tf.string)
         else:
             inputs = tf.constant(np.stack(batch))
         outputs = {name: value.numpy() for name, value in function(**{self._input_name: inputs}).items()}
-        return [PredictionResult(example, {name: value[i] for name, value in outputs.items()})
-                for i, example in enumerate(batch)]
-
-    def batch_elements_kwargs(self):
-        return {"max_batch_size": self._max_batch_size}
+        return [{name: value[i] for name, value in outputs.items()} for i in range(len(batch))]
 
 
 def client_input(plan: SourcePlan, record: SourceRecord):
     """What a client would send for one record: file bytes, a uint8 array, a string or floats."""
+    if record.problem:
+        raise BadInput(record.problem)
     if plan.kind == "folder":
-        content = storage.read_bytes(record.payload)
-        if not content:
-            raise BadInput("empty file")
+        try:
+            content = storage.read_bytes(record.payload)
+        except Exception as error:  # noqa: BLE001
+            raise BadInput(f"cannot read the file ({type(error).__name__}: {error})") from None
+        check_image_bytes(content)
         return content
     if plan.modality == "text":
         return decode_text(record.payload)
     return decode_array(record.payload, plan.input_spec)
+
+
+def keyed_input(record: SourceRecord, plan: SourcePlan):
+    """(EXAMPLE, (key, client input)), or (DEAD_LETTER, json line) for an input that cannot be sent."""
+    try:
+        return EXAMPLE, (record.key, client_input(plan, record))
+    except Exception as error:  # noqa: BLE001  BadInput, and whatever else one input can raise
+        reason = str(error) if isinstance(error, BadInput) else f"unexpected {type(error).__name__}: {error}"
+        return DEAD_LETTER, dead_letter(record.key, plan.uri, reason)
 
 
 def signature_for(plan: SourcePlan) -> tuple[str, str]:
@@ -73,32 +97,78 @@ def signature_for(plan: SourcePlan) -> tuple[str, str]:
     return "serving_default", plan.input_feature
 
 
-def to_json_line(item, class_names: tuple) -> str:
-    key, result = item
-    probabilities = result.inference["probabilities"]
+def to_json_line(key: str, probabilities, class_names: tuple) -> str:
     class_id = int(np.argmax(probabilities))
     return json.dumps({"key": key, "class_id": class_id, "class_name": class_names[class_id],
                        "probability": float(probabilities[class_id])}, sort_keys=True)
 
 
-def run_batch_prediction(export_dir: str, class_names: tuple, plan: SourcePlan, records: list, output: str,
-                         beam_args: list[str]) -> None:
-    signature, input_name = signature_for(plan)
+class PredictFn(beam.DoFn):
+    """A batch of (key, input) -> tagged JSON lines: predictions, or dead letters for inputs
+    whose prediction fails (the batch is retried one input at a time to find them)."""
 
-    def to_keyed_input(record):
+    def __init__(self, export_dir: str, signature: str, input_name: str, class_names: tuple, source: str):
+        self._handler = SavedModelHandler(export_dir, signature, input_name)
+        self._class_names, self._source = class_names, source
+        self._model = None
+
+    def setup(self):
+        self._model = self._handler.load_model()
+
+    def _predict(self, items):
+        results = self._handler.run_inference([value for _, value in items], self._model)
+        return [(EXAMPLE, to_json_line(key, result["probabilities"], self._class_names))
+                for (key, _), result in zip(items, results)]
+
+    def process(self, batch):
         try:
-            return EXAMPLE, (record.key, client_input(plan, record))
-        except BadInput as error:
-            return DEAD_LETTER, dead_letter(record.key, plan.uri, str(error))
+            yield from self._predict(batch)
+            return
+        except Exception:  # noqa: BLE001  find the inputs that fail, one at a time
+            pass
+        for item in batch:
+            try:
+                yield from self._predict([item])
+            except Exception as error:  # noqa: BLE001
+                message = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+                yield DEAD_LETTER, dead_letter(item[0], self._source,
+                                               f"prediction failed ({type(error).__name__}: {message})")
 
-    handler = KeyedModelHandler(SavedModelHandler(export_dir, signature, input_name))
-    with beam.Pipeline(options=PipelineOptions(local_runner_defaults(list(beam_args)))) as pipeline:
-        inputs = pipeline | "Read" >> beam.Create(records) | "ClientInputs" >> beam.Map(to_keyed_input)
-        _ = (
+
+def output_prefix(output: str) -> str:
+    return output[:-len(".jsonl")] if output.endswith(".jsonl") else output
+
+
+def run_batch_prediction(export_dir: str, class_names: tuple, plan: SourcePlan, output: str,
+                         beam_args: list[str], single_file: bool = False, report=None) -> list[str]:
+    """Runs the job; returns the prediction files written (sorted). `report(line)` gets the
+    progress lines of a local run."""
+    signature, input_name = signature_for(plan)
+    options = PipelineOptions(local_runner_defaults(list(beam_args), plan.estimated_count))
+    prefix = output_prefix(output)
+    progress_dir = progress_directory(options.get_all_options())
+    with ProgressReporter(progress_dir, plan.estimated_count, report or (lambda line: None)), \
+            beam.Pipeline(options=options) as pipeline:
+        records = pipeline | "Read" >> ReadSource(plan)
+        if progress_dir:
+            records = records | "Progress" >> beam.ParDo(CountProgress(progress_dir))
+        inputs = records | "ClientInputs" >> beam.Map(keyed_input, plan)
+        predicted = (
             select(inputs, EXAMPLE, "Inputs")
-            | "RunInference" >> RunInference(handler)
-            | "ToJson" >> beam.Map(to_json_line, class_names)
-            | "Write" >> beam.io.WriteToText(output, shard_name_template="", num_shards=1)
+            | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=MAX_BATCH_SIZE)
+            | "Predict" >> beam.ParDo(PredictFn(export_dir, signature, input_name, tuple(class_names), plan.uri))
         )
-        _ = select(inputs, DEAD_LETTER, "Bad") | "WriteDeadLetters" >> beam.io.WriteToText(
-            output + ".dead_letter", shard_name_template="", num_shards=1, skip_if_empty=True)
+        lines = select(predicted, EXAMPLE, "Predictions")
+        dead = (select(inputs, DEAD_LETTER, "Unreadable"), select(predicted, DEAD_LETTER, "Failed")) \
+            | "MergeDeadLetters" >> beam.Flatten()
+        if single_file:
+            _ = lines | "Write" >> beam.io.WriteToText(output, shard_name_template="", num_shards=1)
+            _ = dead | "WriteDeadLetters" >> beam.io.WriteToText(
+                output + ".dead_letter", shard_name_template="", num_shards=1, skip_if_empty=True)
+        else:
+            _ = lines | "Write" >> beam.io.WriteToText(prefix, file_name_suffix=".jsonl")
+            _ = dead | "WriteDeadLetters" >> beam.io.WriteToText(
+                prefix + ".dead_letter", file_name_suffix=".jsonl", skip_if_empty=True)
+    if single_file:
+        return [output]
+    return sorted(storage.glob(f"{prefix}-*-of-*.jsonl"))

@@ -17,7 +17,7 @@ import numpy as np
 
 import tensorflow as tf
 
-from deploy.export import client_inputs, serving_input_name
+from deploy.export import FINGERPRINT, client_inputs, serving_input_name
 from kcp.core import storage
 from kcp.core.config import Config
 from kcp.core.errors import UserError
@@ -66,7 +66,20 @@ def validate_export(config: Config, run_dir: str, version: int | None = None) ->
     metrics_path = layout.metrics
     if not storage.exists(metrics_path):
         raise UserError(f"{metrics_path}: not found; validation compares with the trainer's test metrics")
-    trainer = json.loads(storage.read_text(metrics_path))["test"]["accuracy"]
+    metrics = json.loads(storage.read_text(metrics_path))
+    test = contract_lib.read_contract(run_dir).splits.get("test")
+    if not test or not test.count or "test" not in metrics:
+        raise UserError(f"{run_dir}: the test split is empty, so there is nothing to validate the export on; "
+                        "give data.split a test fraction (or the source a test split) and preprocess again")
+    fingerprint_path = storage.join(directory, "assets.extra", FINGERPRINT)
+    # read with TensorFlow's file system, like the rest of the export (on gs://, TensorFlow's client wrote it)
+    if metrics.get("weights_sha256") and tf.io.gfile.exists(fingerprint_path):
+        with tf.io.gfile.GFile(fingerprint_path, "rb") as handle:
+            exported = json.loads(handle.read()).get("weights_sha256")
+        if exported and exported != metrics["weights_sha256"]:
+            raise UserError(f"{directory} was exported from another model than {metrics_path} describes "
+                            f"(trained again since); run `kcp export --run-dir {run_dir}` and validate the new version")
+    trainer = metrics["test"]["accuracy"]
     accuracy = export_accuracy(directory, run_dir, "test")
     reasons = []
     if abs(accuracy - trainer) > MAX_DIFFERENCE:
@@ -75,13 +88,13 @@ def validate_export(config: Config, run_dir: str, version: int | None = None) ->
     if config.export.min_accuracy is not None and accuracy < config.export.min_accuracy:
         reasons.append(f"export accuracy {accuracy:.4f} is below export.min_accuracy {config.export.min_accuracy}")
     result = {
-        "version": int(os.path.basename(directory.rstrip("/"))),
+        "version": int(directory.rstrip("/").replace(os.sep, "/").rsplit("/", 1)[-1]),
         "export_accuracy": accuracy,
         "trainer_accuracy": trainer,
         "difference": accuracy - trainer,
         "max_difference": MAX_DIFFERENCE,
         "min_accuracy": config.export.min_accuracy,
-        "examples": contract_lib.read_contract(run_dir).splits["test"].count,
+        "examples": test.count,
         "blessed": not reasons,
         "reasons": reasons,
     }

@@ -17,6 +17,7 @@ produce something record the config they ran with in RUN/config.yaml.
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import json
 import os
@@ -35,6 +36,7 @@ from kcp.core.config import Config, record_config, resolve_config
 from kcp.core.contract import DataContract
 from kcp.core.errors import UserError
 from kcp.core.layout import RunLayout, new_run_dir, newest_run
+from kcp.core.lock import run_lock
 from kcp.core.sources import plan_source
 from kcp.report import build_report
 from pipeline.preprocess import run_preprocess
@@ -77,19 +79,49 @@ class Report:
 
 # --- the stages -------------------------------------------------------------------------
 
+def _cluster_member() -> bool:
+    """True in the non-chief processes of a distributed job (Keras Tuner workers, multi-worker
+    training workers other than worker 0): they work for the chief, which holds the lock."""
+    if "worker" in os.environ.get("KERASTUNER_TUNER_ID", ""):
+        return True
+    try:
+        tf_config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    except ValueError:
+        return False
+    task = tf_config.get("task") or {}
+    if not task or task.get("type") == "chief":
+        return False
+    first_worker = task.get("type") == "worker" and task.get("index", 0) == 0
+    return not (first_worker and "chief" not in (tf_config.get("cluster") or {}))
+
+
+@contextlib.contextmanager
+def locked(run_dir: str, command: str):
+    """Holds RUN/.kcp-lock (kcp/core/lock.py) while a producing stage writes into the run
+    directory; a second one fails at once with a one-line error naming the holder. Re-entrant
+    in one process (`kcp run` holds it over its stages); not taken by a cluster's non-chief members."""
+    if _cluster_member():
+        yield
+        return
+    with run_lock(run_dir, command):
+        yield
+
+
 def preprocess(run_dir: str, source: str | None = None, *, config_file: str | None = None, overrides=(),
                beam_args=(), progress=None) -> DataContract:
     """Runs the Beam pipeline: RUN/data/ shards and metadata.json. Returns the data contract."""
-    config = resolve_config(run_dir, config_file, source=source, overrides=overrides)
-    record_config(run_dir, config)
-    return run_preprocess(config, run_dir, list(beam_args), report=progress)
+    with locked(run_dir, "preprocess"):
+        config = resolve_config(run_dir, config_file, source=source, overrides=overrides)
+        record_config(run_dir, config)
+        return run_preprocess(config, run_dir, list(beam_args), report=progress)
 
 
 def train(run_dir: str, model: str | None = None, *, config_file: str | None = None, overrides=()) -> TrainResult:
     """Trains on RUN/data and writes RUN/train/."""
-    config = resolve_config(run_dir, config_file, model=model, overrides=overrides)
-    record_config(run_dir, config)
-    return _train_result(run_dir, train_model(config, run_dir))
+    with locked(run_dir, "train"):
+        config = resolve_config(run_dir, config_file, model=model, overrides=overrides)
+        record_config(run_dir, config)
+        return _train_result(run_dir, train_model(config, run_dir))
 
 
 def _train_result(run_dir: str, metrics: dict) -> TrainResult:
@@ -101,22 +133,24 @@ def _train_result(run_dir: str, metrics: dict) -> TrainResult:
 def tune(run_dir: str, model: str | None = None, *, config_file: str | None = None, overrides=()) -> TuneResult:
     """Keras Tuner search (RUN/tuning/); with `tune.retrain_best`, retrains the best config on
     train + validation and exports it. Workers of a distributed search return their role only."""
-    config = resolve_config(run_dir, config_file, model=model, overrides=overrides)
-    record_config(run_dir, config)
-    summary = run_search(config, run_dir)
-    role = os.environ.get("KERASTUNER_TUNER_ID", "")
-    if not config.tune.retrain_best or "chief" in role or "worker" in role:
-        return TuneResult(summary)
-    final = best_config(config, run_dir)
-    retrained = _train_result(run_dir, train_model(final, run_dir))
-    return TuneResult(summary, retrained, export_for_serving(final, run_dir))
+    with locked(run_dir, "tune"):
+        config = resolve_config(run_dir, config_file, model=model, overrides=overrides)
+        record_config(run_dir, config)
+        summary = run_search(config, run_dir)
+        role = os.environ.get("KERASTUNER_TUNER_ID", "")
+        if not config.tune.retrain_best or "chief" in role or "worker" in role:
+            return TuneResult(summary)
+        final = best_config(config, run_dir)
+        retrained = _train_result(run_dir, train_model(final, run_dir))
+        return TuneResult(summary, retrained, export_for_serving(final, run_dir))
 
 
 def export(run_dir: str, *, config_file: str | None = None, overrides=()) -> str:
     """Exports RUN/train/model.keras as RUN/export/NAME/VERSION; returns that directory."""
-    config = resolve_config(run_dir, config_file, overrides=overrides)
-    record_config(run_dir, config)
-    return export_for_serving(config, run_dir)
+    with locked(run_dir, "export"):
+        config = resolve_config(run_dir, config_file, overrides=overrides)
+        record_config(run_dir, config)
+        return export_for_serving(config, run_dir)
 
 
 def validate(run_dir: str, version: int | None = None, *, overrides=()) -> dict:
@@ -132,16 +166,18 @@ def push(run_dir: str, destination: str, version: int | None = None, *, force: b
 
 
 def predict(run_dir: str, input: str, output: str, version: int | None = None, *, beam_args=(),  # noqa: A002
-            overrides=()) -> str:
-    """Beam batch prediction of a source (as for preprocess) through the export; returns `output`."""
+            overrides=(), single_file: bool = False, progress=None) -> list[str]:
+    """Beam batch prediction of a source (as for preprocess) through the export; returns the files
+    written: `OUTPUT-00000-of-000NN.jsonl` shards (a trailing `.jsonl` of OUTPUT is dropped),
+    or OUTPUT itself with `single_file`. Unreadable inputs go to the dead letters beside them."""
     config = resolve_config(run_dir, overrides=overrides)
     contract = contract_lib.read_contract(run_dir)
-    plan, records = plan_source(input, config.data)
+    plan = plan_source(input, config.data)
     if plan.modality != contract.modality:
         raise UserError(f"--input: {input} holds {plan.modality}, the model takes {contract.modality}")
     directory = RunLayout(run_dir).version_dir(config.export.name, version)
-    run_batch_prediction(directory, contract.class_names, plan, records, output, list(beam_args))
-    return output
+    return run_batch_prediction(directory, contract.class_names, plan, output, list(beam_args), single_file,
+                                report=progress)
 
 
 def report(run_dir: str) -> Report:
@@ -151,7 +187,11 @@ def report(run_dir: str) -> Report:
 
 
 def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8501, **options):
-    """A ready TF-Serving-compatible server (call `serve_forever`, or use `Run.serve` for a background one)."""
+    """A ready TF-Serving-compatible server (call `serve_forever`, or use `Run.serve` for a background one).
+
+    `options` are make_server's: `grpc_port` (None: REST only; 0: a free port), `version_policy`
+    ("latest:1", "all", "specific:1,3"), `version_labels` ({"stable": 3}), `allow_unvalidated`
+    (serve versions kcp validate did not bless), batching and limits. `server_close()` stops it all."""
     return make_server(run_dir, host, port, **options)
 
 
@@ -195,16 +235,19 @@ class Run:
     def validate(self, version: int | None = None, **options) -> dict:
         return validate(self.run_dir, version, **options)
 
-    def predict(self, input: str, output: str, **options) -> str:  # noqa: A002
+    def predict(self, input: str, output: str, **options) -> list[str]:  # noqa: A002
         return predict(self.run_dir, input, output, **options)
 
     def report(self) -> Report:
         return report(self.run_dir)
 
     def serve(self, port: int = 0, **options):
-        """Starts the server in a background thread; returns it (`server.url`, `server.shutdown()`)."""
+        """Starts the server in a background thread; returns it (`server.url`, `server.grpc_target` with
+        `grpc_port=0`, `server.shutdown()` then `server.server_close()`). Serves blessed versions only unless
+        `allow_unvalidated=True`."""
         server = serve(self.run_dir, "127.0.0.1", port, **options)
         server.url = f"http://127.0.0.1:{server.server_address[1]}"
+        server.grpc_target = f"127.0.0.1:{server.grpc.port}" if server.grpc else None
         threading.Thread(target=server.serve_forever, name="kcp-serve", daemon=True).start()
         return server
 

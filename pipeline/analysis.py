@@ -86,14 +86,16 @@ def select_vocabulary(token_counts, max_tokens: int) -> list[str]:
 class AnalyzeText(beam.PTransform):
     """Full pass over the train split: vocabulary, token-length histogram, class counts."""
 
-    def __init__(self, vocab_size: int, min_count: int):
+    def __init__(self, vocab_size: int, min_count: int, tokenizer: str = "words"):
         super().__init__()
         self._max_tokens = vocab_size - contract_lib.RESERVED_TOKEN_IDS
         self._min_count = min_count
+        self._tokenizer = tokenizer  # `data.tokenizer`: the trainer and the export tokenize the same way
 
     def expand(self, examples):
-        min_count, max_tokens = self._min_count, self._max_tokens
-        tokens = examples | "Tokenize" >> beam.Map(lambda example: contract_lib.standardize_text(example.inputs))
+        min_count, max_tokens, tokenizer = self._min_count, self._max_tokens, self._tokenizer
+        tokens = examples | "Tokenize" >> beam.Map(
+            lambda example: contract_lib.tokenize_text(example.inputs, tokenizer))
         vocabulary = (
             tokens
             | "AllTokens" >> beam.FlatMap(lambda words: words)

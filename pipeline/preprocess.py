@@ -9,29 +9,29 @@ with `--runner DataflowRunner --project P --region R --temp_location gs://b/tmp
 
 from __future__ import annotations
 
-import dataclasses
+import collections
 import json
 import logging
 import math
 import uuid
 
 import apache_beam as beam
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from kcp.core import contract as contract_lib
 from kcp.core import storage
-from kcp.core.beamio import DEAD_LETTER, local_runner_defaults, select
+from kcp.core.beamio import (DEAD_LETTER, CountProgress, ProgressReporter, ReadSource, local_runner_defaults,
+                             progress_directory, select)
 from kcp.core.config import Config
 from kcp.core.errors import UserError
 from kcp.core.layout import DEAD_LETTER_DIR
-from kcp.core.sources import SourcePlan, plan_source
+from kcp.core.sources import SourceError, SourcePlan, class_names_of, plan_source
 from pipeline import splits
-from pipeline.analysis import AnalyzeArrays, AnalyzeText, length_percentiles, write_summary
+from pipeline.analysis import AnalyzeArrays, AnalyzeText, write_summary
 from pipeline.records import ANALYZE, AUGMENTED, process_record
 from pipeline.samples import write_samples
-from pipeline.shards import WriteShards, shard_count, shard_name, shard_pattern
+from pipeline.summary import contract_from_summary, counts_table
+from pipeline.shards import WriteShards, shard_count
 
 log = logging.getLogger("kcp.preprocess")
 
@@ -55,67 +55,149 @@ def clear_previous_outputs(data_dir: str) -> None:
         storage.remove_tree(path)
 
 
-def split_assigner(plan: SourcePlan, records: list, fractions, seed):
+def carve_fractions(fractions) -> tuple:
+    """The fractions that carve validation out of a source's train split."""
+    train, validation = fractions[0], fractions[1]
+    return (train / (train + validation), validation / (train + validation), 0.0)
+
+
+def split_assigner(carve: bool, fractions, seed):
     """Returns example -> split name: given splits are kept; the rest by the stable key hash.
 
-    A source that brings train (and test) but no validation split gets its validation carved
-    out of train by the same hash, with the fraction validation / (train + validation).
+    A source that brings train (and test) but no validation split (`carve`) gets its
+    validation carved out of train by the same hash, with the fraction validation /
+    (train + validation).
     """
-    carve = plan.has_splits and not any(record.split == "validation" for record in records)
-    carve_fractions = (fractions[0] / (fractions[0] + fractions[1]), fractions[1] / (fractions[0] + fractions[1]), 0.0)
+    carved = carve_fractions(fractions)
 
     def assign(example) -> str:
         if example.split is None:
             return splits.stable_split(example.key, fractions, seed)
         if carve and example.split == "train":
-            return splits.stable_split(example.key, carve_fractions, seed)
+            return splits.stable_split(example.key, carved, seed)
         return example.split
 
     return assign
 
 
-def planned_counts(records: list, assign, copies: int) -> dict:
-    """Records each split will get if every input decodes, known before the pipeline runs:
-    the shard count of a split comes from it, so no step has to wait for a count."""
-    counts = dict.fromkeys(splits.SPLITS, 0)
-    for record in records:
-        counts[assign(record)] += 1
-    counts["train"] *= 1 + copies
-    return counts
+class SourceFactsFn(beam.CombineFn):
+    """What the driver no longer learns by reading every row, computed by the workers in one
+    combiner over the records (keys and labels only): the class names (when the plan does not
+    know them), whether the source brings its own splits, and the records each split will get
+    if every input decodes, from which each split's shard count follows. The result is a side
+    input of the per-record step and the shard writers, and goes into the summary.
+    """
+
+    def __init__(self, plan: SourcePlan, data, bytes_per_example: int):
+        self._plan, self._data, self._bytes = plan, data, bytes_per_example
+
+    def create_accumulator(self):
+        return set(), collections.Counter()
+
+    def add_input(self, accumulator, record):
+        labels, counts = accumulator
+        if record.label and not record.problem:
+            labels.add(record.label)
+        fractions, seed = tuple(self._data.split), self._data.seed
+        if record.split is None:
+            counts["hash:" + splits.stable_split(record.key, fractions, seed)] += 1
+        else:
+            counts["given:" + record.split] += 1
+            if record.split == "train":
+                counts["carve:" + splits.stable_split(record.key, carve_fractions(fractions), seed)] += 1
+        return labels, counts
+
+    def merge_accumulators(self, accumulators):
+        labels, counts = set(), collections.Counter()
+        for more_labels, more_counts in accumulators:
+            labels |= more_labels
+            counts.update(more_counts)
+        return labels, counts
+
+    def extract_output(self, accumulator):
+        labels, counts = accumulator
+        plan, data = self._plan, self._data
+        has_splits = plan.has_splits if plan.has_splits is not None else \
+            any(key.startswith("given:") for key in counts)
+        carve = bool(has_splits) and not counts["given:validation"]
+        planned = {}
+        for split in splits.SPLITS:
+            given = counts[f"given:{split}"] if not (carve and split == "train") else counts[f"carve:{split}"]
+            if carve and split == "validation":
+                given = counts["carve:validation"]
+            planned[split] = counts[f"hash:{split}"] + given
+        planned["train"] *= 1 + data.augment.copies
+        return {
+            "class_names": list(plan.class_names or class_names_of(labels)),
+            "has_splits": bool(has_splits),
+            "carve": carve,
+            "planned": planned,
+            "num_shards": {split: data.num_shards or shard_count(planned[split], self._bytes)
+                           for split in splits.SPLITS},
+        }
 
 
-def build_pipeline(pipeline: beam.Pipeline, plan: SourcePlan, records: list, config: Config, data_dir: str,
-                   summary_path: str, parts_dir: str | None):
-    """Wires Read -> (Decode -> Split -> Augment -> Encode, fused) -> Analyze / Write onto `pipeline`."""
+class _ProcessFn(beam.DoFn):
+    """`process_record` with the split assignment and label index built from the facts side input."""
+
+    def __init__(self, plan: SourcePlan, data):
+        self._plan, self._data = plan, data
+        self._cached = None
+
+    def process(self, record, facts):
+        if self._cached is None or self._cached[0] is not facts:
+            assign = split_assigner(facts["carve"], tuple(self._data.split), self._data.seed)
+            label_index = {name: index for index, name in enumerate(facts["class_names"])}
+            self._cached = (facts, assign, label_index)
+        _, assign, label_index = self._cached
+        yield from process_record(record, self._plan, assign, label_index, self._data.augment)
+
+
+def bytes_per_example(plan: SourcePlan) -> int:
+    """The size estimate behind the shard count: the shard count of a split comes from it."""
+    if plan.modality == "text":
+        return 256
+    return math.prod(plan.input_spec.shape) * (1 if plan.input_spec.dtype == "uint8" else 4) + 64
+
+
+def build_pipeline(pipeline: beam.Pipeline, plan: SourcePlan, config: Config, data_dir: str,
+                   summary_path: str, parts_dir: str | None, progress_dir: str | None = None):
+    """Wires Read -> (Decode -> Split -> Augment -> Encode, fused) -> Analyze / Write onto `pipeline`.
+
+    The graph holds the plan and its read tasks, never the data. The source is read twice,
+    both times on the workers: once for the facts (keys and labels into one combiner), once
+    for the examples, which then flow through decode, encode and the part writers without a
+    stage boundary, so no runner has to hold the records between stages.
+    """
     data = config.data
-    assign = split_assigner(plan, records, tuple(data.split), data.seed)
+    facts = (pipeline
+             | "ReadKeys" >> ReadSource(plan)
+             | "Facts" >> beam.CombineGlobally(SourceFactsFn(plan, data, bytes_per_example(plan))))
+    facts_view = beam.pvalue.AsSingleton(facts)
 
-    read = pipeline | "Read" >> beam.Create(records)
-    label_index = {name: index for index, name in enumerate(plan.class_names)}
-    processed = read | "DecodeSplitAugmentEncode" >> beam.FlatMap(
-        process_record, plan, assign, label_index, data.augment)
+    read = pipeline | "Read" >> ReadSource(plan)
+    if progress_dir:
+        read = read | "Progress" >> beam.ParDo(CountProgress(progress_dir))
+    processed = read | "DecodeSplitAugmentEncode" >> beam.ParDo(_ProcessFn(plan, data), facts_view)
     train = select(processed, ANALYZE, "TrainOriginals")
     if plan.modality == "text":
-        statistics = train | "Analyze" >> AnalyzeText(data.vocab_size, data.min_count)
+        statistics = train | "Analyze" >> AnalyzeText(data.vocab_size, data.min_count, data.tokenizer)
     else:
         statistics = train | "Analyze" >> AnalyzeArrays()
-    counters = [read | "CountRead" >> beam.combiners.Count.Globally() | "TagRead" >> beam.Map(lambda n: ("read", n))]
+    counters = [read | "CountRead" >> beam.combiners.Count.Globally() | "TagRead" >> beam.Map(lambda n: ("read", n)),
+                facts | "TagFacts" >> beam.Map(lambda value: ("facts", value))]
     if data.augment.copies:
         counters.append(
             select(processed, AUGMENTED, "Augmented")
             | "CountAugmented" >> beam.CombineGlobally(sum)
             | "TagAugmented" >> beam.Map(lambda n: ("augmented", n)))
 
-    bytes_per_example = 256 if plan.modality == "text" else \
-        math.prod(plan.input_spec.shape) * (1 if plan.input_spec.dtype == "uint8" else 4) + 64
-    planned = planned_counts(records, assign, data.augment.copies)
     shard_summaries = []
     dead_letters = [select(processed, DEAD_LETTER, "DeadLetters")]
     for split in splits.SPLITS:
         name = split.capitalize()
-        num_shards = data.num_shards or shard_count(planned[split], bytes_per_example)
         written = select(processed, split, f"Encoded{name}") | f"Write{name}" >> \
-            WriteShards(data_dir, split, num_shards, data.compression, parts_dir)
+            WriteShards(data_dir, split, None, data.compression, parts_dir, facts_view)
         shard_summaries.append(written | f"Tag{name}Shards" >> beam.Map(lambda shard: ("shard", shard)))
 
     all_dead = tuple(dead_letters) | "MergeDeadLetters" >> beam.Flatten()
@@ -133,6 +215,11 @@ def build_pipeline(pipeline: beam.Pipeline, plan: SourcePlan, records: list, con
     )
 
 
+def pipeline_options(plan: SourcePlan, beam_args) -> PipelineOptions:
+    """The runner options: the user's, with the local default chosen by the planned input count."""
+    return PipelineOptions(local_runner_defaults(list(beam_args), plan.estimated_count))
+
+
 def run_preprocess(config: Config, run_dir: str, beam_args: list[str] = (), report=None) -> contract_lib.DataContract:
     """Runs the Beam pipeline and writes `RUN/data/metadata.json` last. Returns the contract.
 
@@ -140,29 +227,40 @@ def run_preprocess(config: Config, run_dir: str, beam_args: list[str] = (), repo
     when more than `data.max_bad_fraction` of the inputs could not be read.
     """
     report = report or (lambda line: log.info("%s", line))
-    plan, records = plan_source(config.data.source, config.data)
+    plan = plan_source(config.data.source, config.data)
     shape = "x".join(map(str, plan.input_spec.shape)) or "string"
-    report(f"plan: {len(records)} inputs, {len(plan.class_names)} classes, {plan.modality} {shape}, "
-           f"splits {'from the source' if plan.has_splits else 'by key hash'}")
+    exact = plan.kind not in ("csv", "jsonl")
+    classes = f"{len(plan.class_names)} classes" if plan.class_names else "classes from the data"
+    report(f"plan: {'' if exact else 'about '}{plan.estimated_count} inputs in {len(plan.tasks)} read tasks, {classes}, "
+           f"{plan.modality} {shape}, splits "
+           f"{'by key hash' if plan.has_splits is False else 'from the source' if plan.has_splits else 'from the data'}")
     data_dir = contract_lib.data_dir(run_dir)
     storage.makedirs(data_dir)
     clear_previous_outputs(data_dir)
     summary_path = storage.join(data_dir, f".summary-{uuid.uuid4().hex[:8]}.json")
-    options = PipelineOptions(local_runner_defaults(list(beam_args)))
-    report(f"beam: {options.get_all_options()['runner']} running Read > Decode > Split > Analyze > "
+    options = pipeline_options(plan, beam_args)
+    all_options = options.get_all_options()
+    mode = f" ({all_options.get('direct_running_mode')})" if all_options["runner"] == "FnApiRunner" else ""
+    report(f"beam: {all_options['runner']}{mode} running Read > Decode > Split > Analyze > "
            f"{'Augment > ' if config.data.augment.copies else ''}Encode > Write")
     parts_dir = storage.join(data_dir, f"{PARTS_PREFIX}{uuid.uuid4().hex[:8]}")
-    if drops_finish_bundle_outputs(options.get_all_options()["runner"]):
+    if drops_finish_bundle_outputs(all_options["runner"]):
         parts_dir = None  # the shard writer groups the records themselves there
+    progress_dir = progress_directory(all_options)
     try:
-        with beam.Pipeline(options=options) as pipeline:
-            build_pipeline(pipeline, plan, records, config, data_dir, summary_path, parts_dir)
+        with ProgressReporter(progress_dir, plan.estimated_count, report), beam.Pipeline(options=options) as pipeline:
+            build_pipeline(pipeline, plan, config, data_dir, summary_path, parts_dir, progress_dir)
     finally:
         if parts_dir:
             storage.remove_tree(parts_dir)
     summary = json.loads(storage.read_text(summary_path))
     storage.remove(summary_path)
     bad, read = summary["dead_letters"], summary["read"]
+    if not read:
+        raise SourceError(f"data.source: {plan.uri} holds no inputs")
+    if not summary["facts"]["class_names"]:
+        raise SourceError(f"data.label_column: column {config.data.label_column!r} of {plan.uri} is empty"
+                          if plan.modality == "text" else f"data.source: {plan.uri} has no labels")
     if read and bad / read > config.data.max_bad_fraction:
         raise UserError(f"data.max_bad_fraction: {bad} of {read} inputs ({bad / read:.1%}) could not be read, above "
                         f"{config.data.max_bad_fraction:.1%}; reasons in {storage.join(data_dir, DEAD_LETTER_DIR)}")
@@ -173,67 +271,3 @@ def run_preprocess(config: Config, run_dir: str, beam_args: list[str] = (), repo
     for line in counts_table(contract, read, bad, summary["augmented"]):
         report(line)
     return contract
-
-
-def counts_table(contract, read: int, bad: int, augmented: int) -> list[str]:
-    """The closing table: read, bad, written per split, augmented copies."""
-    rows = [("read", read), ("bad", bad)] + [(f"{split} written", info.count) for split, info in contract.splits.items()]
-    rows.append(("augmented copies", augmented))
-    width = max(len(name) for name, _ in rows)
-    return [f"  {name:<{width}}  {value:>9,}" for name, value in rows]
-
-
-def contract_from_summary(plan: SourcePlan, config: Config, summary: dict, data_dir: str):
-    """Assembles the contract (and the vocabulary, for text) from what the pipeline measured."""
-    split_infos = {}
-    for split in splits.SPLITS:
-        shards = [s for s in summary["shards"] if s["split"] == split]
-        num_shards = config.data.num_shards or max([_shards_in_name(s["path"]) for s in shards], default=1)
-        written = {s["shard"] for s in shards}
-        for shard in range(num_shards):
-            if shard not in written:
-                _write_empty_shard(data_dir, shard_name(split, shard, num_shards, config.data.compression))
-        split_infos[split] = contract_lib.SplitInfo(
-            count=sum(s["count"] for s in shards),
-            num_shards=num_shards,
-            file_pattern=shard_pattern(split, num_shards, config.data.compression),
-        )
-    class_counts = summary.get("class_counts", {})
-    statistics = {"class_counts": {name: class_counts.get(name, 0) for name in plan.class_names}}
-    vocabulary = None
-    if plan.modality == "text":
-        vocabulary = summary.get("vocabulary", [])
-        percentiles = length_percentiles(summary.get("length_counts", {})) or {"p95": 1}
-        statistics.update({
-            "vocab_size": len(vocabulary) + contract_lib.RESERVED_TOKEN_IDS,
-            "max_length": int(config.data.max_length or max(1, percentiles["p95"])),
-            "length_percentiles": percentiles,
-        })
-    else:
-        channel_stats = summary.get("channel_stats", {"mean": [], "std": []})
-        statistics.update({"mean": channel_stats["mean"], "std": channel_stats["std"]})
-    contract = contract_lib.DataContract(
-        modality=plan.modality,
-        input_feature=plan.input_feature,
-        input_spec=plan.input_spec,
-        class_names=plan.class_names,
-        splits=split_infos,
-        statistics=statistics,
-        compression=config.data.compression,
-        source=plan.uri,
-        bad_examples=summary["dead_letters"],
-        augmentation={"copies": config.data.augment.copies, **(
-            dataclasses.asdict(config.data.augment) if config.data.augment.copies else {})},
-    )
-    return contract, vocabulary
-
-
-def _shards_in_name(path: str) -> int:
-    return int(path.rsplit("-of-", 1)[1].split(".", 1)[0])
-
-
-def _write_empty_shard(directory: str, name: str) -> None:
-    """A shard no key hashed to: an empty TFRecord file, so every NNNNN-of-MMMMM exists."""
-    compression = CompressionTypes.GZIP if name.endswith(".gz") else CompressionTypes.UNCOMPRESSED
-    with FileSystems.create(FileSystems.join(directory, name), compression_type=compression):
-        pass

@@ -12,12 +12,14 @@ ANALYZE = "analyze"  # a train original, for the full-pass statistics
 AUGMENTED = "augmented"  # the number of copies made of one example
 
 
-def decode_or_dead_letter(record: SourceRecord, plan: SourcePlan):
+def decode_or_dead_letter(record: SourceRecord, plan: SourcePlan, class_names=None):
     """SourceRecord -> (EXAMPLE, RawExample), or (DEAD_LETTER, json line) with the reason."""
     try:
-        return EXAMPLE, decode_record(plan, record)
+        return EXAMPLE, decode_record(plan, record, class_names)
     except BadInput as error:
         return DEAD_LETTER, dead_letter(record.key, plan.uri, str(error))
+    except Exception as error:  # noqa: BLE001  an unforeseen failure on one input is its dead letter
+        return DEAD_LETTER, dead_letter(record.key, plan.uri, f"unexpected {type(error).__name__}: {error}")
 
 
 def encode_or_dead_letter(example: RawExample, plan: SourcePlan, label_index: dict):
@@ -48,7 +50,7 @@ def process_record(record: SourceRecord, plan: SourcePlan, assign, label_index: 
     One fused step instead of a chain of Map/Filter steps: Beam's per-element cost is paid
     once per record, not once per step.
     """
-    tag, example = decode_or_dead_letter(record, plan)
+    tag, example = decode_or_dead_letter(record, plan, label_index)
     if tag == DEAD_LETTER:
         yield tag, example
         return

@@ -39,6 +39,11 @@ def shard_pattern(split: str, num_shards: int, compression: str) -> str:
     return shard_name(split, 0, num_shards, compression).replace("00000-of", "*-of", 1)
 
 
+def _num_shards(fixed: int | None, facts, split: str) -> int:
+    """The shard count: fixed when the transform was built, else from the facts side input."""
+    return fixed if fixed else facts["num_shards"][split]
+
+
 class _WritePartsFn(beam.DoFn):
     """Appends each (key, serialized) record to this bundle's part file for its shard, and at
     the end of the bundle outputs (shard, part path): only file names go through the group.
@@ -48,15 +53,15 @@ class _WritePartsFn(beam.DoFn):
     the parts folder when the run ends.
     """
 
-    def __init__(self, parts_dir: str, split: str, num_shards: int):
+    def __init__(self, parts_dir: str, split: str, num_shards: int | None):
         self._parts_dir, self._split, self._num_shards = parts_dir, split, num_shards
         self._open = {}
 
     def start_bundle(self):
         self._open = {}
 
-    def process(self, record):
-        shard = assign_shard(record, self._num_shards)[0]
+    def process(self, record, facts=None):
+        shard = assign_shard(record, _num_shards(self._num_shards, facts, self._split))[0]
         if shard not in self._open:
             path = FileSystems.join(self._parts_dir, f"{self._split}-{shard:05d}-{uuid.uuid4().hex}.part")
             self._open[shard] = (path, FileSystems.create(path))
@@ -96,7 +101,8 @@ class _WriteShardFn(beam.DoFn):
         self._split = split
         self._compression = compression
 
-    def process(self, shard_and_items, num_shards):
+    def process(self, shard_and_items, num_shards, facts=None):
+        num_shards = _num_shards(num_shards, facts, self._split)
         shard, items = shard_and_items  # part file names, or the (key, record) pairs themselves
         records = sorted(pair for item in items for pair in (read_part(item) if isinstance(item, str) else [item]))
         final = FileSystems.join(self._directory, shard_name(self._split, shard, num_shards, self._compression))
@@ -121,29 +127,37 @@ class WriteShards(beam.PTransform):
     the runner's shuffle. With `parts_dir=None` the records themselves are grouped instead:
     Beam 2.77's Dask runner drops what `finish_bundle` outputs, so the part names never
     arrive there (the same bug made WriteToTFRecord write an empty file while reporting
-    success). Both ways give the same bytes. The shard count is fixed before the pipeline
-    runs (from the planned record count).
+    success). Both ways give the same bytes. The shard count is either fixed (`num_shards`)
+    or read from the `facts` side input (`facts["num_shards"][split]`, from the records the
+    split will get), which the workers compute before the first record is written.
     """
 
-    def __init__(self, directory: str, split: str, num_shards: int, compression: str, parts_dir: str | None):
+    def __init__(self, directory: str, split: str, num_shards: int | None, compression: str, parts_dir: str | None,
+                 facts=None):
         super().__init__()
-        if num_shards < 1:
+        if num_shards is None and facts is None:
+            raise ValueError("WriteShards needs num_shards or the facts side input")
+        if num_shards is not None and num_shards < 1:
             raise ValueError(f"num_shards must be at least 1, got {num_shards}")
         self._directory, self._split = directory, split
         self._num_shards, self._compression = num_shards, compression
         self._parts_dir = parts_dir
+        self._facts = facts
 
     def expand(self, records):
+        side = (self._facts,) if self._facts is not None else ()
+        split, fixed = self._split, self._num_shards
         if self._parts_dir is None:
             grouped = (records
-                       | "AssignShard" >> beam.Map(assign_shard, self._num_shards)
+                       | "AssignShard" >> beam.Map(
+                           lambda record, facts=None: assign_shard(record, _num_shards(fixed, facts, split)), *side)
                        | "GroupByShard" >> beam.GroupByKey())
         else:
             grouped = (records
-                       | "WriteParts" >> beam.ParDo(_WritePartsFn(self._parts_dir, self._split, self._num_shards))
+                       | "WriteParts" >> beam.ParDo(_WritePartsFn(self._parts_dir, self._split, self._num_shards), *side)
                        | "GroupPartsByShard" >> beam.GroupByKey())
         return (
             grouped
             | "WriteShard" >> beam.ParDo(_WriteShardFn(self._directory, self._split, self._compression),
-                                         self._num_shards)
+                                         self._num_shards, *side)
         )

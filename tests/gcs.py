@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -38,11 +37,12 @@ class GcsEmulator:
                 "GOOGLE_CLOUD_PROJECT": "test-project", "CLOUDSDK_CORE_PROJECT": "test-project"}
 
     def start(self) -> "GcsEmulator":
-        executable = shutil.which("gcp-storage-emulator", path=os.path.dirname(sys.executable)) or "gcp-storage-emulator"
-        # In memory: on disk, the emulator stores object `a/` as a file `a`, and then cannot
-        # store `a/b` (FileExistsError); TensorFlow writes such folder markers.
-        self.process = subprocess.Popen([executable, "start", "--in-memory", "--host", "127.0.0.1", "--port",
-                                         str(self.port), "--default-bucket", "kcp-test", "--quiet"],
+        # The emulator's own command line, wrapped to enforce GCS's generation preconditions
+        # (tests/gcs_emulator_main.py). In memory: on disk, the emulator stores object `a/` as a
+        # file `a`, and then cannot store `a/b` (FileExistsError); TensorFlow writes such folder markers.
+        launcher = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gcs_emulator_main.py")
+        self.process = subprocess.Popen([sys.executable, launcher, "start", "--in-memory", "--host", "127.0.0.1",
+                                         "--port", str(self.port), "--default-bucket", "kcp-test", "--quiet"],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 30
         while time.time() < deadline:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import time
 
@@ -10,6 +12,9 @@ import keras
 
 from kcp.core import storage
 from kcp.core.config import TrainConfig
+from kcp.core.errors import UserError
+
+log = logging.getLogger("kcp.train")
 
 
 def learning_rate(config: TrainConfig, steps_per_epoch: int):
@@ -26,6 +31,33 @@ def learning_rate(config: TrainConfig, steps_per_epoch: int):
         return keras.optimizers.schedules.CosineDecay(rate, decay_steps=total)
     return keras.optimizers.schedules.CosineDecay(0.0, decay_steps=total - warmup, warmup_target=rate,
                                                   warmup_steps=warmup)
+
+
+class NonFiniteLossError(UserError):
+    """The training loss became NaN or infinite; the message names where and the likely causes."""
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Raises NonFiniteLossError at the first batch whose loss is NaN or infinite.
+
+    One NaN poisons every weight for good, so going on (Keras' TerminateOnNaN only stops,
+    and the run then saves and exports the poisoned model) is never useful. The error leaves
+    `fit` before anything is saved: no model.keras, no export. The logged loss is the
+    epoch's running mean, which stays non-finite once a batch made it so.
+    """
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is None or math.isfinite(float(loss)):
+            return
+        raise NonFiniteLossError(
+            f"training stopped: the loss became {float(loss)} at epoch {getattr(self, '_epoch', 0) + 1}, "
+            f"batch {batch + 1}; likely causes: a learning rate too high (lower train.learning_rate or set "
+            "train.clip_norm), inputs with nothing in them (text rows with no token, all-zero inputs), or "
+            "NaN/infinite values in the data")
 
 
 class ThroughputTimer(keras.callbacks.Callback):
@@ -62,13 +94,17 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     backup's weights go to a file of their own, and the metadata, replaced atomically after
     them, names that file; older weight files are removed only then. The metadata therefore
     always names a complete pair, and a resume restores the last backup that finished.
+
+    The backup also outlives `fit`: it is removed by `delete_backup()`, which the trainer calls
+    only after model.keras and metrics.json are written (Keras removes it at the end of fit).
     """
 
     def _save_model(self):
         storage.makedirs(self.backup_dir)
         name = f"epoch{self._current_epoch:05d}-batch{self._last_batch_seen:06d}.weights.h5"
         self.model.save_weights(storage.join(self.backup_dir, name), overwrite=True)
-        metadata = {"epoch": self._current_epoch, "batch": self._last_batch_seen, "weights": name}
+        metadata = {"epoch": self._current_epoch, "batch": self._last_batch_seen, "weights": name,
+                    "fingerprint": self._fingerprint()}
         storage.write_text_atomic(self._training_metadata_path, json.dumps(metadata))
         for path in storage.glob(storage.join(self.backup_dir, "*.weights.h5")):
             if path.rsplit("/", 1)[-1] != name:
@@ -80,6 +116,15 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
         if not self.model.built:
             raise ValueError("BackupAndRestore needs a built model before fit(); build it on a batch first")
         metadata = json.loads(storage.read_text(self._training_metadata_path))
+        planned = (self.params or {}).get("epochs")
+        if metadata.get("fingerprint", self._fingerprint()) != self._fingerprint() or (
+                planned is not None and metadata["epoch"] > planned):
+            # made by another model, data contract or schedule (config changed, data preprocessed
+            # again): restoring it would fail on shapes or silently skip epochs, so start afresh
+            log.warning("backup %s: made by another model, data or schedule than this run's; "
+                        "it is discarded and training starts at epoch 1", self.backup_dir)
+            storage.remove_tree(self.backup_dir)
+            return
         if self.model.optimizer is not None and not self.model.optimizer.built:
             self.model.optimizer.build(self.model.trainable_variables)
         self.model.load_weights(storage.join(self.backup_dir, metadata.get("weights", "latest.weights.h5")))
@@ -87,6 +132,26 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
 
     def on_train_begin(self, logs=None):
         self._load_model()
+
+    def _fingerprint(self) -> str:
+        """What the backup is valid for: every weight's shape (model family and keys, input shape,
+        classes) and the optimizer's config (its schedule, which spans the planned epochs)."""
+        optimizer = self.model.optimizer.get_config() if self.model.optimizer is not None else {}
+        # a plain learning rate is left out: ReduceLROnPlateau lowers it while training runs
+        optimizer = {key: value for key, value in optimizer.items()
+                     if key != "name" and not (key == "learning_rate" and isinstance(value, (int, float)))}
+        described = {"weights": [list(weight.shape) for weight in self.model.weights], "optimizer": optimizer}
+        return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def on_train_end(self, logs=None):
+        """Keeps the backup: Keras deletes it here, but the trainer still evaluates, predicts and
+        writes model.keras and metrics.json after fit, and a preemption in that window must resume
+        from the last epoch, not from epoch 1. Whoever saves the results calls `delete_backup()`."""
+
+    def delete_backup(self) -> None:
+        """Removes the backup (when `delete_checkpoint`): call once the run's results are saved."""
+        if self.delete_checkpoint:
+            storage.remove_tree(self.backup_dir)
 
 
 class EpochHistory(keras.callbacks.Callback):

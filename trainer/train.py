@@ -16,16 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
-import os
 import sys
 import time
-from dataclasses import dataclass
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from kcp.core import contract as contract_lib
@@ -33,45 +29,15 @@ from kcp.core import examples as example_lib
 from kcp.core import storage
 from kcp.core.config import Config, TrainConfig
 from kcp.core.layout import SPLITS, RunLayout
-from trainer.callbacks import (AtomicBackupAndRestore, EpochHistory, ThroughputTimer, examples_per_second,
-                               learning_rate, steps_per_epoch)
+from trainer.callbacks import (AtomicBackupAndRestore, EpochHistory, StopOnNonFiniteLoss, ThroughputTimer,
+                               examples_per_second, learning_rate, steps_per_epoch)
 from trainer.data import make_dataset
-from trainer.distribute import choose_strategy, num_workers, worker_info
+from trainer.distribute import choose_strategy, num_workers
 from trainer.models import ModelInputs, build_model
+from trainer.models.common import batch_norm_momentum_for
+from trainer.outputs import TrainPaths, confusion_matrix, predict_labels, save_results, weights_digest
 
 log = logging.getLogger("kcp.train")
-
-
-@dataclass(frozen=True)
-class TrainPaths:
-    """Where this process writes; non-chief workers of a cluster keep to their own folder."""
-
-    train_dir: str
-    outputs: str  # model.keras, metrics.json, history.json, confusion_matrix.json
-    checkpoints: str
-    backup: str
-    logs: str
-    model_copy: str | None  # AIP_MODEL_DIR
-    chief: bool
-
-    @classmethod
-    def resolve(cls, run_dir: str, multi_worker: bool) -> "TrainPaths":
-        train_dir = RunLayout(run_dir).train
-        task_type, index, chief = worker_info() if multi_worker else ("worker", 0, True)
-        checkpoint_root = os.environ.get("AIP_CHECKPOINT_DIR") or train_dir
-        backup = storage.join(checkpoint_root, "backup")
-        if multi_worker:  # Keras' BackupAndRestore is not multi-worker aware: one folder per worker
-            backup = storage.join(backup, f"{task_type}-{index}")
-        outputs = train_dir if chief else storage.join(train_dir, f"{task_type}-{index}")
-        return cls(
-            train_dir=train_dir,
-            outputs=outputs,
-            checkpoints=storage.join(checkpoint_root if chief else outputs, "checkpoints"),
-            backup=backup,
-            logs=os.environ.get("AIP_TENSORBOARD_LOG_DIR") or storage.join(train_dir, "logs"),
-            model_copy=os.environ.get("AIP_MODEL_DIR") if chief else None,
-            chief=chief,
-        )
 
 
 def make_optimizer(config: TrainConfig, rate):
@@ -169,6 +135,9 @@ class Trainer:
         model_config = self.config.model
         if model_config.sync_batch_norm is None:
             model_config = dataclasses.replace(model_config, sync_batch_norm=self.replicas > 1)
+        if model_config.batch_norm_momentum is None:  # short runs: moving statistics that forget the start
+            model_config = dataclasses.replace(
+                model_config, batch_norm_momentum=batch_norm_momentum_for(settings.epochs * self.steps))
         loss, metrics = loss_and_metrics(settings, self.contract.num_classes)
         with self.strategy.scope():
             model = build_model(ModelInputs.from_contract(self.contract), model_config)
@@ -221,14 +190,16 @@ class Trainer:
             matrix = {"class_names": list(self.contract.class_names),
                       "matrix": confusion_matrix(labels, predictions, self.contract.num_classes)}
             storage.write_text_atomic(storage.join(paths.outputs, "confusion_matrix.json"), json.dumps(matrix) + "\n")
-        if paths.chief:
-            _save_model(model, storage.join(paths.outputs, "model.keras"))
-        text = json.dumps(metrics_json, indent=2)
-        storage.write_text_atomic(storage.join(paths.outputs, "metrics.json"), text + "\n")
+        # the fingerprint of the data contract this model was trained on: export refuses another one
+        metrics_json["contract_sha256"] = storage.sha256(RunLayout(self.run_dir).metadata)
+        text = json.dumps(metrics_json, indent=2) + "\n"
+        save_results(model, paths.outputs if paths.chief else None, paths.outputs, text)
         if paths.model_copy:
             storage.makedirs(paths.model_copy)
-            _save_model(model, storage.join(paths.model_copy, "model.keras"))
-            storage.write_text_atomic(storage.join(paths.model_copy, "metrics.json"), text)
+            save_results(model, paths.model_copy, paths.model_copy, text)
+        for callback in callbacks:  # only now: a kill before this point resumes from the last epoch
+            if isinstance(callback, AtomicBackupAndRestore):
+                callback.delete_backup()
         return metrics_json
 
 
@@ -241,6 +212,7 @@ def make_callbacks(config: TrainConfig, paths: TrainPaths, has_validation: bool)
     timer = ThroughputTimer()
     monitor = config.monitor if has_validation or not config.monitor.startswith("val_") else config.monitor[4:]
     callbacks = [
+        StopOnNonFiniteLoss(),  # first: a NaN batch raises before any other callback saves or logs it
         timer,
         AtomicBackupAndRestore(paths.backup, delete_checkpoint=True),
         EpochHistory(storage.join(paths.outputs, "history.json")),
@@ -258,35 +230,3 @@ def make_callbacks(config: TrainConfig, paths: TrainPaths, has_validation: bool)
                                                            factor=config.decay_rate,
                                                            patience=config.plateau_patience))
     return callbacks, timer
-
-
-def weights_digest(model) -> str:
-    """SHA-256 of every weight's bytes, in order: equal digests mean identical models."""
-    digest = hashlib.sha256()
-    for weight in model.weights:
-        digest.update(np.ascontiguousarray(np.asarray(weight)).tobytes())
-    return digest.hexdigest()
-
-
-def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> list[list[int]]:
-    """Rows are true classes, columns predicted classes."""
-    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(matrix, (labels.astype(np.int64), predictions.astype(np.int64)), 1)
-    return matrix.tolist()
-
-
-def predict_labels(model, dataset, one_hot: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(true labels, predicted labels) over a dataset of (inputs, labels) batches, in order."""
-    labels = np.concatenate([np.asarray(batch_labels) for _, batch_labels in dataset])
-    if one_hot:
-        labels = labels.argmax(axis=-1)
-    predictions = model.predict(dataset.map(lambda inputs, _: inputs), verbose=0).argmax(axis=-1)
-    return labels, predictions
-
-
-def _save_model(model, path: str) -> None:
-    """Saves to a temporary name first, so a crash never leaves a truncated model.keras."""
-    temporary = path.replace(".keras", ".tmp.keras")
-    model.save(temporary)
-    storage.remove(path)
-    storage.rename(temporary, path)

@@ -14,6 +14,7 @@ the oracle and writes the results, workers run trials and stop when the chief is
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -24,6 +25,7 @@ import keras
 
 from kcp.core import storage
 from kcp.core.config import Config
+from kcp.core.errors import UserError
 from kcp.core.layout import RunLayout
 from tuning.hypermodel import TrainerHyperModel, make_tuner
 from tuning.results import write_results
@@ -57,6 +59,37 @@ def watch_chief(host: str, port: int, grace_seconds: float = CHIEF_GONE_SECONDS,
     threading.Thread(target=watch, name="chief-watchdog", daemon=True).start()
 
 
+FINGERPRINT = "fingerprint.json"  # RUN/tuning/: what the search (and its oracle) was made for
+RESUMABLE = ("max_trials", "retrain_best")  # tune keys a resumed search may change
+
+
+def search_fingerprint(config: Config, run_dir: str) -> dict:
+    """What the tuner's oracle depends on: the data contract, the model and train sections (the
+    fixed keys of every trial) and the search settings; `tune.max_trials` may grow on a resume."""
+    plain = config.to_dict()
+    return {"contract_sha256": storage.sha256(RunLayout(run_dir).metadata), "model": plain["model"],
+            "train": plain["train"], "tune": {k: v for k, v in plain["tune"].items() if k not in RESUMABLE}}
+
+
+def check_fingerprint(config: Config, run_dir: str) -> None:
+    """Records the search's fingerprint in a new RUN/tuning/, or refuses (one line) to resume a
+    search that was made for another model, search space, training setup or data contract: its
+    oracle's trials and best_hparams.json would describe something else."""
+    layout = RunLayout(run_dir)
+    path = storage.join(layout.tuning, FINGERPRINT)
+    text = json.dumps(search_fingerprint(config, run_dir), indent=2, sort_keys=True, default=str) + "\n"
+    wanted = json.loads(text)
+    if storage.exists(path):
+        found = json.loads(storage.read_text(path))
+        if found != wanted:
+            changed = [("data contract" if key == "contract_sha256" else f"{key} section")
+                       for key in ("contract_sha256", "model", "train", "tune") if found.get(key) != wanted[key]]
+            raise UserError(f"{layout.tuning} holds a search made for another {' and '.join(changed)}; tune in a "
+                            f"new run directory, or delete {layout.tuning} to start the search afresh")
+        return
+    storage.write_text_atomic(path, text)
+
+
 def run_search(config: Config, run_dir: str) -> dict:
     """Runs (or resumes) the search; the chief of a distributed search only serves the oracle.
     Returns the results (write_results), or {"role": tuner id} on a worker."""
@@ -68,6 +101,8 @@ def run_search(config: Config, run_dir: str) -> dict:
     worker = bool(tuner_id) and "chief" not in tuner_id
     if worker:
         watch_chief(os.environ["KERASTUNER_ORACLE_IP"], int(os.environ["KERASTUNER_ORACLE_PORT"]))
+    if not worker:
+        check_fingerprint(config, run_dir)
     tuner = make_tuner(config, TrainerHyperModel(config, run_dir, space), directory)
     tuner.search(epochs=config.train.epochs, verbose=0)
     if worker:  # a worker holds only a client of the chief's oracle: the chief writes the results

@@ -19,22 +19,36 @@ class Batcher:
         self.batches_run = 0
         self.in_flight = 0  # calls that entered __call__ and have no result yet
         self.lock = threading.Lock()
+        self.closed = False
         threading.Thread(target=self._loop, daemon=True).start()
 
     def __call__(self, inputs: dict) -> dict:
         future: Future = Future()
         with self.lock:
-            self.in_flight += 1
+            closed = self.closed
+            if not closed:
+                self.in_flight += 1
+                self.requests.put((inputs, future))  # under the lock: never after close()'s sentinel
+        if closed:  # the version was unloaded while this call was on its way: run it alone
+            return {name: value.numpy() for name, value in self.function(**inputs).items()}
         try:
-            self.requests.put((inputs, future))
             return future.result()
         finally:
             with self.lock:
                 self.in_flight -= 1
 
+    def close(self) -> None:
+        """Ends the batching thread (the version was unloaded); calls already queued still run."""
+        with self.lock:
+            self.closed = True
+            self.requests.put(None)
+
     def _loop(self):
         while True:
-            pending = [self.requests.get()]
+            first = self.requests.get()
+            if first is None:
+                return
+            pending = [first]
             rows = len(next(iter(pending[0][0].values())))
             deadline = time.monotonic() + self.timeout_s
             # wait for more rows only while other calls are on their way: a lone request runs at once
@@ -45,6 +59,9 @@ class Batcher:
                 try:
                     item = self.requests.get(timeout=remaining)
                 except queue.Empty:
+                    break
+                if item is None:
+                    self.requests.put(None)  # close after this batch
                     break
                 pending.append(item)
                 rows += len(next(iter(item[0].values())))

@@ -137,6 +137,8 @@ def metadata(name: str, version: int, functions: dict) -> dict:
             "metadata": {"signature_def": {"signature_def": signatures}}}
 
 
-def status(name: str, versions: list[int]) -> dict:
-    return {"model_version_status": [{"version": str(v), "state": "AVAILABLE",
-                                      "status": {"error_code": "OK", "error_message": ""}} for v in versions]}
+def status(entries: list[dict]) -> dict:
+    """TF Serving's GetModelStatus answer as JSON, from ModelRegistry.status entries."""
+    return {"model_version_status": [{"version": str(e["version"]), "state": e["state"],
+                                      "status": {"error_code": e["error_code"], "error_message": e["error_message"]}}
+                                     for e in entries]}

@@ -1,9 +1,20 @@
-"""The models being served: RUN/export/NAME/VERSION, loaded once and rescanned for new versions."""
+"""The models being served: RUN/export/NAME/VERSION under a version policy, rescanned for changes.
+
+TF Serving's rules, plus one of ours: only versions that `kcp validate` blessed
+(assets.extra/validation.json with "blessed": true) are served unless `allow_unvalidated`.
+Each scan (at most one at a time, every `poll_seconds`) loads the versions the policy wants
+once, unloads those it no longer wants (deleted folders included), and records a failed load
+once, retrying it on a later scan with exponential backoff. Remote run directories (gs://)
+are read through kcp.core.storage: each version is copied to a local folder, then loaded.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -11,10 +22,14 @@ import tensorflow as tf
 
 from deploy.serving.batching import Batcher
 from deploy.serving.codec import RequestError
+from deploy.serving.versions import blessed, parse_labels, parse_policy, replay_warmup
 from kcp.core import storage
-from kcp.core.layout import export_versions
+from kcp.core.contract import read_lines
+from kcp.core.errors import UserError
 
 log = logging.getLogger("kcp.serve")
+MAX_BACKOFF_S = 300.0
+MISS_SCAN_S = 0.5  # a request for a version not loaded rescans at most this often
 
 
 @dataclass
@@ -30,56 +45,240 @@ class LoadedVersion:
         return dict(self.model.signatures)
 
     def signature(self, name: str):
-        """The concrete function of signature `name`, or a 400 naming the ones there are."""
-        function = self.model.signatures.get(name)
+        """The concrete function of signature `name`, or a 400 naming the ones there are (TF Serving's words)."""
+        function = self.model.signatures.get(name or "serving_default")
         if function is None:
-            raise RequestError(f"signature {name!r} not found; this model has {', '.join(self.model.signatures)}")
+            raise RequestError(f'Serving signature name: "{name}" not found in signature def')
         return function
 
 
+@dataclass
+class Failure:
+    error: str
+    attempts: int
+    retry_at: float
+
+
 class ModelRegistry:
-    """The export folders of a run: RUN/export/NAME/VERSION, rescanned for new versions."""
+    """The export folders of a run, RUN/export/NAME/VERSION, served under a version policy."""
 
     def __init__(self, export_root: str, max_batch_size: int = 32, batch_timeout_ms: float = 2.0,
-                 batching: bool = True):
+                 batching: bool = True, *, policy: str = "latest:1", allow_unvalidated: bool = False,
+                 labels: dict | list | None = None, poll_seconds: float = 1.0):
         self.export_root = export_root
         self.max_batch_size, self.timeout_s, self.batching = max_batch_size, batch_timeout_ms / 1000.0, batching
+        self.policy = parse_policy(policy)
+        labels = dict(labels) if isinstance(labels, dict) else parse_labels(labels)  # or ['stable=3', ...]
+        self.allow_unvalidated, self.labels, self.poll_seconds = allow_unvalidated, labels, poll_seconds
         self.models: dict[str, dict[int, LoadedVersion]] = {}
-        self.lock = threading.Lock()
+        self.failures: dict[str, dict[int, Failure]] = {}
+        self.unblessed: dict[str, set] = {}  # complete versions left out for want of a blessing
+        self.loads = 0  # tf.saved_model.load calls, for tests
+        self.lock = threading.Lock()  # guards the dicts above
+        self.scan_lock = threading.Lock()  # one scan at a time
+        self.last_scan = float("-inf")
+        self.remote = storage.is_remote(export_root)
+        self.staging = tempfile.mkdtemp(prefix="kcp-serve-") if self.remote else None
+
+    # ---- scanning
+
+    def _candidates(self, versions) -> tuple[list[int], int]:
+        """(versions in the order to try, how many of them to serve) under the policy. For
+        latest:N, a version that fails to load gives way to the next older one (as TF Serving's
+        availability-preserving policy keeps the old version when the new one fails)."""
+        kind, argument = self.policy
+        if kind == "latest":
+            return sorted(versions, reverse=True), argument
+        chosen = sorted(versions) if kind == "all" else sorted(set(versions) & argument)
+        return chosen, len(chosen)
+
+    def _local_copy(self, name: str, version: int, path: str) -> str:
+        """A remote version folder copied to local disk through kcp.core.storage."""
+        target = os.path.join(self.staging, name, str(version))
+        prefix = path.rstrip("/") + "/"
+        for remote in storage.glob(prefix + "**"):
+            local = os.path.join(target, remote[len(prefix):])
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            with open(local, "wb") as handle:
+                handle.write(storage.read_bytes(remote))
+        return target
+
+    def _load(self, name: str, version: int, path: str) -> None:
+        try:
+            local = self._local_copy(name, version, path) if self.remote else path
+            self.loads += 1
+            model = tf.saved_model.load(local)
+            replay_warmup(model, local)
+            labels = storage.join(path, "assets.extra", "labels.txt")
+            class_names = read_lines(storage.read_text(labels)) if storage.exists(labels) else []
+        except Exception as error:  # noqa: BLE001  a broken export must not stop the server
+            with self.lock:
+                previous = self.failures.setdefault(name, {}).get(version)
+                attempts = previous.attempts + 1 if previous else 1
+                backoff = min(MAX_BACKOFF_S, max(self.poll_seconds, 1.0) * 2 ** attempts)
+                message = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+                self.failures[name][version] = Failure(message, attempts, time.monotonic() + backoff)
+            log.error("serve: cannot load %s (attempt %d, next in %.0f s): %s", path, attempts, backoff, message)
+            return
+        with self.lock:
+            self.models.setdefault(name, {})[version] = LoadedVersion(version, path, model, class_names)
+            self.failures.get(name, {}).pop(version, None)
+        log.info("serve: loaded %s version %d", name, version)
 
     def scan(self) -> None:
-        """Loads versions that appeared since the last scan (complete folders only)."""
-        for name in storage.list_dir(self.export_root):
-            directory = storage.join(self.export_root, name)
-            for version in export_versions(directory):  # none when `name` is a file
-                with self.lock:
-                    if version in self.models.get(name, {}):
-                        continue
-                path = storage.join(directory, str(version))
-                if not storage.exists(storage.join(path, "saved_model.pb")):
-                    continue  # temporary or half-copied folders are never loaded
-                try:
-                    loaded = tf.saved_model.load(path)
-                except Exception as error:  # noqa: BLE001  a broken export must not stop the server
-                    log.error("serve: cannot load %s: %s", path, error)
-                    continue
-                labels = storage.join(path, "assets.extra", "labels.txt")
-                class_names = storage.read_text(labels).splitlines() if storage.exists(labels) else []
-                with self.lock:
-                    self.models.setdefault(name, {})[version] = LoadedVersion(version, path, loaded, class_names)
-                log.info("serve: loaded %s version %d", name, version)
+        """Brings the loaded versions in line with the folders and the policy (one scan at a time)."""
+        with self.scan_lock:
+            self._scan()
+            self.last_scan = time.monotonic()
 
-    def get(self, name: str, version: str | None) -> LoadedVersion:
-        self.scan()
+    def _scan(self) -> None:
+        first = self.last_scan == float("-inf")
+        try:
+            if first and not storage.exists(self.export_root):  # say so instead of serving nothing
+                raise UserError(f"{self.export_root}: no exports there (run `kcp export` first, or check the path)")
+            names = storage.list_dir(self.export_root) if storage.exists(self.export_root) else []
+        except UserError:
+            raise
+        except Exception as error:  # noqa: BLE001
+            if first:
+                raise UserError(f"{self.export_root}: cannot list the exports: "
+                                f"{str(error).strip().splitlines()[0] if str(error).strip() else error!r}") from None
+            log.error("serve: cannot list %s: %s", self.export_root, error)
+            return
+        seen = {name for name in names if self._scan_model(name, storage.join(self.export_root, name))}
         with self.lock:
-            versions = self.models.get(name)
-            if not versions:
-                raise RequestError(f"Servable not found for request: Latest({name})", HTTPStatus.NOT_FOUND)
-            if version is None:
-                return versions[max(versions)]
-            if not version.isdigit() or int(version) not in versions:
-                raise RequestError(f"Servable not found for request: Specific({name}, {version})", HTTPStatus.NOT_FOUND)
-            return versions[int(version)]
+            for name in set(self.models) - seen:  # a whole model folder deleted
+                for loaded in self.models.pop(name).values():
+                    for batcher in loaded.batchers.values():
+                        batcher.close()
+            for table in (self.failures, self.unblessed):
+                for name in set(table) - seen:
+                    del table[name]
+
+    def _scan_model(self, name: str, directory: str) -> bool:
+        """One model's folder: loads and unloads versions per the policy; False when it has none."""
+        try:
+            complete = {int(v): storage.join(directory, v) for v in storage.list_dir(directory) if v.isdigit()}
+        except (OSError, NotADirectoryError):
+            return False  # a file, not a model folder
+        complete = {v: p for v, p in complete.items() if storage.exists(storage.join(p, "saved_model.pb"))}
+        if not complete:
+            return False
+        eligible = {v: p for v, p in complete.items() if self.allow_unvalidated or blessed(p)}
+        now = time.monotonic()
+        with self.lock:
+            self.unblessed[name] = set(complete) - set(eligible)
+            loaded = set(self.models.get(name, {}))
+            failures = self.failures.setdefault(name, {})
+            for version in set(failures) - set(eligible):
+                del failures[version]
+
+        def available(version: int) -> bool:
+            if version not in loaded:
+                failure = failures.get(version)
+                if failure is not None and failure.retry_at > now:
+                    return False  # failed before: retried on a later scan, after its backoff
+                self._load(name, version, eligible[version])
+            with self.lock:
+                return version in self.models.get(name, {})
+
+        labelled = set(self.labels.values()) & set(eligible)  # a labelled version is always served
+        served = {version for version in labelled if available(version)}
+        order, count = self._candidates(eligible)
+        for version in order:
+            if count <= 0:
+                break
+            if available(version):
+                served.add(version)
+                count -= 1
+        with self.lock:
+            for version in loaded - served:
+                for batcher in self.models[name].pop(version).batchers.values():
+                    batcher.close()
+                log.info("serve: unloaded %s version %d", name, version)
+        return True
+
+    def refresh(self, wait: bool = False, interval: float | None = None) -> None:
+        """Scans when the last scan is older than `interval` (default `poll_seconds`); without `wait`,
+        never blocks behind a scan in progress (requests for loaded versions go on meanwhile)."""
+        interval = self.poll_seconds if interval is None else interval
+        if time.monotonic() - self.last_scan < interval:
+            return
+        if not self.scan_lock.acquire(blocking=wait):
+            return
+        try:
+            if time.monotonic() - self.last_scan >= interval:
+                self._scan()
+                self.last_scan = time.monotonic()
+        finally:
+            self.scan_lock.release()
+
+    def poll_forever(self, stop: threading.Event) -> None:
+        """The background scanner: a deleted version is unloaded within one interval, requests or not."""
+        while not stop.wait(self.poll_seconds):
+            try:
+                self.refresh(wait=True)
+            except Exception:  # noqa: BLE001
+                log.exception("serve: scan failed")
+
+    # ---- lookups
+
+    def _not_served(self, name: str, version: int) -> str:
+        if version in self.unblessed.get(name, ()):
+            return f"; version {version} is not blessed by kcp validate (serve it with --allow-unvalidated)"
+        failure = self.failures.get(name, {}).get(version)
+        return f"; version {version} failed to load: {failure.error}" if failure else ""
+
+    def resolve(self, name: str, version: str | None = None, label: str | None = None) -> int | None:
+        """The version a request names: a number, a label's version, or None (the latest)."""
+        if label is not None:
+            if label not in self.labels:
+                raise RequestError(f"Unrecognized servable version label: {label}")
+            return self.labels[label]
+        return None if version is None else int(version)
+
+    def get(self, name: str, version: str | None = None, label: str | None = None) -> LoadedVersion:
+        number = self.resolve(name, version, label)
+        for attempt in range(2):
+            with self.lock:
+                versions = self.models.get(name) or {}
+                if number is None and versions:
+                    return versions[max(versions)]
+                if number in versions:
+                    return versions[number]
+            if attempt == 0:  # a version that appeared since the last scan: loaded once, the others wait
+                self.refresh(wait=True, interval=min(self.poll_seconds, MISS_SCAN_S))
+        with self.lock:
+            if number is None:
+                latest = max(self.unblessed.get(name) or self.failures.get(name) or [0])
+                raise RequestError(f"Servable not found for request: Latest({name})"
+                                   + (self._not_served(name, latest) if latest else ""), HTTPStatus.NOT_FOUND)
+            raise RequestError(f"Servable not found for request: Specific({name}, {number})"
+                               + self._not_served(name, number), HTTPStatus.NOT_FOUND)
+
+    def status(self, name: str, version: str | None = None, label: str | None = None) -> list[dict]:
+        """TF Serving's GetModelStatus entries: loaded versions AVAILABLE, failed loads END with the error."""
+        number = self.resolve(name, version, label)
+        self.refresh()
+        with self.lock:
+            entries = {v: ("AVAILABLE", "OK", "") for v in self.models.get(name, {})}
+            for v, failure in self.failures.get(name, {}).items():
+                entries.setdefault(v, ("END", "UNKNOWN", failure.error))
+        if not entries:
+            unblessed = sorted(self.unblessed.get(name, ()))
+            hint = (f"; versions {unblessed} are not blessed by kcp validate (serve them with --allow-unvalidated)"
+                    if unblessed else "")
+            raise RequestError(f"Could not find any versions of model {name}{hint}", HTTPStatus.NOT_FOUND)
+        if number is not None:
+            if number not in entries:
+                raise RequestError(f"Could not find version {number} of model {name}", HTTPStatus.NOT_FOUND)
+            entries = {number: entries[number]}
+        return [{"version": v, "state": s, "error_code": c, "error_message": m}
+                for v, (s, c, m) in sorted(entries.items())]
+
+    def served(self) -> dict[str, list[int]]:
+        with self.lock:
+            return {name: sorted(versions) for name, versions in self.models.items() if versions}
 
     def call(self, loaded: LoadedVersion, signature: str, inputs: dict) -> dict:
         function = loaded.signature(signature)

@@ -67,13 +67,21 @@ def _export(args, run_dir: str) -> str:
 
 
 def run(args, run_dir: str, config, beam_args: list[str]) -> int:
-    """preprocess, train, export; then the reloaded export's accuracy, and the report."""
+    """preprocess, train, export; then validate the reloaded export (blessing it when it matches), and the report."""
     started = time.perf_counter()
-    contract = _preprocess(args, run_dir, config, beam_args)
-    metrics = _train(args, run_dir, config)
-    export_dir = _export(args, run_dir)
-    trainer_accuracy = metrics["test"]["accuracy"]
-    reloaded = api.reloaded_accuracy(export_dir, run_dir, "test")
+    with api.locked(run_dir, "run"):  # one lock over the three stages
+        contract = _preprocess(args, run_dir, config, beam_args)
+        metrics = _train(args, run_dir, config)
+        export_dir = _export(args, run_dir)
+    split = "test" if "test" in metrics else next((s for s in ("validation", "train") if s in metrics), None)
+    trainer_accuracy = metrics[split]["accuracy"] if split else float("nan")
+    verdict = ""
+    if split == "test":  # validate the export as `kcp validate` does, so `kcp serve` serves it
+        validation = api.validate(run_dir)
+        reloaded = validation["export_accuracy"]
+        verdict = " -> blessed" if validation["blessed"] else " -> NOT blessed: " + "; ".join(validation["reasons"])
+    else:
+        reloaded = api.reloaded_accuracy(export_dir, run_dir, split) if split else float("nan")
     say("")
     say(f"kcp run: done in {time.perf_counter() - started:.0f} s — {run_dir}")
     say(f"  data      {contract.source}: " + ", ".join(f"{s} {i.count}" for s, i in contract.splits.items())
@@ -82,8 +90,9 @@ def run(args, run_dir: str, config, beam_args: list[str]) -> int:
         f"{metrics['examples_per_second']:.0f} examples/s")
     say("  accuracy  " + " · ".join(f"{split} {metrics[split]['accuracy']:.4f}" for split in SPLITS if split in metrics))
     say(f"  export    {export_dir}")
-    say(f"  reloaded  export test accuracy {reloaded:.4f} (trainer {trainer_accuracy:.4f}, "
-        f"difference {abs(reloaded - trainer_accuracy):.4f})")
+    say(f"  reloaded  export {split or 'no split'} accuracy {reloaded:.4f} (trainer {trainer_accuracy:.4f}, "
+        f"difference {abs(reloaded - trainer_accuracy):.4f})"
+        + (verdict if split == "test" else "; the test split is empty"))
     return report(args, run_dir, config, [])
 
 
@@ -128,9 +137,21 @@ def push(args, run_dir: str, config, beam_args: list[str]) -> int:
 def serve(args, run_dir: str, config, beam_args: list[str]) -> int:
     server = api.serve(run_dir, args.host, args.port, max_batch_size=args.max_batch_size,
                        batch_timeout_ms=args.batch_timeout_ms, batching=not args.no_batching,
-                       max_request_bytes=int(args.max_request_mb * 2**20))
-    models = {name: sorted(versions) for name, versions in server.registry.models.items()}
-    say(f"[serve] http://{args.host}:{server.server_address[1]}/v1/models/<name> serving {models or 'nothing yet'}")
+                       max_request_bytes=int(args.max_request_mb * 2**20), max_connections=args.max_connections,
+                       idle_timeout_s=args.idle_timeout_s, version_policy=args.version_policy,
+                       allow_unvalidated=args.allow_unvalidated, version_labels=args.version_label,
+                       poll_seconds=args.poll_seconds, grpc_port=None if args.no_grpc else args.grpc_port)
+    registry = server.registry
+    grpc = f", gRPC {args.host}:{server.grpc.port}" if server.grpc else ""
+    say(f"[serve] http://{args.host}:{server.server_address[1]}/v1/models/<name>{grpc} "
+        f"serving {registry.served() or 'nothing yet'}")
+    for name, versions in sorted(registry.unblessed.items()):
+        if versions:
+            say(f"[serve] {name}: versions {sorted(versions)} not blessed by kcp validate, not served "
+                "(--allow-unvalidated serves them)")
+    for name, failures in sorted(registry.failures.items()):
+        for version, failure in sorted(failures.items()):
+            say(f"[serve] {name}: version {version} failed to load: {failure.error}")
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -142,8 +163,10 @@ def serve(args, run_dir: str, config, beam_args: list[str]) -> int:
 
 def predict(args, run_dir: str, config, beam_args: list[str]) -> int:
     say(f"[predict] {args.input} through {RunLayout(run_dir).version_dir(config.export.name, args.version)}")
-    api.predict(run_dir, args.input, args.output, args.version, beam_args=beam_args, overrides=args.overrides)
-    say(f"[predict] -> {args.output}")
+    files = api.predict(run_dir, args.input, args.output, args.version, beam_args=beam_args,
+                        overrides=args.overrides, single_file=args.single_file,
+                        progress=lambda line: say(f"[predict] {line}"))
+    say(f"[predict] -> {files[0] if len(files) == 1 else f'{len(files)} files, {files[0]} ...'}")
     return 0
 
 

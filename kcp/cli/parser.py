@@ -30,11 +30,25 @@ SERVE = [
     (("--max-batch-size",), dict(type=int, default=32, help="rows per batched model call")),
     (("--batch-timeout-ms",), dict(type=float, default=2.0, help="wait for more rows this long")),
     (("--no-batching",), dict(action="store_true", help="one model call per request")),
-    (("--max-request-mb",), dict(type=float, default=10.0, help="largest request body")),
+    (("--max-request-mb",), dict(type=float, default=10.0, help="largest request body or gRPC message")),
+    (("--grpc-port",), dict(type=int, default=8500, help="TF Serving's gRPC API (default 8500; 0 picks a free port)")),
+    (("--no-grpc",), dict(action="store_true", help="REST only")),
+    (("--version-policy",), dict(default="latest:1", metavar="POLICY",
+                                 help="latest[:N] (default latest:1, as TF Serving), all, or specific:V1,V2")),
+    (("--version-label",), dict(action="append", default=[], metavar="LABEL=VERSION",
+                                help="serve VERSION as /v1/models/NAME/labels/LABEL (repeatable), e.g. stable=3")),
+    (("--allow-unvalidated",), dict(action="store_true",
+                                    help="also serve versions kcp validate did not bless (TF Serving's behaviour)")),
+    (("--poll-seconds",), dict(type=float, default=1.0, help="rescan the exports this often")),
+    (("--max-connections",), dict(type=int, default=64, help="concurrent connections (REST) and calls (gRPC); "
+                                                                "beyond: 503 / RESOURCE_EXHAUSTED")),
+    (("--idle-timeout-s",), dict(type=float, default=30.0, help="close connections idle or stalled this long")),
 ]
 PREDICT = [
     (("--input",), dict(required=True, metavar="SOURCE", help="a source URI, as for preprocess")),
-    (("--output",), dict(required=True, metavar="PATH", help="the JSON-lines file to write")),
+    (("--output",), dict(required=True, metavar="PREFIX",
+                         help="writes PREFIX-00000-of-000NN.jsonl shards (dead letters: PREFIX.dead_letter-*.jsonl)")),
+    (("--single-file",), dict(action="store_true", help="write exactly one file, named --output")),
 ]
 DESCRIBE = [
     (("--input-shape",), dict(help="one example's shape, e.g. 32,32,3 (image), 100,3 (sequence), 200 (text)")),
@@ -82,13 +96,14 @@ COMMANDS = {
         "Copy a blessed export version to gs:// with the google-cloud-storage client.",
         ("kcp push --run-dir runs/digits --to gs://BUCKET/models/digits",), (*VERSION, *PUSH)),
     "serve": Command(
-        "Serve RUN/export/ over TF Serving's REST API (predict, classify, metadata).",
+        "Serve RUN/export/ over TF Serving's REST and gRPC APIs (predict, classify, metadata, status).",
         ("kcp serve --run-dir runs/digits --port 8501",
          "curl -s localhost:8501/v1/models/model:predict -d '{\"instances\": [{\"b64\": \"'$(base64 -w0 digit.png)'\"}]}'"),
         (*SERVE,)),
     "predict": Command(
         "Batch prediction with Beam RunInference over the export; writes JSON lines.",
-        ("kcp predict --run-dir runs/digits --input folder:new_images --output predictions.jsonl",),
+        ("kcp predict --run-dir runs/digits --input folder:new_images --output predictions/part",
+         "kcp predict --run-dir runs/digits --input csv:new.csv --output predictions.jsonl --single-file"),
         (*VERSION, *PREDICT), runs_beam=True),
     "report": Command(
         "Write RUN/report/index.html: curves, confusion matrix, mistakes, filters, attention, augmentation.",

@@ -1,10 +1,18 @@
 """What every Beam pipeline here shares (preprocessing and batch prediction): the local runner
-defaults and the tagging of elements as examples or dead letters."""
+defaults (chosen by the planned input count), the planned source as a Beam read
+(`ReadSource`), the tagging of elements as examples or dead letters, and progress lines
+while a local job runs."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
+import tempfile
+import threading
+import time
+import uuid
 
 import apache_beam as beam
 
@@ -18,20 +26,29 @@ DEAD_LETTER = "dead_letter"
 EXAMPLE = "example"
 
 
-def local_runner_defaults(beam_args: list[str]) -> list[str]:
+IN_PROCESS_BELOW = 20_000  # planned inputs under which the local runner runs in this process
+
+
+def local_runner_defaults(beam_args: list[str], planned_inputs: int | None = None) -> list[str]:
     """Fills in the local runner when the user named none.
 
     Beam 2.77's plain DirectRunner first tries to download the Prism runner and can hang
-    offline, so the local default is the FnApiRunner using every core in subprocesses.
+    offline, so the local default is the FnApiRunner. Below IN_PROCESS_BELOW planned inputs
+    it runs in this process (`--direct_running_mode=in_memory`: no worker start-up, which
+    costs more than a small source's whole job); otherwise, or when the size is unknown, in
+    one subprocess per core. `--direct_running_mode` or `--direct_num_workers` after `--`
+    override the choice.
     """
     beam_args = [RUNNER_ALIASES.get(arg, arg) for arg in beam_args]
     given = {arg.split("=", 1)[0].lstrip("-") for arg in beam_args if arg.startswith("--")}
     defaults = []
     if "runner" not in given:
         defaults.append("--runner=FnApiRunner")
+        small = planned_inputs is not None and planned_inputs < IN_PROCESS_BELOW
         if "direct_running_mode" not in given:
-            defaults.append("--direct_running_mode=multi_processing")
-        if "direct_num_workers" not in given:
+            in_process = small and "direct_num_workers" not in given
+            defaults.append(f"--direct_running_mode={'in_memory' if in_process else 'multi_processing'}")
+        if "direct_num_workers" not in given and not (small and "direct_running_mode" not in given):
             defaults.append(f"--direct_num_workers={os.cpu_count() or 1}")
     return defaults + list(beam_args)
 
@@ -49,3 +66,120 @@ def select(tagged, tag: str, label: str):
 def dead_letter(key: str, source: str, reason: str) -> str:
     """One line of a dead-letter file: the input's key, its source and why it was not used."""
     return json.dumps({"key": key, "source": source, "reason": reason}, sort_keys=True)
+
+
+class ReadSource(beam.PTransform):
+    """A planned source as a Beam read: the plan's small read tasks go into the graph, the
+    workers turn each into records (`kcp.core.sources.read_task`). A folder's records (file
+    paths) are redistributed so that decoding spreads over the workers; other tasks are
+    already row ranges or whole files, spread by Create's own redistribution."""
+
+    def __init__(self, plan):
+        super().__init__()
+        self._plan = plan
+
+    def expand(self, pipeline):
+        from kcp.core.sources import read_task
+
+        plan = self._plan
+        records = (pipeline
+                   | "Tasks" >> beam.Create(list(plan.tasks), reshuffle=len(plan.tasks) > 1)
+                   | "ReadTasks" >> beam.FlatMap(lambda task: read_task(plan, task)))
+        if plan.kind == "folder":
+            records = records | "SpreadFiles" >> beam.Reshuffle()
+        return records
+
+
+class _EmptySinkNotice(logging.Filter):
+    """Drops Beam's "No shards found to finalize" warning, printed on every run whose dead
+    letters are empty (`skip_if_empty=True` makes that the expected case, not a problem)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No shards found to finalize")
+
+
+logging.getLogger("apache_beam.io.filebasedsink").addFilter(_EmptySinkNotice())
+
+PROGRESS_WRITE_SECONDS = 2.0
+
+
+class CountProgress(beam.DoFn):
+    """Passes elements through and keeps a count per worker process in a small file under
+    `directory` (rewritten at most every PROGRESS_WRITE_SECONDS and at each bundle's end), so
+    the driver can print progress while a local job runs (`ProgressReporter`)."""
+
+    def __init__(self, directory: str):
+        self._directory = directory
+        self._count, self._written_at, self._path = 0, 0.0, None
+
+    def setup(self):
+        os.makedirs(self._directory, exist_ok=True)
+        self._path = os.path.join(self._directory, f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+    def _write(self):
+        temporary = f"{self._path}.tmp"
+        with open(temporary, "w") as handle:
+            handle.write(str(self._count))
+        os.replace(temporary, self._path)
+        self._written_at = time.monotonic()
+
+    def process(self, element):
+        self._count += 1
+        if time.monotonic() - self._written_at > PROGRESS_WRITE_SECONDS:
+            self._write()
+        yield element
+
+    def finish_bundle(self):
+        if self._count:
+            self._write()
+
+
+class ProgressReporter:
+    """A driver thread that reports `progress: N of ~M inputs read, R/s, T s` every `every`
+    seconds while a local job runs, from CountProgress's files. `directory` is None when the
+    runner is not local (Dataflow and Dask show their own progress): then it does nothing."""
+
+    def __init__(self, directory: str | None, planned: int, report, every: float = 10.0, what: str = "inputs read"):
+        self._directory, self._planned, self._report = directory, planned, report
+        self._every, self._what = every, what
+        self._stop = threading.Event()
+        self._thread = None
+        self._started = time.monotonic()
+
+    def count(self) -> int:
+        total = 0
+        for name in os.listdir(self._directory) if self._directory and os.path.isdir(self._directory) else ():
+            if not name.endswith(".tmp"):
+                try:
+                    with open(os.path.join(self._directory, name)) as handle:
+                        total += int(handle.read() or 0)
+                except (OSError, ValueError):
+                    pass
+        return total
+
+    def _run(self):
+        while not self._stop.wait(self._every):
+            done, elapsed = self.count(), time.monotonic() - self._started
+            self._report(f"progress: {done:,} of ~{self._planned:,} {self._what}, "
+                         f"{done / max(elapsed, 1e-9):,.0f}/s, {elapsed:.0f} s")
+
+    def __enter__(self):
+        if self._directory:
+            self._thread = threading.Thread(target=self._run, name="kcp-progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        if self._directory:
+            shutil.rmtree(self._directory, ignore_errors=True)
+        return False
+
+
+def progress_directory(options: dict) -> str | None:
+    """A fresh local folder for CountProgress files when the runner is the local FnApiRunner."""
+    if "FnApiRunner" not in str(options.get("runner")):
+        return None
+    return os.path.join(tempfile.gettempdir(), f"kcp-progress-{uuid.uuid4().hex[:12]}")

@@ -25,6 +25,7 @@ from typing import Any, Optional
 import yaml
 
 from kcp.core import storage
+from kcp.core.contract import TOKENIZERS
 from kcp.core.layout import RunLayout
 from kcp.core.schema import (ConfigError, build, coerce, merge, option, parse_override, read_yaml_file,
                               to_plain)
@@ -70,6 +71,8 @@ class DataConfig:
     split_column: str = option("split", help="optional column with train/validation/test")
     vocab_size: int = option(20_000, minimum=3, help="text: largest vocabulary, padding and OOV ids included")
     min_count: int = option(2, minimum=1, help="text: least count of a token in the train split")
+    tokenizer: str = option("words", choices=TOKENIZERS,
+                            help="text: words (punctuation stripped), words_and_punctuation, or characters")
     max_length: Optional[int] = option(None, minimum=1, help="text: tokens per example; null: 95th percentile")
     tfds_data_dir: Optional[str] = option(None, help="tfds: where the prepared data lives")
     max_bad_fraction: float = option(0.01, minimum=0.0, maximum=1.0, help="fail when more inputs are unreadable")
@@ -77,7 +80,8 @@ class DataConfig:
 
     def __post_init__(self):
         split = self.split
-        if len(split) != 3 or any(not 0 <= s <= 1 for s in split) or abs(sum(split) - 1) > 1e-6:
+        if len(split) != 3 or any(isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 <= s <= 1
+                                  for s in split) or abs(sum(split) - 1) > 1e-6:
             raise ConfigError(f"data.split: {list(split)!r} must be three fractions (train, validation, test) summing to 1")
         if split[0] == 0:
             raise ConfigError("data.split: the train fraction must be above 0")
@@ -135,6 +139,9 @@ class ModelConfig:
         help="kernel initializer; null: the family's (he_normal for cnn/resnet, glorot_uniform for rnn/transformer)")
     sync_batch_norm: Optional[bool] = option(
         None, help="batch statistics across replicas; null: on when training on 2+ replicas (TF backend)")
+    batch_norm_momentum: Optional[float] = option(
+        None, minimum=0.0, maximum=1.0,
+        help="moving-statistics momentum; null: 0.99, or lower when the run has too few steps to forget the start")
     augment: AugmentLayersConfig = field(default_factory=AugmentLayersConfig)
     family: Any = field(default=None, metadata={"internal": True})  # not a YAML key: built by from_values
 
@@ -232,6 +239,8 @@ class TuneConfig:
 class ExportConfig:
     name: str = option("model", help="model name in RUN/export/NAME/VERSION and in the serving URL")
     min_accuracy: Optional[float] = option(None, minimum=0.0, maximum=1.0)
+    warmup_requests: int = option(100, minimum=0, maximum=1000,
+                                  help="test inputs in assets.extra/tf_serving_warmup_requests; 0: no warmup file")
 
     def __post_init__(self):
         if not self.name or "/" in self.name or self.name.startswith("."):

@@ -13,7 +13,8 @@ One example holds three features:
            image:    raw uint8 bytes of shape [height, width, channels]
            sequence: float32 list of shape [time, features]
            text:     the raw UTF-8 string; tokenised in the graph (trainer and export) with
-                     RUN/data/vocab.txt and the standardisation in `standardize_text`
+                     RUN/data/vocab.txt and the tokenizer of `tokenize_text` recorded in
+                     statistics["tokenizer"]
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ MODALITIES = ("image", "sequence", "text")
 # Text ids: 0 is padding, 1 out-of-vocabulary, then vocab.txt's tokens in order (Keras'
 # TextVectorization convention). The strip pattern is TextVectorization's default.
 STRIP_PUNCTUATION = r'[!"#$%&()\*\+,-\./:;<=>?@\[\\\]^_`{|}~\']'
+ASCII_WHITESPACE = r"[ \t\n\r\x0b\x0c]+"  # what tf.strings.split splits on
+# `data.tokenizer`, recorded in the contract's statistics["tokenizer"] (absent: "words"):
+#   words                  punctuation stripped, split on whitespace (Keras' default)
+#   words_and_punctuation  each punctuation mark a token of its own, then split on whitespace
+#   characters             every character a token; a run of whitespace is one " " token
+TOKENIZERS = ("words", "words_and_punctuation", "characters")
 RESERVED_TOKEN_IDS = 2
 KEY_FEATURE = "key"
 LABEL_FEATURE = "label"
@@ -131,9 +138,9 @@ def data_dir(run_dir: str) -> str:
 def write_contract(run_dir: str, contract: DataContract, vocabulary: list[str] | None = None) -> str:
     """Writes labels.txt (and vocab.txt), then metadata.json last and atomically; returns its path."""
     layout = RunLayout(run_dir)
-    storage.write_text_atomic(layout.labels, "".join(f"{n}\n" for n in contract.class_names))
+    storage.write_text_atomic(layout.labels, lines_text(contract.class_names))
     if vocabulary is not None:
-        storage.write_text_atomic(layout.vocabulary, "".join(f"{t}\n" for t in vocabulary))
+        storage.write_text_atomic(layout.vocabulary, lines_text(vocabulary))
     storage.write_text_atomic(layout.metadata, contract.to_json())
     return layout.metadata
 
@@ -150,15 +157,47 @@ def read_contract(run_dir: str) -> DataContract:
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
+def tokenize_text(text: str, tokenizer: str = "words") -> list[str]:
+    """What the in-graph tokenizer (kcp/core/examples.py) does, in Python: lower-case ASCII
+    letters only (as `tf.strings.lower` does), then `tokenizer` (one of TOKENIZERS)."""
+    lowered = text.translate(_ASCII_LOWER)
+    if tokenizer == "words":
+        return [token for token in re.split(ASCII_WHITESPACE, re.sub(STRIP_PUNCTUATION, "", lowered)) if token]
+    if tokenizer == "words_and_punctuation":
+        spaced = re.sub(f"({STRIP_PUNCTUATION})", r" \1 ", lowered)
+        return [token for token in re.split(ASCII_WHITESPACE, spaced) if token]
+    if tokenizer == "characters":
+        return list(re.sub(ASCII_WHITESPACE, " ", lowered).strip(" "))
+    raise ValueError(f"data.tokenizer: {tokenizer!r} is not one of {', '.join(TOKENIZERS)}")
+
+
 def standardize_text(text: str) -> list[str]:
-    """What the in-graph tokenizer does, in Python: lower-case ASCII letters only (as
-    `tf.strings.lower` does), strip punctuation, split on ASCII whitespace."""
-    stripped = re.sub(STRIP_PUNCTUATION, "", text.translate(_ASCII_LOWER))
-    return [token for token in re.split(r"[ \t\n\r\x0b\x0c]+", stripped) if token]
+    """The `words` tokenizer: lower-case ASCII, strip punctuation, split on ASCII whitespace."""
+    return tokenize_text(text, "words")
+
+
+def text_tokenizer(contract: DataContract) -> str:
+    """The tokenizer the contract's vocabulary was made with (contracts before it was recorded: words)."""
+    return contract.statistics.get("tokenizer", "words")
+
+
+def lines_text(items) -> str:
+    """One item a line, for labels.txt and vocab.txt. Only "\n" ends a line, so an item may hold
+    any other character (U+0085, U+2028, \x1c..\x1e, \r: `str.splitlines` splits on all of them)."""
+    items = [str(item) for item in items]
+    broken = next((item for item in items if "\n" in item), None)
+    if broken is not None:
+        raise ContractError(f"{broken!r} contains a line break; class names and tokens are written one a line")
+    return "".join(f"{item}\n" for item in items)
+
+
+def read_lines(text: str) -> list[str]:
+    """The items of `lines_text`: split on "\n" only."""
+    return text.split("\n")[:-1] if text.endswith("\n") else text.split("\n") if text else []
 
 
 def read_vocabulary(run_dir: str) -> list[str]:
     path = RunLayout(run_dir).vocabulary
     if not storage.exists(path):
         raise ContractError(f"{path}: not found; text runs need the vocabulary `kcp preprocess` writes")
-    return storage.read_text(path).splitlines()
+    return read_lines(storage.read_text(path))

@@ -12,8 +12,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kcp.core.contract import (KEY_FEATURE, LABEL_FEATURE, ContractError, DataContract, FeatureSpec,
-                               read_vocabulary)
+from kcp.core.contract import (ASCII_WHITESPACE, KEY_FEATURE, LABEL_FEATURE, STRIP_PUNCTUATION, ContractError,
+                               DataContract, FeatureSpec, read_vocabulary, text_tokenizer)
 
 
 def encode_example(contract_input: FeatureSpec, input_feature: str, key: str, inputs, label: int) -> bytes:
@@ -107,9 +107,34 @@ def read_split(contract: DataContract, data_dir: str, split, batch_size: int, *,
                        num_parallel_calls=autotune, deterministic=deterministic)
 
 
+# The in-graph halves of `contract.tokenize_text`, after TextVectorization's "lower". Registered,
+# so a TextVectorization that uses them serializes (get_config) and loads by name.
+@keras.saving.register_keras_serializable(package="kcp")
+def split_words_and_punctuation(texts):
+    """(batch,) lower-cased strings -> ragged tokens: words, and each punctuation mark on its own."""
+    return tf.strings.split(tf.strings.regex_replace(texts, f"({STRIP_PUNCTUATION})", r" \1 "))
+
+
+@keras.saving.register_keras_serializable(package="kcp")
+def split_characters(texts):
+    """(batch,) lower-cased strings -> ragged characters; a run of whitespace is one " "."""
+    collapsed = tf.strings.regex_replace(texts, ASCII_WHITESPACE, " ")
+    trimmed = tf.strings.regex_replace(collapsed, "^ | $", "")
+    return tf.strings.unicode_split(trimmed, "UTF-8")
+
+
+TOKENIZER_LAYER_SETTINGS = {  # data.tokenizer -> TextVectorization's standardize and split
+    "words": {"standardize": "lower_and_strip_punctuation", "split": "whitespace"},
+    "words_and_punctuation": {"standardize": "lower", "split": split_words_and_punctuation},
+    "characters": {"standardize": "lower", "split": split_characters},
+}
+
+
 def text_vectorizer(contract: DataContract, run_dir: str):
-    """A Keras TextVectorization layer: raw strings -> int ids of length `max_length`."""
+    """A Keras TextVectorization layer: raw strings -> int ids of length `max_length`, with the
+    tokenizer the contract's vocabulary was made with (tested token for token against
+    `contract.tokenize_text`)."""
     return keras.layers.TextVectorization(
-        standardize="lower_and_strip_punctuation", split="whitespace", output_mode="int",
+        **TOKENIZER_LAYER_SETTINGS[text_tokenizer(contract)], output_mode="int",
         output_sequence_length=int(contract.statistics["max_length"]), vocabulary=read_vocabulary(run_dir),
         name="tokenize")

@@ -102,11 +102,20 @@ class RunLayout:
         return self._join("export", name)
 
     def versions(self, name: str) -> list[int]:
-        """The integer version folders under RUN/export/NAME, ascending (temporaries are not versions)."""
+        """The complete version folders under RUN/export/NAME (saved_model.pb present), ascending.
+        Temporaries are not versions, nor a version an export killed halfway left on gs://."""
         return export_versions(self.export_root(name))
 
+    def version_claims(self, name: str) -> str:
+        """RUN/export/NAME/.claims/: one object per version number an export has claimed (gs://)."""
+        return self._join("export", name, ".claims")
+
     def next_version(self, name: str) -> int:
-        return max(self.versions(name), default=0) + 1
+        """One above every version number in use: complete, partial (a killed export) or claimed."""
+        root = self.export_root(name)
+        taken = [int(n) for n in storage.list_dir(root) if n.isdigit()]
+        taken += [int(n) for n in storage.list_dir(self.version_claims(name)) if n.isdigit()]
+        return max(taken, default=0) + 1
 
     def version_dir(self, name: str, version: int | None = None) -> str:
         """RUN/export/NAME/VERSION; the newest version when `version` is None."""
@@ -122,18 +131,28 @@ class RunLayout:
 
 
 def export_versions(export_root: str) -> list[int]:
-    """The integer version folders directly under one model's export folder, ascending."""
-    return sorted(int(name) for name in storage.list_dir(export_root) if name.isdigit())
+    """The complete integer version folders directly under one model's export folder, ascending:
+    those holding saved_model.pb, which every export and push writes last."""
+    return sorted(int(name) for name in storage.list_dir(export_root)
+                  if name.isdigit() and storage.exists(storage.join(export_root, name, "saved_model.pb")))
 
 
 def new_run_dir(root: str = RUNS_ROOT) -> str:
-    """A fresh local `ROOT/<UTC timestamp>` (with a suffix when that name is taken)."""
+    """A fresh local `ROOT/<UTC timestamp>` (with a suffix when that name is taken), created here.
+
+    The folder is claimed with os.mkdir, which fails when it exists, so two runs started in the
+    same second get different folders (checking first and creating later would hand both the same one).
+    """
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    candidate, suffix = os.path.join(root, stamp), 1
-    while os.path.exists(candidate):
-        suffix += 1
-        candidate = os.path.join(root, f"{stamp}-{suffix}")
-    return candidate
+    os.makedirs(root, exist_ok=True)
+    suffix = 1
+    while True:
+        candidate = os.path.join(root, stamp if suffix == 1 else f"{stamp}-{suffix}")
+        try:
+            os.mkdir(candidate)
+            return candidate
+        except FileExistsError:
+            suffix += 1
 
 
 def newest_run(root: str = RUNS_ROOT) -> str | None:

@@ -7,6 +7,7 @@ The sections themselves (data, model, train, tune, export) are in kcp/core/confi
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import field
@@ -81,6 +82,8 @@ def coerce(key: str, value: Any, annotation: Any):
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: {value!r} is not a number")
+        if not math.isfinite(value):  # NaN passes every minimum/maximum comparison: it would switch rules off
+            raise ConfigError(f"{key}: {value!r} is not a finite number")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):

@@ -15,179 +15,14 @@ module-level functions below are what the code base calls; each delegates to the
 
 from __future__ import annotations
 
-import abc
-import glob as _glob
 import os
 import posixpath
-import shutil
-import uuid
 
+from kcp.core.backends import Backend, LocalBackend
+from kcp.core.remote import OBJECT_STORES, BeamBackend, GfileBackend, gcs_client, split_gs_uri
 
-class Backend(abc.ABC):
-    """The operations a scheme must provide; every path is a full local path or URI."""
-
-    @abc.abstractmethod
-    def exists(self, path: str) -> bool: ...
-    @abc.abstractmethod
-    def makedirs(self, path: str) -> None: ...
-    @abc.abstractmethod
-    def read_bytes(self, path: str) -> bytes: ...
-    @abc.abstractmethod
-    def write_bytes_atomic(self, path: str, content: bytes) -> None: ...
-    @abc.abstractmethod
-    def glob(self, pattern: str) -> list[str]: ...
-    @abc.abstractmethod
-    def remove(self, path: str) -> None: ...
-    @abc.abstractmethod
-    def remove_tree(self, path: str) -> None: ...
-    @abc.abstractmethod
-    def list_dir(self, path: str) -> list[str]: ...
-    @abc.abstractmethod
-    def rename(self, source: str, target: str) -> None: ...
-
-
-def _temporary(path: str) -> str:
-    return f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-
-
-class LocalBackend(Backend):
-    def exists(self, path):
-        return os.path.exists(path)
-
-    def makedirs(self, path):
-        os.makedirs(path, exist_ok=True)
-
-    def read_bytes(self, path):
-        with open(path, "rb") as handle:
-            return handle.read()
-
-    def write_bytes_atomic(self, path, content):
-        temporary = _temporary(path)
-        directory = os.path.dirname(path)
-        if directory:
-            os.makedirs(directory, exist_ok=True)
-        try:
-            with open(temporary, "wb") as handle:
-                handle.write(content)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            if os.path.exists(temporary):
-                os.remove(temporary)
-            raise
-
-    def glob(self, pattern):
-        return sorted(_glob.glob(pattern))
-
-    def remove(self, path):
-        if os.path.exists(path):
-            os.remove(path)
-
-    def remove_tree(self, path):
-        if os.path.exists(path):
-            shutil.rmtree(path)
-
-    def list_dir(self, path):
-        return sorted(os.listdir(path)) if os.path.isdir(path) else []
-
-    def rename(self, source, target):
-        os.rename(source, target)
-
-
-class BeamBackend(Backend):
-    """Beam's FileSystems. In its globs `*` stops at "/" and `**` does not."""
-
-    def __init__(self):
-        # Lazy: reading a local YAML must not import Beam (measured: ~1.5 s per process).
-        from apache_beam.io.filesystems import FileSystems
-
-        self.fs = FileSystems
-
-    def _under(self, path: str) -> list[str]:
-        """Every object below the "folder" `path`."""
-        return [metadata.path for metadata in self.fs.match([path.rstrip("/") + "/**"])[0].metadata_list]
-
-    def exists(self, path):
-        return self.fs.exists(path) or bool(self._under(path))
-
-    def makedirs(self, path):
-        pass  # object stores need no folders
-
-    def read_bytes(self, path):
-        with self.fs.open(path) as handle:
-            return handle.read()
-
-    def write_bytes_atomic(self, path, content):
-        temporary = _temporary(path)
-        with self.fs.create(temporary) as handle:
-            handle.write(content)
-        if self.fs.exists(path):
-            self.fs.delete([path])
-        self.fs.rename([temporary], [path])
-
-    def glob(self, pattern):
-        return sorted(metadata.path for metadata in self.fs.match([pattern])[0].metadata_list)
-
-    def remove(self, path):
-        if self.fs.exists(path):
-            self.fs.delete([path])
-
-    def remove_tree(self, path):
-        paths = self._under(path)
-        if paths:
-            self.fs.delete(paths)
-
-    def list_dir(self, path):
-        prefix = path.rstrip("/") + "/"
-        names = {child[len(prefix):].split("/", 1)[0] for child in self._under(path)}
-        return sorted(name for name in names if name)
-
-    def rename(self, source, target):
-        self.fs.rename([source], [target])
-
-
-class GfileBackend(Backend):
-    """`tf.io.gfile`, for the schemes Beam has no filesystem for."""
-
-    def __init__(self):
-        # Lazy: reading a local YAML must not import TensorFlow (measured: ~5-7 s per process).
-        import tensorflow as tf
-
-        self.gfile = tf.io.gfile
-
-    def exists(self, path):
-        return self.gfile.exists(path)
-
-    def makedirs(self, path):
-        self.gfile.makedirs(path)
-
-    def read_bytes(self, path):
-        with self.gfile.GFile(path, "rb") as handle:
-            return handle.read()
-
-    def write_bytes_atomic(self, path, content):
-        temporary = _temporary(path)
-        with self.gfile.GFile(temporary, "wb") as handle:
-            handle.write(content)
-        self.gfile.rename(temporary, path, overwrite=True)
-
-    def glob(self, pattern):
-        return sorted(self.gfile.glob(pattern))
-
-    def remove(self, path):
-        if self.gfile.exists(path):
-            self.gfile.remove(path)
-
-    def remove_tree(self, path):
-        if self.gfile.exists(path):
-            self.gfile.rmtree(path)
-
-    def list_dir(self, path):
-        return sorted(name.rstrip("/") for name in self.gfile.listdir(path)) if self.gfile.exists(path) else []
-
-    def rename(self, source, target):
-        self.gfile.rename(source, target, overwrite=False)
+__all__ = ["Backend", "LocalBackend", "BeamBackend", "GfileBackend", "OBJECT_STORES", "gcs_client", "split_gs_uri",
+           "backend_for"]
 
 
 _BACKENDS: dict[str | None, Backend] = {}  # by scheme, the text before "://"; None for local paths
@@ -231,13 +66,44 @@ def read_bytes(path: str) -> bytes:
     return backend_for(path).read_bytes(path)
 
 
+def sha256(path: str) -> str:
+    """The SHA-256 of a file's bytes, hex: the fingerprint of what an artifact was made from."""
+    import hashlib
+
+    return hashlib.sha256(read_bytes(path)).hexdigest()
+
+
 def read_text(path: str) -> str:
     return read_bytes(path).decode("utf-8")
 
 
+FAULT_ENV = "KCP_KILL_AT"  # fault injection for the tests: see `fault_point`
+_FAULT_HITS: dict = {}
+
+
+def fault_point(when: str, path: str) -> None:
+    """Kills this process (SIGKILL, as a preemption does) at a named point, for the fault-injection
+    tests: with KCP_KILL_AT="before:metrics.json" the first write or rename whose target is named
+    metrics.json dies before it, "after:model.keras:2" after the second one. A no-op otherwise."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    parts = spec.split(":")
+    wanted_when, name, count = parts[0], parts[1], int(parts[2]) if len(parts) > 2 else 1
+    if when != wanted_when or str(path).rstrip("/").replace(os.sep, "/").rsplit("/", 1)[-1] != name:
+        return
+    _FAULT_HITS[spec] = _FAULT_HITS.get(spec, 0) + 1
+    if _FAULT_HITS[spec] == count:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def write_bytes_atomic(path: str, content: bytes) -> None:
     """Writes so that readers see the old file or the whole new one, never a part."""
+    fault_point("before", path)
     backend_for(path).write_bytes_atomic(path, content)
+    fault_point("after", path)
 
 
 def write_text_atomic(path: str, text: str) -> None:
@@ -263,5 +129,24 @@ def list_dir(path: str) -> list[str]:
     return backend_for(path).list_dir(path)
 
 
+def list_files(path: str) -> list[str]:
+    """Every file below the folder `path` (recursively), relative to it with "/" separators, sorted."""
+    return backend_for(path).list_files(path)
+
+
 def rename(source: str, target: str) -> None:
+    """Moves a file; an existing target is replaced (local, gs://), or the move fails (gfile)."""
+    fault_point("before", target)
     backend_for(source).rename(source, target)
+    fault_point("after", target)
+
+
+def create_exclusive(path: str, content: bytes) -> bool:
+    """Writes `path` only if it does not exist yet: True if this call created it. On local disks
+    and gs:// the check and the write are one atomic step, so of two racing callers one wins."""
+    return backend_for(path).create_exclusive(path, content)
+
+
+def remove_if_content(path: str, content: bytes) -> bool:
+    """Deletes `path` only if it still holds `content` (so a file someone replaced meanwhile stays)."""
+    return backend_for(path).remove_if_content(path, content)

@@ -30,6 +30,14 @@ def _pyplot():
     return plt
 
 
+def run_eagerly(model, inputs, batch_size: int = 256) -> np.ndarray:
+    """`model` on `inputs` in eager batches. Not `model.predict`: each probe model would trace
+    a predict function of its own, and TensorFlow warns about the retracing at the end of a run."""
+    batches = [keras.ops.convert_to_numpy(model(inputs[start:start + batch_size], training=False))
+               for start in range(0, len(inputs), batch_size)]
+    return np.concatenate(batches)
+
+
 def _save(figure, report_dir: str, name: str) -> str:
     plt = _pyplot()
     buffer = io.BytesIO()
@@ -174,7 +182,7 @@ def plot_filters(model, test: dict, model_inputs, modality: str, report_dir: str
     names = [_save(figure, report_dir, "filters.png")]
 
     probe = keras.Model(model.inputs, layer.output)
-    activations = np.asarray(probe.predict(model_inputs, verbose=0))
+    activations = run_eagerly(probe, model_inputs)
     strength = activations.reshape(len(activations), -1, activations.shape[-1]).mean(axis=1)  # (examples, filters)
     chosen = np.argsort(-strength.std(axis=0))[:4]  # the filters that tell examples apart most
     figure, axes = plt.subplots(len(chosen), 6, figsize=(10, 1.9 * len(chosen)), squeeze=False)
@@ -230,7 +238,7 @@ def predict_test(run_dir: str, contract, model, limit: int = 2000) -> dict:
         raw = np.array([value.decode("utf-8") for value in raw], dtype=object)
     else:
         model_inputs = raw.astype(np.float32)
-    probabilities = np.asarray(model.predict(model_inputs, verbose=0))
+    probabilities = run_eagerly(model, model_inputs)
     return {"inputs": raw, "model_inputs": model_inputs, "labels": labels, "probabilities": probabilities,
             "modality": contract.modality}
 

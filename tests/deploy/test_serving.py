@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import threading
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -43,8 +44,9 @@ def image_run(tmp_path_factory):
 @pytest.fixture()
 def server(image_run):
     run_dir, _ = image_run
-    httpd = make_server(run_dir, "127.0.0.1", 0, max_batch_size=16, batch_timeout_ms=20)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    httpd = make_server(run_dir, "127.0.0.1", 0, max_batch_size=16, batch_timeout_ms=20, allow_unvalidated=True,
+                        poll_seconds=0.1)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}", httpd
     httpd.shutdown()
@@ -60,6 +62,13 @@ def call(url, body=None, raw=None):
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())
+
+
+def wait_for(condition, seconds: float = 20.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
 
 
 def png_b64(path) -> str:
@@ -190,8 +199,10 @@ def test_row_and_columnar_formats_and_another_size(server, image_run):
     ("/v1/models/colors:predict", {"instances": [{"b64": base64.b64encode(b"not an image").decode()}]}, None, 400, ""),
     ("/v1/models/colors:predict", {"instances": []}, None, 400, "non-empty"),
     ("/v1/models/colors:predict", {"instances": [1], "inputs": [1]}, None, 400, "exactly one of"),
-    ("/v1/models/colors:predict", {"signature_name": "nope", "instances": [1]}, None, 400, "signature 'nope'"),
-    ("/v1/nothing", None, None, 404, "no such endpoint"),
+    ("/v1/models/colors:predict", {"signature_name": "nope", "instances": [1]}, None, 400,
+     'Serving signature name: "nope" not found'),
+    ("/v1/nothing", None, None, 400, "Malformed request: GET /v1/nothing"),
+    ("/nothing", None, None, 404, "no such endpoint"),
 ])
 def test_bad_requests_get_4xx_with_an_error(server, path, body, raw, code, message):
     url, _ = server
@@ -202,7 +213,7 @@ def test_bad_requests_get_4xx_with_an_error(server, path, body, raw, code, messa
 
 def test_request_size_is_limited(image_run):
     run_dir, _ = image_run
-    httpd = make_server(run_dir, "127.0.0.1", 0, max_request_bytes=1000)
+    httpd = make_server(run_dir, "127.0.0.1", 0, max_request_bytes=1000, allow_unvalidated=True)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
         status, answer = call(f"http://127.0.0.1:{httpd.server_address[1]}/v1/models/colors:predict",
@@ -225,27 +236,65 @@ def test_concurrent_requests_are_batched(server, image_run):
     assert batcher.batches_run < 48  # several requests shared a model call
 
 
-def test_a_new_version_is_served_without_restart(server, image_run, tmp_path):
-    url, _ = server
+def test_a_new_version_replaces_the_old_and_a_deleted_one_stops_being_served(server, image_run):
+    url, httpd = server
     run_dir, _ = image_run
     assert cli.main(["export", "--run-dir", run_dir]) == 0
-    code, body = call(f"{url}/v1/models/colors")
-    assert code == 200 and [s["version"] for s in body["model_version_status"]] == ["1", "2"]
-    assert call(f"{url}/v1/models/colors/versions/2:predict", {"instances": [[1, 2]]})[0] == 400  # bad input, v2 found
-    shutil.rmtree(os.path.join(run_dir, "export", "colors", "2"))
+    try:
+        wait_for(lambda: httpd.registry.served().get("colors") == [2])  # the next scan (0.1 s here)
+        code, body = call(f"{url}/v1/models/colors")  # TF Serving's default policy: the latest version only
+        assert code == 200 and [s["version"] for s in body["model_version_status"]] == ["2"]
+        assert call(f"{url}/v1/models/colors/versions/2:predict", {"instances": [[1, 2]]})[0] == 400  # v2 found
+        assert call(f"{url}/v1/models/colors/versions/1:predict", {"instances": [[1, 2]]})[0] == 404
+    finally:
+        shutil.rmtree(os.path.join(run_dir, "export", "colors", "2"))
+    wait_for(lambda: httpd.registry.served().get("colors") == [1])  # the background scan, no request needed
+    assert call(f"{url}/v1/models/colors/versions/2:predict", {"instances": [[1, 2]]})[0] == 404
 
 
 def test_batch_prediction_matches_the_server(server, image_run, tmp_path):
+    """Sharded JSON lines that agree with the server; a corrupt image is one dead letter, not a failed job."""
     url, _ = server
     run_dir, root = image_run
-    output = str(tmp_path / "predictions.jsonl")
-    assert cli.main(["predict", "--run-dir", run_dir, "--input", f"folder:{root}", "--output", output,
+    folder = tmp_path / "images"
+    shutil.copytree(root, folder)
+    (folder / "class1" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    prefix = str(tmp_path / "out" / "predictions")
+    assert cli.main(["predict", "--run-dir", run_dir, "--input", f"folder:{folder}", "--output", prefix + ".jsonl",
                      "--", *IN_PROCESS_BEAM]) == 0
-    lines = [json.loads(line) for line in open(output)]
-    assert len(lines) == 90
+    shards = sorted((tmp_path / "out").glob("predictions-*-of-*.jsonl"))
+    assert shards and all(str(p).endswith(f"-of-{len(shards):05d}.jsonl") for p in shards)
+    lines = sorted((json.loads(line) for p in shards for line in p.read_text().splitlines()), key=lambda l: l["key"])
+    assert len(lines) == 90 and "class1/corrupt.png" not in {line["key"] for line in lines}
+    dead = [json.loads(line) for p in (tmp_path / "out").glob("predictions.dead_letter-*.jsonl")
+            for line in p.read_text().splitlines()]
+    assert [d["key"] for d in dead] == ["class1/corrupt.png"] and "not a decodable image" in dead[0]["reason"]
     for line in lines[:12]:
         code, answer = call(f"{url}/v1/models/colors:predict", {"instances": [{"b64": png_b64(root / line["key"])}]})
         assert code == 200
         assert answer["predictions"][0]["class_ids"] == line["class_id"]
         assert answer["predictions"][0]["class_names"] == line["class_name"]
         assert max(answer["predictions"][0]["probabilities"]) == pytest.approx(line["probability"], abs=1e-6)
+    single = str(tmp_path / "one.jsonl")
+    assert cli.main(["predict", "--run-dir", run_dir, "--input", f"folder:{root}", "--output", single, "--single-file",
+                     "--", *IN_PROCESS_BEAM]) == 0
+    assert sorted(json.loads(line)["key"] for line in open(single)) == [line["key"] for line in lines]
+
+
+def test_batch_prediction_retries_a_failed_batch_one_input_at_a_time():
+    """Only the input whose prediction fails becomes a dead letter; the rest of its batch is predicted."""
+    from deploy.predict import PredictFn
+    from kcp.core.beamio import DEAD_LETTER, EXAMPLE
+
+    class Handler:
+        def run_inference(self, batch, model):
+            if "bad" in batch:
+                raise ValueError("cannot predict bad\nmore detail")
+            return [{"probabilities": np.array([0.25, 0.75])} for _ in batch]
+
+    predict = PredictFn("unused", "serving_default", "text", ("neg", "pos"), "csv:x.csv")
+    predict._handler, predict._model = Handler(), object()
+    out = list(predict.process([("a", "good"), ("b", "bad"), ("c", "fine")]))
+    assert [tag for tag, _ in out] == [EXAMPLE, DEAD_LETTER, EXAMPLE]
+    assert json.loads(out[0][1]) == {"key": "a", "class_id": 1, "class_name": "pos", "probability": 0.75}
+    assert json.loads(out[1][1])["reason"] == "prediction failed (ValueError: cannot predict bad)"

@@ -8,10 +8,10 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from kcp.core.beamio import DEAD_LETTER
 from kcp.core.config import load_config
-from kcp.core.sources import SourceRecord, plan_source
+from kcp.core.sources import SourceRecord, plan_source, read_task
 from pipeline import splits
 from pipeline.analysis import ChannelStatsFn
-from pipeline.preprocess import planned_counts, split_assigner
+from pipeline.preprocess import SourceFactsFn, split_assigner
 from pipeline.records import ANALYZE, AUGMENTED, process_record
 from pipeline.shards import MAX_SHARDS, shard_count, shard_name, shard_pattern
 
@@ -78,8 +78,9 @@ def test_process_record_decodes_splits_augments_and_encodes_in_one_step():
     import tensorflow as tf
 
     data = load_config([], ["data.augment.copies=2"]).data
-    plan, records = plan_source("digits", data)
-    assign = split_assigner(plan, records, tuple(data.split), data.seed)
+    plan = plan_source("digits", data)
+    records = [record for task in plan.tasks for record in read_task(plan, task)]
+    assign = split_assigner(False, tuple(data.split), data.seed)
     labels = {name: index for index, name in enumerate(plan.class_names)}
     train = next(r for r in records if assign(r) == "train")
     test = next(r for r in records if assign(r) == "test")
@@ -98,6 +99,13 @@ def test_process_record_decodes_splits_augments_and_encodes_in_one_step():
     tags = [tag for tag, _ in process_record(broken, plan, assign, labels, data.augment)]
     assert tags == [DEAD_LETTER]
 
-    counts = planned_counts(records, assign, data.augment.copies)
+    facts_fn = SourceFactsFn(plan, data, 100)
+    accumulators = [facts_fn.create_accumulator(), facts_fn.create_accumulator()]
+    for index, record in enumerate(records):  # two partial accumulators, merged: as on two workers
+        accumulators[index % 2] = facts_fn.add_input(accumulators[index % 2], record)
+    facts = facts_fn.extract_output(facts_fn.merge_accumulators(accumulators))
     by_split = collections.Counter(assign(r) for r in records)
-    assert counts == {"train": 3 * by_split["train"], "validation": by_split["validation"], "test": by_split["test"]}
+    assert facts["planned"] == {"train": 3 * by_split["train"], "validation": by_split["validation"],
+                                "test": by_split["test"]}
+    assert facts["class_names"] == list(plan.class_names) and facts["carve"] is False
+    assert facts["num_shards"] == {"train": 1, "validation": 1, "test": 1}

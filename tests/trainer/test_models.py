@@ -7,6 +7,7 @@ import tensorflow as tf
 import keras
 from kcp.core.config import MODEL_FAMILIES, ConfigError, load_config
 from trainer.models import REGISTRY, ModelInputs, build_model
+from trainer.models.common import batch_norm_momentum_for
 from trainer.models.transformer import attention_layers, attention_scores
 
 SPECS = {
@@ -237,3 +238,47 @@ def test_each_family_s_default_tuning_space_is_valid_for_that_family(family):
     space = search_space(config)
     assert space == MODEL_FAMILIES[family].search_space and space
     assert any(key.startswith("model.") for key in space)  # it searches the family's own keys
+
+
+def text_with_empty_rows(spec, count, seed=0):
+    """Token ids whose class is marked by one token (id 2 + class) among filler ids; every 8th row
+    is all padding, as a text that tokenizes to nothing (`}`, `~~ ^<<<<`) is."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, spec.num_classes, count)
+    tokens = random_inputs(spec, count, seed)
+    tokens = np.where(tokens > 0, 2 + spec.num_classes + tokens % (spec.vocab_size - 2 - spec.num_classes), 0)
+    tokens[np.arange(count), rng.integers(0, 3, count)] = 2 + labels  # within the 3 real tokens every row has
+    tokens[::8] = 0
+    return tokens.astype(np.int32), labels
+
+
+@pytest.mark.parametrize("family, extra", [("transformer", "model.pooling=mean"), ("transformer", "model.pooling=cls"),
+                                           ("rnn", "model.bidirectional=true"), ("cnn", "model.dropout=0.0"),
+                                           ("resnet", "model.dropout=0.0")])
+def test_text_rows_with_no_token_train_to_a_finite_loss(family, extra):
+    spec = SPECS["text"]
+    keras.utils.set_random_seed(4)
+    momentum = batch_norm_momentum_for(4 * 8)  # as the trainer sets it: 4 epochs of 8 steps
+    model = build_model(spec, small_config(family, extra, f"model.batch_norm_momentum={momentum}"))
+    model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    tokens, labels = text_with_empty_rows(spec, 256)
+    assert np.all(model.predict(tokens[:16], verbose=0) >= 0)  # finite: NaN fails every comparison
+    history = model.fit(tokens, labels, batch_size=32, epochs=4, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"])), history.history["loss"]
+    test_tokens, test_labels = text_with_empty_rows(spec, 128, seed=1)
+    real = test_tokens.any(axis=1)
+    probabilities = model.predict(test_tokens, verbose=0)
+    assert np.all(np.isfinite(probabilities))
+    accuracy = float(np.mean(probabilities[real].argmax(axis=1) == test_labels[real]))
+    assert accuracy >= 0.6, accuracy  # chance is 1/3
+
+
+def test_transformer_sequence_stem_convolves_neighbouring_steps_by_default():
+    spec = SPECS["sequence"]
+    model = build_model(spec, small_config("transformer"))
+    names = {layer.name for layer in model.layers}
+    assert {"stem_conv1", "stem_conv2"} <= names and "step_projection" not in names
+    scores = attention_scores(model, random_inputs(spec, 2))
+    assert scores[0].shape == (2, 2, spec.shape[0], spec.shape[0])  # one token per step, as with the projection
+    linear = build_model(spec, small_config("transformer", "model.sequence_stem=linear"))
+    assert "step_projection" in {layer.name for layer in linear.layers}

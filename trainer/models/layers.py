@@ -61,3 +61,23 @@ class ClassToken(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         tokens = None if input_shape[1] is None else input_shape[1] + 1
         return (input_shape[0], tokens, input_shape[2])
+
+
+@keras.saving.register_keras_serializable(package="kcp")
+class MaskedAveragePooling(keras.layers.Layer):
+    """Mean of the real tokens: [(batch, tokens, dim), (batch, tokens) bool] -> (batch, dim).
+
+    A row with no real token (a text that tokenizes to nothing) pools to zeros. Keras'
+    GlobalAveragePooling1D divides 0 by 0 there, and one NaN row poisons every weight.
+    """
+
+    def call(self, inputs):
+        x, padding = inputs  # padding: True where a token is real
+        real = keras.ops.expand_dims(keras.ops.cast(padding, x.dtype), -1)  # (batch, tokens, 1)
+        total = keras.ops.sum(keras.ops.where(real > 0, x, keras.ops.zeros_like(x)), axis=1)
+        count = keras.ops.sum(real, axis=1)  # (batch, 1)
+        return total / keras.ops.maximum(count, keras.ops.ones_like(count))
+
+    def compute_output_shape(self, input_shape):
+        shape = input_shape[0]
+        return (shape[0], shape[2])

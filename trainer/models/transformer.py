@@ -1,10 +1,14 @@
 """Transformer encoder classifiers: tokens -> N x (self-attention, MLP) -> pooled head.
 
-Tokens are the text's embedded ids, a linear projection of each time step (sequences), or
-non-overlapping patches projected to `model.dim` (images, as in ViT). A sinusoidal or
-learned position encoding is added. Each block is pre-norm: LayerNorm -> multi-head
-self-attention -> dropout -> residual add, then LayerNorm -> MLP (GELU) -> residual add.
-The head pools the mean of the (unpadded) tokens or a learned class token.
+Tokens are the text's embedded ids, one per time step of a sequence (by default two 3-step
+convolutions, `model.sequence_stem: conv`, so that each token carries the local shape around
+its step: 0.58 -> 0.79 test accuracy on a shape-under-shift task, docs/performance.md; `linear`
+projects each step alone), or non-overlapping patches projected to `model.dim` (images, as in
+ViT). A sinusoidal or learned position encoding is added. Each block is pre-norm: LayerNorm ->
+multi-head self-attention -> dropout -> residual add, then LayerNorm -> MLP (GELU) -> residual add.
+The head pools the mean of the (unpadded) tokens or a learned class token. A text row with
+no real token (all padding) stays finite: attention to no key gives zeros, and its mean pool
+is zeros rather than 0/0.
 
 `attention_scores(model, inputs)` returns every block's attention probabilities
 (batch, heads, tokens, tokens), for the report's attention maps.
@@ -33,6 +37,8 @@ class TransformerConfig:
     positional: str = option("sinusoidal", choices=("sinusoidal", "learned"), help="position encoding")
     patch_size: int = option(0, minimum=0, help="images: patch side; 0: the side that gives 8x8 patches")
     pooling: str = option("mean", choices=("mean", "cls"), help="mean of the tokens or a class token")
+    sequence_stem: str = option("conv", choices=("linear", "conv"),
+                                help="sequences: a linear projection of each step, or two 3-step convolutions")
 
     default_initializer: ClassVar[str] = "glorot_uniform"
     search_space: ClassVar[dict] = {
@@ -72,7 +78,7 @@ def build(spec: ModelInputs, config: ModelConfig):
     """Builds the encoder classifier for images (patches), sequences (steps) or text (tokens)."""
     import keras
     from keras import ops
-    from trainer.models.layers import ClassToken, PositionEncoding
+    from trainer.models.layers import ClassToken, MaskedAveragePooling, PositionEncoding
 
     initializer = initializer_for(config)
     inputs, x = model_input(spec, config)
@@ -85,6 +91,11 @@ def build(spec: ModelInputs, config: ModelConfig):
         x = keras.layers.Conv2D(config.dim, patch, strides=patch, kernel_initializer=initializer,
                                 name="patch_embedding")(x)  # (batch, H/p, W/p, dim)
         x = keras.layers.Reshape(((height // patch) * (width // patch), config.dim), name="patches")(x)
+    elif spec.modality == "sequence" and config.sequence_stem == "conv":
+        # each token sees its neighbours (a local shape), as in "early convolutions" (Xiao et al. 2021)
+        x = keras.layers.Conv1D(config.dim, 3, padding="same", activation="gelu", kernel_initializer=initializer,
+                                name="stem_conv1")(x)
+        x = keras.layers.Conv1D(config.dim, 3, padding="same", kernel_initializer=initializer, name="stem_conv2")(x)
     elif spec.modality == "sequence":
         x = keras.layers.Dense(config.dim, kernel_initializer=initializer, name="step_projection")(x)
     else:
@@ -106,8 +117,10 @@ def build(spec: ModelInputs, config: ModelConfig):
     x = keras.layers.LayerNormalization(epsilon=1e-6, name="final_norm")(x)
     if config.pooling == "cls":
         pooled = x[:, 0]
+    elif padding is not None:
+        pooled = MaskedAveragePooling(name="avg_pool")([x, padding])  # finite when a row has no token
     else:
-        pooled = keras.layers.GlobalAveragePooling1D(name="avg_pool")(x, mask=padding)
+        pooled = keras.layers.GlobalAveragePooling1D(name="avg_pool")(x)
     outputs = classifier_head(pooled, spec.num_classes, config.dropout)
     return keras.Model(inputs, outputs, name="transformer")
 
@@ -126,5 +139,6 @@ def attention_scores(model, inputs) -> list:
     if not layers:
         raise ValueError(f"model {model.name!r} has no attention layers")
     probe = keras.Model(model.inputs, [layer.output[1] for layer in layers])
-    outputs = probe.predict(inputs, verbose=0)
-    return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+    outputs = probe(inputs, training=False)  # eager: no predict function to trace for a one-off probe
+    outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+    return [keras.ops.convert_to_numpy(output) for output in outputs]

@@ -9,55 +9,72 @@
 One module per kind: images.py (digits, folder), arrays.py (npz), tables.py (csv, jsonl),
 tfds.py; the shared record types and errors are in base.py.
 
-`plan_source` runs in the driver before the pipeline: it checks the source (a missing path,
-an empty source or a missing column fails here, with one line naming it), fixes the
-modality, the input spec and the class names, and lists the records. Records are small
-(file paths, or rows and arrays of in-memory sources); `decode_record` turns one into a
-`RawExample` inside the pipeline, raising `BadInput` for what goes to the dead letters.
-Preprocessing and batch prediction both read their inputs through here.
+`plan_source` runs in the driver and only plans: it checks the source (a missing path, an
+empty source or a missing column fails here, with one line naming it) and fixes the
+modality and the input spec from names, headers and a bounded sample, never from a pass
+over every input. It returns a `SourcePlan` whose `tasks` are small read tasks. On the
+workers, `read_task` turns one task into `SourceRecord`s (a file path, a row, an array) and
+`decode_record` one record into a `RawExample`, raising `BadInput` for what goes to the dead
+letters. `kcp.core.beamio.ReadSource` wires the two into a Beam read. Preprocessing and
+batch prediction both read their inputs through here.
 """
 
 from __future__ import annotations
 
 from kcp.core.config import DataConfig
-from kcp.core.sources.arrays import decode_array, plan_npz
+from kcp.core.sources.arrays import decode_array, plan_npz, read_npz_task
 from kcp.core.sources.base import (BadInput, RawExample, SourceError, SourcePlan, SourceRecord, check_path,
                                    class_names_of)
-from kcp.core.sources.images import decode_image_file, digits_to_uint8, plan_digits, plan_folder
-from kcp.core.sources.tables import decode_text, plan_table
-from kcp.core.sources.tfds import plan_tfds
+from kcp.core.sources.images import (check_image_bytes, decode_image_file, digits_to_uint8, plan_digits, plan_folder,
+                                     read_digits, read_folder_task)
+from kcp.core.sources.tables import decode_text, plan_table, read_table_task
+from kcp.core.sources.tfds import plan_tfds, read_tfds_task
 
 __all__ = [
-    "BadInput", "RawExample", "SourceError", "SourcePlan", "SourceRecord", "check_path", "class_names_of",
-    "decode_array", "decode_image_file", "decode_record", "decode_text", "digits_to_uint8", "plan_source",
+    "BadInput", "RawExample", "SourceError", "SourcePlan", "SourceRecord", "check_image_bytes", "check_path",
+    "class_names_of", "decode_array", "decode_image_file", "decode_record", "decode_text", "digits_to_uint8",
+    "plan_source", "read_task",
 ]
 
 
-def plan_source(uri: str, data: DataConfig | None = None) -> tuple[SourcePlan, list[SourceRecord]]:
-    """Checks a source URI and lists its records; one-line SourceError when it cannot be read."""
+def plan_source(uri: str, data: DataConfig | None = None) -> SourcePlan:
+    """Checks a source URI and plans its reading; one-line SourceError when it cannot be read."""
     data = data or DataConfig()
     kind, _, rest = uri.partition(":")
     if kind == "digits":
-        plan, records = plan_digits(uri)
-    elif kind == "folder":
-        plan, records = plan_folder(uri, rest, data)
-    elif kind == "npz":
-        plan, records = plan_npz(uri, rest, data)
-    elif kind in ("csv", "jsonl"):
-        plan, records = plan_table(uri, kind, rest, data)
-    elif kind == "tfds":
-        plan, records = plan_tfds(uri, rest, data)
-    else:
-        raise SourceError(f"data.source: {uri!r} is not a known source; allowed: digits, folder:PATH, npz:PATH, "
-                          "csv:PATH, jsonl:PATH, tfds:NAME[:SPLIT]")
-    if data.limit:
-        records = records[:data.limit]
-    return plan, records
+        return plan_digits(uri, data)
+    if kind == "folder":
+        return plan_folder(uri, rest, data)
+    if kind == "npz":
+        return plan_npz(uri, rest, data)
+    if kind in ("csv", "jsonl"):
+        return plan_table(uri, kind, rest, data)
+    if kind == "tfds":
+        return plan_tfds(uri, rest, data)
+    raise SourceError(f"data.source: {uri!r} is not a known source; allowed: digits, folder:PATH, npz:PATH, "
+                      "csv:PATH, jsonl:PATH, tfds:NAME[:SPLIT]")
 
 
-def decode_record(plan: SourcePlan, record: SourceRecord) -> RawExample:
-    """Turns a listed record into a RawExample; raises BadInput for a dead letter."""
-    if record.label == "" or record.label not in plan.class_names:
+def read_task(plan: SourcePlan, task):
+    """The records of one read task (runs on the workers)."""
+    if plan.kind == "digits":
+        return read_digits(task[1], task[2])
+    if plan.kind == "folder":
+        return read_folder_task(plan, task)
+    if plan.kind == "npz":
+        return read_npz_task(plan, task)
+    if plan.kind in ("csv", "jsonl"):
+        return read_table_task(plan, task)
+    return read_tfds_task(plan, task)
+
+
+def decode_record(plan: SourcePlan, record: SourceRecord, class_names=None) -> RawExample:
+    """Turns a record into a RawExample; raises BadInput for a dead letter. `class_names` (any
+    collection: a tuple, or the label index) is the plan's when not given."""
+    class_names = plan.class_names if class_names is None else class_names
+    if record.problem:
+        raise BadInput(record.problem)
+    if record.label == "" or record.label not in class_names:
         raise BadInput("missing label" if record.label == "" else f"unknown label {record.label!r}")
     if plan.modality == "text":
         inputs = decode_text(record.payload)

@@ -1,61 +1,118 @@
 """In-memory arrays: the `npz:PATH` source, and the check of one array against the input spec
-(used for every source that holds its inputs as arrays: digits, npz, tfds images)."""
+(used for every source that holds its inputs as arrays: digits, npz, tfds images).
+
+The driver reads only the archive's directory and each array's .npy header (shape, dtype,
+where its data starts); the workers read row ranges of x and y from there.
+"""
 
 from __future__ import annotations
 
-import io
+import zipfile
 
 import numpy as np
 
-from kcp.core import storage
 from kcp.core.config import DataConfig
 from kcp.core.contract import FeatureSpec
 from kcp.core.layout import SPLITS
-from kcp.core.sources.base import BadInput, SourceError, SourcePlan, SourceRecord, check_path, class_names_of
+from kcp.core.sources.base import (BadInput, SourceError, SourcePlan, SourceRecord, check_path, open_binary,
+                                   ranges)
+
+TASK_BYTES = 16 * 2**20  # rows of x per read task
+
+
+def _headers(path: str) -> dict:
+    """{array name: (shape, dtype, data offset in its member)} of an .npz archive."""
+    arrays = {}
+    try:
+        with open_binary(path) as handle, zipfile.ZipFile(handle) as archive:
+            for member in archive.namelist():
+                if not member.endswith(".npy"):
+                    continue
+                with archive.open(member) as stream:
+                    version = np.lib.format.read_magic(stream)
+                    reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                        np.lib.format.read_array_header_2_0
+                    shape, fortran, dtype = reader(stream)
+                    if dtype.hasobject:
+                        raise SourceError(f"{path}: array {member[:-4]} holds Python objects; save plain "
+                                          "numeric or string arrays")
+                    if fortran and len(shape) > 1:
+                        raise SourceError(f"{path}: array {member[:-4]} is in Fortran order; save it with "
+                                          "np.ascontiguousarray")
+                    arrays[member[:-4]] = (tuple(shape), dtype, stream.tell())
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as error:
+        if isinstance(error, SourceError):
+            raise
+        raise SourceError(f"data.source: {path} is not a NumPy .npz archive ({error})") from None
+    return arrays
+
+
+def read_rows(path: str, name: str, header, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of one array of the archive, read from its .npy data."""
+    shape, dtype, offset = header
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+    with open_binary(path) as handle, zipfile.ZipFile(handle) as archive, archive.open(f"{name}.npy") as stream:
+        stream.seek(offset + start * row_bytes)
+        content = stream.read((stop - start) * row_bytes)
+    return np.frombuffer(content, dtype=dtype).reshape((stop - start,) + tuple(shape[1:]))
 
 
 def plan_npz(uri: str, path: str, data: DataConfig):
     check_path(uri, path)
-    try:
-        arrays = dict(np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False))
-    except (ValueError, OSError) as error:
-        raise SourceError(f"data.source: {path} is not a NumPy .npz archive ({error})") from None
+    arrays = _headers(path)
     if "x" in arrays and "y" in arrays:
-        parts = {None: (arrays["x"], arrays["y"])}
+        parts = {None: ("x", "y")}
     else:
-        parts = {split: (arrays[f"x_{split}"], arrays[f"y_{split}"]) for split in SPLITS
+        parts = {split: (f"x_{split}", f"y_{split}") for split in SPLITS
                  if f"x_{split}" in arrays and f"y_{split}" in arrays}
         if "train" not in parts:
             raise SourceError(f"{path}: expected arrays x and y, or x_train and y_train "
                               f"(with x_test, y_test and optionally x_validation, y_validation); found "
                               f"{', '.join(sorted(arrays)) or 'none'}")
-    first = next(iter(parts.values()))[0]
-    for split, (x, y) in parts.items():
-        if len(x) != len(y):
-            raise SourceError(f"{path}: x{'_' + split if split else ''} has {len(x)} rows but y has {len(y)}")
-        if x.shape[1:] != first.shape[1:]:
-            raise SourceError(f"{path}: x shapes differ between splits ({first.shape[1:]} and {x.shape[1:]})")
-    modality = data.modality or ("sequence" if np.issubdtype(first.dtype, np.floating) else "image")
+    first_shape, first_dtype, _ = arrays[next(iter(parts.values()))[0]]
+    for split, (x_name, y_name) in parts.items():
+        x_shape, y_shape = arrays[x_name][0], arrays[y_name][0]
+        if len(y_shape) != 1:
+            raise SourceError(f"{path}: {y_name} has shape {list(y_shape)}; expected one label per row, shape [N] "
+                              f"(for one-hot labels save {y_name}.argmax(axis=1))")
+        if x_shape[0] != y_shape[0]:
+            raise SourceError(f"{path}: x{'_' + split if split else ''} has {x_shape[0]} rows but y has {y_shape[0]}")
+        if x_shape[1:] != first_shape[1:]:
+            raise SourceError(f"{path}: x shapes differ between splits ({first_shape[1:]} and {x_shape[1:]})")
+    modality = data.modality or ("sequence" if np.issubdtype(first_dtype, np.floating) else "image")
+    ndim = len(first_shape)
     if modality == "image":
-        if first.ndim not in (3, 4):
-            raise SourceError(f"{path}: image x must be [N, H, W] or [N, H, W, C], got {list(first.shape)}")
-        shape = tuple(first.shape[1:]) + ((1,) if first.ndim == 3 else ())
-        spec = FeatureSpec("uint8", shape, "raw_bytes")
+        if ndim not in (3, 4):
+            raise SourceError(f"{path}: image x must be [N, H, W] or [N, H, W, C], got {list(first_shape)}")
+        spec = FeatureSpec("uint8", tuple(first_shape[1:]) + ((1,) if ndim == 3 else ()), "raw_bytes")
     elif modality == "sequence":
-        if first.ndim not in (2, 3):
-            raise SourceError(f"{path}: sequence x must be [N, T] or [N, T, F], got {list(first.shape)}")
-        shape = tuple(first.shape[1:]) + ((1,) if first.ndim == 2 else ())
-        spec = FeatureSpec("float32", shape, "float_list")
+        if ndim not in (2, 3):
+            raise SourceError(f"{path}: sequence x must be [N, T] or [N, T, F], got {list(first_shape)}")
+        spec = FeatureSpec("float32", tuple(first_shape[1:]) + ((1,) if ndim == 2 else ()), "float_list")
     else:
         raise SourceError(f"data.modality: npz sources hold images or sequences, not {modality}")
-    records = []
-    for split, (x, y) in parts.items():
-        prefix = split or "all"
-        records += [SourceRecord(f"{prefix}/{index:07d}", row, str(label.item() if hasattr(label, "item") else label),
-                                 split) for index, (row, label) in enumerate(zip(x, y))]
-    labels = [r.label for r in records]
-    plan = SourcePlan(uri, "npz", modality, modality, spec, class_names_of(labels), None not in parts)
-    return plan, records
+    row_bytes = max(1, int(np.prod(first_shape[1:], dtype=np.int64)) * first_dtype.itemsize)
+    tasks, left = [], data.limit
+    for split, (x_name, y_name) in parts.items():
+        rows = arrays[x_name][0][0]
+        if data.limit:
+            rows = min(rows, left)
+            left -= rows
+        tasks += [("npz", split, x_name, y_name, start, stop) for start, stop in
+                  ranges(rows, max(1, TASK_BYTES // row_bytes))]
+    options = {"path": path, "headers": {name: arrays[name] for pair in parts.values() for name in pair}}
+    count = sum(task[5] - task[4] for task in tasks)
+    return SourcePlan(uri, "npz", modality, modality, spec, (), None not in parts, tuple(tasks), count, options)
+
+
+def read_npz_task(plan: SourcePlan, task):
+    _, split, x_name, y_name, start, stop = task
+    path, headers = plan.options["path"], plan.options["headers"]
+    x = read_rows(path, x_name, headers[x_name], start, stop)
+    y = read_rows(path, y_name, headers[y_name], start, stop)
+    prefix = split or "all"
+    for index, (row, label) in enumerate(zip(x, y), start=start):
+        yield SourceRecord(f"{prefix}/{index:07d}", row, str(label.item() if hasattr(label, "item") else label), split)
 
 
 def decode_array(array, spec: FeatureSpec) -> np.ndarray:

@@ -1,8 +1,8 @@
-"""What every source kind shares: the record types, the two errors and small helpers."""
+"""What every source kind shares: the record types, the plan, the two errors and small helpers."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from kcp.core import storage
@@ -11,7 +11,7 @@ from kcp.core.errors import UserError
 
 
 class SourceError(UserError, ValueError):
-    """A source that cannot be read; raised before the pipeline starts."""
+    """A source that cannot be read; raised before the pipeline starts (or by a reader)."""
 
 
 class BadInput(ValueError):
@@ -24,6 +24,7 @@ class SourceRecord:
     payload: Any  # a file path (folder), an array (digits, npz, tfds images) or a string (text)
     label: str
     split: Optional[str] = None  # set when the source brings its own splits
+    problem: Optional[str] = None  # set by a reader for an input it could not parse: a dead letter
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,14 @@ class RawExample:
 
 @dataclass(frozen=True)
 class SourcePlan:
-    """What the driver knows about a source before the pipeline runs."""
+    """What the driver knows about a source before the pipeline runs: small, whatever the data.
+
+    `tasks` are the read tasks the workers execute (`read_task`): class folders, whole table
+    files, row ranges of an archive or a TFDS split; never the rows themselves. `class_names`
+    is empty and `has_splits` None when only a pass over the rows can tell (tables, npz):
+    the pipeline then computes them with a combiner. `estimated_count` is the number of
+    inputs when the listing or the headers give it, else an estimate from the file size.
+    """
 
     uri: str
     kind: str
@@ -44,7 +52,10 @@ class SourcePlan:
     input_feature: str
     input_spec: FeatureSpec
     class_names: tuple
-    has_splits: bool
+    has_splits: Optional[bool]
+    tasks: tuple = ()
+    estimated_count: int = 0
+    options: dict = field(default_factory=dict)  # per kind: paths, columns, builder name, limit
 
 
 def class_names_of(labels) -> tuple:
@@ -61,3 +72,17 @@ def check_path(uri: str, path: str) -> None:
         raise SourceError(f"data.source: {uri!r} names no path")
     if not storage.exists(path):
         raise SourceError(f"data.source: {path} does not exist")
+
+
+def open_binary(path: str):
+    """A seekable binary reader for a local or remote file (Beam's filesystems, as on the workers)."""
+    from apache_beam.io.filesystem import CompressionTypes
+    from apache_beam.io.filesystems import FileSystems
+
+    return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+
+
+def ranges(total: int, step: int, limit: int = 0):
+    """[start, stop) ranges of `step` rows covering `total` (the first `limit` when limit > 0)."""
+    total = min(total, limit) if limit else total
+    return [(start, min(start + step, total)) for start in range(0, total, max(1, step))]

@@ -1,5 +1,12 @@
 """Image sources: `digits` (scikit-learn's bundled 8x8 digits) and `folder:PATH` (image files
-in class folders), and the decoding of one image file."""
+in class folders), and the decoding of one image file.
+
+The driver lists the folder (file names only), takes the classes and whether the source has
+split folders from the listing, and reads the headers of at most HEADER_SAMPLE files (the
+first in sorted order) for the size and channels. The read tasks are the class folders: each
+worker lists its folder and outputs one record (key, path) per image; the files are read and
+decoded later, on the workers.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +20,15 @@ from kcp.core import storage
 from kcp.core.config import DataConfig
 from kcp.core.contract import FeatureSpec
 from kcp.core.layout import SPLITS
-from kcp.core.sources.base import BadInput, SourceError, SourcePlan, SourceRecord, check_path, class_names_of
+from kcp.core.sources.base import (BadInput, SourceError, SourcePlan, SourceRecord, check_path, class_names_of,
+                                   ranges)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 DIGITS_LEVELS = 16  # scikit-learn's digits hold integer intensities 0..16
+DIGITS_COUNT = 1797
+DIGITS_TASK_ROWS = 600
+HEADER_SAMPLE = 256  # files whose headers fix a folder's image size and channels
 
 
 # --- digits -------------------------------------------------------------------------------
@@ -28,34 +39,74 @@ def digits_to_uint8(images: np.ndarray) -> np.ndarray:
     return scaled.astype(np.uint8)[..., np.newaxis]
 
 
-def plan_digits(uri: str):
+def plan_digits(uri: str, data: DataConfig):
+    spec = FeatureSpec(dtype="uint8", shape=(8, 8, 1), encoding="raw_bytes")
+    tasks = tuple(("digits", start, stop) for start, stop in ranges(DIGITS_COUNT, DIGITS_TASK_ROWS, data.limit))
+    return SourcePlan(uri, "digits", "image", "image", spec, tuple(str(d) for d in range(10)), False, tasks,
+                      min(DIGITS_COUNT, data.limit or DIGITS_COUNT))
+
+
+def read_digits(start: int, stop: int):
     from sklearn.datasets import load_digits  # scikit-learn is slow to import; only this source needs it
 
     digits = load_digits()
-    records = [SourceRecord(f"digits/{index:04d}", image, str(int(target)))
-               for index, (image, target) in enumerate(zip(digits_to_uint8(digits.images), digits.target))]
-    spec = FeatureSpec(dtype="uint8", shape=(8, 8, 1), encoding="raw_bytes")
-    plan = SourcePlan(uri, "digits", "image", "image", spec, tuple(str(d) for d in range(10)), False)
-    return plan, records
+    images = digits_to_uint8(digits.images[start:stop])
+    for index, (image, target) in enumerate(zip(images, digits.target[start:stop]), start=start):
+        yield SourceRecord(f"digits/{index:04d}", image, str(int(target)))
 
 
 # --- folder -------------------------------------------------------------------------------
 
-def _list_folder(root: str) -> list[tuple[str, str]]:
-    """(path, path relative to root) of every image file one or two folders down."""
-    root = root.rstrip("/")
-    found = []
-    if "://" in root:
-        paths = set(storage.glob(f"{root}/*/*")) | set(storage.glob(f"{root}/*/*/*"))
-        found = [(path, path[len(root) + 1:]) for path in paths if path[len(root) + 1:].count("/") in (1, 2)]
+def _safe_key(relative: str) -> str:
+    """The key of a file: its path relative to the root, as valid UTF-8 (a name that is not
+    UTF-8 keeps its bytes as \\xNN escapes, so hashing and encoding the key never fail)."""
+    try:
+        relative.encode("utf-8")
+        return relative
+    except UnicodeEncodeError:
+        return os.fsencode(relative).decode("utf-8", errors="backslashreplace")
+
+
+def _files_in(directory: str) -> list[str]:
+    """Paths of the image files directly in `directory`, sorted."""
+    directory = directory.rstrip("/")
+    if storage.is_remote(directory):
+        paths = [path for path in storage.glob(f"{directory}/*") if "/" not in path[len(directory) + 1:]]
     else:
-        for directory, _, files in os.walk(root):
-            for name in files:
-                path = os.path.join(directory, name)
-                relative = os.path.relpath(path, root).replace(os.sep, "/")
-                if relative.count("/") in (1, 2):
-                    found.append((path, relative))
-    return sorted((path, rel) for path, rel in found if rel.lower().endswith(IMAGE_EXTENSIONS))
+        try:
+            paths = [entry.path for entry in os.scandir(directory) if entry.is_file()]
+        except OSError:
+            return []
+    return sorted(path for path in paths if path.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def _subfolders(directory: str) -> list[str]:
+    directory = directory.rstrip("/")
+    if storage.is_remote(directory):
+        names = {path[len(directory) + 1:].split("/")[0] for path in storage.glob(f"{directory}/*/*")}
+        return sorted(names)
+    try:
+        return sorted(entry.name for entry in os.scandir(directory) if entry.is_dir())
+    except OSError:
+        return []
+
+
+def _class_folders(root: str) -> tuple[bool, list[tuple[str, str, str | None]]]:
+    """(has split folders, [(class folder, class, split)]), from folder names only."""
+    top = _subfolders(root)
+    split_tops = [name for name in top if name in SPLITS]
+    # a split folder holding files directly is a class named like a split, not a split
+    has_splits = bool(split_tops) and all(not _files_in(f"{root}/{name}") for name in split_tops)
+    if has_splits:
+        return True, [(f"{root}/{split}/{label}", label, split) for split in split_tops
+                      for label in _subfolders(f"{root}/{split}")]
+    return False, [(f"{root}/{label}", label, None) for label in top]
+
+
+def read_class_folder(root: str, folder: str, label: str, split):
+    """The records of one class folder (key: the path relative to the root)."""
+    for path in _files_in(folder):
+        yield SourceRecord(_safe_key(path[len(root) + 1:]), path, label, split)
 
 
 def _image_header(path: str):
@@ -71,39 +122,57 @@ def _image_header(path: str):
 
 def plan_folder(uri: str, root: str, data: DataConfig):
     check_path(uri, root)
-    files = _list_folder(root)
-    if not files:
+    root = root.rstrip("/")
+    has_splits, folders = _class_folders(root)
+    listing = [(folder, label, split, _files_in(folder)) for folder, label, split in folders]
+    listing = [entry for entry in listing if entry[3]]
+    count = sum(len(files) for *_, files in listing)
+    if not count:
         raise SourceError(f"data.source: {root} holds no {'/'.join(IMAGE_EXTENSIONS)} files in "
                           "PATH/<class>/ or PATH/<split>/<class>/")
-    top = {relative.split("/")[0] for _, relative in files}
-    has_splits = bool(top & set(SPLITS)) and all(relative.count("/") == 2 for _, relative in files
-                                                 if relative.split("/")[0] in SPLITS)
-    records = []
-    for path, relative in files:
-        parts = relative.split("/")
-        if has_splits:
-            if len(parts) != 3 or parts[0] not in SPLITS:
-                continue  # files outside the split folders are not part of the data set
-            records.append(SourceRecord(relative, path, parts[1], parts[0]))
-        elif len(parts) == 2:
-            records.append(SourceRecord(relative, path, parts[0], None))
-    if not records:
-        raise SourceError(f"data.source: {root} has no images in class folders")
-    headers = [h for h in (_image_header(r.payload) for r in records) if h is not None]
+    sample = sorted(path for *_, files in listing for path in files)[:HEADER_SAMPLE]
+    if data.image_size and data.channels:
+        headers = [(0, 0, False)]
+    else:
+        headers = [h for h in (_image_header(path) for path in sample) if h is not None]
     if not headers:
-        raise SourceError(f"data.source: none of the {len(records)} files under {root} is a readable image")
+        raise SourceError(f"data.source: none of the first {len(sample)} files under {root} is a readable image")
     height, width = data.image_size or collections.Counter((h, w) for h, w, _ in headers).most_common(1)[0][0]
     channels = data.channels or (3 if any(colour for _, _, colour in headers) else 1)
     spec = FeatureSpec(dtype="uint8", shape=(int(height), int(width), int(channels)), encoding="raw_bytes")
-    plan = SourcePlan(uri, "folder", "image", "image", spec, class_names_of(r.label for r in records), has_splits)
-    return plan, records
+    if data.limit:  # the first `limit` files in sorted order: named one by one (quick trials only)
+        chosen = sorted((path, label, split) for _, label, split, files in listing for path in files)[:data.limit]
+        tasks = (("files", tuple(chosen)),)
+        labels = {label for _, label, _ in chosen}
+    else:
+        tasks = tuple(("folder", folder, label, split) for folder, label, split, _ in listing)
+        labels = {label for _, label, _, _ in listing}
+    plan = SourcePlan(uri, "folder", "image", "image", spec, class_names_of(labels), has_splits, tasks,
+                      min(count, data.limit or count), {"root": root})
+    return plan
+
+
+def read_folder_task(plan: SourcePlan, task):
+    root = plan.options["root"]
+    if task[0] == "files":
+        for path, label, split in task[1]:
+            yield SourceRecord(_safe_key(path[len(root) + 1:]), path, label, split)
+    else:
+        yield from read_class_folder(root, *task[1:])
 
 
 def decode_image_file(path: str, shape: tuple) -> np.ndarray:
-    """Reads and decodes one image file to uint8 [H, W, C] of `shape` (resized, converted)."""
-    from PIL import Image, UnidentifiedImageError
+    """Reads and decodes one image file to uint8 [H, W, C] of `shape` (resized, converted).
 
-    content = storage.read_bytes(path)
+    Every failure of the decoder (a truncated file, a decompression bomb, an error inside a
+    plugin) is a BadInput, so one file never fails the job.
+    """
+    from PIL import Image
+
+    try:
+        content = storage.read_bytes(path)
+    except Exception as error:  # noqa: BLE001  a file that vanished or cannot be read is one dead letter
+        raise BadInput(f"cannot read the file ({type(error).__name__}: {error})") from None
     if not content:
         raise BadInput("empty file")
     try:
@@ -113,6 +182,20 @@ def decode_image_file(path: str, shape: tuple) -> np.ndarray:
             if image.size != (shape[1], shape[0]):
                 image = image.resize((shape[1], shape[0]), Image.BILINEAR)
             array = np.asarray(image, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except Exception as error:  # noqa: BLE001  DecompressionBombError, OSError, SyntaxError, plugin errors
         raise BadInput(f"not a decodable image ({type(error).__name__}: {error})") from None
     return array.reshape(shape)
+
+
+def check_image_bytes(content: bytes) -> None:
+    """Raises BadInput unless `content` is an image Pillow can decode (batch prediction's check
+    before the model's own in-graph decoder sees it)."""
+    from PIL import Image
+
+    if not content:
+        raise BadInput("empty file")
+    try:
+        with Image.open(io.BytesIO(content)) as image:
+            image.load()
+    except Exception as error:  # noqa: BLE001
+        raise BadInput(f"not a decodable image ({type(error).__name__}: {error})") from None

@@ -1,5 +1,12 @@
 """Text classification tables: the `csv:PATH` and `jsonl:PATH` sources, whose columns are named
-by data.text_column, data.label_column and data.split_column, and the check of one text."""
+by data.text_column, data.label_column and data.split_column, and the check of one text.
+
+The driver reads only the beginning of the file (the CSV header, or the first JSONL lines)
+to check the columns; a worker reads the whole file as a stream, row by row. CSV fields may
+hold quoted newlines, commas and quotes (RFC 4180), which a line-based split would break,
+so a file is one read task; keys are row numbers, as before. Bytes that are not UTF-8 make
+that row a dead letter, not the file an error.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +15,14 @@ import io
 import json
 from typing import Optional
 
-from kcp.core import storage
 from kcp.core.config import DataConfig
 from kcp.core.contract import FeatureSpec
 from kcp.core.layout import SPLITS
-from kcp.core.sources.base import BadInput, SourceError, SourcePlan, SourceRecord, check_path, class_names_of
+from kcp.core.sources.base import BadInput, SourceError, SourcePlan, SourceRecord, check_path, open_binary
+
+HEAD_BYTES = 1 << 20  # what the driver reads: the CSV header or the first JSONL lines
+FIELD_LIMIT = 2**31 - 1  # Python's csv module refuses fields over 131,072 characters by default
+UTF8_HINT = "not UTF-8 text (save the file as UTF-8; Latin-1 or Windows-1252 bytes are not read)"
 
 
 def _split_of(value, where: str) -> Optional[str]:
@@ -24,47 +34,118 @@ def _split_of(value, where: str) -> Optional[str]:
     return split
 
 
-def _read_rows(kind: str, content: str) -> tuple[list[dict], list[str]]:
-    """(rows, column names) of a csv or jsonl file; a jsonl line that is not JSON becomes a
-    row holding only `__bad__` (its reason), decoded later as a dead letter."""
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def _text_stream(handle):
+    return io.TextIOWrapper(handle, encoding="utf-8-sig", errors="surrogateescape", newline="")
+
+
+def _head_columns(kind: str, path: str) -> tuple[list[str], int]:
+    """(column names, estimated rows) from the first HEAD_BYTES of the file."""
+    with open_binary(path) as handle:
+        head = handle.read(HEAD_BYTES)
+    try:
+        from apache_beam.io.filesystems import FileSystems
+
+        size = FileSystems.match([path])[0].metadata_list[0].size_in_bytes
+    except Exception:  # noqa: BLE001  the size is only for the estimate
+        size = len(head)
+    text = head.decode("utf-8-sig", errors="surrogateescape")
     if kind == "csv":
-        reader = csv.DictReader(io.StringIO(content))
-        columns = reader.fieldnames or []
-        return list(reader), columns
-    rows = []
-    for number, line in enumerate(content.splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                rows.append({"__bad__": f"line {number}: not JSON ({error.msg})"})
-    return rows, sorted({key for row in rows for key in row if key != "__bad__"})
+        lines = text.split("\n")
+        complete = text if size <= len(head) else "\n".join(lines[:-1])
+        header = next(csv.reader(io.StringIO(complete)), None) if complete.strip() else None
+        if not header:
+            raise SourceError(f"data.source: {path} holds no rows")
+        if any(_has_surrogates(name) for name in header):
+            raise SourceError(f"data.source: {path}: the header is {UTF8_HINT}")
+        rows_seen = max(1, complete.count("\n"))
+        return header, int(size / max(1, len(complete)) * rows_seen)
+    columns, rows = set(), 0
+    lines = text.splitlines() if size <= len(head) else text.splitlines()[:-1]
+    for line in lines:
+        if not line.strip():
+            continue
+        rows += 1
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            columns |= set(row)
+    if not rows:
+        raise SourceError(f"data.source: {path} holds no rows")
+    return sorted(columns), int(size / max(1, len(text)) * rows)
 
 
 def plan_table(uri: str, kind: str, path: str, data: DataConfig):
     check_path(uri, path)
-    rows, columns = _read_rows(kind, storage.read_bytes(path).decode("utf-8-sig"))
-    if not rows:
-        raise SourceError(f"data.source: {path} holds no rows")
+    columns, estimate = _head_columns(kind, path)
     for option, column in (("data.text_column", data.text_column), ("data.label_column", data.label_column)):
         if column not in columns:
-            raise SourceError(f"{option}: column {column!r} is not in {path} (it has {', '.join(columns) or 'none'})")
-    use_split = data.split_column in columns
-    records = []
-    for number, row in enumerate(rows, start=1):
-        key = f"row/{number:08d}"
-        if "__bad__" in row:
-            records.append(SourceRecord(key, None, "", None))  # decoded as a dead letter
-            continue
-        split = _split_of(row.get(data.split_column), f"{path} row {number}") if use_split else None
-        label = row.get(data.label_column)
-        records.append(SourceRecord(key, row.get(data.text_column), "" if label is None else str(label), split))
-    labels = [r.label for r in records if r.label]
-    if not labels:
-        raise SourceError(f"data.label_column: column {data.label_column!r} of {path} is empty")
-    has_splits = use_split and any(r.split for r in records)
+            where = path if kind == "csv" else f"the first lines of {path}"
+            raise SourceError(f"{option}: column {column!r} is not in {where} "
+                              f"(it has {', '.join(columns) or 'none'})")
+    options = {"path": path, "text": data.text_column, "label": data.label_column,
+               "split": data.split_column if kind == "jsonl" or data.split_column in columns else None,
+               "limit": data.limit}
     spec = FeatureSpec("string", (), "utf8")
-    return SourcePlan(uri, kind, "text", "text", spec, class_names_of(labels), has_splits), records
+    count = min(estimate, data.limit) if data.limit else estimate
+    return SourcePlan(uri, kind, "text", "text", spec, (), None, ((kind, path),), max(1, count), options)
+
+
+def _record(number: int, row, options: dict, where: str) -> SourceRecord:
+    key = f"row/{number:08d}"
+    if not isinstance(row, dict):
+        return SourceRecord(key, None, "", None, f"{where}: not a JSON object ({type(row).__name__})")
+    try:
+        split = _split_of(row.get(options["split"]), where) if options["split"] else None
+    except SourceError as error:
+        return SourceRecord(key, None, "", None, str(error))
+    label, text = row.get(options["label"]), row.get(options["text"])
+    label = "" if label is None else str(label)
+    if any(isinstance(value, str) and _has_surrogates(value) for value in (label, text)):
+        return SourceRecord(key, None, "", split, f"{where}: {UTF8_HINT}")
+    return SourceRecord(key, text, label, split)
+
+
+def read_table_task(plan: SourcePlan, task):
+    """The records of one table file, streamed: row numbers count the data rows from 1."""
+    kind, path = task
+    options, limit = plan.options, plan.options["limit"]
+    with open_binary(path) as handle:
+        stream = _text_stream(handle)
+        if kind == "csv":
+            csv.field_size_limit(FIELD_LIMIT)
+            reader = csv.DictReader(stream)
+            number = 0
+            try:
+                for number, row in enumerate(reader, start=1):
+                    if limit and number > limit:
+                        return
+                    yield _record(number, row, options, f"row {number}")
+            except csv.Error as error:
+                raise SourceError(f"{path} row {number + 1}: not valid CSV ({error})") from None
+            return
+        number = 0
+        for line_number, line in enumerate(stream, start=1):
+            if not line.strip():
+                continue
+            number += 1
+            if limit and number > limit:
+                return
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                yield SourceRecord(f"row/{number:08d}", None, "", None, f"line {line_number}: not JSON ({error.msg})")
+                continue
+            yield _record(number, row, options, f"line {line_number}")
 
 
 def decode_text(text) -> str:

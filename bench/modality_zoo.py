@@ -1,0 +1,166 @@
+"""Test accuracy and wall time of every model family with its defaults on each modality, next to
+a scikit-learn logistic-regression baseline on the same split.
+
+    .venv/bin/python bench/modality_zoo.py [--modalities image,sequence,text] [--families cnn,resnet,rnn,transformer]
+                                           [--set KEY=VALUE ...] [--out FILE.md]
+
+Three data sets, made here, each preprocessed once like `kcp preprocess` (the same split
+`kcp run` uses), then each family trained as `kcp train --model NAME` would:
+
+- image: the embedded digits (8x8x1, 10 classes, 1,797 images).
+- sequence: 1,800 generated series of 48 steps, 6 classes, each a short pattern (bump, dip,
+  step up, step down, double bump, spike) at a random position, scaled by 0.5..2 and buried in
+  noise: the class is the pattern's shape, wherever it sits, so a model must be position-invariant.
+- text: 2,400 lines (6 classes of 400) read from the files installed on this machine: Python
+  (.py), C headers (.h), JSON, plain text (.txt), Markdown/reST and JavaScript/CSS, including
+  the lines that are only punctuation (`}`, `);`, `---`) under the default `words` tokenizer.
+
+The baseline is scikit-learn's LogisticRegression on the raw values (image, sequence) and on
+word and on character 1-4-gram TF-IDF (text), fitted on the train split, scored on test.
+Wall time is `train()`'s own, on whatever cores the machine has (2 for docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+IN_PROCESS_BEAM = ["--runner=FnApiRunner", "--direct_running_mode=in_memory"]
+TEXT_KINDS = {"python": ("py",), "c_header": ("h",), "json": ("json",), "text": ("txt",),
+              "markup": ("md", "rst"), "web": ("js", "css")}
+
+
+def make_sequences(path: str, count: int = 1800, steps: int = 48, seed: int = 0) -> str:
+    """npz of `count` noisy series whose class is a pattern's shape, at a random place and scale."""
+    rng = np.random.default_rng(seed)
+    width = 8
+    ramp = np.linspace(0, np.pi, width)
+    patterns = [np.sin(ramp), -np.sin(ramp), np.linspace(-1, 1, width), np.linspace(1, -1, width),
+                np.abs(np.sin(2 * ramp)), np.eye(1, width, width // 2)[0] * 2.0]
+    x = rng.normal(0.0, 0.35, size=(count, steps, 1)).astype(np.float32)
+    y = rng.integers(0, len(patterns), count)
+    for row, label in enumerate(y):
+        start = rng.integers(0, steps - width + 1)
+        x[row, start:start + width, 0] += rng.uniform(0.5, 2.0) * patterns[label]
+    np.savez(path, x=x, y=y)
+    return f"npz:{path}"
+
+
+def make_text(path: str, per_class: int = 400, seed: int = 0) -> str:
+    """jsonl of `per_class` lines per file kind, sampled from the files under this Python's prefix."""
+    rng = random.Random(seed)
+    root = sys.prefix
+    rows = []
+    for label, extensions in TEXT_KINDS.items():
+        files = sorted(p for ext in extensions for p in glob.glob(f"{root}/**/*.{ext}", recursive=True))
+        rng.shuffle(files)
+        lines: list[str] = []
+        for file in files[:300]:
+            try:
+                with open(file, encoding="utf-8") as handle:
+                    lines.extend(line.strip() for line in handle.read().split("\n")[:400])
+            except (UnicodeDecodeError, OSError):
+                continue
+        lines = sorted({line for line in lines if line and len(line) <= 200})
+        rows.extend({"text": line, "label": label} for line in rng.sample(lines, min(per_class, len(lines))))
+    rng.shuffle(rows)
+    with open(path, "w") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+    return f"jsonl:{path}"
+
+
+def split_arrays(run_dir: str, split: str):
+    """(inputs, labels) of one split as NumPy (text as str), read through the contract."""
+    from kcp.core import contract as contract_lib
+    from kcp.core import examples as example_lib
+
+    contract = contract_lib.read_contract(run_dir)
+    inputs, labels = [], []
+    for batch_inputs, batch_labels, _ in example_lib.read_split(contract, contract_lib.data_dir(run_dir), split, 512):
+        inputs.append(batch_inputs.numpy())
+        labels.append(batch_labels.numpy())
+    inputs, labels = np.concatenate(inputs), np.concatenate(labels)
+    if contract.modality == "text":
+        return [value.decode("utf-8") for value in inputs], labels
+    return inputs.reshape(len(inputs), -1).astype(np.float32), labels
+
+
+def baselines(run_dir: str, modality: str) -> dict:
+    """Test accuracy of logistic regression on raw values or TF-IDF, fitted on train."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    train_x, train_y = split_arrays(run_dir, "train")
+    test_x, test_y = split_arrays(run_dir, "test")
+    if modality == "text":
+        models = {"logistic regression, word TF-IDF": make_pipeline(TfidfVectorizer(), LogisticRegression(max_iter=2000)),
+                  "logistic regression, char 1-4-gram TF-IDF": make_pipeline(
+                      TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 4)), LogisticRegression(max_iter=2000))}
+    else:
+        models = {"logistic regression, raw values": make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))}
+    return {name: float(model.fit(train_x, train_y).score(test_x, test_y)) for name, model in models.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--modalities", default="image,sequence,text")
+    parser.add_argument("--families", default="cnn,resnet,rnn,transformer")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="config override; data.* keys apply to the preprocessing too")
+    parser.add_argument("--out", default=None, help="also write the Markdown table here")
+    args = parser.parse_args()
+
+    import trainer.models  # noqa: F401  registers the families
+    from kcp.core.config import load_config
+    from pipeline.preprocess import run_preprocess
+    from trainer.train import train
+
+    work = tempfile.mkdtemp(prefix="kcp-modality-zoo-")
+    sources = {"image": lambda: "digits", "sequence": lambda: make_sequences(os.path.join(work, "sequences.npz")),
+               "text": lambda: make_text(os.path.join(work, "lines.jsonl"))}
+    rows = []
+    for modality in args.modalities.split(","):
+        run_dir = os.path.join(work, modality)
+        data_overrides = [o for o in args.overrides if o.startswith("data.")]  # e.g. data.tokenizer=characters
+        contract = run_preprocess(load_config([], [f"data.source={sources[modality]()}", *data_overrides]), run_dir,
+                                  IN_PROCESS_BEAM)
+        counts = {name: info.count for name, info in contract.splits.items()}
+        for name, accuracy in baselines(run_dir, modality).items():
+            rows.append((modality, name, accuracy, float("nan")))
+            print(json.dumps({"modality": modality, "model": name, "test_accuracy": accuracy}), flush=True)
+        for family in args.families.split(","):
+            family_run = os.path.join(work, f"{modality}-{family}")
+            os.makedirs(family_run)
+            os.symlink(os.path.join(run_dir, "data"), os.path.join(family_run, "data"))
+            started = time.perf_counter()
+            metrics = train(load_config([], [f"model.name={family}", *args.overrides]), family_run)
+            wall = time.perf_counter() - started
+            rows.append((modality, family, metrics["test"]["accuracy"], wall))
+            print(json.dumps({"modality": modality, "model": family, "test_accuracy": metrics["test"]["accuracy"],
+                              "train_accuracy": metrics["train"]["accuracy"], "epochs": metrics["epochs"],
+                              "wall_s": round(wall, 1), "splits": counts}), flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+    table = ["| modality | model | test accuracy | wall s |", "|---|---|---|---|"]
+    table += [f"| {modality} | {name} | {accuracy:.4f} | {'' if wall != wall else f'{wall:.0f}'} |"
+              for modality, name, accuracy, wall in rows]
+    print("\n" + "\n".join(table))
+    if args.out:
+        with open(args.out, "w") as handle:
+            handle.write("\n".join(table) + "\n")
+
+
+if __name__ == "__main__":
+    main()

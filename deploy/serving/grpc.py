@@ -1,0 +1,248 @@
+"""TF Serving's gRPC API (PredictionService, ModelService) over the REST server's ModelRegistry.
+
+The protos and stubs are tensorflow-serving-api's, so `PredictionServiceStub` and
+`ModelServiceStub` clients connect unchanged. The registry, its batcher and its version
+policy are shared with REST. Status codes as TF Serving's: INVALID_ARGUMENT for bad input,
+NOT_FOUND for an unknown model or version, RESOURCE_EXHAUSTED for a message over the size
+limit or more concurrent calls than `max_concurrent`.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+from http import HTTPStatus
+
+import grpc
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.protobuf import error_codes_pb2, saved_model_pb2
+from tensorflow_serving.apis import (
+    classification_pb2,
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    inference_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+
+from deploy.serving.codec import RequestError, input_specs, to_tensor
+from deploy.serving.registry import LoadedVersion, ModelRegistry
+from kcp.core import storage
+from kcp.core.errors import UserError
+
+log = logging.getLogger("kcp.serve")
+CLASSIFY, REGRESS = "tensorflow/serving/classify", "tensorflow/serving/regress"
+CODES = {HTTPStatus.NOT_FOUND: grpc.StatusCode.NOT_FOUND, HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
+         grpc.StatusCode.RESOURCE_EXHAUSTED, HTTPStatus.SERVICE_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE}
+STATES = {"AVAILABLE": get_model_status_pb2.ModelVersionStatus.AVAILABLE,
+          "END": get_model_status_pb2.ModelVersionStatus.END}
+
+
+def _answer(method):
+    """Runs a servicer method, turning our errors into TF Serving's status codes."""
+    def wrapped(self, request, context):
+        try:
+            return method(self, request, context)
+        except RequestError as error:
+            context.abort(CODES.get(error.status, grpc.StatusCode.INVALID_ARGUMENT), str(error))
+        except RecursionError:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request is nested too deep")
+        except (tf.errors.InvalidArgumentError, ValueError, TypeError) as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error).splitlines()[0][:500])
+    wrapped.__name__ = method.__name__
+    return wrapped
+
+
+def _lookup(registry: ModelRegistry, spec) -> LoadedVersion:
+    if not spec.name:
+        raise RequestError("Missing ModelSpec")
+    version = str(spec.version.value) if spec.HasField("version") else None
+    label = spec.version_label if spec.WhichOneof("version_choice") == "version_label" else None
+    return registry.get(spec.name, version, label)
+
+
+def _fill_spec(target, source, loaded: LoadedVersion, signature: str) -> None:
+    target.name = source.name
+    target.version.value = loaded.version
+    target.signature_name = signature
+
+
+def _examples(request_input) -> tf.Tensor:
+    """The serialized tf.train.Examples of a tensorflow.serving.Input."""
+    kind = request_input.WhichOneof("kind")
+    if kind == "example_list":
+        examples = [e.SerializeToString() for e in request_input.example_list.examples]
+    elif kind == "example_list_with_context":
+        context = request_input.example_list_with_context.context
+        examples = []
+        for example in request_input.example_list_with_context.examples:
+            merged = type(example)()
+            merged.CopyFrom(context)
+            merged.MergeFrom(example)
+            examples.append(merged.SerializeToString())
+    else:
+        raise RequestError("Input is empty")
+    if not examples:
+        raise RequestError("Input is empty")
+    return tf.constant(examples, dtype=tf.string)
+
+
+def _examples_signature(loaded: LoadedVersion, requested: str) -> str:
+    """The signature that takes serialized Examples: the requested one, or serve_examples for the default."""
+    for name in ([requested] if requested else []) + ([] if requested not in ("", "serving_default")
+                                                       else ["serving_default", "serve_examples"]):
+        function = loaded.model.signatures.get(name)
+        if function is not None:
+            specs = input_specs(function)
+            if len(specs) == 1 and next(iter(specs.values())).dtype == tf.string and "examples" in specs:
+                return name
+    loaded.signature(requested or "serving_default")  # 400 when it does not exist at all
+    raise RequestError(f"Expected classification signature method_name to be {CLASSIFY}. "
+                       "Was: tensorflow/serving/predict")
+
+
+class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
+    def __init__(self, registry: ModelRegistry):
+        self.registry = registry
+
+    @_answer
+    def Predict(self, request, context):  # noqa: N802
+        loaded = _lookup(self.registry, request.model_spec)
+        signature = request.model_spec.signature_name or "serving_default"
+        specs = input_specs(loaded.signature(signature))
+        given = set(request.inputs)
+        if given != set(specs):
+            missing, extra = sorted(set(specs) - given), sorted(given - set(specs))
+            raise RequestError(f"input tensor alias not found in signature: {extra[0]}. Inputs expected to be in "
+                               f"the set {{{','.join(specs)}}}." if extra else
+                               f"input size does not match signature: {len(given)}!={len(specs)} len({{{','.join(sorted(given))}"
+                               f"}}) != len({{{','.join(specs)}}}). Missing: {','.join(missing)}")
+        inputs = {n: to_tensor(n, tf.make_ndarray(request.inputs[n]), specs[n]) for n in specs}
+        outputs = self.registry.call(loaded, signature, inputs)
+        wanted = list(request.output_filter) or list(outputs)
+        unknown = [n for n in wanted if n not in outputs]
+        if unknown:
+            raise RequestError(f"output tensor alias not found in signature: {unknown[0]}")
+        response = predict_pb2.PredictResponse()
+        _fill_spec(response.model_spec, request.model_spec, loaded, signature)
+        for name in wanted:
+            response.outputs[name].CopyFrom(tf.make_tensor_proto(np.asarray(outputs[name])))
+        return response
+
+    def _classify(self, loaded, spec, request_input, result) -> str:
+        signature = _examples_signature(loaded, spec.signature_name)
+        name = next(iter(input_specs(loaded.signature(signature))))
+        outputs = self.registry.call(loaded, signature, {name: _examples(request_input)})
+        for row in outputs["probabilities"]:
+            classification = result.classifications.add()
+            for label, score in zip(loaded.class_names or [str(i) for i in range(len(row))], row):
+                classification.classes.add(label=label, score=float(score))
+        return signature
+
+    @_answer
+    def Classify(self, request, context):  # noqa: N802
+        loaded = _lookup(self.registry, request.model_spec)
+        response = classification_pb2.ClassificationResponse()
+        signature = self._classify(loaded, request.model_spec, request.input, response.result)
+        _fill_spec(response.model_spec, request.model_spec, loaded, signature)
+        return response
+
+    @_answer
+    def Regress(self, request, context):  # noqa: N802
+        loaded = _lookup(self.registry, request.model_spec)
+        loaded.signature(request.model_spec.signature_name or "serving_default")
+        raise RequestError(f"Expected regression signature method_name to be {REGRESS}. "
+                           "Was: tensorflow/serving/predict")
+
+    @_answer
+    def MultiInference(self, request, context):  # noqa: N802
+        if not request.tasks:
+            raise RequestError("Tasks is empty")
+        names = {(t.model_spec.name, t.model_spec.version.value) for t in request.tasks}
+        if len(names) != 1:
+            raise RequestError("All ModelSpecs in a MultiInferenceRequest must access the same model name and version.")
+        response = inference_pb2.MultiInferenceResponse()
+        for task in request.tasks:
+            loaded = _lookup(self.registry, task.model_spec)
+            if task.method_name != CLASSIFY:
+                raise RequestError(f"Unsupported signature method_name: {task.method_name}" if task.method_name
+                                   != REGRESS else f"Expected regression signature method_name to be {REGRESS}. "
+                                   "Was: tensorflow/serving/predict")
+            result = response.results.add()
+            signature = self._classify(loaded, task.model_spec, request.input, result.classification_result)
+            _fill_spec(result.model_spec, task.model_spec, loaded, signature)
+        return response
+
+    @_answer
+    def GetModelMetadata(self, request, context):  # noqa: N802
+        if not request.metadata_field:
+            raise RequestError("GetModelMetadataRequest must specify at least one metadata_field")
+        for field in request.metadata_field:
+            if field != "signature_def":
+                raise RequestError(f"Metadata field {field} is not supported")
+        loaded = _lookup(self.registry, request.model_spec)
+        if not hasattr(loaded, "signature_defs"):
+            saved = saved_model_pb2.SavedModel.FromString(storage.read_bytes(storage.join(loaded.path, "saved_model.pb")))
+            signature_defs = get_model_metadata_pb2.SignatureDefMap()
+            for name, signature_def in saved.meta_graphs[0].signature_def.items():
+                if not name.startswith("__"):
+                    signature_defs.signature_def[name].CopyFrom(signature_def)
+            loaded.signature_defs = signature_defs
+        response = get_model_metadata_pb2.GetModelMetadataResponse()
+        _fill_spec(response.model_spec, request.model_spec, loaded, "")
+        response.metadata["signature_def"].Pack(loaded.signature_defs)
+        return response
+
+
+class ModelService(model_service_pb2_grpc.ModelServiceServicer):
+    def __init__(self, registry: ModelRegistry):
+        self.registry = registry
+
+    @_answer
+    def GetModelStatus(self, request, context):  # noqa: N802
+        spec = request.model_spec
+        if not spec.name:
+            raise RequestError("Missing model name in request.")
+        version = str(spec.version.value) if spec.HasField("version") else None
+        label = spec.version_label if spec.WhichOneof("version_choice") == "version_label" else None
+        response = get_model_status_pb2.GetModelStatusResponse()
+        for entry in self.registry.status(spec.name, version, label):
+            status = response.model_version_status.add(version=entry["version"], state=STATES[entry["state"]])
+            status.status.error_code = error_codes_pb2.Code.Value(entry["error_code"])
+            status.status.error_message = entry["error_message"]
+        return response
+
+    def HandleReloadConfigRequest(self, request, context):  # noqa: N802
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "kcp serve takes its models from --run-dir, not a config")
+
+
+class GrpcServer:
+    """A grpc.Server with TF Serving's two services; `port` is the bound one."""
+
+    def __init__(self, registry: ModelRegistry, host: str, port: int, max_request_bytes: int, max_concurrent: int):
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=min(16, max_concurrent), thread_name_prefix="kcp-grpc"),
+            maximum_concurrent_rpcs=max_concurrent,  # beyond it: RESOURCE_EXHAUSTED
+            options=[("grpc.max_receive_message_length", max_request_bytes),
+                     ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 0)])
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(registry), self.server)
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(registry), self.server)
+        try:
+            self.port = self.server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as error:
+            raise UserError(f"--grpc-port {port}: cannot bind {host}:{port}: {error}") from None
+        if not self.port:
+            raise UserError(f"--grpc-port {port}: cannot bind {host}:{port} (in use?)")
+
+    def start(self) -> None:
+        self.server.start()
+
+    def stop(self, grace: float | None = None) -> None:
+        self.server.stop(grace).wait()
+
+
+def make_grpc_server(registry: ModelRegistry, host: str = "127.0.0.1", port: int = 8500, *,
+                     max_request_bytes: int = 10 * 2**20, max_concurrent: int = 64) -> GrpcServer:
+    return GrpcServer(registry, host, port, max_request_bytes, max_concurrent)

@@ -1,0 +1,78 @@
+"""From what the pipeline measured to the data contract: split counts and shard files, the
+statistics and vocabulary, and the closing counts table."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from kcp.core import contract as contract_lib
+from kcp.core.config import Config
+from kcp.core.sources import SourcePlan
+from pipeline import splits
+from pipeline.analysis import length_percentiles
+from pipeline.shards import shard_name, shard_pattern
+
+
+def counts_table(contract, read: int, bad: int, augmented: int) -> list[str]:
+    """The closing table: read, bad, written per split, augmented copies."""
+    rows = [("read", read), ("bad", bad)] + [(f"{split} written", info.count) for split, info in contract.splits.items()]
+    rows.append(("augmented copies", augmented))
+    width = max(len(name) for name, _ in rows)
+    return [f"  {name:<{width}}  {value:>9,}" for name, value in rows]
+
+
+def contract_from_summary(plan: SourcePlan, config: Config, summary: dict, data_dir: str):
+    """Assembles the contract (and the vocabulary, for text) from what the pipeline measured."""
+    split_infos = {}
+    for split in splits.SPLITS:
+        shards = [s for s in summary["shards"] if s["split"] == split]
+        num_shards = summary["facts"]["num_shards"][split]
+        written = {s["shard"] for s in shards}
+        for shard in range(num_shards):
+            if shard not in written:
+                _write_empty_shard(data_dir, shard_name(split, shard, num_shards, config.data.compression))
+        split_infos[split] = contract_lib.SplitInfo(
+            count=sum(s["count"] for s in shards),
+            num_shards=num_shards,
+            file_pattern=shard_pattern(split, num_shards, config.data.compression),
+        )
+    class_names = tuple(summary["facts"]["class_names"])
+    class_counts = summary.get("class_counts", {})
+    statistics = {"class_counts": {name: class_counts.get(name, 0) for name in class_names}}
+    vocabulary = None
+    if plan.modality == "text":
+        vocabulary = summary.get("vocabulary", [])
+        percentiles = length_percentiles(summary.get("length_counts", {})) or {"p95": 1}
+        statistics.update({
+            "tokenizer": config.data.tokenizer,  # the trainer and the export tokenize as the vocabulary was made
+            "vocab_size": len(vocabulary) + contract_lib.RESERVED_TOKEN_IDS,
+            "max_length": int(config.data.max_length or max(1, percentiles["p95"])),
+            "length_percentiles": percentiles,
+        })
+    else:
+        channel_stats = summary.get("channel_stats", {"mean": [], "std": []})
+        statistics.update({"mean": channel_stats["mean"], "std": channel_stats["std"]})
+    contract = contract_lib.DataContract(
+        modality=plan.modality,
+        input_feature=plan.input_feature,
+        input_spec=plan.input_spec,
+        class_names=class_names,
+        splits=split_infos,
+        statistics=statistics,
+        compression=config.data.compression,
+        source=plan.uri,
+        bad_examples=summary["dead_letters"],
+        augmentation={"copies": config.data.augment.copies, **(
+            dataclasses.asdict(config.data.augment) if config.data.augment.copies else {})},
+    )
+    return contract, vocabulary
+
+
+def _write_empty_shard(directory: str, name: str) -> None:
+    """A shard no key hashed to: an empty TFRecord file, so every NNNNN-of-MMMMM exists."""
+    compression = CompressionTypes.GZIP if name.endswith(".gz") else CompressionTypes.UNCOMPRESSED
+    with FileSystems.create(FileSystems.join(directory, name), compression_type=compression):
+        pass

@@ -1,0 +1,183 @@
+"""TF Serving's gRPC API with the official tensorflow-serving-api stubs: the same predictions as
+REST and as the in-process call, Classify/MultiInference over serve_examples, TF Serving's
+status codes, and the size limit (RESOURCE_EXHAUSTED)."""
+
+import base64
+import json
+import os
+import threading
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import (
+    classification_pb2,
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    inference_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+    regression_pb2,
+)
+
+from deploy.serving import make_server
+from kcp.core import contract as contract_lib
+from tests.deploy.test_serving_hostile import digit_png
+
+LIMIT = 256 * 1024
+
+
+@pytest.fixture(scope="module")
+def grpc_server(digits_run):
+    httpd = make_server(digits_run, "127.0.0.1", 0, grpc_port=0, max_request_bytes=LIMIT, allow_unvalidated=True)
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{httpd.grpc.port}",
+                                    options=[("grpc.max_send_message_length", 4 * LIMIT)])
+    yield (prediction_service_pb2_grpc.PredictionServiceStub(channel),
+           model_service_pb2_grpc.ModelServiceStub(channel), f"http://127.0.0.1:{httpd.server_address[1]}")
+    channel.close()
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def predict_request(images: list[bytes], name: str = "model", **spec) -> predict_pb2.PredictRequest:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = name
+    for key, value in spec.items():
+        if key == "version":
+            request.model_spec.version.value = value
+        else:
+            setattr(request.model_spec, key, value)
+    request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto(images, dtype=tf.string))
+    return request
+
+
+def test_predict_equals_rest_and_the_in_process_call(grpc_server, digits_run):
+    predictions, _, url = grpc_server
+    png = digit_png()
+    response = predictions.Predict(predict_request([png, png]), timeout=30)
+    assert response.model_spec.name == "model" and response.model_spec.version.value == 1
+    assert response.model_spec.signature_name == "serving_default"
+    probabilities = tf.make_ndarray(response.outputs["probabilities"])
+    body = json.dumps({"instances": [{"b64": base64.b64encode(png).decode()}]}).encode()
+    with urllib.request.urlopen(urllib.request.Request(f"{url}/v1/models/model:predict", data=body)) as answer:
+        rest = json.loads(answer.read())["predictions"][0]
+    loaded = tf.saved_model.load(os.path.join(digits_run, "export", "model", "1"))
+    local = loaded.signatures["serving_default"](image_bytes=tf.constant([png]))
+    np.testing.assert_allclose(probabilities[0], rest["probabilities"], atol=1e-6)
+    np.testing.assert_allclose(probabilities[0], local["probabilities"][0], atol=1e-6)
+    assert tf.make_ndarray(response.outputs["class_ids"])[0] == rest["class_ids"] == int(local["class_ids"][0])
+    assert tf.make_ndarray(response.outputs["class_names"])[0].decode() == rest["class_names"]
+    filtered = predict_request([png], version=1)
+    filtered.output_filter.append("class_ids")
+    assert list(predictions.Predict(filtered, timeout=30).outputs) == ["class_ids"]
+
+
+def test_classify_and_multi_inference_over_examples(grpc_server, digits_run):
+    predictions, _, _ = grpc_server
+    contract = contract_lib.read_contract(digits_run)
+    files = contract.split_files(contract_lib.data_dir(digits_run), "test")
+    serialized = [record.numpy() for record in tf.data.TFRecordDataset(files).take(3)]
+    request = classification_pb2.ClassificationRequest()
+    request.model_spec.name = "model"
+    for record in serialized:
+        request.input.example_list.examples.add().ParseFromString(record)
+    response = predictions.Classify(request, timeout=30)
+    loaded = tf.saved_model.load(os.path.join(digits_run, "export", "model", "1"))
+    expected = loaded.signatures["serve_examples"](examples=tf.constant(serialized))["probabilities"].numpy()
+    assert response.model_spec.signature_name == "serve_examples"
+    for classification, row in zip(response.result.classifications, expected):
+        assert [c.label for c in classification.classes] == [str(i) for i in range(10)]
+        np.testing.assert_allclose([c.score for c in classification.classes], row, atol=1e-6)
+    multi = inference_pb2.MultiInferenceRequest()
+    multi.tasks.add(method_name="tensorflow/serving/classify").model_spec.name = "model"
+    multi.input.CopyFrom(request.input)
+    result = predictions.MultiInference(multi, timeout=30).results[0]
+    assert result.classification_result == response.result
+    multi.tasks.add(method_name="tensorflow/serving/regress").model_spec.name = "model"
+    with pytest.raises(grpc.RpcError) as error:
+        predictions.MultiInference(multi, timeout=30)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_metadata_and_status(grpc_server):
+    predictions, models, _ = grpc_server
+    request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+    request.model_spec.name = "model"
+    response = predictions.GetModelMetadata(request, timeout=30)
+    signatures = get_model_metadata_pb2.SignatureDefMap()
+    response.metadata["signature_def"].Unpack(signatures)
+    assert set(signatures.signature_def) == {"serving_default", "serve_images", "serve_examples"}
+    assert signatures.signature_def["serving_default"].inputs["image_bytes"].dtype == tf.string.as_datatype_enum
+    status_request = get_model_status_pb2.GetModelStatusRequest()
+    status_request.model_spec.name = "model"
+    [status] = models.GetModelStatus(status_request, timeout=30).model_version_status
+    assert status.version == 1 and status.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE
+    assert status.status.error_code == 0
+
+
+def regress_request():
+    request = regression_pb2.RegressionRequest()
+    request.model_spec.name = "model"
+    request.input.example_list.examples.add()
+    return request
+
+
+def status_request(name):
+    request = get_model_status_pb2.GetModelStatusRequest()
+    request.model_spec.name = name
+    return request
+
+
+@pytest.mark.parametrize("call, make, code, text", [
+    ("Predict", lambda: predict_request([digit_png()], name="nope"), "NOT_FOUND", "Servable not found"),
+    ("Predict", lambda: predict_request([digit_png()], version=9), "NOT_FOUND", "Specific(model, 9)"),
+    ("Predict", lambda: predict_request([digit_png()], version_label="stable"), "INVALID_ARGUMENT",
+     "Unrecognized servable version label"),
+    ("Predict", lambda: predict_request([b"not an image"]), "INVALID_ARGUMENT", ""),
+    ("Predict", lambda: predict_request([digit_png()], signature_name="nope"), "INVALID_ARGUMENT", "nope"),
+    ("Predict", lambda: predict_pb2.PredictRequest(model_spec={"name": "model"}), "INVALID_ARGUMENT",
+     "input size does not match"),
+    ("Predict", lambda: predict_request([b"x" * (2 * LIMIT)]), "RESOURCE_EXHAUSTED", ""),
+    ("Regress", regress_request, "INVALID_ARGUMENT", "Expected regression signature"),
+    ("GetModelStatus", lambda: status_request("nope"), "NOT_FOUND", "Could not find any versions of model nope"),
+    ("GetModelMetadata", lambda: get_model_metadata_pb2.GetModelMetadataRequest(model_spec={"name": "model"}),
+     "INVALID_ARGUMENT", "at least one metadata_field"),
+])
+def test_tf_serving_status_codes(grpc_server, call, make, code, text):
+    predictions, models, _ = grpc_server
+    stub = models if call == "GetModelStatus" else predictions
+    with pytest.raises(grpc.RpcError) as error:
+        getattr(stub, call)(make(), timeout=30)
+    assert error.value.code() == getattr(grpc.StatusCode, code) and text in error.value.details()
+    assert predictions.Predict(predict_request([digit_png()]), timeout=30).outputs  # still serving
+
+
+def test_calls_beyond_the_concurrency_limit_are_resource_exhausted(digits_run):
+    httpd = make_server(digits_run, "127.0.0.1", 0, grpc_port=0, max_connections=1, allow_unvalidated=True)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{httpd.grpc.port}") as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            request = predict_request([digit_png()] * 8)
+            barrier = threading.Barrier(16)
+
+            def client(_):
+                barrier.wait()
+                codes = []
+                for _ in range(3):
+                    try:
+                        stub.Predict(request, timeout=30)
+                        codes.append(grpc.StatusCode.OK)
+                    except grpc.RpcError as error:
+                        codes.append(error.code())
+                return codes
+
+            with ThreadPoolExecutor(16) as pool:
+                codes = {code for codes in pool.map(client, range(16)) for code in codes}
+        assert codes == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    finally:
+        httpd.server_close()

@@ -1,0 +1,225 @@
+"""The REST server against hostile clients: bad lengths, huge claims, chunked bodies, deep JSON,
+idle and slow connections, more connections than allowed; and a fault test where good clients
+keep getting answers while a bounded hostile fleet runs."""
+
+import base64
+import io
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deploy.serving import make_server
+from deploy.serving.rest import json_depth
+
+LIMIT = 64 * 1024
+
+
+def digit_png() -> bytes:
+    image = np.zeros((8, 8), np.uint8)
+    image[1:7, 3:5] = 255  # a "1"
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+BODY = json.dumps({"instances": [{"b64": base64.b64encode(digit_png()).decode()}]}).encode()
+PATH = "/v1/models/model:predict"
+
+
+@pytest.fixture(scope="module")
+def hostile_server(digits_run):
+    httpd = make_server(digits_run, "127.0.0.1", 0, max_request_bytes=LIMIT, max_connections=12,
+                        idle_timeout_s=1.0, allow_unvalidated=True)
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    yield httpd.server_address[1], httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def exchange(port: int, data: bytes, timeout: float = 10.0, send_delay: float = 0.0) -> bytes:
+    """Sends raw bytes, returns everything the server sends until it closes (or the timeout)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        if send_delay:
+            time.sleep(send_delay)
+        chunks = []
+        try:
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except socket.timeout:
+            pass
+        return b"".join(chunks)
+
+
+def request(headers: str, body: bytes = b"", path: str = PATH, close: bool = True) -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\n{headers}" + ("Connection: close\r\n" if close else "") + "\r\n"
+    return head.encode() + body
+
+
+def responses(raw: bytes) -> list[tuple[int, dict]]:
+    """The (status, JSON body) of each HTTP/1.1 response in `raw`."""
+    answers = []
+    while raw:
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        length = int(next(line.split(":")[1] for line in lines if line.lower().startswith("content-length")))
+        answers.append((int(lines[0].split()[1]), json.loads(rest[:length])))
+        raw = rest[length:]
+    return answers
+
+
+def good_predict(port: int) -> tuple[int, dict]:
+    return responses(exchange(port, request(f"Content-Length: {len(BODY)}\r\n", BODY)))[0]
+
+
+@pytest.mark.parametrize("length", ["-1", "abc", "1e3", " 12 x", "99999999999999999999999"])
+def test_invalid_content_length_is_400_without_reading(hostile_server, length):
+    port, _ = hostile_server
+    [(code, body)] = responses(exchange(port, request(f"Content-Length: {length}\r\n", b"x" * 100, close=False)))
+    assert code == 400 and "invalid Content-Length" in body["error"]
+
+
+def test_conflicting_lengths_and_both_framings_are_400(hostile_server):
+    port, _ = hostile_server
+    [(code, body)] = responses(exchange(port, request("Content-Length: 5\r\nContent-Length: 6\r\n", b"{}", False)))
+    assert code == 400 and "invalid Content-Length" in body["error"]
+    [(code, body)] = responses(exchange(port, request("Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+                                                      b"0\r\n\r\n", False)))
+    assert code == 400 and "both Transfer-Encoding and Content-Length" in body["error"]
+    [(code, _)] = responses(exchange(port, request("Transfer-Encoding: gzip\r\n", b"", False)))
+    assert code == 501
+
+
+@pytest.mark.parametrize("raw, code", [
+    (b"GARBAGE\r\n\r\n", 400),
+    (b"GET /v1/models/model HTTP/1.1\r\n" + b"X-A: b\r\n" * 200 + b"\r\n", 431),
+    (b"OPTIONS /v1/models/model HTTP/1.1\r\nHost: x\r\n\r\n", 501),
+])
+def test_protocol_errors_are_json_too(hostile_server, raw, code):
+    port, _ = hostile_server
+    [(status, body)] = responses(exchange(port, raw))
+    assert status == code and body["error"]
+
+
+def test_a_huge_claimed_length_is_413_at_once_and_the_connection_closed(hostile_server):
+    port, _ = hostile_server
+    start = time.monotonic()
+    raw = exchange(port, request("Content-Length: 1000000000000\r\n", b"{", close=False), timeout=5)
+    [(code, body)] = responses(raw)  # one answer, then the server closed the connection
+    assert code == 413 and "exceeds the limit" in body["error"] and time.monotonic() - start < 2
+
+
+def test_chunked_bodies_are_read_and_limited(hostile_server):
+    port, _ = hostile_server
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(BODY[i:i + 100]), BODY[i:i + 100]) for i in range(0, len(BODY), 100))
+    chunked = request("Transfer-Encoding: chunked\r\n", chunks + b"0\r\n\r\n", close=False)
+    # the same connection then carries a second request: the chunks are never parsed as one
+    follow = b"GET /v1/models/model HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    answers = responses(exchange(port, chunked + follow))
+    assert [code for code, _ in answers] == [200, 200]
+    assert answers[0][1] == good_predict(port)[1] and "model_version_status" in answers[1][1]
+    big = b"%x\r\n%s\r\n" % (LIMIT, b"x" * LIMIT) * 2
+    [(code, body)] = responses(exchange(port, request("Transfer-Encoding: chunked\r\n", big + b"0\r\n\r\n", False)))
+    assert code == 413 and "exceeds the limit" in body["error"]
+    [(code, body)] = responses(exchange(port, request("Transfer-Encoding: chunked\r\n", b"zz\r\n{}\r\n0\r\n\r\n")))
+    assert code == 400 and "malformed chunked body" in body["error"]
+
+
+@pytest.mark.parametrize("depth", [65, 5000])
+def test_deep_json_is_400(hostile_server, depth):
+    port, _ = hostile_server
+    deep = b'{"instances": ' + b"[" * depth + b"]" * depth + b"}"
+    [(code, body)] = responses(exchange(port, request(f"Content-Length: {len(deep)}\r\n", deep)))
+    assert code == 400 and "nested deeper than 64" in body["error"]
+    strings = json.dumps({"instances": ["[" * 5000]}).encode()  # brackets inside strings are not nesting
+    [(code, body)] = responses(exchange(port, request(f"Content-Length: {len(strings)}\r\n", strings)))
+    assert code == 400 and "nested" not in body["error"]  # the model's own answer: not an image
+
+
+@pytest.mark.parametrize("document, depth", [
+    ([[[1]]] * 70, 3),
+    ({"a": ["[" * 70, '\\"[[', "\\\\", [[[1]]]]}, 5),  # brackets, escaped quotes and backslashes in strings
+    ([{"b": [[1] * 3]}] * 30, 4),
+])
+def test_json_depth_counts_only_structure(document, depth):
+    raw = json.dumps(document).encode()
+    assert json_depth(raw) == depth and json.loads(raw) == document
+
+
+def test_idle_and_slow_connections_are_closed(hostile_server):
+    port, _ = hostile_server
+    start = time.monotonic()
+    assert exchange(port, b"", timeout=5) == b""  # idle: closed after the 1 s idle timeout, no answer
+    assert exchange(port, request(f"Content-Length: {len(BODY)}\r\n", BODY[:10]), timeout=5) == b""  # never finished
+    assert time.monotonic() - start < 4
+
+
+def test_connections_beyond_the_cap_get_503_and_threads_stay_bounded(hostile_server):
+    port, _ = hostile_server
+    before = threading.active_count()
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(40)]
+    try:
+        time.sleep(0.3)
+        assert threading.active_count() - before <= 12  # a thread per admitted connection, 12 at most
+        code, body = good_predict(port)
+        assert code == 503 and "too many connections" in body["error"]
+    finally:
+        for sock in idle:
+            sock.close()
+    time.sleep(0.3)
+    assert good_predict(port)[0] == 200
+
+
+def rss_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def test_good_clients_are_answered_while_a_hostile_fleet_runs(hostile_server):
+    port, _ = hostile_server
+    expected = good_predict(port)[1]
+    rss_before, threads_before = rss_mb(), threading.active_count()
+    deep = b"[" * 10000
+    attacks = [
+        request("Content-Length: -1\r\n", b"x" * 50_000),  # negative length and a body
+        request("Content-Length: 200000000\r\n", b"x" * 1000),  # a huge claim
+        request(f"Content-Length: {len(deep)}\r\n", deep),  # deep JSON
+        b"GARBAGE\r\n\r\n",  # not HTTP
+        request(f"Content-Length: {len(BODY)}\r\n", BODY[:5]),  # never finished (dropped after the idle timeout)
+        request("Transfer-Encoding: chunked\r\n", b"ffffffff\r\nxx"),  # a chunk claimed far over the limit
+    ]
+    stop = threading.Event()
+
+    def hostile(index: int) -> int:
+        sent = 0
+        while not stop.is_set() and sent < 15:
+            try:
+                exchange(port, attacks[index % len(attacks)], timeout=3)
+            except OSError:
+                pass
+            sent += 1
+        return sent
+
+    with ThreadPoolExecutor(6) as pool:
+        fleet = [pool.submit(hostile, i) for i in range(6)]
+        try:
+            good = []
+            for _ in range(20):
+                good.append(good_predict(port))
+                assert threading.active_count() - threads_before <= 12 + 6
+        finally:
+            stop.set()
+        assert sum(f.result() for f in fleet) > 0
+    assert all(code == 200 and body == expected for code, body in good)
+    assert rss_mb() - rss_before < 100

@@ -1,0 +1,105 @@
+"""`data.tokenizer`: the Python tokenizer of the Beam vocabulary pass and the in-graph one of the
+trainer and the export agree token for token; vocab.txt and labels.txt survive any character
+but a line feed; a text run round-trips through preprocess, train, export and serve."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kcp import cli
+from kcp.core import contract as contract_lib
+from kcp.core import examples as example_lib
+from kcp.core.contract import TOKENIZERS, ContractError, tokenize_text
+from tests.conftest import IN_PROCESS_BEAM
+from tests.pipeline.test_contract import make_contract
+
+TRICKY = [
+    "A good movie, truly good!", "}", "{ \\", "~~ ^<<<<", "", "   \t\n ", "foo_bar(x) -> y[0];",
+    "AB-12/x7 SKU#445.2", "Ünïcode ÉTÉ café naïve", "tab\tand\nnew\r\nlines\x0b\x0cend",
+    "sep\x1crecord\x1dgroup\x1eunit", "line\u2028para\u2029next\u0085end", "emoji 😀😀 ok", "don't stop-believing...",
+    "MiXeD CaSe 123 4.5e-3",
+]
+
+
+def in_graph_tokens(run_dir: str, tokenizer: str, texts: list[str]) -> list[list[str]]:
+    """Tokens of the contract's TextVectorization (`text_vectorizer`), read back through its vocabulary."""
+    vocabulary = sorted({token for text in texts for token in tokenize_text(text, tokenizer)})
+    contract = make_contract(modality="text", statistics={"max_length": 64, "tokenizer": tokenizer})
+    contract_lib.write_contract(run_dir, contract, vocabulary)
+    layer = example_lib.text_vectorizer(contract, run_dir)
+    ids = np.asarray(layer(tf.constant(texts)))
+    lookup = layer.get_vocabulary()
+    return [[lookup[i] for i in row if i] for row in ids]
+
+
+@pytest.mark.parametrize("tokenizer", TOKENIZERS)
+def test_python_and_in_graph_tokenizers_agree_token_for_token(tmp_path, tokenizer):
+    assert in_graph_tokens(str(tmp_path), tokenizer, TRICKY) == [tokenize_text(text, tokenizer) for text in TRICKY]
+
+
+def test_what_each_tokenizer_makes_of_a_line():
+    line = "Call foo_bar(x), NOW!"
+    assert tokenize_text(line, "words") == ["call", "foobarx", "now"]
+    assert tokenize_text(line, "words_and_punctuation") == ["call", "foo", "_", "bar", "(", "x", ")", ",", "now", "!"]
+    assert tokenize_text("Ab  c\t!", "characters") == ["a", "b", " ", "c", " ", "!"]
+    assert tokenize_text("~~ ^<<<<", "words") == [] and tokenize_text("~~ ^<<<<", "words_and_punctuation")
+
+
+@pytest.mark.parametrize("tokenizer", TOKENIZERS)
+def test_the_in_graph_tokenizer_is_the_same_inside_tf_data_and_after_a_config_round_trip(tokenizer):
+    layer = keras.layers.TextVectorization(**example_lib.TOKENIZER_LAYER_SETTINGS[tokenizer], output_mode="int",
+                                           output_sequence_length=16, vocabulary=["a", "b", ",", " "])
+    clone = keras.layers.TextVectorization.from_config(json.loads(json.dumps(
+        keras.saving.serialize_keras_object(layer)))["config"])  # the registered split functions load by name
+    texts = tf.constant(["a, b", "B  a!", ""])
+    eager = np.asarray(layer(texts))
+    mapped = np.concatenate(list(tf.data.Dataset.from_tensor_slices(texts).batch(2).map(clone).as_numpy_iterator()))
+    np.testing.assert_array_equal(eager, mapped)
+
+
+def test_labels_and_vocabulary_keep_tokens_that_splitlines_would_split(tmp_path):
+    odd = ["a\x1cb", "c\u2028d", "e\u0085f", "g\x1dh\x1ei", "cr\rlf", "plain", " "]
+    contract = make_contract(class_names=tuple(odd))
+    contract_lib.write_contract(str(tmp_path), contract, vocabulary=odd)
+    assert contract_lib.read_vocabulary(str(tmp_path)) == odd
+    assert contract_lib.read_lines((tmp_path / "data" / "labels.txt").read_bytes().decode()) == odd
+    with pytest.raises(ContractError, match="line break"):
+        contract_lib.write_contract(str(tmp_path), make_contract(class_names=("one\ntwo", "three")))
+
+
+def test_the_characters_tokenizer_round_trips_through_preprocess_train_export_and_serve(tmp_path):
+    tokenizer = "characters"  # the farthest from the words of the default; each step runs as its command
+    lines = {"code": ["x = f(y);", "if (a) { b(); }", "return g(z);", "{ }"],
+             "prose": ["the cat sat", "a dog ran far", "we went home", "so it goes"]}
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"text": text, "label": label}) + "\n"
+                            for _ in range(6) for label, texts in lines.items() for text in texts))
+    run_dir = str(tmp_path / "run")
+    code = cli.main(["preprocess", "--source", f"jsonl:{path}", "--run-dir", run_dir,
+                     "--set", f"data.tokenizer={tokenizer}", "--set", "data.min_count=1", "--", *IN_PROCESS_BEAM])
+    code = code or cli.main(["train", "--run-dir", run_dir, "--model", "cnn", "--set", "train.epochs=3",
+                             "--set", "model.filters=[16]"])
+    code = code or cli.main(["export", "--run-dir", run_dir])
+    assert code == 0
+    contract = contract_lib.read_contract(run_dir)
+    assert contract.statistics["tokenizer"] == tokenizer
+    vocabulary = contract_lib.read_vocabulary(run_dir)
+    assert ("{" in vocabulary) and ((" " in vocabulary) == (tokenizer == "characters"))
+    # The export tokenizes raw strings in its graph; the trainer's model on the Python tokenizer's ids
+    # must give the same probabilities.
+    texts = ["if (x) { y(); }", "the dog sat", "}"]
+    index = {token: i + contract_lib.RESERVED_TOKEN_IDS for i, token in enumerate(vocabulary)}
+    length = int(contract.statistics["max_length"])
+    ids = np.zeros((len(texts), length), dtype=np.int32)
+    for row, text in enumerate(texts):
+        tokens = [index.get(token, 1) for token in tokenize_text(text, tokenizer)][:length]
+        ids[row, :len(tokens)] = tokens
+    model = keras.saving.load_model(os.path.join(run_dir, "train", "model.keras"))
+    serve = tf.saved_model.load(os.path.join(run_dir, "export", "model", "1")).signatures["serving_default"]
+    served = serve(text=tf.constant(texts))["probabilities"].numpy()
+    np.testing.assert_allclose(served, model.predict(ids, verbose=0), atol=1e-5)
+    assert served[0].argmax() == contract.class_names.index("code")
