@@ -79,13 +79,18 @@ def load(port: int, body: bytes, clients: int, per_client: int) -> tuple[list[fl
         with lock:
             latencies.extend(mine)
 
+    return latencies, run_clients(client, clients)
+
+
+def run_clients(client, clients: int) -> float:
+    """Runs `client` in `clients` threads at once; returns the wall seconds until all are done."""
     threads = [threading.Thread(target=client) for _ in range(clients)]
     started = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    return latencies, time.perf_counter() - started
+    return time.perf_counter() - started
 
 
 def grpc_load(port: int, png: bytes, clients: int, per_client: int) -> tuple[list[float], float]:
@@ -109,13 +114,7 @@ def grpc_load(port: int, png: bytes, clients: int, per_client: int) -> tuple[lis
         with lock:
             latencies.extend(mine)
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return latencies, time.perf_counter() - started
+    return latencies, run_clients(client, clients)
 
 
 def rss_mb(pid: int) -> float:

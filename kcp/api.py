@@ -32,6 +32,7 @@ from deploy.serving import make_server
 from deploy.validate import export_accuracy, validate_export
 from kcp.core import contract as contract_lib
 from kcp.core import storage
+from kcp.core.cluster import is_cluster_helper
 from kcp.core.config import Config, record_config, resolve_config
 from kcp.core.contract import DataContract
 from kcp.core.errors import UserError
@@ -79,28 +80,12 @@ class Report:
 
 # --- the stages -------------------------------------------------------------------------
 
-def _cluster_member() -> bool:
-    """True in the non-chief processes of a distributed job (Keras Tuner workers, multi-worker
-    training workers other than worker 0): they work for the chief, which holds the lock."""
-    if "worker" in os.environ.get("KERASTUNER_TUNER_ID", ""):
-        return True
-    try:
-        tf_config = json.loads(os.environ.get("TF_CONFIG") or "{}")
-    except ValueError:
-        return False
-    task = tf_config.get("task") or {}
-    if not task or task.get("type") == "chief":
-        return False
-    first_worker = task.get("type") == "worker" and task.get("index", 0) == 0
-    return not (first_worker and "chief" not in (tf_config.get("cluster") or {}))
-
-
 @contextlib.contextmanager
 def locked(run_dir: str, command: str):
     """Holds RUN/.kcp-lock (kcp/core/lock.py) while a producing stage writes into the run
     directory; a second one fails at once with a one-line error naming the holder. Re-entrant
     in one process (`kcp run` holds it over its stages); not taken by a cluster's non-chief members."""
-    if _cluster_member():
+    if is_cluster_helper():
         yield
         return
     with run_lock(run_dir, command):

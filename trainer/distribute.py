@@ -12,7 +12,6 @@ TPU detection never hangs: the resolver is only asked when a TPU variable is set
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
@@ -47,22 +46,6 @@ def tpu_strategy():
     except (ValueError, tf.errors.NotFoundError) as error:
         raise UserError(f"train.strategy: 'tpu' but no TPU was found ({str(error).splitlines()[0]})") from None
     return tf.distribute.TPUStrategy(resolver)
-
-
-def worker_info() -> tuple[str, int, bool]:
-    """(task type, task index, is chief) from TF_CONFIG; ('worker', 0, True) without one."""
-    config = json.loads(os.environ.get("TF_CONFIG") or "{}")
-    task = config.get("task", {})
-    task_type, index = task.get("type", "worker"), int(task.get("index", 0))
-    cluster = config.get("cluster", {})
-    chief = task_type == "chief" or (task_type == "worker" and index == 0 and "chief" not in cluster)
-    return task_type, index, chief
-
-
-def num_workers() -> int:
-    """Workers (chief included) in TF_CONFIG's cluster; 1 without one."""
-    cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
-    return max(1, len(cluster.get("chief", [])) + len(cluster.get("worker", [])))
 
 
 def choose_strategy(name: str, cpu_devices: int = 0):

@@ -14,7 +14,7 @@ import numpy as np
 
 from kcp.core import storage
 from kcp.core.layout import RunLayout
-from trainer.distribute import worker_info
+from kcp.core.cluster import worker_info
 
 
 @dataclass(frozen=True)

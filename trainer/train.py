@@ -32,7 +32,8 @@ from kcp.core.layout import SPLITS, RunLayout
 from trainer.callbacks import (AtomicBackupAndRestore, EpochHistory, StopOnNonFiniteLoss, ThroughputTimer,
                                examples_per_second, learning_rate, steps_per_epoch)
 from trainer.data import make_dataset
-from trainer.distribute import choose_strategy, num_workers
+from kcp.core.cluster import num_workers
+from trainer.distribute import choose_strategy
 from trainer.models import ModelInputs, build_model
 from trainer.models.common import batch_norm_momentum_for
 from trainer.outputs import TrainPaths, confusion_matrix, predict_labels, save_results, weights_digest

@@ -1,0 +1,29 @@
+"""The process's place in a distributed job, from TF_CONFIG (multi-worker training, Vertex AI)
+and Keras Tuner's variables: plain JSON and environment reading, no TensorFlow."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def worker_info() -> tuple[str, int, bool]:
+    """(task type, task index, is chief) from TF_CONFIG; ('worker', 0, True) without one."""
+    config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    task = config.get("task", {})
+    task_type, index = task.get("type", "worker"), int(task.get("index", 0))
+    cluster = config.get("cluster", {})
+    chief = task_type == "chief" or (task_type == "worker" and index == 0 and "chief" not in cluster)
+    return task_type, index, chief
+
+
+def num_workers() -> int:
+    """Workers (chief included) in TF_CONFIG's cluster; 1 without one."""
+    cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
+    return max(1, len(cluster.get("chief", [])) + len(cluster.get("worker", [])))
+
+
+def is_cluster_helper() -> bool:
+    """True in the processes of a distributed job that work for another one: Keras Tuner workers,
+    and training workers other than the chief (or worker 0 when there is no chief)."""
+    return "worker" in os.environ.get("KERASTUNER_TUNER_ID", "") or not worker_info()[2]
