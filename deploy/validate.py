@@ -6,6 +6,14 @@ The test split goes in as a client would send it (PNG bytes for images, strings 
 floats for sequences); the export's accuracy must match the trainer's test accuracy within
 0.5 percentage points and reach `export.min_accuracy` when set. The figures and the verdict
 go to RUN/export/NAME/VERSION/assets.extra/validation.json, which travels with the model.
+
+A language export (`validate_language`) is fed test texts: its `score` must equal the
+log-probabilities of the trained Keras model (model.keras, computed here in Python from the
+contract's own encoder) within LOG_PROBABILITY_TOLERANCE, its greedy `generate` (temperature 0)
+must be a greedy decoding of that model (at every new token, the export's id is the Keras
+model's argmax up to GREEDY_TIE nats: an independent, uncached reference for the cache), and
+its bits per byte on the texts must not be worse than the newest blessed version's on the same
+texts by more than MAX_REGRESSION_BITS (lower is better).
 """
 
 from __future__ import annotations
@@ -67,7 +75,8 @@ def validate_export(config: Config, run_dir: str, version: int | None = None) ->
     if not storage.exists(metrics_path):
         raise UserError(f"{metrics_path}: not found; validation compares with the trainer's test metrics")
     metrics = json.loads(storage.read_text(metrics_path))
-    test = contract_lib.read_contract(run_dir).splits.get("test")
+    contract = contract_lib.read_contract(run_dir)
+    test = contract.splits.get("test")
     if not test or not test.count or "test" not in metrics:
         raise UserError(f"{run_dir}: the test split is empty, so there is nothing to validate the export on; "
                         "give data.split a test fraction (or the source a test split) and preprocess again")
@@ -79,6 +88,11 @@ def validate_export(config: Config, run_dir: str, version: int | None = None) ->
         if exported and exported != metrics["weights_sha256"]:
             raise UserError(f"{directory} was exported from another model than {metrics_path} describes "
                             f"(trained again since); run `kcp export --run-dir {run_dir}` and validate the new version")
+    if contract.modality == "language":
+        result = validate_language(contract, run_dir, directory, metrics, config.export.name)
+        storage.write_text_atomic(storage.join(directory, "assets.extra", "validation.json"),
+                                  json.dumps(result, indent=2) + "\n")
+        return result
     trainer = metrics["test"]["accuracy"]
     accuracy = export_accuracy(directory, run_dir, "test")
     reasons = []
@@ -88,7 +102,7 @@ def validate_export(config: Config, run_dir: str, version: int | None = None) ->
     if config.export.min_accuracy is not None and accuracy < config.export.min_accuracy:
         reasons.append(f"export accuracy {accuracy:.4f} is below export.min_accuracy {config.export.min_accuracy}")
     result = {
-        "version": int(directory.rstrip("/").replace(os.sep, "/").rsplit("/", 1)[-1]),
+        "version": version_number(directory),
         "export_accuracy": accuracy,
         "trainer_accuracy": trainer,
         "difference": accuracy - trainer,
@@ -101,3 +115,145 @@ def validate_export(config: Config, run_dir: str, version: int | None = None) ->
     storage.write_text_atomic(storage.join(directory, "assets.extra", "validation.json"),
                               json.dumps(result, indent=2) + "\n")
     return result
+
+
+# --- language ----------------------------------------------------------------------------
+
+LOG_PROBABILITY_TOLERANCE = 1e-3  # nats per text, plus 1e-5 of its magnitude (float32 sums)
+GREEDY_TIE = 1e-4  # nats: an export id this close to the Keras model's best logit is a tie, not an error
+MAX_REGRESSION_BITS = 0.01  # bits per byte a new version may lose against the blessed one (noise)
+VALIDATION_TEXTS = 64
+GENERATION_PROMPTS, GENERATION_TOKENS = 3, 16
+
+
+def version_number(directory: str) -> int:
+    return int(directory.rstrip("/").replace(os.sep, "/").rsplit("/", 1)[-1])
+
+
+def export_scores(export, texts: list[str], batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """(log_probability, tokens) of the export's `score` signature for the texts, fed as a client
+    would; `export` is a version's directory or what tf.saved_model.load made of it."""
+    score = (tf.saved_model.load(export) if isinstance(export, str) else export).signatures["score"]
+    log_probabilities, tokens = [], []
+    for start in range(0, len(texts), batch_size):
+        outputs = score(texts=tf.constant([text.encode("utf-8") for text in texts[start:start + batch_size]]))
+        log_probabilities.append(outputs["log_probability"].numpy())
+        tokens.append(outputs["tokens"].numpy())
+    return np.concatenate(log_probabilities), np.concatenate(tokens)
+
+
+def keras_log_probabilities(model, ids: list[int], context: int) -> float:
+    """The natural log-probability the Keras model gives `ids` followed by the separator, after a
+    separator, in windows of `context` (as the export's `score` computes it, but eagerly and per text)."""
+    sequence = [contract_lib.LANGUAGE_SEPARATOR, *ids, contract_lib.LANGUAGE_SEPARATOR]
+    inputs, targets = sequence[:-1], sequence[1:]
+    total = 0.0
+    for start in range(0, len(inputs), context):
+        window = np.asarray([inputs[start:start + context]], np.int32)
+        logits = np.asarray(model(window, training=False), np.float64)[0]  # (window, vocab)
+        log_probabilities = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        total += float(log_probabilities[np.arange(len(window[0])), targets[start:start + context]].sum())
+    return total
+
+
+def greedy_reference(model, prompt_ids: list[int], count: int) -> tuple[list[int], bool]:
+    """Greedy decoding of the Keras model after `prompt_ids`: up to `count` new ids, ending at the
+    first separator (dropped). Runs the whole model on the prefix at every step: no cache, an
+    independent reference for the export's cached loop. Also says whether a step had a near tie
+    (the two best logits within GREEDY_TIE), where float noise may pick either."""
+    sequence, new, tie = list(prompt_ids), [], False
+    for _ in range(count):
+        logits = np.asarray(model(np.asarray([sequence], np.int32), training=False))[0, -1]
+        best = int(logits.argmax())
+        tie = tie or bool(np.sort(logits)[-2] > logits[best] - GREEDY_TIE)
+        if best == contract_lib.LANGUAGE_SEPARATOR:
+            break
+        new.append(best)
+        sequence.append(best)
+    return new, tie
+
+
+def blessed_baseline(export_root: str, version: int) -> str | None:
+    """The newest other version of the export that kcp validate blessed, or None."""
+    if not storage.exists(export_root):
+        return None
+    versions = sorted((int(name) for name in storage.list_dir(export_root) if name.isdigit()), reverse=True)
+    for other in versions:
+        path = storage.join(export_root, str(other), "assets.extra", "validation.json")
+        if other != version and storage.exists(path) and json.loads(storage.read_text(path)).get("blessed") is True:
+            return storage.join(export_root, str(other))
+    return None
+
+
+def text_bits_per_byte(log_probabilities: np.ndarray, texts: list[str]) -> float:
+    """Bits per byte of texts from their log-probabilities: each text's UTF-8 bytes plus one for its end."""
+    return float(-np.sum(log_probabilities) / np.log(2) / sum(len(text.encode("utf-8")) + 1 for text in texts))
+
+
+def validate_language(contract, run_dir: str, directory: str, metrics: dict, name: str) -> dict:
+    """Validates a language export on the test split's texts; returns validation.json's content."""
+    import keras
+
+    from deploy.export import GENERATE_DEFAULTS, language_texts
+
+    texts = language_texts(contract, run_dir, "test", VALIDATION_TEXTS)
+    if not texts:
+        raise UserError(f"{run_dir}: the test split holds no text of 8 tokens or more to validate the export on")
+    tokenizer, vocabulary = contract_lib.language_tokenizer(contract), contract_lib.language_vocabulary(run_dir, contract)
+    context = int(contract.statistics["context_length"])
+    model = keras.saving.load_model(RunLayout(run_dir).model, compile=False)
+    export = tf.saved_model.load(directory)
+    exported, tokens = export_scores(export, texts)
+    encoded = [contract_lib.encode_language(text, tokenizer, vocabulary) for text in texts]
+    trainer = np.array([keras_log_probabilities(model, ids, context) for ids in encoded])
+    difference = np.abs(exported - trainer)
+    allowed = LOG_PROBABILITY_TOLERANCE + 1e-5 * np.abs(trainer)
+    reasons = []
+    if not np.array_equal(tokens, [len(ids) + 1 for ids in encoded]):
+        reasons.append("the export's score counts other tokens than the contract's encoder gives")
+    worst = int(np.argmax(difference - allowed))
+    if difference[worst] > allowed[worst]:
+        reasons.append(f"export log-probability {exported[worst]:.4f} of test text {worst + 1} differs from the "
+                       f"trained model's {trainer[worst]:.4f} by {difference[worst]:.2e} nats")
+    generate = export.signatures["generate"]
+    prompts = [text[:max(1, len(text) // 4)] for text in texts[:GENERATION_PROMPTS]]
+    completions = generate(prompts=tf.constant([prompt.encode("utf-8") for prompt in prompts]),
+                           **{key: tf.constant(value, generate.structured_input_signature[1][key].dtype)
+                              for key, value in {**GENERATE_DEFAULTS, "max_new_tokens": GENERATION_TOKENS,
+                                                 "temperature": 0.0}.items()})["completions"].numpy()
+    for prompt, completion in zip(prompts, completions):
+        prompt_ids = [contract_lib.LANGUAGE_SEPARATOR, *contract_lib.encode_language(prompt, tokenizer, vocabulary)]
+        reference, tie = greedy_reference(model, prompt_ids[-(context - GENERATION_TOKENS):], GENERATION_TOKENS)
+        expected = contract_lib.decode_language(reference, tokenizer, vocabulary)
+        if completion.decode("utf-8", errors="replace") != expected and not tie:
+            reasons.append(f"export generate at temperature 0 gives {completion.decode('utf-8', errors='replace')!r} "
+                           f"after {prompt!r}; the trained model's greedy decoding is {expected!r}")
+            break
+    bits = text_bits_per_byte(exported, texts)
+    export_root = directory.rstrip("/").rsplit("/", 1)[0]
+    version = version_number(directory)
+    baseline_dir = blessed_baseline(export_root, version)
+    baseline_bits = None
+    if baseline_dir is not None:
+        baseline_bits = text_bits_per_byte(export_scores(baseline_dir, texts)[0], texts)
+        if bits > baseline_bits + MAX_REGRESSION_BITS:
+            reasons.append(f"{bits:.4f} bits per byte on the test texts is worse than blessed version "
+                           f"{version_number(baseline_dir)}'s {baseline_bits:.4f}")
+    return {
+        "version": version,
+        "modality": "language",
+        "examples": len(texts),
+        "tokens": int(tokens.sum()),
+        "export_bits_per_byte": bits,
+        "trainer_bits_per_byte": text_bits_per_byte(trainer, texts),
+        "trainer_test_bits_per_byte": metrics.get("test", {}).get("bits_per_byte"),
+        "max_log_probability_difference": float(difference.max()),
+        "tolerance": LOG_PROBABILITY_TOLERANCE,
+        "generation_prompts": len(prompts),
+        "baseline_version": version_number(baseline_dir) if baseline_dir else None,
+        "baseline_bits_per_byte": baseline_bits,
+        "max_regression_bits": MAX_REGRESSION_BITS,
+        "blessed": not reasons,
+        "reasons": reasons,
+    }

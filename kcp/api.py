@@ -8,6 +8,11 @@ thin layer over it.
     export_dir = run.export()
     run.report()                                   # shows the figures inline in Jupyter
 
+    lm = kcp.Run("runs/lm")                        # a language model on Python's standard library
+    lm.preprocess(model="gpt")                     # gpt's default source: python-stdlib
+    lm.train(model="gpt", overrides=["train.epochs=1"])
+    print(lm.generate("def fib(n):", max_new_tokens=64, temperature=0))
+
 Every function takes the run directory first and the same configuration inputs as the
 command line: a YAML file (`config_file`), `source`/`model` shortcuts and dotted
 `overrides` ("train.epochs=5"), layered over the run's recorded config.yaml. Stages that
@@ -25,7 +30,7 @@ import threading
 from dataclasses import dataclass, field
 
 import trainer.models  # noqa: F401  registers the model families, whose keys the config loader validates
-from deploy.export import export_for_serving
+from deploy.export import GENERATE_DEFAULTS, complete_prompt, export_for_serving
 from deploy.predict import run_batch_prediction
 from deploy.push import push_export
 from deploy.serving import make_server
@@ -41,6 +46,7 @@ from kcp.core.lock import run_lock
 from kcp.core.sources import plan_source
 from kcp.report import build_report
 from pipeline.preprocess import run_preprocess
+from trainer.generate import generate_tokens  # also registers the gpt layers, for loading its model.keras
 from trainer.train import train as train_model
 from tuning.results import best_config
 from tuning.search import run_search
@@ -92,11 +98,12 @@ def locked(run_dir: str, command: str):
         yield
 
 
-def preprocess(run_dir: str, source: str | None = None, *, config_file: str | None = None, overrides=(),
-               beam_args=(), progress=None) -> DataContract:
-    """Runs the Beam pipeline: RUN/data/ shards and metadata.json. Returns the data contract."""
+def preprocess(run_dir: str, source: str | None = None, *, model: str | None = None, config_file: str | None = None,
+               overrides=(), beam_args=(), progress=None) -> DataContract:
+    """Runs the Beam pipeline: RUN/data/ shards and metadata.json. Returns the data contract.
+    `model` is the family the data is for (gpt: a language source by default)."""
     with locked(run_dir, "preprocess"):
-        config = resolve_config(run_dir, config_file, source=source, overrides=overrides)
+        config = resolve_config(run_dir, config_file, source=source, model=model, overrides=overrides)
         record_config(run_dir, config)
         return run_preprocess(config, run_dir, list(beam_args), report=progress)
 
@@ -127,7 +134,7 @@ def tune(run_dir: str, model: str | None = None, *, config_file: str | None = No
             return TuneResult(summary)
         final = best_config(config, run_dir)
         retrained = _train_result(run_dir, train_model(final, run_dir))
-        return TuneResult(summary, retrained, export_for_serving(final, run_dir))
+        return TuneResult(summary, retrained, export_for_serving(final, run_dir, generate_tokens))
 
 
 def export(run_dir: str, *, config_file: str | None = None, overrides=()) -> str:
@@ -135,7 +142,7 @@ def export(run_dir: str, *, config_file: str | None = None, overrides=()) -> str
     with locked(run_dir, "export"):
         config = resolve_config(run_dir, config_file, overrides=overrides)
         record_config(run_dir, config)
-        return export_for_serving(config, run_dir)
+        return export_for_serving(config, run_dir, generate_tokens)
 
 
 def validate(run_dir: str, version: int | None = None, *, overrides=()) -> dict:
@@ -178,6 +185,37 @@ def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8501, **options):
     ("latest:1", "all", "specific:1,3"), `version_labels` ({"stable": 3}), `allow_unvalidated`
     (serve versions kcp validate did not bless), batching and limits. `server_close()` stops it all."""
     return make_server(run_dir, host, port, **options)
+
+
+def generate(run_dir: str, prompt: str, *, max_new_tokens: int = GENERATE_DEFAULTS["max_new_tokens"],
+             temperature: float = GENERATE_DEFAULTS["temperature"], top_k: int = GENERATE_DEFAULTS["top_k"],
+             top_p: float = GENERATE_DEFAULTS["top_p"], seed: int = GENERATE_DEFAULTS["seed"]) -> str:
+    """The completion of `prompt` by the run's language model (RUN/train/model.keras).
+
+    It runs the export's own `generate` function (deploy/export.py `language_functions`), built
+    on model.keras: the same seed gives the text the served `generate` signature answers. The
+    prompt starts a document; the completion ends at the end of one or after `max_new_tokens`
+    tokens. temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off."""
+    import keras
+
+    contract = contract_lib.read_contract(run_dir)
+    if contract.modality != "language":
+        raise UserError(f"generate: {run_dir} holds {contract.modality} data; generation needs a language model "
+                        "(kcp run --model gpt)")
+    context = int(contract.statistics["context_length"])
+    checks = [("max_new_tokens", max_new_tokens, 1 <= max_new_tokens < context,
+               f"an integer from 1 to {context - 1} (the context is {context})"),
+              ("temperature", temperature, temperature >= 0, "0 (greedy) or more"),
+              ("top_k", top_k, top_k >= 0, "0 (off) or more"), ("top_p", top_p, 0 < top_p <= 1, "above 0 and at most 1")]
+    for name, value, valid, allowed in checks:
+        if not valid:
+            raise UserError(f"{name}: {value!r} must be {allowed}")
+    model_path = RunLayout(run_dir).model
+    if not storage.exists(model_path):
+        raise UserError(f"{model_path}: not found; run `kcp train --run-dir {run_dir}` first")
+    return complete_prompt(keras.saving.load_model(model_path, compile=False), contract, run_dir, prompt,
+                           generate_tokens, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                           top_p=top_p, seed=seed)
 
 
 def reloaded_accuracy(export_dir: str, run_dir: str, split: str = "test") -> float:
@@ -226,6 +264,9 @@ class Run:
     def report(self) -> Report:
         return report(self.run_dir)
 
+    def generate(self, prompt: str, **options) -> str:
+        return generate(self.run_dir, prompt, **options)
+
     def serve(self, port: int = 0, **options):
         """Starts the server in a background thread; returns it (`server.url`, `server.grpc_target` with
         `grpc_port=0`, `server.shutdown()` then `server.server_close()`). Serves blessed versions only unless
@@ -238,4 +279,4 @@ class Run:
 
 
 __all__ = ["Run", "TrainResult", "TuneResult", "Report", "preprocess", "train", "tune", "export", "validate",
-           "push", "predict", "report", "serve", "resolve_config", "new_run_dir", "newest_run"]
+           "push", "predict", "report", "serve", "generate", "resolve_config", "new_run_dir", "newest_run"]

@@ -28,6 +28,7 @@ from kcp.core.layout import DEAD_LETTER_DIR
 from kcp.core.sources import SourceError, SourcePlan, class_names_of, plan_source
 from pipeline import splits
 from pipeline.analysis import AnalyzeArrays, AnalyzeText, write_summary
+from pipeline.language import build_language_pipeline, language_contract
 from pipeline.records import ANALYZE, AUGMENTED, process_record
 from pipeline.samples import write_samples
 from pipeline.summary import contract_from_summary, counts_table
@@ -224,13 +225,17 @@ def run_preprocess(config: Config, run_dir: str, beam_args: list[str] = (), repo
     """Runs the Beam pipeline and writes `RUN/data/metadata.json` last. Returns the contract.
 
     `report(line)` receives a line per stage. Fails (UserError) without writing the contract
-    when more than `data.max_bad_fraction` of the inputs could not be read.
+    when more than `data.max_bad_fraction` of the inputs could not be read. A language source
+    (text:PATH, python-stdlib) runs pipeline/language.py's graph instead: no labels, no
+    augmentation, documents packed into token blocks.
     """
     report = report or (lambda line: log.info("%s", line))
     plan = plan_source(config.data.source, config.data)
+    language = plan.modality == "language"
     shape = "x".join(map(str, plan.input_spec.shape)) or "string"
     exact = plan.kind not in ("csv", "jsonl")
-    classes = f"{len(plan.class_names)} classes" if plan.class_names else "classes from the data"
+    classes = "no classes" if language else \
+        f"{len(plan.class_names)} classes" if plan.class_names else "classes from the data"
     report(f"plan: {'' if exact else 'about '}{plan.estimated_count} inputs in {len(plan.tasks)} read tasks, {classes}, "
            f"{plan.modality} {shape}, splits "
            f"{'by key hash' if plan.has_splits is False else 'from the source' if plan.has_splits else 'from the data'}")
@@ -241,15 +246,17 @@ def run_preprocess(config: Config, run_dir: str, beam_args: list[str] = (), repo
     options = pipeline_options(plan, beam_args)
     all_options = options.get_all_options()
     mode = f" ({all_options.get('direct_running_mode')})" if all_options["runner"] == "FnApiRunner" else ""
-    report(f"beam: {all_options['runner']}{mode} running Read > Decode > Split > Analyze > "
-           f"{'Augment > ' if config.data.augment.copies else ''}Encode > Write")
+    steps = "Read > Decode > Split > Tokenize > Pack > Write" if language else \
+        f"Read > Decode > Split > Analyze > {'Augment > ' if config.data.augment.copies else ''}Encode > Write"
+    report(f"beam: {all_options['runner']}{mode} running {steps}")
     parts_dir = storage.join(data_dir, f"{PARTS_PREFIX}{uuid.uuid4().hex[:8]}")
     if drops_finish_bundle_outputs(all_options["runner"]):
         parts_dir = None  # the shard writer groups the records themselves there
     progress_dir = progress_directory(all_options)
     try:
         with ProgressReporter(progress_dir, plan.estimated_count, report), beam.Pipeline(options=options) as pipeline:
-            build_pipeline(pipeline, plan, config, data_dir, summary_path, parts_dir, progress_dir)
+            build = build_language_pipeline if language else build_pipeline
+            build(pipeline, plan, config, data_dir, summary_path, parts_dir, progress_dir)
     finally:
         if parts_dir:
             storage.remove_tree(parts_dir)
@@ -258,15 +265,18 @@ def run_preprocess(config: Config, run_dir: str, beam_args: list[str] = (), repo
     bad, read = summary["dead_letters"], summary["read"]
     if not read:
         raise SourceError(f"data.source: {plan.uri} holds no inputs")
-    if not summary["facts"]["class_names"]:
+    if not language and not summary["facts"]["class_names"]:
         raise SourceError(f"data.label_column: column {config.data.label_column!r} of {plan.uri} is empty"
                           if plan.modality == "text" else f"data.source: {plan.uri} has no labels")
     if read and bad / read > config.data.max_bad_fraction:
         raise UserError(f"data.max_bad_fraction: {bad} of {read} inputs ({bad / read:.1%}) could not be read, above "
                         f"{config.data.max_bad_fraction:.1%}; reasons in {storage.join(data_dir, DEAD_LETTER_DIR)}")
-    contract, vocabulary = contract_from_summary(plan, config, summary, data_dir)
-    if contract.splits["train"].count:
-        write_samples(contract, run_dir)
+    if language:
+        contract, vocabulary = language_contract(plan, config, summary, data_dir)
+    else:
+        contract, vocabulary = contract_from_summary(plan, config, summary, data_dir)
+        if contract.splits["train"].count:
+            write_samples(contract, run_dir)
     contract_lib.write_contract(run_dir, contract, vocabulary)
     for line in counts_table(contract, read, bad, summary["augmented"]):
         report(line)

@@ -106,15 +106,21 @@ class _WriteShardFn(beam.DoFn):
         shard, items = shard_and_items  # part file names, or the (key, record) pairs themselves
         records = sorted(pair for item in items for pair in (read_part(item) if isinstance(item, str) else [item]))
         final = FileSystems.join(self._directory, shard_name(self._split, shard, num_shards, self._compression))
-        temporary = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
-        compression = CompressionTypes.GZIP if self._compression == "gzip" else CompressionTypes.UNCOMPRESSED
-        with FileSystems.create(temporary, compression_type=compression) as handle:
-            for _, serialized in records:
-                _TFRecordUtil.write_record(handle, serialized)
-        if FileSystems.exists(final):
-            FileSystems.delete([final])
-        FileSystems.rename([temporary], [final])
+        write_records(final, (serialized for _, serialized in records), self._compression)
         yield {"split": self._split, "shard": shard, "path": final, "count": len(records)}
+
+
+def write_records(final: str, records, compression: str) -> None:
+    """Writes serialized records as one TFRecord file: to a temporary name, renamed at the end,
+    so a retried or crashed bundle never leaves a half-written file under the final name."""
+    temporary = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+    kind = CompressionTypes.GZIP if compression == "gzip" else CompressionTypes.UNCOMPRESSED
+    with FileSystems.create(temporary, compression_type=kind) as handle:
+        for serialized in records:
+            _TFRecordUtil.write_record(handle, serialized)
+    if FileSystems.exists(final):
+        FileSystems.delete([final])
+    FileSystems.rename([temporary], [final])
 
 
 class WriteShards(beam.PTransform):

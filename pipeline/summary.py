@@ -33,7 +33,7 @@ def contract_from_summary(plan: SourcePlan, config: Config, summary: dict, data_
         written = {s["shard"] for s in shards}
         for shard in range(num_shards):
             if shard not in written:
-                _write_empty_shard(data_dir, shard_name(split, shard, num_shards, config.data.compression))
+                write_empty_shard(data_dir, shard_name(split, shard, num_shards, config.data.compression))
         split_infos[split] = contract_lib.SplitInfo(
             count=sum(s["count"] for s in shards),
             num_shards=num_shards,
@@ -71,7 +71,7 @@ def contract_from_summary(plan: SourcePlan, config: Config, summary: dict, data_
     return contract, vocabulary
 
 
-def _write_empty_shard(directory: str, name: str) -> None:
+def write_empty_shard(directory: str, name: str) -> None:
     """A shard no key hashed to: an empty TFRecord file, so every NNNNN-of-MMMMM exists."""
     compression = CompressionTypes.GZIP if name.endswith(".gz") else CompressionTypes.UNCOMPRESSED
     with FileSystems.create(FileSystems.join(directory, name), compression_type=compression):

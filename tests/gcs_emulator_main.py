@@ -40,6 +40,8 @@ def _current_generation(storage, bucket: str, name: str) -> str:
 def _target(request):
     """(bucket, object name) the request is about, or None."""
     params = request.params
+    if params.get("dest_bucket_name") and params.get("dest_object_id"):  # copyTo/rewriteTo: about the target
+        return params["dest_bucket_name"], params["dest_object_id"]
     bucket = params.get("bucket_name")
     if not bucket:
         return None

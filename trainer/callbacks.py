@@ -188,3 +188,41 @@ def current_learning_rate(optimizer) -> float:
 
 def steps_per_epoch(num_examples: int, global_batch: int, drop_remainder: bool) -> int:
     return max(1, num_examples // global_batch if drop_remainder else math.ceil(num_examples / global_batch))
+
+
+class LanguageMetrics(keras.callbacks.Callback):
+    """Adds `perplexity` and `bits_per_byte` (and their `val_` twins) to the epoch's logs, from
+    `nats_per_token`: put first, so that the history, TensorBoard and the checkpoint see them.
+
+    `convert(nats_per_token, splits)` gives {"perplexity", "bits_per_byte"}; bits per byte
+    depend on the split's tokens per byte, so the fitted splits and the validation split are named.
+    """
+
+    def __init__(self, convert, fit_splits, validation_split: str | None):
+        super().__init__()
+        self.convert, self.fit_splits, self.validation_split = convert, fit_splits, validation_split
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        if "nats_per_token" in logs:
+            logs.update(self.convert(float(logs["nats_per_token"]), splits=self.fit_splits))
+        if "val_nats_per_token" in logs and self.validation_split:
+            logs.update({f"val_{name}": value for name, value in
+                         self.convert(float(logs["val_nats_per_token"]), splits=self.validation_split).items()})
+
+
+class LanguageSamples(keras.callbacks.Callback):
+    """After every epoch, appends {"epoch", "prompt", "completion"} to a JSON-lines file:
+    `sample(model)` completes the fixed `prompt` greedily, so the lines show what training changed.
+    Like EpochHistory, a resumed run keeps the lines of the epochs before the resumed one."""
+
+    def __init__(self, path: str, prompt: str, sample):
+        super().__init__()
+        self.path, self.prompt, self.sample = path, prompt, sample
+
+    def on_epoch_end(self, epoch, logs=None):
+        lines = storage.read_text(self.path).splitlines() if epoch and storage.exists(self.path) else []
+        kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] <= epoch]
+        record = {"epoch": epoch + 1, "prompt": self.prompt, "completion": self.sample(self.model)}
+        storage.write_text_atomic(self.path, "".join(f"{line}\n" for line in [*kept, json.dumps(record)]))

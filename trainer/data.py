@@ -28,8 +28,11 @@ def make_dataset(contract, data_dir: str, split: str, config: TrainConfig, *, gl
         drop_remainder=drop_remainder,
     )
     num_classes = contract.num_classes
+    language = contract.modality == "language"
 
     def to_model(inputs, labels, keys):
+        if language:  # (batch, context + 1) ids -> inputs and next-token targets, (batch, context) each
+            return example_lib.language_pairs(tf.cast(inputs, tf.int32))
         labels = tf.one_hot(labels, num_classes) if one_hot else labels
         if vectorizer is not None:  # text: raw strings -> token ids, as the export does in its graph
             return tf.cast(vectorizer(inputs), tf.int32), labels

@@ -96,9 +96,15 @@ def save_model(model, path: str) -> None:
     """Saves to a unique temporary beside `path` (its name ends in .keras, as Keras requires),
     then renames it over `path`: the rename replaces the old file (os.replace locally; on gs://
     a copy, which overwrites, and a delete of the temporary), so at every instant `path` is the
-    old model or the whole new one, and concurrent savers never share a temporary."""
+    old model or the whole new one, and concurrent savers never share a temporary.
+
+    A process killed inside the save or before the rename leaves its temporary behind (no
+    `finally` runs under SIGKILL); the next save removes such leftovers first. No other saver
+    can be writing one then: the run directory's lock admits one trainer, and only its chief saves.
+    """
     directory, name = (path.rsplit("/", 1) if storage.is_remote(path) else os.path.split(path))
     stem = name.removesuffix(".keras")
+    remove_stale_temporaries(directory, stem)
     temporary = storage.join(directory, f"{stem}.tmp-{uuid.uuid4().hex[:12]}.keras") if directory \
         else f"{stem}.tmp-{uuid.uuid4().hex[:12]}.keras"
     try:
@@ -107,3 +113,12 @@ def save_model(model, path: str) -> None:
     except BaseException:
         storage.remove(temporary)
         raise
+
+
+def remove_stale_temporaries(directory: str, stem: str) -> list[str]:
+    """Deletes the `STEM.tmp-*.keras` files a killed save left in `directory`; returns their paths."""
+    pattern = storage.join(directory, f"{stem}.tmp-*.keras") if directory else f"{stem}.tmp-*.keras"
+    stale = storage.glob(pattern)
+    for leftover in stale:
+        storage.remove(leftover)
+    return stale

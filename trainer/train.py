@@ -10,6 +10,13 @@ model.keras, metrics.json, history.json, confusion_matrix.json, checkpoints/best
 logs/ (TensorBoard), backup/ (while running; preemption). On Vertex AI, AIP_CHECKPOINT_DIR,
 AIP_TENSORBOARD_LOG_DIR and AIP_MODEL_DIR take over checkpoints/backup, logs, and receive a
 copy of model.keras and metrics.json.
+
+Language contracts (a gpt model) train on next-token pairs with a cross-entropy that ignores
+padding; each split gets `nats_per_token`, `perplexity` and `bits_per_byte` (exact: token-
+weighted, converted with the contract's token and byte counts), no confusion matrix, and
+samples.jsonl: a greedy completion of a fixed prompt after every epoch. The gpt family's
+training defaults (AdamW, warmup + cosine, clipping, `val_loss`) are its config's
+`training_defaults`, applied when the config is loaded (kcp/core/config.py).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import sys
 import time
 
@@ -27,10 +35,11 @@ import tensorflow as tf
 from kcp.core import contract as contract_lib
 from kcp.core import examples as example_lib
 from kcp.core import storage
-from kcp.core.config import Config, TrainConfig
+from kcp.core.config import Config, ConfigError, TrainConfig
 from kcp.core.layout import SPLITS, RunLayout
-from trainer.callbacks import (AtomicBackupAndRestore, EpochHistory, StopOnNonFiniteLoss, ThroughputTimer,
-                               examples_per_second, learning_rate, steps_per_epoch)
+from trainer.callbacks import (AtomicBackupAndRestore, EpochHistory, LanguageMetrics, LanguageSamples,
+                               StopOnNonFiniteLoss, ThroughputTimer, examples_per_second, learning_rate,
+                               steps_per_epoch)
 from trainer.data import make_dataset
 from kcp.core.cluster import num_workers
 from trainer.distribute import choose_strategy
@@ -40,9 +49,17 @@ from trainer.outputs import TrainPaths, confusion_matrix, predict_labels, save_r
 
 log = logging.getLogger("kcp.train")
 
+def make_optimizer(config: TrainConfig, rate, decay_matrices_only: bool = False, variables=()):
+    """The optimizer named by `train.optimizer` with learning rate (or schedule) `rate`. With
+    `decay_matrices_only`, weight decay spares the vectors among `variables` (biases, LayerNorm
+    scales and offsets), as GPT-2/nanoGPT do; matrices, embeddings included, decay."""
+    optimizer = _optimizer(config, rate)
+    if decay_matrices_only and config.weight_decay:
+        optimizer.exclude_from_weight_decay(var_list=[v for v in variables if len(v.shape) < 2])
+    return optimizer
 
-def make_optimizer(config: TrainConfig, rate):
-    """The optimizer named by `train.optimizer` with learning rate (or schedule) `rate`."""
+
+def _optimizer(config: TrainConfig, rate):
     decay = config.weight_decay or None
     common = {"weight_decay": decay, "global_clipnorm": config.clip_norm or None}
     name = config.optimizer
@@ -65,9 +82,58 @@ def one_hot_labels(config: TrainConfig) -> bool:
     return config.label_smoothing > 0
 
 
-def loss_and_metrics(config: TrainConfig, num_classes: int):
+@keras.saving.register_keras_serializable(package="kcp")
+class NatsPerToken(keras.metrics.Metric):
+    """Cross-entropy in nats per target token, padding (LANGUAGE_PAD) left out: the sum over
+    every real token of the epoch divided by their count, so unlike the loss (a mean of per-batch
+    means) it does not depend on how padding falls into batches. From logits."""
+
+    def __init__(self, name: str = "nats_per_token", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.total = self.add_variable(shape=(), initializer="zeros", dtype="float64", aggregation="sum",
+                                       name="total")
+        self.count = self.add_variable(shape=(), initializer="zeros", dtype="float64", aggregation="sum",
+                                       name="count")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        targets = keras.ops.cast(y_true, "int32")
+        real = keras.ops.not_equal(targets, contract_lib.LANGUAGE_PAD)
+        losses = keras.ops.sparse_categorical_crossentropy(targets, keras.ops.cast(y_pred, "float32"), from_logits=True)
+        losses = keras.ops.where(real, losses, keras.ops.zeros_like(losses))
+        self.total.assign_add(keras.ops.cast(keras.ops.sum(losses), "float64"))
+        self.count.assign_add(keras.ops.cast(keras.ops.sum(keras.ops.cast(real, "int32")), "float64"))
+
+    def result(self):
+        return keras.ops.cast(keras.ops.divide_no_nan(self.total, self.count), "float32")
+
+
+def language_split_metrics(nats_per_token: float, contract, splits) -> dict:
+    """perplexity and bits_per_byte of a split (or several fitted as one) from its nats per token."""
+    return {"perplexity": float(math.exp(min(nats_per_token, 700.0))),
+            "bits_per_byte": bits_per_byte(nats_per_token, contract, splits)}
+
+
+def bits_per_byte(nats_per_token: float, contract, splits) -> float:
+    """Bits per byte of the text behind `splits` (a name or a list): nats/token x tokens/bytes / ln 2."""
+    names = [splits] if isinstance(splits, str) else list(splits)
+    if len(names) == 1:
+        return float(contract_lib.bits_per_byte(nats_per_token, contract, names[0]))
+    # several splits fitted as one: the token-weighted mean of each split's conversion
+    statistics = contract.statistics
+    encoded = statistics.get("target_bytes", statistics["bytes"])
+    nats = nats_per_token * sum(statistics["tokens"][name] for name in names)
+    return float(nats / math.log(2) / sum(encoded[name] for name in names))
+
+
+def loss_and_metrics(config: TrainConfig, num_classes: int, modality: str = "image"):
     """The loss for the labels of `one_hot_labels`; top-5 accuracy above 5 classes. New objects
-    on every call: a model's metrics hold its own state."""
+    on every call: a model's metrics hold its own state. Language: next-token cross-entropy from
+    logits, padding ignored (separators are targets too), and `nats_per_token`."""
+    if modality == "language":
+        if config.label_smoothing:
+            raise ConfigError("train.label_smoothing: not supported for language models; set it to 0")
+        return (keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=contract_lib.LANGUAGE_PAD),
+                [NatsPerToken()])
     one_hot = one_hot_labels(config)
     if one_hot:
         loss = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
@@ -98,11 +164,12 @@ class Trainer:
         self.strategy = choose_strategy(settings.strategy, settings.cpu_devices)  # before TF starts its devices
         self.vectorizer = example_lib.text_vectorizer(self.contract, run_dir) if self.contract.modality == "text" \
             else None
+        self.language = self.contract.modality == "language"
         self.multi_worker = settings.strategy == "multi_worker"
         self.replicas = self.strategy.num_replicas_in_sync
         self.global_batch = settings.batch_size * self.replicas
         self.drop_remainder = isinstance(self.strategy, tf.distribute.TPUStrategy)  # TPUs need static shapes
-        self.one_hot = one_hot_labels(settings)
+        self.one_hot = one_hot_labels(settings) and not self.language
         splits = self.contract.splits
         self.splits = [split for split in SPLITS if split in splits and splits[split].count]
         with_validation = settings.include_validation and "validation" in self.splits
@@ -139,10 +206,12 @@ class Trainer:
         if model_config.batch_norm_momentum is None:  # short runs: moving statistics that forget the start
             model_config = dataclasses.replace(
                 model_config, batch_norm_momentum=batch_norm_momentum_for(settings.epochs * self.steps))
-        loss, metrics = loss_and_metrics(settings, self.contract.num_classes)
+        loss, metrics = loss_and_metrics(settings, self.contract.num_classes, self.contract.modality)
         with self.strategy.scope():
             model = build_model(ModelInputs.from_contract(self.contract), model_config)
-            model.compile(optimizer=make_optimizer(settings, learning_rate(settings, self.steps)), loss=loss,
+            optimizer = make_optimizer(settings, learning_rate(settings, self.steps), decay_matrices_only=self.language,
+                                       variables=model.trainable_variables)
+            model.compile(optimizer=optimizer, loss=loss,
                           metrics=metrics, jit_compile="auto" if settings.jit_compile is None
                           else settings.jit_compile, steps_per_execution=settings.steps_per_execution)
         return model
@@ -151,13 +220,37 @@ class Trainer:
         """`model.fit` on the training splits, validating on validation unless it is trained on;
         `fit_kwargs` (epochs, initial_epoch, verbose...) override the config's. Returns the History."""
         fit_kwargs = {"epochs": self.config.train.epochs, "verbose": 1 if sys.stdout.isatty() else 2, **fit_kwargs}
+        if self.language:  # first: the epoch's perplexity and bits per byte reach every later callback's logs
+            callbacks = [LanguageMetrics(functools.partial(language_split_metrics, contract=self.contract),
+                                         self.fit_splits, "validation" if self.validation is not None else None),
+                         *callbacks]
         return model.fit(self.dataset(self.fit_splits, training=True), validation_data=self.validation,
                          callbacks=list(callbacks), shuffle=False, **fit_kwargs)  # the tf.data pipeline shuffles
 
     def evaluate(self, model) -> dict:
-        """{split: {metric: value}} for every split with examples."""
-        return {split: {name: float(value) for name, value in model.evaluate(data, verbose=0, return_dict=True).items()}
-                for split, data in self.evaluation.items()}
+        """{split: {metric: value}} for every split with examples (language: with perplexity and bits_per_byte)."""
+        results = {}
+        for split, data in self.evaluation.items():
+            scores = {name: float(value) for name, value in model.evaluate(data, verbose=0, return_dict=True).items()}
+            if self.language:
+                scores.update(language_split_metrics(scores["nats_per_token"], self.contract, split))
+            results[split] = scores
+        return results
+
+    def sample_prompt(self) -> list[int]:
+        """The fixed prompt of the per-epoch samples: the start of the first document that begins
+        in the first validation (else train) block, at most a quarter of the context."""
+        split = "validation" if "validation" in self.splits else "train"
+        inputs, _, _ = next(iter(example_lib.read_split(self.contract, self.data_dir, split, 1)))
+        block = [int(token) for token in inputs.numpy()[0]]
+        separator = contract_lib.LANGUAGE_SEPARATOR
+        start = block.index(separator) + 1 if separator in block[:-8] else 0
+        prompt = []
+        for token in block[start:start + max(4, len(block) // 4)]:
+            if token in (separator, contract_lib.LANGUAGE_PAD):
+                break
+            prompt.append(token)
+        return prompt
 
     def run(self) -> dict:
         """Builds, fits with the trainer's callbacks, evaluates and writes RUN/train/ (or the
@@ -168,6 +261,8 @@ class Trainer:
         keras.utils.set_random_seed(settings.seed)
         model = self.build()
         callbacks, timer = make_callbacks(settings, paths, self.validation is not None)
+        if self.language and paths.chief:
+            callbacks.append(self.samples_callback(paths))
         log.info("train: %s on %d replica(s), global batch %d, %d steps per epoch", self.config.model.name,
                  self.replicas, self.global_batch, self.steps)
         history = self.fit(model, callbacks)
@@ -179,6 +274,8 @@ class Trainer:
             **results,
             "epochs": epochs_done,
             "examples_per_second": examples_per_second(self.fitted, timer.epoch_seconds),
+            **({"tokens_per_second": examples_per_second(self.fitted, timer.epoch_seconds)
+                * int(self.contract.statistics["context_length"])} if self.language else {}),
             "wall_seconds": time.perf_counter() - self.started,
             "model": self.config.model.name,
             "params": int(model.count_params()),
@@ -186,7 +283,7 @@ class Trainer:
             "global_batch_size": self.global_batch,
             "weights_sha256": weights_digest(model),
         }
-        if "test" in self.evaluation:
+        if "test" in self.evaluation and not self.language:
             labels, predictions = predict_labels(model, self.evaluation["test"], self.one_hot)
             matrix = {"class_names": list(self.contract.class_names),
                       "matrix": confusion_matrix(labels, predictions, self.contract.num_classes)}
@@ -202,6 +299,32 @@ class Trainer:
             if isinstance(callback, AtomicBackupAndRestore):
                 callback.delete_backup()
         return metrics_json
+
+    def samples_callback(self, paths: TrainPaths) -> LanguageSamples:
+        """Writes RUN/train/samples.jsonl: after every epoch, the greedy completion of `sample_prompt`."""
+        from trainer.generate import generate_tokens  # the gpt family's sampler; imported for language runs only
+
+        vocabulary = contract_lib.language_vocabulary(self.run_dir, self.contract)
+        tokenizer = contract_lib.language_tokenizer(self.contract)
+        prompt = self.sample_prompt()
+        separator = contract_lib.LANGUAGE_SEPARATOR
+        # the whole prompt (a quarter of the context at most) and its separator stay in the context
+        count = min(SAMPLE_TOKENS, int(self.contract.statistics["context_length"]) - 2 - len(prompt))
+
+        @tf.function(autograph=False)
+        def complete(model, prompt_ids):
+            return generate_tokens(model, prompt_ids, count, temperature=0.0)
+
+        def sample(model) -> str:
+            new = [int(token) for token in complete(model, tf.constant([separator, *prompt], tf.int32)).numpy()]
+            new = new[:new.index(separator)] if separator in new else new
+            return contract_lib.decode_language(new, tokenizer, vocabulary)
+
+        return LanguageSamples(storage.join(paths.outputs, "samples.jsonl"),
+                               contract_lib.decode_language(prompt, tokenizer, vocabulary), sample)
+
+
+SAMPLE_TOKENS = 64  # per epoch: about 0.1-0.3 s with the cache on 2 CPU cores for the default model
 
 
 def train(config: Config, run_dir: str) -> dict:

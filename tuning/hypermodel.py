@@ -21,6 +21,7 @@ from tuning import compat
 from tuning.space import hyperparameter, trial_config
 
 TRIAL_STATS = "trial_stats"  # one JSON file per trial: workers sharing the run directory never race on one file
+EPOCH_END, TRIAL_END = "epoch", "trial-end"  # fault points (KCP_KILL_AT=after:epoch:N, after:trial-end:N)
 TUNERS = {"random": kt.RandomSearch, "grid": kt.GridSearch, "bayesian": kt.BayesianOptimization,
           "hyperband": kt.Hyperband}
 
@@ -44,6 +45,10 @@ class TrainerHyperModel(kt.HyperModel):
         return self._trainer
 
     def build(self, hp):
+        # Every trial starts from the same seeds (weights, shuffles, dropout), so its score depends
+        # on its hyperparameters only: not on the trials this process ran before it (a resumed
+        # search re-runs a killed trial as its first, and gets the score an uninterrupted search gets).
+        keras.utils.set_random_seed(self.config.train.seed)
         return self.trainer(hp).build()
 
     def fit(self, hp, model, *args, **kwargs):
@@ -94,7 +99,11 @@ def make_tuner(config: Config, hypermodel, directory: str):
 
         A trial's figures go to their own file before Keras Tuner records the trial as ended,
         so a chief that sees the last trial end already sees every worker's figures. A
-        process killed between the two re-runs that trial on resume and rewrites its figures."""
+        process killed between the two re-runs that trial on resume and rewrites its figures.
+
+        The fault-injection suite kills it at the end of an epoch (KCP_KILL_AT="after:epoch:N",
+        the N-th epoch this process finishes, inside a trial) and after a trial was recorded
+        ("after:trial-end:N", between trials)."""
 
         def run_trial(self, trial, *args, **kwargs):
             started = time.perf_counter()
@@ -104,10 +113,15 @@ def make_tuner(config: Config, hypermodel, directory: str):
                 measured = {"seconds": time.perf_counter() - started, "rss_mb": resident_mb()}
                 write_trial_stats(directory, trial.trial_id, measured)
 
+        def on_epoch_end(self, trial, model, epoch, logs=None):
+            super().on_epoch_end(trial, model, epoch, logs=logs)
+            storage.fault_point("after", EPOCH_END)  # the fault suite's kill inside a trial
+
         def on_trial_end(self, trial):
             super().on_trial_end(trial)
             keras.backend.clear_session()
             gc.collect()
+            storage.fault_point("after", TRIAL_END)  # between trials: this one recorded, the next not begun
 
     if tune.algorithm == "hyperband":
         return TimedTuner(hypermodel, max_epochs=config.train.epochs, factor=3, **common)

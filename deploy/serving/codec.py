@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 from http import HTTPStatus
 
 import numpy as np
@@ -15,6 +16,17 @@ class RequestError(Exception):
     def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST):
         super().__init__(message)
         self.status = status
+
+
+def error_message(error: Exception, limit: int = 500) -> str:
+    """One line for a client: a graph assertion's own message (generate's "max_new_tokens must be
+    at least 1") rather than TensorFlow's "Graph execution error:" heading; else the first line."""
+    text = str(error)
+    assertion = re.search(r"assertion failed: \[([^\]]*)\]", text)
+    if assertion:
+        return assertion.group(1)[:limit]
+    lines = [line.strip() for line in text.splitlines() if line.strip() and line.strip() != "Graph execution error:"]
+    return (lines[0] if lines else type(error).__name__)[:limit]
 
 
 def _decode_value(value):
@@ -73,8 +85,19 @@ def to_tensor(name: str, values, spec):
     return tensor
 
 
+def _row_column(name: str, values: list, spec):
+    """One input's values across the instances: a list, or, for a scalar input of the signature
+    (generate's max_new_tokens, temperature, ...), the one value every instance must repeat."""
+    if spec.shape.rank != 0:
+        return values
+    if any(value != values[0] for value in values[1:]):
+        raise RequestError(f"input {name!r} is a scalar of the signature: every instance must give the same value")
+    return values[0]
+
+
 def parse_predict_body(body: dict, specs: dict) -> tuple[dict, str]:
-    """TF Serving's row ("instances") or columnar ("inputs") format -> ({name: tensor}, format)."""
+    """TF Serving's row ("instances") or columnar ("inputs") format -> ({name: tensor}, format).
+    A scalar input in the row format is given in every instance, with one value."""
     if ("instances" in body) == ("inputs" in body):
         raise RequestError("the request must have exactly one of 'instances' (row format) or 'inputs' (columnar)")
     names = list(specs)
@@ -86,7 +109,7 @@ def parse_predict_body(body: dict, specs: dict) -> tuple[dict, str]:
             missing = [n for n in names if any(n not in i for i in instances)]
             if missing:
                 raise RequestError(f"instances lack input {missing[0]!r}; the signature takes {', '.join(names)}")
-            columns = {n: [i[n] for i in instances] for n in names}
+            columns = {n: _row_column(n, [i[n] for i in instances], specs[n]) for n in names}
         elif len(names) == 1:
             columns = {names[0]: instances}
         else:

@@ -27,7 +27,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from deploy.serving.codec import RequestError, input_specs, to_tensor
+from deploy.serving.codec import RequestError, error_message, input_specs, to_tensor
 from deploy.serving.registry import LoadedVersion, ModelRegistry
 from kcp.core import storage
 from kcp.core.errors import UserError
@@ -50,7 +50,7 @@ def _answer(method):
         except RecursionError:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request is nested too deep")
         except (tf.errors.InvalidArgumentError, ValueError, TypeError) as error:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error).splitlines()[0][:500])
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, error_message(error))
     wrapped.__name__ = method.__name__
     return wrapped
 

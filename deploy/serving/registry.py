@@ -282,7 +282,9 @@ class ModelRegistry:
 
     def call(self, loaded: LoadedVersion, signature: str, inputs: dict) -> dict:
         function = loaded.signature(signature)
-        if not self.batching:
+        # a signature with scalar inputs (generate's settings) runs alone: requests with other
+        # settings cannot share a batch, and their rows have no common first dimension to split
+        if not self.batching or any(value.shape.rank == 0 for value in inputs.values()):
             return {name: value.numpy() for name, value in function(**inputs).items()}
         with self.lock:
             batcher = loaded.batchers.get(signature)

@@ -21,7 +21,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import tensorflow as tf
 
-from deploy.serving.codec import RequestError, format_predictions, input_specs, metadata, parse_predict_body, status
+from deploy.serving.codec import (RequestError, error_message, format_predictions, input_specs, metadata,
+                                  parse_predict_body, status)
 from deploy.serving.registry import ModelRegistry
 from kcp.core.layout import RunLayout
 
@@ -141,7 +142,7 @@ def make_handler(registry: ModelRegistry, max_request_bytes: int, idle_timeout_s
                 self._send(error.status, {"error": str(error)})
             except (tf.errors.InvalidArgumentError, ValueError, TypeError) as error:
                 # TF rejects inputs it cannot use with many types
-                self._send(HTTPStatus.BAD_REQUEST, {"error": str(error).splitlines()[0][:500]})
+                self._send(HTTPStatus.BAD_REQUEST, {"error": error_message(error)})
             except RecursionError:
                 self._send(HTTPStatus.BAD_REQUEST, {"error": "JSON Parse error: nested too deep"})
             except Exception as error:  # noqa: BLE001

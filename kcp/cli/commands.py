@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import time
 
 from kcp import api
+from kcp.core import storage
 from kcp.core.contract import read_contract
 from kcp.core.errors import UserError
 from kcp.core.layout import SPLITS, RunLayout
@@ -34,7 +36,8 @@ def preprocess(args, run_dir: str, config, beam_args: list[str]) -> int:
 
 def _preprocess(args, run_dir: str, config, beam_args: list[str]):
     say(f"[preprocess] {config.data.source} -> {run_dir}/data")
-    contract = api.preprocess(run_dir, args.source, beam_args=beam_args, **config_inputs(args),
+    contract = api.preprocess(run_dir, args.source, model=getattr(args, "model", None), beam_args=beam_args,
+                              **config_inputs(args),
                               progress=lambda line: say(f"[preprocess] {line}"))
     if contract.bad_examples:
         say(f"[preprocess] {contract.bad_examples} bad inputs: reasons in {run_dir}/data/dead_letter/")
@@ -50,7 +53,13 @@ def _train(args, run_dir: str, config) -> dict:
     say(f"[train] {config.model.name}, {config.train.epochs} epochs, batch {config.train.batch_size}, "
         f"{config.train.optimizer} lr {config.train.learning_rate:g}")
     metrics = api.train(run_dir, args.model, **config_inputs(args)).metrics
-    say(f"[train] test accuracy {metrics.get('test', {}).get('accuracy', float('nan')):.4f}, "
+    test = metrics.get("test", {})
+    if "bits_per_byte" in test or "tokens_per_second" in metrics:
+        say(f"[train] test {test.get('bits_per_byte', float('nan')):.4f} bits per byte (perplexity "
+            f"{test.get('perplexity', float('nan')):.2f} per token), {metrics['tokens_per_second']:.0f} tokens/s, "
+            f"{metrics['wall_seconds']:.1f} s -> {run_dir}/train")
+        return metrics
+    say(f"[train] test accuracy {test.get('accuracy', float('nan')):.4f}, "
         f"{metrics['examples_per_second']:.0f} examples/s, {metrics['wall_seconds']:.1f} s -> {run_dir}/train")
     return metrics
 
@@ -73,6 +82,9 @@ def run(args, run_dir: str, config, beam_args: list[str]) -> int:
         contract = _preprocess(args, run_dir, config, beam_args)
         metrics = _train(args, run_dir, config)
         export_dir = _export(args, run_dir)
+    if contract.modality == "language":
+        _run_language_summary(run_dir, started, contract, metrics, export_dir)
+        return report(args, run_dir, config, [])
     split = "test" if "test" in metrics else next((s for s in ("validation", "train") if s in metrics), None)
     trainer_accuracy = metrics[split]["accuracy"] if split else float("nan")
     verdict = ""
@@ -94,6 +106,33 @@ def run(args, run_dir: str, config, beam_args: list[str]) -> int:
         f"difference {abs(reloaded - trainer_accuracy):.4f})"
         + (verdict if split == "test" else "; the test split is empty"))
     return report(args, run_dir, config, [])
+
+
+def _run_language_summary(run_dir: str, started: float, contract, metrics: dict, export_dir: str) -> None:
+    """`kcp run`'s closing lines for a language model: bits per byte, and the export validated."""
+    verdict = "the test split is empty: not validated"
+    if "test" in metrics:
+        validation = api.validate(run_dir)
+        verdict = _language_verdict(validation)
+    statistics = contract.statistics
+    say("")
+    say(f"kcp run: done in {time.perf_counter() - started:.0f} s — {run_dir}")
+    say(f"  data      {contract.source}: " + ", ".join(
+        f"{split} {statistics['tokens'][split]:,} tokens" for split in SPLITS if split in statistics.get("tokens", {}))
+        + f" ({statistics['tokenizer']}, context {statistics['context_length']}); {contract.bad_examples} bad")
+    say(f"  model     {metrics['model']}, {metrics['params']:,} parameters, {metrics['epochs']} epochs, "
+        f"{metrics['tokens_per_second']:.0f} tokens/s")
+    say("  bits/byte " + " · ".join(f"{split} {metrics[split]['bits_per_byte']:.4f}" for split in SPLITS
+                                    if split in metrics))
+    say(f"  export    {export_dir}")
+    say(f"  reloaded  {verdict}")
+
+
+def _language_verdict(validation: dict) -> str:
+    figures = (f"export {validation['export_bits_per_byte']:.4f} bits per byte on {validation['examples']} test texts "
+               f"(trainer {validation['trainer_bits_per_byte']:.4f}, log-probabilities within "
+               f"{validation['max_log_probability_difference']:.1e} nats)")
+    return figures + (" -> blessed" if validation["blessed"] else " -> NOT blessed: " + "; ".join(validation["reasons"]))
 
 
 def tune(args, run_dir: str, config, beam_args: list[str]) -> int:
@@ -121,6 +160,9 @@ def tune(args, run_dir: str, config, beam_args: list[str]) -> int:
 
 def validate(args, run_dir: str, config, beam_args: list[str]) -> int:
     result = api.validate(run_dir, args.version, overrides=args.overrides)
+    if result.get("modality") == "language":
+        say(f"[validate] version {result['version']}: {_language_verdict(result)}")
+        return 0 if result["blessed"] else 1
     verdict = "blessed" if result["blessed"] else "NOT blessed: " + "; ".join(result["reasons"])
     say(f"[validate] version {result['version']}: export test accuracy {result['export_accuracy']:.4f}, trainer "
         f"{result['trainer_accuracy']:.4f} (difference {result['difference']:+.4f}) -> {verdict}")
@@ -175,10 +217,32 @@ def report(args, run_dir: str, config, beam_args: list[str]) -> int:
     return 0
 
 
+def generate(args, run_dir: str, config, beam_args: list[str]) -> int:
+    """Prints the completion only (stdout), so that it pipes."""
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise UserError("generate: give one of --prompt TEXT or --prompt-file PATH")
+    if args.prompt_file is not None:
+        if not storage.exists(args.prompt_file):
+            raise UserError(f"--prompt-file: {args.prompt_file} not found")
+        prompt = storage.read_text(args.prompt_file)
+    else:
+        prompt = args.prompt
+    completion = api.generate(run_dir, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    sys.stdout.write(completion + "\n")
+    sys.stdout.flush()
+    return 0
+
+
 def model_inputs_from_flags(args) -> ModelInputs:
     """The ModelInputs of `describe-model`: from --run-dir's contract, or from the flags."""
     if args.run_dir:
         return ModelInputs.from_contract(read_contract(args.run_dir))
+    if args.modality == "language":  # next-token classes: one per vocabulary id
+        if not args.input_shape or not args.vocab_size:
+            raise UserError("describe-model: a language model needs --input-shape CONTEXT and --vocab-size")
+        return ModelInputs(modality="language", shape=(int(args.input_shape),), num_classes=args.vocab_size,
+                           vocab_size=args.vocab_size, input_name="tokens")
     if not args.input_shape or not args.num_classes:
         raise UserError("describe-model: give --input-shape and --num-classes, or --run-dir with a contract")
     try:
@@ -197,6 +261,14 @@ def describe_model(args, run_dir: str | None, config, beam_args: list[str]) -> i
     say("model:")
     for key, value in config.to_dict()["model"].items():
         say(f"  {key}: {json.dumps(value)}")
+    family_defaults = config.model.family.training_defaults if hasattr(config.model.family, "training_defaults") \
+        else {}
+    if family_defaults:  # the training keys this family sets its own defaults for, as applied
+        plain = config.to_dict()
+        say(f"training defaults of {config.model.name} (as applied):")
+        for section, names in family_defaults.items():
+            for name in names:
+                say(f"  {section}.{name}: {json.dumps(plain[section][name])}")
     model = build_model(model_inputs_from_flags(args), config.model)
     model.summary(print_fn=lambda line, **_: say(line))
     say(f"Total params: {model.count_params()}")
@@ -205,4 +277,4 @@ def describe_model(args, run_dir: str | None, config, beam_args: list[str]) -> i
 
 HANDLERS = {"preprocess": preprocess, "train": train, "export": export, "run": run, "tune": tune,
             "validate": validate, "push": push, "serve": serve, "predict": predict, "report": report,
-            "describe-model": describe_model}
+            "generate": generate, "describe-model": describe_model}

@@ -51,11 +51,24 @@ PREDICT = [
     (("--single-file",), dict(action="store_true", help="write exactly one file, named --output")),
 ]
 DESCRIBE = [
-    (("--input-shape",), dict(help="one example's shape, e.g. 32,32,3 (image), 100,3 (sequence), 200 (text)")),
-    (("--num-classes",), dict(type=int, help="number of classes")),
-    (("--modality",), dict(choices=("image", "sequence", "text"),
+    (("--input-shape",), dict(help="one example's shape, e.g. 32,32,3 (image), 100,3 (sequence), 200 (text), "
+                                   "256 (language: the context)")),
+    (("--num-classes",), dict(type=int, help="number of classes (language: the vocabulary size)")),
+    (("--modality",), dict(choices=("image", "sequence", "text", "language"),
                            help="default: from the rank of --input-shape (3: image, 2: sequence, 1: text)")),
-    (("--vocab-size",), dict(type=int, default=0, help="text: vocabulary size including padding and OOV")),
+    (("--vocab-size",), dict(type=int, default=0, help="text, language: vocabulary size including the reserved ids")),
+]
+GENERATE = [
+    (("--prompt",), dict(help="the start of the text to complete (a new document)")),
+    (("--prompt-file",), dict(metavar="PATH", help="read the prompt from a file (local or gs://) instead")),
+    (("--max-new-tokens",), dict(type=int, default=64, help="tokens to add at most (default 64; the completion "
+                                                            "also ends where the model ends the document)")),
+    (("--temperature",), dict(type=float, default=0.8, help="0: greedy; higher: more random (default 0.8)")),
+    (("--top-k",), dict(type=int, default=0, help="sample among the k most likely tokens (default 0: all)")),
+    (("--top-p",), dict(type=float, default=1.0, help="nucleus sampling: the most likely tokens up to this "
+                                                      "probability mass (default 1.0: all)")),
+    (("--seed",), dict(type=int, default=0, help="same seed, same completion, here and from the served "
+                                                 "generate signature (default 0)")),
 ]
 
 
@@ -108,11 +121,18 @@ COMMANDS = {
     "report": Command(
         "Write RUN/report/index.html: curves, confusion matrix, mistakes, filters, attention, augmentation.",
         ("kcp report --run-dir runs/digits",)),
+    "generate": Command(
+        "Complete a prompt with a run's language model (gpt); prints the completion, as the served "
+        "generate signature answers it for the same seed.",
+        ("kcp generate --run-dir runs/lm --prompt 'def fibonacci(n):' --max-new-tokens 128 --temperature 0",
+         "kcp generate --run-dir runs/lm --prompt-file prompt.txt --temperature 0.8 --top-k 40 --seed 7"),
+        (*GENERATE,)),
     "describe-model": Command(
         "Print a model's config (with the defaults applied), layers and parameter count for an input spec "
         "or a run's contract.",
         ("kcp describe-model --model resnet --set model.depth=56 --input-shape 32,32,3 --num-classes 10",
          "kcp describe-model --model transformer --input-shape 100 --modality text --vocab-size 20000 --num-classes 2",
+         "kcp describe-model --model gpt --input-shape 256 --modality language --vocab-size 259",
          "kcp describe-model --run-dir runs/digits"),
         (*MODEL, *DESCRIBE)),
 }

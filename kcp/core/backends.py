@@ -33,7 +33,10 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def list_dir(self, path: str) -> list[str]: ...
     @abc.abstractmethod
-    def rename(self, source: str, target: str) -> None: ...
+    def rename(self, source: str, target: str, overwrite: bool = True) -> None:
+        """Moves a file. overwrite=True replaces an existing target; overwrite=False raises
+        FileExistsError when the target exists and leaves both files as they were (atomically on
+        local disks and gs://: of two racing renames onto one name, one fails)."""
 
     def list_files(self, path: str) -> list[str]:
         """Every file below the folder `path`, as paths relative to it with "/" separators, sorted."""
@@ -109,8 +112,19 @@ class LocalBackend(Backend):
             found += [os.path.relpath(os.path.join(directory, name), path).replace(os.sep, "/") for name in names]
         return sorted(found)
 
-    def rename(self, source, target):
-        os.replace(source, target)
+    def rename(self, source, target, overwrite=True):
+        if overwrite:
+            os.replace(source, target)
+        elif os.path.isdir(source):  # os.rename fails over a non-empty folder, not over an empty one
+            if os.path.lexists(target):
+                raise FileExistsError(f"{target} exists")
+            os.rename(source, target)
+        else:
+            try:
+                os.link(source, target)  # fails when the target exists, atomically
+            except FileExistsError:
+                raise FileExistsError(f"{target} exists") from None
+            os.remove(source)
 
     def create_exclusive(self, path, content):
         # The content goes to a unique temporary first; os.link then publishes it whole, and

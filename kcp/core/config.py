@@ -25,14 +25,19 @@ from typing import Any, Optional
 import yaml
 
 from kcp.core import storage
-from kcp.core.contract import TOKENIZERS
+from kcp.core.contract import LANGUAGE_TOKENIZERS, TEXT_TOKENIZERS, TOKENIZERS
 from kcp.core.layout import RunLayout
 from kcp.core.schema import (ConfigError, build, coerce, merge, option, parse_override, read_yaml_file,
                               to_plain)
 
 __all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "TuneConfig", "ExportConfig",
-           "MODEL_FAMILIES", "model_family", "option", "load_config", "parse_override", "read_yaml_file"]
+           "MODEL_FAMILIES", "model_family", "option", "load_config", "parse_override", "read_yaml_file",
+           "is_language_source"]
 
+# Sources whose documents are language-modelling data (modality `language`, kcp/core/sources/corpus.py),
+# the families that train on it, and the source they get when data.source is not set.
+LANGUAGE_SOURCE_KINDS = ("text", "python-stdlib")
+DEFAULT_LANGUAGE_SOURCE = "python-stdlib"
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw")
 INITIALIZERS = ("glorot_uniform", "glorot_normal", "he_uniform", "he_normal")
 
@@ -57,7 +62,8 @@ class OfflineAugmentConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = option("digits", help="digits | folder:PATH | npz:PATH | csv:PATH | jsonl:PATH | tfds:NAME[:SPLIT]")
+    source: str = option("digits", help="digits | folder:PATH | npz:PATH | csv:PATH | jsonl:PATH | tfds:NAME[:SPLIT] "
+                                        "| text:PATH | python-stdlib; not set and model.name gpt: python-stdlib")
     split: tuple = option((0.8, 0.1, 0.1), help="train/validation/test fractions when the source has no splits")
     num_shards: int = option(0, minimum=0, help="shards per split; 0 picks from the data size")
     compression: str = option("none", choices=("none", "gzip"))
@@ -71,8 +77,11 @@ class DataConfig:
     split_column: str = option("split", help="optional column with train/validation/test")
     vocab_size: int = option(20_000, minimum=3, help="text: largest vocabulary, padding and OOV ids included")
     min_count: int = option(2, minimum=1, help="text: least count of a token in the train split")
-    tokenizer: str = option("words", choices=TOKENIZERS,
-                            help="text: words (punctuation stripped), words_and_punctuation, or characters")
+    tokenizer: Optional[str] = option(
+        None, choices=(None, *TOKENIZERS),
+        help="text: words (punctuation stripped), words_and_punctuation, or characters; language: bytes or "
+             "characters; null: words for text, bytes for language")
+    context_length: int = option(256, minimum=8, help="language: tokens per training block (a block holds one more)")
     max_length: Optional[int] = option(None, minimum=1, help="text: tokens per example; null: 95th percentile")
     tfds_data_dir: Optional[str] = option(None, help="tfds: where the prepared data lives")
     max_bad_fraction: float = option(0.01, minimum=0.0, maximum=1.0, help="fail when more inputs are unreadable")
@@ -88,6 +97,31 @@ class DataConfig:
         if self.image_size is not None and (len(self.image_size) != 2 or not all(
                 isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in self.image_size)):
             raise ConfigError(f"data.image_size: {list(self.image_size)!r} must be [height, width] in pixels")
+        self._resolve_tokenizer()
+
+    @property
+    def is_language(self) -> bool:
+        """Whether the source is a text corpus for language modelling (modality `language`)."""
+        return is_language_source(self.source)
+
+    def _resolve_tokenizer(self) -> None:
+        """null -> the source's default (recorded in config.yaml as applied); a tokenizer of the
+        other kind of text data is refused with the allowed values."""
+        allowed = LANGUAGE_TOKENIZERS if self.is_language else TEXT_TOKENIZERS
+        if self.tokenizer is None:
+            object.__setattr__(self, "tokenizer", allowed[0])
+        elif self.tokenizer not in allowed:
+            kind = "language data" if self.is_language else "text classification"
+            raise ConfigError(f"data.tokenizer: {self.tokenizer!r} is not for {kind} (data.source {self.source!r}); "
+                              f"allowed: {', '.join(allowed)}")
+        if self.is_language and self.augment.copies:
+            raise ConfigError(f"data.augment.copies: {self.augment.copies} augmented copies are not made of language "
+                              "data; set it to 0")
+
+
+def is_language_source(uri: str) -> bool:
+    """Whether a data.source URI names a text corpus (text:PATH, python-stdlib)."""
+    return uri.partition(":")[0] in LANGUAGE_SOURCE_KINDS
 
 
 @dataclass(frozen=True)
@@ -132,7 +166,7 @@ class ModelConfig:
     Family keys read as attributes of the section (`config.model.depth`), as they are written.
     """
 
-    name: str = option("cnn", help="the model family: cnn, resnet, rnn or transformer")
+    name: str = option("cnn", help="the model family: cnn, resnet, rnn, transformer (classifiers) or gpt (language)")
     dropout: float = option(0.1, minimum=0.0, maximum=0.95)
     initializer: Optional[str] = option(
         None, choices=(None, *INITIALIZERS),
@@ -267,7 +301,15 @@ def load_config(layers: list[dict] = (), overrides: list[str] = (), *, base: dic
 
     `base` is a config recorded earlier (a run's config.yaml, the config a tuning trial
     starts from), below every layer. When the layers choose another model family, the
-    recorded family's own keys are dropped: they describe a model no longer asked for.
+    recorded family's own keys are dropped: they describe a model no longer asked for. Likewise
+    the recorded data.tokenizer when the layers switch between language and other sources.
+    A language family (gpt) with no data.source in any layer or the base reads
+    DEFAULT_LANGUAGE_SOURCE (python-stdlib), so `kcp run --model gpt` works with no data.
+
+    A family's `training_defaults` (a ClassVar of its config dataclass, e.g. gpt's AdamW, warmup
+    and cosine, clipping, `val_loss`) lie above the shared defaults and below the base and the
+    layers. When the family changes, the base loses every key any family has a training default
+    for, so the new family's (or the shared) defaults apply rather than the old family's.
     """
     values: dict = {}
     for layer in layers:
@@ -279,8 +321,39 @@ def load_config(layers: list[dict] = (), overrides: list[str] = (), *, base: dic
         chosen = (values.get("model") or {}).get("name", base_model.get("name"))
         if chosen != base_model.get("name"):
             base = {**base, "model": {k: v for k, v in base_model.items() if k in ModelConfig.shared_keys()}}
+            base = drop_keys(base, family_default_keys())
+        base_data, data = base.get("data"), values.get("data")
+        if isinstance(base_data, dict) and isinstance(data, dict) and isinstance(data.get("source"), str) and \
+                isinstance(base_data.get("source"), str) and \
+                is_language_source(data["source"]) != is_language_source(base_data["source"]):
+            base = {**base, "data": {k: v for k, v in base_data.items() if k != "tokenizer"}}
         values = merge(base, values)
+    model = values.get("model") or {}
+    name = model.get("name", ModelConfig.name) if isinstance(model, dict) else None
+    family = MODEL_FAMILIES.get(name) if isinstance(name, str) else None
+    if family is not None:
+        values = merge(dict(getattr(family, "training_defaults", {})), values)
+    data = values.get("data") or {}
+    if isinstance(data, dict) and "source" not in data and family is not None and \
+            "language" in getattr(family, "modalities", ()):
+        values = merge(values, {"data": {"source": DEFAULT_LANGUAGE_SOURCE}})
     return build(Config, values, "")
+
+
+def family_default_keys() -> dict:
+    """{section: {key, ...}} of every key some family has a training default for."""
+    keys: dict = {}
+    for family in MODEL_FAMILIES.values():
+        for section, values in getattr(family, "training_defaults", {}).items():
+            keys.setdefault(section, set()).update(values)
+    return keys
+
+
+def drop_keys(values: dict, keys: dict) -> dict:
+    """`values` without the {section: {key, ...}} `keys`."""
+    return {section: ({k: v for k, v in content.items() if k not in keys[section]}
+                      if section in keys and isinstance(content, dict) else content)
+            for section, content in values.items()}
 
 
 def resolve_config(run_dir: str | None, config_file: str | None = None, source: str | None = None,
@@ -299,6 +372,7 @@ def resolve_config(run_dir: str | None, config_file: str | None = None, source: 
 
 
 def record_config(run_dir: str, config: Config) -> None:
-    """RUN/config.yaml: the resolved config of the last stage that produced something."""
+    """RUN/config.yaml: the resolved config of the last stage that produced something, with the
+    applied defaults written out (data.source for gpt, data.tokenizer), so a rerun reads them."""
     storage.makedirs(run_dir)
     storage.write_text_atomic(RunLayout(run_dir).config, config.to_yaml())

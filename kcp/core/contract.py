@@ -15,12 +15,19 @@ One example holds three features:
            text:     the raw UTF-8 string; tokenised in the graph (trainer and export) with
                      RUN/data/vocab.txt and the tokenizer of `tokenize_text` recorded in
                      statistics["tokenizer"]
+A `language` example (language modelling) has no label and no classes: `key` ("train/00000/000123":
+split, shard, block) and `tokens`, an int64 list of context_length + 1 token ids, one block of
+the split's token stream (the trainer predicts block[1:] from block[:-1]). Ids: LANGUAGE_PAD,
+LANGUAGE_UNKNOWN, LANGUAGE_SEPARATOR (after every document), then the tokens of
+`encode_language` from LANGUAGE_RESERVED_IDS on.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import re
 from dataclasses import dataclass
 
@@ -30,7 +37,7 @@ from kcp.core.layout import RunLayout
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
-MODALITIES = ("image", "sequence", "text")
+MODALITIES = ("image", "sequence", "text", "language")
 # Text ids: 0 is padding, 1 out-of-vocabulary, then vocab.txt's tokens in order (Keras'
 # TextVectorization convention). The strip pattern is TextVectorization's default.
 STRIP_PUNCTUATION = r'[!"#$%&()\*\+,-\./:;<=>?@\[\\\]^_`{|}~\']'
@@ -39,8 +46,22 @@ ASCII_WHITESPACE = r"[ \t\n\r\x0b\x0c]+"  # what tf.strings.split splits on
 #   words                  punctuation stripped, split on whitespace (Keras' default)
 #   words_and_punctuation  each punctuation mark a token of its own, then split on whitespace
 #   characters             every character a token; a run of whitespace is one " " token
-TOKENIZERS = ("words", "words_and_punctuation", "characters")
+# and for language data (statistics["tokenizer"] of a `language` contract, see `encode_language`):
+#   bytes                  every UTF-8 byte a token (id = byte + 3, 259 ids): nothing is out of vocabulary
+#   characters             every character a token, as written (no lower-casing, whitespace kept);
+#                          the vocabulary is learned from the train split, unknown characters -> 1
+TEXT_TOKENIZERS = ("words", "words_and_punctuation", "characters")
+LANGUAGE_TOKENIZERS = ("bytes", "characters")
+TOKENIZERS = ("words", "words_and_punctuation", "characters", "bytes")
 RESERVED_TOKEN_IDS = 2
+# Language token ids: a fixed interface the trainer and the export code against.
+LANGUAGE_PAD = 0  # fills the last block of a shard; never a target
+LANGUAGE_UNKNOWN = 1  # a character outside the vocabulary (characters tokenizer)
+LANGUAGE_SEPARATOR = 2  # after every document: the model learns where documents end
+LANGUAGE_RESERVED_IDS = 3  # real tokens from here
+LANGUAGE_SEPARATOR_TEXT = "\n\n"  # what the separator decodes to
+LANGUAGE_UNKNOWN_TEXT = "\ufffd"  # what an unknown (or out-of-range) id decodes to
+BYTE_VOCAB_SIZE = 256 + LANGUAGE_RESERVED_IDS
 KEY_FEATURE = "key"
 LABEL_FEATURE = "label"
 
@@ -51,9 +72,9 @@ class ContractError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    dtype: str  # numpy dtype name of the decoded values: uint8, float32; "string" for text
-    shape: tuple  # decoded shape of one example; () for text
-    encoding: str  # raw_bytes | float_list | utf8
+    dtype: str  # numpy dtype name of the decoded values: uint8, float32, int64; "string" for text
+    shape: tuple  # decoded shape of one example; () for text, (context_length + 1,) for language
+    encoding: str  # raw_bytes | float_list | utf8 | int64_list
 
 
 @dataclass(frozen=True)
@@ -68,9 +89,10 @@ class DataContract:
     modality: str
     input_feature: str
     input_spec: FeatureSpec
-    class_names: tuple
-    splits: dict  # split name -> SplitInfo
-    statistics: dict  # mean/std per channel (images) or per feature (sequences), class_counts
+    class_names: tuple  # () for language
+    splits: dict  # split name -> SplitInfo; a language split's count is its number of blocks
+    statistics: dict  # mean/std per channel (images) or per feature (sequences), class_counts; language:
+    # tokenizer, vocab_size, context_length, and per split documents, bytes, tokens, target_bytes
     compression: str = "none"
     source: str = ""
     bad_examples: int = 0
@@ -168,7 +190,7 @@ def tokenize_text(text: str, tokenizer: str = "words") -> list[str]:
         return [token for token in re.split(ASCII_WHITESPACE, spaced) if token]
     if tokenizer == "characters":
         return list(re.sub(ASCII_WHITESPACE, " ", lowered).strip(" "))
-    raise ValueError(f"data.tokenizer: {tokenizer!r} is not one of {', '.join(TOKENIZERS)}")
+    raise ValueError(f"data.tokenizer: {tokenizer!r} is not one of {', '.join(TEXT_TOKENIZERS)}")
 
 
 def standardize_text(text: str) -> list[str]:
@@ -201,3 +223,89 @@ def read_vocabulary(run_dir: str) -> list[str]:
     if not storage.exists(path):
         raise ContractError(f"{path}: not found; text runs need the vocabulary `kcp preprocess` writes")
     return read_lines(storage.read_text(path))
+
+
+# --- language -------------------------------------------------------------------------
+
+def language_tokenizer(contract: DataContract) -> str:
+    """The tokenizer of a language contract's token ids: bytes or characters."""
+    return contract.statistics["tokenizer"]
+
+
+@functools.lru_cache(maxsize=4)
+def _character_ids(vocabulary: tuple) -> dict:
+    return {token: index + LANGUAGE_RESERVED_IDS for index, token in enumerate(vocabulary)}
+
+
+def encode_language(text: str, tokenizer: str, vocabulary: list[str] | None = None) -> list[int]:
+    """A document's token ids, without the separator the pipeline appends after it.
+
+    bytes: each UTF-8 byte b is id b + 3 (`vocabulary` unused). characters: each character
+    (code point, as written) is 3 + its index in `vocabulary`, or LANGUAGE_UNKNOWN. The
+    in-graph encoder (`kcp.core.examples.language_encoder`) gives the same ids, tested.
+    """
+    if tokenizer == "bytes":
+        return [byte + LANGUAGE_RESERVED_IDS for byte in text.encode("utf-8")]
+    if tokenizer == "characters":
+        ids = _character_ids(tuple(vocabulary or ()))
+        return [ids.get(character, LANGUAGE_UNKNOWN) for character in text]
+    raise ValueError(f"data.tokenizer: {tokenizer!r} is not one of {', '.join(LANGUAGE_TOKENIZERS)} (language)")
+
+
+def language_pieces(tokenizer: str, vocabulary: list[str] | None = None) -> list[bytes]:
+    """What each id decodes to, as UTF-8 bytes, indexed by id: pad "", unknown U+FFFD, the
+    separator LANGUAGE_SEPARATOR_TEXT, then one byte (bytes) or one character (characters)."""
+    reserved = [b"", LANGUAGE_UNKNOWN_TEXT.encode("utf-8"), LANGUAGE_SEPARATOR_TEXT.encode("utf-8")]
+    if tokenizer == "bytes":
+        return reserved + [bytes([byte]) for byte in range(256)]
+    if tokenizer == "characters":
+        return reserved + [token.encode("utf-8") for token in vocabulary or ()]
+    raise ValueError(f"data.tokenizer: {tokenizer!r} is not one of {', '.join(LANGUAGE_TOKENIZERS)} (language)")
+
+
+def decode_language(ids, tokenizer: str, vocabulary: list[str] | None = None) -> str:
+    """Token ids -> text: pads dropped, the separator as LANGUAGE_SEPARATOR_TEXT, unknown and
+    out-of-range ids as U+FFFD; byte runs that are not valid UTF-8 (a model may emit any byte)
+    decoded with errors="replace". The in-graph decoder gives the same string, tested."""
+    pieces = language_pieces(tokenizer, vocabulary)
+    unknown = pieces[LANGUAGE_UNKNOWN]
+    joined = b"".join(pieces[i] if 0 <= i < len(pieces) else unknown for i in (int(i) for i in ids))
+    return joined.decode("utf-8", errors="replace")
+
+
+def language_vocab_size(tokenizer: str, vocabulary: list[str] | None = None) -> int:
+    """Ids the model's embedding needs: the reserved ids and the tokens."""
+    return BYTE_VOCAB_SIZE if tokenizer == "bytes" else LANGUAGE_RESERVED_IDS + len(vocabulary or ())
+
+
+def escape_token(token: str) -> str:
+    """A character token as one line of vocab.txt: a backslash written twice, a line feed as
+    backslash + "n" (vocab.txt holds one token a line, and "\\n" is a character of code)."""
+    return token.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def unescape_token(line: str) -> str:
+    """The inverse of `escape_token`."""
+    return re.sub(r"\\(.)", lambda match: "\n" if match.group(1) == "n" else match.group(1), line, flags=re.DOTALL)
+
+
+def language_vocabulary(run_dir: str, contract: DataContract | None = None) -> list[str] | None:
+    """The characters of a language run's vocab.txt (unescaped), in id order; None for bytes.
+    `contract` is the run's when not given."""
+    if language_tokenizer(contract or read_contract(run_dir)) == "bytes":
+        return None
+    return [unescape_token(line) for line in read_vocabulary(run_dir)]
+
+
+def bits_per_byte(nats_per_token: float, contract: DataContract, split: str) -> float:
+    """Bits per UTF-8 byte of a split from the mean loss per target token (nats; pad targets
+    excluded): the loss summed over the split's targets, divided by the bytes those targets
+    encode, in bits. Comparable across tokenizers. Uses statistics["target_bytes"] (the first
+    token of each block is never a target, so the documents' "bytes" would count ~1/(T+1)
+    too many); contracts without it fall back to "bytes"."""
+    statistics = contract.statistics
+    tokens = statistics["tokens"][split]
+    encoded = statistics.get("target_bytes", statistics["bytes"])[split]
+    if not encoded:
+        raise ContractError(f"split {split!r} holds no bytes: bits per byte is undefined")
+    return nats_per_token * tokens / encoded / math.log(2)

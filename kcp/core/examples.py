@@ -1,7 +1,7 @@
 """The contract's `tf.train.Example` encoding: writing examples (the pipeline), parsing them
-and reading a split as a `tf.data.Dataset` (trainer, exporter, validation, report), and the
-in-graph tokenizer of text runs. Imports TensorFlow; the contract itself (metadata.json) is
-kcp/core/contract.py, which does not.
+and reading a split as a `tf.data.Dataset` (trainer, exporter, validation, report), the
+in-graph tokenizer of text runs, and the in-graph encoder and decoder of language runs.
+Imports TensorFlow; the contract itself (metadata.json) is kcp/core/contract.py, which does not.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kcp.core.contract import (ASCII_WHITESPACE, KEY_FEATURE, LABEL_FEATURE, STRIP_PUNCTUATION, ContractError,
-                               DataContract, FeatureSpec, read_vocabulary, text_tokenizer)
+from kcp.core.contract import (ASCII_WHITESPACE, KEY_FEATURE, LABEL_FEATURE, LANGUAGE_RESERVED_IDS, LANGUAGE_UNKNOWN,
+                               STRIP_PUNCTUATION, ContractError, DataContract, FeatureSpec, language_pieces,
+                               language_tokenizer, language_vocabulary, read_vocabulary, text_tokenizer)
 
 
 def encode_example(contract_input: FeatureSpec, input_feature: str, key: str, inputs, label: int) -> bytes:
@@ -45,24 +46,40 @@ def _serialize(key: str, label: int, input_feature: str, value) -> bytes:
     return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString(deterministic=True)
 
 
+def encode_language_block(input_feature: str, key: str, tokens) -> bytes:
+    """Serializes one language block: `key` and the int64 list `tokens` (no label)."""
+    features = {
+        KEY_FEATURE: tf.train.Feature(bytes_list=tf.train.BytesList(value=[key.encode("utf-8")])),
+        input_feature: tf.train.Feature(int64_list=tf.train.Int64List(value=np.asarray(tokens, np.int64))),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString(deterministic=True)
+
+
 def parsing_spec(contract: DataContract) -> dict:
     """The `tf.io.parse_example` spec of the contract's examples."""
-    spec = {
-        KEY_FEATURE: tf.io.FixedLenFeature([], tf.string),
-        LABEL_FEATURE: tf.io.FixedLenFeature([], tf.int64),
-    }
+    spec = {KEY_FEATURE: tf.io.FixedLenFeature([], tf.string)}
+    if contract.modality != "language":
+        spec[LABEL_FEATURE] = tf.io.FixedLenFeature([], tf.int64)
     encoding = contract.input_spec.encoding
     if encoding in ("raw_bytes", "utf8"):
         spec[contract.input_feature] = tf.io.FixedLenFeature([], tf.string)
     elif encoding == "float_list":
         spec[contract.input_feature] = tf.io.FixedLenFeature([math.prod(contract.input_shape)], tf.float32)
+    elif encoding == "int64_list":
+        spec[contract.input_feature] = tf.io.FixedLenFeature([math.prod(contract.input_shape)], tf.int64)
     return spec
 
 
 def parse_examples(contract: DataContract, serialized):
-    """Parses a batch of serialized Examples -> (inputs in the spec's dtype and shape, labels, keys)."""
+    """Parses a batch of serialized Examples -> (inputs in the spec's dtype and shape, labels, keys).
+
+    Language blocks come as (int32 tokens (batch, context_length + 1), None, keys): no labels;
+    `language_pairs` makes the model's inputs and targets of the tokens.
+    """
     parsed = tf.io.parse_example(serialized, parsing_spec(contract))
     raw = parsed[contract.input_feature]
+    if contract.modality == "language":
+        return tf.cast(raw, tf.int32), None, parsed[KEY_FEATURE]
     shape = [-1, *contract.input_shape]
     if contract.input_spec.encoding == "utf8":
         inputs = raw
@@ -75,7 +92,8 @@ def parse_examples(contract: DataContract, serialized):
 
 def read_split(contract: DataContract, data_dir: str, split, batch_size: int, *, shuffle_buffer: int = 0,
                seed=None, deterministic: bool = True, cache: bool = False, drop_remainder: bool = False):
-    """A `tf.data.Dataset` of batches `(inputs, labels, keys)` from one split's shards.
+    """A `tf.data.Dataset` of batches `(inputs, labels, keys)` from one split's shards
+    (language: `(tokens, None, keys)`, see `parse_examples`).
 
     Inputs keep the contract's dtype (uint8 images stay uint8). Files are read in parallel
     (interleave) and batches parsed in parallel; with `shuffle_buffer` the file order and
@@ -138,3 +156,74 @@ def text_vectorizer(contract: DataContract, run_dir: str):
         **TOKENIZER_LAYER_SETTINGS[text_tokenizer(contract)], output_mode="int",
         output_sequence_length=int(contract.statistics["max_length"]), vocabulary=read_vocabulary(run_dir),
         name="tokenize")
+
+
+# --- language -------------------------------------------------------------------------
+
+def language_pairs(tokens):
+    """Blocks (..., context_length + 1) -> (inputs block[..., :-1], targets block[..., 1:]):
+    the model predicts each next token. Targets equal to LANGUAGE_PAD carry no loss."""
+    return tokens[..., :-1], tokens[..., 1:]
+
+
+class LanguageEncoder(tf.Module):
+    """Strings (batch,) -> ragged int32 token ids (batch, None), token for token
+    `contract.encode_language` (no separator appended).
+
+    A `tf.Module`: the characters lookup table is a tracked resource, so an encoder set as an
+    attribute of the exported module (or of a Keras layer/model) is saved with it in the
+    SavedModel. `__call__` is a `tf.function` and works inside other `tf.function`s.
+    """
+
+    def __init__(self, tokenizer: str, vocabulary: list[str] | None = None, name: str = "language_encoder"):
+        super().__init__(name=name)
+        self.tokenizer = tokenizer
+        if tokenizer == "characters":
+            vocabulary = list(vocabulary or ())
+            initializer = tf.lookup.KeyValueTensorInitializer(
+                tf.constant(vocabulary, tf.string),
+                tf.range(LANGUAGE_RESERVED_IDS, LANGUAGE_RESERVED_IDS + len(vocabulary), dtype=tf.int64))
+            self.table = tf.lookup.StaticHashTable(initializer, default_value=LANGUAGE_UNKNOWN)
+        elif tokenizer != "bytes":
+            raise ValueError(f"data.tokenizer: {tokenizer!r} is not a language tokenizer (bytes, characters)")
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+    def __call__(self, texts):
+        if self.tokenizer == "bytes":
+            pieces = tf.strings.bytes_split(texts)  # (batch, None) one-byte strings
+            values = tf.reshape(tf.io.decode_raw(pieces.flat_values, tf.uint8), [-1])
+            return pieces.with_flat_values(tf.cast(values, tf.int32) + LANGUAGE_RESERVED_IDS)
+        characters = tf.strings.unicode_split(texts, "UTF-8", errors="replace")  # (batch, None) code points
+        return characters.with_flat_values(tf.cast(self.table.lookup(characters.flat_values), tf.int32))
+
+
+class LanguageDecoder(tf.Module):
+    """Int32 ids (batch, n) -> strings (batch,), equal to `contract.decode_language` per row:
+    pads dropped, the separator as LANGUAGE_SEPARATOR_TEXT, unknown and out-of-range ids as
+    U+FFFD, invalid UTF-8 byte runs replaced (ICU's replacement, which matches Python's). The
+    pieces are a constant of the graph: no resource to track."""
+
+    def __init__(self, tokenizer: str, vocabulary: list[str] | None = None, name: str = "language_decoder"):
+        super().__init__(name=name)
+        self.tokenizer = tokenizer
+        self.pieces = tf.constant(language_pieces(tokenizer, vocabulary), tf.string)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32)])
+    def __call__(self, ids):
+        count = tf.shape(self.pieces, out_type=tf.int32)[0]
+        ids = tf.where((ids < 0) | (ids >= count), LANGUAGE_UNKNOWN, ids)
+        joined = tf.strings.reduce_join(tf.gather(self.pieces, ids), axis=-1)  # (batch,)
+        if self.tokenizer == "bytes":
+            joined = tf.strings.unicode_transcode(joined, "UTF-8", "UTF-8", errors="replace",
+                                                  replacement_char=0xFFFD)
+        return joined
+
+
+def language_encoder(contract: DataContract, run_dir: str) -> LanguageEncoder:
+    """The run's in-graph encoder (its tokenizer and, for characters, RUN/data/vocab.txt)."""
+    return LanguageEncoder(language_tokenizer(contract), language_vocabulary(run_dir, contract))
+
+
+def language_decoder(contract: DataContract, run_dir: str) -> LanguageDecoder:
+    """The run's in-graph decoder, the inverse of `language_encoder` (up to unknown characters)."""
+    return LanguageDecoder(language_tokenizer(contract), language_vocabulary(run_dir, contract))

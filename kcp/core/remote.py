@@ -41,6 +41,26 @@ def _gcs_blob(path: str):
     return gcs_client().bucket(bucket).blob(name)
 
 
+def gcs_rename_no_overwrite(source: str, target: str) -> None:
+    """Moves a gs:// object onto a name that must not exist: the server-side copy carries
+    ifGenerationMatch=0, so GCS itself refuses it (FileExistsError here) when the target exists,
+    even if it appeared a moment ago; only then is the source deleted. Within one bucket the copy
+    is a one-source compose (its precondition is on the destination, as in every GCS request)."""
+    from google.api_core.exceptions import PreconditionFailed
+
+    source_blob, target_blob = _gcs_blob(source), _gcs_blob(target)
+    try:
+        if source_blob.bucket.name == target_blob.bucket.name:
+            source_blob.reload()
+            target_blob.content_type = source_blob.content_type
+            target_blob.compose([source_blob], if_generation_match=0)
+        else:
+            source_blob.bucket.copy_blob(source_blob, target_blob.bucket, target_blob.name, if_generation_match=0)
+    except PreconditionFailed:
+        raise FileExistsError(f"{target} exists") from None
+    source_blob.delete()
+
+
 class BeamBackend(Backend):
     """Beam's FileSystems. In its globs `*` stops at "/" and `**` does not."""
 
@@ -124,7 +144,11 @@ class BeamBackend(Backend):
         prefix = path.rstrip("/") + "/"
         return sorted(child[len(prefix):] for child in self._under(path) if not child.endswith("/"))
 
-    def rename(self, source, target):
+    def rename(self, source, target, overwrite=True):
+        if not overwrite and _scheme(target) == "gs":
+            return gcs_rename_no_overwrite(source, target)
+        if not overwrite and self.fs.exists(target):  # other schemes: no precondition to say it atomically
+            raise FileExistsError(f"{target} exists")
         self.fs.rename([source], [target])  # on gs://, a copy (which replaces the target) and a delete
 
 
@@ -136,6 +160,7 @@ class GfileBackend(Backend):
         import tensorflow as tf
 
         self.gfile = tf.io.gfile
+        self.already_exists = tf.errors.AlreadyExistsError
 
     def exists(self, path):
         return self.gfile.exists(path)
@@ -172,5 +197,20 @@ class GfileBackend(Backend):
         return sorted(posixpath.join(directory, name)[len(root) + 1:]
                       for directory, _, names in self.gfile.walk(root) for name in names)
 
-    def rename(self, source, target):
-        self.gfile.rename(source, target, overwrite=False)
+    def rename(self, source, target, overwrite=True):
+        if not overwrite and _scheme(target) == "gs" and _has_gcs_client():
+            return gcs_rename_no_overwrite(source, target)
+        try:  # without overwrite, gfile checks that the target is absent first (not atomically)
+            self.gfile.rename(source, target, overwrite=overwrite)
+        except self.already_exists:
+            raise FileExistsError(f"{target} exists") from None
+
+
+def _has_gcs_client() -> bool:
+    """Whether google-cloud-storage is installed (the `gcp` extra), for preconditions on gs://."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("google.cloud.storage") is not None
+    except ModuleNotFoundError:  # no google.cloud at all
+        return False

@@ -135,7 +135,8 @@ def list_files(path: str) -> list[str]:
 
 
 def rename(source: str, target: str) -> None:
-    """Moves a file; an existing target is replaced (local, gs://), or the move fails (gfile)."""
+    """Moves a file; an existing target is replaced, on every backend (local: atomically; gs://:
+    copy then delete, so a reader sees the old or the new object, never none)."""
     fault_point("before", target)
     backend_for(source).rename(source, target)
     fault_point("after", target)

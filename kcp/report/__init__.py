@@ -7,6 +7,10 @@ with per-class precision/recall/F1, the most confidently wrong test examples, th
 pipeline's augmentation grid, the first convolution's filters and the test inputs that
 excite a few of them most, the attention maps of a Transformer block, the tuning trials,
 and the config and metrics. The page needs no network; the images lie beside it.
+
+A language run (gpt) shows instead: the loss and bits per byte per epoch, the samples the
+trainer wrote after each epoch, the decoder blocks' causal attention maps on a test sequence,
+and the model's greedy completion of the course's few-shot prompt (FEW_SHOT_PROMPT).
 """
 
 from __future__ import annotations
@@ -21,10 +25,19 @@ import numpy as np
 
 import trainer.models.layers  # noqa: F401  registers the zoo's custom layers for loading model.keras
 from kcp.core import contract as contract_lib
+from kcp.core import examples as example_lib
 from kcp.core import storage
 from kcp.core.layout import RunLayout
-from kcp.report.figures import (best_epoch, per_class_scores, plot_attention, plot_confusion,
-                                plot_curves, plot_filters, plot_mistakes, predict_test)
+from kcp.report.figures import (best_epoch, per_class_scores, plot_attention, plot_confusion, plot_curves,
+                                plot_filters, plot_language_attention, plot_mistakes, predict_test, token_label)
+
+# Brown et al. 2020's few-shot example (a made-up word used in a sentence), completed by the model
+FEW_SHOT_PROMPT = ('A "whatpu" is a small, furry animal native to Tanzania. An example of a sentence that uses the '
+                   'word whatpu is: We were traveling in Africa and we saw these very cute whatpus. To do a '
+                   '"farduddle" means to jump up and down really fast. An example of a sentence that uses the word '
+                   'farduddle is:')
+FEW_SHOT_TOKENS = 64  # at most; fewer when the context is short (the prompt keeps the rest of it)
+ATTENTION_TOKENS = 32  # of the first test block, so that each token can label the axes
 
 def _read_json(path: str):
     return json.loads(storage.read_text(path)) if storage.exists(path) else None
@@ -82,12 +95,22 @@ def build_report(run_dir: str) -> str:
     summary = [["source", contract.source], ["modality", contract.modality],
                ["examples", ", ".join(f"{s} {i.count}" for s, i in contract.splits.items())],
                ["bad inputs", contract.bad_examples]]
-    if metrics:
+    language = contract.modality == "language"
+    if metrics and language:
+        summary += [["model", f"{metrics.get('model')} ({metrics.get('params', 0):,} parameters)"],
+                    ["test bits per byte", f"{metrics.get('test', {}).get('bits_per_byte', float('nan')):.4f}"],
+                    ["test perplexity (per token)", f"{metrics.get('test', {}).get('perplexity', float('nan')):.2f}"],
+                    ["epochs", metrics.get("epochs")],
+                    ["train tokens/s", f"{metrics.get('tokens_per_second', 0):,.0f}"]]
+    elif metrics:
         summary += [["model", f"{metrics.get('model')} ({metrics.get('params', 0):,} parameters)"],
                     ["test accuracy", f"{metrics.get('test', {}).get('accuracy', float('nan')):.4f}"],
                     ["epochs", metrics.get("epochs")],
                     ["train examples/s", f"{metrics.get('examples_per_second', 0):,.0f}"]]
     sections.append(_section("Run", _table(["", ""], summary)))
+    if language:
+        sections += language_sections(run_dir, contract, history, report_dir)
+        return _finish(run_dir, layout, report_dir, sections, metrics)
 
     if history and history.get("loss"):
         best = best_epoch(history)
@@ -139,6 +162,11 @@ def build_report(run_dir: str) -> str:
             body += _table(rows[0], rows[1:]) if rows else ""
         sections.append(_section("Tuning", body))
 
+    return _finish(run_dir, layout, report_dir, sections, metrics)
+
+
+def _finish(run_dir: str, layout: RunLayout, report_dir: str, sections: list, metrics: dict) -> str:
+    """The config and metrics sections, then the page written; returns its path."""
     config_path = layout.config
     if storage.exists(config_path):
         sections.append(_section("Config", f"<pre>{html.escape(storage.read_text(config_path))}</pre>"))
@@ -149,3 +177,49 @@ def build_report(run_dir: str) -> str:
     path = storage.join(report_dir, "index.html")
     storage.write_text_atomic(path, page)
     return path
+
+
+def language_sections(run_dir: str, contract, history: dict | None, report_dir: str) -> list[str]:
+    """A language run's sections: curves in bits per byte, per-epoch samples, attention maps, few-shot."""
+    from deploy.export import complete_prompt
+    from trainer.generate import attention_scores, generate_tokens  # registers the gpt layers too
+
+    layout, sections = RunLayout(run_dir), []
+    if history and history.get("loss"):
+        best = best_epoch(history)
+        note = f'<p class="note">best epoch {best + 1}' + (
+            f", validation {history['val_bits_per_byte'][best]:.4f} bits per byte"
+            if history.get("val_bits_per_byte") else "") + "</p>"
+        curves = plot_curves(history, report_dir, ("loss", "bits_per_byte"))
+        sections.append(_section("Learning curves", _image(curves, "loss and bits per byte") + note))
+    samples_path = storage.join(layout.train, "samples.jsonl")
+    if storage.exists(samples_path):
+        samples = [json.loads(line) for line in storage.read_text(samples_path).splitlines() if line.strip()]
+        if samples:
+            body = f'<p class="note">greedy completions of {html.escape(repr(samples[0]["prompt"]))} after each ' \
+                   'epoch</p>'
+            sections.append(_section("Samples per epoch", body + _table(
+                ["epoch", "completion"], [[sample["epoch"], repr(sample["completion"])] for sample in samples])))
+    if not storage.exists(layout.model):
+        return sections
+    model = keras.saving.load_model(layout.model, compile=False)
+    tokenizer = contract_lib.language_tokenizer(contract)
+    vocabulary = contract_lib.language_vocabulary(run_dir, contract)
+    split = next((name for name in ("test", "validation", "train")
+                  if contract.splits.get(name) and contract.splits[name].count), None)
+    if split:
+        blocks, _, _ = next(iter(example_lib.read_split(contract, contract_lib.data_dir(run_dir), split, 1)))
+        tokens = np.asarray(blocks)[:, :ATTENTION_TOKENS]
+        labels = [token_label(int(token), tokenizer, vocabulary) for token in tokens[0]]
+        figure = plot_language_attention(attention_scores(model, tokens), labels, report_dir)
+        sections.append(_section("Attention maps", _image(figure, "causal attention maps")))
+    context = int(contract.statistics["context_length"])
+    count = min(FEW_SHOT_TOKENS, context // 2)
+    completion = complete_prompt(model, contract, run_dir, FEW_SHOT_PROMPT, generate_tokens, max_new_tokens=count,
+                                 temperature=0.0, top_k=0, top_p=1.0, seed=0)
+    kept = "" if len(contract_lib.encode_language(FEW_SHOT_PROMPT, tokenizer, vocabulary)) + 1 <= context - count \
+        else f" (the model sees its last {context - count - 1} tokens: its context is {context})"
+    sections.append(_section("Few-shot prompt", f'<p class="note">the greedy completion (temperature 0) of the '
+                             f'prompt{html.escape(kept)}</p><pre>{html.escape(FEW_SHOT_PROMPT)}'
+                             f'<b>{html.escape(completion)}</b></pre>'))
+    return sections

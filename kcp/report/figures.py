@@ -50,18 +50,22 @@ def _save(figure, report_dir: str, name: str) -> str:
 # --- figures ----------------------------------------------------------------------------
 
 def best_epoch(history: dict) -> int:
-    """0-based epoch with the best validation accuracy (or lowest loss without validation)."""
+    """0-based epoch with the best validation accuracy (language models, which have none: the lowest
+    validation loss), or the lowest loss without validation."""
     if history.get("val_accuracy"):
         return int(np.argmax(history["val_accuracy"]))
+    if history.get("val_loss") and "accuracy" not in history:
+        return int(np.argmin(history["val_loss"]))
     return int(np.argmin(history["loss"]))
 
 
-def plot_curves(history: dict, report_dir: str) -> str:
+def plot_curves(history: dict, report_dir: str, metrics=("loss", "accuracy")) -> str:
+    """Train and validation curves of `metrics` (language models: loss and bits_per_byte)."""
     plt = _pyplot()
     epochs = np.arange(1, len(history["loss"]) + 1)
     best = best_epoch(history) + 1
     figure, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    for axis, metric in zip(axes, ("loss", "accuracy")):
+    for axis, metric in zip(axes, metrics):
         axis.plot(epochs, history[metric], marker="o", markersize=3, label=f"train {metric}")
         if f"val_{metric}" in history:
             axis.plot(epochs, history[f"val_{metric}"], marker="o", markersize=3, label=f"validation {metric}")
@@ -217,6 +221,33 @@ def plot_attention(model, test: dict, model_inputs, report_dir: str) -> str | No
             axis.set_yticks([])
             axis.set_title(f"block {block}, head {head + 1}", fontsize=7)
     figure.suptitle("attention probabilities (rows: queries, columns: keys)", fontsize=9)
+    figure.tight_layout()
+    return _save(figure, report_dir, "attention.png")
+
+
+def token_label(token: int, tokenizer: str, vocabulary) -> str:
+    """A token id as a short axis label: its text, with whitespace and separators made visible."""
+    text = contract_lib.decode_language([token], tokenizer, vocabulary)
+    if token == contract_lib.LANGUAGE_SEPARATOR:
+        return "¶"
+    return {" ": "␣", "\n": "↵", "\t": "⇥"}.get(text, text if text.isprintable() else "·")
+
+
+def plot_language_attention(scores: list, labels: list[str], report_dir: str) -> str:
+    """Every decoder block's heads on one token sequence: `scores` is attention_scores' list of
+    (1, heads, tokens, tokens); causal attention shows as a lower triangle."""
+    plt = _pyplot()
+    blocks, heads = len(scores), scores[0].shape[1]
+    figure, axes = plt.subplots(blocks, heads, figsize=(2.6 * heads, 2.7 * blocks), squeeze=False)
+    ticks = range(len(labels))
+    for block, maps in enumerate(scores):
+        for head in range(heads):
+            axis = axes[block][head]
+            axis.imshow(maps[0, head], cmap="viridis", interpolation="nearest", vmin=0, vmax=1)
+            axis.set_xticks(ticks, labels, fontsize=5, family="monospace")
+            axis.set_yticks(ticks, labels, fontsize=5, family="monospace")
+            axis.set_title(f"block {block + 1}, head {head + 1}", fontsize=7)
+    figure.suptitle("causal attention probabilities on a test sequence (rows: queries, columns: keys)", fontsize=9)
     figure.tight_layout()
     return _save(figure, report_dir, "attention.png")
 

@@ -84,7 +84,7 @@ def test_the_console_script_exits_2_naming_the_key(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == ("kcp run: error: model.name: 'nope' is not one of "
-                                     "cnn, resnet, rnn, transformer")
+                                     "cnn, gpt, resnet, rnn, transformer")
 
 
 def test_every_subcommand_help_shows_an_example(capsys):

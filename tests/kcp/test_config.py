@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import pytest
 import yaml
@@ -49,7 +50,7 @@ def test_layers_take_precedence_in_order():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("model.name=nope", "model.name: 'nope' is not one of cnn, resnet, rnn, transformer"),
+    ("model.name=nope", "model.name: 'nope' is not one of cnn, "),  # and the other registered families
     ("train.epochs=0", "train.epochs: 0 is below the minimum 1"),
     ("train.epochs=two", "train.epochs: 'two' is not an integer"),
     ("train.epochs=2.5", "train.epochs: 2.5 is not an integer"),
@@ -133,3 +134,49 @@ def test_family_rules_are_checked_by_the_family():
         load_config([], ["model.name=transformer", "model.dim=30", "model.heads=4"])
     with pytest.raises(ConfigError, match="model.depth: 21 is not a ResNet depth"):
         load_config([], ["model.name=resnet", "model.depth=21"])
+
+
+@pytest.fixture
+def gpt_family():
+    """model.name: gpt, registered by the trainer's model registry (a language family)."""
+    import trainer.models
+
+    assert "language" in trainer.models.MODEL_FAMILIES["gpt"].modalities
+
+
+def test_gpt_without_a_source_reads_the_python_stdlib_with_bytes(gpt_family, tmp_path):
+    from kcp.core.config import record_config, resolve_config
+
+    config = resolve_config(str(tmp_path), model="gpt")
+    assert (config.data.source, config.data.tokenizer, config.data.context_length) == ("python-stdlib", "bytes", 256)
+    record_config(str(tmp_path), config)
+    recorded = yaml.safe_load((tmp_path / "config.yaml").read_text())["data"]
+    assert (recorded["source"], recorded["tokenizer"]) == ("python-stdlib", "bytes")  # the applied values
+    assert load_config([], ["model.name=gpt", "data.source=text:corpus/"]).data.source == "text:corpus/"
+    assert load_config([], ["model.name=gpt", "data.source=digits"]).data.source == "digits"  # a user's choice stays
+    assert load_config().data.tokenizer == "words"  # text classification's default
+    assert load_config([], ["data.source=text:c", "data.tokenizer=characters"]).data.tokenizer == "characters"
+
+
+@pytest.mark.parametrize("override, source, message", [
+    ("data.tokenizer=words", "python-stdlib", "data.tokenizer: 'words' is not for language data (data.source "
+                                              "'python-stdlib'); allowed: bytes, characters"),
+    ("data.tokenizer=words_and_punctuation", "text:c", "allowed: bytes, characters"),
+    ("data.tokenizer=bytes", "csv:t.csv", "data.tokenizer: 'bytes' is not for text classification (data.source "
+                                          "'csv:t.csv'); allowed: words, words_and_punctuation, characters"),
+    ("data.context_length=4", "python-stdlib", "data.context_length: 4 is below the minimum 8"),
+    ("data.augment.copies=1", "python-stdlib", "data.augment.copies: 1 augmented copies are not made of language"),
+])
+def test_language_settings_are_checked_with_one_line(override, source, message):
+    with pytest.raises(ConfigError, match=re.escape(message)) as error:
+        load_config([], [f"data.source={source}", override])
+    assert "\n" not in str(error.value)
+
+
+def test_a_recorded_tokenizer_is_dropped_when_the_source_changes_kind(gpt_family, tmp_path):
+    from kcp.core.config import record_config, resolve_config
+
+    record_config(str(tmp_path), resolve_config(str(tmp_path), model="gpt"))
+    config = resolve_config(str(tmp_path), source="csv:t.csv", model="cnn")
+    assert (config.data.source, config.data.tokenizer) == ("csv:t.csv", "words")
+    assert resolve_config(str(tmp_path)).data.source == "python-stdlib"  # the recorded source is the user's now

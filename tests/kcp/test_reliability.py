@@ -187,6 +187,21 @@ def test_model_keras_is_replaced_atomically_through_a_unique_temporary(tmp_path,
     assert _bias(path) == 2.0 and os.listdir(directory) == ["model.keras"]  # old model, no temporary left
 
 
+def test_a_temporary_left_by_a_save_killed_midway_is_removed_by_the_next_save(tmp_path):
+    """SIGKILL runs no `finally`: a save killed inside model.save or before its rename leaves its
+    model.tmp-*.keras; the rerun's save removes it (and nothing that is not a model temporary)."""
+    from trainer import outputs
+
+    directory = tmp_path / "train"
+    directory.mkdir()
+    (directory / "model.tmp-0123456789ab.keras").write_bytes(b"PK\x03\x04 half a zip")  # a killed save's
+    (directory / "history.json").write_text("{}")
+    (directory / "other.tmp-0123456789ab.keras").write_bytes(b"not ours")
+    outputs.save_model(_tiny_model(4.0), str(directory / "model.keras"))
+    assert sorted(os.listdir(directory)) == ["history.json", "model.keras", "other.tmp-0123456789ab.keras"]
+    assert _bias(str(directory / "model.keras")) == 4.0
+
+
 @pytest.mark.parametrize("kill_at", ["model", "metrics"])
 def test_a_kill_between_model_and_metrics_never_pairs_them_wrongly(tmp_path, monkeypatch, kill_at):
     from trainer import outputs
@@ -446,8 +461,9 @@ def test_kcp_run_summarises_a_run_whose_test_split_is_empty(monkeypatch, capsys,
 
     metrics = {"train": {"accuracy": 0.9}, "validation": {"accuracy": 0.8}, "model": "cnn", "params": 10,
                "epochs": 1, "examples_per_second": 5.0, "wall_seconds": 1.0}
-    contract = SimpleNamespace(source="digits", splits={"train": SimpleNamespace(count=9),
-                                                        "validation": SimpleNamespace(count=1)}, bad_examples=0)
+    contract = SimpleNamespace(source="digits", modality="image", splits={"train": SimpleNamespace(count=9),
+                                                                          "validation": SimpleNamespace(count=1)},
+                               bad_examples=0)
     monkeypatch.setattr(api, "preprocess", lambda *a, **k: contract)
     monkeypatch.setattr(api, "train", lambda *a, **k: SimpleNamespace(metrics=metrics))
     monkeypatch.setattr(api, "export", lambda *a, **k: "EXPORT")

@@ -68,8 +68,11 @@ def test_backend_for_picks_one_backend_per_scheme(tmp_path, monkeypatch):
     assert type(storage.backend_for("kcp-no-such-scheme://x/y")) is storage.GfileBackend
 
 
-def test_gfile_backend_renames_without_overwrite_and_writes_with_it():
+def test_gfile_backend_renames_over_the_target_unless_told_not_to_and_writes_with_overwrite():
     calls = []
+
+    class AlreadyExists(Exception):
+        pass
 
     class FakeGfile:
         class GFile:
@@ -88,16 +91,40 @@ def test_gfile_backend_renames_without_overwrite_and_writes_with_it():
         @staticmethod
         def rename(source, target, overwrite):
             calls.append(("rename", source, target, overwrite))
+            if not overwrite and target == "x://taken":
+                raise AlreadyExists("file already exists")
 
     backend = storage.GfileBackend.__new__(storage.GfileBackend)
-    backend.gfile = FakeGfile
-    backend.rename("x://a", "x://b")
-    assert calls == [("rename", "x://a", "x://b", False)]
+    backend.gfile, backend.already_exists = FakeGfile, AlreadyExists
+    backend.rename("x://a", "x://b")  # storage.rename's meaning: replace the target
+    assert calls == [("rename", "x://a", "x://b", True)]
+    calls.clear()
+    with pytest.raises(FileExistsError, match="x://taken exists"):
+        backend.rename("x://a", "x://taken", overwrite=False)
+    assert calls == [("rename", "x://a", "x://taken", False)]
     calls.clear()
     backend.write_bytes_atomic("x://c", b"data")
     temporary = calls[0][1]
     assert temporary.startswith("x://c.tmp-")
     assert calls == [("open", temporary, "wb"), ("write", b"data"), ("rename", temporary, "x://c", True)]
+
+
+@pytest.mark.parametrize("backend", ["local", "gfile"])
+def test_a_rename_replaces_the_target_and_one_without_overwrite_never_does(tmp_path, backend):
+    """rename(overwrite=True) replaces (a rerun's model.keras over the old one); overwrite=False
+    fails with FileExistsError and leaves both files as they were, on a local path through the
+    local backend and through tf.io.gfile."""
+    chosen = storage.LocalBackend() if backend == "local" else storage.GfileBackend()
+    base = str(tmp_path)
+    for name in ("a", "b", "c"):
+        (tmp_path / name).write_text(name)
+    chosen.rename(f"{base}/a", f"{base}/b")
+    assert sorted(os.listdir(base)) == ["b", "c"] and (tmp_path / "b").read_text() == "a"
+    with pytest.raises(FileExistsError, match="/b exists"):
+        chosen.rename(f"{base}/c", f"{base}/b", overwrite=False)
+    assert (tmp_path / "b").read_text() == "a" and (tmp_path / "c").read_text() == "c"
+    chosen.rename(f"{base}/c", f"{base}/d", overwrite=False)
+    assert sorted(os.listdir(base)) == ["b", "d"] and (tmp_path / "d").read_text() == "c"
 
 
 def test_reading_a_local_file_imports_neither_tensorflow_nor_beam(tmp_path):
@@ -141,3 +168,26 @@ def test_gcs_round_trip_through_beam(gcs):
     storage.remove_tree(f"{base}/sub")
     assert not storage.exists(f"{base}/sub") and storage.list_dir(base) == []
     assert list(gcs.list_blobs("kcp-test", prefix="storage-test/")) == []
+
+
+@pytest.mark.parametrize("backend", ["beam", "gfile"])
+def test_a_gcs_rename_without_overwrite_is_refused_by_a_generation_precondition(gcs, backend, monkeypatch):
+    """On gs:// a rename that must not overwrite is a server-side copy with ifGenerationMatch=0
+    (the emulator answers 412 as GCS does): it never replaces the target, and the source stays."""
+    chosen = storage.BeamBackend() if backend == "beam" else storage.GfileBackend()
+    base = f"gs://kcp-test/rename-{backend}-{os.getpid()}"
+    for name in ("a", "b", "c"):
+        storage.write_text_atomic(f"{base}/{name}", name)
+    checked = []
+    real_exists = type(chosen).exists
+    monkeypatch.setattr(type(chosen), "exists", lambda self, p: checked.append(p) or real_exists(self, p))
+    with pytest.raises(FileExistsError, match=f"{base}/b exists"):
+        chosen.rename(f"{base}/a", f"{base}/b", overwrite=False)
+    assert checked == []  # refused by the precondition, not by a check before the copy
+    assert storage.read_text(f"{base}/a") == "a" and storage.read_text(f"{base}/b") == "b"
+    chosen.rename(f"{base}/a", f"{base}/d", overwrite=False)
+    assert storage.read_text(f"{base}/d") == "a" and not storage.exists(f"{base}/a")
+    if backend == "beam":  # the default replaces, as storage.rename promises
+        chosen.rename(f"{base}/c", f"{base}/b")
+        assert storage.read_text(f"{base}/b") == "c" and not storage.exists(f"{base}/c")
+    storage.remove_tree(base)

@@ -13,7 +13,7 @@ import tensorflow as tf
 from kcp import cli
 from kcp.core import contract as contract_lib
 from kcp.core import examples as example_lib
-from kcp.core.contract import TOKENIZERS, ContractError, tokenize_text
+from kcp.core.contract import TEXT_TOKENIZERS, TOKENIZERS, ContractError, tokenize_text
 from tests.conftest import IN_PROCESS_BEAM
 from tests.pipeline.test_contract import make_contract
 
@@ -36,9 +36,18 @@ def in_graph_tokens(run_dir: str, tokenizer: str, texts: list[str]) -> list[list
     return [[lookup[i] for i in row if i] for row in ids]
 
 
-@pytest.mark.parametrize("tokenizer", TOKENIZERS)
+@pytest.mark.parametrize("tokenizer", TEXT_TOKENIZERS)
 def test_python_and_in_graph_tokenizers_agree_token_for_token(tmp_path, tokenizer):
     assert in_graph_tokens(str(tmp_path), tokenizer, TRICKY) == [tokenize_text(text, tokenizer) for text in TRICKY]
+
+
+def test_the_tokenizers_of_text_and_of_language_data():
+    assert TOKENIZERS == ("words", "words_and_punctuation", "characters", "bytes")
+    assert contract_lib.LANGUAGE_TOKENIZERS == ("bytes", "characters")
+    with pytest.raises(ValueError, match="data.tokenizer: 'bytes' is not one of words, words_and_punctuation"):
+        tokenize_text("x", "bytes")  # bytes is for language data (contract.encode_language)
+    assert contract_lib.encode_language("é\n", "bytes") == [0xC3 + 3, 0xA9 + 3, ord("\n") + 3]
+    assert contract_lib.encode_language("é\nz", "characters", ["\n", "é"]) == [4, 3, contract_lib.LANGUAGE_UNKNOWN]
 
 
 def test_what_each_tokenizer_makes_of_a_line():
@@ -49,7 +58,7 @@ def test_what_each_tokenizer_makes_of_a_line():
     assert tokenize_text("~~ ^<<<<", "words") == [] and tokenize_text("~~ ^<<<<", "words_and_punctuation")
 
 
-@pytest.mark.parametrize("tokenizer", TOKENIZERS)
+@pytest.mark.parametrize("tokenizer", TEXT_TOKENIZERS)
 def test_the_in_graph_tokenizer_is_the_same_inside_tf_data_and_after_a_config_round_trip(tokenizer):
     layer = keras.layers.TextVectorization(**example_lib.TOKENIZER_LAYER_SETTINGS[tokenizer], output_mode="int",
                                            output_sequence_length=16, vocabulary=["a", "b", ",", " "])

@@ -28,13 +28,13 @@ def dask_cluster():
 
 
 def test_dask_runner_writes_every_record_once_and_the_same_bytes(dask_cluster, tmp_path):
-    config = load_config([], ["data.limit=500", "data.num_shards=2", "data.augment.copies=1"])
+    config = load_config([], ["data.limit=200", "data.num_shards=2", "data.augment.copies=1"])
     dask_dir, local_dir = str(tmp_path / "dask"), str(tmp_path / "local")
     contract = run_preprocess(config, dask_dir, ["--runner", "DaskRunner", f"--dask_client_address={dask_cluster}"])
     run_preprocess(config, local_dir, IN_PROCESS_BEAM)
     counts = count_records(dask_dir)
     assert sum(counts.values()) == sum(info.count for info in contract.splits.values())
-    assert sum(counts.values()) == 500 + contract.splits["train"].count // 2  # originals + one copy each in train
+    assert sum(counts.values()) == 200 + contract.splits["train"].count // 2  # originals + one copy each in train
     assert counts == count_records(local_dir)
     for name in counts:
         with open(os.path.join(dask_dir, "data", name), "rb") as a, open(os.path.join(local_dir, "data", name), "rb") as b:

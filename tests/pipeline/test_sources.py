@@ -260,3 +260,24 @@ def test_tfds_source_with_mock_data(tmp_path):
     assert contract.class_names == tuple(str(d) for d in range(10))
     assert sum(i.count for i in contract.splits.values()) == 40
     assert contract.splits["train"].count > contract.splits["test"].count > 0
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_16_bit_grayscale_png_decodes_as_tensorflow_decodes_it(tmp_path, channels):
+    """Preprocessing (Pillow) and the export's in-graph decode (TensorFlow) must give the same
+    pixels: TensorFlow keeps the high byte of a 16-bit value, Pillow's convert("L") clips."""
+    import tensorflow as tf
+
+    from kcp.core.sources.images import decode_image_file, to_8_bit
+
+    values = np.array([[0, 255, 256, 1000], [32767, 32768, 65280, 65535]], np.uint16)
+    path = str(tmp_path / "deep.png")
+    Image.fromarray(values).save(path)  # a real 16-bit grayscale PNG
+    with Image.open(path) as image:
+        assert image.mode == "I;16"
+    decoded = decode_image_file(path, (2, 4, channels))
+    expected = tf.io.decode_png(open(path, "rb").read(), channels=channels, dtype=tf.uint8).numpy()
+    assert decoded.dtype == np.uint8 and decoded.tolist() == expected.tolist()
+    assert decoded[..., 0].tolist() == [[0, 0, 1, 3], [127, 128, 255, 255]]  # clipping gave [[0, 255, 255, 255], ...]
+    # older Pillow opened such files as 32-bit "I": the same high bytes
+    assert np.asarray(to_8_bit(Image.fromarray(values.astype(np.int32), "I"))).tolist() == expected[..., 0].tolist()

@@ -37,7 +37,7 @@ def free_ports(count):
 
 
 def test_mirrored_over_two_cpu_devices_matches_one_device(digits_data, tmp_path):
-    common = ["train.epochs=12", "model.filters=[16, 32]", "train.deterministic=true"]
+    common = ["train.epochs=6", "model.filters=[16, 32]", "train.deterministic=true"]
     one = fresh_run(digits_data, tmp_path / "one")
     two = fresh_run(digits_data, tmp_path / "two")
     a = subprocess.Popen(task(one, "train.strategy=one_device", "train.batch_size=64", *common), env=QUIET,

@@ -6,7 +6,7 @@ import tensorflow as tf
 
 import keras
 from kcp.core.config import MODEL_FAMILIES, ConfigError, load_config
-from trainer.models import REGISTRY, ModelInputs, build_model
+from trainer.models import REGISTRY, ModelInputs, build_model, families_for
 from trainer.models.common import batch_norm_momentum_for
 from trainer.models.transformer import attention_layers, attention_scores
 
@@ -21,7 +21,7 @@ SMALL = {  # small settings of each family, so the whole table runs in a couple 
     "rnn": ["model.units=32"],
     "transformer": ["model.dim=32", "model.heads=2", "model.mlp_dim=64", "model.patch_size=2"],
 }
-CASES = [(family, modality) for family in MODEL_FAMILIES for modality in SPECS]
+CASES = [(family, modality) for modality in SPECS for family in families_for(modality)]  # gpt: test_gpt.py
 
 
 def small_config(family, *extra):
@@ -40,6 +40,16 @@ def random_inputs(spec, count, seed=0):
 
 def test_registry_names_match_the_config():
     assert tuple(REGISTRY) == tuple(MODEL_FAMILIES)
+
+
+def test_a_family_refuses_data_it_does_not_take_and_names_the_ones_that_do():
+    language = ModelInputs("language", (16,), 259, vocab_size=259, input_name="tokens")
+    with pytest.raises(ConfigError, match="model.name: cnn takes image, sequence, text data, and this run's data "
+                                          "is language; for language data use gpt"):
+        build_model(language, small_config("cnn"))
+    with pytest.raises(ConfigError, match="model.name: gpt takes language data, and this run's data is image; "
+                                          "for image data use cnn or resnet or rnn or transformer"):
+        build_model(SPECS["image"], load_config([], ["model.name=gpt"]).model)
 
 
 @pytest.mark.parametrize("family, modality", CASES)

@@ -34,12 +34,12 @@ def read_trials(run_dir):
 def test_each_algorithm_runs_and_writes_its_results(digits_data, tmp_path, algorithm):
     run_dir = fresh_run(digits_data, tmp_path)
     epochs = ["train.epochs=3"] if algorithm == "hyperband" else []  # its brackets come from max epochs
-    config = load_config([], [*SMALL, *epochs, f"tune.algorithm={algorithm}", "tune.max_trials=3",
+    config = load_config([], [*SMALL, *epochs, f"tune.algorithm={algorithm}", "tune.max_trials=2",
                               "tune.space={train.learning_rate: {min: 1.0e-3, max: 1.0e-2, sampling: log}, "
                               "model.kernel_size: [3, 5]}"])
     result = run_search(config, run_dir)
     trials = read_trials(run_dir)
-    assert len(trials) >= 3 if algorithm == "hyperband" else len(trials) == 3
+    assert len(trials) >= 3 if algorithm == "hyperband" else len(trials) == 2
     assert all(t["status"] == "COMPLETED" and 0 < float(t["val_accuracy"]) <= 1 for t in trials)
     assert all(float(t["seconds"]) > 0 for t in trials)
     tuning = os.path.join(run_dir, "tuning")
@@ -91,16 +91,17 @@ def tune_process(run_dir, *extra):
 def test_chief_and_two_workers_run_each_trial_once_and_exit(digits_data, tmp_path):
     run_dir = fresh_run(digits_data, tmp_path)
     oracle = f"127.0.0.1:{free_port()}"
-    chief = tune_process(run_dir, "--role", "chief", "--oracle", oracle)
+    trials_4 = ["--set", "tune.max_trials=4"]  # two per worker
+    chief = tune_process(run_dir, "--role", "chief", "--oracle", oracle, *trials_4)
     time.sleep(3)
-    workers = [tune_process(run_dir, "--role", "worker", "--oracle", oracle, "--tuner-id", f"worker{i}")
+    workers = [tune_process(run_dir, "--role", "worker", "--oracle", oracle, "--tuner-id", f"worker{i}", *trials_4)
                for i in range(2)]
     outputs = [process.communicate(timeout=600)[0] for process in (*workers, chief)]
     finished = time.time()
     for process, output in zip((*workers, chief), outputs):
         assert process.returncode == 0, output[-3000:]
     trials = read_trials(run_dir)
-    assert len(trials) == 6 and len({t["trial_id"] for t in trials}) == 6
+    assert len(trials) == 4 and len({t["trial_id"] for t in trials}) == 4
     assert all(t["status"] == "COMPLETED" for t in trials)
     stats = read_trial_stats(os.path.join(run_dir, "tuning"))
     assert sorted(stats) == sorted(t["trial_id"] for t in trials)  # no worker's figures lost to another's
@@ -123,7 +124,8 @@ def completed_trials(run_dir):
 def test_a_killed_chief_resumes_without_repeating_finished_trials(digits_data, tmp_path):
     run_dir = fresh_run(digits_data, tmp_path)
     tuning = os.path.join(run_dir, "tuning")
-    process = tune_process(run_dir)  # a single process is its own chief
+    trials_4 = ["--set", "tune.max_trials=4"]
+    process = tune_process(run_dir, *trials_4)  # a single process is its own chief
     deadline = time.time() + 300
     while time.time() < deadline:
         if len(read_trial_stats(tuning)) >= 2:
@@ -134,11 +136,11 @@ def test_a_killed_chief_resumes_without_repeating_finished_trials(digits_data, t
     finished = completed_trials(run_dir)
     assert finished  # at least the first trial had ended when the second one's figures appeared
     done_before = {trial_id: figures for trial_id, figures in read_trial_stats(tuning).items() if trial_id in finished}
-    resumed = tune_process(run_dir)
+    resumed = tune_process(run_dir, *trials_4)
     output = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, output[-3000:]
     trials = read_trials(run_dir)
-    assert len(trials) == 6 and all(t["status"] == "COMPLETED" for t in trials)
+    assert len(trials) == 4 and all(t["status"] == "COMPLETED" for t in trials)
     after = read_trial_stats(tuning)
     for trial_id, took in done_before.items():
         assert after[trial_id] == took  # a finished trial was never run again

@@ -14,17 +14,17 @@ delay or bury a one-line config error.
 
 from __future__ import annotations
 
-from kcp.core.config import ModelConfig
-from trainer.models import cnn, resnet, rnn, transformer
+from kcp.core.config import MODEL_FAMILIES, ConfigError, ModelConfig
+from trainer.models import cnn, gpt, resnet, rnn, transformer
 from trainer.models.common import ModelInputs
 
 REGISTRY = {
     "cnn": cnn.build,
+    "gpt": gpt.build,
     "resnet": resnet.build,
     "rnn": rnn.build,
     "transformer": transformer.build,
 }
-
 
 
 def build_model(spec: ModelInputs, config: ModelConfig):
@@ -33,4 +33,14 @@ def build_model(spec: ModelInputs, config: ModelConfig):
         builder = REGISTRY[config.name]
     except KeyError:
         raise ValueError(f"model.name: {config.name!r} is not one of {', '.join(REGISTRY)}") from None
+    accepted = config.family.modalities
+    if spec.modality not in accepted:
+        takers = families_for(spec.modality)
+        raise ConfigError(f"model.name: {config.name} takes {', '.join(accepted)} data, and this run's data is "
+                          f"{spec.modality}; for {spec.modality} data use {' or '.join(takers)}")
     return builder(spec, config)
+
+
+def families_for(modality: str) -> tuple:
+    """The names of the families that take `modality` data."""
+    return tuple(name for name, family in MODEL_FAMILIES.items() if modality in family.modalities)

@@ -30,6 +30,7 @@ class CNNConfig:
     dim: int = option(64, minimum=1, help="text: embedding size")
 
     default_initializer: ClassVar[str] = "he_normal"  # ReLU networks
+    modalities: ClassVar[tuple] = ("image", "sequence", "text")  # the data it takes (build_model refuses the rest)
     search_space: ClassVar[dict] = {
         "model.kernel_size": [3, 5], "model.dropout": {"min": 0.0, "max": 0.5, "step": 0.1},
         "train.learning_rate": {"min": 1e-4, "max": 1e-2, "sampling": "log"}}

@@ -16,33 +16,40 @@ from kcp.core.contract import MODALITIES
 class ModelInputs:
     """The part of the data contract a model builder needs."""
 
-    modality: str  # image | sequence | text
-    shape: tuple  # one example: (H, W, C) image, (T, F) sequence, (T,) token ids
+    modality: str  # image | sequence | text | language
+    shape: tuple  # one example: (H, W, C) image, (T, F) sequence, (T,) token ids (text, language: T = context)
     num_classes: int
     mean: tuple = ()  # per channel (images) or per feature (sequences); empty: no normalisation
     std: tuple = ()
-    vocab_size: int = 0  # text: token ids are 0 (padding), 1 (out of vocabulary), 2..vocab_size-1
+    vocab_size: int = 0  # text: token ids are 0 (padding), 1 (out of vocabulary), 2..vocab_size-1;
+    # language: 0 padding, 1 unknown, 2 document separator, real tokens from 3 (so at least 4 ids)
     input_name: str = "image"
 
     def __post_init__(self):
         if self.modality not in MODALITIES:
             raise ConfigError(f"modality {self.modality!r} is not one of {', '.join(MODALITIES)}")
-        expected_rank = {"image": 3, "sequence": 2, "text": 1}[self.modality]
+        expected_rank = {"image": 3, "sequence": 2, "text": 1, "language": 1}[self.modality]
         if len(self.shape) != expected_rank:
             raise ConfigError(f"input shape {tuple(self.shape)} does not fit modality {self.modality!r} "
                               f"(expected {expected_rank} dimensions)")
         if self.modality == "text" and self.vocab_size < 2:
             raise ConfigError(f"vocab_size {self.vocab_size} is too small for text input")
+        if self.modality == "language" and self.vocab_size < 4:
+            raise ConfigError(f"vocab_size {self.vocab_size} is too small for language input (ids 0-2 are reserved)")
         if self.num_classes < 2:
             raise ConfigError(f"num_classes {self.num_classes} must be at least 2")
 
     @property
     def dtype(self) -> str:
-        return "int32" if self.modality == "text" else "float32"
+        return "int32" if self.modality in ("text", "language") else "float32"
 
     @classmethod
     def from_contract(cls, contract) -> "ModelInputs":
         statistics = contract.statistics
+        if contract.modality == "language":  # next-token prediction: one class per vocabulary id
+            vocab_size = int(statistics["vocab_size"])
+            return cls(modality="language", shape=(int(statistics["context_length"]),), num_classes=vocab_size,
+                       vocab_size=vocab_size, input_name="tokens")
         text = contract.modality == "text"
         return cls(
             modality=contract.modality,

@@ -81,3 +81,12 @@ class MaskedAveragePooling(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         shape = input_shape[0]
         return (shape[0], shape[2])
+
+
+# The gpt family's layers (TiedEmbedding, PositionEmbedding, DecoderBlock) are defined by
+# trainer/models/gpt.py on first use, since a family module must not import Keras at the top
+# (trainer/models/__init__.py). Defining them here registers them for everything that loads
+# a model.keras through this module: the exporter, the report, batch prediction.
+from trainer.models.gpt import layer_classes as _gpt_layer_classes  # noqa: E402
+
+_gpt_layer_classes()

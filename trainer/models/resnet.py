@@ -53,6 +53,7 @@ class ResNetConfig:
     dim: int = option(64, minimum=1, help="text: embedding size")
 
     default_initializer: ClassVar[str] = "he_normal"  # ReLU networks
+    modalities: ClassVar[tuple] = ("image", "sequence", "text")  # the data it takes (build_model refuses the rest)
     search_space: ClassVar[dict] = {
         "model.depth": [20, 32], "model.version": [1, 2],
         "train.learning_rate": {"min": 1e-4, "max": 1e-2, "sampling": "log"}}

@@ -34,6 +34,7 @@ class RNNConfig:
     dim: int = option(64, minimum=1, help="text: embedding size")
 
     default_initializer: ClassVar[str] = "glorot_uniform"
+    modalities: ClassVar[tuple] = ("image", "sequence", "text")  # the data it takes (build_model refuses the rest)
     search_space: ClassVar[dict] = {
         "model.cell": ["lstm", "gru"], "model.units": [64, 128], "model.bidirectional": [False, True],
         "train.learning_rate": {"min": 1e-4, "max": 1e-2, "sampling": "log"}}

@@ -41,6 +41,7 @@ class TransformerConfig:
                                 help="sequences: a linear projection of each step, or two 3-step convolutions")
 
     default_initializer: ClassVar[str] = "glorot_uniform"
+    modalities: ClassVar[tuple] = ("image", "sequence", "text")  # the data it takes (build_model refuses the rest)
     search_space: ClassVar[dict] = {
         "model.layers": [1, 2], "model.heads": [2, 4], "model.dim": [32, 64],
         "train.learning_rate": {"min": 1e-4, "max": 3e-3, "sampling": "log"}}

@@ -5,9 +5,11 @@
     npz:PATH            x, y  or  x_train, y_train, x_test, y_test[, x_validation, y_validation]
     csv:PATH, jsonl:PATH  text classification: data.text_column, data.label_column, data.split_column
     tfds:NAME[:SPLIT]   a prepared TensorFlow Datasets builder under data.tfds_data_dir
+    text:PATH           language modelling: every file below PATH (or the file PATH) is one document
+    python-stdlib       language modelling: the Python standard library's top-level modules (embedded)
 
 One module per kind: images.py (digits, folder), arrays.py (npz), tables.py (csv, jsonl),
-tfds.py; the shared record types and errors are in base.py.
+tfds.py, corpus.py (text, python-stdlib); the shared record types and errors are in base.py.
 
 `plan_source` runs in the driver and only plans: it checks the source (a missing path, an
 empty source or a missing column fails here, with one line naming it) and fixes the
@@ -25,6 +27,7 @@ from kcp.core.config import DataConfig
 from kcp.core.sources.arrays import decode_array, plan_npz, read_npz_task
 from kcp.core.sources.base import (BadInput, RawExample, SourceError, SourcePlan, SourceRecord, check_path,
                                    class_names_of)
+from kcp.core.sources.corpus import STDLIB_URI, decode_document, plan_stdlib, plan_text, read_corpus_task
 from kcp.core.sources.images import (check_image_bytes, decode_image_file, digits_to_uint8, plan_digits, plan_folder,
                                      read_digits, read_folder_task)
 from kcp.core.sources.tables import decode_text, plan_table, read_table_task
@@ -32,7 +35,7 @@ from kcp.core.sources.tfds import plan_tfds, read_tfds_task
 
 __all__ = [
     "BadInput", "RawExample", "SourceError", "SourcePlan", "SourceRecord", "check_image_bytes", "check_path",
-    "class_names_of", "decode_array", "decode_image_file", "decode_record", "decode_text", "digits_to_uint8",
+    "class_names_of", "decode_array", "decode_document", "decode_image_file", "decode_record", "decode_text", "digits_to_uint8",
     "plan_source", "read_task",
 ]
 
@@ -51,8 +54,12 @@ def plan_source(uri: str, data: DataConfig | None = None) -> SourcePlan:
         return plan_table(uri, kind, rest, data)
     if kind == "tfds":
         return plan_tfds(uri, rest, data)
+    if kind == "text":
+        return plan_text(uri, rest, data)
+    if uri == STDLIB_URI:
+        return plan_stdlib(uri, data)
     raise SourceError(f"data.source: {uri!r} is not a known source; allowed: digits, folder:PATH, npz:PATH, "
-                      "csv:PATH, jsonl:PATH, tfds:NAME[:SPLIT]")
+                      "csv:PATH, jsonl:PATH, tfds:NAME[:SPLIT], text:PATH, python-stdlib")
 
 
 def read_task(plan: SourcePlan, task):
@@ -65,6 +72,8 @@ def read_task(plan: SourcePlan, task):
         return read_npz_task(plan, task)
     if plan.kind in ("csv", "jsonl"):
         return read_table_task(plan, task)
+    if plan.modality == "language":
+        return read_corpus_task(plan, task)
     return read_tfds_task(plan, task)
 
 
@@ -74,6 +83,8 @@ def decode_record(plan: SourcePlan, record: SourceRecord, class_names=None) -> R
     class_names = plan.class_names if class_names is None else class_names
     if record.problem:
         raise BadInput(record.problem)
+    if plan.modality == "language":  # a document: no label; its text, read here on the worker
+        return RawExample(record.key, decode_document(record.payload), "", record.split)
     if record.label == "" or record.label not in class_names:
         raise BadInput("missing label" if record.label == "" else f"unknown label {record.label!r}")
     if plan.modality == "text":

@@ -24,7 +24,8 @@ from kcp.core.sources.base import (BadInput, SourceError, SourcePlan, SourceReco
                                    ranges)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
-GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+SIXTEEN_BIT_GRAY = ("I;16", "I;16B", "I;16L", "I")  # how Pillow opens a 16-bit grayscale PNG ("I" in older Pillow)
 DIGITS_LEVELS = 16  # scikit-learn's digits hold integer intensities 0..16
 DIGITS_COUNT = 1797
 DIGITS_TASK_ROWS = 600
@@ -161,6 +162,20 @@ def read_folder_task(plan: SourcePlan, task):
         yield from read_class_folder(root, *task[1:])
 
 
+def to_8_bit(image):
+    """A 16-bit grayscale image as 8-bit "L", keeping each value's high byte (v >> 8), exactly as
+    TensorFlow's PNG decoder (`tf.io.decode_png`/`decode_image` with dtype uint8, the export's
+    in-graph decode) does. Pillow's own `convert("L")` clips instead (1000 -> 255, not 3), so
+    training data and served inputs would disagree. Other images are returned unchanged (Pillow
+    already reads 16-bit colour PNGs as the high bytes, as TensorFlow does)."""
+    from PIL import Image
+
+    if image.mode not in SIXTEEN_BIT_GRAY:
+        return image
+    values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+    return Image.fromarray((values >> 8).astype(np.uint8), "L")
+
+
 def decode_image_file(path: str, shape: tuple) -> np.ndarray:
     """Reads and decodes one image file to uint8 [H, W, C] of `shape` (resized, converted).
 
@@ -178,7 +193,7 @@ def decode_image_file(path: str, shape: tuple) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(content)) as image:
             image.load()
-            image = image.convert("RGB" if shape[2] == 3 else "L")
+            image = to_8_bit(image).convert("RGB" if shape[2] == 3 else "L")
             if image.size != (shape[1], shape[0]):
                 image = image.resize((shape[1], shape[0]), Image.BILINEAR)
             array = np.asarray(image, dtype=np.uint8)

@@ -1,0 +1,149 @@
+"""A gpt export: the `generate` and `score` signatures, `kcp generate`, validation, and both served
+over REST and gRPC. The run is tests/trainer/test_language_model.py's `language_run` (kcp run --model gpt)."""
+
+import json
+import os
+import threading
+import urllib.error
+import urllib.request
+
+import grpc
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+from deploy.serving import make_server
+from kcp import cli
+from kcp.core import contract as contract_lib
+from tests.trainer.test_language_model import language_run  # noqa: F401  the session's gpt run
+import trainer.generate  # noqa: F401  registers the gpt layers for loading model.keras
+
+SEPARATOR = contract_lib.LANGUAGE_SEPARATOR
+SETTINGS = {"max_new_tokens": 12, "temperature": 1.0, "top_k": 20, "top_p": 0.95}
+
+
+@pytest.fixture(scope="module")
+def served(language_run):  # noqa: F811
+    """The run's blessed export over REST and gRPC; yields (REST url, gRPC stub)."""
+    server = make_server(language_run, "127.0.0.1", 0, grpc_port=0)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc.port}")
+    yield f"http://127.0.0.1:{server.server_address[1]}", prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    channel.close()
+    server.shutdown()
+    server.server_close()
+
+
+def rest(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(f"{url}/v1/models/model:predict", data=json.dumps(body).encode())
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def grpc_predict(stub, signature: str, inputs: dict) -> dict:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name, request.model_spec.signature_name = "model", signature
+    for name, value in inputs.items():
+        request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
+    response = stub.Predict(request, timeout=60)
+    return {name: tf.make_ndarray(proto) for name, proto in response.outputs.items()}
+
+
+def kcp_generate(run_dir: str, prompt: str, seed: int, capsys, **settings) -> str:
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in {**SETTINGS, **settings}.items()]
+    capsys.readouterr()
+    assert cli.main(["generate", "--run-dir", run_dir, "--prompt", prompt, "--seed", str(seed), *flags]) == 0
+    printed = capsys.readouterr().out
+    assert printed.endswith("\n")
+    return printed[:-1]
+
+
+def keras_log_probability(model, ids: list[int], context: int) -> float:
+    """log P(ids, separator | separator) in windows of the context, the test's own arithmetic."""
+    sequence = [SEPARATOR, *ids, SEPARATOR]
+    total = 0.0
+    for start in range(0, len(sequence) - 1, context):
+        window = sequence[start:start + context + 1]
+        logits = np.asarray(model(np.array([window[:-1]], np.int32)), np.float64)[0]
+        log_softmax = logits - np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1, keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        total += sum(log_softmax[position, target] for position, target in enumerate(window[1:]))
+    return total
+
+
+def test_the_run_exports_generate_and_score_and_validation_blesses_it(language_run):  # noqa: F811
+    version = os.path.join(language_run, "export", "model", "1")
+    validation = json.load(open(os.path.join(version, "assets.extra", "validation.json")))
+    assert validation["blessed"] is True and validation["reasons"] == []
+    assert validation["max_log_probability_difference"] < 1e-3 and validation["examples"] > 0
+    assert validation["export_bits_per_byte"] == pytest.approx(validation["trainer_bits_per_byte"], rel=1e-4)
+    loaded = tf.saved_model.load(version)
+    assert {"generate", "score", "serving_default"} <= set(loaded.signatures)
+    texts = tf.constant([b"def f(x):\n    return x", b""])
+    default, score = loaded.signatures["serving_default"](texts=texts), loaded.signatures["score"](texts=texts)
+    np.testing.assert_array_equal(default["log_probability"].numpy(), score["log_probability"].numpy())
+    assert score["tokens"].numpy().tolist() == [22 + 1, 0 + 1]  # the bytes, and the end of text
+
+
+def test_score_equals_the_keras_model_log_probability(language_run):  # noqa: F811
+    contract = contract_lib.read_contract(language_run)
+    model = keras.saving.load_model(os.path.join(language_run, "train", "model.keras"), compile=False)
+    score = tf.saved_model.load(os.path.join(language_run, "export", "model", "1")).signatures["score"]
+    texts = ["def f3_1(x):\n    return x * 1 + 3\n", "é" * 5 + " short", "x = 1\n" * 15]  # the last: 3 windows of 32
+    outputs = score(texts=tf.constant([text.encode("utf-8") for text in texts]))
+    for index, text in enumerate(texts):
+        ids = contract_lib.encode_language(text, "bytes")
+        assert outputs["tokens"].numpy()[index] == len(ids) + 1
+        expected = keras_log_probability(model, ids, int(contract.statistics["context_length"]))
+        assert outputs["log_probability"].numpy()[index] == pytest.approx(expected, abs=1e-3)
+
+
+def test_kcp_generate_prints_what_rest_and_grpc_generate_answer(language_run, served, capsys):  # noqa: F811
+    url, stub = served
+    for seed in (1, 2):
+        printed = kcp_generate(language_run, "def f", seed, capsys)
+        status, rows = rest(url, {"signature_name": "generate",
+                                  "instances": [{"prompts": "def f", "seed": seed, **SETTINGS}]})
+        assert status == 200 and rows["predictions"][0]["completions"] == printed
+        status, columns = rest(url, {"signature_name": "generate",
+                                     "inputs": {"prompts": ["def f", "def f"], "seed": seed, **SETTINGS}})
+        assert status == 200 and columns["outputs"]["completions"] == [printed, printed]
+        over_grpc = grpc_predict(stub, "generate", {
+            "prompts": np.array([b"def f"], dtype=object), "seed": np.int32(seed),
+            "max_new_tokens": np.int32(SETTINGS["max_new_tokens"]), "temperature": np.float32(SETTINGS["temperature"]),
+            "top_k": np.int32(SETTINGS["top_k"]), "top_p": np.float32(SETTINGS["top_p"])})
+        assert over_grpc["completions"][0].decode("utf-8", errors="replace") == printed
+    greedy = kcp_generate(language_run, "def f", 1, capsys, temperature=0, max_new_tokens=20)
+    assert greedy == kcp_generate(language_run, "def f", 2, capsys, temperature=0, max_new_tokens=20)  # no randomness
+    assert len(contract_lib.encode_language(greedy, "bytes")) <= 20
+
+
+def test_grpc_score_equals_rest_score(served):
+    url, stub = served
+    texts = ["def f1_2(x):", "return x * 2"]
+    status, body = rest(url, {"instances": [{"texts": text} for text in texts]})  # serving_default is score
+    assert status == 200
+    over_grpc = grpc_predict(stub, "score", {"texts": np.array([t.encode() for t in texts], dtype=object)})
+    np.testing.assert_allclose(over_grpc["log_probability"], [row["log_probability"] for row in body["predictions"]],
+                               rtol=1e-6)
+    assert over_grpc["tokens"].tolist() == [row["tokens"] for row in body["predictions"]] == [13, 13]
+    assert all(value < 0 for value in over_grpc["log_probability"])
+
+
+def test_bad_generate_settings_get_one_line_errors(language_run, served, capsys):  # noqa: F811
+    url, _ = served
+    status, body = rest(url, {"signature_name": "generate",
+                              "instances": [{"prompts": "a", "seed": 0, **SETTINGS, "max_new_tokens": 0}]})
+    assert status == 400 and "max_new_tokens must be at least 1" in body["error"]
+    status, body = rest(url, {"signature_name": "generate", "instances": [
+        {"prompts": "a", "seed": 0, **SETTINGS}, {"prompts": "b", "seed": 1, **SETTINGS}]})
+    assert status == 400 and "'seed' is a scalar of the signature" in body["error"]
+    capsys.readouterr()
+    assert cli.main(["generate", "--run-dir", language_run, "--prompt", "a", "--max-new-tokens", "40"]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "kcp generate: error: max_new_tokens: 40 must be an integer from 1 to 31 (the context is 32)"

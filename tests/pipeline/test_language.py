@@ -1,0 +1,241 @@
+"""Language-modelling data: text corpora (text:PATH, python-stdlib) -> packed token blocks and the
+`language` contract; the Python codec and the in-graph encoder/decoder agree token for token."""
+
+import math
+import os
+import sysconfig
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kcp.core import contract as contract_lib
+from kcp.core import examples as example_lib
+from kcp.core.config import load_config
+from kcp.core.contract import LANGUAGE_PAD, LANGUAGE_SEPARATOR, decode_language, encode_language
+from kcp.core.sources import plan_source, read_task
+from kcp.core.sources.corpus import stdlib_files
+from pipeline import splits
+from pipeline.preprocess import run_preprocess
+from tests.conftest import IN_PROCESS_BEAM
+
+CONTEXT = 16
+DOCUMENTS = {f"notes/{i:02d}.txt": f"note {i}: " + "spam and eggs; " * (i % 5) + "\n" for i in range(24)}
+DOCUMENTS.update({
+    "README.md": "# Corpus\n\nA tiny corpus for the tests.\n",
+    "code/main.py": "def main():\n    return 'tab\\there'\n",
+    "unicode/π.txt": "café naïve — 😀 Ünïcode ÉTÉ\n日本語のテキスト\n",
+})
+BAD = {"data/blob.bin": b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "latin1.txt": "résumé".encode("latin-1")}
+SKIPPED = {"empty.txt": b"", ".git/config": b"[core]\n", "notes/.hidden.txt": b"not read\n"}
+TRICKY = ["", "hello", "tab\tand\nnew\r\nlines", "café naïve — 😀", "日本語", "\ufeffbom", "a\x00b", " " * 3]
+
+
+def write_corpus(root) -> str:
+    for name, text in DOCUMENTS.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(text.encode("utf-8"))
+    for name, raw in {**BAD, **SKIPPED}.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(raw)
+    return str(root)
+
+
+def preprocess(corpus: str, run_dir: str, *overrides: str):
+    config = load_config([], [f"data.source=text:{corpus}", f"data.context_length={CONTEXT}",
+                              "data.max_bad_fraction=0.2", *overrides])
+    return run_preprocess(config, run_dir, IN_PROCESS_BEAM)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def bytes_run(corpus, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("lm_bytes"))
+    return run_dir, preprocess(corpus, run_dir)
+
+
+@pytest.fixture(scope="module")
+def characters_run(corpus, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("lm_characters"))
+    return run_dir, preprocess(corpus, run_dir, "data.tokenizer=characters", "data.min_count=2")
+
+
+def documents_by_split() -> dict:
+    """{split: [key, ...] sorted}: what the stable key hash assigns, as the pipeline must."""
+    assigned = {split: [] for split in splits.SPLITS}
+    for key in sorted(DOCUMENTS):
+        assigned[splits.stable_split(key, (0.8, 0.1, 0.1), 42)].append(key)
+    return assigned
+
+
+def read_blocks(run_dir: str, contract, split: str):
+    """(blocks (n, T+1) int32, keys) of a split, in file order."""
+    blocks, keys = [], []
+    for tokens, labels, batch_keys in example_lib.read_split(contract, contract_lib.data_dir(run_dir), split, 64):
+        assert labels is None
+        blocks.append(tokens.numpy())
+        keys += [key.decode() for key in batch_keys.numpy()]
+    return (np.concatenate(blocks) if blocks else np.zeros((0, CONTEXT + 1), np.int32)), keys
+
+
+def test_blocks_are_the_split_s_documents_in_key_order_with_separators(bytes_run):
+    run_dir, contract = bytes_run
+    assigned = documents_by_split()
+    assert all(assigned.values())  # the corpus is large enough that every split holds documents
+    for split, names in assigned.items():
+        blocks, keys = read_blocks(run_dir, contract, split)
+        assert blocks.shape[1] == CONTEXT + 1 and blocks.dtype == np.int32
+        assert keys == [f"{split}/00000/{index:06d}" for index in range(len(blocks))]
+        stream = [token for name in names for token in encode_language(DOCUMENTS[name], "bytes") + [LANGUAGE_SEPARATOR]]
+        width = CONTEXT + 1
+        padded = stream + [LANGUAGE_PAD] * (-len(stream) % width)
+        np.testing.assert_array_equal(blocks.ravel(), padded)  # only the final block is padded
+        assert decode_language(blocks.ravel(), "bytes") == "".join(DOCUMENTS[name] + "\n\n" for name in names)
+
+
+def test_statistics_and_counts_are_exact(bytes_run):
+    run_dir, contract = bytes_run
+    assigned = documents_by_split()
+    width = CONTEXT + 1
+    assert contract.modality == "language" and contract.class_names == () and contract.num_classes == 0
+    assert contract.input_feature == "tokens"
+    assert contract.input_spec == contract_lib.FeatureSpec("int64", (width,), "int64_list")
+    statistics = contract.statistics
+    assert (statistics["tokenizer"], statistics["vocab_size"], statistics["context_length"]) == ("bytes", 259, CONTEXT)
+    for split, names in assigned.items():
+        encoded = sum(len(DOCUMENTS[name].encode("utf-8")) for name in names)
+        length = encoded + len(names)  # one separator per document
+        blocks = math.ceil(length / width)
+        assert contract.splits[split].count == blocks
+        assert statistics["documents"][split] == len(names)
+        assert statistics["bytes"][split] == encoded
+        assert statistics["tokens"][split] == length - blocks  # each block's first token is no target
+        stream = b"".join(DOCUMENTS[name].encode("utf-8") + b"|" for name in names)  # "|": the separator, 0 bytes
+        first_tokens = stream[::width]
+        assert statistics["target_bytes"][split] == encoded - sum(1 for byte in first_tokens if byte != ord("|"))
+    assert contract.bad_examples == 2
+    assert contract_lib.read_contract(run_dir) == contract
+
+
+def test_bad_files_are_dead_letters_and_empty_or_hidden_files_are_not_documents(bytes_run):
+    import json
+
+    run_dir, _ = bytes_run
+    folder = os.path.join(contract_lib.data_dir(run_dir), "dead_letter")
+    letters = [json.loads(line) for name in os.listdir(folder) for line in open(os.path.join(folder, name))]
+    reasons = {letter["key"]: letter["reason"] for letter in letters}
+    assert sorted(reasons) == sorted(BAD)
+    assert reasons["data/blob.bin"].startswith("binary file") and reasons["latin1.txt"].startswith("not UTF-8 text")
+
+
+def test_a_rerun_writes_byte_identical_shards(bytes_run, corpus, tmp_path):
+    run_dir, _ = bytes_run
+    again = str(tmp_path / "again")
+    preprocess(corpus, again)
+    first, second = contract_lib.data_dir(run_dir), contract_lib.data_dir(again)
+    names = sorted(name for name in os.listdir(first) if name.endswith(".tfrecord"))
+    assert names == sorted(name for name in os.listdir(second) if name.endswith(".tfrecord")) and len(names) == 3
+    for name in names + ["metadata.json"]:
+        left, right = open(os.path.join(first, name), "rb").read(), open(os.path.join(second, name), "rb").read()
+        assert left == right.replace(again.encode(), run_dir.encode()), name
+
+
+def test_with_more_shards_each_packs_its_own_documents(corpus, tmp_path):
+    run_dir = str(tmp_path / "sharded")
+    contract = preprocess(corpus, run_dir, "data.num_shards=3")
+    blocks, keys = read_blocks(run_dir, contract, "train")
+    assert contract.splits["train"].num_shards == 3
+    names = documents_by_split()["train"]
+    for shard in range(3):
+        mine = [name for name in names if int(splits.stable_fraction(name, "pack") * 3) == shard]
+        rows = [row for row, key in zip(blocks, keys) if key.startswith(f"train/{shard:05d}/")]
+        text = decode_language(np.concatenate(rows).ravel(), "bytes") if rows else ""
+        assert text == "".join(DOCUMENTS[name] + "\n\n" for name in mine)
+    assert contract.statistics["documents"]["train"] == len(names)
+
+
+def test_characters_learn_the_train_vocabulary_and_mark_unseen_characters_unknown(characters_run):
+    import collections
+
+    run_dir, contract = characters_run
+    assigned = documents_by_split()
+    counts = collections.Counter("".join(DOCUMENTS[name] for name in assigned["train"]))
+    expected = [token for token, _ in sorted(((t, c) for t, c in counts.items() if c >= 2),
+                                             key=lambda item: (-item[1], item[0]))]
+    vocabulary = contract_lib.language_vocabulary(run_dir)
+    assert vocabulary == expected and "\n" in vocabulary  # escaped in vocab.txt, one token a line
+    assert contract.statistics["vocab_size"] == len(expected) + contract_lib.LANGUAGE_RESERVED_IDS
+    for split in ("train", "test"):
+        blocks, _ = read_blocks(run_dir, contract, split)
+        known = "".join("".join(character if character in vocabulary else "\ufffd" for character in DOCUMENTS[name])
+                         + "\n\n" for name in assigned[split])
+        assert decode_language(blocks.ravel(), "characters", vocabulary) == known
+    assert "\ufffd" in known  # the test split holds characters the train split does not
+    with open(os.path.join(contract_lib.data_dir(run_dir), "vocab.txt"), encoding="utf-8") as handle:
+        assert "\\n\n" in handle.read()
+
+
+def test_python_stdlib_plans_offline_with_a_stable_file_list():
+    data = load_config([], ["data.source=python-stdlib"]).data
+    plan = plan_source("python-stdlib", data)
+    root = sysconfig.get_paths()["stdlib"]
+    names = sorted(name for name in os.listdir(root)
+                   if name.endswith(".py") and os.path.isfile(os.path.join(root, name)))
+    assert [name for name, _ in stdlib_files()] == names
+    assert plan == plan_source("python-stdlib", data)
+    assert (plan.modality, plan.estimated_count, plan.class_names) == ("language", len(names), ())
+    assert 3e6 < plan.options["bytes"] < 8e6
+    records = [record for task in plan.tasks for record in read_task(plan, task)]
+    assert [record.key for record in records] == names and "os.py" in names
+    limited = plan_source("python-stdlib", load_config([], ["data.source=python-stdlib", "data.limit=5"]).data)
+    assert [record.key for task in limited.tasks for record in read_task(limited, task)] == names[:5]
+
+
+def test_language_pairs_shift_the_block_by_one():
+    block = tf.constant([[5, 6, 7, 2, 0]], tf.int32)
+    inputs, targets = example_lib.language_pairs(block)
+    assert inputs.numpy().tolist() == [[5, 6, 7, 2]] and targets.numpy().tolist() == [[6, 7, 2, 0]]
+
+
+def test_bits_per_byte_divides_the_targets_loss_by_their_bytes(bytes_run):
+    _, contract = bytes_run
+    statistics = contract.statistics
+    expected = 1.5 * statistics["tokens"]["validation"] / statistics["target_bytes"]["validation"] / math.log(2)
+    assert contract_lib.bits_per_byte(1.5, contract, "validation") == pytest.approx(expected)
+    # the bytes tokenizer has a target per byte and per separator: a little more than 1.5 nats per byte
+    assert expected > 1.5 / math.log(2)
+
+
+@pytest.mark.parametrize("tokenizer", contract_lib.LANGUAGE_TOKENIZERS)
+def test_in_graph_encoder_and_decoder_equal_the_python_codec_also_after_saving(tmp_path, tokenizer):
+    vocabulary = list("abcdefghijklmnopqrstuvwxyz \n\tçé😀日本") if tokenizer == "characters" else None
+    encoder = example_lib.LanguageEncoder(tokenizer, vocabulary)
+    decoder = example_lib.LanguageDecoder(tokenizer, vocabulary)
+    expected = [encode_language(text, tokenizer, vocabulary) for text in TRICKY]
+    ragged = encoder(tf.constant(TRICKY))
+    assert ragged.dtype == tf.int32 and ragged.to_list() == expected
+    width = max(map(len, expected)) + 4
+    rows = [ids + [LANGUAGE_SEPARATOR, 1, 999, -3] + [LANGUAGE_PAD] * (width - len(ids) - 4) for ids in expected]
+    rows.append([3 + 0xE2, 3 + 0x82, 3 + ord("A"), 3 + 0xFF] + [LANGUAGE_PAD] * (width - 4))  # invalid UTF-8
+    python = [decode_language(row, tokenizer, vocabulary) for row in rows]
+    assert [text.decode("utf-8") for text in decoder(tf.constant(rows, tf.int32)).numpy()] == python
+    assert python[1] == "hello\n\n\ufffd\ufffd\ufffd"  # separator, unknown, two out-of-range ids
+
+    module = tf.Module()
+    module.encoder, module.decoder = encoder, decoder
+    module.round_trip = tf.function(lambda texts: decoder(encoder(texts).to_tensor(default_value=LANGUAGE_PAD)),
+                                    input_signature=[tf.TensorSpec([None], tf.string)])
+    tf.saved_model.save(module, str(tmp_path / "saved"))
+    loaded = tf.saved_model.load(str(tmp_path / "saved"))
+    assert loaded.encoder(tf.constant(TRICKY)).to_list() == expected
+    trip = [text.decode("utf-8") for text in loaded.round_trip(tf.constant(TRICKY)).numpy()]
+    assert trip == [decode_language(ids, tokenizer, vocabulary) for ids in expected]
+    if tokenizer == "bytes":
+        assert trip == TRICKY  # nothing is out of vocabulary
+    dataset = tf.data.Dataset.from_tensor_slices(TRICKY).batch(3).map(lambda texts: encoder(texts).to_tensor())
+    rows = [row.tolist() for batch in dataset.as_numpy_iterator() for row in batch]
+    assert [row[:len(ids)] for row, ids in zip(rows, expected)] == expected
