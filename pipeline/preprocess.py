@@ -37,6 +37,7 @@ from pipeline.shards import WriteShards, shard_count
 log = logging.getLogger("kcp.preprocess")
 
 PARTS_PREFIX = ".parts-"  # per-bundle record parts while the shards are written
+SUMMARY_PREFIX = ".summary-"  # what the pipeline measured, read by the driver, then removed
 
 
 def drops_finish_bundle_outputs(runner) -> bool:
@@ -52,8 +53,13 @@ def clear_previous_outputs(data_dir: str) -> None:
         for path in storage.glob(storage.join(data_dir, f"{split}-*.tfrecord*")):
             storage.remove(path)
     storage.remove_tree(storage.join(data_dir, DEAD_LETTER_DIR))
-    for path in storage.glob(storage.join(data_dir, f"{PARTS_PREFIX}*")):  # a killed run's parts
-        storage.remove_tree(path)
+    # a killed run's parts and summary: listed, not globbed (on gs:// a folder is no object, so
+    # `.parts-*` matches nothing)
+    for name in storage.list_dir(data_dir):
+        if name.startswith(PARTS_PREFIX):
+            storage.remove_tree(storage.join(data_dir, name))
+        elif name.startswith(SUMMARY_PREFIX):
+            storage.remove(storage.join(data_dir, name))
 
 
 def carve_fractions(fractions) -> tuple:
@@ -242,7 +248,7 @@ def run_preprocess(config: Config, run_dir: str, beam_args: list[str] = (), repo
     data_dir = contract_lib.data_dir(run_dir)
     storage.makedirs(data_dir)
     clear_previous_outputs(data_dir)
-    summary_path = storage.join(data_dir, f".summary-{uuid.uuid4().hex[:8]}.json")
+    summary_path = storage.join(data_dir, f"{SUMMARY_PREFIX}{uuid.uuid4().hex[:8]}.json")
     options = pipeline_options(plan, beam_args)
     all_options = options.get_all_options()
     mode = f" ({all_options.get('direct_running_mode')})" if all_options["runner"] == "FnApiRunner" else ""

@@ -12,6 +12,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.tfrecordio import _TFRecordUtil  # Beam's TFRecord framing (length + CRC32C)
 from apache_beam.transforms.window import GlobalWindows
 
+from kcp.core.storage import fault_point
 from pipeline.splits import stable_fraction
 
 TARGET_SHARD_BYTES = 64 * 2**20
@@ -118,9 +119,11 @@ def write_records(final: str, records, compression: str) -> None:
     with FileSystems.create(temporary, compression_type=kind) as handle:
         for serialized in records:
             _TFRecordUtil.write_record(handle, serialized)
+    fault_point("before", final)  # KCP_KILL_AT=before:<shard name>: written, not yet under its final name
     if FileSystems.exists(final):
         FileSystems.delete([final])
     FileSystems.rename([temporary], [final])
+    fault_point("after", final)
 
 
 class WriteShards(beam.PTransform):

@@ -185,7 +185,7 @@ def plot_filters(model, test: dict, model_inputs, modality: str, report_dir: str
     figure.tight_layout()
     names = [_save(figure, report_dir, "filters.png")]
 
-    probe = keras.Model(model.inputs, layer.output)
+    probe = keras.Model(model.input, layer.output)  # model.input: the structure it was built with
     activations = run_eagerly(probe, model_inputs)
     strength = activations.reshape(len(activations), -1, activations.shape[-1]).mean(axis=1)  # (examples, filters)
     chosen = np.argsort(-strength.std(axis=0))[:4]  # the filters that tell examples apart most

@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -149,17 +150,80 @@ def test_push_killed_halfway_is_completed_by_pushing_again(digits_run, gcs_env, 
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
+# `kcp preprocess` of the digits with in-process Beam: one shard per split (train, validation, test).
+PREPROCESS = ["--source", "digits", "--", *IN_PROCESS_BEAM]
+FIRST_SHARD = "train-00000-of-00001.tfrecord"
+# Kill points of `kcp preprocess`, in the order it reaches them: inside the shard writing (the
+# train shard written whole under its temporary name, not yet renamed: pipeline/shards.py),
+# all shards written but no contract, and the contract written (the process dies before exiting).
+PREPROCESS_POINTS = [f"before:{FIRST_SHARD}", "before:metadata.json", "after:metadata.json"]
+
+
+def _bare_run_dir(where, tmp_path, request, name):
+    """An empty run directory, local or gs://, and the environment of a `kcp` subprocess on it."""
+    if where == "local":
+        return str(tmp_path / "run"), QUIET
+    env = request.getfixturevalue("gcs_env")
+    return f"gs://kcp-test/faults/{name}-{os.getpid()}-{abs(hash(str(tmp_path))) % 10**8}", env
+
+
+def data_state(run_dir: str) -> dict:
+    """{name: sha256} of what a reader of RUN/data takes: the shards under their final names,
+    labels.txt and metadata.json (the contract, written last)."""
+    data = RunLayout(run_dir).data
+    if not storage.exists(data):
+        return {}
+    return {name: storage.sha256(storage.join(data, name)) for name in storage.list_files(data)
+            if name.endswith(".tfrecord") or name in ("metadata.json", "labels.txt")}
+
+
+def data_leftovers(run_dir: str) -> list:
+    """Bundle parts, temporaries and summaries in RUN/data: what only a killed run leaves."""
+    data = RunLayout(run_dir).data
+    names = set(storage.list_dir(data)) | set(storage.list_files(data))
+    return sorted(name for name in names if name.startswith(".parts-") or ".tmp-" in name or ".summary-" in name)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_preprocess(tmp_path_factory):
+    """RUN/data of the same `kcp preprocess` run once without a kill: what every rerun must give."""
+    run_dir = str(tmp_path_factory.mktemp("preprocess-whole") / "run")
+    ok(kcp(QUIET, "preprocess", "--run-dir", run_dir, *PREPROCESS))
+    state = data_state(run_dir)
+    assert {"metadata.json", "labels.txt", FIRST_SHARD} <= set(state) and len(state) == 5, state
+    return state
+
+
 @pytest.mark.faults
-def test_preprocess_killed_before_its_contract_reruns_to_the_same_data(tmp_path):
-    run_dir = str(tmp_path / "run")
-    args = ["preprocess", "--run-dir", run_dir, "--source", "digits", "--", *IN_PROCESS_BEAM]
-    killed(kcp(QUIET, *args, kill_at="before:metadata.json"))
-    assert not os.path.exists(RunLayout(run_dir).metadata)  # no contract: no stage trains on partial data
-    ok(kcp(QUIET, *args))
-    first = json.loads(storage.read_text(RunLayout(run_dir).metadata))
-    ok(kcp(QUIET, *args))
-    second = json.loads(storage.read_text(RunLayout(run_dir).metadata))
-    assert {k: v["count"] for k, v in first["splits"].items()} == {k: v["count"] for k, v in second["splits"].items()}
+@pytest.mark.parametrize("where, point", [pytest.param(where, point, id=f"{where}-{point}")
+                                          for where in ("local", "gcs") for point in PREPROCESS_POINTS])
+def test_preprocess_killed_while_writing_shards_or_contract_reruns_to_the_same_data(where, point, tmp_path, request,
+                                                                                     uninterrupted_preprocess):
+    run_dir, env = _bare_run_dir(where, tmp_path, request, "preprocess")
+    layout = RunLayout(run_dir)
+    args = ["preprocess", "--run-dir", run_dir, *PREPROCESS]
+    killed(kcp(env, *args, kill_at=point))
+    seen = data_state(run_dir)
+    for name, digest in seen.items():  # whatever a reader finds under a final name is whole
+        assert digest == uninterrupted_preprocess[name], name
+    if point == "after:metadata.json":
+        assert seen == uninterrupted_preprocess
+    else:
+        assert "metadata.json" not in seen  # no contract: no stage trains on partial data
+        if FIRST_SHARD in point:  # the kill landed inside the shard writing: a whole temporary, no final name
+            assert FIRST_SHARD not in seen
+            assert [name for name in storage.list_dir(layout.data) if name.startswith(FIRST_SHARD + ".tmp-")]
+        refused = kcp(env, "train", "--run-dir", run_dir)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+        last = refused.stderr.strip().splitlines()[-1]
+        assert last.startswith("kcp train: error: ") and "metadata.json: not found" in last, last
+        assert f"`kcp preprocess --run-dir {run_dir}`" in last, last
+
+    ok(kcp(env, *args))
+    assert data_state(run_dir) == uninterrupted_preprocess  # the same contract and byte-identical shards
+    assert storage.exists(layout.samples)
+    assert data_leftovers(run_dir) == []  # the killed run's parts and temporaries are gone
+    assert not storage.exists(storage.join(run_dir, ".kcp-lock"))
 
 
 # `kcp tune`: three random trials of two epochs each, trial ids "0", "1", "2".
@@ -237,3 +301,81 @@ def test_tune_killed_inside_or_between_trials_resumes_to_the_same_search(where, 
     assert search_outcome(run_dir) == uninterrupted_search  # same trials, scores and best config
     assert not [path for path in storage.list_files(tuning) if ".tmp-" in path]
     assert not storage.exists(storage.join(run_dir, ".kcp-lock"))
+
+
+# `kcp validate` of a copy of digits_run (trained and exported): it writes one file,
+# RUN/export/model/VERSION/assets.extra/validation.json, the verdict `kcp serve` (deploy/serving/versions.py
+# `blessed`) and `kcp push` read.
+VALIDATE_POINTS = ["before:validation.json", "after:validation.json"]
+
+
+def _exported_files(run_dir: str) -> list:
+    """What `kcp validate` reads of a run: config, data, metrics, model and the export, without
+    any verdict or lock an earlier command left."""
+    files = []
+    for root, _, names in os.walk(run_dir):
+        for name in names:
+            relative = os.path.relpath(os.path.join(root, name), run_dir).replace(os.sep, "/")
+            wanted = relative == "config.yaml" or relative.startswith(("data/", "export/")) or \
+                relative in ("train/metrics.json", "train/model.keras")
+            if wanted and name not in ("validation.json", ".kcp-lock"):
+                files.append(relative)
+    return sorted(files)
+
+
+def _copy_local(source: str, destination: str) -> str:
+    for relative in _exported_files(source):
+        os.makedirs(os.path.dirname(os.path.join(destination, relative)), exist_ok=True)
+        shutil.copyfile(os.path.join(source, relative), os.path.join(destination, relative))
+    return destination
+
+
+def _exported_run(where, digits_run, tmp_path, request):
+    if where == "local":
+        return _copy_local(digits_run, str(tmp_path / "run")), QUIET
+    run_dir, env = _bare_run_dir(where, tmp_path, request, "validate")
+    bucket = request.getfixturevalue("gcs").bucket("kcp-test")
+    prefix = run_dir[len("gs://kcp-test/"):]
+    for relative in _exported_files(digits_run):
+        bucket.blob(f"{prefix}/{relative}").upload_from_filename(os.path.join(digits_run, relative))
+    return run_dir, env
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_validation(digits_run, tmp_path_factory):
+    """validation.json of the same `kcp validate` run once without a kill."""
+    run_dir = _copy_local(digits_run, str(tmp_path_factory.mktemp("validate-whole") / "run"))
+    assert "-> blessed" in ok(kcp(QUIET, "validate", "--run-dir", run_dir))
+    return json.loads(storage.read_text(os.path.join(RunLayout(run_dir).version_dir("model"), "assets.extra",
+                                                     "validation.json")))
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("where, point", [pytest.param(where, point, id=f"{where}-{point}")
+                                          for where in ("local", "gcs") for point in VALIDATE_POINTS])
+def test_validate_killed_at_its_verdict_never_shows_a_partial_or_wrong_blessing(where, point, digits_run, tmp_path,
+                                                                                request, uninterrupted_validation):
+    from deploy.serving.versions import blessed  # what `kcp serve`'s version policy asks of each version
+
+    run_dir, env = _exported_run(where, digits_run, tmp_path, request)
+    layout = RunLayout(run_dir)
+    versions = layout.versions("model")
+    version = layout.version_dir("model")  # the newest, which `kcp validate` takes
+    assets = storage.join(version, "assets.extra")
+    verdict = storage.join(assets, "validation.json")
+    assert not storage.exists(verdict) and not blessed(version)
+
+    killed(kcp(env, "validate", "--run-dir", run_dir, kill_at=point))
+    if point.startswith("before:"):
+        assert not storage.exists(verdict) and not blessed(version)  # not served, not pushed
+    else:
+        assert json.loads(storage.read_text(verdict)) == uninterrupted_validation and blessed(version)
+    assert not [name for name in storage.list_dir(assets) if ".tmp-" in name]
+
+    assert "-> blessed" in ok(kcp(env, "validate", "--run-dir", run_dir))
+    assert json.loads(storage.read_text(verdict)) == uninterrupted_validation and blessed(version)
+    if point.startswith("before:"):  # validated again and killed before its write: the blessing stays whole
+        killed(kcp(env, "validate", "--run-dir", run_dir, kill_at=point))
+        assert json.loads(storage.read_text(verdict)) == uninterrupted_validation and blessed(version)
+    assert layout.versions("model") == versions  # validate makes no version
+    assert not [name for name in storage.list_dir(assets) if ".tmp-" in name]

@@ -139,7 +139,7 @@ def attention_scores(model, inputs) -> list:
     layers = attention_layers(model)
     if not layers:
         raise ValueError(f"model {model.name!r} has no attention layers")
-    probe = keras.Model(model.inputs, [layer.output[1] for layer in layers])
+    probe = keras.Model(model.input, [layer.output[1] for layer in layers])
     outputs = probe(inputs, training=False)  # eager: no predict function to trace for a one-off probe
     outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
     return [keras.ops.convert_to_numpy(output) for output in outputs]
