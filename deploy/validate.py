@@ -195,7 +195,7 @@ def validate_language(contract, run_dir: str, directory: str, metrics: dict, nam
     """Validates a language export on the test split's texts; returns validation.json's content."""
     import keras
 
-    from deploy.export import GENERATE_DEFAULTS, language_texts
+    from deploy.language import GENERATE_DEFAULTS, language_texts
 
     texts = language_texts(contract, run_dir, "test", VALIDATION_TEXTS)
     if not texts:

@@ -30,7 +30,8 @@ import threading
 from dataclasses import dataclass, field
 
 import trainer.models  # noqa: F401  registers the model families, whose keys the config loader validates
-from deploy.export import GENERATE_DEFAULTS, complete_prompt, export_for_serving
+from deploy.export import export_for_serving
+from deploy.language import GENERATE_DEFAULTS, complete_prompt
 from deploy.predict import run_batch_prediction
 from deploy.push import push_export
 from deploy.serving import make_server
@@ -192,7 +193,7 @@ def generate(run_dir: str, prompt: str, *, max_new_tokens: int = GENERATE_DEFAUL
              top_p: float = GENERATE_DEFAULTS["top_p"], seed: int = GENERATE_DEFAULTS["seed"]) -> str:
     """The completion of `prompt` by the run's language model (RUN/train/model.keras).
 
-    It runs the export's own `generate` function (deploy/export.py `language_functions`), built
+    It runs the export's own `generate` function (deploy/language.py `language_functions`), built
     on model.keras: the same seed gives the text the served `generate` signature answers. The
     prompt starts a document; the completion ends at the end of one or after `max_new_tokens`
     tokens. temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off."""

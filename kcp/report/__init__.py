@@ -181,7 +181,7 @@ def _finish(run_dir: str, layout: RunLayout, report_dir: str, sections: list, me
 
 def language_sections(run_dir: str, contract, history: dict | None, report_dir: str) -> list[str]:
     """A language run's sections: curves in bits per byte, per-epoch samples, attention maps, few-shot."""
-    from deploy.export import complete_prompt
+    from deploy.language import complete_prompt
     from trainer.generate import attention_scores, generate_tokens  # registers the gpt layers too
 
     layout, sections = RunLayout(run_dir), []
