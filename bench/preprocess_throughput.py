@@ -39,7 +39,7 @@ def plain_loop(root: str, copies: int, output: str) -> int:
     from kcp.core.config import load_config
     from pipeline.augment import augmented_copies
     from kcp.core.contract import FeatureSpec
-    from kcp.core.examples import encode_example
+    from kcp.core.example_proto import encode_example
     from kcp.core.sources import decode_image_file
 
     from pipeline.splits import stable_split

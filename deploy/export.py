@@ -36,7 +36,7 @@ from kcp.core.errors import UserError
 from kcp.core import contract as contract_lib
 from kcp.core import examples as example_lib
 from kcp.core.layout import RunLayout
-from deploy.language import GENERATE_DEFAULTS, GENERATE_SPECS, language_codec, language_functions, language_texts
+from deploy.language import GENERATE_SPECS, language_codec, language_functions, language_texts
 
 log = logging.getLogger("kcp.export")
 
@@ -135,7 +135,7 @@ def write_warmup_requests(path: str, contract, run_dir: str, name: str, count: i
                 writer.write(_prediction_log(name, "generate", {
                     "prompts": np.array([texts[0][:32].encode("utf-8")], dtype=object),
                     **{key: np.array(value, dtype=GENERATE_SPECS[key].dtype.as_numpy_dtype)
-                       for key, value in {**GENERATE_DEFAULTS, "max_new_tokens": 4}.items()}}))
+                       for key, value in {**contract_lib.GENERATE_DEFAULTS, "max_new_tokens": 4}.items()}}))
                 written += 1
             for text in texts:
                 writer.write(_prediction_log(name, "serving_default", {"texts": np.array([text.encode("utf-8")],

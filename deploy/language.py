@@ -12,8 +12,6 @@ import tensorflow as tf
 from kcp.core import contract as contract_lib
 from kcp.core import examples as example_lib
 
-
-GENERATE_DEFAULTS = {"max_new_tokens": 64, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 0}
 GENERATE_SPECS = {"prompts": tf.TensorSpec([None], tf.string, name="prompts"),
                   "max_new_tokens": tf.TensorSpec([], tf.int32, name="max_new_tokens"),
                   "temperature": tf.TensorSpec([], tf.float32, name="temperature"),

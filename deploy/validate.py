@@ -195,7 +195,7 @@ def validate_language(contract, run_dir: str, directory: str, metrics: dict, nam
     """Validates a language export on the test split's texts; returns validation.json's content."""
     import keras
 
-    from deploy.language import GENERATE_DEFAULTS, language_texts
+    from deploy.language import language_texts
 
     texts = language_texts(contract, run_dir, "test", VALIDATION_TEXTS)
     if not texts:
@@ -220,7 +220,7 @@ def validate_language(contract, run_dir: str, directory: str, metrics: dict, nam
     prompts = [text[:max(1, len(text) // 4)] for text in texts[:GENERATION_PROMPTS]]
     completions = generate(prompts=tf.constant([prompt.encode("utf-8") for prompt in prompts]),
                            **{key: tf.constant(value, generate.structured_input_signature[1][key].dtype)
-                              for key, value in {**GENERATE_DEFAULTS, "max_new_tokens": GENERATION_TOKENS,
+                              for key, value in {**contract_lib.GENERATE_DEFAULTS, "max_new_tokens": GENERATION_TOKENS,
                                                  "temperature": 0.0}.items()})["completions"].numpy()
     for prompt, completion in zip(prompts, completions):
         prompt_ids = [contract_lib.LANGUAGE_SEPARATOR, *contract_lib.encode_language(prompt, tokenizer, vocabulary)]

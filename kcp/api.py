@@ -30,27 +30,23 @@ import threading
 from dataclasses import dataclass, field
 
 import trainer.models  # noqa: F401  registers the model families, whose keys the config loader validates
-from deploy.export import export_for_serving
-from deploy.language import GENERATE_DEFAULTS, complete_prompt
 from deploy.predict import run_batch_prediction
 from deploy.push import push_export
-from deploy.serving import make_server
-from deploy.validate import export_accuracy, validate_export
 from kcp.core import contract as contract_lib
 from kcp.core import storage
 from kcp.core.cluster import is_cluster_helper
 from kcp.core.config import Config, record_config, resolve_config
-from kcp.core.contract import DataContract
+from kcp.core.contract import GENERATE_DEFAULTS, DataContract
 from kcp.core.errors import UserError
 from kcp.core.layout import RunLayout, new_run_dir, newest_run
 from kcp.core.lock import run_lock
 from kcp.core.sources import plan_source
-from kcp.report import build_report
 from pipeline.preprocess import run_preprocess
-from trainer.generate import generate_tokens  # also registers the gpt layers, for loading its model.keras
-from trainer.train import train as train_model
-from tuning.results import best_config
-from tuning.search import run_search
+
+# The stages that need TensorFlow or Keras (training, tuning, export, validation, serving, the
+# report, generation) are imported in the functions that run them: importing them costs about
+# 5 s and 0.5 GB, which `kcp preprocess`, `kcp predict` and `kcp push` never pay (on the digits
+# `kcp preprocess` went from 16.8 s to under 8 s; docs/performance.md).
 
 # --- typed results ----------------------------------------------------------------------
 
@@ -114,6 +110,8 @@ def train(run_dir: str, model: str | None = None, *, config_file: str | None = N
     with locked(run_dir, "train"):
         config = resolve_config(run_dir, config_file, model=model, overrides=overrides)
         record_config(run_dir, config)
+        from trainer.train import train as train_model
+
         return _train_result(run_dir, train_model(config, run_dir))
 
 
@@ -126,6 +124,12 @@ def _train_result(run_dir: str, metrics: dict) -> TrainResult:
 def tune(run_dir: str, model: str | None = None, *, config_file: str | None = None, overrides=()) -> TuneResult:
     """Keras Tuner search (RUN/tuning/); with `tune.retrain_best`, retrains the best config on
     train + validation and exports it. Workers of a distributed search return their role only."""
+    from deploy.export import export_for_serving
+    from trainer.generate import generate_tokens
+    from trainer.train import train as train_model
+    from tuning.results import best_config
+    from tuning.search import run_search
+
     with locked(run_dir, "tune"):
         config = resolve_config(run_dir, config_file, model=model, overrides=overrides)
         record_config(run_dir, config)
@@ -143,11 +147,16 @@ def export(run_dir: str, *, config_file: str | None = None, overrides=()) -> str
     with locked(run_dir, "export"):
         config = resolve_config(run_dir, config_file, overrides=overrides)
         record_config(run_dir, config)
+        from deploy.export import export_for_serving
+        from trainer.generate import generate_tokens  # also registers the gpt layers, for loading its model.keras
+
         return export_for_serving(config, run_dir, generate_tokens)
 
 
 def validate(run_dir: str, version: int | None = None, *, overrides=()) -> dict:
     """Runs the test split through the export from raw inputs; writes validation.json (blessed or not)."""
+    from deploy.validate import validate_export
+
     return validate_export(resolve_config(run_dir, overrides=overrides), run_dir, version)
 
 
@@ -175,6 +184,8 @@ def predict(run_dir: str, input: str, output: str, version: int | None = None, *
 
 def report(run_dir: str) -> Report:
     """Writes RUN/report/index.html and its figures."""
+    from kcp.report import build_report
+
     path = build_report(run_dir)
     return Report(path, storage.glob(storage.join(RunLayout(run_dir).report, "*.png")))
 
@@ -185,6 +196,8 @@ def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8501, **options):
     `options` are make_server's: `grpc_port` (None: REST only; 0: a free port), `version_policy`
     ("latest:1", "all", "specific:1,3"), `version_labels` ({"stable": 3}), `allow_unvalidated`
     (serve versions kcp validate did not bless), batching and limits. `server_close()` stops it all."""
+    from deploy.serving import make_server
+
     return make_server(run_dir, host, port, **options)
 
 
@@ -198,6 +211,9 @@ def generate(run_dir: str, prompt: str, *, max_new_tokens: int = GENERATE_DEFAUL
     prompt starts a document; the completion ends at the end of one or after `max_new_tokens`
     tokens. temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off."""
     import keras
+
+    from deploy.language import complete_prompt
+    from trainer.generate import generate_tokens
 
     contract = contract_lib.read_contract(run_dir)
     if contract.modality != "language":
@@ -221,6 +237,8 @@ def generate(run_dir: str, prompt: str, *, max_new_tokens: int = GENERATE_DEFAUL
 
 def reloaded_accuracy(export_dir: str, run_dir: str, split: str = "test") -> float:
     """The export's accuracy on a split, fed the raw inputs a client would send."""
+    from deploy.validate import export_accuracy
+
     return export_accuracy(export_dir, run_dir, split)
 
 

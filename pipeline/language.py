@@ -27,7 +27,7 @@ import apache_beam as beam
 import numpy as np
 
 from kcp.core import contract as contract_lib
-from kcp.core import examples as example_lib
+from kcp.core import example_proto
 from kcp.core import storage
 from kcp.core.beamio import DEAD_LETTER, CountProgress, ReadSource, select
 from kcp.core.config import Config, DataConfig
@@ -148,7 +148,7 @@ class _PackShardFn(beam.DoFn):
         blocks, statistics = pack_blocks(list(documents), self._context_length)
         name = shard_name(split, group, self._groups[split], self._compression)
         final = storage.join(self._directory, name)
-        write_records(final, (example_lib.encode_language_block(self._input_feature, f"{split}/{group:05d}/{index:06d}",
+        write_records(final, (example_proto.encode_language_block(self._input_feature, f"{split}/{group:05d}/{index:06d}",
                                                                  block) for index, block in enumerate(blocks)),
                       self._compression)
         yield {"split": split, "shard": group, "path": final, "count": len(blocks), **statistics}

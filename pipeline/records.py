@@ -3,7 +3,7 @@ functions (testable without Beam) that tag what they return."""
 
 from __future__ import annotations
 
-from kcp.core import examples as example_lib
+from kcp.core import example_proto
 from kcp.core.beamio import DEAD_LETTER, EXAMPLE, dead_letter
 from kcp.core.sources import BadInput, RawExample, SourcePlan, SourceRecord, decode_record
 from pipeline import augment as augment_lib
@@ -28,7 +28,7 @@ def encode_or_dead_letter(example: RawExample, plan: SourcePlan, label_index: di
     if label is None:
         return DEAD_LETTER, dead_letter(example.key, plan.uri, f"unknown label {example.label!r}")
     try:
-        serialized = example_lib.encode_example(plan.input_spec, plan.input_feature, example.key, example.inputs, label)
+        serialized = example_proto.encode_example(plan.input_spec, plan.input_feature, example.key, example.inputs, label)
     except ValueError as error:
         return DEAD_LETTER, dead_letter(example.key, plan.uri, str(error))
     return EXAMPLE, (example.key, serialized)

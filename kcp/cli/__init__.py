@@ -17,6 +17,7 @@ import traceback
 
 import trainer.models  # noqa: F401  registers the model families, whose keys the config loader validates
 from kcp.cli.parser import COMMANDS, build_parser
+from kcp.cli.quiet import filtered_stderr
 from kcp.core.config import resolve_config
 from kcp.core.errors import UserError
 from kcp.core.layout import new_run_dir, newest_run
@@ -65,18 +66,20 @@ def main(argv: list[str] | None = None, *, lenient: bool = False) -> int:
         log.warning("ignoring flags this stage does not know: %s", " ".join(unknown))
     if beam_args and not COMMANDS[args.command].runs_beam:
         log.warning("ignoring Beam options after --: %s runs no Beam pipeline", args.command)
-    try:
-        run_dir = resolve_run_dir(args)
-        config = resolve_config(run_dir, args.config, getattr(args, "source", None), getattr(args, "model", None),
-                                args.overrides)
-        # Imported only now: the handlers bring TensorFlow, Keras and Beam (about 8 s on 2 cores,
-        # measured), which `kcp --help` and a bad flag or config key must not wait for.
-        from kcp.cli.commands import HANDLERS
+    with filtered_stderr(enabled=not args.verbose):
+        try:
+            run_dir = resolve_run_dir(args)
+            config = resolve_config(run_dir, args.config, getattr(args, "source", None),
+                                    getattr(args, "model", None), args.overrides)
+            # Imported only now: the handlers bring Beam (about 3 s on 2 cores, measured), which
+            # `kcp --help` and a bad flag or config key must not wait for; the stages that need
+            # TensorFlow import it when they run (kcp/api.py).
+            from kcp.cli.commands import HANDLERS
 
-        return HANDLERS[args.command](args, run_dir, config, beam_args)
-    except UserError as error:
-        if args.verbose:
-            traceback.print_exc()
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"kcp {args.command}: error: {message}", file=sys.stderr)
-        return 2
+            return HANDLERS[args.command](args, run_dir, config, beam_args)
+        except UserError as error:
+            if args.verbose:
+                traceback.print_exc()
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            print(f"kcp {args.command}: error: {message}", file=sys.stderr)
+            return 2

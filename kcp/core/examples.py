@@ -1,7 +1,8 @@
-"""The contract's `tf.train.Example` encoding: writing examples (the pipeline), parsing them
-and reading a split as a `tf.data.Dataset` (trainer, exporter, validation, report), the
-in-graph tokenizer of text runs, and the in-graph encoder and decoder of language runs.
-Imports TensorFlow; the contract itself (metadata.json) is kcp/core/contract.py, which does not.
+"""The contract's `tf.train.Example` parsing into tensors: parsing examples and reading a split
+as a `tf.data.Dataset` (trainer, exporter, validation, report), the in-graph tokenizer of text
+runs, and the in-graph encoder and decoder of language runs. Imports TensorFlow; writing the
+examples is kcp/core/example_proto.py and the contract itself (metadata.json) is
+kcp/core/contract.py, neither of which does.
 """
 
 from __future__ import annotations
@@ -9,50 +10,11 @@ from __future__ import annotations
 import math
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from kcp.core.contract import (ASCII_WHITESPACE, KEY_FEATURE, LABEL_FEATURE, LANGUAGE_RESERVED_IDS, LANGUAGE_UNKNOWN,
-                               STRIP_PUNCTUATION, ContractError, DataContract, FeatureSpec, language_pieces,
+                               STRIP_PUNCTUATION, ContractError, DataContract, language_pieces,
                                language_tokenizer, language_vocabulary, read_vocabulary, text_tokenizer)
-
-
-def encode_example(contract_input: FeatureSpec, input_feature: str, key: str, inputs, label: int) -> bytes:
-    """Serializes one example. `inputs` is a NumPy array of the spec's dtype and shape, or a str."""
-    if contract_input.encoding == "utf8":
-        if not isinstance(inputs, str):
-            raise ValueError(f"{key}: text input is {type(inputs).__name__}, not a string")
-        value = tf.train.Feature(bytes_list=tf.train.BytesList(value=[inputs.encode("utf-8")]))
-        return _serialize(key, label, input_feature, value)
-    array = np.asarray(inputs)
-    if tuple(array.shape) != tuple(contract_input.shape):
-        raise ValueError(f"{key}: shape {tuple(array.shape)} does not match the contract's {tuple(contract_input.shape)}")
-    if contract_input.encoding == "raw_bytes":
-        value = tf.train.Feature(bytes_list=tf.train.BytesList(value=[array.astype(contract_input.dtype).tobytes()]))
-    elif contract_input.encoding == "float_list":
-        value = tf.train.Feature(float_list=tf.train.FloatList(value=array.astype(np.float32).ravel()))
-    else:
-        raise ValueError(f"unknown encoding {contract_input.encoding!r}")
-    return _serialize(key, label, input_feature, value)
-
-
-def _serialize(key: str, label: int, input_feature: str, value) -> bytes:
-    features = {
-        KEY_FEATURE: tf.train.Feature(bytes_list=tf.train.BytesList(value=[key.encode("utf-8")])),
-        LABEL_FEATURE: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
-        input_feature: value,
-    }
-    # deterministic: the feature map's order would otherwise differ between processes.
-    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString(deterministic=True)
-
-
-def encode_language_block(input_feature: str, key: str, tokens) -> bytes:
-    """Serializes one language block: `key` and the int64 list `tokens` (no label)."""
-    features = {
-        KEY_FEATURE: tf.train.Feature(bytes_list=tf.train.BytesList(value=[key.encode("utf-8")])),
-        input_feature: tf.train.Feature(int64_list=tf.train.Int64List(value=np.asarray(tokens, np.int64))),
-    }
-    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString(deterministic=True)
 
 
 def parsing_spec(contract: DataContract) -> dict:

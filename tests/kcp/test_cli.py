@@ -144,3 +144,43 @@ def test_import_kcp_is_light_and_its_api_loads_on_first_use():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[0] == "[] kcp.api True"
+
+
+def test_routine_native_lines_are_dropped_and_everything_else_kept(capfd):
+    """filtered_stderr drops the known start-up lines written to descriptor 2 by this process
+    and its children, and passes every other byte through, partial last line included."""
+    from kcp.cli.quiet import filtered_stderr
+
+    noisy = (b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+             b"I0000 00:00:1795720155.422677   12091 port.cc:153] oneDNN custom operations are on. You may see\n"
+             b"E0000 00:00:1795720163.379259   12091 cuda_platform.cc:52] failed call to cuInit: INTERNAL: x\n")
+    with filtered_stderr():
+        os.write(2, noisy[:50])  # a line split across writes is still recognised
+        os.write(2, noisy[50:] + b"W0000 a real warning\n")
+        print("python's own stderr", file=sys.stderr)
+        subprocess.run([sys.executable, "-c", "import os; os.write(2, b'child: No semi_persistent_directory found: x\\n"
+                        "child error\\n')"], check=True)
+        os.write(2, b"no newline at the end")
+    # (under capfd, python's sys.stderr writes to the capture directly, so only the set is compared)
+    assert sorted(capfd.readouterr().err.split("\n")) == sorted(
+        ["W0000 a real warning", "python's own stderr", "child error", "no newline at the end"])
+    with filtered_stderr(enabled=False):  # --verbose
+        os.write(2, noisy)
+    assert capfd.readouterr().err == noisy.decode()
+
+
+def test_the_console_script_prints_no_routine_native_lines(tmp_path):
+    """`kcp preprocess` on Beam's worker processes and `kcp train` (TensorFlow's C++ start-up)
+    print their results and none of the lines every run used to print."""
+    from kcp.cli.quiet import is_routine
+
+    kcp = os.path.join(os.path.dirname(sys.executable), "kcp")
+    run_dir = str(tmp_path / "run")
+    commands = [[kcp, "preprocess", "--run-dir", run_dir, "--set", "data.limit=300", "--",
+                 "--direct_num_workers=2", "--direct_running_mode=multi_processing"],
+                [kcp, "train", "--run-dir", run_dir, "--set", "train.epochs=1"]]
+    for command in commands:
+        result = subprocess.run(command, capture_output=True, timeout=600)
+        assert result.returncode == 0, result.stderr.decode()[-2000:]
+        assert not [line for line in result.stderr.splitlines() if is_routine(line)]
+        assert b"test accuracy" in result.stdout or b"train written" in result.stdout

@@ -27,6 +27,23 @@ def digits_contract(tmp_path_factory):
     return run_dir, run_preprocess(config, run_dir, IN_PROCESS_BEAM)
 
 
+def test_the_samples_figure_reads_the_train_shard_without_tensorflow(digits_contract):
+    """collect_samples (plain Python) gives the train shard's first examples as parse_examples does."""
+    from pipeline.samples import collect_samples
+
+    run_dir, contract = digits_contract
+    groups = collect_samples(contract, run_dir, rows=4)
+    first_shard = contract.split_files(contract_lib.data_dir(run_dir), "train")[0]
+    parsed = [(key.decode(), image) for inputs, _, keys in
+              [example_lib.parse_examples(contract, read_records(os.path.dirname(first_shard),
+                                                                 os.path.basename(first_shard)))]
+              for key, image in zip(keys.numpy(), inputs.numpy())]
+    assert [group[0][0] for group in groups] == [key for key, _ in parsed[:4]]
+    for group, (_, image) in zip(groups, parsed):
+        assert group[0][1].dtype == np.uint8
+        np.testing.assert_array_equal(group[0][1], image)
+
+
 def test_counts_classes_and_statistics_match_numpy(digits_contract):
     from sklearn.datasets import load_digits
 

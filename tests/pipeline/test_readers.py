@@ -181,3 +181,41 @@ def test_progress_is_counted_across_bundles_and_reported(tmp_path):
         time.sleep(0.2)
     assert lines and lines[-1].startswith("progress: 500 of ~500 inputs read")
     assert not (tmp_path / "progress").exists()  # removed when the job ends
+
+
+DATAFLOW_ARGS = ["--runner=DataflowRunner", "--project=test-project", "--region=us-central1",
+                 "--temp_location=gs://kcp-test/dataflow/tmp", "--staging_location=gs://kcp-test/dataflow/staging",
+                 "--no_auth", "--dry_run=True", "--sdk_location=container"]
+
+
+def dataflow_job(gcs, tmp_path, rows: int) -> tuple[int, int]:
+    """Builds the job DataflowRunner would submit for a `rows`-row CSV in gs://, stages it on the
+    emulator as the runner does before its one API call (create_job_description), and returns
+    (bytes of the job request, bytes of the staged pipeline.pb, the graph Dataflow checks)."""
+    from apache_beam.runners.dataflow.internal import apiclient
+
+    local = tmp_path / f"{rows}.csv"
+    write_csv(local, [(f"text number {i} " * 8, "ab"[i % 2]) for i in range(rows)])
+    gcs.bucket("kcp-test").blob(f"dataflow/{rows}.csv").upload_from_filename(str(local))
+    uri = f"csv:gs://kcp-test/dataflow/{rows}.csv"
+    config = load_config([], [f"data.source={uri}"])
+    options = PipelineOptions(DATAFLOW_ARGS + [f"--job_name=kcp-dry-run-{rows}"])
+    pipeline = beam.Pipeline(options=options)
+    data_dir = f"gs://kcp-test/dataflow/run{rows}/data"
+    build_pipeline(pipeline, plan_source(uri, config.data), config, data_dir, f"{data_dir}/s.json", f"{data_dir}/.p")
+    job = pipeline.run().job  # --dry_run: everything but the staging and the API call
+    apiclient.DataflowApplicationClient(options, job.root_staging_location).create_job_description(job)
+    prefix = job.google_cloud_options.staging_location[len("gs://kcp-test/"):] + "/"
+    staged = {blob.name[len(prefix):]: blob.size for blob in gcs.list_blobs("kcp-test", prefix=prefix)}
+    assert "pipeline.pb" in staged, staged
+    return len(job.json().encode("utf-8")), staged["pipeline.pb"]
+
+
+def test_the_dataflow_job_is_small_and_does_not_grow_with_the_data(gcs, tmp_path):
+    """DataflowRunner, offline: --dry_run builds the job it would submit and the emulator takes
+    the staging. Dataflow refuses a job graph over 10 MB; ours stays under 1 MB for 1,000 and
+    20,000 rows, and the same size to within the paths' length."""
+    small, large = dataflow_job(gcs, tmp_path, 1000), dataflow_job(gcs, tmp_path, 20_000)
+    for request, pipeline in (small, large):
+        assert 0 < request + pipeline < 1_000_000, (small, large)
+    assert abs(large[0] - small[0]) < 1_000 and abs(large[1] - small[1]) < 1_000, (small, large)

@@ -281,3 +281,24 @@ def test_a_16_bit_grayscale_png_decodes_as_tensorflow_decodes_it(tmp_path, chann
     assert decoded[..., 0].tolist() == [[0, 0, 1, 3], [127, 128, 255, 255]]  # clipping gave [[0, 255, 255, 255], ...]
     # older Pillow opened such files as 32-bit "I": the same high bytes
     assert np.asarray(to_8_bit(Image.fromarray(values.astype(np.int32), "I"))).tolist() == expected[..., 0].tolist()
+
+
+def test_digits_are_read_without_importing_scikit_learn():
+    """The digits source reads the file scikit-learn ships: the arrays of load_digits(), and
+    a `kcp preprocess` process imports neither scikit-learn nor TensorFlow."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from kcp.core.sources.images import load_digits_arrays
+
+    images, targets = load_digits_arrays()
+    digits = load_digits()
+    np.testing.assert_array_equal(images, digits.images)
+    np.testing.assert_array_equal(targets, digits.target)
+    probe = ("import sys\nfrom kcp.cli import commands\nfrom kcp.core.sources.images import read_digits\n"
+             "assert len(list(read_digits(0, 1797))) == 1797\n"
+             "print(sorted(m for m in ('sklearn', 'tensorflow', 'keras', 'matplotlib') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]", result.stderr

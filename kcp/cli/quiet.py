@@ -1,0 +1,80 @@
+"""The lines that native code prints on every run, kept off the terminal unless `--verbose`.
+
+TensorFlow's C++ runtime (oneDNN, CUDA probing, CPU features) and Beam's worker processes
+write straight to file descriptor 2 before any Python logging setting can reach them
+(TensorFlow 2.21 ignores TF_CPP_MIN_LOG_LEVEL, GLOG_minloglevel and ABSL_MIN_LOG_LEVEL for
+these). `filtered_stderr` puts a pipe on descriptor 2 for the command's duration; a thread
+copies every line to the real stderr except the fixed list below: start-up notices that are
+the same on every run and say nothing about the user's job. Warnings and errors that are not
+on the list, Python's included, pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import threading
+
+# Each pattern is one known line; anything else is shown.
+ROUTINE_LINES = re.compile(
+    rb"All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    rb"|\] oneDNN custom operations are on\."
+    rb"|\] Could not find cuda drivers on your machine, GPU will not be used\."
+    rb"|\] failed call to cuInit: "
+    rb"|\] This TensorFlow binary is optimized to use available CPU instructions"
+    rb"|^To enable the following instructions: .* rebuild TensorFlow with the appropriate compiler flags\."
+    rb"|No semi_persistent_directory found"
+    rb"|Discarding unparseable args: \[")
+
+
+def is_routine(line: bytes) -> bool:
+    return ROUTINE_LINES.search(line) is not None
+
+
+@contextlib.contextmanager
+def filtered_stderr(enabled: bool = True):
+    """Within the block, drops the routine lines from everything written to descriptor 2, by
+    this process and by the processes it starts."""
+    try:
+        original = os.dup(2)
+    except OSError:  # no descriptor 2 (a detached process): nothing to filter
+        enabled, original = False, None
+    if not enabled:
+        if original is not None:
+            os.close(original)
+        yield
+        return
+    sys.stderr.flush()
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def pump() -> None:
+        # Never stops reading before the pipe's end: a full pipe would block every writer.
+        with os.fdopen(read_end, "rb", buffering=0) as pipe:
+            pending = b""
+            while chunk := pipe.read(65536):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                shown = b"".join(line + b"\n" for line in lines if not is_routine(line))
+                with contextlib.suppress(OSError):
+                    if shown:
+                        os.write(original, shown)
+            with contextlib.suppress(OSError):
+                if pending and not is_routine(pending):
+                    os.write(original, pending)
+
+    thread = threading.Thread(target=pump, name="kcp-stderr", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(original, 2)  # closes this process's end of the pipe
+        # The pump ends when every writer has closed the pipe; a worker process that outlives
+        # the command must not hold it up.
+        thread.join(timeout=2.0)
+        if not thread.is_alive():
+            os.close(original)
