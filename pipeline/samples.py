@@ -63,7 +63,8 @@ def write_samples(contract, run_dir: str, rows: int = 6) -> str:
                 axis.text(0.02, 0.5, "\n".join(str(value)[i:i + 28] for i in range(0, min(len(str(value)), 140), 28)),
                           fontsize=6, va="center", family="monospace")
             axis.set_title("original" if "#aug" not in key else key.rsplit("#", 1)[1], fontsize=7)
-    figure.suptitle(f"{contract.source}: train examples and augmented copies", fontsize=9)
+    copies = " and their augmented copies" if columns > 1 else ""  # one column is too narrow for more
+    figure.suptitle(f"{contract.source}: train examples{copies}", fontsize=9)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
