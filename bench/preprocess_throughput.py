@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
 
+    import trainer.models  # noqa: F401  registers the model families, whose keys the config loader validates
     from kcp.core.config import load_config
     from pipeline.preprocess import run_preprocess
 
