@@ -20,6 +20,7 @@ setup(
         "tensorboard>=2.16",  # TF 2.21 no longer requires it; the trainer's TensorBoard callback does
         "tensorflow-serving-api>=2.16,<2.22",  # PredictionLog protos for the export's warmup requests
         "google-cloud-storage>=2",  # kcp push
+        "aiohttp>=3.14,<4",  # kcp serve's REST server (relies on its keep-alive timer from connection start)
         "tensorflow-datasets>=4.9",  # the tfds: source
         "keras-tuner[bayesian]>=1.4",  # kcp tune (the bayesian extra brings scipy and scikit-learn)
         "apache-beam>=2.60,<3",

@@ -1,14 +1,17 @@
 """REST and gRPC serving latency and throughput against calling the SavedModel in-process.
 
     .venv/bin/python bench/serving_latency.py [--requests 400] [--run-dir RUN] [--idle 1000]
+    .venv/bin/python bench/serving_latency.py --model resnet [--resnet-depth 20]
 
-Exports digits (or uses --run-dir's export), starts `kcp serve --allow-unvalidated` as its
+Trains and exports the digits CNN (or, with `--model resnet`, a CIFAR-style ResNet on a
+generated folder of 32x32 colour PNGs, where the model call rather than the Python layer
+dominates; or uses --run-dir's export), starts `kcp serve --allow-unvalidated` as its
 own process on 127.0.0.1, and sends one-image predict requests (a PNG as {"b64": ...} over
 keep-alive REST connections; the same PNG as a string tensor through the official gRPC
 PredictionServiceStub, one channel per client) from 1 and 32 concurrent clients, with
 server-side batching on and off. Prints p50/p99 latency and requests/s, the in-process
-signature call for comparison, and the server's RSS with `--idle` idle connections open
-(those beyond --max-connections are answered 503 and closed).
+signature call for comparison, and the server's RSS and threads with `--idle` idle
+connections open (those beyond --max-connections are answered 503 and closed).
 """
 
 from __future__ import annotations
@@ -35,6 +38,35 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def colour_images(root: str, per_class: int = 60) -> None:
+    """3 classes of 32x32 colour PNGs (the class is the dominant channel) under root/classN/."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for index in range(3 * per_class):
+        label = index % 3
+        image = rng.integers(0, 80, (32, 32, 3))
+        image[..., label] += 150
+        os.makedirs(os.path.join(root, f"class{label}"), exist_ok=True)
+        Image.fromarray(image.astype(np.uint8)).save(os.path.join(root, f"class{label}", f"{index:04d}.png"))
+
+
+def train_run(kcp: list[str], root: str, model: str, resnet_depth: int) -> str:
+    """A fresh run directory with an export of `model` (cnn: digits; resnet: 32x32 colour images)."""
+    run_dir = tempfile.mkdtemp(prefix=f"kcp-serve-bench-{model}-")
+    if model == "cnn":
+        options = ["--set", "train.epochs=5"]
+    else:
+        images = os.path.join(run_dir, "images")
+        colour_images(images)
+        options = ["--source", f"folder:{images}", "--model", "resnet", "--set", f"model.depth={resnet_depth}",
+                   "--set", "train.epochs=1"]
+    subprocess.run([*kcp, "run", "--run-dir", run_dir, *options, "--", "--direct_running_mode=in_memory"],
+                   check=True, capture_output=True, cwd=root)
+    return run_dir
+
+
 def png_of_first_test_image(run_dir: str) -> bytes:
     import tensorflow as tf
 
@@ -47,11 +79,12 @@ def png_of_first_test_image(run_dir: str) -> bytes:
     return tf.io.encode_png(images[0]).numpy()
 
 
-def in_process(run_dir: str, png: bytes, count: int) -> list[float]:
+def in_process(run_dir: str, png: bytes, count: int, batch: int = 1) -> list[float]:
+    """Seconds per in-process serving_default call on `batch` copies of the PNG."""
     import tensorflow as tf
 
     serve = tf.saved_model.load(os.path.join(run_dir, "export", "model", "1")).signatures["serving_default"]
-    inputs = tf.constant([png])
+    inputs = tf.constant([png] * batch)
     for _ in range(20):
         serve(image_bytes=inputs)
     latencies = []
@@ -117,14 +150,15 @@ def grpc_load(port: int, png: bytes, clients: int, per_client: int) -> tuple[lis
     return latencies, run_clients(client, clients)
 
 
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS:"))
+def process_status(pid: int) -> tuple[float, int]:
+    """(RSS in MB, threads) of process `pid`."""
+    fields = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status"))
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["Threads"])
 
 
-def idle_rss(port: int, pid: int, count: int) -> tuple[float, float]:
-    """The server's RSS before and with `count` idle connections open."""
-    before = rss_mb(pid)
+def idle_rss(port: int, pid: int, count: int) -> tuple[tuple[float, int], tuple[float, int]]:
+    """The server's (RSS, threads) before and with `count` idle connections open."""
+    before = process_status(pid)
     sockets = []
     try:
         for _ in range(count):
@@ -133,7 +167,7 @@ def idle_rss(port: int, pid: int, count: int) -> tuple[float, float]:
             except OSError:
                 break
         time.sleep(1.0)
-        return before, rss_mb(pid)
+        return before, process_status(pid)
     finally:
         for sock in sockets:
             sock.close()
@@ -147,19 +181,20 @@ def percentile(values: list[float], q: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=400, help="requests per configuration")
-    parser.add_argument("--run-dir")
+    parser.add_argument("--run-dir", help="serve this run's export instead of training one")
+    parser.add_argument("--model", choices=("cnn", "resnet"), default="cnn",
+                        help="what to train when no --run-dir: the digits CNN or a ResNet on 32x32 colour images")
+    parser.add_argument("--resnet-depth", type=int, default=20, help="with --model resnet: 20, 32, 44, 56, ...")
     parser.add_argument("--idle", type=int, default=1000, help="idle connections for the memory figure")
     args = parser.parse_args()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     kcp = [sys.executable, "-m", "kcp.cli"]  # this checkout's kcp, run from its root
-    run_dir = args.run_dir
-    if not run_dir:
-        run_dir = tempfile.mkdtemp(prefix="kcp-serve-bench-")
-        subprocess.run([*kcp, "run", "--run-dir", run_dir, "--set", "train.epochs=5", "--", "--direct_running_mode=in_memory"],
-                       check=True, capture_output=True, cwd=root)
+    run_dir = args.run_dir or train_run(kcp, root, args.model, args.resnet_depth)
+    print(f"run directory: {run_dir}")
     png = png_of_first_test_image(run_dir)
     body = json.dumps({"instances": [{"b64": base64.b64encode(png).decode()}]}).encode()
     local = in_process(run_dir, png, args.requests)
+    local_batch = in_process(run_dir, png, max(10, args.requests // 32), batch=32)  # what batching can gain at most
     rows = [("in-process signature call", 1, local, sum(local))]
     idle = None
     for batching in (True, False):
@@ -189,7 +224,8 @@ def main() -> None:
     print("\n| configuration | clients | p50 ms | p99 ms | requests/s |")
     print("|---|---|---|---|---|")
     for name, clients, latencies, seconds in rows:
-        print(f"| {name} | {clients} | {percentile(latencies, 0.5) * 1000:.2f} | {percentile(latencies, 0.99) * 1000:.2f} "
+        print(f"| {name} | {clients} | {percentile(latencies, 0.5) * 1000:.2f} "
+              f"| {percentile(latencies, 0.99) * 1000:.2f} "
               f"| {len(latencies) / seconds:,.0f} |")
     by_name = {(name, clients): (latencies, seconds) for name, clients, latencies, seconds in rows}
     local_p50 = statistics.median(local)
@@ -199,8 +235,13 @@ def main() -> None:
                    for s in ("on", "off"))
         print(f"{protocol}: p50 overhead at 1 client {(p50 - local_p50) * 1000:.2f} ms; "
               f"32 clients, batching on / off throughput {on / off:.2f}x")
+    batch_p50 = statistics.median(local_batch)
+    print(f"in-process call on a batch of 32: p50 {batch_p50 * 1000:.2f} ms, {32 / batch_p50:,.0f} images/s, "
+          f"{32 * local_p50 / batch_p50:.1f}x the single call's images/s (the model's own batching gain)")
     if idle:
-        print(f"server RSS {idle[0]:.0f} MB idle, {idle[1]:.0f} MB with {args.idle} idle connections open")
+        (rss, threads), (rss_open, threads_open) = idle
+        print(f"server RSS {rss:.0f} MB and {threads} threads idle; {rss_open:.0f} MB and {threads_open} threads "
+              f"with {args.idle} idle connections open")
 
 if __name__ == "__main__":
     main()

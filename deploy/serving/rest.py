@@ -1,29 +1,40 @@
-"""The HTTP side: TF Serving's REST routes over a ModelRegistry, and the server that binds them.
+"""The HTTP side: TF Serving's REST routes over a ModelRegistry, served by aiohttp.
 
 Routes and error answers follow tensorflow/serving's http_rest_api_handler.cc (its two
 path patterns; anything else under /v1/ is 400 "Malformed request", outside /v1/ 404).
-The standard library's HTTP server is kept, hardened against hostile clients: the body's
-size is checked before anything is read (Content-Length must be digits; chunked bodies are
-decoded with the same limit), idle and slow connections time out, connections beyond
-`max_connections` get 503 without a thread, and JSON nested deeper than MAX_JSON_DEPTH is 400.
+aiohttp's low-level server parses HTTP (llhttp, in C): request lines, headers, Content-Length
+and chunked framing, pipelining; a message it cannot parse is answered 400 (431 for too many
+headers) with {"error": ...} and the connection closed. On top of it: a body larger than
+`max_request_bytes` is 413 (a declared Content-Length before anything is read, a chunked body
+as soon as it passes the limit); a connection that sends no complete request for
+`idle_timeout_s`, or whose body has not arrived `idle_timeout_s` after its headers, is closed;
+connections beyond `max_connections` are answered 503 at once; JSON nested deeper than
+MAX_JSON_DEPTH is 400. Requests are decoded, run and encoded in a thread pool (one thread per
+request in progress, so concurrent requests meet in the batcher); the event loop only moves bytes.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import logging
+import os
 import re
 import socket
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import tensorflow as tf
+from aiohttp import web
+from aiohttp.http import HttpVersion11, RawRequestMessage
 
 from deploy.serving.codec import (RequestError, error_message, format_predictions, input_specs, metadata,
                                   parse_predict_body, status)
 from deploy.serving.registry import ModelRegistry
+from kcp.core.errors import UserError
 from kcp.core.layout import RunLayout
 
 log = logging.getLogger("kcp.serve")
@@ -32,6 +43,8 @@ PREDICT = re.compile(r"/v1/models/(?P<name>[^/:]+)" + _SPEC + r":(?P<method>clas
 STATUS = re.compile(r"/v1/models(?:/(?P<name>[^/:]+))?" + _SPEC + r"(?:/(?P<metadata>metadata))?", re.I)
 MAX_JSON_DEPTH = 64
 INT64_MAX = 2**63 - 1
+BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        b'Content-Length: 50\r\n\r\n{"error": "too many connections; try again later"}')
 
 
 def json_depth(raw: bytes) -> int:
@@ -52,229 +65,291 @@ class BodyError(RequestError):
     """A body that cannot be read safely: answered, then the connection is closed."""
 
 
-def make_handler(registry: ModelRegistry, max_request_bytes: int, idle_timeout_s: float):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        # headers and body go out as separate writes: with Nagle's algorithm on, each response
-        # waited for the client's delayed ACK (~40 ms at one client, measured)
-        disable_nagle_algorithm = True
-        timeout = idle_timeout_s  # the socket timeout: idle keep-alive and slow clients are dropped
+# ---- the routes (run in the thread pool)
 
-        def log_message(self, format, *args):  # noqa: A002  (BaseHTTPRequestHandler's signature)
-            log.debug("serve: " + format, *args)
-
-        def _send(self, code: int, payload: dict, close: bool = False) -> None:
-            data = json.dumps(payload).encode("utf-8")
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            if close:
-                self.send_header("Connection", "close")
-                self.close_connection = True
-            self.end_headers()
-            self.wfile.write(data)
-
-        def send_error(self, code, message=None, explain=None):
-            """The standard library's protocol errors (bad request line, headers too long or too
-            many, unknown method) as JSON like every other answer, and the connection closed."""
-            if self.request_version == "HTTP/0.9":  # an unparsable request line: answer with headers anyway
-                self.request_version = "HTTP/1.1"
-            self._send(code, {"error": message or HTTPStatus(code).phrase}, close=True)
-
-        def _too_large(self, size: int) -> BodyError:
-            return BodyError(f"request body of {size} bytes exceeds the limit of {max_request_bytes}",
-                             HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
-
-        def _read_chunked(self) -> bytes:
-            body = bytearray()
-            while True:
-                line = self.rfile.readline(1026)
-                size_text = line.split(b";", 1)[0].strip()
-                if not line.endswith(b"\n") or not re.fullmatch(rb"[0-9a-fA-F]{1,15}", size_text):
-                    raise BodyError("malformed chunked body")
-                size = int(size_text, 16)
-                if size == 0:
-                    for _ in range(100):  # trailers, up to the blank line
-                        if self.rfile.readline(8194) in (b"\r\n", b"\n", b""):
-                            return bytes(body)
-                    raise BodyError("malformed chunked body: too many trailers")
-                if len(body) + size > max_request_bytes:
-                    raise self._too_large(len(body) + size)
-                chunk = self.rfile.read(size)
-                if len(chunk) < size or self.rfile.readline(3) not in (b"\r\n", b"\n"):
-                    raise BodyError("malformed chunked body")
-                body += chunk
-
-        def _read_body(self) -> bytes:
-            encoding = self.headers.get_all("Transfer-Encoding") or []
-            lengths = self.headers.get_all("Content-Length") or []
-            if encoding:
-                if lengths:  # both: a request smuggling attempt or a broken client
-                    raise BodyError("both Transfer-Encoding and Content-Length")
-                if [e.strip().lower() for e in ",".join(encoding).split(",")] != ["chunked"]:
-                    raise BodyError(f"unsupported Transfer-Encoding: {','.join(encoding)}", HTTPStatus.NOT_IMPLEMENTED)
-                return self._read_chunked()
-            if not lengths:
-                return b""
-            if len(set(v.strip() for v in lengths)) != 1 or not re.fullmatch(r"\d{1,19}", lengths[0].strip()):
-                raise BodyError(f"invalid Content-Length: {','.join(lengths)}")
-            length = int(lengths[0])
-            if length > max_request_bytes:
-                raise self._too_large(length)  # answered without reading; the connection is closed
-            raw = self.rfile.read(length)
-            if len(raw) < length:
-                raise BodyError("request body shorter than its Content-Length")
-            return raw
-
-        def _handle(self, method: str) -> None:
-            try:
-                raw = self._read_body()
-            except BodyError as error:
-                self._send(error.status, {"error": str(error)}, close=True)
-                return
-            except (TimeoutError, socket.timeout):
-                self.close_connection = True
-                return
-            path = self.path.split("?", 1)[0]
-            try:
-                self._send(HTTPStatus.OK, self._answer(method, path, raw))
-            except RequestError as error:
-                self._send(error.status, {"error": str(error)})
-            except (tf.errors.InvalidArgumentError, ValueError, TypeError) as error:
-                # TF rejects inputs it cannot use with many types
-                self._send(HTTPStatus.BAD_REQUEST, {"error": error_message(error)})
-            except RecursionError:
-                self._send(HTTPStatus.BAD_REQUEST, {"error": "JSON Parse error: nested too deep"})
-            except Exception as error:  # noqa: BLE001
-                log.exception("serve: internal error")
-                self._send(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {type(error).__name__}"})
-
-        def _answer(self, method: str, path: str, raw: bytes) -> dict:
-            if not path.lower().startswith("/v1/"):
-                raise RequestError(f"no such endpoint: {path}", HTTPStatus.NOT_FOUND)
-            match = PREDICT.fullmatch(path) if method == "POST" else STATUS.fullmatch(path) if method == "GET" else None
-            if match is None:
-                raise RequestError(f"Malformed request: {method} {path}")
-            name, version, label = match.group("name"), match.group("version"), match.group("label")
-            if version is not None and int(version) > INT64_MAX:
-                raise RequestError(f"Failed to convert version: {version} to numeric.")
-            if method == "GET":
-                if not name:
-                    raise RequestError("Missing model name in request.")
-                if match.group("metadata"):
-                    loaded = registry.get(name, version, label)
-                    return metadata(name, loaded.version, loaded.signatures)
-                return status(registry.status(name, version, label))
-            return self._post(name, version, label, match.group("method").lower(), raw)
-
-        def _post(self, name, version, label, method, raw) -> dict:
-            if not raw.strip():
-                raise RequestError("JSON Parse error: The document is empty")
-            if json_depth(raw) > MAX_JSON_DEPTH:
-                raise RequestError(f"JSON Parse error: nested deeper than {MAX_JSON_DEPTH} levels")
-            try:
-                body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                raise RequestError(f"JSON Parse error: {error}") from None
-            if not isinstance(body, dict):
-                raise RequestError("JSON Parse error: the request body must be a JSON object")
+def route(registry: ModelRegistry, method: str, path: str, raw: bytes) -> dict:
+    """The answer to one request, or a RequestError carrying TF Serving's status and words."""
+    if not path.lower().startswith("/v1/"):
+        raise RequestError(f"no such endpoint: {path}", HTTPStatus.NOT_FOUND)
+    match = PREDICT.fullmatch(path) if method == "POST" else STATUS.fullmatch(path) if method == "GET" else None
+    if match is None:
+        raise RequestError(f"Malformed request: {method} {path}")
+    name, version, label = match.group("name"), match.group("version"), match.group("label")
+    if version is not None and int(version) > INT64_MAX:
+        raise RequestError(f"Failed to convert version: {version} to numeric.")
+    if method == "GET":
+        if not name:
+            raise RequestError("Missing model name in request.")
+        if match.group("metadata"):
             loaded = registry.get(name, version, label)
-            signature = body.get("signature_name") or "serving_default"
-            function = loaded.signature(signature)
-            if method == "predict":
-                inputs, form = parse_predict_body(body, input_specs(function))
-                return format_predictions(registry.call(loaded, signature, inputs), form)
-            if method == "regress":  # TF Serving's answer for a signature that is not a regression one
-                raise RequestError("Expected regression signature method_name to be tensorflow/serving/regress. "
-                                   "Was: tensorflow/serving/predict")
-            examples = body.get("examples")
-            if not isinstance(examples, list) or not examples:
-                raise RequestError("'examples' must be a non-empty list")
-            inputs, _ = parse_predict_body({"instances": examples}, input_specs(function))
-            outputs = registry.call(loaded, signature, inputs)
-            return {"results": [[[cls, float(p)] for cls, p in zip(loaded.class_names, row)]
-                                for row in outputs["probabilities"]]}
-
-        def do_GET(self):  # noqa: N802
-            self._handle("GET")
-
-        def do_POST(self):  # noqa: N802
-            self._handle("POST")
-
-        def do_PUT(self):  # noqa: N802
-            self._handle("PUT")
-
-        def do_DELETE(self):  # noqa: N802
-            self._handle("DELETE")
-
-        def do_PATCH(self):  # noqa: N802
-            self._handle("PATCH")
-
-    return Handler
+            return metadata(name, loaded.version, loaded.signatures)
+        return status(registry.status(name, version, label))
+    return _post(registry, name, version, label, match.group("method").lower(), raw)
 
 
-BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
-        b'Content-Length: 50\r\n\r\n{"error": "too many connections; try again later"}')
+def _post(registry: ModelRegistry, name, version, label, method, raw) -> dict:
+    if not raw.strip():
+        raise RequestError("JSON Parse error: The document is empty")
+    if json_depth(raw) > MAX_JSON_DEPTH:
+        raise RequestError(f"JSON Parse error: nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RequestError(f"JSON Parse error: {error}") from None
+    if not isinstance(body, dict):
+        raise RequestError("JSON Parse error: the request body must be a JSON object")
+    loaded = registry.get(name, version, label)
+    signature = body.get("signature_name") or "serving_default"
+    function = loaded.signature(signature)
+    if method == "predict":
+        inputs, form = parse_predict_body(body, input_specs(function))
+        return format_predictions(registry.call(loaded, signature, inputs), form)
+    if method == "regress":  # TF Serving's answer for a signature that is not a regression one
+        raise RequestError("Expected regression signature method_name to be tensorflow/serving/regress. "
+                           "Was: tensorflow/serving/predict")
+    examples = body.get("examples")
+    if not isinstance(examples, list) or not examples:
+        raise RequestError("'examples' must be a non-empty list")
+    inputs, _ = parse_predict_body({"instances": examples}, input_specs(function))
+    outputs = registry.call(loaded, signature, inputs)
+    return {"results": [[[cls, float(p)] for cls, p in zip(loaded.class_names, row)]
+                        for row in outputs["probabilities"]]}
 
 
-class _Server(ThreadingHTTPServer):
-    request_queue_size = 128  # the default listen backlog of 5 resets bursts of concurrent clients
-    daemon_threads = True
+def respond(registry: ModelRegistry, method: str, path: str, raw: bytes) -> tuple[int, bytes]:
+    """(status, JSON body) for one request; a bad request is a 4xx with {"error": ...}, never a 500."""
+    try:
+        code, payload = HTTPStatus.OK, route(registry, method, path, raw)
+    except RequestError as error:
+        code, payload = error.status, {"error": str(error)}
+    except (tf.errors.InvalidArgumentError, ValueError, TypeError) as error:
+        # TF rejects inputs it cannot use with many types
+        code, payload = HTTPStatus.BAD_REQUEST, {"error": error_message(error)}
+    except RecursionError:
+        code, payload = HTTPStatus.BAD_REQUEST, {"error": "JSON Parse error: nested too deep"}
+    except Exception as error:  # noqa: BLE001
+        log.exception("serve: internal error")
+        code, payload = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {type(error).__name__}"}
+    return int(code), json.dumps(payload).encode("utf-8")
 
-    def __init__(self, address, handler, max_connections: int):
-        super().__init__(address, handler)
-        self.slots = threading.BoundedSemaphore(max_connections)
-        self.stop = threading.Event()
 
-    def process_request(self, request, client_address):
-        if not self.slots.acquire(blocking=False):  # a thread per connection, at most max_connections
-            try:
-                request.settimeout(1.0)
-                request.sendall(BUSY)
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
+def _json_response(code: int, data: bytes, close: bool = False) -> web.Response:
+    response = web.Response(status=code, body=data, content_type="application/json")
+    if close:
+        response.force_close()
+    return response
+
+
+# ---- the connection layer (on the event loop)
+
+class _Connection(web.RequestHandler):
+    """aiohttp's HTTP/1.1 connection, with protocol errors answered in JSON, and a framing error
+    in a body (a malformed chunk) delivered to that body: aiohttp queues its 400 behind the
+    request and would leave the body waiting for bytes that never come."""
+
+    last_body = None  # the body of the newest request parsed on this connection
+
+    def handle_error(self, request, status=500, exc=None, message=None):
+        if status >= 500:
+            log.error("serve: internal error", exc_info=exc)
+            text = "internal error"
+        else:
+            text = (message or HTTPStatus(status).phrase).splitlines()[0].rstrip(":")
+            if text.startswith("Too many headers"):
+                status = HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
+            log.debug("serve: bad request from %s: %s", request.remote, text)
+        return _json_response(status, json.dumps({"error": text}).encode(), close=True)
+
+    def data_received(self, data: bytes) -> None:
+        queued = len(self._messages)
+        super().data_received(data)
+        for message, body in itertools.islice(self._messages, queued, None):
+            if isinstance(message, RawRequestMessage):
+                self.last_body = body
+            elif self.last_body is not None and not self.last_body.is_eof():  # a parse error inside that body
+                reason = message.message.splitlines()[0].rstrip(":")
+                self.last_body.set_exception(BodyError(f"malformed request body: {reason}"))
+
+
+class _Busy(asyncio.Protocol):
+    """A connection over the cap: answered 503 at once, never read, closed within a second."""
+
+    def connection_made(self, transport):
+        transport.write(BUSY)
+        transport.write_eof()  # the answer, then FIN; what the client sends meanwhile is discarded
+        self.timer = asyncio.get_running_loop().call_later(1.0, transport.abort)
+
+    def data_received(self, data):
+        pass
+
+    def connection_lost(self, exc):
+        self.timer.cancel()
+
+
+class _AioServer(web.Server):
+    """aiohttp's low-level server with the connection cap: the protocol factory hands out
+    `_Connection`s while fewer than `max_connections` are open, `_Busy` after."""
+
+    def __init__(self, handler, max_connections: int, max_request_bytes: int, **kwargs):
+        super().__init__(handler, request_factory=self._request, **kwargs)
+        self.max_connections, self.max_request_bytes, self.open = max_connections, max_request_bytes, 0
+
+    def _request(self, message, payload, protocol, writer, task):
+        return web.BaseRequest(message, payload, protocol, writer, task, self._loop,
+                               client_max_size=self.max_request_bytes)
+
+    def __call__(self):
+        if self.open >= self.max_connections:
+            return _Busy()
+        self.open += 1
+        return _Connection(self, loop=self._loop, **self._kwargs)
+
+    def connection_lost(self, handler, exc=None):
+        self.open -= 1
+        super().connection_lost(handler, exc)
+
+
+class RestServer:
+    """TF Serving's REST API on aiohttp. Bound at construction (`server_address`); `serve_forever()`
+    runs it on an event loop in the calling thread until `shutdown()` from another thread;
+    `server_close()` stops the gRPC server and the registry's scanner and frees the port."""
+
+    def __init__(self, registry: ModelRegistry, host: str, port: int, *, max_request_bytes: int,
+                 max_connections: int, idle_timeout_s: float):
+        self.registry, self.grpc = registry, None
+        self.max_request_bytes, self.max_connections, self.idle_timeout_s = (max_request_bytes, max_connections,
+                                                                             idle_timeout_s)
+        self.stop = threading.Event()  # ends the registry's scanner
         try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self.slots.release()
-            raise
+            self.socket = socket.create_server((host, port), backlog=128)  # 128: bursts of clients are not reset
+        except OSError as error:
+            reason = os.strerror(error.errno) if error.errno else str(error)
+            raise UserError(f"--port {port}: cannot bind {host}:{port}: {reason}") from None
+        self.server_address = self.socket.getsockname()[:2]
+        # one thread per request in progress (at most one per connection): waiting requests meet in the batcher
+        self.pool = ThreadPoolExecutor(max_workers=max_connections, thread_name_prefix="kcp-rest")
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        self._shutdown_requested = False
+        self._stopped = threading.Event()
+        self._stopped.set()
 
-    def process_request_thread(self, request, client_address):
+    # ---- life cycle
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:  # noqa: ARG002  (socketserver's signature)
+        """Serves until shutdown() (or KeyboardInterrupt)."""
+        with self._lock:
+            if self._shutdown_requested:
+                return
+            self._stopped.clear()
         try:
-            super().process_request_thread(request, client_address)
+            asyncio.run(self._serve())
         finally:
-            self.slots.release()
+            self._stopped.set()
 
-    def server_close(self):
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        server = _AioServer(self._handle, self.max_connections, self.max_request_bytes,
+                            keepalive_timeout=self.idle_timeout_s,  # idle, or headers unfinished: closed
+                            lingering_time=0, access_log=None, auto_decompress=False)
+        listener = await loop.create_server(server, sock=self.socket, backlog=128)
+        with self._lock:
+            self._loop, self._stopping = loop, asyncio.Event()
+            if self._shutdown_requested:
+                self._stopping.set()
+        try:
+            await self._stopping.wait()
+        finally:
+            listener.close()
+            await server.shutdown(1.0)
+            with self._lock:
+                self._loop = None
+
+    def shutdown(self) -> None:
+        """Stops serve_forever and waits for it to return (requests in progress get a second)."""
+        with self._lock:
+            self._shutdown_requested = True
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._stopping.set)
+        self._stopped.wait()
+
+    def server_close(self) -> None:
         self.stop.set()
-        grpc_server = getattr(self, "grpc", None)
-        if grpc_server is not None:
-            grpc_server.stop(grace=1.0)
-        super().server_close()
+        if self.grpc is not None:
+            self.grpc.stop(grace=1.0)
+        self.socket.close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- one request
+
+    async def _read_body(self, request: web.BaseRequest) -> bytes:
+        if not request.body_exists:
+            return b""
+        length = request.content_length  # aiohttp has rejected malformed and conflicting ones
+        if length is not None and length > self.max_request_bytes:  # refused before a byte is read
+            raise BodyError(f"request body of {length} bytes exceeds the limit of {self.max_request_bytes}",
+                            HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+        if request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue":
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for it
+            request.writer.output_size = 0
+        try:
+            return await asyncio.wait_for(request.read(), self.idle_timeout_s)
+        except web.HTTPRequestEntityTooLarge:  # a chunked body past client_max_size
+            raise BodyError(f"request body exceeds the limit of {self.max_request_bytes} bytes",
+                            HTTPStatus.REQUEST_ENTITY_TOO_LARGE) from None
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        close = False
+        try:
+            raw = await self._read_body(request)
+        except BodyError as error:
+            code, data, close = error.status, json.dumps({"error": str(error)}).encode(), True
+        except (asyncio.TimeoutError, ConnectionError):  # too slow, or gone: no answer
+            request.protocol.force_close()
+            return web.Response(status=HTTPStatus.REQUEST_TIMEOUT)  # never sent: the connection is closed
+        else:
+            path = request.raw_path.split("?", 1)[0]
+            code, data = await asyncio.get_running_loop().run_in_executor(
+                self.pool, respond, self.registry, request.method, path, raw)
+        response = _json_response(code, data, close)
+        try:  # written here, under the timeout, so a client that does not read cannot hold the connection
+            await asyncio.wait_for(self._write(request, response), self.idle_timeout_s)
+        except (asyncio.TimeoutError, ConnectionError):  # not read in time, or the client left
+            close = True
+        if close:
+            request.protocol.force_close()  # unread body bytes are never parsed as a request
+        return response
+
+    @staticmethod
+    async def _write(request: web.BaseRequest, response: web.Response) -> None:
+        await response.prepare(request)
+        await response.write_eof()
 
 
 def make_server(run_dir: str, host: str = "127.0.0.1", port: int = 8501, *, max_batch_size: int = 32,
                 batch_timeout_ms: float = 2.0, batching: bool = True, max_request_bytes: int = 10 * 2**20,
                 max_connections: int = 64, idle_timeout_s: float = 30.0, version_policy: str = "latest:1",
                 allow_unvalidated: bool = False, version_labels: dict | list | None = None, poll_seconds: float = 1.0,
-                grpc_port: int | None = None):
-    """A ready HTTP server (call serve_forever); its `registry` has the models loaded, a thread
+                grpc_port: int | None = None) -> RestServer:
+    """A ready server (call serve_forever); its `registry` has the models loaded, a thread
     rescans the exports every `poll_seconds`, and with `grpc_port` (0: a free one) `server.grpc`
     answers TF Serving's gRPC API on the same registry. server_close stops all of it."""
     registry = ModelRegistry(RunLayout(run_dir).exports, max_batch_size, batch_timeout_ms, batching,
                              policy=version_policy, allow_unvalidated=allow_unvalidated, labels=version_labels,
                              poll_seconds=poll_seconds)
     registry.scan()
-    server = _Server((host, port), make_handler(registry, max_request_bytes, idle_timeout_s), max_connections)
-    server.registry = registry
-    server.grpc = None
+    server = RestServer(registry, host, port, max_request_bytes=max_request_bytes, max_connections=max_connections,
+                        idle_timeout_s=idle_timeout_s)
     if grpc_port is not None:
         from deploy.serving.grpc import make_grpc_server
 
-        server.grpc = make_grpc_server(registry, host, grpc_port, max_request_bytes=max_request_bytes,
-                                       max_concurrent=max_connections)
+        try:
+            server.grpc = make_grpc_server(registry, host, grpc_port, max_request_bytes=max_request_bytes,
+                                           max_concurrent=max_connections)
+        except BaseException:
+            server.server_close()
+            raise
         server.grpc.start()
     threading.Thread(target=registry.poll_forever, args=(server.stop,), name="kcp-serve-scan", daemon=True).start()
     return server
