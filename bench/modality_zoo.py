@@ -150,6 +150,7 @@ def main() -> None:
             wall = time.perf_counter() - started
             rows.append((modality, family, metrics["test"]["accuracy"], wall))
             print(json.dumps({"modality": modality, "model": family, "test_accuracy": metrics["test"]["accuracy"],
+                              "validation_accuracy": metrics["validation"]["accuracy"],
                               "train_accuracy": metrics["train"]["accuracy"], "epochs": metrics["epochs"],
                               "wall_s": round(wall, 1), "splits": counts}), flush=True)
     shutil.rmtree(work, ignore_errors=True)

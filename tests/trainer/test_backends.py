@@ -19,7 +19,7 @@ specs = {
     "language": ModelInputs("language", (10,), 30, vocab_size=30, input_name="tokens"),
 }
 small = {"cnn": ["model.filters=[8]"], "resnet": ["model.depth=8", "model.width=8"],
-         "rnn": ["model.units=16"], "transformer": ["model.dim=16", "model.heads=2", "model.mlp_dim=32"],
+         "rnn": ["model.units=16", "model.bidirectional=true"], "transformer": ["model.dim=16", "model.heads=2", "model.mlp_dim=32"],
          "gpt": ["model.layers=1", "model.dim=16", "model.heads=2"]}
 rng = np.random.default_rng(0)
 results = []

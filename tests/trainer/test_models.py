@@ -148,6 +148,53 @@ def test_rnn_cells_stacking_and_bidirectional(cell, layer_class):
     assert all(type(w.forward_layer).__name__ == layer_class for w in wrappers)
 
 
+@pytest.mark.parametrize("return_sequences", [False, True])
+@pytest.mark.parametrize("cell, keras_layer", [("simple", "SimpleRNN"), ("lstm", "LSTM"), ("gru", "GRU")])
+def test_bidirectional_rnn_equals_keras_bidirectional_with_the_same_weights(cell, keras_layer, return_sequences):
+    from trainer.models.layers import BidirectionalRNN
+
+    rng = np.random.default_rng(5)
+    steps = rng.normal(size=(3, 7, 4)).astype(np.float32)
+    mask = np.arange(7)[None, :] < np.array([[7], [4], [2]])  # right-padded rows of 7, 4 and 2 real steps
+    ours = BidirectionalRNN(cell, 5, return_sequences=return_sequences)
+    reference = keras.layers.Bidirectional(getattr(keras.layers, keras_layer)(5, return_sequences=return_sequences))
+    expected_shape = ours(steps, mask=mask).shape
+    reference(steps, mask=mask)
+    reference.set_weights(ours.get_weights())  # same order: forward kernels, then backward
+    np.testing.assert_allclose(ours(steps, mask=mask), reference(steps, mask=mask), atol=1e-6)
+    np.testing.assert_allclose(ours(steps), reference(steps), atol=1e-6)
+    assert expected_shape == ((3, 7, 10) if return_sequences else (3, 10))
+
+
+@pytest.mark.parametrize("return_sequences", [False, True])
+def test_bidirectional_rnn_reads_padded_rows_as_their_real_steps(return_sequences):
+    from trainer.models.layers import BidirectionalRNN
+
+    layer = BidirectionalRNN("gru", 6, return_sequences=return_sequences)
+    steps = np.random.default_rng(6).normal(size=(2, 4, 3)).astype(np.float32)
+    padded = np.concatenate([steps, np.full((2, 5, 3), 9.0, np.float32)], axis=1)  # 5 steps of junk after
+    mask = np.arange(9)[None, :] < 4
+    unpadded, masked = np.asarray(layer(steps)), np.asarray(layer(padded, mask=np.repeat(mask, 2, axis=0)))
+    if return_sequences:  # the backward half starts at the last real step, and padded steps output zeros
+        np.testing.assert_allclose(masked[:, :4], unpadded, atol=1e-6)
+        np.testing.assert_array_equal(masked[:, 4:], 0.0)
+    else:
+        np.testing.assert_allclose(masked, unpadded, atol=1e-6)
+    assert not np.allclose(np.asarray(layer(padded)), masked)  # without the mask the junk counts
+
+
+def test_bidirectional_rnn_saves_and_reloads_as_kcp_layer(tmp_path):
+    spec = SPECS["text"]
+    model = build_model(spec, small_config("rnn", "model.bidirectional=true", "model.cell=lstm"))
+    assert [type(layer).__name__ for layer in model.layers if layer.name.startswith("rnn")] == ["BidirectionalRNN"] * 2
+    inputs = random_inputs(spec, 4)
+    model.save(str(tmp_path / "m.keras"))
+    reloaded = keras.saving.load_model(str(tmp_path / "m.keras"))
+    assert type(reloaded.get_layer("rnn1_bidirectional")).__name__ == "BidirectionalRNN"
+    assert reloaded.get_layer("rnn1_bidirectional").get_config()["cell"] == "lstm"
+    np.testing.assert_array_equal(model.predict(inputs, verbose=0), reloaded.predict(inputs, verbose=0))
+
+
 def test_rnn_text_masks_padding():
     spec = SPECS["text"]
     model = build_model(spec, small_config("rnn"))
@@ -290,5 +337,11 @@ def test_transformer_sequence_stem_convolves_neighbouring_steps_by_default():
     assert {"stem_conv1", "stem_conv2"} <= names and "step_projection" not in names
     scores = attention_scores(model, random_inputs(spec, 2))
     assert scores[0].shape == (2, 2, spec.shape[0], spec.shape[0])  # one token per step, as with the projection
+    stem = keras.Model(model.input, model.get_layer("stem_conv2").output)  # (batch, steps, dim)
+    steps = random_inputs(spec, 1)
+    nudged = steps.copy()
+    nudged[0, 0] += 50.0
+    changed = np.abs(np.asarray(stem(nudged)) - np.asarray(stem(steps))).max(axis=-1)[0]  # (steps,)
+    assert np.all(changed[:7] > 0) and np.all(changed[7:] == 0)  # each token sees 6 steps either side: 13 in all
     linear = build_model(spec, small_config("transformer", "model.sequence_stem=linear"))
     assert "step_projection" in {layer.name for layer in linear.layers}

@@ -11,6 +11,9 @@ import numpy as np
 from kcp.core.config import ConfigError, ModelConfig
 from kcp.core.contract import MODALITIES
 
+# model.cell -> its Keras layer class (rnn.py builds with it; layers.py's BidirectionalRNN too)
+CELLS = {"simple": "SimpleRNN", "lstm": "LSTM", "gru": "GRU"}
+
 
 @dataclass(frozen=True)
 class ModelInputs:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from trainer.models.common import CELLS  # model.cell -> its Keras layer
+
 
 def sinusoidal_table(tokens: int, dim: int) -> np.ndarray:
     """The (tokens, dim) sine/cosine table of Vaswani et al. 2017."""
@@ -81,6 +83,60 @@ class MaskedAveragePooling(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         shape = input_shape[0]
         return (shape[0], shape[2])
+
+
+@keras.saving.register_keras_serializable(package="kcp")
+class BidirectionalRNN(keras.layers.Layer):
+    """A recurrent layer read forwards and a copy read backwards, outputs concatenated:
+    (batch, time, features) -> (batch, 2 * units), or (batch, time, 2 * units) with
+    `return_sequences` (the backward outputs flipped back into time order).
+
+    What `keras.layers.Bidirectional(layer)` computes (same weights, same order: forward, then
+    backward; tested), built from the cell's own Keras layer twice. Keras' wrapper copies its
+    layer through `serialize_keras_object`, which imports TensorFlow under the JAX backend.
+    A padding mask reaches both directions: padded steps keep the state, so the backward layer
+    starts at the last real step; with `return_sequences` the padded steps output zeros.
+    """
+
+    def __init__(self, cell: str = "gru", units: int = 128, return_sequences: bool = False,
+                 kernel_initializer: str = "glorot_uniform", **kwargs):
+        super().__init__(**kwargs)
+        if cell not in CELLS:
+            raise ValueError(f"model.cell: {cell!r} is not one of {', '.join(CELLS)}")
+        self.cell, self.units, self.return_sequences = cell, int(units), bool(return_sequences)
+        self.kernel_initializer = kernel_initializer  # a name (model.initializer)
+        layer_class = getattr(keras.layers, CELLS[cell])
+        options = dict(return_sequences=self.return_sequences, kernel_initializer=self.kernel_initializer)
+        if self.return_sequences:  # as Keras' Bidirectional: padded steps output zeros in both directions
+            options["zero_output_for_mask"] = True
+        self.forward_layer = layer_class(units, name=f"forward_{CELLS[cell].lower()}", **options)
+        self.backward_layer = layer_class(units, go_backwards=True, name=f"backward_{CELLS[cell].lower()}",
+                                          **options)
+        self.supports_masking = True
+
+    def build(self, input_shape):
+        self.forward_layer.build(input_shape)
+        self.backward_layer.build(input_shape)
+
+    def call(self, x, mask=None, training=None):
+        forward = self.forward_layer(x, mask=mask, training=training)  # (batch, [time,] units)
+        backward = self.backward_layer(x, mask=mask, training=training)  # time reversed when sequences
+        if self.return_sequences:
+            backward = keras.ops.flip(backward, axis=1)
+        return keras.ops.concatenate([forward, keras.ops.cast(backward, forward.dtype)], axis=-1)
+
+    def compute_mask(self, x, mask=None):
+        return mask if self.return_sequences else None
+
+    def compute_output_shape(self, input_shape):
+        if self.return_sequences:
+            return (input_shape[0], input_shape[1], 2 * self.units)
+        return (input_shape[0], 2 * self.units)
+
+    def get_config(self):
+        return {**super().get_config(), "cell": self.cell, "units": self.units,
+                "return_sequences": self.return_sequences,
+                "kernel_initializer": self.kernel_initializer}
 
 
 # The gpt family's layers (TiedEmbedding, PositionEmbedding, DecoderBlock) are defined by
