@@ -53,6 +53,7 @@ def watch_chief(host: str, port: int, grace_seconds: float = CHIEF_GONE_SECONDS,
                 if time.monotonic() - last_seen > grace_seconds:
                     log.warning("tune: the chief at %s:%d is gone; this worker stops", host, port)
                     logging.shutdown()
+                    time.sleep(0.5)  # lets a thread that forwards stderr (kcp/cli/quiet.py) pass the line on
                     os._exit(0)  # noqa: SLF001  the search thread is blocked inside grpc
             time.sleep(interval)
 
