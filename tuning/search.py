@@ -23,7 +23,7 @@ import time
 
 import keras
 
-from kcp.core import storage
+from kcp.core import quiet, storage
 from kcp.core.config import Config
 from kcp.core.errors import UserError
 from kcp.core.layout import RunLayout
@@ -53,7 +53,7 @@ def watch_chief(host: str, port: int, grace_seconds: float = CHIEF_GONE_SECONDS,
                 if time.monotonic() - last_seen > grace_seconds:
                     log.warning("tune: the chief at %s:%d is gone; this worker stops", host, port)
                     logging.shutdown()
-                    time.sleep(0.5)  # lets a thread that forwards stderr (kcp/cli/quiet.py) pass the line on
+                    quiet.drain()  # the thread that forwards stderr passes the line on before the exit
                     os._exit(0)  # noqa: SLF001  the search thread is blocked inside grpc
             time.sleep(interval)
 

@@ -149,7 +149,7 @@ def test_import_kcp_is_light_and_its_api_loads_on_first_use():
 def test_routine_native_lines_are_dropped_and_everything_else_kept(capfd):
     """filtered_stderr drops the known start-up lines written to descriptor 2 by this process
     and its children, and passes every other byte through, partial last line included."""
-    from kcp.cli.quiet import filtered_stderr
+    from kcp.core.quiet import filtered_stderr
 
     noisy = (b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
              b"I0000 00:00:1795720155.422677   12091 port.cc:153] oneDNN custom operations are on. You may see\n"
@@ -166,10 +166,26 @@ def test_routine_native_lines_are_dropped_and_everything_else_kept(capfd):
     assert capfd.readouterr().err == noisy.decode()
 
 
+def test_drain_passes_on_the_last_lines_before_a_hard_exit():
+    """A thread that ends the process with os._exit (the tuning worker's watchdog) calls
+    drain() first: its last line, and a child's, reach the real stderr; the routine ones don't."""
+    script = ("import os, subprocess, sys\n"
+              "from kcp.core.quiet import drain, filtered_stderr\n"
+              "with filtered_stderr():\n"
+              "    subprocess.run([sys.executable, '-c', \"import os; os.write(2, b'child line\\\\n')\"])\n"
+              "    print('oneDNN is fine] oneDNN custom operations are on.', file=sys.stderr)\n"
+              "    print('the chief is gone; this worker stops', file=sys.stderr)\n"
+              "    drain()\n"
+              "    os._exit(0)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert result.stderr == "child line\nthe chief is gone; this worker stops\n"
+
+
 def test_the_console_script_prints_no_routine_native_lines(tmp_path):
     """`kcp preprocess` on Beam's worker processes and `kcp train` (TensorFlow's C++ start-up)
     print their results and none of the lines every run used to print."""
-    from kcp.cli.quiet import is_routine
+    from kcp.core.quiet import is_routine
 
     kcp = os.path.join(os.path.dirname(sys.executable), "kcp")
     run_dir = str(tmp_path / "run")

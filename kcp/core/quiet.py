@@ -6,7 +6,11 @@ write straight to file descriptor 2 before any Python logging setting can reach 
 these). `filtered_stderr` puts a pipe on descriptor 2 for the command's duration; a thread
 copies every line to the real stderr except the fixed list below: start-up notices that are
 the same on every run and say nothing about the user's job. Warnings and errors that are not
-on the list, Python's included, pass through unchanged.
+on the list, Python's included, pass through unchanged. A thread that ends the process with
+`os._exit` calls `drain()` first, so that its last lines reach the terminal.
+
+It lives in kcp.core, not in the CLI, because the stages' own hard exits (the tuning worker's
+watchdog) must drain it.
 """
 
 from __future__ import annotations
@@ -33,6 +37,33 @@ def is_routine(line: bytes) -> bool:
     return ROUTINE_LINES.search(line) is not None
 
 
+class _Filter:
+    """The active filter of this process: what `drain` writes and waits for."""
+
+    def __init__(self):
+        self.sentinel = b"\x00kcp-stderr-drain-%d" % os.getpid()
+        self.drained = threading.Event()
+
+
+_active: _Filter | None = None
+
+
+def drain(timeout: float = 2.0) -> None:
+    """Returns once everything written to stderr before the call has been passed on (or after
+    `timeout` seconds). For code about to end the process with `os._exit`, which would kill the
+    forwarding thread with lines still in the pipe. Nothing to do when no filter is active."""
+    active = _active
+    if active is None:
+        return
+    sys.stderr.flush()
+    active.drained.clear()
+    try:
+        os.write(2, active.sentinel + b"\n")  # one write under PIPE_BUF: lands after all earlier ones
+    except OSError:
+        return
+    active.drained.wait(timeout)
+
+
 @contextlib.contextmanager
 def filtered_stderr(enabled: bool = True):
     """Within the block, drops the routine lines from everything written to descriptor 2, by
@@ -46,10 +77,13 @@ def filtered_stderr(enabled: bool = True):
             os.close(original)
         yield
         return
+    global _active
     sys.stderr.flush()
     read_end, write_end = os.pipe()
     os.dup2(write_end, 2)
     os.close(write_end)
+
+    active = _Filter()
 
     def pump() -> None:
         # Never stops reading before the pipe's end: a full pipe would block every writer.
@@ -58,19 +92,24 @@ def filtered_stderr(enabled: bool = True):
             while chunk := pipe.read(65536):
                 pending += chunk
                 *lines, pending = pending.split(b"\n")
-                shown = b"".join(line + b"\n" for line in lines if not is_routine(line))
+                drained = active.sentinel in lines
+                shown = b"".join(line + b"\n" for line in lines if line != active.sentinel and not is_routine(line))
                 with contextlib.suppress(OSError):
                     if shown:
                         os.write(original, shown)
+                if drained:
+                    active.drained.set()
             with contextlib.suppress(OSError):
                 if pending and not is_routine(pending):
                     os.write(original, pending)
 
     thread = threading.Thread(target=pump, name="kcp-stderr", daemon=True)
     thread.start()
+    _active = active
     try:
         yield
     finally:
+        _active = None
         sys.stderr.flush()
         os.dup2(original, 2)  # closes this process's end of the pipe
         # The pump ends when every writer has closed the pipe; a worker process that outlives
