@@ -2,16 +2,20 @@
 
     .venv/bin/python bench/serving_latency.py [--requests 400] [--run-dir RUN] [--idle 1000]
     .venv/bin/python bench/serving_latency.py --model resnet [--resnet-depth 20]
+    .venv/bin/python bench/serving_latency.py --model rnn
 
 Trains and exports the digits CNN (or, with `--model resnet`, a CIFAR-style ResNet on a
 generated folder of 32x32 colour PNGs, where the model call rather than the Python layer
-dominates; or uses --run-dir's export), starts `kcp serve --allow-unvalidated` as its
+dominates; with `--model rnn`, the default bidirectional LSTM on one-line texts from the
+files on this machine, a model whose call costs about the same for 1 or 32 inputs; or uses
+--run-dir's export), starts `kcp serve --allow-unvalidated` as its
 own process on 127.0.0.1, and sends one-image predict requests (a PNG as {"b64": ...} over
 keep-alive REST connections; the same PNG as a string tensor through the official gRPC
 PredictionServiceStub, one channel per client) from 1 and 32 concurrent clients, with
 server-side batching on and off. Prints p50/p99 latency and requests/s, the in-process
 signature call for comparison, and the server's RSS and threads with `--idle` idle
-connections open (those beyond --max-connections are answered 503 and closed).
+connections open (those beyond --max-connections are answered 503 and closed). A text model
+gets one line, as a JSON string over REST and a string tensor over gRPC.
 """
 
 from __future__ import annotations
@@ -52,11 +56,20 @@ def colour_images(root: str, per_class: int = 60) -> None:
         Image.fromarray(image.astype(np.uint8)).save(os.path.join(root, f"class{label}", f"{index:04d}.png"))
 
 
+TEXT_LINE = "def forward(self, inputs): return self.dense(self.dropout(inputs))  # one line of code"
+
+
 def train_run(kcp: list[str], root: str, model: str, resnet_depth: int) -> str:
-    """A fresh run directory with an export of `model` (cnn: digits; resnet: 32x32 colour images)."""
+    """A fresh run directory with an export of `model` (cnn: digits; resnet: 32x32 colour images;
+    rnn: one-line texts of 6 kinds)."""
     run_dir = tempfile.mkdtemp(prefix=f"kcp-serve-bench-{model}-")
     if model == "cnn":
         options = ["--set", "train.epochs=5"]
+    elif model == "rnn":
+        from modality_zoo import make_text
+
+        options = ["--source", make_text(os.path.join(run_dir, "lines.jsonl")), "--model", "rnn",
+                   "--set", "train.epochs=1"]
     else:
         images = os.path.join(run_dir, "images")
         colour_images(images)
@@ -67,7 +80,9 @@ def train_run(kcp: list[str], root: str, model: str, resnet_depth: int) -> str:
     return run_dir
 
 
-def png_of_first_test_image(run_dir: str) -> bytes:
+def request_input(run_dir: str) -> tuple[str, bytes, object]:
+    """(the serving input's name, one input as bytes, the same as a JSON instance): the first
+    test image as a PNG, or TEXT_LINE for a text model."""
     import tensorflow as tf
 
     from kcp.core import contract as contract_lib
@@ -75,22 +90,25 @@ def png_of_first_test_image(run_dir: str) -> bytes:
     from kcp.core import examples as example_lib
 
     contract = contract_lib.read_contract(run_dir)
+    if contract.modality == "text":
+        return contract.input_feature, TEXT_LINE.encode(), TEXT_LINE
     images, _, _ = next(iter(example_lib.read_split(contract, contract_lib.data_dir(run_dir), "test", 1)))
-    return tf.io.encode_png(images[0]).numpy()
+    png = tf.io.encode_png(images[0]).numpy()
+    return "image_bytes", png, {"b64": base64.b64encode(png).decode()}
 
 
-def in_process(run_dir: str, png: bytes, count: int, batch: int = 1) -> list[float]:
-    """Seconds per in-process serving_default call on `batch` copies of the PNG."""
+def in_process(run_dir: str, name: str, value: bytes, count: int, batch: int = 1) -> list[float]:
+    """Seconds per in-process serving_default call on `batch` copies of the input."""
     import tensorflow as tf
 
     serve = tf.saved_model.load(os.path.join(run_dir, "export", "model", "1")).signatures["serving_default"]
-    inputs = tf.constant([png] * batch)
+    inputs = {name: tf.constant([value] * batch)}
     for _ in range(20):
-        serve(image_bytes=inputs)
+        serve(**inputs)
     latencies = []
     for _ in range(count):
         started = time.perf_counter()
-        serve(image_bytes=inputs)["probabilities"].numpy()
+        serve(**inputs)["probabilities"].numpy()
         latencies.append(time.perf_counter() - started)
     return latencies
 
@@ -126,14 +144,14 @@ def run_clients(client, clients: int) -> float:
     return time.perf_counter() - started
 
 
-def grpc_load(port: int, png: bytes, clients: int, per_client: int) -> tuple[list[float], float]:
+def grpc_load(port: int, name: str, value: bytes, clients: int, per_client: int) -> tuple[list[float], float]:
     import grpc
     import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
     request = predict_pb2.PredictRequest()
     request.model_spec.name = "model"
-    request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto([png], dtype=tf.string))
+    request.inputs[name].CopyFrom(tf.make_tensor_proto([value], dtype=tf.string))
     latencies, lock = [], threading.Lock()
 
     def client():
@@ -182,8 +200,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=400, help="requests per configuration")
     parser.add_argument("--run-dir", help="serve this run's export instead of training one")
-    parser.add_argument("--model", choices=("cnn", "resnet"), default="cnn",
-                        help="what to train when no --run-dir: the digits CNN or a ResNet on 32x32 colour images")
+    parser.add_argument("--model", choices=("cnn", "resnet", "rnn"), default="cnn",
+                        help="what to train when no --run-dir: the digits CNN, a ResNet on 32x32 colour images "
+                             "or the text RNN")
     parser.add_argument("--resnet-depth", type=int, default=20, help="with --model resnet: 20, 32, 44, 56, ...")
     parser.add_argument("--idle", type=int, default=1000, help="idle connections for the memory figure")
     args = parser.parse_args()
@@ -191,10 +210,10 @@ def main() -> None:
     kcp = [sys.executable, "-m", "kcp.cli"]  # this checkout's kcp, run from its root
     run_dir = args.run_dir or train_run(kcp, root, args.model, args.resnet_depth)
     print(f"run directory: {run_dir}")
-    png = png_of_first_test_image(run_dir)
-    body = json.dumps({"instances": [{"b64": base64.b64encode(png).decode()}]}).encode()
-    local = in_process(run_dir, png, args.requests)
-    local_batch = in_process(run_dir, png, max(10, args.requests // 32), batch=32)  # what batching can gain at most
+    name, value, instance = request_input(run_dir)
+    body = json.dumps({"instances": [instance]}).encode()
+    local = in_process(run_dir, name, value, args.requests)
+    local_batch = in_process(run_dir, name, value, max(10, args.requests // 32), batch=32)  # batching's most
     rows = [("in-process signature call", 1, local, sum(local))]
     idle = None
     for batching in (True, False):
@@ -210,11 +229,11 @@ def main() -> None:
                 except OSError:
                     time.sleep(0.1)
             load(port, body, 4, 10)  # warm-up: tracing, connections
-            grpc_load(grpc_port, png, 4, 10)
+            grpc_load(grpc_port, name, value, 4, 10)
             for clients in (1, 32):
                 latencies, seconds = load(port, body, clients, max(1, args.requests // clients))
                 rows.append((f"REST, batching {'on' if batching else 'off'}", clients, latencies, seconds))
-                latencies, seconds = grpc_load(grpc_port, png, clients, max(1, args.requests // clients))
+                latencies, seconds = grpc_load(grpc_port, name, value, clients, max(1, args.requests // clients))
                 rows.append((f"gRPC, batching {'on' if batching else 'off'}", clients, latencies, seconds))
             if batching and args.idle:
                 idle = idle_rss(port, server.pid, args.idle)
@@ -236,8 +255,8 @@ def main() -> None:
         print(f"{protocol}: p50 overhead at 1 client {(p50 - local_p50) * 1000:.2f} ms; "
               f"32 clients, batching on / off throughput {on / off:.2f}x")
     batch_p50 = statistics.median(local_batch)
-    print(f"in-process call on a batch of 32: p50 {batch_p50 * 1000:.2f} ms, {32 / batch_p50:,.0f} images/s, "
-          f"{32 * local_p50 / batch_p50:.1f}x the single call's images/s (the model's own batching gain)")
+    print(f"in-process call on a batch of 32: p50 {batch_p50 * 1000:.2f} ms, {32 / batch_p50:,.0f} inputs/s, "
+          f"{32 * local_p50 / batch_p50:.1f}x the single call's inputs/s (the model's own batching gain)")
     if idle:
         (rss, threads), (rss_open, threads_open) = idle
         print(f"server RSS {rss:.0f} MB and {threads} threads idle; {rss_open:.0f} MB and {threads_open} threads "
