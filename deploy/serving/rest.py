@@ -16,7 +16,6 @@ request in progress, so concurrent requests meet in the batcher); the event loop
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
 import os
@@ -29,10 +28,11 @@ from http import HTTPStatus
 import numpy as np
 import tensorflow as tf
 from aiohttp import web
-from aiohttp.http import HttpVersion11, RawRequestMessage
+from aiohttp.http import HttpVersion11
 
 from deploy.serving.codec import (RequestError, error_message, format_predictions, input_specs, metadata,
                                   parse_predict_body, status)
+from deploy.serving.connection import BodyError, CappedServer, json_response
 from deploy.serving.registry import ModelRegistry
 from kcp.core.errors import UserError
 from kcp.core.layout import RunLayout
@@ -43,8 +43,6 @@ PREDICT = re.compile(r"/v1/models/(?P<name>[^/:]+)" + _SPEC + r":(?P<method>clas
 STATUS = re.compile(r"/v1/models(?:/(?P<name>[^/:]+))?" + _SPEC + r"(?:/(?P<metadata>metadata))?", re.I)
 MAX_JSON_DEPTH = 64
 INT64_MAX = 2**63 - 1
-BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
-        b'Content-Length: 50\r\n\r\n{"error": "too many connections; try again later"}')
 
 
 def json_depth(raw: bytes) -> int:
@@ -60,9 +58,6 @@ def json_depth(raw: bytes) -> int:
     steps = np.where(brackets == ord("{"), 1, -1).astype(np.int32)
     return int(np.cumsum(steps).max()) if steps.size else 0
 
-
-class BodyError(RequestError):
-    """A body that cannot be read safely: answered, then the connection is closed."""
 
 
 # ---- the routes (run in the thread pool)
@@ -133,82 +128,6 @@ def respond(registry: ModelRegistry, method: str, path: str, raw: bytes) -> tupl
     return int(code), json.dumps(payload).encode("utf-8")
 
 
-def _json_response(code: int, data: bytes, close: bool = False) -> web.Response:
-    response = web.Response(status=code, body=data, content_type="application/json")
-    if close:
-        response.force_close()
-    return response
-
-
-# ---- the connection layer (on the event loop)
-
-class _Connection(web.RequestHandler):
-    """aiohttp's HTTP/1.1 connection, with protocol errors answered in JSON, and a framing error
-    in a body (a malformed chunk) delivered to that body: aiohttp queues its 400 behind the
-    request and would leave the body waiting for bytes that never come."""
-
-    last_body = None  # the body of the newest request parsed on this connection
-
-    def handle_error(self, request, status=500, exc=None, message=None):
-        if status >= 500:
-            log.error("serve: internal error", exc_info=exc)
-            text = "internal error"
-        else:
-            text = (message or HTTPStatus(status).phrase).splitlines()[0].rstrip(":")
-            if text.startswith("Too many headers"):
-                status = HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
-            log.debug("serve: bad request from %s: %s", request.remote, text)
-        return _json_response(status, json.dumps({"error": text}).encode(), close=True)
-
-    def data_received(self, data: bytes) -> None:
-        queued = len(self._messages)
-        super().data_received(data)
-        for message, body in itertools.islice(self._messages, queued, None):
-            if isinstance(message, RawRequestMessage):
-                self.last_body = body
-            elif self.last_body is not None and not self.last_body.is_eof():  # a parse error inside that body
-                reason = message.message.splitlines()[0].rstrip(":")
-                self.last_body.set_exception(BodyError(f"malformed request body: {reason}"))
-
-
-class _Busy(asyncio.Protocol):
-    """A connection over the cap: answered 503 at once, never read, closed within a second."""
-
-    def connection_made(self, transport):
-        transport.write(BUSY)
-        transport.write_eof()  # the answer, then FIN; what the client sends meanwhile is discarded
-        self.timer = asyncio.get_running_loop().call_later(1.0, transport.abort)
-
-    def data_received(self, data):
-        pass
-
-    def connection_lost(self, exc):
-        self.timer.cancel()
-
-
-class _AioServer(web.Server):
-    """aiohttp's low-level server with the connection cap: the protocol factory hands out
-    `_Connection`s while fewer than `max_connections` are open, `_Busy` after."""
-
-    def __init__(self, handler, max_connections: int, max_request_bytes: int, **kwargs):
-        super().__init__(handler, request_factory=self._request, **kwargs)
-        self.max_connections, self.max_request_bytes, self.open = max_connections, max_request_bytes, 0
-
-    def _request(self, message, payload, protocol, writer, task):
-        return web.BaseRequest(message, payload, protocol, writer, task, self._loop,
-                               client_max_size=self.max_request_bytes)
-
-    def __call__(self):
-        if self.open >= self.max_connections:
-            return _Busy()
-        self.open += 1
-        return _Connection(self, loop=self._loop, **self._kwargs)
-
-    def connection_lost(self, handler, exc=None):
-        self.open -= 1
-        super().connection_lost(handler, exc)
-
-
 class RestServer:
     """TF Serving's REST API on aiohttp. Bound at construction (`server_address`); `serve_forever()`
     runs it on an event loop in the calling thread until `shutdown()` from another thread;
@@ -250,7 +169,7 @@ class RestServer:
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
-        server = _AioServer(self._handle, self.max_connections, self.max_request_bytes,
+        server = CappedServer(self._handle, self.max_connections, self.max_request_bytes,
                             keepalive_timeout=self.idle_timeout_s,  # idle, or headers unfinished: closed
                             lingering_time=0, access_log=None, auto_decompress=False)
         listener = await loop.create_server(server, sock=self.socket, backlog=128)
@@ -312,7 +231,7 @@ class RestServer:
             path = request.raw_path.split("?", 1)[0]
             code, data = await asyncio.get_running_loop().run_in_executor(
                 self.pool, respond, self.registry, request.method, path, raw)
-        response = _json_response(code, data, close)
+        response = json_response(code, data, close)
         try:  # written here, under the timeout, so a client that does not read cannot hold the connection
             await asyncio.wait_for(self._write(request, response), self.idle_timeout_s)
         except (asyncio.TimeoutError, ConnectionError):  # not read in time, or the client left
