@@ -174,6 +174,10 @@ def predict(run_dir: str, input: str, output: str, version: int | None = None, *
     or OUTPUT itself with `single_file`. Unreadable inputs go to the dead letters beside them."""
     config = resolve_config(run_dir, overrides=overrides)
     contract = contract_lib.read_contract(run_dir)
+    if contract.modality == "language":
+        raise UserError(f"predict: {run_dir} holds a language model, which generates rather than classifies; "
+                        f"use `kcp generate --run-dir {run_dir} --prompt TEXT` or the export's generate and score "
+                        "signatures")
     plan = plan_source(input, config.data)
     if plan.modality != contract.modality:
         raise UserError(f"--input: {input} holds {plan.modality}, the model takes {contract.modality}")
