@@ -17,25 +17,33 @@ class Batcher:
         self.function, self.max_batch_size, self.timeout_s = function, max_batch_size, timeout_s
         self.requests: queue.Queue = queue.Queue()
         self.batches_run = 0
-        self.in_flight = 0  # calls that entered __call__ and have no result yet
+        self.in_flight = 0  # calls submitted that have no result yet
         self.lock = threading.Lock()
         self.closed = False
         threading.Thread(target=self._loop, daemon=True).start()
 
     def __call__(self, inputs: dict) -> dict:
+        future = self.submit(inputs)
+        if future is None:  # the version was unloaded while this call was on its way: run it alone
+            return {name: value.numpy() for name, value in self.function(**inputs).items()}
+        return future.result()
+
+    def submit(self, inputs: dict) -> Future | None:
+        """Queues one call without waiting: a Future of its outputs ({name: NumPy rows}), or None
+        once the batcher is closed (the caller then runs the call alone). For an event loop,
+        which must not block on the batch."""
         future: Future = Future()
         with self.lock:
-            closed = self.closed
-            if not closed:
-                self.in_flight += 1
-                self.requests.put((inputs, future))  # under the lock: never after close()'s sentinel
-        if closed:  # the version was unloaded while this call was on its way: run it alone
-            return {name: value.numpy() for name, value in self.function(**inputs).items()}
-        try:
-            return future.result()
-        finally:
-            with self.lock:
-                self.in_flight -= 1
+            if self.closed:
+                return None
+            self.in_flight += 1
+            self.requests.put((inputs, future))  # under the lock: never after close()'s sentinel
+        future.add_done_callback(self._finished)  # runs at once if the batch is already done
+        return future
+
+    def _finished(self, _future: Future) -> None:
+        with self.lock:
+            self.in_flight -= 1
 
     def close(self) -> None:
         """Ends the batching thread (the version was unloaded); calls already queued still run."""

@@ -15,6 +15,7 @@ import os
 import tempfile
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -30,6 +31,10 @@ from kcp.core.errors import UserError
 log = logging.getLogger("kcp.serve")
 MAX_BACKOFF_S = 300.0
 MISS_SCAN_S = 0.5  # a request for a version not loaded rescans at most this often
+
+
+class NotLoadedYet(Exception):
+    """`get(..., wait=False)` missed: the request must wait for a scan, off the event loop."""
 
 
 @dataclass
@@ -237,7 +242,10 @@ class ModelRegistry:
             return self.labels[label]
         return None if version is None else int(version)
 
-    def get(self, name: str, version: str | None = None, label: str | None = None) -> LoadedVersion:
+    def get(self, name: str, version: str | None = None, label: str | None = None, *,
+            wait: bool = True) -> LoadedVersion:
+        """The loaded version a request names. On a miss it rescans (and loads) first, which can
+        take seconds; with `wait=False` a miss raises NotLoadedYet instead (for an event loop)."""
         number = self.resolve(name, version, label)
         for attempt in range(2):
             with self.lock:
@@ -246,6 +254,8 @@ class ModelRegistry:
                     return versions[max(versions)]
                 if number in versions:
                     return versions[number]
+            if not wait:
+                raise NotLoadedYet(name)
             if attempt == 0:  # a version that appeared since the last scan: loaded once, the others wait
                 self.refresh(wait=True, interval=min(self.poll_seconds, MISS_SCAN_S))
         with self.lock:
@@ -281,13 +291,26 @@ class ModelRegistry:
             return {name: sorted(versions) for name, versions in self.models.items() if versions}
 
     def call(self, loaded: LoadedVersion, signature: str, inputs: dict) -> dict:
-        function = loaded.signature(signature)
+        """Runs one call of `signature` ({name: NumPy array} out), through the batcher if it can."""
+        batcher = self._batcher(loaded, signature, inputs)
+        if batcher is None:
+            return {name: value.numpy() for name, value in loaded.signature(signature)(**inputs).items()}
+        return batcher(inputs)
+
+    def submit(self, loaded: LoadedVersion, signature: str, inputs: dict) -> Future | None:
+        """Queues one call in the batcher without waiting: a Future of what `call` returns, or None
+        where the call cannot be batched (the caller then runs `call`, off the event loop)."""
+        batcher = self._batcher(loaded, signature, inputs)
+        return None if batcher is None else batcher.submit(inputs)
+
+    def _batcher(self, loaded: LoadedVersion, signature: str, inputs: dict) -> Batcher | None:
         # a signature with scalar inputs (generate's settings) runs alone: requests with other
         # settings cannot share a batch, and their rows have no common first dimension to split
         if not self.batching or any(value.shape.rank == 0 for value in inputs.values()):
-            return {name: value.numpy() for name, value in function(**inputs).items()}
+            return None
+        function = loaded.signature(signature)
         with self.lock:
             batcher = loaded.batchers.get(signature)
             if batcher is None:
                 batcher = loaded.batchers[signature] = Batcher(function, self.max_batch_size, self.timeout_s)
-        return batcher(inputs)
+        return batcher

@@ -15,7 +15,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from deploy.serving import make_server
+from deploy.serving import make_server, rest
+from deploy.serving.rest import respond
 from kcp import cli
 from tests.conftest import IN_PROCESS_BEAM
 
@@ -224,9 +225,13 @@ def test_request_size_is_limited(image_run):
         httpd.server_close()
 
 
-def test_concurrent_requests_are_batched(server, image_run):
+def test_concurrent_requests_are_batched(server, image_run, monkeypatch):
+    """Small POSTs are answered on the event loop, their calls awaited in the batcher: no pool
+    thread runs them (`respond` is the pool's entry), and the answers equal the pool's."""
     url, httpd = server
     _, root = image_run
+    in_pool = []
+    monkeypatch.setattr(rest, "respond", lambda *args: in_pool.append(args[1:3]) or respond(*args))
     body = {"instances": [{"b64": png_b64(root / "class0" / "003.png")}]}
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(lambda _: call(f"{url}/v1/models/colors:predict", body), range(48)))
@@ -234,6 +239,11 @@ def test_concurrent_requests_are_batched(server, image_run):
     assert len({json.dumps(a["predictions"]) for _, a in answers}) == 1
     batcher = httpd.registry.models["colors"][1].batchers["serving_default"]
     assert batcher.batches_run < 48  # several requests shared a model call
+    assert in_pool == []
+    assert batcher.in_flight == 0
+    assert call(f"{url}/v1/models/colors")[0] == 200 and in_pool == [("GET", "/v1/models/colors")]  # GETs: the pool
+    pool_code, pool_answer = respond(httpd.registry, "POST", "/v1/models/colors:predict", json.dumps(body).encode())
+    assert pool_code == 200 and json.loads(pool_answer)["predictions"] == answers[0][1]["predictions"]
 
 
 def test_a_new_version_replaces_the_old_and_a_deleted_one_stops_being_served(server, image_run):
