@@ -33,6 +33,12 @@ setup(
         "matplotlib>=3.7",  # samples.png and the run report
         "pyyaml>=6",
         "scikit-learn>=1.3",  # the embedded default data set (digits)
+        # data.tokenizer bpe (language): the exported graph tokenizes with keras_hub's BytePairTokenizer
+        # (TensorFlow Text ops); kcp/core/bpe.py mirrors its split in pure Python for the pipeline,
+        # so keras-hub is held to the minor it was checked against (constraints.txt)
+        "keras-hub>=0.32,<0.33",
+        "tensorflow-text>=2.16,<2.22",
+        "regex>=2023",
     ],
     extras_require={
         # import-linter checks the layering rule (.importlinter); nbclient + ipykernel run the notebook

@@ -13,7 +13,8 @@ Three data sets, made here, each preprocessed once like `kcp preprocess` (the sa
   noise: the class is the pattern's shape, wherever it sits, so a model must be position-invariant.
 - text: 2,400 lines (6 classes of 400) read from the files installed on this machine: Python
   (.py), C headers (.h), JSON, plain text (.txt), Markdown/reST and JavaScript/CSS, including
-  the lines that are only punctuation (`}`, `);`, `---`) under the default `words` tokenizer.
+  the lines that are only punctuation (`}`, `);`, `---`), with the default `words_and_punctuation`
+  tokenizer (`--set data.tokenizer=words` or `characters` for the others).
 
 The baseline is scikit-learn's LogisticRegression on the raw values (image, sequence) and on
 word and on character 1-4-gram TF-IDF (text), fitted on the train split, scored on test.

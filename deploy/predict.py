@@ -46,9 +46,9 @@ class SavedModelHandler:
         self._export_dir, self._signature, self._input_name = export_dir, signature, input_name
 
     def load_model(self):
-        import tensorflow as tf
+        from deploy.saved_model import load_export  # TensorFlow on the workers only
 
-        return tf.saved_model.load(self._export_dir)
+        return load_export(self._export_dir)
 
     def run_inference(self, batch: Sequence[Any], model) -> list[dict]:
         """One dict of outputs (name -> this input's row) per input of the batch."""

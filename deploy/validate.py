@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from deploy.export import FINGERPRINT, client_inputs, serving_input_name
+from deploy.saved_model import load_export
 from kcp.core import storage
 from kcp.core.config import Config
 from kcp.core.errors import UserError
@@ -42,7 +43,7 @@ def predict_split(export_dir: str, run_dir: str, split: str = "test", batch_size
     Returns {"keys", "labels", "class_ids", "probabilities"} as NumPy arrays in shard order.
     """
     contract = contract_lib.read_contract(run_dir)
-    serve = tf.saved_model.load(export_dir).signatures["serving_default"]
+    serve = load_export(export_dir).signatures["serving_default"]
     name = serving_input_name(contract)
     keys, labels, class_ids, probabilities = [], [], [], []
     for inputs, batch_labels, batch_keys in example_lib.read_split(contract, contract_lib.data_dir(run_dir), split,
@@ -133,7 +134,7 @@ def version_number(directory: str) -> int:
 def export_scores(export, texts: list[str], batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """(log_probability, tokens) of the export's `score` signature for the texts, fed as a client
     would; `export` is a version's directory or what tf.saved_model.load made of it."""
-    score = (tf.saved_model.load(export) if isinstance(export, str) else export).signatures["score"]
+    score = (load_export(export) if isinstance(export, str) else export).signatures["score"]
     log_probabilities, tokens = [], []
     for start in range(0, len(texts), batch_size):
         outputs = score(texts=tf.constant([text.encode("utf-8") for text in texts[start:start + batch_size]]))
@@ -203,7 +204,7 @@ def validate_language(contract, run_dir: str, directory: str, metrics: dict, nam
     tokenizer, vocabulary = contract_lib.language_tokenizer(contract), contract_lib.language_vocabulary(run_dir, contract)
     context = int(contract.statistics["context_length"])
     model = keras.saving.load_model(RunLayout(run_dir).model, compile=False)
-    export = tf.saved_model.load(directory)
+    export = load_export(directory)
     exported, tokens = export_scores(export, texts)
     encoded = [contract_lib.encode_language(text, tokenizer, vocabulary) for text in texts]
     trainer = np.array([keras_log_probabilities(model, ids, context) for ids in encoded])
@@ -217,14 +218,15 @@ def validate_language(contract, run_dir: str, directory: str, metrics: dict, nam
         reasons.append(f"export log-probability {exported[worst]:.4f} of test text {worst + 1} differs from the "
                        f"trained model's {trainer[worst]:.4f} by {difference[worst]:.2e} nats")
     generate = export.signatures["generate"]
+    new_tokens = min(GENERATION_TOKENS, context - 1)  # a context of 16 or less leaves room for fewer
     prompts = [text[:max(1, len(text) // 4)] for text in texts[:GENERATION_PROMPTS]]
     completions = generate(prompts=tf.constant([prompt.encode("utf-8") for prompt in prompts]),
                            **{key: tf.constant(value, generate.structured_input_signature[1][key].dtype)
-                              for key, value in {**contract_lib.GENERATE_DEFAULTS, "max_new_tokens": GENERATION_TOKENS,
+                              for key, value in {**contract_lib.GENERATE_DEFAULTS, "max_new_tokens": new_tokens,
                                                  "temperature": 0.0}.items()})["completions"].numpy()
     for prompt, completion in zip(prompts, completions):
         prompt_ids = [contract_lib.LANGUAGE_SEPARATOR, *contract_lib.encode_language(prompt, tokenizer, vocabulary)]
-        reference, tie = greedy_reference(model, prompt_ids[-(context - GENERATION_TOKENS):], GENERATION_TOKENS)
+        reference, tie = greedy_reference(model, prompt_ids[-(context - new_tokens):], new_tokens)
         expected = contract_lib.decode_language(reference, tokenizer, vocabulary)
         if completion.decode("utf-8", errors="replace") != expected and not tie:
             reasons.append(f"export generate at temperature 0 gives {completion.decode('utf-8', errors='replace')!r} "

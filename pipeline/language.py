@@ -3,9 +3,10 @@
     kcp preprocess --run-dir runs/lm --source python-stdlib --set model.name=gpt
 
     Read (file paths) -> Decode (UTF-8 text, bad files to dead letters) -> Split (stable hash of
-    the document key) -> [characters: CountCharacters over train -> vocabulary] -> Tokenize
-    (ids + LANGUAGE_SEPARATOR per document) -> GroupByShard -> Pack (sort by key, concatenate,
-    cut into blocks of context_length + 1, pad the last) -> Write (one TFRecord shard per group)
+    the document key) -> [characters: CountCharacters over train -> vocabulary | bpe: CountWords
+    over train -> LearnMerges] -> Tokenize (ids + LANGUAGE_SEPARATOR per document) -> GroupByShard
+    -> Pack (sort by key, concatenate, cut into blocks of context_length + 1, pad the last) -> Write
+    (one TFRecord shard per group)
 
 Packing is an ordering: a block holds the end of one document and the start of the next, so
 the documents of a packing group must meet in one place, in a fixed order (sorted by key:
@@ -21,17 +22,20 @@ a larger split pads one block per 32 MiB of text (a negligible share).
 from __future__ import annotations
 
 import collections
+import functools
 import math
 
 import apache_beam as beam
 import numpy as np
 
+from kcp.core import bpe
 from kcp.core import contract as contract_lib
 from kcp.core import example_proto
 from kcp.core import storage
 from kcp.core.beamio import DEAD_LETTER, CountProgress, ReadSource, select
 from kcp.core.config import Config, DataConfig
-from kcp.core.layout import DEAD_LETTER_DIR
+from kcp.core.errors import UserError
+from kcp.core.layout import DEAD_LETTER_DIR, MERGES_FILE, VOCABULARY_JSON_FILE
 from kcp.core.sources import SourcePlan
 from pipeline import splits
 from pipeline.analysis import select_vocabulary, write_summary
@@ -83,6 +87,21 @@ class CharacterCountsFn(beam.CombineFn):
         return dict(accumulator)
 
 
+class WordCountsFn(CharacterCountsFn):
+    """Counts of the words (`bpe.pretokenize`) of the train documents, for learning BPE merges."""
+
+    def add_input(self, accumulator, document):
+        accumulator.update(bpe.pretokenize(document[2]))
+        return accumulator
+
+
+def learn_merges(word_counts: dict, max_merges: int, min_count: int) -> list[str]:
+    """The bpe vocabulary: merges.txt's lines, at most `max_merges` (data.vocab_size less the 259
+    reserved and byte ids), each pair seen at least `min_count` times. Learned in one place from
+    the summed counts, with ties broken by the pair itself: reruns give the same merges."""
+    return bpe.merge_lines(bpe.learn_merges(word_counts, max_merges, min_count))
+
+
 def select_characters(counts: dict, max_tokens: int, min_count: int) -> list[str]:
     """The vocabulary of the characters tokenizer: the most frequent characters seen at least
     `min_count` times, at most `max_tokens` (data.vocab_size less the reserved ids)."""
@@ -99,14 +118,28 @@ def tokenize_document(document, tokenizer: str, groups: dict, vocabulary=None):
     """(split, key, text) -> ((split, group), (key, ids, target bytes per id, UTF-8 bytes)).
 
     ids: `encode_language` then LANGUAGE_SEPARATOR (int32); target bytes per id: what each id
-    encodes (1 per byte id, the character's UTF-8 length, 0 for the separator), for bits per byte.
+    encodes (1 per byte id, the character's UTF-8 length, the token's bytes for bpe, 0 for the
+    separator), for bits per byte: a bpe token of 4 bytes counts 4.
     """
     split, key, text = document
     ids = np.asarray(contract_lib.encode_language(text, tokenizer, vocabulary) + [contract_lib.LANGUAGE_SEPARATOR],
                      dtype=np.int32)
-    lengths = np.ones(len(ids) - 1, np.uint8) if tokenizer == "bytes" else utf8_lengths(text)
+    if tokenizer == "bytes":
+        lengths = np.ones(len(ids) - 1, np.uint8)
+    elif tokenizer == "bpe":
+        lengths = bpe_piece_lengths(tuple(vocabulary))[ids[:-1]]
+    else:
+        lengths = utf8_lengths(text)
     group = int(splits.stable_fraction(key, "pack") * groups[split])
     return (split, group), (key, ids, np.append(lengths, np.uint8(0)), len(text.encode("utf-8")))
+
+
+@functools.lru_cache(maxsize=4)
+def bpe_piece_lengths(lines: tuple) -> np.ndarray:
+    """The bytes each bpe id encodes (uint8, indexed by id; 0 for the reserved ids)."""
+    pieces = contract_lib.language_pieces("bpe", list(lines))
+    return np.array([0] * contract_lib.LANGUAGE_RESERVED_IDS + [len(piece) for piece in
+                                                                pieces[contract_lib.LANGUAGE_RESERVED_IDS:]], np.uint8)
 
 
 def pack_blocks(documents, context_length: int):
@@ -180,6 +213,14 @@ def build_language_pipeline(pipeline: beam.Pipeline, plan: SourcePlan, config: C
                                                     data.min_count))
         vocabulary_side = (beam.pvalue.AsSingleton(vocabulary),)
         tagged.append(vocabulary | "TagVocabulary" >> beam.Map(lambda tokens: ("vocabulary", tokens)))
+    elif data.tokenizer == "bpe":
+        merges = (documents
+                  | "TrainDocuments" >> beam.Filter(lambda document: document[0] == "train")
+                  | "CountWords" >> beam.CombineGlobally(WordCountsFn())
+                  | "LearnMerges" >> beam.Map(learn_merges, data.vocab_size - contract_lib.BYTE_VOCAB_SIZE,
+                                              data.min_count))
+        vocabulary_side = (beam.pvalue.AsSingleton(merges),)
+        tagged.append(merges | "TagVocabulary" >> beam.Map(lambda lines: ("vocabulary", lines)))
     shards = (documents
               | "Tokenize" >> beam.Map(tokenize_document, data.tokenizer, groups, *vocabulary_side)
               | "GroupByShard" >> beam.GroupByKey()
@@ -195,8 +236,9 @@ def build_language_pipeline(pipeline: beam.Pipeline, plan: SourcePlan, config: C
 
 
 def language_contract(plan: SourcePlan, config: Config, summary: dict, data_dir: str):
-    """The language contract (and vocab.txt's lines, escaped; None for bytes) from what the
-    pipeline measured; writes an empty shard for a group no document hashed to."""
+    """The language contract (and vocab.txt's lines, escaped; None for bytes and bpe) from what
+    the pipeline measured; writes an empty shard for a group no document hashed to, and for bpe
+    the merges (merges.txt) and the token ids (vocab.json), GPT-2's two files."""
     data = config.data
     groups = pack_groups(plan, data)
     split_infos, per_split = {}, {name: {} for name in SPLIT_STATISTICS}
@@ -211,7 +253,15 @@ def language_contract(plan: SourcePlan, config: Config, summary: dict, data_dir:
                                                     file_pattern=shard_pattern(split, groups[split], data.compression))
         for name in SPLIT_STATISTICS:
             per_split[name][split] = sum(shard[name] for shard in shards)
-    vocabulary = summary.get("vocabulary", []) if data.tokenizer == "characters" else None
+    vocabulary = summary.get("vocabulary", []) if data.tokenizer in ("characters", "bpe") else None
+    if data.tokenizer == "bpe":
+        if not vocabulary:
+            raise UserError(f"data.tokenizer: bpe learned no merges: no pair of bytes is seen data.min_count="
+                            f"{data.min_count} times in the train split; add text, lower data.min_count, or use bytes")
+        storage.write_text_atomic(storage.join(data_dir, MERGES_FILE),
+                                  contract_lib.lines_text([bpe.MERGES_HEADER, *vocabulary]))
+        storage.write_text_atomic(storage.join(data_dir, VOCABULARY_JSON_FILE),
+                                  bpe.vocabulary_json(bpe.parse_merges(vocabulary), contract_lib.LANGUAGE_RESERVED_IDS))
     statistics = {
         "tokenizer": data.tokenizer,
         "vocab_size": contract_lib.language_vocab_size(data.tokenizer, vocabulary),
@@ -222,5 +272,5 @@ def language_contract(plan: SourcePlan, config: Config, summary: dict, data_dir:
         modality="language", input_feature=plan.input_feature, input_spec=plan.input_spec, class_names=(),
         splits=split_infos, statistics=statistics, compression=data.compression, source=plan.uri,
         bad_examples=summary["dead_letters"], augmentation={"copies": 0})
-    lines = None if vocabulary is None else [contract_lib.escape_token(token) for token in vocabulary]
+    lines = None if data.tokenizer != "characters" else [contract_lib.escape_token(token) for token in vocabulary]
     return contract, lines

@@ -19,8 +19,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
-import tensorflow as tf
-
+from deploy.saved_model import load_export
 from deploy.serving.batching import Batcher
 from deploy.serving.codec import RequestError
 from deploy.serving.versions import blessed, parse_labels, parse_policy, replay_warmup
@@ -112,7 +111,7 @@ class ModelRegistry:
         try:
             local = self._local_copy(name, version, path) if self.remote else path
             self.loads += 1
-            model = tf.saved_model.load(local)
+            model = load_export(local)
             replay_warmup(model, local)
             labels = storage.join(path, "assets.extra", "labels.txt")
             class_names = read_lines(storage.read_text(labels)) if storage.exists(labels) else []

@@ -257,10 +257,14 @@ def model_inputs_from_flags(args) -> ModelInputs:
 
 
 def describe_model(args, run_dir: str | None, config, beam_args: list[str]) -> int:
-    """The model section with every default applied, then the Keras summary; writes nothing."""
+    """The model section with every default applied, then the Keras summary; writes nothing. A key
+    whose default depends on the data (resnet's `model.width: 0`) also shows what it comes to here."""
+    spec = model_inputs_from_flags(args)
+    applied = config.model.family.applied(spec) if hasattr(config.model.family, "applied") else {}
     say("model:")
     for key, value in config.to_dict()["model"].items():
-        say(f"  {key}: {json.dumps(value)}")
+        resolved = f" (applied: {json.dumps(applied[key])})" if applied.get(key, value) != value else ""
+        say(f"  {key}: {json.dumps(value)}{resolved}")
     family_defaults = config.model.family.training_defaults if hasattr(config.model.family, "training_defaults") \
         else {}
     if family_defaults:  # the training keys this family sets its own defaults for, as applied
@@ -269,7 +273,7 @@ def describe_model(args, run_dir: str | None, config, beam_args: list[str]) -> i
         for section, names in family_defaults.items():
             for name in names:
                 say(f"  {section}.{name}: {json.dumps(plain[section][name])}")
-    model = build_model(model_inputs_from_flags(args), config.model)
+    model = build_model(spec, config.model)
     model.summary(print_fn=lambda line, **_: say(line))
     say(f"Total params: {model.count_params()}")
     return 0

@@ -25,7 +25,7 @@ from typing import Any, Optional
 import yaml
 
 from kcp.core import storage
-from kcp.core.contract import LANGUAGE_TOKENIZERS, TEXT_TOKENIZERS, TOKENIZERS
+from kcp.core.contract import BYTE_VOCAB_SIZE, DEFAULT_TEXT_TOKENIZER, LANGUAGE_TOKENIZERS, TEXT_TOKENIZERS, TOKENIZERS
 from kcp.core.layout import RunLayout
 from kcp.core.schema import (ConfigError, build, coerce, merge, option, parse_override, read_yaml_file,
                               to_plain)
@@ -79,8 +79,8 @@ class DataConfig:
     min_count: int = option(2, minimum=1, help="text: least count of a token in the train split")
     tokenizer: Optional[str] = option(
         None, choices=(None, *TOKENIZERS),
-        help="text: words (punctuation stripped), words_and_punctuation, or characters; language: bytes or "
-             "characters; null: words for text, bytes for language")
+        help="text: words (punctuation stripped), words_and_punctuation, or characters; language: bytes, "
+             "characters or bpe; null: words_and_punctuation for text, bytes for language")
     context_length: int = option(256, minimum=8, help="language: tokens per training block (a block holds one more)")
     max_length: Optional[int] = option(None, minimum=1, help="text: tokens per example; null: 95th percentile")
     tfds_data_dir: Optional[str] = option(None, help="tfds: where the prepared data lives")
@@ -109,11 +109,14 @@ class DataConfig:
         other kind of text data is refused with the allowed values."""
         allowed = LANGUAGE_TOKENIZERS if self.is_language else TEXT_TOKENIZERS
         if self.tokenizer is None:
-            object.__setattr__(self, "tokenizer", allowed[0])
+            object.__setattr__(self, "tokenizer", allowed[0] if self.is_language else DEFAULT_TEXT_TOKENIZER)
         elif self.tokenizer not in allowed:
             kind = "language data" if self.is_language else "text classification"
             raise ConfigError(f"data.tokenizer: {self.tokenizer!r} is not for {kind} (data.source {self.source!r}); "
                               f"allowed: {', '.join(allowed)}")
+        if self.tokenizer == "bpe" and self.vocab_size <= BYTE_VOCAB_SIZE:
+            raise ConfigError(f"data.vocab_size: {self.vocab_size} leaves bpe no merges (the 3 reserved ids and 256 "
+                              f"bytes take {BYTE_VOCAB_SIZE}); set it above {BYTE_VOCAB_SIZE}, e.g. 4096")
         if self.is_language and self.augment.copies:
             raise ConfigError(f"data.augment.copies: {self.augment.copies} augmented copies are not made of language "
                               "data; set it to 0")

@@ -31,7 +31,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from kcp.core import storage
+from kcp.core import bpe, storage
 from kcp.core.errors import UserError
 from kcp.core.layout import RunLayout
 
@@ -50,9 +50,15 @@ ASCII_WHITESPACE = r"[ \t\n\r\x0b\x0c]+"  # what tf.strings.split splits on
 #   bytes                  every UTF-8 byte a token (id = byte + 3, 259 ids): nothing is out of vocabulary
 #   characters             every character a token, as written (no lower-casing, whitespace kept);
 #                          the vocabulary is learned from the train split, unknown characters -> 1
+#   bpe                    byte-level BPE (GPT-2's): merges learned from the train split, ids 3-258 the
+#                          bytes, then one per merge; nothing is out of vocabulary (kcp/core/bpe.py)
 TEXT_TOKENIZERS = ("words", "words_and_punctuation", "characters")
-LANGUAGE_TOKENIZERS = ("bytes", "characters")
-TOKENIZERS = ("words", "words_and_punctuation", "characters", "bytes")
+# The text default (config.yaml records it as applied; contracts without statistics["tokenizer"] stay
+# "words"): punctuation marks are tokens, so code, identifiers and lines of punctuation keep what tells
+# them apart, and prose loses nothing (docs/data.md#text-tokenizers; measured in docs/performance.md).
+DEFAULT_TEXT_TOKENIZER = "words_and_punctuation"
+LANGUAGE_TOKENIZERS = ("bytes", "characters", "bpe")
+TOKENIZERS = ("words", "words_and_punctuation", "characters", "bytes", "bpe")
 RESERVED_TOKEN_IDS = 2
 # Language token ids: a fixed interface the trainer and the export code against.
 LANGUAGE_PAD = 0  # fills the last block of a shard; never a target
@@ -230,7 +236,7 @@ def read_vocabulary(run_dir: str) -> list[str]:
 # --- language -------------------------------------------------------------------------
 
 def language_tokenizer(contract: DataContract) -> str:
-    """The tokenizer of a language contract's token ids: bytes or characters."""
+    """The tokenizer of a language contract's token ids: bytes, characters or bpe."""
     return contract.statistics["tokenizer"]
 
 
@@ -243,7 +249,8 @@ def encode_language(text: str, tokenizer: str, vocabulary: list[str] | None = No
     """A document's token ids, without the separator the pipeline appends after it.
 
     bytes: each UTF-8 byte b is id b + 3 (`vocabulary` unused). characters: each character
-    (code point, as written) is 3 + its index in `vocabulary`, or LANGUAGE_UNKNOWN. The
+    (code point, as written) is 3 + its index in `vocabulary`, or LANGUAGE_UNKNOWN. bpe:
+    `vocabulary` is the merges ("LEFT RIGHT", merges.txt's lines), see kcp/core/bpe.py. The
     in-graph encoder (`kcp.core.examples.language_encoder`) gives the same ids, tested.
     """
     if tokenizer == "bytes":
@@ -251,17 +258,22 @@ def encode_language(text: str, tokenizer: str, vocabulary: list[str] | None = No
     if tokenizer == "characters":
         ids = _character_ids(tuple(vocabulary or ()))
         return [ids.get(character, LANGUAGE_UNKNOWN) for character in text]
+    if tokenizer == "bpe":
+        return bpe.encoder(tuple(vocabulary or ()), LANGUAGE_RESERVED_IDS).encode(text)
     raise ValueError(f"data.tokenizer: {tokenizer!r} is not one of {', '.join(LANGUAGE_TOKENIZERS)} (language)")
 
 
 def language_pieces(tokenizer: str, vocabulary: list[str] | None = None) -> list[bytes]:
     """What each id decodes to, as UTF-8 bytes, indexed by id: pad "", unknown U+FFFD, the
-    separator LANGUAGE_SEPARATOR_TEXT, then one byte (bytes) or one character (characters)."""
+    separator LANGUAGE_SEPARATOR_TEXT, then one byte (bytes), one character (characters), or the
+    256 bytes and each merge's token (bpe)."""
     reserved = [b"", LANGUAGE_UNKNOWN_TEXT.encode("utf-8"), LANGUAGE_SEPARATOR_TEXT.encode("utf-8")]
     if tokenizer == "bytes":
         return reserved + [bytes([byte]) for byte in range(256)]
     if tokenizer == "characters":
         return reserved + [token.encode("utf-8") for token in vocabulary or ()]
+    if tokenizer == "bpe":
+        return reserved + list(bpe.token_pieces(tuple(vocabulary or ())))
     raise ValueError(f"data.tokenizer: {tokenizer!r} is not one of {', '.join(LANGUAGE_TOKENIZERS)} (language)")
 
 
@@ -277,6 +289,8 @@ def decode_language(ids, tokenizer: str, vocabulary: list[str] | None = None) ->
 
 def language_vocab_size(tokenizer: str, vocabulary: list[str] | None = None) -> int:
     """Ids the model's embedding needs: the reserved ids and the tokens."""
+    if tokenizer == "bpe":
+        return BYTE_VOCAB_SIZE + len(bpe.parse_merges(vocabulary or ()))
     return BYTE_VOCAB_SIZE if tokenizer == "bytes" else LANGUAGE_RESERVED_IDS + len(vocabulary or ())
 
 
@@ -292,10 +306,17 @@ def unescape_token(line: str) -> str:
 
 
 def language_vocabulary(run_dir: str, contract: DataContract | None = None) -> list[str] | None:
-    """The characters of a language run's vocab.txt (unescaped), in id order; None for bytes.
-    `contract` is the run's when not given."""
-    if language_tokenizer(contract or read_contract(run_dir)) == "bytes":
+    """The characters of a language run's vocab.txt (unescaped), in id order; the merges of its
+    merges.txt ("LEFT RIGHT", the header dropped) for bpe; None for bytes. `contract` is the
+    run's when not given."""
+    tokenizer = language_tokenizer(contract or read_contract(run_dir))
+    if tokenizer == "bytes":
         return None
+    if tokenizer == "bpe":
+        path = RunLayout(run_dir).merges
+        if not storage.exists(path):
+            raise ContractError(f"{path}: not found; bpe runs need the merges `kcp preprocess` writes")
+        return bpe.merge_lines(bpe.parse_merges(read_lines(storage.read_text(path))))
     return [unescape_token(line) for line in read_vocabulary(run_dir)]
 
 

@@ -12,6 +12,7 @@ import math
 import keras
 import tensorflow as tf
 
+from kcp.core import bpe
 from kcp.core.contract import (ASCII_WHITESPACE, KEY_FEATURE, LABEL_FEATURE, LANGUAGE_RESERVED_IDS, LANGUAGE_UNKNOWN,
                                STRIP_PUNCTUATION, ContractError, DataContract, language_pieces,
                                language_tokenizer, language_vocabulary, read_vocabulary, text_tokenizer)
@@ -135,6 +136,12 @@ class LanguageEncoder(tf.Module):
     A `tf.Module`: the characters lookup table is a tracked resource, so an encoder set as an
     attribute of the exported module (or of a Keras layer/model) is saved with it in the
     SavedModel. `__call__` is a `tf.function` and works inside other `tf.function`s.
+
+    bpe: keras_hub's `BytePairTokenizer` (GPT-2's byte-level BPE in TensorFlow ops: its lookup
+    tables and word cache are saved with the module) with the vocabulary of `kcp.core.bpe`, whose
+    Python encoder mirrors its split. It runs on its TensorFlow path, as it always does inside a
+    `tf.function`: eagerly keras_hub 0.32 would run Hugging Face `tokenizers` with another split.
+    `vocabulary` is then the merges (merges.txt's lines).
     """
 
     def __init__(self, tokenizer: str, vocabulary: list[str] | None = None, name: str = "language_encoder"):
@@ -146,8 +153,16 @@ class LanguageEncoder(tf.Module):
                 tf.constant(vocabulary, tf.string),
                 tf.range(LANGUAGE_RESERVED_IDS, LANGUAGE_RESERVED_IDS + len(vocabulary), dtype=tf.int64))
             self.table = tf.lookup.StaticHashTable(initializer, default_value=LANGUAGE_UNKNOWN)
+        elif tokenizer == "bpe":
+            import keras_hub  # only bpe needs it (and its TensorFlow Text ops)
+
+            lines = list(vocabulary or ())
+            if not lines:
+                raise ValueError("bpe: no merges (keras_hub's BytePairTokenizer needs one at least)")
+            self.byte_pair = keras_hub.tokenizers.BytePairTokenizer(
+                vocabulary=bpe.vocabulary(bpe.parse_merges(lines), LANGUAGE_RESERVED_IDS), merges=lines, dtype="int32")
         elif tokenizer != "bytes":
-            raise ValueError(f"data.tokenizer: {tokenizer!r} is not a language tokenizer (bytes, characters)")
+            raise ValueError(f"data.tokenizer: {tokenizer!r} is not a language tokenizer (bytes, characters, bpe)")
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
     def __call__(self, texts):
@@ -155,6 +170,11 @@ class LanguageEncoder(tf.Module):
             pieces = tf.strings.bytes_split(texts)  # (batch, None) one-byte strings
             values = tf.reshape(tf.io.decode_raw(pieces.flat_values, tf.uint8), [-1])
             return pieces.with_flat_values(tf.cast(values, tf.int32) + LANGUAGE_RESERVED_IDS)
+        if self.tokenizer == "bpe":  # split at NULs first (see kcp.core.bpe.pretokenize), each NUL its byte's id
+            pieces = tf.strings.split(texts, sep="\x00")  # ragged (batch, pieces), at least one piece a text
+            ids = tf.cast(self.byte_pair.tokenize(pieces.flat_values), tf.int32)  # ragged (pieces, tokens)
+            ids = tf.concat([ids, tf.fill([ids.nrows(), 1], tf.constant(LANGUAGE_RESERVED_IDS, tf.int32))], axis=1)
+            return tf.RaggedTensor.from_row_splits(ids, pieces.row_splits).merge_dims(1, 2)[:, :-1]
         characters = tf.strings.unicode_split(texts, "UTF-8", errors="replace")  # (batch, None) code points
         return characters.with_flat_values(tf.cast(self.table.lookup(characters.flat_values), tf.int32))
 
@@ -175,7 +195,7 @@ class LanguageDecoder(tf.Module):
         count = tf.shape(self.pieces, out_type=tf.int32)[0]
         ids = tf.where((ids < 0) | (ids >= count), LANGUAGE_UNKNOWN, ids)
         joined = tf.strings.reduce_join(tf.gather(self.pieces, ids), axis=-1)  # (batch,)
-        if self.tokenizer == "bytes":
+        if self.tokenizer in ("bytes", "bpe"):  # a byte (or a bpe token) may end mid-character
             joined = tf.strings.unicode_transcode(joined, "UTF-8", "UTF-8", errors="replace",
                                                   replacement_char=0xFFFD)
         return joined

@@ -19,6 +19,8 @@ from kcp.core.errors import UserError
 SPLITS = ("train", "validation", "test")
 RUNS_ROOT = "runs"  # where runs go when no run directory is named
 DEAD_LETTER_DIR = "dead_letter"  # under RUN/data/
+MERGES_FILE = "merges.txt"  # under RUN/data/ (bpe)
+VOCABULARY_JSON_FILE = "vocab.json"  # under RUN/data/ (bpe)
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,14 @@ class RunLayout:
     @property
     def vocabulary(self) -> str:
         return self._join("data", "vocab.txt")
+
+    @property
+    def merges(self) -> str:  # bpe language runs: the merges, GPT-2's merges.txt
+        return self._join("data", MERGES_FILE)
+
+    @property
+    def vocabulary_json(self) -> str:  # bpe language runs: token -> id, GPT-2's vocab.json
+        return self._join("data", VOCABULARY_JSON_FILE)
 
     @property
     def dead_letter(self) -> str:

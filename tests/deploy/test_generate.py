@@ -3,6 +3,8 @@ over REST and gRPC. The run is tests/trainer/test_language_model.py's `language_
 
 import json
 import os
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -17,6 +19,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from deploy.serving import make_server
 from kcp import cli
 from kcp.core import contract as contract_lib
+from tests.conftest import IN_PROCESS_BEAM
 from tests.trainer.test_language_model import language_run  # noqa: F401  the session's gpt run
 import trainer.generate  # noqa: F401  registers the gpt layers for loading model.keras
 
@@ -147,3 +150,51 @@ def test_bad_generate_settings_get_one_line_errors(language_run, served, capsys)
     assert cli.main(["generate", "--run-dir", language_run, "--prompt", "a", "--max-new-tokens", "40"]) == 2
     assert capsys.readouterr().err.strip() == \
         "kcp generate: error: max_new_tokens: 40 must be an integer from 1 to 31 (the context is 32)"
+
+
+@pytest.fixture(scope="module")
+def bpe_run(tmp_path_factory):
+    """`kcp preprocess`, `train`, `export` and `validate` of a gpt with data.tokenizer=bpe on
+    language_run's tiny corpus, one epoch, context 16 (validate's 16 new tokens must shrink to fit).
+    `kcp validate` runs as its own process, which has never imported tensorflow_text: the export's
+    tokenizer holds TensorFlow Text ops, so this also checks that deploy.saved_model registers them."""
+    from tests.trainer.test_language_model import TINY_GPT, write_corpus
+
+    root = tmp_path_factory.mktemp("language_bpe")
+    run_dir = str(root / "run")
+    overrides = [*TINY_GPT, "train.epochs=1", "data.tokenizer=bpe", "data.vocab_size=320", "data.context_length=16"]
+    assert cli.main(["preprocess", "--run-dir", run_dir, "--source", f"text:{write_corpus(root / 'corpus')}",
+                     *[part for key in ["model.name=gpt", *overrides] for part in ("--set", key)],
+                     "--", *IN_PROCESS_BEAM]) == 0
+    for command in ("train", "export"):
+        assert cli.main([command, "--run-dir", run_dir]) == 0
+    validate = subprocess.run([sys.executable, "-m", "kcp.cli", "validate", "--run-dir", run_dir],
+                              capture_output=True, text=True, timeout=600)
+    assert validate.returncode == 0 and "-> blessed" in validate.stdout, validate.stderr[-2000:]
+    return run_dir
+
+
+def test_a_bpe_run_trains_in_bits_per_byte_and_exports_what_kcp_generate_prints(bpe_run, capsys):
+    contract = contract_lib.read_contract(bpe_run)
+    statistics, merges = contract.statistics, contract_lib.language_vocabulary(bpe_run)
+    assert statistics["tokenizer"] == "bpe" and statistics["vocab_size"] == 259 + len(merges) > 259
+    # bits per byte divide by the bytes the target tokens encode: about 3 bytes a token here, not 1
+    test = json.load(open(os.path.join(bpe_run, "train", "metrics.json")))["test"]
+    assert statistics["target_bytes"]["test"] > 2 * statistics["tokens"]["test"]
+    assert test["bits_per_byte"] == pytest.approx(test["nats_per_token"] * statistics["tokens"]["test"] /
+                                                  statistics["target_bytes"]["test"] / np.log(2), rel=1e-6)
+    loaded = tf.saved_model.load(os.path.join(bpe_run, "export", "model", "1"))
+    texts = ["def f3_1(x):\n    return x * 1 + 3\n", "", "  é\u00a0日本 \t\n\n  x\x00y", "x = 1\n" * 12]
+    scores = loaded.signatures["score"](texts=tf.constant([text.encode("utf-8") for text in texts]))
+    ids = [contract_lib.encode_language(text, "bpe", merges) for text in texts]
+    assert scores["tokens"].numpy().tolist() == [len(row) + 1 for row in ids]
+    assert len(ids[0]) < len(texts[0]) / 2  # merged
+    model = keras.saving.load_model(os.path.join(bpe_run, "train", "model.keras"), compile=False)
+    for index, row in enumerate(ids):  # the graph scores the pipeline's ids, token for token
+        assert scores["log_probability"].numpy()[index] == pytest.approx(
+            keras_log_probability(model, row, int(statistics["context_length"])), abs=1e-3)
+    printed = kcp_generate(bpe_run, "def f", 3, capsys)
+    exported = loaded.signatures["generate"](prompts=tf.constant([b"def f"]), seed=tf.constant(3), **{
+        key: tf.constant(value) for key, value in SETTINGS.items()})["completions"].numpy()[0]
+    assert exported.decode("utf-8", errors="replace") == printed and printed  # what `kcp serve` runs
+

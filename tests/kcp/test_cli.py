@@ -121,6 +121,13 @@ def test_describe_model_shows_the_family_config_with_its_defaults(capsys):
     assert "resnet8_v1" in out and "Total params:" in out
 
 
+def test_describe_model_shows_what_a_data_dependent_default_comes_to(capsys):
+    code = cli.main(["describe-model", "--model", "resnet", "--set", "model.depth=8", "--input-shape", "12",
+                     "--vocab-size", "50", "--num-classes", "3"])
+    assert code == 0
+    assert "  width: 0 (applied: 64)" in capsys.readouterr().out.split("\n")  # text: the embedding's width
+
+
 def test_a_key_of_another_family_exits_2_naming_the_family(capsys):
     code = cli.main(["describe-model", "--model", "rnn", "--set", "model.depth=8", "--input-shape", "8,3",
                      "--num-classes", "2"])

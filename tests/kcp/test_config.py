@@ -154,7 +154,9 @@ def test_gpt_without_a_source_reads_the_python_stdlib_with_bytes(gpt_family, tmp
     assert (recorded["source"], recorded["tokenizer"]) == ("python-stdlib", "bytes")  # the applied values
     assert load_config([], ["model.name=gpt", "data.source=text:corpus/"]).data.source == "text:corpus/"
     assert load_config([], ["model.name=gpt", "data.source=digits"]).data.source == "digits"  # a user's choice stays
-    assert load_config().data.tokenizer == "words"  # text classification's default
+    # text classification's default: punctuation marks are tokens (code, identifiers, lines of punctuation)
+    assert load_config().data.tokenizer == "words_and_punctuation"
+    assert load_config([], ["data.tokenizer=words"]).data.tokenizer == "words"  # the old default, by choice
     assert load_config([], ["data.source=text:c", "data.tokenizer=characters"]).data.tokenizer == "characters"
 
 
@@ -178,5 +180,5 @@ def test_a_recorded_tokenizer_is_dropped_when_the_source_changes_kind(gpt_family
 
     record_config(str(tmp_path), resolve_config(str(tmp_path), model="gpt"))
     config = resolve_config(str(tmp_path), source="csv:t.csv", model="cnn")
-    assert (config.data.source, config.data.tokenizer) == ("csv:t.csv", "words")
+    assert (config.data.source, config.data.tokenizer) == ("csv:t.csv", "words_and_punctuation")
     assert resolve_config(str(tmp_path)).data.source == "python-stdlib"  # the recorded source is the user's now

@@ -42,12 +42,14 @@ def test_python_and_in_graph_tokenizers_agree_token_for_token(tmp_path, tokenize
 
 
 def test_the_tokenizers_of_text_and_of_language_data():
-    assert TOKENIZERS == ("words", "words_and_punctuation", "characters", "bytes")
-    assert contract_lib.LANGUAGE_TOKENIZERS == ("bytes", "characters")
+    assert TOKENIZERS == ("words", "words_and_punctuation", "characters", "bytes", "bpe")
+    assert contract_lib.LANGUAGE_TOKENIZERS == ("bytes", "characters", "bpe")
     with pytest.raises(ValueError, match="data.tokenizer: 'bytes' is not one of words, words_and_punctuation"):
         tokenize_text("x", "bytes")  # bytes is for language data (contract.encode_language)
     assert contract_lib.encode_language("é\n", "bytes") == [0xC3 + 3, 0xA9 + 3, ord("\n") + 3]
     assert contract_lib.encode_language("é\nz", "characters", ["\n", "é"]) == [4, 3, contract_lib.LANGUAGE_UNKNOWN]
+    # bpe: the bytes' ids, then one id per merge (GPT-2's byte symbols: 0xC3 "Ã", 0xA9 "©")
+    assert contract_lib.encode_language("é\nz", "bpe", ["Ã ©"]) == [259, ord("\n") + 3, ord("z") + 3]
 
 
 def test_what_each_tokenizer_makes_of_a_line():

@@ -1,6 +1,8 @@
 """Language-modelling data: text corpora (text:PATH, python-stdlib) -> packed token blocks and the
 `language` contract; the Python codec and the in-graph encoder/decoder agree token for token."""
 
+import collections
+import functools
 import math
 import os
 import sysconfig
@@ -9,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from kcp.core import bpe
 from kcp.core import contract as contract_lib
 from kcp.core import examples as example_lib
 from kcp.core.config import load_config
@@ -210,10 +213,22 @@ def test_bits_per_byte_divides_the_targets_loss_by_their_bytes(bytes_run):
     assert expected > 1.5 / math.log(2)
 
 
+@functools.lru_cache(maxsize=None)
+def codec(tokenizer: str):
+    """(vocabulary, in-graph encoder) of each tokenizer, built once: tracing keras_hub's BPE takes seconds.
+    The vocabulary: bpe, 40 merges learned from TRICKY and DOCUMENTS; characters, a fixed list."""
+    vocabulary = None
+    if tokenizer == "characters":
+        vocabulary = list("abcdefghijklmnopqrstuvwxyz \n\tçé😀日本")
+    if tokenizer == "bpe":
+        counts = collections.Counter(word for text in [*TRICKY, *DOCUMENTS.values()] for word in bpe.pretokenize(text))
+        vocabulary = bpe.merge_lines(bpe.learn_merges(counts, 40))
+    return vocabulary, example_lib.LanguageEncoder(tokenizer, vocabulary)
+
+
 @pytest.mark.parametrize("tokenizer", contract_lib.LANGUAGE_TOKENIZERS)
 def test_in_graph_encoder_and_decoder_equal_the_python_codec_also_after_saving(tmp_path, tokenizer):
-    vocabulary = list("abcdefghijklmnopqrstuvwxyz \n\tçé😀日本") if tokenizer == "characters" else None
-    encoder = example_lib.LanguageEncoder(tokenizer, vocabulary)
+    vocabulary, encoder = codec(tokenizer)
     decoder = example_lib.LanguageDecoder(tokenizer, vocabulary)
     expected = [encode_language(text, tokenizer, vocabulary) for text in TRICKY]
     ragged = encoder(tf.constant(TRICKY))
@@ -229,13 +244,91 @@ def test_in_graph_encoder_and_decoder_equal_the_python_codec_also_after_saving(t
     module.encoder, module.decoder = encoder, decoder
     module.round_trip = tf.function(lambda texts: decoder(encoder(texts).to_tensor(default_value=LANGUAGE_PAD)),
                                     input_signature=[tf.TensorSpec([None], tf.string)])
-    tf.saved_model.save(module, str(tmp_path / "saved"))
-    loaded = tf.saved_model.load(str(tmp_path / "saved"))
-    assert loaded.encoder(tf.constant(TRICKY)).to_list() == expected
-    trip = [text.decode("utf-8") for text in loaded.round_trip(tf.constant(TRICKY)).numpy()]
+    if tokenizer != "bpe":  # saving keras_hub's BPE takes seconds: each bpe export does (tests/deploy/test_generate.py)
+        tf.saved_model.save(module, str(tmp_path / "saved"))
+        module = tf.saved_model.load(str(tmp_path / "saved"))
+        assert module.encoder(tf.constant(TRICKY)).to_list() == expected
+    trip = [text.decode("utf-8") for text in module.round_trip(tf.constant(TRICKY)).numpy()]
     assert trip == [decode_language(ids, tokenizer, vocabulary) for ids in expected]
-    if tokenizer == "bytes":
+    if tokenizer in ("bytes", "bpe"):
         assert trip == TRICKY  # nothing is out of vocabulary
     dataset = tf.data.Dataset.from_tensor_slices(TRICKY).batch(3).map(lambda texts: encoder(texts).to_tensor())
     rows = [row.tolist() for batch in dataset.as_numpy_iterator() for row in batch]
     assert [row[:len(ids)] for row, ids in zip(rows, expected)] == expected
+
+
+# --- bpe ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bpe_run(corpus, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("lm_bpe"))
+    return run_dir, preprocess(corpus, run_dir, "data.tokenizer=bpe", "data.vocab_size=300")
+
+
+def test_bpe_merges_are_learned_deterministically_most_frequent_pair_first():
+    counts = {"aaab": 3, "ab": 2, " ab": 2, "ba": 1}
+    # pairs: (a,a) 6, (a,b) 7, (" "->"Ġ",a) 2, (b,a) 1 -> ab first; then (a,a) 3 + (a,ab) 3: ties go to the
+    # smaller pair, ("a", "a") < ("a", "ab"); then (a, ab) 3, (Ġ, ab) 2; (b, a) 1 is below min_count
+    expected = [("a", "b"), ("a", "a"), ("aa", "ab"), ("Ġ", "ab")]
+    assert bpe.learn_merges(counts, 10) == expected
+    assert bpe.learn_merges(dict(reversed(list(counts.items()))), 10) == expected  # the order of the counts
+    assert bpe.learn_merges(counts, 2) == expected[:2]
+    assert bpe.learn_merges(counts, 10, min_count=1)[-1] == ("b", "a")
+    encoder = bpe.Encoder(expected, 3)
+    assert encoder.encode("aaab ab ba") == [259 + 2, 259 + 3, 3 + ord(" "), 3 + ord("b"), 3 + ord("a")]
+
+
+def test_bpe_preprocess_learns_the_train_split_s_merges_and_packs_its_ids(bpe_run):
+    import json
+
+    run_dir, contract = bpe_run
+    assigned = documents_by_split()
+    counts = collections.Counter(word for name in assigned["train"] for word in bpe.pretokenize(DOCUMENTS[name]))
+    merges = contract_lib.language_vocabulary(run_dir)
+    # at most 300 - 259 merges; fewer here: the tiny corpus runs out of pairs seen twice (data.min_count)
+    assert merges == bpe.merge_lines(bpe.learn_merges(counts, 300 - 259)) and 20 < len(merges) < 41
+    assert contract.statistics["vocab_size"] == 259 + len(merges) and contract.statistics["tokenizer"] == "bpe"
+    data_dir = contract_lib.data_dir(run_dir)
+    with open(os.path.join(data_dir, "merges.txt"), encoding="utf-8") as handle:
+        assert handle.read().splitlines() == ["#version: 0.2", *merges]  # GPT-2's merges.txt
+    with open(os.path.join(data_dir, "vocab.json"), encoding="utf-8") as handle:
+        ids = json.load(handle)
+    assert ids["a"] == 3 + ord("a") and ids["Ġ"] == 3 + ord(" ")
+    assert sorted(ids.values()) == list(range(3, 259 + len(merges)))
+    pieces = contract_lib.language_pieces("bpe", merges)
+    for split, names in assigned.items():
+        blocks, _ = read_blocks(run_dir, contract, split)
+        stream = [token for name in names for token in encode_language(DOCUMENTS[name], "bpe", merges) + [2]]
+        np.testing.assert_array_equal(blocks.ravel(), stream + [LANGUAGE_PAD] * (-len(stream) % (CONTEXT + 1)))
+        assert decode_language(blocks.ravel(), "bpe", merges) == "".join(DOCUMENTS[name] + "\n\n" for name in names)
+        # bits per byte count bytes: each target id counts the bytes of its token, not 1 (separators 0)
+        targets = blocks[:, 1:].ravel()
+        assert contract.statistics["target_bytes"][split] == sum(len(pieces[token]) for token in targets if token > 2)
+        assert contract.statistics["tokens"][split] == int((targets != LANGUAGE_PAD).sum())
+    assert contract.statistics["tokens"]["train"] < contract.statistics["target_bytes"]["train"] * 0.8  # it merges
+
+
+def test_bpe_needs_room_for_merges_and_language_data(corpus, tmp_path):
+    with pytest.raises(Exception, match=r"^data.tokenizer: bpe learned no merges: no pair of bytes is seen "
+                                        r"data.min_count=1000 times in the train split"):
+        preprocess(corpus, str(tmp_path / "none"), "data.tokenizer=bpe", "data.min_count=1000")
+    with pytest.raises(Exception, match=r"data.vocab_size: 259 leaves bpe no merges"):
+        load_config([], ["data.source=python-stdlib", "data.tokenizer=bpe", "data.vocab_size=259"])
+    with pytest.raises(Exception, match=r"data.tokenizer: 'bpe' is not for text classification"):
+        load_config([], ["data.source=digits", "data.tokenizer=bpe"])
+
+
+def test_bpe_in_graph_ids_equal_the_pipeline_s_on_random_text():
+    """keras_hub's graph split and kcp/core/bpe.py's mirror of it, on strings of the characters
+    where they could part: ASCII and unicode whitespace runs, contractions, digits, marks, NUL,
+    U+096C (keras_hub's marker), U+0085 and U+2028 (whitespace to Python, not to RE2), emoji."""
+    import random
+
+    rng = random.Random(16)
+    alphabet = [*" \t\n\r\x0b\x0c\x00\u00a0\u2009\u202f\u3000\u096c\u0085\u2028ab'sZ9٣é中😀.,:_()#\"", "'s", "'ll",
+                "  ", "\n\n", "def"]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 24))) for _ in range(400)]
+    merges, encoder = codec("bpe")
+    assert encoder(tf.constant([text.encode("utf-8") for text in texts])).to_list() == \
+        [encode_language(text, "bpe", merges) for text in texts]
+    assert decode_language(encode_language("a\u096cb", "bpe", merges), "bpe", merges) == "ab"  # the marker goes

@@ -13,7 +13,7 @@ from kcp import cli
 from kcp.core import contract as contract_lib
 from kcp.core import examples as example_lib
 from kcp.core.config import load_config
-from kcp.core.contract import standardize_text
+from kcp.core.contract import tokenize_text
 from kcp.core.sources import SourceError, plan_source
 from pipeline import splits
 from pipeline.preprocess import run_preprocess
@@ -176,12 +176,14 @@ def test_text_tables(tmp_path, kind):
     assert contract.modality == "text" and contract.class_names == ("neg", "pos")
     assert contract.bad_examples == 5  # the empty texts, all in the test split
     assert {s: i.count for s, i in contract.splits.items()} == {"train": 30, "validation": 5, "test": 0}
+    assert contract.statistics["tokenizer"] == "words_and_punctuation"  # the default: marks are tokens
     tokens = collections.Counter(t for text, s in zip(TEXTS, split_values) if s == "train"
-                                 for t in standardize_text(text))
+                                 for t in tokenize_text(text, "words_and_punctuation"))
     expected = sorted([t for t, c in tokens.items() if c >= 2], key=lambda t: (-tokens[t], t))
     assert contract_lib.read_vocabulary(run_dir) == expected
     assert contract.statistics["vocab_size"] == len(expected) + 2
-    lengths = sorted(len(standardize_text(t)) for t, s in zip(TEXTS, split_values) if s == "train")
+    lengths = sorted(len(tokenize_text(t, "words_and_punctuation"))
+                     for t, s in zip(TEXTS, split_values) if s == "train")
     assert contract.statistics["max_length"] == lengths[int(np.ceil(0.95 * len(lengths))) - 1]
 
 

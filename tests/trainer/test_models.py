@@ -17,7 +17,7 @@ SPECS = {
 }
 SMALL = {  # small settings of each family, so the whole table runs in a couple of minutes
     "cnn": ["model.filters=[16, 32]"],
-    "resnet": ["model.depth=8", "model.width=8"],
+    "resnet": ["model.depth=8", "model.width=8", "model.embedding_dropout=0.0"],
     "rnn": ["model.units=32"],
     "transformer": ["model.dim=32", "model.heads=2", "model.mlp_dim=64", "model.patch_size=2"],
 }
@@ -131,6 +131,23 @@ def test_resnet_v2_is_pre_activation():
     model = build_model(ModelInputs("image", (32, 32, 3), 10), config)
     names = [layer.name for layer in model.layers]
     assert "conv2_block1_preact_bn" in names and "post_bn" in names and "conv1_bn" not in names
+
+
+def test_resnet_on_text_is_as_wide_as_the_embedding_unless_told():
+    config = load_config([], ["model.name=resnet", "model.depth=8", "model.dim=24"]).model
+    assert build_model(SPECS["text"], config).get_layer("conv1_conv").filters == 24  # no 24 -> 16 squeeze
+    assert build_model(SPECS["image"], config).get_layer("conv1_conv").filters == 16
+    assert config.family.applied(SPECS["text"]) == {"width": 24}
+    assert config.family.applied(SPECS["image"]) == {"width": 16}
+    told = load_config([], ["model.name=resnet", "model.depth=8", "model.width=8"]).model
+    assert build_model(SPECS["text"], told).get_layer("conv1_conv").filters == 8
+
+
+def test_resnet_drops_30_percent_of_the_text_embedding_by_default():
+    config = load_config([], ["model.name=resnet", "model.depth=8", "model.width=8"]).model
+    assert build_model(SPECS["text"], config).get_layer("embedding_dropout").rate == 0.3
+    off = load_config([], ["model.name=resnet", "model.depth=8", "model.width=8", "model.embedding_dropout=0"]).model
+    assert "embedding_dropout" not in [layer.name for layer in build_model(SPECS["text"], off).layers]
 
 
 @pytest.mark.parametrize("depth", [21, 9, 100])

@@ -111,11 +111,17 @@ def augmentation_layers(config: ModelConfig):
     return keras.Sequential(steps, name="augment")
 
 
-def token_embedding(tokens, spec: ModelInputs, dim: int, *, mask_zero: bool, name: str = "token_embedding"):
-    """Embeds int token ids; id 0 is padding (masked for layers that support masks)."""
+def token_embedding(tokens, spec: ModelInputs, dim: int, *, mask_zero: bool, dropout: float = 0.0,
+                    name: str = "token_embedding"):
+    """Embeds int token ids; id 0 is padding (masked for layers that support masks). With `dropout`,
+    a Dropout layer `embedding_dropout` follows (training only; it passes the mask on), as in
+    keras-io's text classification from scratch (Dropout after the embedding)."""
     import keras
 
-    return keras.layers.Embedding(spec.vocab_size, dim, mask_zero=mask_zero, name=name)(tokens)
+    x = keras.layers.Embedding(spec.vocab_size, dim, mask_zero=mask_zero, name=name)(tokens)
+    if dropout > 0:
+        x = keras.layers.Dropout(dropout, name="embedding_dropout")(x)
+    return x
 
 
 KERAS_BATCH_NORM_MOMENTUM = 0.99

@@ -71,7 +71,10 @@ class GPTConfig:
     # keys): nanoGPT's recipe for small GPTs, AdamW with weight decay 0.1 on the matrices only
     # (trainer/train.py), a short linear warmup then cosine decay, clipping at global norm 1, and
     # the validation loss as the monitor and tuning objective: there is no accuracy to maximise.
+    # data.vocab_size 4096 (ids in all) bounds the learned vocabularies of language data: bpe
+    # learns 4096 - 259 merges at most, a few thousand, as fits a corpus of a few MB.
     training_defaults: ClassVar[dict] = {
+        "data": {"vocab_size": 4096},
         "train": {"optimizer": "adamw", "learning_rate": 2e-3, "weight_decay": 0.1, "clip_norm": 1.0,
                   "schedule": "cosine", "warmup_epochs": 0.1, "monitor": "val_loss"},
         "tune": {"objective": "val_loss", "direction": "min"},
