@@ -131,15 +131,16 @@ def tokenize_document(document, tokenizer: str, groups: dict, vocabulary=None):
     else:
         lengths = utf8_lengths(text)
     group = int(splits.stable_fraction(key, "pack") * groups[split])
-    return (split, group), (key, ids, np.append(lengths, np.uint8(0)), len(text.encode("utf-8")))
+    return (split, group), (key, ids, np.append(lengths, 0).astype(lengths.dtype), len(text.encode("utf-8")))
 
 
 @functools.lru_cache(maxsize=4)
 def bpe_piece_lengths(lines: tuple) -> np.ndarray:
-    """The bytes each bpe id encodes (uint8, indexed by id; 0 for the reserved ids)."""
+    """The bytes each bpe id encodes (int32, indexed by id; 0 for the reserved ids): a token may be
+    longer than 255 bytes (a run of `=` or spaces repeated across a corpus merges on and on)."""
     pieces = contract_lib.language_pieces("bpe", list(lines))
     return np.array([0] * contract_lib.LANGUAGE_RESERVED_IDS + [len(piece) for piece in
-                                                                pieces[contract_lib.LANGUAGE_RESERVED_IDS:]], np.uint8)
+                                                                pieces[contract_lib.LANGUAGE_RESERVED_IDS:]], np.int32)
 
 
 def pack_blocks(documents, context_length: int):

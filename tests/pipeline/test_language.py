@@ -278,6 +278,17 @@ def test_bpe_merges_are_learned_deterministically_most_frequent_pair_first():
     assert encoder.encode("aaab ab ba") == [259 + 2, 259 + 3, 3 + ord(" "), 3 + ord("b"), 3 + ord("a")]
 
 
+def test_a_bpe_token_longer_than_255_bytes_counts_all_its_bytes():
+    """Nine merges make one token of 512 `=`: bits per byte must divide by 512 bytes, not 512 % 256."""
+    from pipeline.language import tokenize_document
+
+    merges = bpe.merge_lines([("=" * 2 ** k, "=" * 2 ** k) for k in range(9)])
+    _, (_, ids, target_bytes, size) = tokenize_document(("train", "doc", "=" * 512 + "\n"), "bpe", {"train": 1},
+                                                        merges)
+    assert ids.tolist() == [259 + 8, 3 + ord("\n"), LANGUAGE_SEPARATOR]
+    assert target_bytes.tolist() == [512, 1, 0] and size == 513
+
+
 def test_bpe_preprocess_learns_the_train_split_s_merges_and_packs_its_ids(bpe_run):
     import json
 
