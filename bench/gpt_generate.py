@@ -57,7 +57,7 @@ def main(argv=None) -> None:
     import numpy as np
     import tensorflow as tf
 
-    from kcp.core.config import load_config
+    from kcp.core.config_load import load_config
     from trainer.generate import generate_tokens
     from trainer.models import ModelInputs, build_model
 

@@ -69,7 +69,7 @@ def main(argv=None) -> None:
     import keras
     import numpy as np
 
-    from kcp.core.config import load_config
+    from kcp.core.config_load import load_config
     from trainer.models.common import ModelInputs
     from trainer.models.gpt import build
 

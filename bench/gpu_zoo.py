@@ -40,7 +40,7 @@ def digits_arrays():
 def train_digits(family: str, epochs: int) -> dict:
     import keras
 
-    from kcp.core.config import load_config
+    from kcp.core.config_load import load_config
     from trainer.callbacks import ThroughputTimer, examples_per_second, learning_rate, steps_per_epoch
     from trainer.models import ModelInputs, build_model
     from trainer.train import make_optimizer
@@ -68,7 +68,7 @@ def throughput(name: str, family: str, spec_args: dict, overrides: list, batch: 
     import keras
     import numpy as np
 
-    from kcp.core.config import load_config
+    from kcp.core.config_load import load_config
     from trainer.callbacks import ThroughputTimer, examples_per_second
     from trainer.models import ModelInputs, build_model
 

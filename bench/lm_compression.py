@@ -44,7 +44,7 @@ def held_out_text(run_dir: str, split: str = "test") -> bytes:
     """The `split` documents of the run, in key order, each followed by the separator text, as UTF-8."""
     import trainer.models  # noqa: F401  (registers the families the run's config.yaml names)
     from kcp.core import contract as contract_lib
-    from kcp.core.config import resolve_config
+    from kcp.core.config_load import resolve_config
     from kcp.core.sources.corpus import decode_document, stdlib_files, stdlib_root
     from pipeline.splits import stable_split
 

@@ -125,7 +125,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import trainer.models  # noqa: F401  registers the families
-    from kcp.core.config import load_config
+    from kcp.core.config_load import load_config
     from pipeline.preprocess import run_preprocess
     from trainer.train import train
 

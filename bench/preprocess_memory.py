@@ -43,7 +43,7 @@ def graph_bytes(csv_path: str, workdir: str) -> int:
     from apache_beam.options.pipeline_options import PipelineOptions
 
     import trainer.models  # noqa: F401  registers the families the config loader checks
-    from kcp.core.config import load_config
+    from kcp.core.config_load import load_config
     from kcp.core.sources import plan_source
     from pipeline.preprocess import build_pipeline
 

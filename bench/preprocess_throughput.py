@@ -36,7 +36,7 @@ def make_images(root: str, count: int) -> None:
 def plain_loop(root: str, copies: int, output: str) -> int:
     import tensorflow as tf
 
-    from kcp.core.config import load_config
+    from kcp.core.config_load import load_config
     from pipeline.augment import augmented_copies
     from kcp.core.contract import FeatureSpec
     from kcp.core.example_proto import encode_example
@@ -70,7 +70,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import trainer.models  # noqa: F401  registers the model families, whose keys the config loader validates
-    from kcp.core.config import load_config
+    from kcp.core.config_load import load_config
     from pipeline.preprocess import run_preprocess
 
     work = tempfile.mkdtemp(prefix="kcp-bench-")

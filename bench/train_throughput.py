@@ -31,7 +31,7 @@ def main() -> None:
     import keras
     import numpy as np
 
-    from kcp.core.config import load_config
+    from kcp.core.config_load import load_config
     from kcp.core import contract as contract_lib
     from kcp.core import examples as example_lib
     from pipeline.preprocess import run_preprocess

@@ -23,7 +23,7 @@ def main() -> None:
     parser.add_argument("--model", default="cnn")
     args = parser.parse_args()
 
-    from kcp.core.config import load_config
+    from kcp.core.config_load import load_config
     from pipeline.preprocess import run_preprocess
     from tuning.search import run_search
 

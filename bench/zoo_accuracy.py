@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
 
-    from kcp.core.config import load_config
+    from kcp.core.config_load import load_config
     from pipeline.preprocess import run_preprocess
     from trainer.train import train
 

@@ -35,7 +35,8 @@ from deploy.push import push_export
 from kcp.core import contract as contract_lib
 from kcp.core import storage
 from kcp.core.cluster import is_cluster_helper
-from kcp.core.config import Config, record_config, resolve_config
+from kcp.core.config import Config
+from kcp.core.config_load import record_config, resolve_config
 from kcp.core.contract import GENERATE_DEFAULTS, DataContract
 from kcp.core.errors import UserError
 from kcp.core.layout import RunLayout, new_run_dir, newest_run

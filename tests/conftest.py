@@ -27,7 +27,7 @@ def digits_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def digits_data(tmp_path_factory):
     """A preprocessed digits run directory to train on (no training yet)."""
-    from kcp.core.config import load_config
+    from kcp.core.config_load import load_config
     from pipeline.preprocess import run_preprocess
 
     run_dir = str(tmp_path_factory.mktemp("digits_data"))

@@ -16,7 +16,8 @@ padding; each split gets `nats_per_token`, `perplexity` and `bits_per_byte` (exa
 weighted, converted with the contract's token and byte counts), no confusion matrix, and
 samples.jsonl: a greedy completion of a fixed prompt after every epoch. The gpt family's
 training defaults (AdamW, warmup + cosine, clipping, `val_loss`) are its config's
-`training_defaults`, applied when the config is loaded (kcp/core/config.py).
+`training_defaults`, applied when the config is loaded (kcp/core/config_load.py); the
+language metrics are in trainer/language_metrics.py.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import sys
 import time
 
@@ -41,6 +41,7 @@ from trainer.callbacks import (AtomicBackupAndRestore, EpochHistory, LanguageMet
                                StopOnNonFiniteLoss, ThroughputTimer, examples_per_second, learning_rate,
                                steps_per_epoch)
 from trainer.data import make_dataset
+from trainer.language_metrics import NatsPerToken, language_split_metrics
 from kcp.core.cluster import num_workers
 from trainer.distribute import choose_strategy
 from trainer.models import ModelInputs, build_model
@@ -80,49 +81,6 @@ def _optimizer(config: TrainConfig, rate):
 def one_hot_labels(config: TrainConfig) -> bool:
     """Labels are sparse class ids, unless label smoothing needs one-hot ones."""
     return config.label_smoothing > 0
-
-
-@keras.saving.register_keras_serializable(package="kcp")
-class NatsPerToken(keras.metrics.Metric):
-    """Cross-entropy in nats per target token, padding (LANGUAGE_PAD) left out: the sum over
-    every real token of the epoch divided by their count, so unlike the loss (a mean of per-batch
-    means) it does not depend on how padding falls into batches. From logits."""
-
-    def __init__(self, name: str = "nats_per_token", **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.total = self.add_variable(shape=(), initializer="zeros", dtype="float64", aggregation="sum",
-                                       name="total")
-        self.count = self.add_variable(shape=(), initializer="zeros", dtype="float64", aggregation="sum",
-                                       name="count")
-
-    def update_state(self, y_true, y_pred, sample_weight=None):
-        targets = keras.ops.cast(y_true, "int32")
-        real = keras.ops.not_equal(targets, contract_lib.LANGUAGE_PAD)
-        losses = keras.ops.sparse_categorical_crossentropy(targets, keras.ops.cast(y_pred, "float32"), from_logits=True)
-        losses = keras.ops.where(real, losses, keras.ops.zeros_like(losses))
-        self.total.assign_add(keras.ops.cast(keras.ops.sum(losses), "float64"))
-        self.count.assign_add(keras.ops.cast(keras.ops.sum(keras.ops.cast(real, "int32")), "float64"))
-
-    def result(self):
-        return keras.ops.cast(keras.ops.divide_no_nan(self.total, self.count), "float32")
-
-
-def language_split_metrics(nats_per_token: float, contract, splits) -> dict:
-    """perplexity and bits_per_byte of a split (or several fitted as one) from its nats per token."""
-    return {"perplexity": float(math.exp(min(nats_per_token, 700.0))),
-            "bits_per_byte": bits_per_byte(nats_per_token, contract, splits)}
-
-
-def bits_per_byte(nats_per_token: float, contract, splits) -> float:
-    """Bits per byte of the text behind `splits` (a name or a list): nats/token x tokens/bytes / ln 2."""
-    names = [splits] if isinstance(splits, str) else list(splits)
-    if len(names) == 1:
-        return float(contract_lib.bits_per_byte(nats_per_token, contract, names[0]))
-    # several splits fitted as one: the token-weighted mean of each split's conversion
-    statistics = contract.statistics
-    encoded = statistics.get("target_bytes", statistics["bytes"])
-    nats = nats_per_token * sum(statistics["tokens"][name] for name in names)
-    return float(nats / math.log(2) / sum(encoded[name] for name in names))
 
 
 def loss_and_metrics(config: TrainConfig, num_classes: int, modality: str = "image"):

@@ -18,7 +18,8 @@ from __future__ import annotations
 import json
 
 import trainer.models  # noqa: F401  registers the model families, whose keys the config loader validates
-from kcp.core.config import MODEL_FAMILIES, Config, ConfigError, load_config
+from kcp.core.config import MODEL_FAMILIES, Config, ConfigError
+from kcp.core.config_load import load_config
 
 
 def search_space(config: Config) -> dict:

@@ -18,7 +18,7 @@ import traceback
 import trainer.models  # noqa: F401  registers the model families, whose keys the config loader validates
 from kcp.cli.parser import COMMANDS, build_parser
 from kcp.core.quiet import filtered_stderr
-from kcp.core.config import resolve_config
+from kcp.core.config_load import resolve_config
 from kcp.core.errors import UserError
 from kcp.core.layout import new_run_dir, newest_run
 

@@ -24,14 +24,11 @@ from typing import Any, Optional
 
 import yaml
 
-from kcp.core import storage
 from kcp.core.contract import BYTE_VOCAB_SIZE, DEFAULT_TEXT_TOKENIZER, LANGUAGE_TOKENIZERS, TEXT_TOKENIZERS, TOKENIZERS
-from kcp.core.layout import RunLayout
-from kcp.core.schema import (ConfigError, build, coerce, merge, option, parse_override, read_yaml_file,
-                              to_plain)
+from kcp.core.schema import ConfigError, build, coerce, option, parse_override, read_yaml_file, to_plain
 
 __all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "TuneConfig", "ExportConfig",
-           "MODEL_FAMILIES", "model_family", "option", "load_config", "parse_override", "read_yaml_file",
+           "MODEL_FAMILIES", "model_family", "option", "parse_override", "read_yaml_file",
            "is_language_source"]
 
 # Sources whose documents are language-modelling data (modality `language`, kcp/core/sources/corpus.py),
@@ -297,85 +294,3 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-def load_config(layers: list[dict] = (), overrides: list[str] = (), *, base: dict | None = None) -> Config:
-    """Builds a Config from dict layers (lowest precedence first) and --set overrides.
-
-    `base` is a config recorded earlier (a run's config.yaml, the config a tuning trial
-    starts from), below every layer. When the layers choose another model family, the
-    recorded family's own keys are dropped: they describe a model no longer asked for. Likewise
-    the recorded data.tokenizer when the layers switch between language and other sources.
-    A language family (gpt) with no data.source in any layer or the base reads
-    DEFAULT_LANGUAGE_SOURCE (python-stdlib), so `kcp run --model gpt` works with no data.
-
-    A family's `training_defaults` (a ClassVar of its config dataclass, e.g. gpt's AdamW, warmup
-    and cosine, clipping, `val_loss`) lie above the shared defaults and below the base and the
-    layers. When the family changes, the base loses every key any family has a training default
-    for, so the new family's (or the shared) defaults apply rather than the old family's.
-    """
-    values: dict = {}
-    for layer in layers:
-        values = merge(values, layer)
-    for text in overrides:
-        values = merge(values, parse_override(text))
-    if base:
-        base_model = dict(base.get("model") or {})
-        chosen = (values.get("model") or {}).get("name", base_model.get("name"))
-        if chosen != base_model.get("name"):
-            base = {**base, "model": {k: v for k, v in base_model.items() if k in ModelConfig.shared_keys()}}
-            base = drop_keys(base, family_default_keys())
-        base_data, data = base.get("data"), values.get("data")
-        if isinstance(base_data, dict) and isinstance(data, dict) and isinstance(data.get("source"), str) and \
-                isinstance(base_data.get("source"), str) and \
-                is_language_source(data["source"]) != is_language_source(base_data["source"]):
-            base = {**base, "data": {k: v for k, v in base_data.items() if k != "tokenizer"}}
-        values = merge(base, values)
-    model = values.get("model") or {}
-    name = model.get("name", ModelConfig.name) if isinstance(model, dict) else None
-    family = MODEL_FAMILIES.get(name) if isinstance(name, str) else None
-    if family is not None:
-        values = merge(dict(getattr(family, "training_defaults", {})), values)
-    data = values.get("data") or {}
-    if isinstance(data, dict) and "source" not in data and family is not None and \
-            "language" in getattr(family, "modalities", ()):
-        values = merge(values, {"data": {"source": DEFAULT_LANGUAGE_SOURCE}})
-    return build(Config, values, "")
-
-
-def family_default_keys() -> dict:
-    """{section: {key, ...}} of every key some family has a training default for."""
-    keys: dict = {}
-    for family in MODEL_FAMILIES.values():
-        for section, values in getattr(family, "training_defaults", {}).items():
-            keys.setdefault(section, set()).update(values)
-    return keys
-
-
-def drop_keys(values: dict, keys: dict) -> dict:
-    """`values` without the {section: {key, ...}} `keys`."""
-    return {section: ({k: v for k, v in content.items() if k not in keys[section]}
-                      if section in keys and isinstance(content, dict) else content)
-            for section, content in values.items()}
-
-
-def resolve_config(run_dir: str | None, config_file: str | None = None, source: str | None = None,
-                   model: str | None = None, overrides=()) -> Config:
-    """What a command runs with: defaults <- RUN/config.yaml <- `config_file` <- `source`/`model`
-    <- `overrides` ("section.key=value"), in that order."""
-    recorded = None
-    if run_dir and storage.exists(RunLayout(run_dir).config):
-        recorded = read_yaml_file(RunLayout(run_dir).config)
-    layers = [read_yaml_file(config_file)] if config_file else []
-    if source:
-        layers.append({"data": {"source": source}})
-    if model:
-        layers.append({"model": {"name": model}})
-    return load_config(layers, list(overrides), base=recorded)
-
-
-def record_config(run_dir: str, config: Config) -> None:
-    """RUN/config.yaml: the resolved config of the last stage that produced something, with the
-    applied defaults written out (data.source for gpt, data.tokenizer), so a rerun reads them."""
-    storage.makedirs(run_dir)
-    storage.write_text_atomic(RunLayout(run_dir).config, config.to_yaml())

@@ -4,7 +4,8 @@ import re
 import pytest
 import yaml
 
-from kcp.core.config import Config, ConfigError, load_config, parse_override, read_yaml_file
+from kcp.core.config import Config, ConfigError, parse_override, read_yaml_file
+from kcp.core.config_load import load_config
 
 
 def test_defaults_build_and_round_trip_through_yaml():
@@ -145,7 +146,7 @@ def gpt_family():
 
 
 def test_gpt_without_a_source_reads_the_python_stdlib_with_bytes(gpt_family, tmp_path):
-    from kcp.core.config import record_config, resolve_config
+    from kcp.core.config_load import record_config, resolve_config
 
     config = resolve_config(str(tmp_path), model="gpt")
     assert (config.data.source, config.data.tokenizer, config.data.context_length) == ("python-stdlib", "bytes", 256)
@@ -176,7 +177,7 @@ def test_language_settings_are_checked_with_one_line(override, source, message):
 
 
 def test_a_recorded_tokenizer_is_dropped_when_the_source_changes_kind(gpt_family, tmp_path):
-    from kcp.core.config import record_config, resolve_config
+    from kcp.core.config_load import record_config, resolve_config
 
     record_config(str(tmp_path), resolve_config(str(tmp_path), model="gpt"))
     config = resolve_config(str(tmp_path), source="csv:t.csv", model="cnn")

@@ -18,7 +18,7 @@ import pytest
 
 from kcp import api
 from kcp.core import storage
-from kcp.core.config import load_config
+from kcp.core.config_load import load_config
 from kcp.core.errors import UserError
 from kcp.core.layout import RunLayout, export_versions, new_run_dir
 from kcp.core.schema import ConfigError

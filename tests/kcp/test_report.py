@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kcp.core.config import load_config
+from kcp.core.config_load import load_config
 from kcp.report import build_report, per_class_scores
 from tests.conftest import fresh_run
 from trainer.models import families_for

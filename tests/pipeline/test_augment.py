@@ -1,6 +1,6 @@
 import numpy as np
 
-from kcp.core.config import load_config
+from kcp.core.config_load import load_config
 from pipeline.augment import augment_image, augment_sequence, augment_text, augmented_copies, rng_for
 
 

@@ -8,7 +8,7 @@ import tensorflow as tf
 from PIL import Image
 
 from kcp.core import storage
-from kcp.core.config import load_config
+from kcp.core.config_load import load_config
 from kcp.core import contract as contract_lib
 from pipeline.preprocess import run_preprocess
 from tests.conftest import IN_PROCESS_BEAM

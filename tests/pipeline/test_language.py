@@ -14,7 +14,7 @@ import tensorflow as tf
 from kcp.core import bpe
 from kcp.core import contract as contract_lib
 from kcp.core import examples as example_lib
-from kcp.core.config import load_config
+from kcp.core.config_load import load_config
 from kcp.core.contract import LANGUAGE_PAD, LANGUAGE_SEPARATOR, decode_language, encode_language
 from kcp.core.sources import plan_source, read_task
 from kcp.core.sources.corpus import stdlib_files

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kcp.core.config import load_config
+from kcp.core.config_load import load_config
 from kcp.core import contract as contract_lib
 from kcp.core import examples as example_lib
 from kcp.core.beamio import local_runner_defaults

@@ -11,7 +11,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from PIL import Image
 
 from kcp.core.beamio import IN_PROCESS_BELOW, local_runner_defaults
-from kcp.core.config import load_config
+from kcp.core.config_load import load_config
 from kcp.core.sources import BadInput, SourceError, decode_image_file, decode_record, plan_source, read_task
 from pipeline import splits
 from pipeline.preprocess import build_pipeline, run_preprocess

@@ -5,7 +5,7 @@ import os
 import pytest
 import tensorflow as tf
 
-from kcp.core.config import load_config
+from kcp.core.config_load import load_config
 from kcp.core.beamio import local_runner_defaults
 from pipeline.preprocess import run_preprocess
 from tests.conftest import IN_PROCESS_BEAM

@@ -12,7 +12,7 @@ from PIL import Image
 from kcp import cli
 from kcp.core import contract as contract_lib
 from kcp.core import examples as example_lib
-from kcp.core.config import load_config
+from kcp.core.config_load import load_config
 from kcp.core.contract import tokenize_text
 from kcp.core.sources import SourceError, plan_source
 from pipeline import splits

@@ -7,7 +7,7 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from kcp.core.beamio import DEAD_LETTER
-from kcp.core.config import load_config
+from kcp.core.config_load import load_config
 from kcp.core.sources import SourceRecord, plan_source, read_task
 from pipeline import splits
 from pipeline.analysis import ChannelStatsFn

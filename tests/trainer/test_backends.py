@@ -9,7 +9,7 @@ SCRIPT = r"""
 import json, sys
 import numpy as np
 import keras
-from kcp.core.config import load_config
+from kcp.core.config_load import load_config
 from trainer.models import ModelInputs, build_model, families_for
 
 specs = {

@@ -7,7 +7,8 @@ import pytest
 import tensorflow as tf
 
 import keras
-from kcp.core.config import ConfigError, load_config
+from kcp.core.config import ConfigError
+from kcp.core.config_load import load_config
 from trainer.generate import attention_scores, cached_step, empty_caches, generate, generate_tokens, sample_token
 from trainer.models import ModelInputs, build_model
 from trainer.models.gpt import model_parts, parameter_count

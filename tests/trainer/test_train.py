@@ -7,7 +7,8 @@ import keras
 import numpy as np
 import pytest
 
-from kcp.core.config import OPTIMIZERS, SCHEDULES, load_config
+from kcp.core.config import OPTIMIZERS, SCHEDULES
+from kcp.core.config_load import load_config
 from kcp.core import storage
 from trainer.callbacks import AtomicBackupAndRestore, EpochHistory, learning_rate
 from tests.conftest import fresh_run

@@ -13,7 +13,8 @@ import keras
 import keras_tuner as kt
 import pytest
 
-from kcp.core.config import ConfigError, load_config
+from kcp.core.config import ConfigError
+from kcp.core.config_load import load_config
 from tests.conftest import fresh_run
 from tests.gcs import free_port
 from tuning.hypermodel import TrainerHyperModel, read_trial_stats
