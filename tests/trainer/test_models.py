@@ -226,6 +226,32 @@ def test_rnn_text_masks_padding():
     assert not np.allclose(same, model.predict(other, verbose=0))
 
 
+def test_rnn_time_pool_reads_only_real_steps():
+    from trainer.models.rnn import masked_time_pool
+
+    steps = -np.arange(1.0, 13.0, dtype=np.float32).reshape(3, 4, 1)  # every real output negative
+    steps[0, 2:] = 0.0  # padded steps output zeros (BidirectionalRNN's zero_output_for_mask)
+    padding = np.array([[True, True, False, False], [True, True, True, True], [False] * 4])
+    np.testing.assert_array_equal(masked_time_pool(steps, padding, "max"), [[-1.0], [-5.0], [0.0]])
+    np.testing.assert_allclose(masked_time_pool(steps, padding, "max_mean"), [[-1.0, -1.5], [-5.0, -6.5], [0.0, 0.0]])
+
+
+@pytest.mark.parametrize("pooling", ["last", "max", "max_mean"])
+def test_rnn_text_prediction_is_the_same_however_long_the_padding(pooling):
+    spec, short_spec = SPECS["text"], ModelInputs("text", (4,), 3, vocab_size=50, input_name="text")
+    config = small_config("rnn", f"model.pooling={pooling}", "model.embedding_dropout=0.5")
+    model, short = build_model(spec, config), build_model(short_spec, config)
+    short.set_weights(model.get_weights())  # the same model on rows of 4 tokens instead of 10
+    tokens = random_inputs(spec, 4)
+    tokens[:, 3:] = 0
+    tokens[3] = 0  # a row with no token
+    padded = model.predict(tokens, verbose=0)
+    np.testing.assert_allclose(padded, short.predict(tokens[:, :4], verbose=0), atol=1e-6)
+    np.testing.assert_allclose(padded[3], 1 / 3, atol=1e-6)  # zeros pooled: the head's zero-bias softmax
+    tokens[:, 3:] = 7  # real tokens where the padding was
+    assert not np.allclose(padded[:3], model.predict(tokens, verbose=0)[:3])
+
+
 def test_rnn_reads_images_row_by_row():
     model = build_model(SPECS["image"], small_config("rnn"))
     assert model.get_layer("rows_as_steps").output.shape == (None, 8, 8)
