@@ -97,7 +97,8 @@ def test_family_defaults_yield_to_explicit_keys_and_leave_with_the_family():
     # gpt's own defaults replace what the cnn run recorded (its learning rate included) ...
     assert (gpt.train.optimizer, gpt.train.learning_rate, gpt.train.weight_decay, gpt.train.monitor) == \
         ("adamw", 2e-3, 0.1, "val_loss")
-    assert gpt.train.epochs == 3
+    assert (gpt.train.epochs, gpt.train.batch_size) == (3, 8)
+    assert load_config([], ["model.name=gpt"]).train.epochs == 4  # sized for ~30 min on 2 cores (bpe)
     # ... a --set wins over them, and a run that records gpt keeps what it holds
     assert load_config([], ["model.name=gpt", "train.learning_rate=0.01"]).train.learning_rate == 0.01
     tuned = load_config([], ["train.clip_norm=0.5"], base=gpt.to_dict())
@@ -105,6 +106,7 @@ def test_family_defaults_yield_to_explicit_keys_and_leave_with_the_family():
     # switching back gives the shared defaults, not gpt's
     back = load_config([], ["model.name=cnn"], base=gpt.to_dict())
     assert (back.train.optimizer, back.train.weight_decay, back.train.monitor) == ("adam", 0.0, "val_accuracy")
+    assert (back.train.batch_size, back.train.epochs) == (64, 30)  # keys a family defaults leave with it
     assert (back.tune.objective, back.tune.direction) == ("val_accuracy", "max")
 
 

@@ -49,10 +49,10 @@ class GPTConfig:
     """The gpt family's own keys (`model.layers`, `model.size`, ...).
 
     The defaults (4 layers, 4 heads, width 256: 3.2 M parameters besides the embeddings) are
-    sized for a ~30 minute run on 2 CPU cores on byte-level Python source at context 256:
-    training costs about 6 x 3.2 M + 12 x 4 x 256 x 256 = 22 MFLOP per token; 1,200 tokens/s
-    were measured on 2 cores shared with other jobs (load 5; more alone), so 30 min train on
-    2-4 M tokens, about one pass over a few MB of source. Larger models see fewer tokens in
+    sized for a ~30 minute run on 2 CPU cores on a few MB of Python source at context 256:
+    training costs about 6 x 3.2 M + 12 x 4 x 256 x 256 = 22 MFLOP per token; 2,400-3,700
+    tokens/s were measured on 2 idle cores, so 30 min train on 4-6 M tokens, about 4 passes over
+    the bpe-tokenized python-stdlib (the family's 4 epochs). Larger models see fewer tokens in
     the same time and end worse (Kaplan et al. 2020: a small compute budget's best model is
     small); much smaller ones stop short of the syntax of code. `model.size` picks a GPT-2
     shape instead.
@@ -71,12 +71,17 @@ class GPTConfig:
     # keys): nanoGPT's recipe for small GPTs, AdamW with weight decay 0.1 on the matrices only
     # (trainer/train.py), a short linear warmup then cosine decay, clipping at global norm 1, and
     # the validation loss as the monitor and tuning objective: there is no accuracy to maximise.
+    # Batch 8 blocks (2,048 tokens a step at context 256): on the default corpus a small model is
+    # limited by its optimizer steps, not its tokens: with bpe, 2 epochs gave held-out bits per byte
+    # 2.408 at batch 64 (126 steps), 2.101 at 16 (500) and 1.827 at 8 (1,000), at about the same
+    # tokens per second on 2 cores (docs/performance.md). 4 epochs: about 25-30 min there with bpe.
     # data.vocab_size 4096 (ids in all) bounds the learned vocabularies of language data: bpe
     # learns 4096 - 259 merges at most, a few thousand, as fits a corpus of a few MB.
     training_defaults: ClassVar[dict] = {
         "data": {"vocab_size": 4096},
         "train": {"optimizer": "adamw", "learning_rate": 2e-3, "weight_decay": 0.1, "clip_norm": 1.0,
-                  "schedule": "cosine", "warmup_epochs": 0.1, "monitor": "val_loss"},
+                  "schedule": "cosine", "warmup_epochs": 0.1, "monitor": "val_loss",
+                  "batch_size": 8, "epochs": 4},
         "tune": {"objective": "val_loss", "direction": "min"},
     }
     search_space: ClassVar[dict] = {
