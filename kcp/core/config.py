@@ -294,12 +294,3 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-def __getattr__(name: str):
-    """`from kcp.core.config import load_config` (and resolve_config, record_config) as before the
-    split: they live in kcp/core/config_load.py, which imports this module."""
-    if name in ("load_config", "resolve_config", "record_config"):
-        from kcp.core import config_load
-        return getattr(config_load, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -29,8 +29,9 @@ def load_config(layers: list[dict] = (), overrides: list[str] = (), *, base: dic
 
     A family's `training_defaults` (a ClassVar of its config dataclass, e.g. gpt's AdamW, warmup
     and cosine, clipping, `val_loss`) lie above the shared defaults and below the base and the
-    layers. When the family changes, the base loses every key any family has a training default
-    for, so the new family's (or the shared) defaults apply rather than the old family's.
+    layers. When the family changes, the base loses every key the old or the new family has a
+    training default for, so the new family's (or the shared) defaults apply rather than the old
+    family's; between two families with no training defaults (cnn -> rnn) every shared key stays.
     """
     values: dict = {}
     for layer in layers:
@@ -42,7 +43,8 @@ def load_config(layers: list[dict] = (), overrides: list[str] = (), *, base: dic
         chosen = (values.get("model") or {}).get("name", base_model.get("name"))
         if chosen != base_model.get("name"):
             base = {**base, "model": {k: v for k, v in base_model.items() if k in ModelConfig.shared_keys()}}
-            base = drop_keys(base, family_default_keys())
+            base = drop_keys(base, family_default_keys(*(MODEL_FAMILIES.get(name) for name in
+                                                         (base_model.get("name"), chosen) if isinstance(name, str))))
         base_data, data = base.get("data"), values.get("data")
         if isinstance(base_data, dict) and isinstance(data, dict) and isinstance(data.get("source"), str) and \
                 isinstance(base_data.get("source"), str) and \
@@ -61,10 +63,12 @@ def load_config(layers: list[dict] = (), overrides: list[str] = (), *, base: dic
     return build(Config, values, "")
 
 
-def family_default_keys() -> dict:
-    """{section: {key, ...}} of every key some family has a training default for."""
+def family_default_keys(*families) -> dict:
+    """{section: {key, ...}} of every key one of `families` (config classes; None is skipped) has a
+    training default for: what a recorded config loses when the run leaves the one family for the
+    other, so that neither family's defaults ride along and a user's keys the two share survive."""
     keys: dict = {}
-    for family in MODEL_FAMILIES.values():
+    for family in families:
         for section, values in getattr(family, "training_defaults", {}).items():
             keys.setdefault(section, set()).update(values)
     return keys
