@@ -73,9 +73,9 @@ def masked_time_pool(x, padding, pooling: str):
     peak = ops.max(ops.where(real, x, lowest), axis=1)  # (batch, features)
     pooled = ops.where(ops.any(real, axis=1), peak, ops.zeros_like(peak))
     if pooling == "max_mean":
-        count = ops.sum(ops.cast(real, x.dtype), axis=1)  # (batch, 1)
-        mean = ops.sum(ops.where(real, x, ops.zeros_like(x)), axis=1) / ops.maximum(count, 1.0)
-        pooled = ops.concatenate([pooled, mean], axis=-1)
+        from trainer.models.layers import MaskedAveragePooling
+
+        pooled = ops.concatenate([pooled, MaskedAveragePooling()([x, padding])], axis=-1)
     return pooled
 
 
