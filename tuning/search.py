@@ -33,10 +33,8 @@ from tuning.space import search_space
 
 log = logging.getLogger("kcp.tune")
 
-CHIEF_GONE_SECONDS = 30
 
-
-def watch_chief(host: str, port: int, grace_seconds: float = CHIEF_GONE_SECONDS, interval: float = 2.0) -> None:
+def watch_chief(host: str, port: int, grace_seconds: float, interval: float = 2.0) -> None:
     """Ends this worker process (exit 0) once the chief has been unreachable for `grace_seconds`.
 
     Keras Tuner's client waits for the chief with no deadline, so without this a worker whose
@@ -61,7 +59,7 @@ def watch_chief(host: str, port: int, grace_seconds: float = CHIEF_GONE_SECONDS,
 
 
 FINGERPRINT = "fingerprint.json"  # RUN/tuning/: what the search (and its oracle) was made for
-RESUMABLE = ("max_trials", "retrain_best")  # tune keys a resumed search may change
+RESUMABLE = ("max_trials", "retrain_best", "chief_timeout")  # tune keys a resumed search may change
 
 
 def search_fingerprint(config: Config, run_dir: str) -> dict:
@@ -101,7 +99,8 @@ def run_search(config: Config, run_dir: str) -> dict:
     tuner_id = os.environ.get("KERASTUNER_TUNER_ID", "")
     worker = bool(tuner_id) and "chief" not in tuner_id
     if worker:
-        watch_chief(os.environ["KERASTUNER_ORACLE_IP"], int(os.environ["KERASTUNER_ORACLE_PORT"]))
+        watch_chief(os.environ["KERASTUNER_ORACLE_IP"], int(os.environ["KERASTUNER_ORACLE_PORT"]),
+                    config.tune.chief_timeout)
     if not worker:
         check_fingerprint(config, run_dir)
     tuner = make_tuner(config, TrainerHyperModel(config, run_dir, space), directory)

@@ -267,6 +267,8 @@ class TuneConfig:
     early_stopping_patience: int = option(3, minimum=0, help="epochs without improvement inside a trial; 0 off")
     space: dict = option(None, help="config key -> [choices] or {min, max, step, sampling}; null: the family's default")
     retrain_best: bool = option(False, help="retrain the best config on train + validation and export it")
+    chief_timeout: int = option(30, minimum=1, help="a worker stops once the chief has been unreachable this "
+                                                    "many seconds (longer if a preempted chief restarts)")
 
 
 @dataclass(frozen=True)
