@@ -236,6 +236,15 @@ def test_rnn_time_pool_reads_only_real_steps():
     np.testing.assert_allclose(masked_time_pool(steps, padding, "max_mean"), [[-1.0, -1.5], [-5.0, -6.5], [0.0, 0.0]])
 
 
+def test_rnn_mean_pooling_consumes_the_steps_mask_without_keras_warning():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # "... will therefore destroy the mask information"
+        model = build_model(SPECS["text"], small_config("rnn", "model.pooling=max_mean"))
+    assert model.output.shape == (None, SPECS["text"].num_classes)
+
+
 @pytest.mark.parametrize("pooling", ["last", "max", "max_mean"])
 def test_rnn_text_prediction_is_the_same_however_long_the_padding(pooling):
     spec, short_spec = SPECS["text"], ModelInputs("text", (4,), 3, vocab_size=50, input_name="text")

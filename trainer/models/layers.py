@@ -71,7 +71,15 @@ class MaskedAveragePooling(keras.layers.Layer):
 
     A row with no real token (a text that tokenizes to nothing) pools to zeros. Keras'
     GlobalAveragePooling1D divides 0 by 0 there, and one NaN row poisons every weight.
+    A Keras mask on `x` (an rnn's steps) is consumed, not passed on: the output has no time axis.
     """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.supports_masking = True
+
+    def compute_mask(self, inputs, mask=None):
+        return None
 
     def call(self, inputs):
         x, padding = inputs  # padding: True where a token is real
