@@ -41,10 +41,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def held_out_text(run_dir: str, split: str = "test") -> bytes:
-    """The `split` documents of the run, in key order, each followed by the separator text, as UTF-8."""
+def split_documents(run_dir: str, split: str) -> list[tuple[str, str]]:
+    """(name, text) of the `split` documents of the run's python-stdlib corpus, in key order."""
     import trainer.models  # noqa: F401  (registers the families the run's config.yaml names)
-    from kcp.core import contract as contract_lib
     from kcp.core.config_load import resolve_config
     from kcp.core.sources.corpus import decode_document, stdlib_files, stdlib_root
     from pipeline.splits import stable_split
@@ -52,9 +51,16 @@ def held_out_text(run_dir: str, split: str = "test") -> bytes:
     data = resolve_config(run_dir).data  # the split fractions and seed the run was made with
     root = stdlib_root()
     names = [name for name, _ in stdlib_files()][:data.limit or None]
-    chosen = [name for name in names if stable_split(name, tuple(data.split), data.seed) == split]
-    text = "".join(decode_document(os.path.join(root, name)) + contract_lib.LANGUAGE_SEPARATOR_TEXT for name in chosen)
-    return text.encode("utf-8")
+    return [(name, decode_document(os.path.join(root, name))) for name in names
+            if stable_split(name, tuple(data.split), data.seed) == split]
+
+
+def held_out_text(run_dir: str, split: str = "test") -> bytes:
+    """The `split` documents of the run, in key order, each followed by the separator text, as UTF-8."""
+    from kcp.core import contract as contract_lib
+
+    documents = split_documents(run_dir, split)
+    return "".join(text + contract_lib.LANGUAGE_SEPARATOR_TEXT for _, text in documents).encode("utf-8")
 
 
 def compressor_bits_per_byte(data: bytes) -> dict:

@@ -36,19 +36,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def split_documents(run_dir: str, split: str) -> list[tuple[str, str]]:
-    """(name, text) of the `split` documents of the run's python-stdlib corpus, in key order."""
-    from kcp.core.config_load import resolve_config
-    from kcp.core.sources.corpus import decode_document, stdlib_files, stdlib_root
-    from pipeline.splits import stable_split
-
-    data = resolve_config(run_dir).data
-    root = stdlib_root()
-    names = [name for name, _ in stdlib_files()][:data.limit or None]
-    return [(name, decode_document(os.path.join(root, name))) for name in names
-            if stable_split(name, tuple(data.split), data.seed) == split]
+from lm_compression import split_documents  # noqa: E402  (bench/ is this script's own directory)
 
 
 def nats(model, ids: list[int], context: int, stride: int) -> float:
