@@ -168,6 +168,9 @@ class ModelConfig:
 
     name: str = option("cnn", help="the model family: cnn, resnet, rnn, transformer (classifiers) or gpt (language)")
     dropout: float = option(0.1, minimum=0.0, maximum=0.95)
+    word_dropout: float = option(
+        0.1, minimum=0.0, maximum=0.9,
+        help="text classifiers: fraction of the real tokens replaced by the out-of-vocabulary id in training")
     initializer: Optional[str] = option(
         None, choices=(None, *INITIALIZERS),
         help="kernel initializer; null: the family's (he_normal for cnn/resnet, glorot_uniform for rnn/transformer)")

@@ -151,6 +151,38 @@ def test_resnet_drops_30_percent_of_the_text_embedding_by_default():
     assert "embedding_dropout" not in [layer.name for layer in build_model(SPECS["text"], off).layers]
 
 
+def test_word_dropout_turns_real_tokens_into_the_unknown_id_in_training_only():
+    from trainer.models.layers import WordDropout
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 50, size=(200, 100)).astype(np.int32)  # 0 padding, 1 unknown, 2.. real
+    layer = WordDropout(0.3, seed=1)
+    dropped = np.asarray(layer(ids, training=True))
+    real = ids > 1
+    assert np.array_equal(dropped[~real], ids[~real])  # padding and unknown ids stay
+    changed = dropped != ids
+    assert np.all(dropped[changed] == 1)  # a dropped token becomes the unknown id, nothing else
+    assert 0.28 < changed[real].mean() < 0.32  # of about 19,000 real tokens
+    assert not np.array_equal(np.asarray(layer(ids, training=True)), dropped)  # new draws each step
+    assert np.array_equal(np.asarray(layer(ids, training=False)), ids)
+    assert np.array_equal(np.asarray(layer(ids)), ids)
+    with pytest.raises(ValueError, match="model.word_dropout: 1.0"):
+        WordDropout(1.0)
+
+
+@pytest.mark.parametrize("family", families_for("text"))
+def test_every_text_classifier_drops_a_tenth_of_its_words_by_default(family, tmp_path):
+    model = build_model(SPECS["text"], small_config(family))
+    assert model.get_layer("word_dropout").rate == 0.1
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    assert keras.saving.load_model(path).get_layer("word_dropout").rate == 0.1
+    off = build_model(SPECS["text"], small_config(family, "model.word_dropout=0"))
+    assert "word_dropout" not in [layer.name for layer in off.layers]
+    if "image" in REGISTRY[family].modalities:
+        assert "word_dropout" not in [layer.name for layer in build_model(SPECS["image"], small_config(family)).layers]
+
+
 @pytest.mark.parametrize("depth", [21, 9, 100])
 def test_invalid_resnet_depths_are_rejected(depth):
     with pytest.raises(ConfigError, match=f"model.depth: {depth} is not a ResNet depth"):

@@ -61,7 +61,8 @@ def build(spec: ModelInputs, config: ModelConfig):
 
     inputs, x = model_input(spec, config)
     if spec.modality == "text":
-        x = token_embedding(x, spec, config.dim, mask_zero=False)  # Conv1D has no mask support
+        x = token_embedding(x, spec, config.dim, mask_zero=False,  # Conv1D has no mask support
+                            word_dropout=config.word_dropout)
     rank = 2 if spec.modality == "image" else 1
     pool = keras.layers.MaxPooling2D if rank == 2 else keras.layers.MaxPooling1D
     spatial = min(spec.shape[:rank])

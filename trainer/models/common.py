@@ -112,12 +112,18 @@ def augmentation_layers(config: ModelConfig):
 
 
 def token_embedding(tokens, spec: ModelInputs, dim: int, *, mask_zero: bool, dropout: float = 0.0,
-                    name: str = "token_embedding"):
-    """Embeds int token ids; id 0 is padding (masked for layers that support masks). With `dropout`,
-    a Dropout layer `embedding_dropout` follows (training only; it passes the mask on), as in
-    keras-io's text classification from scratch (Dropout after the embedding)."""
+                    word_dropout: float = 0.0, name: str = "token_embedding"):
+    """Embeds int token ids; id 0 is padding (masked for layers that support masks). With
+    `word_dropout` (`model.word_dropout`), a `WordDropout` layer first turns that fraction of the
+    real tokens into the out-of-vocabulary id in training. With `dropout`, a Dropout layer
+    `embedding_dropout` follows (training only; it passes the mask on), as in keras-io's text
+    classification from scratch (Dropout after the embedding)."""
     import keras
 
+    if word_dropout > 0:
+        from trainer.models.layers import WordDropout  # layers.py imports this module
+
+        tokens = WordDropout(word_dropout, name="word_dropout")(tokens)
     x = keras.layers.Embedding(spec.vocab_size, dim, mask_zero=mask_zero, name=name)(tokens)
     if dropout > 0:
         x = keras.layers.Dropout(dropout, name="embedding_dropout")(x)

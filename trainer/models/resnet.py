@@ -167,7 +167,8 @@ def build(spec: ModelInputs, config: ModelConfig):
     layers = _Layers(rank, initializer_for(config), use_bias=style == "imagenet", config=config)
     inputs, x = model_input(spec, config)
     if spec.modality == "text":
-        x = token_embedding(x, spec, config.dim, mask_zero=False, dropout=config.embedding_dropout)
+        x = token_embedding(x, spec, config.dim, mask_zero=False, dropout=config.embedding_dropout,
+                            word_dropout=config.word_dropout)
 
     if style == "cifar":
         width = config.width or default_cifar_width(spec, config.dim)

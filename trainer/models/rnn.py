@@ -91,7 +91,8 @@ def build(spec: ModelInputs, config: ModelConfig):
         x = keras.layers.Reshape((height, width * channels), name="rows_as_steps")(x)  # (batch, H, W*C)
     elif spec.modality == "text":
         padding = ops.not_equal(inputs, 0)
-        x = token_embedding(x, spec, config.dim, mask_zero=True, dropout=config.embedding_dropout)
+        x = token_embedding(x, spec, config.dim, mask_zero=True, dropout=config.embedding_dropout,
+                            word_dropout=config.word_dropout)
     pool = padding is not None and config.pooling != "last"
     initializer = initializer_for(config)
     for index in range(1, config.layers + 1):

@@ -108,7 +108,8 @@ def build(spec: ModelInputs, config: ModelConfig):
         x = keras.layers.Dense(config.dim, kernel_initializer=initializer, name="step_projection")(x)
     else:
         padding = ops.not_equal(inputs, 0)
-        x = token_embedding(x, spec, config.dim, mask_zero=False)  # masks are explicit below
+        x = token_embedding(x, spec, config.dim, mask_zero=False,  # masks are explicit below
+                            word_dropout=config.word_dropout)
     x = PositionEncoding(config.positional, name="position_encoding")(x)  # (batch, tokens, dim)
     if config.pooling == "cls":
         x = ClassToken(name="class_token")(x)
