@@ -8,7 +8,7 @@ Three data sets, made here, each preprocessed once like `kcp preprocess` (the sa
 `kcp run` uses), then each family trained as `kcp train --model NAME` would:
 
 - image: the embedded digits (8x8x1, 10 classes, 1,797 images).
-- sequence: 1,800 generated series of 48 steps, 6 classes, each a short pattern (bump, dip,
+- sequence: 1,800 generated series (`--sequence-count`) of 48 steps, 6 classes, each a short pattern (bump, dip,
   step up, step down, double bump, spike) at a random position, scaled by 0.5..2 and buried in
   noise: the class is the pattern's shape, wherever it sits, so a model must be position-invariant.
 - text: 2,400 lines (6 classes of 400; `--text-per-class`) read from the files installed on this machine: Python
@@ -122,6 +122,8 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="config override; data.* keys apply to the preprocessing too")
     parser.add_argument("--out", default=None, help="also write the Markdown table here")
+    parser.add_argument("--sequence-count", type=int, default=1800,
+                        help="generated series (1800: test 174, one standard error about 2.5 points; 6000: about 1.4)")
     parser.add_argument("--text-per-class", type=int, default=400,
                         help="text lines per class (400: test 252, one standard error about 2.5 points; "
                              "1000: test 610, about 1.4)")
@@ -133,7 +135,7 @@ def main() -> None:
     from trainer.train import train
 
     work = tempfile.mkdtemp(prefix="kcp-modality-zoo-")
-    sources = {"image": lambda: "digits", "sequence": lambda: make_sequences(os.path.join(work, "sequences.npz")),
+    sources = {"image": lambda: "digits", "sequence": lambda: make_sequences(os.path.join(work, "sequences.npz"), args.sequence_count),
                "text": lambda: make_text(os.path.join(work, "lines.jsonl"), args.text_per_class)}
     rows = []
     for modality in args.modalities.split(","):
