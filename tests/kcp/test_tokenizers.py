@@ -92,7 +92,7 @@ def test_the_characters_tokenizer_round_trips_through_preprocess_train_export_an
     run_dir = str(tmp_path / "run")
     code = cli.main(["preprocess", "--source", f"jsonl:{path}", "--run-dir", run_dir,
                      "--set", f"data.tokenizer={tokenizer}", "--set", "data.min_count=1", "--", *IN_PROCESS_BEAM])
-    code = code or cli.main(["train", "--run-dir", run_dir, "--model", "cnn", "--set", "train.epochs=3",
+    code = code or cli.main(["train", "--run-dir", run_dir, "--model", "cnn", "--set", "train.epochs=8",
                              "--set", "model.filters=[16]"])
     code = code or cli.main(["export", "--run-dir", run_dir])
     assert code == 0

@@ -121,7 +121,7 @@ def token_embedding(tokens, spec: ModelInputs, dim: int, *, mask_zero: bool, dro
     import keras
 
     if word_dropout > 0:
-        from trainer.models.layers import WordDropout  # layers.py imports this module
+        from trainer.models.word_dropout import WordDropout  # Keras: imported when a model is built
 
         tokens = WordDropout(word_dropout, name="word_dropout")(tokens)
     x = keras.layers.Embedding(spec.vocab_size, dim, mask_zero=mask_zero, name=name)(tokens)

@@ -10,6 +10,7 @@ import keras
 import numpy as np
 
 from trainer.models.common import CELLS  # model.cell -> its Keras layer
+from trainer.models.word_dropout import WordDropout  # noqa: F401  (registered here too, for load_model)
 
 
 def sinusoidal_table(tokens: int, dim: int) -> np.ndarray:
@@ -63,37 +64,6 @@ class ClassToken(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         tokens = None if input_shape[1] is None else input_shape[1] + 1
         return (input_shape[0], tokens, input_shape[2])
-
-
-@keras.saving.register_keras_serializable(package="kcp")
-class WordDropout(keras.layers.Layer):
-    """Word dropout (Iyyer et al. 2015; Bowman et al. 2016, who replace the word with the unknown
-    token): in training, each real token id (2 and up) becomes the out-of-vocabulary id 1 with
-    probability `rate`; padding (0) and out-of-vocabulary ids stay. Outside training, the identity.
-
-    The train split has no unknown words but rare ones (`data.min_count`), while new text has many
-    (a tenth of the test tokens of bench/modality_zoo.py's text lines): the model learns to classify
-    around them instead of leaning on any single token.
-    """
-
-    def __init__(self, rate: float, seed=None, **kwargs):
-        super().__init__(**kwargs)
-        if not 0.0 <= rate < 1.0:
-            raise ValueError(f"model.word_dropout: {rate} is not in [0, 1)")
-        self.rate, self.seed = float(rate), seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
-
-    def call(self, ids, training=None):
-        if not training or self.rate == 0.0:
-            return ids
-        dropped = keras.random.uniform(keras.ops.shape(ids), seed=self.seed_generator) < self.rate
-        return keras.ops.where(dropped & (ids > 1), keras.ops.ones_like(ids), ids)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        return {**super().get_config(), "rate": self.rate, "seed": self.seed}
 
 
 @keras.saving.register_keras_serializable(package="kcp")
