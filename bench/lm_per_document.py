@@ -41,6 +41,7 @@ The test split, weights fitted on validation (again 0.02, 0.2, 0.4): 13 document
 from __future__ import annotations
 
 import argparse
+import itertools
 import lzma
 import math
 import os
@@ -114,10 +115,9 @@ def mixed_bits(model_log_probabilities: np.ndarray, caches: list, weights) -> fl
 def fit_cache_weights(documents: list) -> tuple:
     """The CACHE_GRID weights (one per CACHE_ORDERS) with the fewest bits on `documents`
     [(model log-probabilities, caches)]."""
-    import itertools
-
     candidates = [weights for weights in itertools.product(*CACHE_GRID) if sum(weights) < 1]
-    return min(candidates, key=lambda weights: sum(mixed_bits(scores, caches, weights) for scores, caches in documents))
+    return min(candidates,
+               key=lambda weights: sum(mixed_bits(scores, caches, weights) for scores, caches in documents))
 
 
 def main(argv=None) -> None:
@@ -126,7 +126,8 @@ def main(argv=None) -> None:
     parser.add_argument("--split", default="validation", choices=("train", "validation", "test"))
     parser.add_argument("--stride", type=int, default=None, help="tokens between windows; default: the context")
     parser.add_argument("--cache", action="store_true",
-                        help="also the model mixed with a document cache, its weights fitted on the other held-out split")
+                        help="also the model mixed with a document cache, "
+                             "its weights fitted on the other held-out split")
     args = parser.parse_args(argv)
 
     import keras
@@ -166,7 +167,8 @@ def main(argv=None) -> None:
               + (f" {mixed / len(data):8.3f}" if weights else ""), flush=True)
     size = sum(row[0] for row in rows)
     print(f"{f'all ({len(rows)} documents)':24s} {size:7d} {sum(row[1] for row in rows) / size:8.3f} "
-          f"{sum(row[2] for row in rows) / size:8.3f}" + (f" {sum(row[3] for row in rows) / size:8.3f}" if weights else "")
+          f"{sum(row[2] for row in rows) / size:8.3f}"
+          + (f" {sum(row[3] for row in rows) / size:8.3f}" if weights else "")
           + f"   (xz -9 as one stream: {8 * len(lzma.compress(stream, preset=9)) / len(stream):.3f})")
 
 

@@ -135,7 +135,8 @@ def main() -> None:
     from trainer.train import train
 
     work = tempfile.mkdtemp(prefix="kcp-modality-zoo-")
-    sources = {"image": lambda: "digits", "sequence": lambda: make_sequences(os.path.join(work, "sequences.npz"), args.sequence_count),
+    sources = {"image": lambda: "digits",
+               "sequence": lambda: make_sequences(os.path.join(work, "sequences.npz"), args.sequence_count),
                "text": lambda: make_text(os.path.join(work, "lines.jsonl"), args.text_per_class)}
     rows = []
     for modality in args.modalities.split(","):

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import keras
 
+from kcp.core.contract import RESERVED_TOKEN_IDS  # text ids: 0 padding, 1 out of vocabulary, then tokens
+
+UNKNOWN_ID = RESERVED_TOKEN_IDS - 1  # what TextVectorization gives a token outside the vocabulary
+
 
 @keras.saving.register_keras_serializable(package="kcp")
 class WordDropout(keras.layers.Layer):
@@ -30,7 +34,7 @@ class WordDropout(keras.layers.Layer):
         if not training or self.rate == 0.0:
             return ids
         dropped = keras.random.uniform(keras.ops.shape(ids), seed=self.seed_generator) < self.rate
-        return keras.ops.where(dropped & (ids > 1), keras.ops.ones_like(ids), ids)
+        return keras.ops.where(dropped & (ids >= RESERVED_TOKEN_IDS), keras.ops.full_like(ids, UNKNOWN_ID), ids)
 
     def compute_output_shape(self, input_shape):
         return input_shape
