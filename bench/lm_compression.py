@@ -14,6 +14,10 @@ of this Python, split by the hash of each file name), then writes side by side:
                        restarts its context every `data.context_length` tokens
     gpt:               the trainer's test bits per byte (RUN/train/metrics.json): nats per
                        target token x target tokens / target bytes / ln 2
+    gpt, whole documents, gpt + document cache: the trainer's metrics.json "document_cache":
+                       each test document scored whole, as the export's `score` scores a
+                       text, by the network alone and mixed with the document cache whose
+                       weights the trainer fitted on the validation split
 
 Wall times of each stage are printed too; the aim is a model below xz -9 within a 30-minute
 run on 2 CPU cores. Last printed (2026-11-27, 2 idle cores, `--set data.tokenizer=bpe`, the gpt
@@ -88,6 +92,10 @@ def main(argv=None) -> None:
     rows = compressor_bits_per_byte(data)
     metrics = result.metrics
     rows["gpt"] = metrics["test"]["bits_per_byte"]
+    cache = metrics.get("document_cache", {})
+    if "test" in cache:  # whole documents, as the export's `score` scores them
+        rows["gpt, whole documents"] = cache["test"]["network_bits_per_byte"]
+        rows["gpt + document cache"] = cache["test"]["bits_per_byte"]
     statistics = contract.statistics
     print(f"corpus   python-stdlib, {sum(statistics['bytes'].values()):,} bytes; test split "
           f"{statistics['bytes']['test']:,} bytes in {statistics['documents']['test']} documents "
@@ -98,7 +106,12 @@ def main(argv=None) -> None:
           f"total {trained - started:.0f} s")
     print("held-out bits per byte (lower is better):")
     for name, value in rows.items():
-        print(f"  {name:8s} {value:.3f}")
+        print(f"  {name:22s} {value:.3f}")
+    if "validation" in cache:
+        validation = compressor_bits_per_byte(held_out_text(args.run_dir, "validation"))
+        print(f"validation split (the cache's weights {cache['weights']} were fitted on it): xz -9 "
+              f"{validation['xz -9']:.3f}, gpt {cache['validation']['network_bits_per_byte']:.3f}, "
+              f"gpt + document cache {cache['validation']['bits_per_byte']:.3f}")
     print(json.dumps({"bits_per_byte": rows, "train_seconds": trained - preprocessed}))
 
 

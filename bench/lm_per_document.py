@@ -17,10 +17,10 @@ trainer's evaluation does. The totals line also gives xz -9 on all documents as 
 With `--cache`, a column more: the model mixed with a document cache (Kuhn and De Mori 1990; for
 code, Tu et al. 2014), what xz has and a 256-token context has not: the unigram, bigram and
 trigram counts of the document's own earlier tokens, each a next-token distribution, mixed with the
-model's by fixed weights. The weights are the grid point (CACHE_GRID) with the fewest bits on the
-other held-out split (test for validation, validation for test and train), so no figure is fitted
-on the text it scores. Causal, so an arithmetic coder could reach it. This is measured here only:
-kcp's export, `score` signature and trainer metrics are the model's alone.
+model's by fixed weights (kcp/core/document_cache.py, what the trainer fits and the export's `score`
+uses). Here the weights are the grid point with the fewest bits on the *other* held-out split
+(test for validation, validation for test and train), so no figure is fitted on the text it
+scores; the trainer fits them on validation (metrics.json "document_cache").
 
 Last printed (2026-11-27, the gpt defaults with `data.tokenizer=bpe`, 4 epochs, 2 cores), the
 validation split with `--cache` (weights 0.02, 0.2, 0.4 fitted on test); `--stride 64` gave 1.846
@@ -41,7 +41,6 @@ The test split, weights fitted on validation (again 0.02, 0.2, 0.4): 13 document
 from __future__ import annotations
 
 import argparse
-import itertools
 import lzma
 import math
 import os
@@ -75,49 +74,11 @@ def target_log_probabilities(model, ids: list[int], context: int, stride: int) -
     return scores
 
 
-CACHE_ORDERS = (1, 2, 3)  # unigram, bigram, trigram counts of the document's own earlier tokens
-CACHE_GRID = ((0.0, 0.01, 0.02, 0.05), (0.0, 0.1, 0.2, 0.3, 0.4), (0.0, 0.1, 0.2, 0.3, 0.4))
-
-
-def document_cache(ids: list[int], order: int) -> tuple[np.ndarray, np.ndarray]:
-    """(probability, seen) per target of ids[1:]: how often the target followed the same `order - 1`
-    tokens earlier in this document, over how often those tokens occurred there (a cache language
-    model, Kuhn and De Mori 1990); `seen` is False where they had not occurred before."""
-    targets = ids[1:]
-    probability, seen = np.zeros(len(targets)), np.zeros(len(targets), bool)
-    contexts: dict = {}
-    followers: dict = {}
-    for position, target in enumerate(targets):
-        if position + 1 < order - 1:
-            continue
-        context = tuple(ids[position + 2 - order:position + 1]) if order > 1 else ()
-        count = contexts.get(context, 0)
-        if count:
-            probability[position] = followers.get(context + (target,), 0) / count
-            seen[position] = True
-        contexts[context] = count + 1
-        followers[context + (target,)] = followers.get(context + (target,), 0) + 1
-    return probability, seen
-
-
 def mixed_bits(model_log_probabilities: np.ndarray, caches: list, weights) -> float:
-    """Bits of the targets under (1 - sum(weights)) x model + sum(weight x cache); a cache that has
-    not seen its context yet gives its weight to the model. Causal: each target's probability uses
-    only the tokens before it, so an arithmetic coder could reach these bits."""
-    model = np.exp(model_log_probabilities)
-    mixed, left = np.zeros_like(model), 1.0
-    for weight, (probability, seen) in zip(weights, caches):
-        mixed += weight * np.where(seen, probability, model)
-        left -= weight
-    return float(-np.log2(mixed + left * model).sum())
+    """Bits of the targets under the model mixed with the document cache (kcp/core/document_cache.py)."""
+    from kcp.core import document_cache
 
-
-def fit_cache_weights(documents: list) -> tuple:
-    """The CACHE_GRID weights (one per CACHE_ORDERS) with the fewest bits on `documents`
-    [(model log-probabilities, caches)]."""
-    candidates = [weights for weights in itertools.product(*CACHE_GRID) if sum(weights) < 1]
-    return min(candidates,
-               key=lambda weights: sum(mixed_bits(scores, caches, weights) for scores, caches in documents))
+    return -float(document_cache.mixed_log_probabilities(model_log_probabilities, caches, weights).sum()) / math.log(2)
 
 
 def main(argv=None) -> None:
@@ -134,6 +95,7 @@ def main(argv=None) -> None:
 
     import trainer.models.layers  # noqa: F401  (registers the families and the layers model.keras holds)
     from kcp.core import contract as contract_lib
+    from kcp.core import document_cache
     from kcp.core.layout import RunLayout
 
     contract = contract_lib.read_contract(args.run_dir)
@@ -147,13 +109,13 @@ def main(argv=None) -> None:
     def scored(split: str):
         for name, text in split_documents(args.run_dir, split):
             ids = [separator, *contract_lib.encode_language(text, tokenizer, vocabulary), separator]
-            caches = [document_cache(ids, order) for order in CACHE_ORDERS] if args.cache else None
+            caches = document_cache.document_caches(ids) if args.cache else None
             yield name, text, target_log_probabilities(model, ids, context, stride), caches
 
     weights = None
     if args.cache:
         fit_split = "test" if args.split == "validation" else "validation"
-        weights = fit_cache_weights([(scores, caches) for _, _, scores, caches in scored(fit_split)])
+        weights = document_cache.fit_weights([(scores, caches) for _, _, scores, caches in scored(fit_split)])
         print(f"cache weights (unigram, bigram, trigram) fitted on the {fit_split} split: {weights}")
     rows, stream = [], b""
     print(f"{'document':24s} {'bytes':>7s} {'xz -9':>8s} {'gpt':>8s}" + (f" {'+cache':>8s}" if weights else ""))

@@ -34,6 +34,7 @@ from kcp.core import storage
 from kcp.core.config import Config
 from kcp.core.errors import UserError
 from kcp.core import contract as contract_lib
+from kcp.core import document_cache
 from kcp.core import examples as example_lib
 from kcp.core.layout import RunLayout
 from deploy.language import GENERATE_SPECS, language_codec, language_functions, language_texts
@@ -174,6 +175,8 @@ def export_for_serving(config: Config, run_dir: str, generate_tokens=None) -> st
                         "or kcp.api.export")
     model = keras.saving.load_model(model_path, compile=False)  # serving needs no loss, metrics or optimizer
     fingerprint["weights_sha256"] = weights_sha256(model)
+    if contract.modality == "language":
+        fingerprint["document_cache_weights"] = list(trained_cache_weights(layout))
     export_root = layout.export_root(config.export.name)
     storage.makedirs(export_root)
     remote = storage.is_remote(export_root)
@@ -205,6 +208,12 @@ def weights_sha256(model) -> str:
     return digest.hexdigest()
 
 
+def trained_cache_weights(layout: RunLayout) -> tuple:
+    """The document-cache weights the trainer fitted (metrics.json), or none for a run without them."""
+    metrics = json.loads(storage.read_text(layout.metrics)) if storage.exists(layout.metrics) else {}
+    return document_cache.trained_weights(metrics)
+
+
 def _check_fingerprint(layout: RunLayout, run_dir: str) -> dict:
     """Refuses to pair the data contract of RUN/data with a model trained on another one (a
     preprocess rerun after training): the normalisation, vocabulary and class names inside the
@@ -231,7 +240,8 @@ def _write_savedmodel(model, contract, config: Config, run_dir: str, directory: 
         for part in (encoder, decoder):
             if isinstance(part, tf.__internal__.tracking.Trackable):
                 archive.track(part)  # their lookup tables (characters) go into the SavedModel
-        functions = language_functions(model, contract, encoder, decoder, generate_tokens)
+        functions = language_functions(model, contract, encoder, decoder, generate_tokens,
+                                       cache_weights=trained_cache_weights(RunLayout(run_dir)))
     else:
         functions = serving_functions(model, contract, vectorizer)
     for name, function in functions.items():

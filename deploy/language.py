@@ -10,6 +10,7 @@ import functools
 import tensorflow as tf
 
 from kcp.core import contract as contract_lib
+from kcp.core import document_cache
 from kcp.core import examples as example_lib
 
 GENERATE_SPECS = {"prompts": tf.TensorSpec([None], tf.string, name="prompts"),
@@ -39,7 +40,8 @@ def generation_length(max_new_tokens: int, context: int) -> int:
     return next(length for length in generation_lengths(context) if length >= max_new_tokens)
 
 
-def language_functions(model, contract, encoder, decoder, generate_tokens, lengths=None) -> dict:
+def language_functions(model, contract, encoder, decoder, generate_tokens, lengths=None,
+                       cache_weights=document_cache.NO_CACHE) -> dict:
     """The language signatures as tf.functions: {"generate", "score", "serving_default" (= score)}.
 
     generate(prompts: string [N], max_new_tokens, temperature, top_k, top_p, seed: scalars)
@@ -47,10 +49,13 @@ def language_functions(model, contract, encoder, decoder, generate_tokens, lengt
         start of a document), `generate_tokens` (the gpt family's cached sampler, passed in by
         the caller: deploy imports no trainer code) samples the new ids, mapped over the prompts
         with tf.map_fn, and the completion stops at the first separator (the end of the document).
-    score(texts: string [N]) -> log_probability: float32 [N], tokens: int32 [N]: the natural
-        log-probability of each text's tokens followed by the separator, given a separator
-        before them, in windows of the context (the model's own block length: the context
-        starts afresh every `context` tokens, as in training); `tokens` counts the scored ids.
+    score(texts: string [N]) -> log_probability: float32 [N], network_log_probability: float32 [N],
+        tokens: int32 [N]: the natural log-probability of each text's tokens followed by the
+        separator, given a separator before them. The network sees them in windows of the
+        context (the model's own block length: the context starts afresh every `context`
+        tokens, as in training); `log_probability` mixes it with the text's document cache by
+        `cache_weights` (the trainer's fit, kcp/core/document_cache.py), which sees the whole
+        text; `network_log_probability` is the network's alone. `tokens` counts the scored ids.
     `kcp generate` calls the same `generate` function, built on model.keras, so it prints what
     the served signature answers for the same seed; it passes only the one length its request
     runs (`lengths`), which spares tracing the others (the same branch, the same ids).
@@ -58,6 +63,7 @@ def language_functions(model, contract, encoder, decoder, generate_tokens, lengt
     context = int(contract.statistics["context_length"])
     lengths = lengths or generation_lengths(context)
     separator, pad = contract_lib.LANGUAGE_SEPARATOR, contract_lib.LANGUAGE_PAD
+    vocabulary_size = int(model.output_shape[-1])
 
     def with_separators(texts, before: bool, after: bool):
         ids = tf.cast(encoder(texts), tf.int32)  # ragged (N, tokens)
@@ -100,8 +106,11 @@ def language_functions(model, contract, encoder, decoder, generate_tokens, lengt
         log_probabilities = tf.nn.log_softmax(tf.cast(logits, tf.float32))
         picked = tf.gather(log_probabilities, tf.reshape(dense_targets, [-1, context]), batch_dims=2)
         picked = tf.reshape(picked, tf.stack([rows, width]))
+        mixed = document_cache.mixed_log_probabilities_graph(
+            sequences.to_tensor(pad, shape=tf.stack([rows, width + 1])), picked, cache_weights, vocabulary_size)
         scored = tf.sequence_mask(lengths_scored, width)
-        return {"log_probability": tf.reduce_sum(tf.where(scored, picked, 0.0), axis=1),
+        return {"log_probability": tf.reduce_sum(tf.where(scored, mixed, 0.0), axis=1),
+                "network_log_probability": tf.reduce_sum(tf.where(scored, picked, 0.0), axis=1),
                 "tokens": tf.cast(lengths_scored, tf.int32)}
 
     score_function = tf.function(score, input_signature=[tf.TensorSpec([None], tf.string, name="texts")])

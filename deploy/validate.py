@@ -9,7 +9,9 @@ go to RUN/export/NAME/VERSION/assets.extra/validation.json, which travels with t
 
 A language export (`validate_language`) is fed test texts: its `score` must equal the
 log-probabilities of the trained Keras model (model.keras, computed here in Python from the
-contract's own encoder) within LOG_PROBABILITY_TOLERANCE, its greedy `generate` (temperature 0)
+contract's own encoder), both the network's alone and mixed with the document cache by the
+weights the trainer fitted (kcp/core/document_cache.py's NumPy reference), within
+LOG_PROBABILITY_TOLERANCE, its greedy `generate` (temperature 0)
 must be a greedy decoding of that model (at every new token, the export's id is the Keras
 model's argmax up to GREEDY_TIE nats: an independent, uncached reference for the cache), and
 its bits per byte on the texts must not be worse than the newest blessed version's on the same
@@ -31,6 +33,7 @@ from kcp.core import storage
 from kcp.core.config import Config
 from kcp.core.errors import UserError
 from kcp.core import contract as contract_lib
+from kcp.core import document_cache
 from kcp.core import examples as example_lib
 from kcp.core.layout import RunLayout
 
@@ -131,31 +134,30 @@ def version_number(directory: str) -> int:
     return int(directory.rstrip("/").replace(os.sep, "/").rsplit("/", 1)[-1])
 
 
-def export_scores(export, texts: list[str], batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+def export_scores(export, texts: list[str], batch_size: int = 16, with_network: bool = False) -> tuple:
     """(log_probability, tokens) of the export's `score` signature for the texts, fed as a client
-    would; `export` is a version's directory or what tf.saved_model.load made of it."""
+    would, and with `with_network` its network_log_probability third; `export` is a version's
+    directory or what tf.saved_model.load made of it."""
     score = (load_export(export) if isinstance(export, str) else export).signatures["score"]
-    log_probabilities, tokens = [], []
+    names = ("log_probability", "tokens") + (("network_log_probability",) if with_network else ())
+    columns = {name: [] for name in names}
     for start in range(0, len(texts), batch_size):
         outputs = score(texts=tf.constant([text.encode("utf-8") for text in texts[start:start + batch_size]]))
-        log_probabilities.append(outputs["log_probability"].numpy())
-        tokens.append(outputs["tokens"].numpy())
-    return np.concatenate(log_probabilities), np.concatenate(tokens)
+        for name in names:
+            columns[name].append(outputs[name].numpy())
+    return tuple(np.concatenate(columns[name]) for name in names)
 
 
-def keras_log_probabilities(model, ids: list[int], context: int) -> float:
-    """The natural log-probability the Keras model gives `ids` followed by the separator, after a
-    separator, in windows of `context` (as the export's `score` computes it, but eagerly and per text)."""
+def keras_log_probabilities(scorer, ids: list[int], cache_weights) -> tuple[float, float]:
+    """(mixed, network): the natural log-probability the Keras model gives `ids` followed by the
+    separator, after a separator, in windows of the context (`scorer`, a document_cache.WindowScorer),
+    mixed with the text's document cache by `cache_weights`, and the network's alone (as the
+    export's `score` computes them, but per text, from model.keras, with the cache counted by
+    kcp/core/document_cache.py's NumPy reference)."""
     sequence = [contract_lib.LANGUAGE_SEPARATOR, *ids, contract_lib.LANGUAGE_SEPARATOR]
-    inputs, targets = sequence[:-1], sequence[1:]
-    total = 0.0
-    for start in range(0, len(inputs), context):
-        window = np.asarray([inputs[start:start + context]], np.int32)
-        logits = np.asarray(model(window, training=False), np.float64)[0]  # (window, vocab)
-        log_probabilities = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
-            - logits.max(-1, keepdims=True)
-        total += float(log_probabilities[np.arange(len(window[0])), targets[start:start + context]].sum())
-    return total
+    network = scorer(sequence)
+    mixed = document_cache.mixed_log_probabilities(network, document_cache.document_caches(sequence), cache_weights)
+    return float(mixed.sum()), float(network.sum())
 
 
 def greedy_reference(model, prompt_ids: list[int], count: int) -> tuple[list[int], bool]:
@@ -205,18 +207,25 @@ def validate_language(contract, run_dir: str, directory: str, metrics: dict, nam
     context = int(contract.statistics["context_length"])
     model = keras.saving.load_model(RunLayout(run_dir).model, compile=False)
     export = load_export(directory)
-    exported, tokens = export_scores(export, texts)
+    exported, tokens, exported_network = export_scores(export, texts, with_network=True)
     encoded = [contract_lib.encode_language(text, tokenizer, vocabulary) for text in texts]
-    trainer = np.array([keras_log_probabilities(model, ids, context) for ids in encoded])
-    difference = np.abs(exported - trainer)
-    allowed = LOG_PROBABILITY_TOLERANCE + 1e-5 * np.abs(trainer)
+    cache_weights = document_cache.trained_weights(metrics)
+    scorer = document_cache.WindowScorer(model, context)
+    trainer, trainer_network = np.array([keras_log_probabilities(scorer, ids, cache_weights)
+                                         for ids in encoded]).T
     reasons = []
     if not np.array_equal(tokens, [len(ids) + 1 for ids in encoded]):
         reasons.append("the export's score counts other tokens than the contract's encoder gives")
-    worst = int(np.argmax(difference - allowed))
-    if difference[worst] > allowed[worst]:
-        reasons.append(f"export log-probability {exported[worst]:.4f} of test text {worst + 1} differs from the "
-                       f"trained model's {trainer[worst]:.4f} by {difference[worst]:.2e} nats")
+    difference = np.zeros(len(texts))
+    for what, ours, theirs in (("log-probability", exported, trainer),
+                               ("network log-probability", exported_network, trainer_network)):
+        gap = np.abs(ours - theirs)
+        difference = np.maximum(difference, gap)
+        allowed = LOG_PROBABILITY_TOLERANCE + 1e-5 * np.abs(theirs)
+        worst = int(np.argmax(gap - allowed))
+        if gap[worst] > allowed[worst]:
+            reasons.append(f"export {what} {ours[worst]:.4f} of test text {worst + 1} differs from the "
+                           f"trained model's {theirs[worst]:.4f} by {gap[worst]:.2e} nats")
     generate = export.signatures["generate"]
     new_tokens = min(GENERATION_TOKENS, context - 1)  # a context of 16 or less leaves room for fewer
     prompts = [text[:max(1, len(text) // 4)] for text in texts[:GENERATION_PROMPTS]]
@@ -249,6 +258,8 @@ def validate_language(contract, run_dir: str, directory: str, metrics: dict, nam
         "tokens": int(tokens.sum()),
         "export_bits_per_byte": bits,
         "trainer_bits_per_byte": text_bits_per_byte(trainer, texts),
+        "network_bits_per_byte": text_bits_per_byte(exported_network, texts),
+        "document_cache_weights": list(cache_weights),
         "trainer_test_bits_per_byte": metrics.get("test", {}).get("bits_per_byte"),
         "max_log_probability_difference": float(difference.max()),
         "tolerance": LOG_PROBABILITY_TOLERANCE,

@@ -41,7 +41,7 @@ from trainer.callbacks import (AtomicBackupAndRestore, EpochHistory, LanguageMet
                                StopOnNonFiniteLoss, ThroughputTimer, examples_per_second, learning_rate,
                                steps_per_epoch)
 from trainer.data import make_dataset
-from trainer.language_metrics import NatsPerToken, language_split_metrics
+from trainer.language_metrics import NatsPerToken, fit_document_cache, language_split_metrics
 from kcp.core.cluster import num_workers
 from trainer.distribute import choose_strategy
 from trainer.models import ModelInputs, build_model
@@ -241,6 +241,11 @@ class Trainer:
             "global_batch_size": self.global_batch,
             "weights_sha256": weights_digest(model),
         }
+        if self.language:
+            validation = ["validation"] if self.validation is not None else []  # held out of fit
+            metrics_json["document_cache"] = fit_document_cache(
+                model, self.contract, self.run_dir, self.data_dir,
+                validation + (["test"] if "test" in self.splits else []))
         if "test" in self.evaluation and not self.language:
             labels, predictions = predict_labels(model, self.evaluation["test"], self.one_hot)
             matrix = {"class_names": list(self.contract.class_names),

@@ -58,6 +58,8 @@ def _train(args, run_dir: str, config) -> dict:
         say(f"[train] test {test.get('bits_per_byte', float('nan')):.4f} bits per byte (perplexity "
             f"{test.get('perplexity', float('nan')):.2f} per token), {metrics['tokens_per_second']:.0f} tokens/s, "
             f"{metrics['wall_seconds']:.1f} s -> {run_dir}/train")
+        if document_cache_figures(metrics):
+            say(f"[train] test documents {document_cache_figures(metrics)}")
         return metrics
     say(f"[train] test accuracy {test.get('accuracy', float('nan')):.4f}, "
         f"{metrics['examples_per_second']:.0f} examples/s, {metrics['wall_seconds']:.1f} s -> {run_dir}/train")
@@ -124,8 +126,22 @@ def _run_language_summary(run_dir: str, started: float, contract, metrics: dict,
         f"{metrics['tokens_per_second']:.0f} tokens/s")
     say("  bits/byte " + " · ".join(f"{split} {metrics[split]['bits_per_byte']:.4f}" for split in SPLITS
                                     if split in metrics))
+    if document_cache_figures(metrics):
+        say(f"  documents {document_cache_figures(metrics)}")
     say(f"  export    {export_dir}")
     say(f"  reloaded  {verdict}")
+
+
+def document_cache_figures(metrics: dict) -> str:
+    """"B bits per byte with the document cache (network alone N; weights W)" for a language run's
+    whole test documents (metrics.json "document_cache"), or "" when there are none."""
+    cache = metrics.get("document_cache") or {}
+    if "test" not in cache:
+        return ""
+    test = cache["test"]
+    return (f"{test['bits_per_byte']:.4f} bits per byte with the document cache (network alone "
+            f"{test['network_bits_per_byte']:.4f}; weights {', '.join(f'{w:g}' for w in cache['weights'])}"
+            f" fitted on {cache['fitted_on'] or 'nothing: no held-out validation split'})")
 
 
 def _language_verdict(validation: dict) -> str:

@@ -97,8 +97,13 @@ def build_report(run_dir: str) -> str:
                ["bad inputs", contract.bad_examples]]
     language = contract.modality == "language"
     if metrics and language:
+        cache = metrics.get("document_cache") or {}
         summary += [["model", f"{metrics.get('model')} ({metrics.get('params', 0):,} parameters)"],
                     ["test bits per byte", f"{metrics.get('test', {}).get('bits_per_byte', float('nan')):.4f}"],
+                    *([["test documents, bits per byte with the document cache (network alone)",
+                        f"{cache['test']['bits_per_byte']:.4f} ({cache['test']['network_bits_per_byte']:.4f}), "
+                        f"weights {', '.join(f'{w:g}' for w in cache['weights'])}"]]
+                      if "test" in cache else []),
                     ["test perplexity (per token)", f"{metrics.get('test', {}).get('perplexity', float('nan')):.2f}"],
                     ["epochs", metrics.get("epochs")],
                     ["train tokens/s", f"{metrics.get('tokens_per_second', 0):,.0f}"]]

@@ -2,6 +2,7 @@
 over REST and gRPC. The run is tests/trainer/test_language_model.py's `language_run` (kcp run --model gpt)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -19,7 +20,9 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from deploy.serving import make_server
 from kcp import cli
 from kcp.core import contract as contract_lib
+from kcp.core import document_cache
 from tests.conftest import IN_PROCESS_BEAM
+from tests.kcp.test_document_cache import brute_force_cache
 from tests.trainer.test_language_model import language_run  # noqa: F401  the session's gpt run
 import trainer.generate  # noqa: F401  registers the gpt layers for loading model.keras
 
@@ -66,16 +69,37 @@ def kcp_generate(run_dir: str, prompt: str, seed: int, capsys, **settings) -> st
     return printed[:-1]
 
 
-def keras_log_probability(model, ids: list[int], context: int) -> float:
-    """log P(ids, separator | separator) in windows of the context, the test's own arithmetic."""
+def keras_log_probabilities(model, ids: list[int], context: int) -> list[float]:
+    """log P(each of ids, separator | what precedes it after a separator) in windows of the
+    context, the test's own arithmetic."""
     sequence = [SEPARATOR, *ids, SEPARATOR]
-    total = 0.0
+    scores = []
     for start in range(0, len(sequence) - 1, context):
         window = sequence[start:start + context + 1]
         logits = np.asarray(model(np.array([window[:-1]], np.int32)), np.float64)[0]
         log_softmax = logits - np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1, keepdims=True)) \
             - logits.max(-1, keepdims=True)
-        total += sum(log_softmax[position, target] for position, target in enumerate(window[1:]))
+        scores += [log_softmax[position, target] for position, target in enumerate(window[1:])]
+    return scores
+
+
+def keras_log_probability(model, ids: list[int], context: int) -> float:
+    """log P(ids, separator | separator) by the network alone."""
+    return sum(keras_log_probabilities(model, ids, context))
+
+
+def mixed_log_probability(model, ids: list[int], context: int, weights) -> float:
+    """log P(ids, separator | separator) by the network mixed with the document cache by `weights`:
+    each target's probability (1 - sum(weights)) x network + weight x (the cache of each order, or
+    the network where that cache has not seen the target's context), the caches counted by brute force."""
+    sequence = [SEPARATOR, *ids, SEPARATOR]
+    caches = [brute_force_cache(sequence, order) for order in document_cache.CACHE_ORDERS]
+    total = 0.0
+    for position, network in enumerate(keras_log_probabilities(model, ids, context)):
+        probability = (1 - sum(weights)) * math.exp(network)
+        for weight, (cache, seen) in zip(weights, caches):
+            probability += weight * (cache[position] if seen[position] else math.exp(network))
+        total += math.log(probability)
     return total
 
 
@@ -85,6 +109,9 @@ def test_the_run_exports_generate_and_score_and_validation_blesses_it(language_r
     assert validation["blessed"] is True and validation["reasons"] == []
     assert validation["max_log_probability_difference"] < 1e-3 and validation["examples"] > 0
     assert validation["export_bits_per_byte"] == pytest.approx(validation["trainer_bits_per_byte"], rel=1e-4)
+    metrics = json.load(open(os.path.join(language_run, "train", "metrics.json")))
+    assert validation["document_cache_weights"] == metrics["document_cache"]["weights"]
+    assert validation["export_bits_per_byte"] < validation["network_bits_per_byte"]  # the cache helps here
     loaded = tf.saved_model.load(version)
     assert {"generate", "score", "serving_default"} <= set(loaded.signatures)
     texts = tf.constant([b"def f(x):\n    return x", b""])
@@ -93,17 +120,24 @@ def test_the_run_exports_generate_and_score_and_validation_blesses_it(language_r
     assert score["tokens"].numpy().tolist() == [22 + 1, 0 + 1]  # the bytes, and the end of text
 
 
-def test_score_equals_the_keras_model_log_probability(language_run):  # noqa: F811
+def test_score_equals_the_keras_model_log_probability_mixed_with_the_document_cache(language_run):  # noqa: F811
     contract = contract_lib.read_contract(language_run)
+    weights = json.load(open(os.path.join(language_run, "train", "metrics.json")))["document_cache"]["weights"]
+    assert any(weights)  # the trainer turned the cache on for this corpus: its documents repeat their lines
     model = keras.saving.load_model(os.path.join(language_run, "train", "model.keras"), compile=False)
     score = tf.saved_model.load(os.path.join(language_run, "export", "model", "1")).signatures["score"]
     texts = ["def f3_1(x):\n    return x * 1 + 3\n", "é" * 5 + " short", "x = 1\n" * 15]  # the last: 3 windows of 32
     outputs = score(texts=tf.constant([text.encode("utf-8") for text in texts]))
+    context = int(contract.statistics["context_length"])
     for index, text in enumerate(texts):
         ids = contract_lib.encode_language(text, "bytes")
         assert outputs["tokens"].numpy()[index] == len(ids) + 1
-        expected = keras_log_probability(model, ids, int(contract.statistics["context_length"]))
-        assert outputs["log_probability"].numpy()[index] == pytest.approx(expected, abs=1e-3)
+        network = keras_log_probability(model, ids, context)
+        assert outputs["network_log_probability"].numpy()[index] == pytest.approx(network, abs=1e-3)
+        mixed = mixed_log_probability(model, ids, context, weights)
+        assert outputs["log_probability"].numpy()[index] == pytest.approx(mixed, abs=1e-3)
+    # the cache sees all 90 bytes of the repeated line, where each window of the network sees 32 of them
+    assert outputs["log_probability"].numpy()[2] > outputs["network_log_probability"].numpy()[2] + 1
 
 
 def test_kcp_generate_prints_what_rest_and_grpc_generate_answer(language_run, served, capsys):  # noqa: F811
@@ -190,9 +224,12 @@ def test_a_bpe_run_trains_in_bits_per_byte_and_exports_what_kcp_generate_prints(
     assert scores["tokens"].numpy().tolist() == [len(row) + 1 for row in ids]
     assert len(ids[0]) < len(texts[0]) / 2  # merged
     model = keras.saving.load_model(os.path.join(bpe_run, "train", "model.keras"), compile=False)
+    weights = json.load(open(os.path.join(bpe_run, "train", "metrics.json")))["document_cache"]["weights"]
     for index, row in enumerate(ids):  # the graph scores the pipeline's ids, token for token
-        assert scores["log_probability"].numpy()[index] == pytest.approx(
+        assert scores["network_log_probability"].numpy()[index] == pytest.approx(
             keras_log_probability(model, row, int(statistics["context_length"])), abs=1e-3)
+        assert scores["log_probability"].numpy()[index] == pytest.approx(
+            mixed_log_probability(model, row, int(statistics["context_length"]), weights), abs=1e-3)
     printed = kcp_generate(bpe_run, "def f", 3, capsys)
     exported = loaded.signatures["generate"](prompts=tf.constant([b"def f"]), seed=tf.constant(3), **{
         key: tf.constant(value) for key, value in SETTINGS.items()})["completions"].numpy()[0]

@@ -81,6 +81,36 @@ def test_training_reports_perplexity_and_exact_bits_per_byte(language_run):
     assert os.path.exists(os.path.join(language_run, "train", "checkpoints", "best.weights.h5"))  # by val_loss
 
 
+def test_the_trainer_fits_the_document_cache_on_the_validation_documents(language_run):
+    from kcp.core import document_cache
+    from trainer.language_metrics import split_documents
+
+    contract = contract_lib.read_contract(language_run)
+    data_dir = os.path.join(language_run, "data")
+    corpus = {open(os.path.join(os.path.dirname(language_run), "corpus", name), encoding="utf-8").read()
+              for name in os.listdir(os.path.join(os.path.dirname(language_run), "corpus"))}
+    cache = read_json(language_run, "train", "metrics.json")["document_cache"]
+    for split in ("validation", "test"):
+        # the shards' blocks give back the split's documents whole, one per source file
+        documents = [contract_lib.decode_language(ids, "bytes") for ids in split_documents(contract, data_dir, split, 10**9)]
+        assert len(documents) == contract.statistics["documents"][split] > 0 and set(documents) <= corpus
+        assert cache[split]["documents"] == len(documents)
+        assert cache[split]["bytes"] == sum(len(text.encode("utf-8")) + 1 for text in documents)
+        assert cache[split]["tokens"] == sum(len(contract_lib.encode_language(text, "bytes")) + 1 for text in documents)
+    assert len(split_documents(contract, data_dir, "validation", 1)) == 1  # whole documents, at least one
+    assert cache["fitted_on"] == "validation" and tuple(cache["weights"]) in document_cache.grid()
+    assert cache["orders"] == list(document_cache.CACHE_ORDERS)
+    # these documents repeat their own lines, which a 32-byte context cannot see: the cache helps
+    assert cache["validation"]["bits_per_byte"] < cache["validation"]["network_bits_per_byte"] - 0.05
+    assert cache["test"]["bits_per_byte"] < cache["test"]["network_bits_per_byte"]
+    from kcp.cli.commands import document_cache_figures  # what `kcp train` and `kcp run` print
+
+    assert document_cache_figures({"test": {}}) == ""
+    assert document_cache_figures(read_json(language_run, "train", "metrics.json")).startswith(
+        f"{cache['test']['bits_per_byte']:.4f} bits per byte with the document cache (network alone "
+        f"{cache['test']['network_bits_per_byte']:.4f}; weights ")
+
+
 def test_the_gpt_training_defaults_are_applied_and_recorded(language_run):
     with open(os.path.join(language_run, "config.yaml"), encoding="utf-8") as handle:
         recorded = load_config([yaml.safe_load(handle)])
@@ -146,6 +176,8 @@ def test_report_shows_bits_per_byte_samples_attention_and_the_few_shot_prompt(la
     for heading in ("Learning curves", "Samples per epoch", "Attention maps", "Few-shot prompt", "Config", "Metrics"):
         assert f"<h2>{heading}</h2>" in page
     assert "test bits per byte" in page and "Confusion matrix" not in page
+    cache = read_json(language_run, "train", "metrics.json")["document_cache"]
+    assert f"{cache['test']['bits_per_byte']:.4f} ({cache['test']['network_bits_per_byte']:.4f})" in page
     assert "farduddle is:" in page and "whatpu" in FEW_SHOT_PROMPT
     assert {"curves.png", "attention.png"} <= set(os.listdir(report_dir))
     from PIL import Image
