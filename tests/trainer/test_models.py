@@ -316,6 +316,12 @@ def test_transformer_image_patches():
     config = small_config("transformer", "model.patch_size=4")
     model = build_model(ModelInputs("image", (32, 32, 3), 10), config)
     assert model.get_layer("patches").output.shape == (None, 64, 32)
+    # the default conv stem: two 3x3 convolutions over the 8x8 patch grid, width kept
+    assert [model.get_layer(name).output.shape for name in ("stem_conv1", "stem_conv2")] == [(None, 8, 8, 32)] * 2
+    linear = build_model(ModelInputs("image", (32, 32, 3), 10), small_config("transformer", "model.patch_size=4",
+                                                                             "model.image_stem=linear"))
+    assert not any(layer.name.startswith("stem_conv") for layer in linear.layers)
+    assert model.count_params() - linear.count_params() == 2 * (3 * 3 * 32 * 32 + 32)
 
 
 def test_attention_scores_per_block_and_head(tmp_path):
