@@ -312,6 +312,30 @@ def test_transformer_variants_save_and_reload(pooling, positional, tmp_path):
     assert has_table == (positional == "learned")
 
 
+def test_cnn_blocks_follow_the_image_size_by_default(capsys):
+    from trainer.models.cnn import default_filters
+
+    assert default_filters(ModelInputs("image", (8, 8, 1), 10)) == (32, 64)  # the digits: as before
+    assert default_filters(ModelInputs("image", (28, 28, 1), 10)) == (32, 64, 128, 256)
+    assert default_filters(ModelInputs("image", (32, 32, 3), 10)) == (32, 64, 128, 256)
+    assert default_filters(ModelInputs("image", (224, 224, 3), 10)) == (32, 64, 128, 256, 256)
+    assert default_filters(ModelInputs("sequence", (48, 1), 6)) == (32, 64)
+    config = small_config("cnn", "model.filters=null")
+    assert config.filters is None
+    model = build_model(ModelInputs("image", (32, 32, 3), 10), config)
+    assert model.get_layer("block4_conv2").output.shape == (None, 4, 4, 256)  # the last map is 4 wide
+    assert not any(layer.name.startswith("block5") for layer in model.layers)
+    digits = build_model(ModelInputs("image", (8, 8, 1), 10), config)
+    assert digits.get_layer("block2_conv2").output.shape == (None, 4, 4, 64)
+    assert not any(layer.name.startswith("block3") for layer in digits.layers)
+    with pytest.raises(ConfigError, match="model.filters"):
+        small_config("cnn", "model.filters=[]")
+    from kcp import cli
+    capsys.readouterr()
+    assert cli.main(["describe-model", "--model", "cnn", "--input-shape", "32,32,3", "--num-classes", "10"]) == 0
+    assert "  filters: null (applied: [32, 64, 128, 256])" in capsys.readouterr().out.split("\n")
+
+
 def test_transformer_image_patches():
     config = small_config("transformer", "model.patch_size=4")
     model = build_model(ModelInputs("image", (32, 32, 3), 10), config)
