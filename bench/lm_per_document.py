@@ -51,6 +51,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lm_compression import split_documents  # noqa: E402  (bench/ is this script's own directory)
 
+from kcp.core import document_cache  # noqa: E402  (NumPy only: no TensorFlow at import)
+
 
 def target_log_probabilities(model, ids: list[int], context: int, stride: int) -> np.ndarray:
     """log P(each target | what precedes it in its window), nats, float64 (len(ids) - 1,): each window
@@ -76,8 +78,6 @@ def target_log_probabilities(model, ids: list[int], context: int, stride: int) -
 
 def mixed_bits(model_log_probabilities: np.ndarray, caches: list, weights) -> float:
     """Bits of the targets under the model mixed with the document cache (kcp/core/document_cache.py)."""
-    from kcp.core import document_cache
-
     return -float(document_cache.mixed_log_probabilities(model_log_probabilities, caches, weights).sum()) / math.log(2)
 
 
@@ -95,7 +95,6 @@ def main(argv=None) -> None:
 
     import trainer.models.layers  # noqa: F401  (registers the families and the layers model.keras holds)
     from kcp.core import contract as contract_lib
-    from kcp.core import document_cache
     from kcp.core.layout import RunLayout
 
     contract = contract_lib.read_contract(args.run_dir)

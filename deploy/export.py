@@ -175,8 +175,10 @@ def export_for_serving(config: Config, run_dir: str, generate_tokens=None) -> st
                         "or kcp.api.export")
     model = keras.saving.load_model(model_path, compile=False)  # serving needs no loss, metrics or optimizer
     fingerprint["weights_sha256"] = weights_sha256(model)
-    if contract.modality == "language":
-        fingerprint["document_cache_weights"] = list(trained_cache_weights(layout))
+    cache_weights = document_cache.NO_CACHE
+    if contract.modality == "language":  # what the score signature mixes in, recorded beside it
+        cache_weights = trained_cache_weights(layout)
+        fingerprint["document_cache_weights"] = list(cache_weights)
     export_root = layout.export_root(config.export.name)
     storage.makedirs(export_root)
     remote = storage.is_remote(export_root)
@@ -185,7 +187,7 @@ def export_for_serving(config: Config, run_dir: str, generate_tokens=None) -> st
     temporary = tempfile.mkdtemp(prefix="kcp-export-") if remote \
         else storage.join(export_root, f".tmp-{uuid.uuid4().hex[:8]}")
     try:
-        _write_savedmodel(model, contract, config, run_dir, temporary, generate_tokens)
+        _write_savedmodel(model, contract, config, run_dir, temporary, generate_tokens, cache_weights)
         storage.write_text_atomic(storage.join(temporary, "assets.extra", FINGERPRINT),
                                   json.dumps(fingerprint, indent=2) + "\n")
         final = _publish_remote(layout, config.export.name, temporary) if remote \
@@ -227,7 +229,8 @@ def _check_fingerprint(layout: RunLayout, run_dir: str) -> dict:
     return {"contract_sha256": contract_sha}
 
 
-def _write_savedmodel(model, contract, config: Config, run_dir: str, directory: str, generate_tokens=None) -> None:
+def _write_savedmodel(model, contract, config: Config, run_dir: str, directory: str, generate_tokens=None,
+                      cache_weights=document_cache.NO_CACHE) -> None:
     archive = keras.export.ExportArchive()
     archive.track(model)
     vectorizer = None
@@ -240,8 +243,7 @@ def _write_savedmodel(model, contract, config: Config, run_dir: str, directory: 
         for part in (encoder, decoder):
             if isinstance(part, tf.__internal__.tracking.Trackable):
                 archive.track(part)  # their lookup tables (characters) go into the SavedModel
-        functions = language_functions(model, contract, encoder, decoder, generate_tokens,
-                                       cache_weights=trained_cache_weights(RunLayout(run_dir)))
+        functions = language_functions(model, contract, encoder, decoder, generate_tokens, cache_weights=cache_weights)
     else:
         functions = serving_functions(model, contract, vectorizer)
     for name, function in functions.items():

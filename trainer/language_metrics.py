@@ -68,7 +68,7 @@ def split_documents(contract, data_dir: str, split: str, max_tokens: int) -> lis
     """The documents of a split as lists of ids, rebuilt from its shards: a shard is one packing
     group's stream of documents, each followed by the separator, cut into blocks in order. Whole
     documents, in shard order, until `max_tokens` ids are taken (at least one document)."""
-    compression = "GZIP" if contract.compression == "gzip" else ""
+    compression = example_lib.record_compression(contract)
     separator, pad = contract_lib.LANGUAGE_SEPARATOR, contract_lib.LANGUAGE_PAD
     documents, taken = [], 0
     for path in sorted(contract.split_files(data_dir, split)):

@@ -58,8 +58,9 @@ def _train(args, run_dir: str, config) -> dict:
         say(f"[train] test {test.get('bits_per_byte', float('nan')):.4f} bits per byte (perplexity "
             f"{test.get('perplexity', float('nan')):.2f} per token), {metrics['tokens_per_second']:.0f} tokens/s, "
             f"{metrics['wall_seconds']:.1f} s -> {run_dir}/train")
-        if document_cache_figures(metrics):
-            say(f"[train] test documents {document_cache_figures(metrics)}")
+        cache = document_cache_figures(metrics)
+        if cache:
+            say(f"[train] test documents {cache}")
         return metrics
     say(f"[train] test accuracy {test.get('accuracy', float('nan')):.4f}, "
         f"{metrics['examples_per_second']:.0f} examples/s, {metrics['wall_seconds']:.1f} s -> {run_dir}/train")
@@ -126,8 +127,9 @@ def _run_language_summary(run_dir: str, started: float, contract, metrics: dict,
         f"{metrics['tokens_per_second']:.0f} tokens/s")
     say("  bits/byte " + " · ".join(f"{split} {metrics[split]['bits_per_byte']:.4f}" for split in SPLITS
                                     if split in metrics))
-    if document_cache_figures(metrics):
-        say(f"  documents {document_cache_figures(metrics)}")
+    cache = document_cache_figures(metrics)
+    if cache:
+        say(f"  documents {cache}")
     say(f"  export    {export_dir}")
     say(f"  reloaded  {verdict}")
 

@@ -53,6 +53,11 @@ def parse_examples(contract: DataContract, serialized):
     return inputs, parsed[LABEL_FEATURE], parsed[KEY_FEATURE]
 
 
+def record_compression(contract: DataContract) -> str:
+    """The contract's shard compression as tf.data.TFRecordDataset names it ("GZIP" or "")."""
+    return "GZIP" if contract.compression == "gzip" else ""
+
+
 def read_split(contract: DataContract, data_dir: str, split, batch_size: int, *, shuffle_buffer: int = 0,
                seed=None, deterministic: bool = True, cache: bool = False, drop_remainder: bool = False):
     """A `tf.data.Dataset` of batches `(inputs, labels, keys)` from one split's shards
@@ -67,7 +72,7 @@ def read_split(contract: DataContract, data_dir: str, split, batch_size: int, *,
     files = [path for name in names for path in contract.split_files(data_dir, name)]
     if not files:
         raise ContractError(f"{data_dir}: no TFRecord files match split {split!r}")
-    compression = "GZIP" if contract.compression == "gzip" else ""
+    compression = record_compression(contract)
     autotune = tf.data.AUTOTUNE
     dataset = tf.data.Dataset.from_tensor_slices(files)
     if shuffle_buffer:
