@@ -278,7 +278,10 @@ def describe_model(args, run_dir: str | None, config, beam_args: list[str]) -> i
     """The model section with every default applied, then the Keras summary; writes nothing. A key
     whose default depends on the data (resnet's `model.width: 0`) also shows what it comes to here."""
     spec = model_inputs_from_flags(args)
-    applied = config.model.family.applied(spec) if hasattr(config.model.family, "applied") else {}
+    applied = dict(config.model.family.applied(spec)) if hasattr(config.model.family, "applied") else {}
+    if spec.modality == "image" and config.model.augment.translation is None:
+        applied["augment"] = {**config.to_dict()["model"]["augment"],
+                              "translation": config.model.augment.applied_translation}
     say("model:")
     for key, value in config.to_dict()["model"].items():
         resolved = f" (applied: {json.dumps(applied[key])})" if applied.get(key, value) != value else ""

@@ -124,19 +124,36 @@ def is_language_source(uri: str) -> bool:
     return uri.partition(":")[0] in LANGUAGE_SOURCE_KINDS
 
 
+# Random shifts of images by up to this fraction of their side, the default of model.augment.translation.
+# Measured on 32x32 colour glyphs at random places (docs/performance.md round 8), test accuracy without ->
+# with: cnn 0.916 -> 0.966, rnn (conv stem) 0.879 -> 0.960, transformer 0.786 -> 0.898.
+DEFAULT_IMAGE_TRANSLATION = 0.125
+
+
 @dataclass(frozen=True)
 class AugmentLayersConfig:
     """Online augmentation layers at the model's input: images only, active only in training."""
 
     flip: str = option("none", choices=("none", "horizontal", "vertical", "horizontal_and_vertical"))
-    translation: float = option(0.0, minimum=0.0, maximum=1.0, help="fraction of height/width")
+    translation: Optional[float] = option(
+        None, minimum=0.0, maximum=1.0,
+        help="fraction of height/width; null: 0.125 (a 4-pixel shift of a 32x32 image, the CIFAR ResNets' "
+             "pad-and-crop)")
     rotation: float = option(0.0, minimum=0.0, maximum=1.0, help="fraction of a full turn")
     zoom: float = option(0.0, minimum=0.0, maximum=1.0)
     contrast: float = option(0.0, minimum=0.0, maximum=1.0)
 
     @property
-    def enabled(self) -> bool:
-        return self.flip != "none" or any((self.translation, self.rotation, self.zoom, self.contrast))
+    def applied_translation(self) -> float:
+        """`translation` with null resolved: DEFAULT_IMAGE_TRANSLATION."""
+        return DEFAULT_IMAGE_TRANSLATION if self.translation is None else self.translation
+
+    def enabled(self, modality: str) -> bool:
+        """Whether the model of `modality` data gets augmentation layers: images whenever a key is
+        set (the translation by default); other data only when a key is set explicitly, which
+        `model_input` refuses, by name."""
+        translation = self.applied_translation if modality == "image" else (self.translation or 0.0)
+        return self.flip != "none" or any((translation, self.rotation, self.zoom, self.contrast))
 
 
 MODEL_FAMILIES: dict[str, type] = {}  # model.name -> the family's config dataclass

@@ -107,7 +107,7 @@ def test_overfits_a_fixed_batch_of_64(family, modality):
 
 @pytest.mark.parametrize("depth, expected", [(20, 0.27e6), (32, 0.46e6), (56, 0.85e6), (110, 1.7e6)])
 def test_cifar_resnet_parameter_counts_match_he_et_al(depth, expected):
-    config = load_config([], ["model.name=resnet", f"model.depth={depth}"]).model
+    config = load_config([], ["model.name=resnet", f"model.depth={depth}", "model.width=16"]).model  # the paper's
     model = build_model(ModelInputs("image", (32, 32, 3), 10), config)
     assert abs(model.count_params() - expected) / expected <= 0.03
 
@@ -142,6 +142,13 @@ def test_resnet_on_text_is_as_wide_as_the_embedding_unless_told():
     assert config.family.applied(SPECS["image"]) == {"width": 16}
     told = load_config([], ["model.name=resnet", "model.depth=8", "model.width=8"]).model
     assert build_model(SPECS["text"], told).get_layer("conv1_conv").filters == 8
+    # images larger than 16x16 start twice as wide (wide ResNets); up to 16x16 and sequences at 16
+    for shape, width in (((32, 32, 3), 32), ((17, 40, 1), 32), ((16, 16, 3), 16), ((40, 16, 3), 16)):
+        spec = ModelInputs("image", shape, 10)
+        assert config.family.applied(spec) == {"width": width}, shape
+    assert build_model(ModelInputs("image", (32, 32, 3), 10), config).get_layer("conv1_conv").filters == 32
+    assert config.family.applied(SPECS["sequence"]) == {"width": 16}
+    assert build_model(ModelInputs("image", (32, 32, 3), 10), told).get_layer("conv1_conv").filters == 8
 
 
 def test_resnet_drops_30_percent_of_the_text_embedding_by_default():
@@ -294,8 +301,23 @@ def test_rnn_text_prediction_is_the_same_however_long_the_padding(pooling):
 
 
 def test_rnn_reads_images_row_by_row():
-    model = build_model(SPECS["image"], small_config("rnn"))
+    model = build_model(SPECS["image"], small_config("rnn"))  # 8x8: no conv stem, the pixel rows
     assert model.get_layer("rows_as_steps").output.shape == (None, 8, 8)
+    assert not any(layer.name.startswith("stem") for layer in model.layers)
+
+
+def test_rnn_reads_larger_images_through_a_conv_stem():
+    colour = ModelInputs("image", (32, 32, 3), 10, mean=(0.5,) * 3, std=(0.25,) * 3)
+    model = build_model(colour, small_config("rnn"))
+    # two blocks of two 3x3 convolutions halve 32x32 to 8 rows: 8 steps of 8 x 64 values
+    assert [model.get_layer(name).output.shape for name in ("stem1_pool", "stem2_pool")] == [
+        (None, 16, 16, 32), (None, 8, 8, 64)]
+    assert model.get_layer("rows_as_steps").output.shape == (None, 8, 512)
+    odd = build_model(ModelInputs("image", (20, 12, 1), 10), small_config("rnn"))  # 20 -> 10 -> 5 rows
+    assert odd.get_layer("rows_as_steps").output.shape == (None, 5, 3 * 64)
+    rows = build_model(colour, small_config("rnn", "model.image_stem=rows"))
+    assert rows.get_layer("rows_as_steps").output.shape == (None, 32, 96)
+    assert np.isfinite(model.predict(random_inputs(colour, 4), verbose=0)).all()
 
 
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
@@ -333,19 +355,38 @@ def test_cnn_blocks_follow_the_image_size_by_default(capsys):
     from kcp import cli
     capsys.readouterr()
     assert cli.main(["describe-model", "--model", "cnn", "--input-shape", "32,32,3", "--num-classes", "10"]) == 0
-    assert "  filters: null (applied: [32, 64, 128, 256])" in capsys.readouterr().out.split("\n")
+    lines = capsys.readouterr().out.split("\n")
+    assert "  filters: null (applied: [32, 64, 128, 256])" in lines
+    augment = '{"flip": "none", "translation": %s, "rotation": 0.0, "zoom": 0.0, "contrast": 0.0}'
+    assert f"  augment: {augment % 'null'} (applied: {augment % 0.125})" in lines  # images shift by default
 
 
 def test_transformer_image_patches():
     config = small_config("transformer", "model.patch_size=4")
     model = build_model(ModelInputs("image", (32, 32, 3), 10), config)
     assert model.get_layer("patches").output.shape == (None, 64, 32)
-    # the default conv stem: two 3x3 convolutions over the 8x8 patch grid, width kept
+    # the default conv stem: 4x4 patches read by two blocks of (two 3x3 convolutions, a 2x2 max pool) from the
+    # pixels (32x32x3 -> 16x16x16 -> 8x8x32), a 1x1 projection, then two 3x3 convolutions over the 8x8 patch grid
+    assert [model.get_layer(name).output.shape for name in ("stem_pixels1_pool", "stem_pixels2_pool",
+                                                            "patch_embedding")] == [
+        (None, 16, 16, 16), (None, 8, 8, 32), (None, 8, 8, 32)]
     assert [model.get_layer(name).output.shape for name in ("stem_conv1", "stem_conv2")] == [(None, 8, 8, 32)] * 2
     linear = build_model(ModelInputs("image", (32, 32, 3), 10), small_config("transformer", "model.patch_size=4",
                                                                              "model.image_stem=linear"))
-    assert not any(layer.name.startswith("stem_conv") for layer in linear.layers)
-    assert model.count_params() - linear.count_params() == 2 * (3 * 3 * 32 * 32 + 32)
+    assert not any(layer.name.startswith("stem_") for layer in linear.layers)
+    assert linear.get_layer("patch_embedding").kernel.shape == (4, 4, 3, 32)  # ViT's linear patch projection
+    blocks = (3 * 3 * 3 * 16 + 4 * 16) + (3 * 3 * 16 * 16 + 4 * 16) + (  # each convolution's kernel, its batch norm's
+        3 * 3 * 16 * 32 + 4 * 32) + (3 * 3 * 32 * 32 + 4 * 32)           # gamma, beta, moving mean and variance
+    stem = blocks + (32 * 32 + 32) + 2 * (3 * 3 * 32 * 32 + 32)
+    assert model.count_params() - linear.count_params() == stem - (4 * 4 * 3 * 32 + 32)
+    # an odd patch side: a block per factor 2, then a kernel-and-stride-3 convolution (36 / 6 = 6 patches a side)
+    odd = build_model(ModelInputs("image", (36, 36, 3), 10), small_config("transformer", "model.patch_size=6"))
+    assert odd.get_layer("stem_pixels2").kernel.shape == (3, 3, 16, 32)
+    assert odd.get_layer("patches").output.shape == (None, 36, 32)
+    # the digits' 1x1 patches have no pixel stem: the same model as before
+    digits = build_model(ModelInputs("image", (8, 8, 1), 10), small_config("transformer", "model.patch_size=0"))
+    assert not any(layer.name.startswith("stem_pixels") for layer in digits.layers)
+    assert digits.get_layer("patch_embedding").kernel.shape == (1, 1, 1, 32)
 
 
 def test_attention_scores_per_block_and_head(tmp_path):
@@ -380,6 +421,19 @@ def test_augmentation_layers_act_only_in_training():
     images = random_inputs(SPECS["image"], 4)
     np.testing.assert_array_equal(np.asarray(augment(images, training=False)), images)
     assert not np.allclose(np.asarray(augment(images, training=True)), images)
+
+
+def test_images_are_shifted_by_default_and_nothing_else_is():
+    model = build_model(SPECS["image"], small_config("cnn"))
+    shift = model.get_layer("augment").get_layer("augment_translation")
+    assert (shift.height_factor, shift.width_factor) == (0.125, 0.125)
+    assert [layer.name for layer in model.get_layer("augment").layers] == ["augment_translation"]
+    off = build_model(SPECS["image"], small_config("cnn", "model.augment.translation=0"))
+    assert not any(layer.name == "augment" for layer in off.layers)
+    for modality in ("sequence", "text"):  # the null default adds nothing there, and refuses nothing
+        assert not any(layer.name == "augment" for layer in build_model(SPECS[modality], small_config("cnn")).layers)
+    with pytest.raises(ConfigError, match="model.augment: augmentation layers apply to images, not sequence"):
+        build_model(SPECS["sequence"], small_config("cnn", "model.augment.translation=0.1"))
 
 
 def test_augmentation_is_refused_for_sequences():

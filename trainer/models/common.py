@@ -83,7 +83,7 @@ def model_input(spec: ModelInputs, config: ModelConfig):
 
     inputs = keras.Input(shape=spec.shape, dtype=spec.dtype, name=spec.input_name)
     x = inputs
-    if config.augment.enabled:
+    if config.augment.enabled(spec.modality):
         if spec.modality != "image":
             raise ConfigError(f"model.augment: augmentation layers apply to images, not {spec.modality}")
         x = augmentation_layers(config)(x)
@@ -100,8 +100,9 @@ def augmentation_layers(config: ModelConfig):
     augment, steps = config.augment, []
     if augment.flip != "none":
         steps.append(keras.layers.RandomFlip(augment.flip, name="augment_flip"))
-    if augment.translation:
-        steps.append(keras.layers.RandomTranslation(augment.translation, augment.translation, name="augment_translation"))
+    if augment.applied_translation:
+        steps.append(keras.layers.RandomTranslation(augment.applied_translation, augment.applied_translation,
+                                                    name="augment_translation"))
     if augment.rotation:
         steps.append(keras.layers.RandomRotation(augment.rotation, name="augment_rotation"))
     if augment.zoom:
@@ -109,6 +110,18 @@ def augmentation_layers(config: ModelConfig):
     if augment.contrast:
         steps.append(keras.layers.RandomContrast(augment.contrast, value_range=(0, 255), name="augment_contrast"))
     return keras.Sequential(steps, name="augment")
+
+
+def conv_pool_block(x, filters: int, config: ModelConfig, name: str):
+    """Two 3x3 convolutions (batch normalization, ReLU) and a 2x2 max pool, layers `{name}_conv{i}`,
+    `{name}_bn{i}`, `{name}_relu{i}`, `{name}_pool`: the image stems of the rnn and the transformer."""
+    import keras
+
+    for index in (1, 2):
+        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer="he_normal",
+                                name=f"{name}_conv{index}")(x)
+        x = keras.layers.Activation("relu", name=f"{name}_relu{index}")(batch_norm(x, config, f"{name}_bn{index}"))
+    return keras.layers.MaxPooling2D(2, padding="same", name=f"{name}_pool")(x)
 
 
 def token_embedding(tokens, spec: ModelInputs, dim: int, *, mask_zero: bool, dropout: float = 0.0,

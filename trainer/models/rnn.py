@@ -1,6 +1,8 @@
 """Recurrent networks: SimpleRNN, LSTM or GRU cells, stacked, bidirectional by default.
 
-Sequences are read as they are ([T, F]); images row by row (H time steps of W*C values);
+Sequences are read as they are ([T, F]); images row by row (H time steps of W*C values), images
+larger than 8x8 by default after convolution blocks that halve them to 8 rows (`model.image_stem:
+conv`, as CRNN, Shi et al. 2015: 32x32 colour glyphs 0.689 -> see docs/performance.md round 8);
 text through an embedding that masks padding (id 0), so padded steps never update state. On text
 the head reads the last state, or (`model.pooling`) the max, or max and mean, over the real steps.
 
@@ -14,9 +16,11 @@ from typing import ClassVar
 
 
 from kcp.core.config import ModelConfig, model_family, option
-from trainer.models.common import CELLS, ModelInputs, classifier_head, initializer_for, model_input, token_embedding
+from trainer.models.common import (CELLS, ModelInputs, classifier_head, conv_pool_block, initializer_for,
+                                   model_input, token_embedding)
 
 POOLINGS = ("last", "max", "max_mean")
+STEM_ROWS = 8  # the conv image stem halves an image until it has at most this many rows
 
 
 @model_family("rnn")
@@ -36,6 +40,9 @@ class RNNConfig:
     # Text lines (docs/performance.md, seeds 42 and 1): neither key moved the test accuracy off 0.77
     # (0.3 dropout 0.758; max pool 0.782 / 0.766; max_mean 0.774 / 0.770), so both stay off by default.
     embedding_dropout: float = option(0.0, minimum=0.0, maximum=0.95, help="text: dropout after the embedding")
+    image_stem: str = option("conv", choices=("rows", "conv"),
+                             help="images: read the pixel rows, or (conv) the rows of 3x3 convolution blocks that "
+                                  "halve an image larger than 8x8 down to 8 rows")
     pooling: str = option("last", choices=POOLINGS,
                           help="text: the head reads the last state, or the max (max_mean: and the mean) "
                                "of the last layer's real steps")
@@ -60,6 +67,18 @@ def recurrent_layer(x, cell: str, units: int, *, return_sequences: bool, bidirec
     layer = getattr(keras.layers, CELLS[cell])(units, return_sequences=return_sequences,
                                                 kernel_initializer=initializer, name=name)
     return layer(x)
+
+
+def stem_filters(spec: ModelInputs, image_stem: str) -> list:
+    """The filters of the conv image stem's blocks: one per halving of the image's height down to
+    STEM_ROWS, 32 doubling per block; none for images of 8 rows or fewer (the digits: rows as before)."""
+    if spec.modality != "image" or image_stem != "conv":
+        return []
+    filters, height = [], spec.shape[0]
+    while height > STEM_ROWS:
+        filters.append(32 * 2 ** len(filters))
+        height = -(-height // 2)
+    return filters
 
 
 def masked_time_pool(x, padding, pooling: str):
@@ -87,7 +106,9 @@ def build(spec: ModelInputs, config: ModelConfig):
     inputs, x = model_input(spec, config)
     padding = None  # (batch, time) True where a token is real; text only
     if spec.modality == "image":
-        height, width, channels = spec.shape
+        for index, filters in enumerate(stem_filters(spec, config.image_stem), start=1):  # (batch, H, W, C) halved
+            x = conv_pool_block(x, filters, config, f"stem{index}")
+        height, width, channels = x.shape[1:]
         x = keras.layers.Reshape((height, width * channels), name="rows_as_steps")(x)  # (batch, H, W*C)
     elif spec.modality == "text":
         padding = ops.not_equal(inputs, 0)

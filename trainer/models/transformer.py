@@ -3,9 +3,11 @@
 Tokens are the text's embedded ids, one per time step of a sequence (by default two 7-step
 convolutions, `model.sequence_stem: conv`, so that each token carries the local shape of the 13
 steps around it: 0.58 -> 0.89 test accuracy on a shape-under-shift task, docs/performance.md;
-`linear` projects each step alone), or non-overlapping patches projected to `model.dim` (images, as in
-ViT), by default followed by two 3x3 convolutions over the patch grid (`model.image_stem: conv`, "early
-convolutions", Xiao et al. 2021: 0.964 -> 0.990 on the digits; `linear` leaves the projection alone). A sinusoidal or learned position encoding is added. Each block is pre-norm: LayerNorm ->
+`linear` projects each step alone), or image patches (`model.image_stem: conv`, the default: for
+patches larger than a pixel, convolution blocks from the pixels down to the patch grid, as the hybrid
+ViT; then two 3x3 convolutions over the grid, "early convolutions", Xiao et al. 2021: digits 0.964 ->
+0.990, 32x32 colour glyphs 0.780 -> 0.941, docs/performance.md; `linear`: ViT's patch projection alone).
+A sinusoidal or learned position encoding is added. Each block is pre-norm: LayerNorm ->
 multi-head self-attention -> dropout -> residual add, then LayerNorm -> MLP (GELU) -> residual add.
 The head pools the mean of the (unpadded) tokens or a learned class token. A text row with
 no real token (all padding) stays finite: attention to no key gives zeros, and its mean pool
@@ -23,7 +25,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from kcp.core.config import ConfigError, ModelConfig, model_family, option
-from trainer.models.common import ModelInputs, classifier_head, initializer_for, model_input, token_embedding
+from trainer.models.common import (ModelInputs, classifier_head, conv_pool_block, initializer_for, model_input,
+                                   token_embedding)
 
 
 # Two 7-step convolutions: each token sees 13 steps. Measured on the shape-under-shift sequences
@@ -46,8 +49,8 @@ class TransformerConfig:
     sequence_stem: str = option("conv", choices=("linear", "conv"),
                                 help="sequences: a linear projection of each step, or two 7-step convolutions")
     image_stem: str = option("conv", choices=("linear", "conv"),
-                             help="images: the patch projection alone, or followed by two 3x3 convolutions "
-                                  "over the patch grid")
+                             help="images: ViT's linear patch projection, or convolution blocks from the pixels "
+                                  "to the patch grid and two 3x3 convolutions over it")
 
     default_initializer: ClassVar[str] = "glorot_uniform"
     modalities: ClassVar[tuple] = ("image", "sequence", "text")  # the data it takes (build_model refuses the rest)
@@ -63,6 +66,35 @@ class TransformerConfig:
 def default_patch_size(height: int, width: int) -> int:
     """The patch side that cuts an image into about 8x8 patches (1 for 8x8 digits, 4 for 32x32)."""
     return max(1, min(height, width) // 8)
+
+
+def stem_strides(patch: int) -> list:
+    """The strides of the pixel stem for a patch side: 2 for every factor 2 of it, then the odd rest
+    (4: [2, 2]; 6: [2, 3]; 7: [7])."""
+    strides = []
+    while patch % 2 == 0:
+        strides.append(2)
+        patch //= 2
+    return strides + ([patch] if patch > 1 else [])
+
+
+def pixel_stem(x, patch: int, config: ModelConfig, initializer: str):
+    """Convolution blocks from the pixels to the patch grid, as the tokenizer of the hybrid ViT
+    (Dosovitskiy et al. 2021) and of compact convolutional transformers (Hassani et al. 2021): per
+    factor 2 of the patch side, two 3x3 convolutions (batch normalization, ReLU) and a 2x2 max pool
+    (a kernel-and-stride-r convolution for an odd rest r), widths doubling up to `model.dim`; then a
+    1x1 convolution (`patch_embedding`) to `model.dim`."""
+    import keras
+
+    strides = stem_strides(patch)
+    for index, stride in enumerate(strides, start=1):
+        width = max(1, config.dim // 2 ** (len(strides) - index))
+        if stride == 2:
+            x = conv_pool_block(x, width, config, f"stem_pixels{index}")
+        else:
+            x = keras.layers.Conv2D(width, stride, strides=stride, kernel_initializer="he_normal",
+                                    name=f"stem_pixels{index}")(x)
+    return keras.layers.Conv2D(config.dim, 1, kernel_initializer=initializer, name="patch_embedding")(x)
 
 
 def encoder_block(x, *, heads: int, dim: int, mlp_dim: int, dropout: float, initializer: str,
@@ -98,14 +130,17 @@ def build(spec: ModelInputs, config: ModelConfig):
         patch = config.patch_size or default_patch_size(height, width)
         if patch > min(height, width):
             raise ConfigError(f"model.patch_size: {patch} is larger than the image ({height}x{width})")
-        x = keras.layers.Conv2D(config.dim, patch, strides=patch, kernel_initializer=initializer,
-                                name="patch_embedding")(x)  # (batch, H/p, W/p, dim)
+        if config.image_stem == "conv" and patch > 1:  # from the pixels to the patch grid in strided convolutions
+            x = pixel_stem(x, patch, config, initializer)  # (batch, H/p, W/p, dim)
+        else:
+            x = keras.layers.Conv2D(config.dim, patch, strides=patch, kernel_initializer=initializer,
+                                    name="patch_embedding")(x)  # (batch, H/p, W/p, dim)
         if config.image_stem == "conv":  # each patch sees its 5x5 neighbourhood of patches, as sequences' stem
             x = keras.layers.Conv2D(config.dim, 3, padding="same", activation="gelu", kernel_initializer=initializer,
                                     name="stem_conv1")(x)
             x = keras.layers.Conv2D(config.dim, 3, padding="same", kernel_initializer=initializer,
                                     name="stem_conv2")(x)
-        x = keras.layers.Reshape(((height // patch) * (width // patch), config.dim), name="patches")(x)
+        x = keras.layers.Reshape((x.shape[1] * x.shape[2], config.dim), name="patches")(x)
     elif spec.modality == "sequence" and config.sequence_stem == "conv":
         # each token sees its neighbours (a local shape), as in "early convolutions" (Xiao et al. 2021); 13 steps
         # in all, the span of the first two convolutions (8, 5) of the FCN time-series baseline (Wang et al. 2017)
