@@ -281,7 +281,7 @@ def describe_model(args, run_dir: str | None, config, beam_args: list[str]) -> i
     applied = dict(config.model.family.applied(spec)) if hasattr(config.model.family, "applied") else {}
     if spec.modality == "image" and config.model.augment.translation is None:
         applied["augment"] = {**config.to_dict()["model"]["augment"],
-                              "translation": config.model.augment.applied_translation}
+                              "translation": config.model.augment.applied_translation(spec.modality, spec.shape)}
     say("model:")
     for key, value in config.to_dict()["model"].items():
         resolved = f" (applied: {json.dumps(applied[key])})" if applied.get(key, value) != value else ""

@@ -423,13 +423,20 @@ def test_augmentation_layers_act_only_in_training():
     assert not np.allclose(np.asarray(augment(images, training=True)), images)
 
 
-def test_images_are_shifted_by_default_and_nothing_else_is():
-    model = build_model(SPECS["image"], small_config("cnn"))
+def test_images_larger_than_16x16_are_shifted_by_default_and_nothing_else_is():
+    colour = ModelInputs("image", (32, 32, 3), 10, mean=(0.5,) * 3, std=(0.25,) * 3)
+    model = build_model(colour, small_config("cnn"))
     shift = model.get_layer("augment").get_layer("augment_translation")
     assert (shift.height_factor, shift.width_factor) == (0.125, 0.125)
     assert [layer.name for layer in model.get_layer("augment").layers] == ["augment_translation"]
-    off = build_model(SPECS["image"], small_config("cnn", "model.augment.translation=0"))
+    off = build_model(colour, small_config("cnn", "model.augment.translation=0"))
     assert not any(layer.name == "augment" for layer in off.layers)
+    # the 8x8 digits (and anything up to 16 pixels on a side) are not shifted unless asked
+    for shape in ((8, 8, 1), (16, 16, 3), (16, 64, 3)):
+        plain = build_model(ModelInputs("image", shape, 10), small_config("cnn"))
+        assert not any(layer.name == "augment" for layer in plain.layers), shape
+    asked = build_model(SPECS["image"], small_config("cnn", "model.augment.translation=0.1"))
+    assert asked.get_layer("augment").get_layer("augment_translation").height_factor == 0.1
     for modality in ("sequence", "text"):  # the null default adds nothing there, and refuses nothing
         assert not any(layer.name == "augment" for layer in build_model(SPECS[modality], small_config("cnn")).layers)
     with pytest.raises(ConfigError, match="model.augment: augmentation layers apply to images, not sequence"):

@@ -83,26 +83,26 @@ def model_input(spec: ModelInputs, config: ModelConfig):
 
     inputs = keras.Input(shape=spec.shape, dtype=spec.dtype, name=spec.input_name)
     x = inputs
-    if config.augment.enabled(spec.modality):
+    if config.augment.enabled(spec.modality, spec.shape):
         if spec.modality != "image":
             raise ConfigError(f"model.augment: augmentation layers apply to images, not {spec.modality}")
-        x = augmentation_layers(config)(x)
+        x = augmentation_layers(config, spec)(x)
     if spec.modality != "text" and spec.mean:
         variance = np.square(np.asarray(spec.std, dtype=np.float64))
         x = keras.layers.Normalization(axis=-1, mean=list(spec.mean), variance=list(variance), name="normalize")(x)
     return inputs, x
 
 
-def augmentation_layers(config: ModelConfig):
+def augmentation_layers(config: ModelConfig, spec: ModelInputs):
     """A Sequential of Keras random image layers from `model.augment` (inactive at inference)."""
     import keras
 
     augment, steps = config.augment, []
     if augment.flip != "none":
         steps.append(keras.layers.RandomFlip(augment.flip, name="augment_flip"))
-    if augment.applied_translation:
-        steps.append(keras.layers.RandomTranslation(augment.applied_translation, augment.applied_translation,
-                                                    name="augment_translation"))
+    translation = augment.applied_translation(spec.modality, spec.shape)
+    if translation:
+        steps.append(keras.layers.RandomTranslation(translation, translation, name="augment_translation"))
     if augment.rotation:
         steps.append(keras.layers.RandomRotation(augment.rotation, name="augment_rotation"))
     if augment.zoom:
