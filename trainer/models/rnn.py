@@ -1,8 +1,8 @@
 """Recurrent networks: SimpleRNN, LSTM or GRU cells, stacked, bidirectional by default.
 
 Sequences are read as they are ([T, F]); images row by row (H time steps of W*C values), images
-larger than 8x8 by default after convolution blocks that halve them to 8 rows (`model.image_stem:
-conv`, as CRNN, Shi et al. 2015: 32x32 colour glyphs 0.689 -> see docs/performance.md round 8);
+of more than 8 rows by default after convolution blocks that halve them to 8 rows (`model.image_stem:
+conv`, as CRNN, Shi et al. 2015: 32x32 colour glyphs 0.689 -> 0.879, docs/performance.md round 8);
 text through an embedding that masks padding (id 0), so padded steps never update state. On text
 the head reads the last state, or (`model.pooling`) the max, or max and mean, over the real steps.
 
@@ -42,7 +42,7 @@ class RNNConfig:
     embedding_dropout: float = option(0.0, minimum=0.0, maximum=0.95, help="text: dropout after the embedding")
     image_stem: str = option("conv", choices=("rows", "conv"),
                              help="images: read the pixel rows, or (conv) the rows of 3x3 convolution blocks that "
-                                  "halve an image larger than 8x8 down to 8 rows")
+                                  "halve an image of more than 8 rows down to 8")
     pooling: str = option("last", choices=POOLINGS,
                           help="text: the head reads the last state, or the max (max_mean: and the mean) "
                                "of the last layer's real steps")

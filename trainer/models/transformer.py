@@ -130,7 +130,7 @@ def build(spec: ModelInputs, config: ModelConfig):
         patch = config.patch_size or default_patch_size(height, width)
         if patch > min(height, width):
             raise ConfigError(f"model.patch_size: {patch} is larger than the image ({height}x{width})")
-        if config.image_stem == "conv" and patch > 1:  # from the pixels to the patch grid in strided convolutions
+        if config.image_stem == "conv" and patch > 1:  # from the pixels to the patch grid in conv blocks
             x = pixel_stem(x, patch, config, initializer)  # (batch, H/p, W/p, dim)
         else:
             x = keras.layers.Conv2D(config.dim, patch, strides=patch, kernel_initializer=initializer,
