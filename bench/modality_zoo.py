@@ -18,7 +18,8 @@ Four data sets, made here, each preprocessed once like `kcp preprocess` (the sam
 - text: 2,400 lines (6 classes of 400; `--text-per-class`) read from the files installed on this machine: Python
   (.py), C headers (.h), JSON, plain text (.txt), Markdown/reST and JavaScript/CSS, including
   the lines that are only punctuation (`}`, `);`, `---`), with the default `words_and_punctuation`
-  tokenizer (`--set data.tokenizer=words` or `characters` for the others).
+  tokenizer (`--set data.tokenizer=words` or `characters` for the others) and the character 1-4-grams
+  beside the tokens (`--set data.char_ngrams=0` for the tokens alone).
 
 The baselines are scikit-learn's LogisticRegression and SVC (RBF kernel) on the standardized raw
 values (images, sequences), LogisticRegression on word and on character 1-4-gram TF-IDF and a

@@ -56,7 +56,8 @@ def serving_functions(model, contract, vectorizer=None):
     image:    serving_default(image_bytes: string [N]) PNG/JPEG/BMP/GIF of any size, decoded
               and resized in the graph; serve_images(image: uint8 [N, H, W, C])
     sequence: serving_default(sequence: float32 [N, T, F])
-    text:     serving_default(text: string [N]), tokenised with the run's vocabulary
+    text:     serving_default(text: string [N]), tokenised with the run's vocabulary (and its character
+              n-grams hashed, data.char_ngrams)
     all:      serve_examples(examples: string [N]) serialized tf.train.Example (TFX convention)
     Outputs: class_ids, class_names, probabilities.
     """

@@ -84,7 +84,8 @@ def select_vocabulary(token_counts, max_tokens: int) -> list[str]:
 
 
 class AnalyzeText(beam.PTransform):
-    """Full pass over the train split: vocabulary, token-length histogram, class counts."""
+    """Full pass over the train split: vocabulary, token-length and character-length histograms,
+    class counts."""
 
     def __init__(self, vocab_size: int, min_count: int, tokenizer: str = "words"):
         super().__init__()
@@ -112,7 +113,15 @@ class AnalyzeText(beam.PTransform):
             | "CollectLengths" >> beam.combiners.ToDict()
             | "TagLengths" >> beam.Map(lambda counts: ("length_counts", {str(k): v for k, v in counts.items()}))
         )
-        return (vocabulary, lengths, _class_counts(examples)) | "MergeStatistics" >> beam.Flatten()
+        characters = (
+            examples
+            | "CharacterLengths" >> beam.Map(lambda example: len(contract_lib.char_ngram_text(example.inputs)))
+            | "CountCharacterLengths" >> beam.combiners.Count.PerElement()
+            | "CollectCharacterLengths" >> beam.combiners.ToDict()
+            | "TagCharacterLengths" >> beam.Map(
+                lambda counts: ("character_length_counts", {str(k): v for k, v in counts.items()}))
+        )
+        return (vocabulary, lengths, characters, _class_counts(examples)) | "MergeStatistics" >> beam.Flatten()
 
 
 def length_percentiles(length_counts: dict) -> dict:

@@ -52,6 +52,14 @@ def contract_from_summary(plan: SourcePlan, config: Config, summary: dict, data_
             "max_length": int(config.data.max_length or max(1, percentiles["p95"])),
             "length_percentiles": percentiles,
         })
+        characters = length_percentiles(summary.get("character_length_counts", {})) or {"p95": 1}
+        if config.data.char_ngrams:  # the trainer and the export hash the same n-grams of the same characters
+            statistics.update({
+                "char_ngrams": config.data.char_ngrams,
+                "char_ngram_buckets": config.data.char_ngram_buckets,
+                "max_characters": int(config.data.max_characters or max(1, characters["p95"])),
+            })
+        statistics["character_percentiles"] = characters
     else:
         channel_stats = summary.get("channel_stats", {"mean": [], "std": []})
         statistics.update({"mean": channel_stats["mean"], "std": channel_stats["std"]})

@@ -14,7 +14,7 @@ import time
 
 from kcp import api
 from kcp.core import storage
-from kcp.core.contract import read_contract
+from kcp.core.contract import char_ngram_count, read_contract
 from kcp.core.errors import UserError
 from kcp.core.layout import SPLITS, RunLayout
 from trainer.models import ModelInputs, build_model
@@ -252,8 +252,12 @@ def generate(args, run_dir: str, config, beam_args: list[str]) -> int:
     return 0
 
 
-def model_inputs_from_flags(args) -> ModelInputs:
-    """The ModelInputs of `describe-model`: from --run-dir's contract, or from the flags."""
+DESCRIBED_CHARACTERS_PER_TOKEN = 5  # describe-model of text from flags: data.max_characters null -> 5 a token
+
+
+def model_inputs_from_flags(args, config) -> ModelInputs:
+    """The ModelInputs of `describe-model`: from --run-dir's contract, or from the flags (text: with
+    `data.char_ngrams` n-grams of `data.max_characters`, or of 5 characters a token when it is null)."""
     if args.run_dir:
         return ModelInputs.from_contract(read_contract(args.run_dir))
     if args.modality == "language":  # next-token classes: one per vocabulary id
@@ -270,14 +274,19 @@ def model_inputs_from_flags(args) -> ModelInputs:
     modality = args.modality or {3: "image", 2: "sequence", 1: "text"}.get(len(shape))
     if modality is None:
         raise UserError(f"--input-shape: {args.input_shape!r} has {len(shape)} dimensions; expected 1, 2 or 3")
+    grams = {}
+    if modality == "text" and config.data.char_ngrams:
+        characters = config.data.max_characters or DESCRIBED_CHARACTERS_PER_TOKEN * shape[0]
+        grams = {"char_ngram_length": char_ngram_count(config.data.char_ngrams, characters),
+                 "char_ngram_buckets": config.data.char_ngram_buckets}
     return ModelInputs(modality=modality, shape=shape, num_classes=args.num_classes, vocab_size=args.vocab_size,
-                       input_name=modality)
+                       input_name=modality, **grams)
 
 
 def describe_model(args, run_dir: str | None, config, beam_args: list[str]) -> int:
     """The model section with every default applied, then the Keras summary; writes nothing. A key
     whose default depends on the data (resnet's `model.width: 0`) also shows what it comes to here."""
-    spec = model_inputs_from_flags(args)
+    spec = model_inputs_from_flags(args, config)
     applied = dict(config.model.family.applied(spec)) if hasattr(config.model.family, "applied") else {}
     if spec.modality == "image" and config.model.augment.translation is None:
         applied["augment"] = {**config.to_dict()["model"]["augment"],

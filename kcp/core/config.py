@@ -24,7 +24,8 @@ from typing import Any, Optional
 
 import yaml
 
-from kcp.core.contract import BYTE_VOCAB_SIZE, DEFAULT_TEXT_TOKENIZER, LANGUAGE_TOKENIZERS, TEXT_TOKENIZERS, TOKENIZERS
+from kcp.core.contract import (BYTE_VOCAB_SIZE, DEFAULT_CHAR_NGRAM_BUCKETS, DEFAULT_CHAR_NGRAMS, DEFAULT_TEXT_TOKENIZER,
+                               LANGUAGE_TOKENIZERS, TEXT_TOKENIZERS, TOKENIZERS)
 from kcp.core.schema import ConfigError, build, coerce, option, parse_override, read_yaml_file, to_plain
 
 __all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "TuneConfig", "ExportConfig",
@@ -80,6 +81,14 @@ class DataConfig:
              "characters or bpe; null: words_and_punctuation for text, bytes for language")
     context_length: int = option(256, minimum=8, help="language: tokens per training block (a block holds one more)")
     max_length: Optional[int] = option(None, minimum=1, help="text: tokens per example; null: 95th percentile")
+    char_ngrams: int = option(
+        DEFAULT_CHAR_NGRAMS, minimum=0, maximum=8,
+        help="text: the models also see a bag of the text's character 1..N-grams (fastText's subword features); "
+             "0: tokens only")
+    char_ngram_buckets: int = option(DEFAULT_CHAR_NGRAM_BUCKETS, minimum=2,
+                                     help="text: the ids character n-grams are hashed into")
+    max_characters: Optional[int] = option(
+        None, minimum=1, help="text: characters per example the n-grams are taken from; null: 95th percentile")
     tfds_data_dir: Optional[str] = option(None, help="tfds: where the prepared data lives")
     max_bad_fraction: float = option(0.01, minimum=0.0, maximum=1.0, help="fail when more inputs are unreadable")
     augment: OfflineAugmentConfig = field(default_factory=OfflineAugmentConfig)
@@ -193,6 +202,8 @@ class ModelConfig:
     word_dropout: float = option(
         0.1, minimum=0.0, maximum=0.9,
         help="text classifiers: fraction of the real tokens replaced by the out-of-vocabulary id in training")
+    char_ngram_dim: int = option(
+        32, minimum=1, help="text classifiers: embedding size of the character n-gram bag (data.char_ngrams)")
     initializer: Optional[str] = option(
         None, choices=(None, *INITIALIZERS),
         help="kernel initializer; null: the family's (he_normal for cnn/resnet, glorot_uniform for rnn/transformer)")

@@ -1,8 +1,8 @@
 """The contract's `tf.train.Example` parsing into tensors: parsing examples and reading a split
-as a `tf.data.Dataset` (trainer, exporter, validation, report), the in-graph tokenizer of text
-runs, and the in-graph encoder and decoder of language runs. Imports TensorFlow; writing the
-examples is kcp/core/example_proto.py and the contract itself (metadata.json) is
-kcp/core/contract.py, neither of which does.
+as a `tf.data.Dataset` (trainer, exporter, validation, report), the in-graph features of text
+runs (token ids and hashed character n-grams), and the in-graph encoder and decoder of language
+runs. Imports TensorFlow; writing the examples is kcp/core/example_proto.py and the contract
+itself (metadata.json) is kcp/core/contract.py, neither of which does.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import tensorflow as tf
 
 from kcp.core import bpe
 from kcp.core.contract import (ASCII_WHITESPACE, KEY_FEATURE, LABEL_FEATURE, LANGUAGE_RESERVED_IDS, LANGUAGE_UNKNOWN,
-                               STRIP_PUNCTUATION, ContractError, DataContract, language_pieces,
-                               language_tokenizer, language_vocabulary, read_vocabulary, text_tokenizer)
+                               STRIP_PUNCTUATION, ContractError, DataContract, char_ngram_count, char_ngram_settings,
+                               language_pieces, language_tokenizer, language_vocabulary, read_vocabulary,
+                               text_tokenizer)
 
 
 def parsing_spec(contract: DataContract) -> dict:
@@ -117,13 +118,45 @@ TOKENIZER_LAYER_SETTINGS = {  # data.tokenizer -> TextVectorization's standardiz
 
 
 def text_vectorizer(contract: DataContract, run_dir: str):
-    """A Keras TextVectorization layer: raw strings -> int ids of length `max_length`, with the
-    tokenizer the contract's vocabulary was made with (tested token for token against
-    `contract.tokenize_text`)."""
-    return keras.layers.TextVectorization(
+    """Raw strings -> the text model's int64 input, (batch, max_length) token ids, then (with
+    `data.char_ngrams`) the ids of the text's character n-grams (`TextFeatures`).
+
+    The tokens come from a Keras TextVectorization layer with the tokenizer the contract's vocabulary
+    was made with (tested token for token against `contract.tokenize_text`)."""
+    tokens = keras.layers.TextVectorization(
         **TOKENIZER_LAYER_SETTINGS[text_tokenizer(contract)], output_mode="int",
         output_sequence_length=int(contract.statistics["max_length"]), vocabulary=read_vocabulary(run_dir),
         name="tokenize")
+    n, buckets, max_characters = char_ngram_settings(contract)
+    return TextFeatures(tokens, n, buckets, max_characters) if n else tokens
+
+
+def char_ngram_ids(texts, n: int, buckets: int, max_characters: int):
+    """(batch,) strings -> (batch, char_ngram_count(n, max_characters)) int64 ids of their character
+    1..n-grams, hashed (`contract.char_ngrams` says which grams, in Python), 0 after a text's last."""
+    lowered = tf.strings.lower(texts)
+    collapsed = tf.strings.regex_replace(tf.strings.regex_replace(lowered, ASCII_WHITESPACE, " "), "^ | $", "")
+    cut = tf.strings.substr(collapsed, 0, max_characters, unit="UTF8_CHAR")
+    characters = tf.strings.unicode_split(tf.strings.join([" ", cut, " "]), "UTF-8", errors="replace")
+    grams = tf.concat([tf.strings.ngrams(characters, width, separator="") for width in range(1, n + 1)], axis=1)
+    ids = tf.strings.to_hash_bucket_fast(grams, buckets - 1) + 1
+    return ids.to_tensor(default_value=0, shape=[None, char_ngram_count(n, max_characters)])
+
+
+class TextFeatures(tf.Module):
+    """Raw strings -> int64 (batch, max_length + char_ngram_count): the TextVectorization's token
+    ids, then `char_ngram_ids`. One tensor, so the trainer's datasets, the export's signatures and
+    the report feed text models as before; the models split it (trainer/models/common.py)."""
+
+    def __init__(self, tokens, n: int, buckets: int, max_characters: int):
+        super().__init__(name="text_features")
+        self.tokens = tokens  # tracked: its lookup table goes into the SavedModel
+        self.n, self.buckets, self.max_characters = n, buckets, max_characters
+
+    def __call__(self, texts):
+        texts = tf.convert_to_tensor(texts, tf.string)
+        ids = tf.cast(self.tokens(texts), tf.int64)
+        return tf.concat([ids, char_ngram_ids(texts, self.n, self.buckets, self.max_characters)], axis=1)
 
 
 # --- language -------------------------------------------------------------------------

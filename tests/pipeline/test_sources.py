@@ -185,6 +185,9 @@ def test_text_tables(tmp_path, kind):
     lengths = sorted(len(tokenize_text(t, "words_and_punctuation"))
                      for t, s in zip(TEXTS, split_values) if s == "train")
     assert contract.statistics["max_length"] == lengths[int(np.ceil(0.95 * len(lengths))) - 1]
+    characters = sorted(len(contract_lib.char_ngram_text(t)) for t, s in zip(TEXTS, split_values) if s == "train")
+    assert contract.statistics["max_characters"] == characters[int(np.ceil(0.95 * len(characters))) - 1]
+    assert (contract.statistics["char_ngrams"], contract.statistics["char_ngram_buckets"]) == (4, 2**16)
 
 
 def test_text_trains_and_exports_raw_strings(tmp_path):

@@ -506,6 +506,45 @@ def test_text_rows_with_no_token_train_to_a_finite_loss(family, extra):
     assert accuracy >= 0.6, accuracy  # chance is 1/3
 
 
+GRAMS = ModelInputs("text", (10,), 3, vocab_size=50, input_name="text", char_ngram_length=12, char_ngram_buckets=64)
+
+
+def text_classed_by_grams(count, seed=0):
+    """Text inputs (10 token ids, then 12 n-gram ids) whose tokens are noise and whose class is the n-gram
+    id 2 + class among filler n-gram ids; the tails of both parts are padding."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, GRAMS.num_classes, count)
+    tokens = random_inputs(ModelInputs("text", (10,), 3, vocab_size=50, input_name="text"), count, seed)
+    grams = rng.integers(5, GRAMS.char_ngram_buckets, size=(count, GRAMS.char_ngram_length))
+    grams[:, 0] = 2 + labels
+    grams[np.arange(GRAMS.char_ngram_length)[None, :] >= rng.integers(2, 13, count)[:, None]] = 0
+    return np.concatenate([tokens, grams], axis=1).astype(np.int32), labels
+
+
+@pytest.mark.parametrize("family", families_for("text"))
+def test_every_text_classifier_reads_the_character_ngrams_beside_its_tokens(family, tmp_path):
+    model = build_model(GRAMS, small_config(family))
+    assert model.input.shape == (None, 10 + 12)
+    names = {layer.name for layer in model.layers}
+    assert {"char_ngram_embedding", "char_ngram_pool", "char_ngram_norm", "with_char_ngrams"} <= names
+    assert model.get_layer("char_ngram_embedding").input_dim == 64
+    assert model.get_layer("char_ngram_embedding").output_dim == 32  # model.char_ngram_dim
+    assert not {"char_ngram_embedding", "with_char_ngrams"} & {layer.name for layer in
+                                                              build_model(SPECS["text"], small_config(family)).layers}
+    # the class is in the n-grams alone: the model learns it there
+    keras.utils.set_random_seed(5)
+    model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    inputs, labels = text_classed_by_grams(384)
+    model.fit(inputs, labels, batch_size=32, epochs=6, verbose=0)
+    test_inputs, test_labels = text_classed_by_grams(128, seed=1)
+    accuracy = float(np.mean(model.predict(test_inputs, verbose=0).argmax(axis=1) == test_labels))
+    assert accuracy >= 0.9, accuracy  # chance is 1/3
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    np.testing.assert_array_equal(model.predict(test_inputs, verbose=0),
+                                  keras.saving.load_model(path).predict(test_inputs, verbose=0))
+
+
 def test_transformer_sequence_stem_convolves_neighbouring_steps_by_default():
     spec = SPECS["sequence"]
     model = build_model(spec, small_config("transformer"))

@@ -21,7 +21,7 @@ from typing import ClassVar, Optional
 
 from kcp.core.config import ConfigError, ModelConfig, model_family, option
 from trainer.models.common import (ModelInputs, batch_norm, classifier_head, initializer_for, model_input,
-                                   token_embedding)
+                                   token_embedding, with_char_ngrams)
 
 
 @model_family("cnn")
@@ -108,5 +108,6 @@ def build(spec: ModelInputs, config: ModelConfig):
             x = pool(2, name=f"block{index}_pool")(x)
             spatial //= 2
     global_pool = keras.layers.GlobalAveragePooling2D if rank == 2 else keras.layers.GlobalAveragePooling1D
-    outputs = classifier_head(global_pool(name="avg_pool")(x), spec.num_classes, config.dropout)
+    pooled = with_char_ngrams(global_pool(name="avg_pool")(x), inputs, spec, config)
+    outputs = classifier_head(pooled, spec.num_classes, config.dropout)
     return keras.Model(inputs, outputs, name=f"cnn{rank}d")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kcp.core.config import ConfigError, ModelConfig
-from kcp.core.contract import MODALITIES
+from kcp.core.contract import MODALITIES, char_ngram_count, char_ngram_settings
 
 # model.cell -> its Keras layer class (rnn.py builds with it; layers.py's BidirectionalRNN too)
 CELLS = {"simple": "SimpleRNN", "lstm": "LSTM", "gru": "GRU"}
@@ -27,6 +27,10 @@ class ModelInputs:
     vocab_size: int = 0  # text: token ids are 0 (padding), 1 (out of vocabulary), 2..vocab_size-1;
     # language: 0 padding, 1 unknown, 2 document separator, real tokens from 3 (so at least 4 ids)
     input_name: str = "image"
+    # text with character n-grams (data.char_ngrams): the input holds `shape[0]` token ids, then this many
+    # n-gram ids in [0, char_ngram_buckets) (0 padding); `model_input` splits them
+    char_ngram_length: int = 0
+    char_ngram_buckets: int = 0
 
     def __post_init__(self):
         if self.modality not in MODALITIES:
@@ -41,6 +45,9 @@ class ModelInputs:
             raise ConfigError(f"vocab_size {self.vocab_size} is too small for language input (ids 0-2 are reserved)")
         if self.num_classes < 2:
             raise ConfigError(f"num_classes {self.num_classes} must be at least 2")
+        if self.char_ngram_length and (self.modality != "text" or self.char_ngram_buckets < 2):
+            raise ConfigError(f"character n-grams are for text with at least 2 buckets, not {self.modality} with "
+                              f"{self.char_ngram_buckets}")
 
     @property
     def dtype(self) -> str:
@@ -54,6 +61,7 @@ class ModelInputs:
             return cls(modality="language", shape=(int(statistics["context_length"]),), num_classes=vocab_size,
                        vocab_size=vocab_size, input_name="tokens")
         text = contract.modality == "text"
+        n, buckets, max_characters = char_ngram_settings(contract)
         return cls(
             modality=contract.modality,
             shape=(int(statistics["max_length"]),) if text else tuple(contract.input_shape),
@@ -62,7 +70,14 @@ class ModelInputs:
             std=tuple(statistics.get("std", ())),
             vocab_size=int(statistics.get("vocab_size", 0)),
             input_name=contract.input_feature,
+            char_ngram_length=char_ngram_count(n, max_characters) if n else 0,
+            char_ngram_buckets=buckets,
         )
+
+    @property
+    def input_shape(self) -> tuple:
+        """The shape of the model's Input: `shape`, plus the n-gram ids of text that has them."""
+        return (self.shape[0] + self.char_ngram_length,) if self.char_ngram_length else tuple(self.shape)
 
 
 def initializer_for(config: ModelConfig) -> str:
@@ -76,13 +91,14 @@ def model_input(spec: ModelInputs, config: ModelConfig):
     Images and sequences pass through the online augmentation layers (images, training
     only) and a Normalization layer fixed at construction to the pipeline's mean/std
     (never adapted here), so training and serving use exactly the numbers the pipeline
-    measured. Text stays as int token ids; families embed it themselves.
+    measured. Text stays as int token ids; families embed it themselves (with character n-grams,
+    the tensor is the token ids alone, and `with_char_ngrams` adds the n-grams before the head).
     Returns (inputs, tensor).
     """
     import keras
 
-    inputs = keras.Input(shape=spec.shape, dtype=spec.dtype, name=spec.input_name)
-    x = inputs
+    inputs = keras.Input(shape=spec.input_shape, dtype=spec.dtype, name=spec.input_name)
+    x = inputs[:, :spec.shape[0]] if spec.char_ngram_length else inputs
     if config.augment.enabled(spec.modality, spec.shape):
         if spec.modality != "image":
             raise ConfigError(f"model.augment: augmentation layers apply to images, not {spec.modality}")
@@ -171,6 +187,29 @@ def batch_norm(x, config: ModelConfig, name: str, epsilon: float = 1e-3):
     momentum = KERAS_BATCH_NORM_MOMENTUM if config.batch_norm_momentum is None else config.batch_norm_momentum
     return keras.layers.BatchNormalization(axis=-1, momentum=momentum, epsilon=epsilon,
                                            synchronized=bool(config.sync_batch_norm), name=name)(x)
+
+
+def with_char_ngrams(x, inputs, spec: ModelInputs, config: ModelConfig):
+    """The family's pooled features `x`, joined by the mean of the text's character n-gram embeddings
+    (`model.char_ngram_dim` each; fastText's bag of subwords) when the input has them; `x` otherwise.
+
+    A linear model over character n-grams is strong on short lines, code and identifiers, where
+    one `#include`, `":` or product-code prefix decides the class, and no word vocabulary holds it.
+    Layers `char_ngram_embedding`, `char_ngram_pool`, `char_ngram_norm`, `with_char_ngrams`."""
+    import keras
+    from keras import ops
+    from trainer.models.layers import MaskedAveragePooling
+
+    if not spec.char_ngram_length:
+        return x
+    grams = inputs[:, spec.shape[0]:]
+    embedded = keras.layers.Embedding(spec.char_ngram_buckets, config.char_ngram_dim,
+                                      name="char_ngram_embedding")(grams)
+    bag = MaskedAveragePooling(name="char_ngram_pool")([embedded, ops.not_equal(grams, 0)])
+    # The mean of a few hundred small embeddings is small beside the family's features, and the family fits
+    # the training set first; normalized, the bag weighs as much from the start (docs/performance.md round 9).
+    bag = keras.layers.LayerNormalization(name="char_ngram_norm")(bag)
+    return keras.layers.Concatenate(name="with_char_ngrams")([x, bag])
 
 
 def classifier_head(x, num_classes: int, dropout: float, initializer: str = "glorot_uniform"):

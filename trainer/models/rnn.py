@@ -17,7 +17,7 @@ from typing import ClassVar
 
 from kcp.core.config import ModelConfig, model_family, option
 from trainer.models.common import (CELLS, ModelInputs, classifier_head, conv_pool_block, initializer_for,
-                                   model_input, token_embedding)
+                                   model_input, token_embedding, with_char_ngrams)
 
 POOLINGS = ("last", "max", "max_mean")
 STEM_ROWS = 8  # the conv image stem halves an image until it has at most this many rows
@@ -111,7 +111,7 @@ def build(spec: ModelInputs, config: ModelConfig):
         height, width, channels = x.shape[1:]
         x = keras.layers.Reshape((height, width * channels), name="rows_as_steps")(x)  # (batch, H, W*C)
     elif spec.modality == "text":
-        padding = ops.not_equal(inputs, 0)
+        padding = ops.not_equal(x, 0)
         x = token_embedding(x, spec, config.dim, mask_zero=True, dropout=config.embedding_dropout,
                             word_dropout=config.word_dropout)
     pool = padding is not None and config.pooling != "last"
@@ -121,5 +121,5 @@ def build(spec: ModelInputs, config: ModelConfig):
                             bidirectional=config.bidirectional, initializer=initializer, name=f"rnn{index}")
     if pool:
         x = masked_time_pool(x, padding, config.pooling)  # (batch, features) or (batch, 2 * features)
-    outputs = classifier_head(x, spec.num_classes, config.dropout)
+    outputs = classifier_head(with_char_ngrams(x, inputs, spec, config), spec.num_classes, config.dropout)
     return keras.Model(inputs, outputs, name=f"{config.cell}{config.layers}")

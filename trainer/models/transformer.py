@@ -26,7 +26,7 @@ from typing import ClassVar
 
 from kcp.core.config import ConfigError, ModelConfig, model_family, option
 from trainer.models.common import (ModelInputs, classifier_head, conv_pool_block, initializer_for, model_input,
-                                   token_embedding)
+                                   token_embedding, with_char_ngrams)
 
 
 # Two 7-step convolutions: each token sees 13 steps. Measured on the shape-under-shift sequences
@@ -151,7 +151,7 @@ def build(spec: ModelInputs, config: ModelConfig):
     elif spec.modality == "sequence":
         x = keras.layers.Dense(config.dim, kernel_initializer=initializer, name="step_projection")(x)
     else:
-        padding = ops.not_equal(inputs, 0)
+        padding = ops.not_equal(x, 0)
         x = token_embedding(x, spec, config.dim, mask_zero=False,  # masks are explicit below
                             word_dropout=config.word_dropout)
     x = PositionEncoding(config.positional, name="position_encoding")(x)  # (batch, tokens, dim)
@@ -174,7 +174,7 @@ def build(spec: ModelInputs, config: ModelConfig):
         pooled = MaskedAveragePooling(name="avg_pool")([x, padding])  # finite when a row has no token
     else:
         pooled = keras.layers.GlobalAveragePooling1D(name="avg_pool")(x)
-    outputs = classifier_head(pooled, spec.num_classes, config.dropout)
+    outputs = classifier_head(with_char_ngrams(pooled, inputs, spec, config), spec.num_classes, config.dropout)
     return keras.Model(inputs, outputs, name="transformer")
 
 
