@@ -15,7 +15,8 @@ from trainer.models import ModelInputs, build_model, families_for
 specs = {
     "image": ModelInputs("image", (8, 8, 1), 4, mean=(0.0,), std=(1.0,)),
     "sequence": ModelInputs("sequence", (12, 3), 4, input_name="sequence"),
-    "text": ModelInputs("text", (10,), 4, vocab_size=30, input_name="text"),
+    "text": ModelInputs("text", (10,), 4, vocab_size=30, input_name="text", char_ngram_length=8,
+                        char_ngram_buckets=50),  # 10 token ids, then 8 character n-gram ids
     "language": ModelInputs("language", (10,), 30, vocab_size=30, input_name="tokens"),
 }
 small = {"cnn": ["model.filters=[8]"], "resnet": ["model.depth=8", "model.width=8"],
@@ -33,7 +34,8 @@ for modality, spec in specs.items():
             tokens = rng.integers(3, 30, size=(32, 11)).astype("int32")
             x, y = tokens[:, :-1], tokens[:, 1:]
         elif modality == "text":
-            x = rng.integers(0, 30, size=(32, 10)).astype("int32")
+            x = np.concatenate([rng.integers(0, 30, size=(32, 10)), rng.integers(0, 50, size=(32, 8))], axis=1)
+            x = x.astype("int32")
             y = rng.integers(0, 4, size=32)
         else:
             x = rng.normal(size=(32, *spec.shape)).astype("float32")
