@@ -20,8 +20,9 @@ from typing import ClassVar, Optional
 
 
 from kcp.core.config import ConfigError, ModelConfig, model_family, option
+from trainer.models.char_ngrams import with_char_ngrams
 from trainer.models.common import (ModelInputs, batch_norm, classifier_head, initializer_for, model_input,
-                                   token_embedding, with_char_ngrams)
+                                   token_embedding)
 
 
 @model_family("cnn")

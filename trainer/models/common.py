@@ -92,7 +92,7 @@ def model_input(spec: ModelInputs, config: ModelConfig):
     only) and a Normalization layer fixed at construction to the pipeline's mean/std
     (never adapted here), so training and serving use exactly the numbers the pipeline
     measured. Text stays as int token ids; families embed it themselves (with character n-grams,
-    the tensor is the token ids alone, and `with_char_ngrams` adds the n-grams before the head).
+    the tensor is the token ids alone, and char_ngrams.with_char_ngrams adds the n-grams before the head).
     Returns (inputs, tensor).
     """
     import keras
@@ -187,29 +187,6 @@ def batch_norm(x, config: ModelConfig, name: str, epsilon: float = 1e-3):
     momentum = KERAS_BATCH_NORM_MOMENTUM if config.batch_norm_momentum is None else config.batch_norm_momentum
     return keras.layers.BatchNormalization(axis=-1, momentum=momentum, epsilon=epsilon,
                                            synchronized=bool(config.sync_batch_norm), name=name)(x)
-
-
-def with_char_ngrams(x, inputs, spec: ModelInputs, config: ModelConfig):
-    """The family's pooled features `x`, joined by the mean of the text's character n-gram embeddings
-    (`model.char_ngram_dim` each; fastText's bag of subwords) when the input has them; `x` otherwise.
-
-    A linear model over character n-grams is strong on short lines, code and identifiers, where
-    one `#include`, `":` or product-code prefix decides the class, and no word vocabulary holds it.
-    Layers `char_ngram_embedding`, `char_ngram_pool`, `char_ngram_norm`, `with_char_ngrams`."""
-    import keras
-    from keras import ops
-    from trainer.models.layers import MaskedAveragePooling
-
-    if not spec.char_ngram_length:
-        return x
-    grams = inputs[:, spec.shape[0]:]
-    embedded = keras.layers.Embedding(spec.char_ngram_buckets, config.char_ngram_dim,
-                                      name="char_ngram_embedding")(grams)
-    bag = MaskedAveragePooling(name="char_ngram_pool")([embedded, ops.not_equal(grams, 0)])
-    # The mean of a few hundred small embeddings is small beside the family's features, and the family fits
-    # the training set first; normalized, the bag weighs as much from the start (docs/performance.md round 9).
-    bag = keras.layers.LayerNormalization(name="char_ngram_norm")(bag)
-    return keras.layers.Concatenate(name="with_char_ngrams")([x, bag])
 
 
 def classifier_head(x, num_classes: int, dropout: float, initializer: str = "glorot_uniform"):

@@ -16,8 +16,9 @@ from typing import ClassVar
 
 
 from kcp.core.config import ModelConfig, model_family, option
+from trainer.models.char_ngrams import with_char_ngrams
 from trainer.models.common import (CELLS, ModelInputs, classifier_head, conv_pool_block, initializer_for,
-                                   model_input, token_embedding, with_char_ngrams)
+                                   model_input, token_embedding)
 
 POOLINGS = ("last", "max", "max_mean")
 STEM_ROWS = 8  # the conv image stem halves an image until it has at most this many rows

@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from kcp.core.config import ConfigError, ModelConfig, model_family, option
+from trainer.models.char_ngrams import with_char_ngrams
 from trainer.models.common import (ModelInputs, classifier_head, conv_pool_block, initializer_for, model_input,
-                                   token_embedding, with_char_ngrams)
+                                   token_embedding)
 
 
 # Two 7-step convolutions: each token sees 13 steps. Measured on the shape-under-shift sequences
