@@ -11,6 +11,7 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 from kcp.core import contract as contract_lib
+from kcp.core.char_ngrams import char_ngram_text
 
 PERCENTILES = (("p50", 0.5), ("p90", 0.9), ("p95", 0.95), ("p99", 0.99), ("max", 1.0))
 SUMMED = ("dead_letters", "read", "augmented")  # summary counts that several steps add to
@@ -115,7 +116,7 @@ class AnalyzeText(beam.PTransform):
         )
         characters = (
             examples
-            | "CharacterLengths" >> beam.Map(lambda example: len(contract_lib.char_ngram_text(example.inputs)))
+            | "CharacterLengths" >> beam.Map(lambda example: len(char_ngram_text(example.inputs)))
             | "CountCharacterLengths" >> beam.combiners.Count.PerElement()
             | "CollectCharacterLengths" >> beam.combiners.ToDict()
             | "TagCharacterLengths" >> beam.Map(

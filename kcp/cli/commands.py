@@ -14,7 +14,8 @@ import time
 
 from kcp import api
 from kcp.core import storage
-from kcp.core.contract import char_ngram_count, read_contract
+from kcp.core.char_ngrams import char_ngram_count
+from kcp.core.contract import read_contract
 from kcp.core.errors import UserError
 from kcp.core.layout import SPLITS, RunLayout
 from trainer.models import ModelInputs, build_model

@@ -24,8 +24,8 @@ from typing import Any, Optional
 
 import yaml
 
-from kcp.core.contract import (BYTE_VOCAB_SIZE, DEFAULT_CHAR_NGRAM_BUCKETS, DEFAULT_CHAR_NGRAMS, DEFAULT_TEXT_TOKENIZER,
-                               LANGUAGE_TOKENIZERS, TEXT_TOKENIZERS, TOKENIZERS)
+from kcp.core.char_ngrams import DEFAULT_CHAR_NGRAM_BUCKETS, DEFAULT_CHAR_NGRAMS
+from kcp.core.contract import BYTE_VOCAB_SIZE, DEFAULT_TEXT_TOKENIZER, LANGUAGE_TOKENIZERS, TEXT_TOKENIZERS, TOKENIZERS
 from kcp.core.schema import ConfigError, build, coerce, option, parse_override, read_yaml_file, to_plain
 
 __all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "TuneConfig", "ExportConfig",

@@ -13,10 +13,10 @@ import keras
 import tensorflow as tf
 
 from kcp.core import bpe
+from kcp.core.char_ngrams import char_ngram_count, char_ngram_settings
 from kcp.core.contract import (ASCII_WHITESPACE, KEY_FEATURE, LABEL_FEATURE, LANGUAGE_RESERVED_IDS, LANGUAGE_UNKNOWN,
-                               STRIP_PUNCTUATION, ContractError, DataContract, char_ngram_count, char_ngram_settings,
-                               language_pieces, language_tokenizer, language_vocabulary, read_vocabulary,
-                               text_tokenizer)
+                               STRIP_PUNCTUATION, ContractError, DataContract, language_pieces,
+                               language_tokenizer, language_vocabulary, read_vocabulary, text_tokenizer)
 
 
 def parsing_spec(contract: DataContract) -> dict:
@@ -102,12 +102,15 @@ def split_words_and_punctuation(texts):
     return tf.strings.split(tf.strings.regex_replace(texts, f"({STRIP_PUNCTUATION})", r" \1 "))
 
 
+def collapse_whitespace(texts):
+    """Each run of ASCII whitespace one space, none at either end (`contract.tokenize_text`'s characters)."""
+    return tf.strings.regex_replace(tf.strings.regex_replace(texts, ASCII_WHITESPACE, " "), "^ | $", "")
+
+
 @keras.saving.register_keras_serializable(package="kcp")
 def split_characters(texts):
     """(batch,) lower-cased strings -> ragged characters; a run of whitespace is one " "."""
-    collapsed = tf.strings.regex_replace(texts, ASCII_WHITESPACE, " ")
-    trimmed = tf.strings.regex_replace(collapsed, "^ | $", "")
-    return tf.strings.unicode_split(trimmed, "UTF-8")
+    return tf.strings.unicode_split(collapse_whitespace(texts), "UTF-8")
 
 
 TOKENIZER_LAYER_SETTINGS = {  # data.tokenizer -> TextVectorization's standardize and split
@@ -133,10 +136,8 @@ def text_vectorizer(contract: DataContract, run_dir: str):
 
 def char_ngram_ids(texts, n: int, buckets: int, max_characters: int):
     """(batch,) strings -> (batch, char_ngram_count(n, max_characters)) int64 ids of their character
-    1..n-grams, hashed (`contract.char_ngrams` says which grams, in Python), 0 after a text's last."""
-    lowered = tf.strings.lower(texts)
-    collapsed = tf.strings.regex_replace(tf.strings.regex_replace(lowered, ASCII_WHITESPACE, " "), "^ | $", "")
-    cut = tf.strings.substr(collapsed, 0, max_characters, unit="UTF8_CHAR")
+    1..n-grams, hashed (`char_ngrams.char_ngrams` says which grams, in Python), 0 after a text's last."""
+    cut = tf.strings.substr(collapse_whitespace(tf.strings.lower(texts)), 0, max_characters, unit="UTF8_CHAR")
     characters = tf.strings.unicode_split(tf.strings.join([" ", cut, " "]), "UTF-8", errors="replace")
     grams = tf.concat([tf.strings.ngrams(characters, width, separator="") for width in range(1, n + 1)], axis=1)
     ids = tf.strings.to_hash_bucket_fast(grams, buckets - 1) + 1

@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 
 from kcp import cli
+from kcp.core import char_ngrams as ngram_lib
 from kcp.core import contract as contract_lib
 from kcp.core import examples as example_lib
 from kcp.core.contract import TEXT_TOKENIZERS, TOKENIZERS, ContractError, tokenize_text
@@ -37,8 +38,8 @@ def in_graph_tokens(run_dir: str, tokenizer: str, texts: list[str]) -> list[list
 
 
 def python_gram_ids(text: str, n: int, buckets: int, max_characters: int) -> list[int]:
-    """The ids of `contract.char_ngrams`, each gram hashed on its own."""
-    grams = contract_lib.char_ngrams(text, n, max_characters)
+    """The ids of `char_ngrams.char_ngrams`, each gram hashed on its own."""
+    grams = ngram_lib.char_ngrams(text, n, max_characters)
     return list(np.asarray(tf.strings.to_hash_bucket_fast(tf.constant(grams, tf.string), buckets - 1)) + 1)
 
 
@@ -46,7 +47,7 @@ def python_gram_ids(text: str, n: int, buckets: int, max_characters: int) -> lis
 def test_python_and_in_graph_character_ngrams_agree_gram_for_gram(n, max_characters):
     buckets = 1000
     ids = np.asarray(example_lib.char_ngram_ids(tf.constant(TRICKY), n, buckets, max_characters))
-    assert ids.shape == (len(TRICKY), contract_lib.char_ngram_count(n, max_characters))
+    assert ids.shape == (len(TRICKY), ngram_lib.char_ngram_count(n, max_characters))
     for text, row in zip(TRICKY, ids):
         expected = python_gram_ids(text, n, buckets, max_characters)
         assert list(row[:len(expected)]) == expected and not row[len(expected):].any()
@@ -73,10 +74,10 @@ def test_text_features_are_the_tokens_then_the_ngrams_and_contracts_without_ngra
 
 def test_what_the_character_ngrams_of_a_line_are():
     # lower-cased ASCII, whitespace runs one space, cut to max_characters, a space on each side
-    assert contract_lib.char_ngram_text("  Ab \t C!\n") == "ab c!"
-    assert contract_lib.char_ngrams("Ab\tC!", 2, 3) == [" ", "a", "b", " ", " ", " a", "ab", "b ", "  "]
-    assert contract_lib.char_ngrams("", 3, 5) == [" ", " ", "  "]  # an empty text still has its boundary
-    assert contract_lib.char_ngram_count(2, 3) == 5 + 4 and contract_lib.char_ngram_count(4, 1) == 3 + 2 + 1
+    assert ngram_lib.char_ngram_text("  Ab \t C!\n") == "ab c!"
+    assert ngram_lib.char_ngrams("Ab\tC!", 2, 3) == [" ", "a", "b", " ", " ", " a", "ab", "b ", "  "]
+    assert ngram_lib.char_ngrams("", 3, 5) == [" ", " ", "  "]  # an empty text still has its boundary
+    assert ngram_lib.char_ngram_count(2, 3) == 5 + 4 and ngram_lib.char_ngram_count(4, 1) == 3 + 2 + 1
 
 
 @pytest.mark.parametrize("tokenizer", TEXT_TOKENIZERS)
@@ -148,9 +149,9 @@ def test_the_characters_tokenizer_round_trips_through_preprocess_train_export_an
     texts = ["if (x) { y(); }", "the dog sat", "}"]
     index = {token: i + contract_lib.RESERVED_TOKEN_IDS for i, token in enumerate(vocabulary)}
     length = int(contract.statistics["max_length"])
-    n, buckets, max_characters = contract_lib.char_ngram_settings(contract)
-    assert n == contract_lib.DEFAULT_CHAR_NGRAMS  # the default: the models also see character n-grams
-    ids = np.zeros((len(texts), length + contract_lib.char_ngram_count(n, max_characters)), dtype=np.int32)
+    n, buckets, max_characters = ngram_lib.char_ngram_settings(contract)
+    assert n == ngram_lib.DEFAULT_CHAR_NGRAMS  # the default: the models also see character n-grams
+    ids = np.zeros((len(texts), length + ngram_lib.char_ngram_count(n, max_characters)), dtype=np.int32)
     for row, text in enumerate(texts):
         tokens = [index.get(token, 1) for token in tokenize_text(text, tokenizer)][:length]
         ids[row, :len(tokens)] = tokens

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from kcp import cli
+from kcp.core import char_ngrams as ngram_lib
 from kcp.core import contract as contract_lib
 from kcp.core import examples as example_lib
 from kcp.core.config_load import load_config
@@ -185,7 +186,7 @@ def test_text_tables(tmp_path, kind):
     lengths = sorted(len(tokenize_text(t, "words_and_punctuation"))
                      for t, s in zip(TEXTS, split_values) if s == "train")
     assert contract.statistics["max_length"] == lengths[int(np.ceil(0.95 * len(lengths))) - 1]
-    characters = sorted(len(contract_lib.char_ngram_text(t)) for t, s in zip(TEXTS, split_values) if s == "train")
+    characters = sorted(len(ngram_lib.char_ngram_text(t)) for t, s in zip(TEXTS, split_values) if s == "train")
     assert contract.statistics["max_characters"] == characters[int(np.ceil(0.95 * len(characters))) - 1]
     assert (contract.statistics["char_ngrams"], contract.statistics["char_ngram_buckets"]) == (4, 2**16)
 

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from kcp.core.config import ConfigError, ModelConfig
-from kcp.core.contract import MODALITIES, char_ngram_count, char_ngram_settings
+from kcp.core.char_ngrams import char_ngram_count, char_ngram_settings
+from kcp.core.contract import MODALITIES
 
 # model.cell -> its Keras layer class (rnn.py builds with it; layers.py's BidirectionalRNN too)
 CELLS = {"simple": "SimpleRNN", "lstm": "LSTM", "gru": "GRU"}
