@@ -15,6 +15,9 @@ Four data sets, made here, each preprocessed once like `kcp preprocess` (the sam
 - sequence: 1,800 generated series (`--sequence-count`) of 48 steps, 6 classes, each a short pattern (bump, dip,
   step up, step down, double bump, spike) at a random position, scaled by 0.5..2 and buried in
   noise: the class is the pattern's shape, wherever it sits, so a model must be position-invariant.
+  `--sequence-kind waves`: a second set of another kind, 40 steps and 10 classes of whole-series shape
+  (sine, square, triangle, two saws, two chirps, a bump, a damped sine, a step) at a random period,
+  phase, scale and offset, in noise.
 - text: 2,400 lines (6 classes of 400; `--text-per-class`) read from the files installed on this machine: Python
   (.py), C headers (.h), JSON, plain text (.txt), Markdown/reST and JavaScript/CSS, including
   the lines that are only punctuation (`}`, `);`, `---`), with the default `words_and_punctuation`
@@ -137,6 +140,27 @@ def split_arrays(run_dir: str, split: str):
     return inputs.reshape(len(inputs), -1).astype(np.float32), labels
 
 
+def make_waves(path: str, count: int = 3000, steps: int = 40, seed: int = 0) -> str:
+    """npz of `count` noisy series of 10 wave shapes at a random period, phase, amplitude and offset."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(steps, dtype=np.float64)
+    x = np.empty((count, steps, 1), np.float32)
+    y = rng.integers(0, 10, count)
+    for row, label in enumerate(y):
+        phase = rng.uniform(0, 1)
+        u = (t / rng.uniform(8, 20) + phase) % 1.0  # position within the period, 0..1
+        shapes = {0: lambda: np.sin(2 * np.pi * u), 1: lambda: np.sign(np.sin(2 * np.pi * u)),
+                  2: lambda: 2 * np.abs(2 * u - 1) - 1, 3: lambda: 2 * u - 1, 4: lambda: 1 - 2 * u,
+                  5: lambda: np.sin(2 * np.pi * (rng.uniform(0.02, 0.05) * t + 0.004 * t ** 2 + phase)),
+                  6: lambda: np.sin(2 * np.pi * (rng.uniform(0.15, 0.2) * t - 0.0025 * t ** 2 + phase)),
+                  7: lambda: 2 * np.exp(-0.5 * ((t - rng.uniform(5, 35)) / rng.uniform(2, 4)) ** 2) - 0.5,
+                  8: lambda: 2 * np.exp(-t / rng.uniform(8, 15)) * np.sin(2 * np.pi * u),
+                  9: lambda: np.where(t < rng.integers(8, 32), -1.0, 1.0)}
+        x[row, :, 0] = rng.normal(0, 0.5) + rng.uniform(0.5, 2.0) * shapes[int(label)]() + rng.normal(0, 0.3, steps)
+    np.savez(path, x=x, y=y)
+    return f"npz:{path}"
+
+
 def baselines(run_dir: str, modality: str) -> dict:
     """Test accuracy of logistic regression and an SVM on raw values or TF-IDF, fitted on train."""
     from sklearn.feature_extraction.text import TfidfVectorizer
@@ -168,6 +192,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="also write the Markdown table here")
     parser.add_argument("--sequence-count", type=int, default=1800,
                         help="generated series (1800: test 174, one standard error about 2.5 points; 6000: about 1.4)")
+    parser.add_argument("--sequence-kind", choices=("patterns", "waves"), default="patterns",
+                        help="patterns: 6 local shapes in 48 steps; waves: 10 whole-series shapes in 40 steps")
     parser.add_argument("--glyph-count", type=int, default=3000,
                         help="32x32 colour glyphs (3000: test about 300, one standard error about 1.5 points at 0.9)")
     parser.add_argument("--text-per-class", type=int, default=400,
@@ -183,7 +209,8 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="kcp-modality-zoo-")
     sources = {"image": lambda: "digits",
                "colour": lambda: make_glyphs(os.path.join(work, "glyphs"), args.glyph_count),
-               "sequence": lambda: make_sequences(os.path.join(work, "sequences.npz"), args.sequence_count),
+               "sequence": lambda: (make_waves if args.sequence_kind == "waves" else make_sequences)(
+                   os.path.join(work, "sequences.npz"), args.sequence_count),
                "text": lambda: make_text(os.path.join(work, "lines.jsonl"), args.text_per_class)}
     rows = []
     for modality in args.modalities.split(","):

@@ -138,16 +138,16 @@ def test_resnet_on_text_is_as_wide_as_the_embedding_unless_told():
     config = load_config([], ["model.name=resnet", "model.depth=8", "model.dim=24"]).model
     assert build_model(SPECS["text"], config).get_layer("conv1_conv").filters == 24  # no 24 -> 16 squeeze
     assert build_model(SPECS["image"], config).get_layer("conv1_conv").filters == 16
-    assert config.family.applied(SPECS["text"]) == {"width": 24}
-    assert config.family.applied(SPECS["image"]) == {"width": 16}
+    assert config.family.applied(SPECS["text"]) == {"depth": 8, "width": 24}
+    assert config.family.applied(SPECS["image"]) == {"depth": 8, "width": 16}
     told = load_config([], ["model.name=resnet", "model.depth=8", "model.width=8"]).model
     assert build_model(SPECS["text"], told).get_layer("conv1_conv").filters == 8
     # images larger than 16x16 start twice as wide (wide ResNets); up to 16x16 and sequences at 16
     for shape, width in (((32, 32, 3), 32), ((17, 40, 1), 32), ((16, 16, 3), 16), ((40, 16, 3), 16)):
         spec = ModelInputs("image", shape, 10)
-        assert config.family.applied(spec) == {"width": width}, shape
+        assert config.family.applied(spec)["width"] == width, shape
     assert build_model(ModelInputs("image", (32, 32, 3), 10), config).get_layer("conv1_conv").filters == 32
-    assert config.family.applied(SPECS["sequence"]) == {"width": 16}
+    assert config.family.applied(SPECS["sequence"]) == {"depth": 8, "width": 16}
     assert build_model(ModelInputs("image", (32, 32, 3), 10), told).get_layer("conv1_conv").filters == 8
 
 
@@ -332,6 +332,29 @@ def test_transformer_variants_save_and_reload(pooling, positional, tmp_path):
     np.testing.assert_allclose(model.predict(inputs, verbose=0), reloaded.predict(inputs, verbose=0), atol=1e-6)
     has_table = any("position_encoding" in w.path for w in model.weights)
     assert has_table == (positional == "learned")
+
+
+def test_sequences_get_wider_kernels_and_a_shallower_resnet_by_default():
+    from trainer.models.cnn import default_kernel_size
+
+    cnn = load_config([], ["model.name=cnn"]).model
+    assert cnn.kernel_size is None
+    assert [default_kernel_size(SPECS[m]) for m in ("image", "sequence", "text")] == [3, 5, 3]
+    assert build_model(SPECS["sequence"], cnn).get_layer("block1_conv1").kernel.shape == (5, 3, 32)
+    assert build_model(SPECS["image"], cnn).get_layer("block1_conv1").kernel.shape == (3, 3, 1, 32)
+    told = load_config([], ["model.name=cnn", "model.kernel_size=7"]).model
+    assert build_model(SPECS["sequence"], told).get_layer("block1_conv1").kernel.shape == (7, 3, 32)
+    assert cnn.family.applied(SPECS["sequence"])["kernel_size"] == 5
+
+    resnet = load_config([], ["model.name=resnet"]).model
+    assert resnet.depth == 0
+    sequence_net = build_model(SPECS["sequence"], resnet)  # one basic block a stage
+    assert sequence_net.name == "resnet8_v1" and "conv4_block2_1_conv" not in [l.name for l in sequence_net.layers]
+    assert build_model(SPECS["image"], resnet).name == "resnet20_v1"
+    assert build_model(SPECS["sequence"], load_config([], ["model.name=resnet", "model.depth=20"]).model
+                       ).name == "resnet20_v1"
+    with pytest.raises(ConfigError, match="model.depth: 9 is not a ResNet depth"):
+        load_config([], ["model.name=resnet", "model.depth=9"])
 
 
 def test_cnn_blocks_follow_the_image_size_by_default(capsys):
