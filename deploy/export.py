@@ -37,6 +37,7 @@ from kcp.core import contract as contract_lib
 from kcp.core import document_cache
 from kcp.core import examples as example_lib
 from kcp.core.layout import RunLayout
+from deploy.images import decode_like_pipeline
 from deploy.language import GENERATE_SPECS, language_codec, language_functions, language_texts
 
 log = logging.getLogger("kcp.export")
@@ -53,8 +54,9 @@ def client_inputs(contract, inputs) -> list | object:
 def serving_functions(model, contract, vectorizer=None):
     """The tf.functions exported as signatures, keyed by signature name.
 
-    image:    serving_default(image_bytes: string [N]) PNG/JPEG/BMP/GIF of any size, decoded
-              and resized in the graph; serve_images(image: uint8 [N, H, W, C])
+    image:    serving_default(image_bytes: string [N]) PNG/JPEG/BMP/GIF of any size, decoded,
+              converted and resized in the graph as the pipeline's Pillow does (deploy/images.py);
+              serve_images(image: uint8 [N, H, W, C])
     sequence: serving_default(sequence: float32 [N, T, F])
     text:     serving_default(text: string [N]), tokenised with the run's vocabulary (and its character
               n-grams hashed, data.char_ngrams)
@@ -87,14 +89,11 @@ def serving_functions(model, contract, vectorizer=None):
     if modality == "image":
         height, width, channels = contract.input_shape
 
-        def decode(encoded):
-            image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
-            resized = tf.image.resize(image, [height, width], method="bilinear")
-            return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
-
         def from_bytes(image_bytes):
-            images = tf.map_fn(decode, image_bytes, fn_output_signature=tf.TensorSpec([height, width, channels],
-                                                                                      tf.uint8))
+            indices = tf.range(tf.shape(image_bytes)[0])  # named in the error for bytes that are no image
+            images = tf.map_fn(lambda pair: decode_like_pipeline(pair[1], height, width, channels, pair[0]),
+                               (indices, image_bytes),
+                               fn_output_signature=tf.TensorSpec([height, width, channels], tf.uint8))
             return predict(images)
 
         functions["serving_default"] = tf.function(

@@ -12,7 +12,9 @@ reason) and the job goes on. Image files go through the model's own `serving_def
 bytes are decoded in the graph, as the REST server does) after Pillow has checked that they
 decode; in-memory images through `serve_images`, text and sequences through
 `serving_default`. Inputs are batched (`beam.BatchElements`); a batch whose call fails is
-retried one input at a time, so only the failing inputs become dead letters. Beam's
+retried one input at a time, so only the failing inputs become dead letters. Arrays of another
+shape than the model's are refused before the job starts; the job's counters give the closing
+"predicted N, failed M" line. Beam's
 TensorFlow model handlers load with `tf.keras.models.load_model` and reject Keras 3
 SavedModels, so the model is loaded here with `tf.saved_model.load`. Runner options pass
 through after `--`, as for `kcp preprocess` (the same local default, chosen by the planned
@@ -22,18 +24,23 @@ input count).
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, Sequence
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.metrics import Metrics, MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from kcp.core import storage
 from kcp.core.beamio import (DEAD_LETTER, EXAMPLE, CountProgress, ProgressReporter, ReadSource, dead_letter,
                              local_runner_defaults, progress_directory, select)
+from kcp.core.errors import UserError
 from kcp.core.sources import (BadInput, SourcePlan, SourceRecord, check_image_bytes, decode_array, decode_text)
 
 MAX_BATCH_SIZE = 64
+COUNTERS = "kcp.predict"  # the Beam metrics namespace of the predicted and failed counts
+log = logging.getLogger("kcp.predict")
 
 
 class SavedModelHandler:
@@ -85,6 +92,7 @@ def keyed_input(record: SourceRecord, plan: SourcePlan):
         return EXAMPLE, (record.key, client_input(plan, record))
     except Exception as error:  # noqa: BLE001  BadInput, and whatever else one input can raise
         reason = str(error) if isinstance(error, BadInput) else f"unexpected {type(error).__name__}: {error}"
+        Metrics.counter(COUNTERS, "failed").inc()
         return DEAD_LETTER, dead_letter(record.key, plan.uri, reason)
 
 
@@ -95,6 +103,32 @@ def signature_for(plan: SourcePlan) -> tuple[str, str]:
     if plan.modality == "image":
         return "serve_images", "image"
     return "serving_default", plan.input_feature
+
+
+def check_input_shape(export_dir: str, plan: SourcePlan) -> None:
+    """A one-line UserError, before the job starts, when the source's arrays are not the shape the
+    model takes (a signature call would broadcast some of them into wrong predictions). Image files
+    are resized in the graph, and text has no shape."""
+    if plan.kind == "folder" or plan.modality == "text":
+        return
+    import tensorflow as tf  # the driver reads only saved_model.pb
+
+    from deploy.saved_model import signature_defs
+
+    signature, input_name = signature_for(plan)
+    model_shape = tf.TensorShape(signature_defs(export_dir)[signature].inputs[input_name].tensor_shape)
+    if not model_shape.is_compatible_with([None, *plan.input_spec.shape]):
+        raise UserError(f"--input: {plan.uri} holds inputs of shape {list(plan.input_spec.shape)}; the model "
+                        f"takes {model_shape.as_list()[1:]} ({signature}'s input {input_name!r})")
+
+
+def failure_reason(error: Exception) -> str:
+    """A dead letter's reason for a failed prediction of one input: TensorFlow's cause line, as the
+    server answers it, without the "instance 0: " a one-input call names."""
+    from deploy.serving.codec import error_message  # TensorFlow: on the workers only
+
+    message = error_message(error, 300)
+    return f"prediction failed ({type(error).__name__}: {message.removeprefix('instance 0: ')})"
 
 
 def to_json_line(key: str, probabilities, class_names: tuple) -> str:
@@ -117,8 +151,10 @@ class PredictFn(beam.DoFn):
 
     def _predict(self, items):
         results = self._handler.run_inference([value for _, value in items], self._model)
-        return [(EXAMPLE, to_json_line(key, result["probabilities"], self._class_names))
-                for (key, _), result in zip(items, results)]
+        lines = [(EXAMPLE, to_json_line(key, result["probabilities"], self._class_names))
+                 for (key, _), result in zip(items, results)]
+        Metrics.counter(COUNTERS, "predicted").inc(len(lines))
+        return lines
 
     def process(self, batch):
         try:
@@ -130,9 +166,8 @@ class PredictFn(beam.DoFn):
             try:
                 yield from self._predict([item])
             except Exception as error:  # noqa: BLE001
-                message = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
-                yield DEAD_LETTER, dead_letter(item[0], self._source,
-                                               f"prediction failed ({type(error).__name__}: {message})")
+                Metrics.counter(COUNTERS, "failed").inc()
+                yield DEAD_LETTER, dead_letter(item[0], self._source, failure_reason(error))
 
 
 def output_prefix(output: str) -> str:
@@ -144,6 +179,7 @@ def run_batch_prediction(export_dir: str, class_names: tuple, plan: SourcePlan, 
     """Runs the job; returns the prediction files written (sorted). `report(line)` gets the
     progress lines of a local run."""
     signature, input_name = signature_for(plan)
+    check_input_shape(export_dir, plan)
     options = PipelineOptions(local_runner_defaults(list(beam_args), plan.estimated_count))
     prefix = output_prefix(output)
     progress_dir = progress_directory(options.get_all_options())
@@ -169,6 +205,23 @@ def run_batch_prediction(export_dir: str, class_names: tuple, plan: SourcePlan, 
             _ = lines | "Write" >> beam.io.WriteToText(prefix, file_name_suffix=".jsonl")
             _ = dead | "WriteDeadLetters" >> beam.io.WriteToText(
                 prefix + ".dead_letter", file_name_suffix=".jsonl", skip_if_empty=True)
+    dead_letters = output + ".dead_letter" if single_file else f"{prefix}.dead_letter-*-of-*.jsonl"
+    (report or log.info)(counts_line(pipeline.result, dead_letters))
     if single_file:
         return [output]
     return sorted(storage.glob(f"{prefix}-*-of-*.jsonl"))
+
+
+def counts_line(result, dead_letters: str) -> str:
+    """"predicted N, failed M -> DEAD LETTERS" from the job's counters (the failed: unreadable inputs
+    and failed predictions)."""
+    counts = {"predicted": 0, "failed": 0}
+    for counter in result.metrics().query(MetricsFilter().with_namespace(COUNTERS))["counters"]:
+        try:
+            value = counter.committed
+        except Exception:  # noqa: BLE001  a runner without committed metrics
+            value = None
+        counts[counter.key.metric.name] += value if value is not None else counter.attempted
+    found = storage.glob(dead_letters) if counts["failed"] else []
+    where = f" -> {found[0] if len(found) == 1 else dead_letters}" if counts["failed"] else ""
+    return f"predicted {counts['predicted']:,}, failed {counts['failed']:,}{where}"

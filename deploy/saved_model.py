@@ -11,8 +11,18 @@ from __future__ import annotations
 
 import tensorflow as tf
 import tensorflow_text  # noqa: F401  registers TensorFlow Text's ops (0.2 s once TensorFlow is imported)
+from tensorflow.core.protobuf import saved_model_pb2
+
+from kcp.core import storage
 
 
 def load_export(path: str):
     """What `tf.saved_model.load(path)` gives, for any export of this project."""
     return tf.saved_model.load(path)
+
+
+def signature_defs(path: str) -> dict:
+    """{signature name: SignatureDef} of an export, read from its saved_model.pb without loading it."""
+    saved = saved_model_pb2.SavedModel.FromString(storage.read_bytes(storage.join(path, "saved_model.pb")))
+    return {name: signature for name, signature in saved.meta_graphs[0].signature_def.items()
+            if not name.startswith("__")}

@@ -18,15 +18,33 @@ class RequestError(Exception):
         self.status = status
 
 
+# lines of a TensorFlow error that are not its cause: the heading, where the node was defined, the node
+_NOT_THE_CAUSE = re.compile(r'Graph execution error:$|Detected at node |File "|\[\[|<stack traces unavailable>$')
+
+
 def error_message(error: Exception, limit: int = 500) -> str:
     """One line for a client: a graph assertion's own message (generate's "max_new_tokens must be
-    at least 1") rather than TensorFlow's "Graph execution error:" heading; else the first line."""
+    at least 1"), else the cause line of TensorFlow's error (not its "Graph execution error:" or
+    "Detected at node" headings), "could not decode the image (...)" when an image decoder failed."""
     text = str(error)
     assertion = re.search(r"assertion failed: \[([^\]]*)\]", text)
     if assertion:
         return assertion.group(1)[:limit]
-    lines = [line.strip() for line in text.splitlines() if line.strip() and line.strip() != "Graph execution error:"]
-    return (lines[0] if lines else type(error).__name__)[:limit]
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not _NOT_THE_CAUSE.match(line.strip())]
+    cause = re.sub(r"\s*\[Op:[^\]]*\]$", "", lines[0]) if lines else type(error).__name__
+    node = re.search(r"Detected at node (\S+)|\{\{node ([^}]+)\}\}", text)
+    if node and "Decode" in (node.group(1) or node.group(2)):
+        cause = f"could not decode the image ({cause})"
+    return cause[:limit]
+
+
+def check_finite(name: str, array: np.ndarray, what: str) -> None:
+    """RequestError naming the first instance (row) of `array` that holds NaN or an infinity:
+    TF Serving's JSON would carry them as bare NaN, which is not JSON."""
+    if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+        rows = ~np.isfinite(array.reshape(len(array), -1)).all(axis=1) if array.ndim else np.array([True])
+        where = f"instance {int(np.argmax(rows))}" if array.ndim else "its value"
+        raise RequestError(f"{what} {name!r}: {where} holds NaN or infinite values")
 
 
 def _decode_value(value):
@@ -76,7 +94,10 @@ def to_tensor(name: str, values, spec):
                 raise RequestError(f"input {name!r}: expected integers of dtype {spec.dtype.name}")
             if spec.dtype == tf.uint8 and array.size and (array.min() < 0 or array.max() > 255):
                 raise RequestError(f"input {name!r}: uint8 values must lie in 0..255")
-            tensor = tf.constant(array.astype(spec.dtype.as_numpy_dtype))
+            with np.errstate(over="ignore"):  # a float beyond float32's range: caught as infinite below
+                array = array.astype(spec.dtype.as_numpy_dtype)
+            check_finite(name, array, "input")
+            tensor = tf.constant(array)
     except (ValueError, TypeError) as error:
         raise RequestError(f"input {name!r}: {error}") from None
     if not spec.shape.is_compatible_with(tensor.shape):
@@ -130,10 +151,18 @@ def parse_predict_body(body: dict, specs: dict) -> tuple[dict, str]:
 
 
 def format_predictions(outputs: dict, form: str) -> dict:
+    for name, value in outputs.items():
+        check_finite(name, np.asarray(value), "output")
     if form == "columnar":
         return {"outputs": {name: _to_json(value) for name, value in outputs.items()}}
     rows = len(next(iter(outputs.values())))
     return {"predictions": [{name: _to_json(value[i]) for name, value in outputs.items()} for i in range(rows)]}
+
+
+def format_classifications(outputs: dict, class_names) -> dict:
+    """A :classify answer: [[class, score], ...] per example."""
+    check_finite("probabilities", np.asarray(outputs["probabilities"]), "output")
+    return {"results": [[[name, float(p)] for name, p in zip(class_names, row)] for row in outputs["probabilities"]]}
 
 
 DTYPE_NAMES = {"float32": "DT_FLOAT", "float64": "DT_DOUBLE"}

@@ -16,7 +16,7 @@ from http import HTTPStatus
 import grpc
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.protobuf import error_codes_pb2, saved_model_pb2
+from tensorflow.core.protobuf import error_codes_pb2
 from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
@@ -28,8 +28,8 @@ from tensorflow_serving.apis import (
 )
 
 from deploy.serving.codec import RequestError, error_message, input_specs, to_tensor
+from deploy.saved_model import signature_defs as read_signature_defs
 from deploy.serving.registry import LoadedVersion, ModelRegistry
-from kcp.core import storage
 from kcp.core.errors import UserError
 
 log = logging.getLogger("kcp.serve")
@@ -184,11 +184,9 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                 raise RequestError(f"Metadata field {field} is not supported")
         loaded = _lookup(self.registry, request.model_spec)
         if not hasattr(loaded, "signature_defs"):
-            saved = saved_model_pb2.SavedModel.FromString(storage.read_bytes(storage.join(loaded.path, "saved_model.pb")))
             signature_defs = get_model_metadata_pb2.SignatureDefMap()
-            for name, signature_def in saved.meta_graphs[0].signature_def.items():
-                if not name.startswith("__"):
-                    signature_defs.signature_def[name].CopyFrom(signature_def)
+            for name, signature_def in read_signature_defs(loaded.path).items():
+                signature_defs.signature_def[name].CopyFrom(signature_def)
             loaded.signature_defs = signature_defs
         response = get_model_metadata_pb2.GetModelMetadataResponse()
         _fill_spec(response.model_spec, request.model_spec, loaded, "")

@@ -33,8 +33,8 @@ import tensorflow as tf
 from aiohttp import web
 from aiohttp.http import HttpVersion11
 
-from deploy.serving.codec import (RequestError, error_message, format_predictions, input_specs, metadata,
-                                  parse_predict_body, status)
+from deploy.serving.codec import (RequestError, error_message, format_classifications, format_predictions,
+                                  input_specs, metadata, parse_predict_body, status)
 from deploy.serving.connection import BodyError, CappedServer, json_response
 from deploy.serving.registry import ModelRegistry, NotLoadedYet
 from kcp.core.errors import UserError
@@ -118,9 +118,7 @@ def _post(registry: ModelRegistry, name, version, label, method, raw, wait: bool
     if not isinstance(examples, list) or not examples:
         raise RequestError("'examples' must be a non-empty list")
     inputs, _ = parse_predict_body({"instances": examples}, input_specs(function))
-    outputs = yield loaded, signature, inputs
-    return {"results": [[[cls, float(p)] for cls, p in zip(loaded.class_names, row)]
-                        for row in outputs["probabilities"]]}
+    return format_classifications((yield loaded, signature, inputs), loaded.class_names)
 
 
 def respond(registry: ModelRegistry, method: str, path: str, raw: bytes) -> tuple[int, bytes]:
@@ -132,7 +130,7 @@ def respond(registry: ModelRegistry, method: str, path: str, raw: bytes) -> tupl
         while True:
             call = steps.send(registry.call(*call))
     except StopIteration as done:
-        return int(HTTPStatus.OK), json.dumps(done.value).encode("utf-8")
+        return ok_answer(done.value)
     except Exception as error:  # noqa: BLE001  sorted out by error_answer
         return error_answer(error)
 
@@ -152,10 +150,18 @@ async def respond_inline(registry: ModelRegistry, pool, method: str, path: str, 
                              else loop.run_in_executor(pool, registry.call, *call))
             call = steps.send(outputs)
     except StopIteration as done:
-        return int(HTTPStatus.OK), json.dumps(done.value).encode("utf-8")
+        return ok_answer(done.value)
     except NotLoadedYet:
         return await loop.run_in_executor(pool, respond, registry, method, path, raw)
     except Exception as error:  # noqa: BLE001  sorted out by error_answer
+        return error_answer(error)
+
+
+def ok_answer(value) -> tuple[int, bytes]:
+    """(200, JSON body); a float NaN or infinity no check caught is a 400, never a bare NaN (not JSON)."""
+    try:
+        return int(HTTPStatus.OK), json.dumps(value, allow_nan=False).encode("utf-8")
+    except ValueError as error:
         return error_answer(error)
 
 

@@ -47,3 +47,44 @@ def test_signatures_take_raw_bytes_and_uint8_and_return_names(digits_run):
 
 def test_no_temporary_directory_is_left_behind(digits_run):
     assert [name for name in os.listdir(os.path.join(digits_run, "export", "model")) if not name.isdigit()] == []
+
+
+def test_original_files_get_the_predictions_of_the_pipelines_pixels(digits_run, tmp_path):
+    """serving_default on a file's own bytes (other sizes, formats and channels than the 8x8 gray
+    training images; BMP and GIF too, which TensorFlow cannot decode to one channel) predicts what
+    serve_images predicts on the pipeline's decoding of the same file."""
+    from kcp.core.sources.images import decode_image_file
+    from tests.deploy.test_images import encode, picture
+
+    loaded = tf.saved_model.load(os.path.join(digits_run, "export", "model", "1"))
+    files = [("PNG", "L", (64, 64)), ("PNG", "RGBA", (20, 30)), ("JPEG", "RGB", (40, 24)), ("JPEG", "L", (5, 6)),
+             ("BMP", "RGB", (5, 7)), ("BMP", "L", (33, 33)), ("GIF", "P", (30, 30)), ("GIF", "L", (9, 9))]
+    contents, pipeline_pixels = [], []
+    for index, (fmt, mode, size) in enumerate(files):
+        path = tmp_path / f"{index}.{fmt.lower()}"
+        path.write_bytes(encode(picture(*size, mode), fmt))
+        contents.append(path.read_bytes())
+        pipeline_pixels.append(decode_image_file(str(path), (8, 8, 1)))
+    by_bytes = loaded.signatures["serving_default"](image_bytes=tf.constant(contents))["probabilities"].numpy()
+    by_pixels = loaded.signatures["serve_images"](image=tf.constant(np.stack(pipeline_pixels)))["probabilities"]
+    np.testing.assert_allclose(by_bytes, by_pixels.numpy(), atol=1e-6)
+
+
+def test_bytes_that_are_no_image_fail_with_their_cause(digits_run):
+    from deploy.predict import failure_reason
+    from deploy.serving.codec import error_message
+
+    serve = tf.saved_model.load(os.path.join(digits_run, "export", "model", "1")).signatures["serving_default"]
+    png = tf.io.encode_png(tf.zeros([8, 8, 1], tf.uint8)).numpy()
+    try:
+        serve(image_bytes=tf.constant([png, b"hello"]))
+        raise AssertionError("no error")
+    except tf.errors.InvalidArgumentError as error:
+        assert error_message(error) == "instance 1: not a PNG, JPEG, GIF or BMP image"
+    try:
+        serve(image_bytes=tf.constant([png[:30]]))  # a PNG cut short
+        raise AssertionError("no error")
+    except tf.errors.InvalidArgumentError as error:
+        assert error_message(error) == "could not decode the image (Invalid PNG. Failed to initialize decoder.)"
+        assert failure_reason(error) == ("prediction failed (InvalidArgumentError: could not decode the image "
+                                         "(Invalid PNG. Failed to initialize decoder.))")
