@@ -222,6 +222,14 @@ def build_pipeline(pipeline: beam.Pipeline, plan: SourcePlan, config: Config, da
     )
 
 
+def one_class_message(plan: SourcePlan, config: Config, name: str) -> str:
+    """Why a source whose labels hold one class is refused (a classifier needs two)."""
+    where = (f"data.label_column: column {config.data.label_column!r} of {plan.uri}" if plan.modality == "text"
+             else f"data.source: {plan.uri}")
+    limit = f" (data.limit={config.data.limit} read only the first inputs)" if config.data.limit else ""
+    return f"{where} holds one class, {name!r}{limit}; a classifier needs at least 2 classes"
+
+
 def pipeline_options(plan: SourcePlan, beam_args) -> PipelineOptions:
     """The runner options: the user's, with the local default chosen by the planned input count."""
     return PipelineOptions(local_runner_defaults(list(beam_args), plan.estimated_count))
@@ -245,6 +253,10 @@ def run_preprocess(config: Config, run_dir: str, beam_args: list[str] = (), repo
     report(f"plan: {'' if exact else 'about '}{plan.estimated_count} inputs in {len(plan.tasks)} read tasks, {classes}, "
            f"{plan.modality} {shape}, splits "
            f"{'by key hash' if plan.has_splits is False else 'from the source' if plan.has_splits else 'from the data'}")
+    if plan.options.get("skipped"):
+        skipped = plan.options["skipped"]
+        what = "file, not an image by its" if skipped == 1 else "files, not images by their"
+        report(f"skipped: {skipped} {what} extension (not read), e.g. {', '.join(plan.options['skipped_examples'])}")
     data_dir = contract_lib.data_dir(run_dir)
     storage.makedirs(data_dir)
     clear_previous_outputs(data_dir)
@@ -274,6 +286,8 @@ def run_preprocess(config: Config, run_dir: str, beam_args: list[str] = (), repo
     if not language and not summary["facts"]["class_names"]:
         raise SourceError(f"data.label_column: column {config.data.label_column!r} of {plan.uri} is empty"
                           if plan.modality == "text" else f"data.source: {plan.uri} has no labels")
+    if not language and len(summary["facts"]["class_names"]) == 1:
+        raise SourceError(one_class_message(plan, config, summary["facts"]["class_names"][0]))
     if read and bad / read > config.data.max_bad_fraction:
         raise UserError(f"data.max_bad_fraction: {bad} of {read} inputs ({bad / read:.1%}) could not be read, above "
                         f"{config.data.max_bad_fraction:.1%}; reasons in {storage.join(data_dir, DEAD_LETTER_DIR)}")

@@ -35,6 +35,17 @@ def collect_samples(contract, run_dir: str, rows: int = 6, scan: int = 2000) -> 
     return [sorted(group, key=lambda item: ("#aug" in item[0], item[0])) for group in groups.values()]
 
 
+def displayable(image: np.ndarray) -> np.ndarray:
+    """An image [H, W, C] of any channel count as matplotlib draws it: 1 channel (or more than 4)
+    as gray, its first channel; 2 as gray and alpha (RGBA); 3 and 4 as RGB and RGBA."""
+    channels = image.shape[-1]
+    if channels == 2:
+        return np.concatenate([image[..., :1]] * 3 + [image[..., 1:]], axis=-1)
+    if channels in (3, 4):
+        return image
+    return image[..., 0]
+
+
 def write_samples(contract, run_dir: str, rows: int = 6) -> str:
     """Draws the grid and writes RUN/data/samples.png; returns its path."""
     # a bare Figure, not pyplot: no global figure state and no GUI backend, in any process
@@ -54,9 +65,8 @@ def write_samples(contract, run_dir: str, rows: int = 6) -> str:
                 continue
             key, value = group[column]
             if contract.modality == "image":
-                image = np.asarray(value)
-                axis.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None,
-                            vmin=0, vmax=255)
+                image = displayable(np.asarray(value))
+                axis.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=255)
             elif contract.modality == "sequence":
                 axis.plot(np.asarray(value).reshape(contract.input_shape[0], -1), linewidth=0.8)
             else:

@@ -1,8 +1,8 @@
 """Sources of raw examples, chosen by `data.source` (`kcp preprocess --source URI`).
 
     digits              scikit-learn's bundled 8x8 digits (the embedded default)
-    folder:PATH         PATH/<class>/*.{png,jpg,jpeg,bmp,gif}, or PATH/{train,validation,test}/<class>/...
-    npz:PATH            x, y  or  x_train, y_train, x_test, y_test[, x_validation, y_validation]
+    folder:PATH         PATH/<class>/**/*.{png,jpg,jpeg,bmp,gif,webp,tif,tiff}, or PATH/{train,validation,test}/<class>/...
+    npz:PATH            x, y  or  x_train, y_train, x_test, y_test[, x_validation, y_validation] (or x_val, y_val)
     csv:PATH, jsonl:PATH  text classification: data.text_column, data.label_column, data.split_column
     tfds:NAME[:SPLIT]   a prepared TensorFlow Datasets builder under data.tfds_data_dir
     text:PATH           language modelling: every file below PATH (or the file PATH) is one document

@@ -14,8 +14,8 @@ import numpy as np
 from kcp.core.config import DataConfig
 from kcp.core.contract import FeatureSpec
 from kcp.core.layout import SPLITS
-from kcp.core.sources.base import (BadInput, SourceError, SourcePlan, SourceRecord, check_path, open_binary,
-                                   ranges)
+from kcp.core.sources.base import (BadInput, SourceError, SourcePlan, SourceRecord, check_path, label_text,
+                                   open_binary, ranges)
 
 TASK_BYTES = 16 * 2**20  # rows of x per read task
 
@@ -57,18 +57,44 @@ def read_rows(path: str, name: str, header, start: int, stop: int) -> np.ndarray
     return np.frombuffer(content, dtype=dtype).reshape((stop - start,) + tuple(shape[1:]))
 
 
+SPLIT_SUFFIXES = (("train", "train"), ("validation", "validation"), ("val", "validation"), ("valid", "validation"),
+                  ("test", "test"))  # x_<suffix>, y_<suffix> -> split
+UNDERSTOOD = ("x, y (split by key hash), or x_train, y_train with optional x_validation, y_validation (or x_val, "
+              "y_val) and x_test, y_test")
+
+
+def _parts(path: str, arrays: dict) -> dict:
+    """{split (None: by key hash): (x name, y name)}; a one-line error for an array that would go unused."""
+    found = ", ".join(sorted(arrays)) or "none"
+    if "x" in arrays or "y" in arrays:
+        parts = {None: ("x", "y")}
+    else:
+        parts = {}
+        for suffix, split in SPLIT_SUFFIXES:
+            if f"x_{suffix}" not in arrays and f"y_{suffix}" not in arrays:
+                continue
+            if split in parts:
+                raise SourceError(f"{path}: both {parts[split][0]} and x_{suffix} are the {split} split; keep one")
+            parts[split] = (f"x_{suffix}", f"y_{suffix}")
+        if "train" not in parts:
+            raise SourceError(f"{path}: expected arrays x and y, or x_train and y_train "
+                              f"(with x_test, y_test and optionally x_validation, y_validation); found {found}")
+    used = {name for pair in parts.values() for name in pair}
+    missing = sorted(used - set(arrays))
+    if missing:
+        raise SourceError(f"{path}: array{'s' if len(missing) > 1 else ''} {', '.join(missing)} missing; an .npz "
+                          f"holds {UNDERSTOOD}; found {found}")
+    unused = sorted(set(arrays) - used)
+    if unused:
+        raise SourceError(f"{path}: array{'s' if len(unused) > 1 else ''} {', '.join(unused)} would not be read; "
+                          f"an .npz holds {UNDERSTOOD}; found {found}")
+    return {split: parts[split] for split in (None, *SPLITS) if split in parts}
+
+
 def plan_npz(uri: str, path: str, data: DataConfig):
     check_path(uri, path)
     arrays = _headers(path)
-    if "x" in arrays and "y" in arrays:
-        parts = {None: ("x", "y")}
-    else:
-        parts = {split: (f"x_{split}", f"y_{split}") for split in SPLITS
-                 if f"x_{split}" in arrays and f"y_{split}" in arrays}
-        if "train" not in parts:
-            raise SourceError(f"{path}: expected arrays x and y, or x_train and y_train "
-                              f"(with x_test, y_test and optionally x_validation, y_validation); found "
-                              f"{', '.join(sorted(arrays)) or 'none'}")
+    parts = _parts(path, arrays)
     first_shape, first_dtype, _ = arrays[next(iter(parts.values()))[0]]
     for split, (x_name, y_name) in parts.items():
         x_shape, y_shape = arrays[x_name][0], arrays[y_name][0]
@@ -112,7 +138,11 @@ def read_npz_task(plan: SourcePlan, task):
     y = read_rows(path, y_name, headers[y_name], start, stop)
     prefix = split or "all"
     for index, (row, label) in enumerate(zip(x, y), start=start):
-        yield SourceRecord(f"{prefix}/{index:07d}", row, str(label.item() if hasattr(label, "item") else label), split)
+        key = f"{prefix}/{index:07d}"
+        try:
+            yield SourceRecord(key, row, label_text(label.item() if hasattr(label, "item") else label), split)
+        except BadInput as error:
+            yield SourceRecord(key, None, "", split, f"{y_name}[{index}]: {error}")
 
 
 def decode_array(array, spec: FeatureSpec) -> np.ndarray:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+import numpy as np
 
 from kcp.core import storage
 from kcp.core.contract import FeatureSpec
@@ -59,11 +62,47 @@ class SourcePlan:
 
 
 def class_names_of(labels) -> tuple:
-    """Sorted class names; numerically when every label is an integer."""
+    """Sorted class names; numerically when every label is an integer (ASCII or Unicode decimal
+    digits: "²" is a digit but no decimal, so `1, 2, ²` sorts as text)."""
     names = {str(label) for label in labels}
-    if all(name.lstrip("-").isdigit() for name in names):
-        return tuple(sorted(names, key=int))
+    try:
+        if all(name.lstrip("-").isdecimal() for name in names):
+            return tuple(sorted(names, key=int))
+    except ValueError:
+        pass
     return tuple(sorted(names))
+
+
+def label_text(value) -> str:
+    """The class name of a raw label (a table cell, a JSON value, an array item); "" when missing.
+
+    Strings lose surrounding whitespace (`"pos "` is `pos`, `" "` is missing); bytes are decoded
+    as UTF-8; a float with an integral value is named as the integer (`1.0` is `1`). Raises
+    BadInput for what cannot be a class: a list or an object, NaN, bytes that are not UTF-8,
+    a line break (class names are written one a line in labels.txt).
+    """
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadInput(f"label {value!r} is not UTF-8 text") from None
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        if not math.isfinite(value):
+            raise BadInput(f"label {value} is not a finite number")
+        return str(int(value)) if float(value).is_integer() else str(float(value))
+    if not isinstance(value, str):
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise BadInput(f"label {shown} is a {type(value).__name__}, not a string or a number")
+    label = value.strip()
+    if "\n" in label:
+        raise BadInput(f"label {label!r} contains a line break; class names are written one a line in labels.txt")
+    return label
 
 
 def check_path(uri: str, path: str) -> None:

@@ -2,10 +2,12 @@
 in class folders), and the decoding of one image file.
 
 The driver lists the folder (file names only), takes the classes and whether the source has
-split folders from the listing, and reads the headers of at most HEADER_SAMPLE files (the
+split folders from the folder names, and reads the headers of at most HEADER_SAMPLE files (the
 first in sorted order) for the size and channels. The read tasks are the class folders: each
-worker lists its folder and outputs one record (key, path) per image; the files are read and
-decoded later, on the workers.
+worker lists its folder, subfolders included, and outputs one record (key, path) per image;
+the files are read and decoded later, on the workers. Nothing is left out unsaid: an image
+outside the class folders or an empty class folder is a one-line error, and files that are
+not images by their extension are counted in the plan (`options["skipped"]`).
 """
 
 from __future__ import annotations
@@ -14,17 +16,19 @@ import collections
 import importlib.util
 import io
 import os
+import re
 
 import numpy as np
 
 from kcp.core import storage
 from kcp.core.config import DataConfig
 from kcp.core.contract import FeatureSpec
-from kcp.core.layout import SPLITS
 from kcp.core.sources.base import (BadInput, SourceError, SourcePlan, SourceRecord, check_path, class_names_of,
                                    ranges)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # what Pillow reads
+SPLIT_FOLDERS = {"train": "train", "validation": "validation", "val": "validation", "valid": "validation",
+                 "test": "test"}  # a split folder's name -> its split
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 SIXTEEN_BIT_GRAY = ("I;16", "I;16B", "I;16L", "I")  # how Pillow opens a 16-bit grayscale PNG ("I" in older Pillow)
 DIGITS_LEVELS = 16  # scikit-learn's digits hold integer intensities 0..16
@@ -79,46 +83,116 @@ def _safe_key(relative: str) -> str:
         return os.fsencode(relative).decode("utf-8", errors="backslashreplace")
 
 
-def _files_in(directory: str) -> list[str]:
-    """Paths of the image files directly in `directory`, sorted."""
-    directory = directory.rstrip("/")
-    if storage.is_remote(directory):
-        paths = [path for path in storage.glob(f"{directory}/*") if "/" not in path[len(directory) + 1:]]
-    else:
-        try:
-            paths = [entry.path for entry in os.scandir(directory) if entry.is_file()]
-        except OSError:
-            return []
-    return sorted(path for path in paths if path.lower().endswith(IMAGE_EXTENSIONS))
+def _hidden(relative: str) -> bool:
+    return any(part.startswith(".") for part in relative.split("/"))
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _files_below(directory: str) -> list[str]:
+    """Every file below `directory` (recursively), relative to it, sorted; hidden paths (a part
+    starting with ".", such as .ipynb_checkpoints/ or .DS_Store) left out."""
+    try:
+        names = storage.list_files(directory.rstrip("/"))
+    except OSError:
+        return []
+    return [name for name in names if not _hidden(name)]
 
 
 def _subfolders(directory: str) -> list[str]:
+    """The folders directly in `directory` (local: empty ones too), hidden ones left out, sorted."""
     directory = directory.rstrip("/")
     if storage.is_remote(directory):
-        names = {path[len(directory) + 1:].split("/")[0] for path in storage.glob(f"{directory}/*/*")}
-        return sorted(names)
+        return sorted({name.split("/")[0] for name in _files_below(directory) if "/" in name})
     try:
-        return sorted(entry.name for entry in os.scandir(directory) if entry.is_dir())
+        return sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and not _hidden(entry.name))
     except OSError:
         return []
 
 
+def _checked_name(root: str, name: str) -> str:
+    """A class folder's name as a class name: refused when it is not UTF-8 or holds a line break."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SourceError(f"data.source: class folder {os.fsencode(name)!r} in {root} is not a UTF-8 name; "
+                          "rename it") from None
+    if "\n" in name:
+        raise SourceError(f"data.source: class folder {name!r} in {root} holds a line break; rename it")
+    return name
+
+
 def _class_folders(root: str) -> tuple[bool, list[tuple[str, str, str | None]]]:
-    """(has split folders, [(class folder, class, split)]), from folder names only."""
+    """(has split folders, [(class folder, class, split)]), from folder names only.
+
+    A top folder named train, validation (val, valid) or test that holds folders is a split
+    folder, and then every top folder must be one; otherwise the top folders are the classes
+    (a folder `test` holding only images is a class named test). A file never decides the layout.
+    """
     top = _subfolders(root)
-    split_tops = [name for name in top if name in SPLITS]
-    # a split folder holding files directly is a class named like a split, not a split
-    has_splits = bool(split_tops) and all(not _files_in(f"{root}/{name}") for name in split_tops)
-    if has_splits:
-        return True, [(f"{root}/{split}/{label}", label, split) for split in split_tops
-                      for label in _subfolders(f"{root}/{split}")]
-    return False, [(f"{root}/{label}", label, None) for label in top]
+    split_tops = [name for name in top if name.lower() in SPLIT_FOLDERS and _subfolders(f"{root}/{name}")]
+    if not split_tops:
+        return False, [(f"{root}/{name}", _checked_name(root, name), None) for name in top]
+    others = [name for name in top if name not in split_tops]
+    if others:
+        raise SourceError(f"data.source: {root} holds split folders ({', '.join(split_tops)}) and other folders "
+                          f"({', '.join(map(repr, others))}); put every class folder in a split folder, "
+                          f"{root}/<split>/<class>/, or use no split folders")
+    seen = {}
+    for name in split_tops:
+        split = SPLIT_FOLDERS[name.lower()]
+        if split in seen:
+            raise SourceError(f"data.source: {root}/{seen[split]} and {root}/{name} are both the {split} split; "
+                              "merge them")
+        seen[split] = name
+    return True, [(f"{root}/{name}/{label}", _checked_name(f"{root}/{name}", label), SPLIT_FOLDERS[name.lower()])
+                  for name in split_tops for label in _subfolders(f"{root}/{name}")]
+
+
+def _loose_files(directory: str) -> list[str]:
+    """The names of the files directly in `directory` (hidden ones left out), sorted."""
+    if storage.is_remote(directory):
+        return [name for name in _files_below(directory) if "/" not in name]
+    try:
+        return sorted(entry.name for entry in os.scandir(directory) if entry.is_file() and not _hidden(entry.name))
+    except OSError:
+        return []
+
+
+def _listing(root: str, has_splits: bool, folders) -> tuple[list, list[str]]:
+    """([(class folder, class, split, image paths)], files skipped as not images by extension,
+    relative to the root). A class folder's images are every image below it, its subfolders
+    (or links to folders) included; an image outside the class folders, or a class folder
+    without an image, is a one-line error naming it."""
+    loose = _loose_files(root)
+    for split_folder in sorted({folder.rsplit("/", 1)[0] for folder, _, _ in folders} - {root}):
+        loose += [f"{split_folder[len(root) + 1:]}/{name}" for name in _loose_files(split_folder)]
+    outside = [name for name in loose if _is_image(name)]
+    if outside:
+        where = f"{root}/<split>/<class>/" if has_splits else f"{root}/<class>/"
+        more = f" (and {len(outside) - 1} more)" if len(outside) > 1 else ""
+        raise SourceError(f"data.source: {root}/{outside[0]}{more} is not in a class folder ({where}); move it into "
+                          "one or remove it")
+    listing, skipped = [], [name for name in loose if not _is_image(name)]
+    for folder, label, split in folders:
+        names = _files_below(folder)
+        images = [f"{folder}/{name}" for name in names if _is_image(name)]
+        if not images:
+            raise SourceError(f"data.source: class folder {folder} holds no {'/'.join(IMAGE_EXTENSIONS)} files; "
+                              "add images or remove it")
+        listing.append((folder, label, split, images))
+        skipped += [f"{folder[len(root) + 1:]}/{name}" for name in names if not _is_image(name)]
+    return listing, sorted(skipped)
 
 
 def read_class_folder(root: str, folder: str, label: str, split):
-    """The records of one class folder (key: the path relative to the root)."""
-    for path in _files_in(folder):
-        yield SourceRecord(_safe_key(path[len(root) + 1:]), path, label, split)
+    """The records of one class folder, its subfolders included (key: the path relative to the root)."""
+    for name in _files_below(folder):
+        if _is_image(name):
+            path = f"{folder.rstrip('/')}/{name}"
+            yield SourceRecord(_safe_key(path[len(root) + 1:]), path, label, split)
 
 
 def _image_header(path: str):
@@ -136,12 +210,11 @@ def plan_folder(uri: str, root: str, data: DataConfig):
     check_path(uri, root)
     root = root.rstrip("/")
     has_splits, folders = _class_folders(root)
-    listing = [(folder, label, split, _files_in(folder)) for folder, label, split in folders]
-    listing = [entry for entry in listing if entry[3]]
-    count = sum(len(files) for *_, files in listing)
-    if not count:
+    if not folders:
         raise SourceError(f"data.source: {root} holds no {'/'.join(IMAGE_EXTENSIONS)} files in "
                           "PATH/<class>/ or PATH/<split>/<class>/")
+    listing, skipped = _listing(root, has_splits, folders)
+    count = sum(len(files) for *_, files in listing)
     sample = sorted(path for *_, files in listing for path in files)[:HEADER_SAMPLE]
     if data.image_size and data.channels:
         headers = [(0, 0, False)]
@@ -160,7 +233,8 @@ def plan_folder(uri: str, root: str, data: DataConfig):
         tasks = tuple(("folder", folder, label, split) for folder, label, split, _ in listing)
         labels = {label for _, label, _, _ in listing}
     plan = SourcePlan(uri, "folder", "image", "image", spec, class_names_of(labels), has_splits, tasks,
-                      min(count, data.limit or count), {"root": root})
+                      min(count, data.limit or count),
+                      {"root": root, "skipped": len(skipped), "skipped_examples": tuple(skipped[:3])})
     return plan
 
 
@@ -209,8 +283,15 @@ def decode_image_file(path: str, shape: tuple) -> np.ndarray:
                 image = image.resize((shape[1], shape[0]), Image.BILINEAR)
             array = np.asarray(image, dtype=np.uint8)
     except Exception as error:  # noqa: BLE001  DecompressionBombError, OSError, SyntaxError, plugin errors
-        raise BadInput(f"not a decodable image ({type(error).__name__}: {error})") from None
+        raise BadInput(undecodable(error)) from None
     return array.reshape(shape)
+
+
+def undecodable(error: Exception) -> str:
+    """A dead letter's reason for an image Pillow could not decode, without the `<_io.BytesIO object
+    at 0x...>` that Pillow names its in-memory file by (it differs from run to run and says nothing)."""
+    message = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(error))
+    return f"not a decodable image ({type(error).__name__}: {message})"
 
 
 def check_image_bytes(content: bytes) -> None:
@@ -224,4 +305,4 @@ def check_image_bytes(content: bytes) -> None:
         with Image.open(io.BytesIO(content)) as image:
             image.load()
     except Exception as error:  # noqa: BLE001
-        raise BadInput(f"not a decodable image ({type(error).__name__}: {error})") from None
+        raise BadInput(undecodable(error)) from None

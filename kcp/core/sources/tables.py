@@ -18,7 +18,8 @@ from typing import Optional
 from kcp.core.config import DataConfig
 from kcp.core.contract import FeatureSpec
 from kcp.core.layout import SPLITS
-from kcp.core.sources.base import BadInput, SourceError, SourcePlan, SourceRecord, check_path, open_binary
+from kcp.core.sources.base import (BadInput, SourceError, SourcePlan, SourceRecord, check_path, label_text,
+                                   open_binary)
 
 HEAD_BYTES = 1 << 20  # what the driver reads: the CSV header or the first JSONL lines
 FIELD_LIMIT = 2**31 - 1  # Python's csv module refuses fields over 131,072 characters by default
@@ -57,18 +58,26 @@ def _head_columns(kind: str, path: str) -> tuple[list[str], int]:
     except Exception:  # noqa: BLE001  the size is only for the estimate
         size = len(head)
     text = head.decode("utf-8-sig", errors="surrogateescape")
+    # lines end at \n, \r or \r\n, as the workers' stream reads them (never at U+2028 or U+0085,
+    # which JSON strings may hold raw); the last line of a cut head is incomplete
+    lines = list(io.StringIO(text, newline=""))
+    if size > len(head):
+        lines = lines[:-1]
     if kind == "csv":
-        lines = text.split("\n")
-        complete = text if size <= len(head) else "\n".join(lines[:-1])
-        header = next(csv.reader(io.StringIO(complete)), None) if complete.strip() else None
+        complete = "".join(lines)
+        header = next(csv.reader(io.StringIO(complete, newline="")), None) if complete.strip() else None
         if not header:
             raise SourceError(f"data.source: {path} holds no rows")
         if any(_has_surrogates(name) for name in header):
             raise SourceError(f"data.source: {path}: the header is {UTF8_HINT}")
-        rows_seen = max(1, complete.count("\n"))
-        return header, int(size / max(1, len(complete)) * rows_seen)
-    columns, rows = set(), 0
-    lines = text.splitlines() if size <= len(head) else text.splitlines()[:-1]
+        named = [name for name in header if name]
+        twice = next((name for name in named if named.count(name) > 1), None)
+        if twice is not None:
+            places = [str(index) for index, name in enumerate(header, start=1) if name == twice]
+            raise SourceError(f"data.source: {path}: column {twice!r} appears {len(places)} times in the header "
+                              f"(columns {', '.join(places)}); rename all but one")
+        return header, int(size / max(1, len(complete)) * max(1, len(lines)))
+    columns, rows, parsed = set(), 0, []
     for line in lines:
         if not line.strip():
             continue
@@ -76,11 +85,17 @@ def _head_columns(kind: str, path: str) -> tuple[list[str], int]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            continue
+            row = None
+        parsed.append((line.lstrip(), row))
         if isinstance(row, dict):
             columns |= set(row)
     if not rows:
         raise SourceError(f"data.source: {path} holds no rows")
+    first_line, first_row = parsed[0]
+    # one array, on one line or spread over many ("[" then objects), not lines that are arrays each
+    if not columns and first_line.startswith("[") and (rows == 1 or not isinstance(first_row, list)):
+        raise SourceError(f"data.source: {path} is one JSON array, not JSON lines (one object a line); write one "
+                          "object a line, e.g. jq -c '.[]' FILE.json > FILE.jsonl")
     return sorted(columns), int(size / max(1, len(text)) * rows)
 
 
@@ -109,9 +124,12 @@ def _record(number: int, row, options: dict, where: str) -> SourceRecord:
     except SourceError as error:
         return SourceRecord(key, None, "", None, str(error))
     label, text = row.get(options["label"]), row.get(options["text"])
-    label = "" if label is None else str(label)
     if any(isinstance(value, str) and _has_surrogates(value) for value in (label, text)):
         return SourceRecord(key, None, "", split, f"{where}: {UTF8_HINT}")
+    try:
+        label = label_text(label)
+    except BadInput as error:
+        return SourceRecord(key, None, "", split, f"{where}: column {options['label']!r}: {error}")
     return SourceRecord(key, text, label, split)
 
 
