@@ -205,6 +205,18 @@ def test_text_trains_and_exports_raw_strings(tmp_path):
     outputs = serve(text=tf.constant(["good good movie", "bad bad plot"]))
     assert outputs["probabilities"].shape == (2, 2)
 
+    # batch prediction of a table without labels (what there is to predict has none), each line as served
+    unlabeled = tmp_path / "new.csv"
+    unlabeled.write_text('text\ngood good movie\n"bad, bad plot"\n')
+    output = str(tmp_path / "predictions.jsonl")
+    assert cli.main(["predict", "--run-dir", run_dir, "--input", f"csv:{unlabeled}", "--output", output,
+                     "--single-file", "--", *IN_PROCESS_BEAM]) == 0
+    lines = sorted((json.loads(line) for line in open(output)), key=lambda line: line["key"])
+    served = serve(text=tf.constant(["good good movie", "bad, bad plot"]))["probabilities"].numpy()
+    assert [line["key"] for line in lines] == ["row/00000001", "row/00000002"]
+    assert [line["class_name"] for line in lines] == [("neg", "pos")[int(np.argmax(row))] for row in served]
+    assert [line["probability"] for line in lines] == pytest.approx(served.max(axis=1), abs=1e-5)
+
 
 @pytest.mark.parametrize("uri, message", [
     ("folder:/nonexistent/x", "data.source: /nonexistent/x does not exist"),

@@ -40,8 +40,9 @@ __all__ = [
 ]
 
 
-def plan_source(uri: str, data: DataConfig | None = None) -> SourcePlan:
-    """Checks a source URI and plans its reading; one-line SourceError when it cannot be read."""
+def plan_source(uri: str, data: DataConfig | None = None, labels: bool = True) -> SourcePlan:
+    """Checks a source URI and plans its reading; one-line SourceError when it cannot be read.
+    `labels=False` (batch prediction): a table needs no label column, and its labels are not read."""
     data = data or DataConfig()
     kind, _, rest = uri.partition(":")
     if kind == "digits":
@@ -51,7 +52,7 @@ def plan_source(uri: str, data: DataConfig | None = None) -> SourcePlan:
     if kind == "npz":
         return plan_npz(uri, rest, data)
     if kind in ("csv", "jsonl"):
-        return plan_table(uri, kind, rest, data)
+        return plan_table(uri, kind, rest, data, labels)
     if kind == "tfds":
         return plan_tfds(uri, rest, data)
     if kind == "text":

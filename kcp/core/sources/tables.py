@@ -99,15 +99,18 @@ def _head_columns(kind: str, path: str) -> tuple[list[str], int]:
     return sorted(columns), int(size / max(1, len(text)) * rows)
 
 
-def plan_table(uri: str, kind: str, path: str, data: DataConfig):
+def plan_table(uri: str, kind: str, path: str, data: DataConfig, labels: bool = True):
+    """The plan of a CSV or JSON lines table; without `labels` (batch prediction) the label column
+    may be missing and is not read, so no label makes a row a dead letter."""
     check_path(uri, path)
     columns, estimate = _head_columns(kind, path)
-    for option, column in (("data.text_column", data.text_column), ("data.label_column", data.label_column)):
+    needed = (("data.text_column", data.text_column),) + ((("data.label_column", data.label_column),) if labels else ())
+    for option, column in needed:
         if column not in columns:
             where = path if kind == "csv" else f"the first lines of {path}"
             raise SourceError(f"{option}: column {column!r} is not in {where} "
                               f"(it has {', '.join(columns) or 'none'})")
-    options = {"path": path, "text": data.text_column, "label": data.label_column,
+    options = {"path": path, "text": data.text_column, "label": data.label_column if labels else None,
                "split": data.split_column if kind == "jsonl" or data.split_column in columns else None,
                "limit": data.limit}
     spec = FeatureSpec("string", (), "utf8")
@@ -123,11 +126,11 @@ def _record(number: int, row, options: dict, where: str) -> SourceRecord:
         split = _split_of(row.get(options["split"]), where) if options["split"] else None
     except SourceError as error:
         return SourceRecord(key, None, "", None, str(error))
-    label, text = row.get(options["label"]), row.get(options["text"])
+    label, text = row.get(options["label"]) if options["label"] else None, row.get(options["text"])
     if any(isinstance(value, str) and _has_surrogates(value) for value in (label, text)):
         return SourceRecord(key, None, "", split, f"{where}: {UTF8_HINT}")
     try:
-        label = label_text(label)
+        label = label_text(label) if options["label"] else ""
     except BadInput as error:
         return SourceRecord(key, None, "", split, f"{where}: column {options['label']!r}: {error}")
     return SourceRecord(key, text, label, split)
