@@ -17,6 +17,9 @@ from kcp.core import storage
 from kcp.core.errors import UserError
 
 SPLITS = ("train", "validation", "test")
+# the names a source's split folders (folder:) or arrays (npz: x_<name>) may have -> the split
+SPLIT_NAMES = {"train": "train", "validation": "validation", "val": "validation", "valid": "validation",
+               "test": "test"}
 RUNS_ROOT = "runs"  # where runs go when no run directory is named
 DEAD_LETTER_DIR = "dead_letter"  # under RUN/data/
 MERGES_FILE = "merges.txt"  # under RUN/data/ (bpe)

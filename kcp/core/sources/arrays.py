@@ -13,7 +13,7 @@ import numpy as np
 
 from kcp.core.config import DataConfig
 from kcp.core.contract import FeatureSpec
-from kcp.core.layout import SPLITS
+from kcp.core.layout import SPLIT_NAMES, SPLITS
 from kcp.core.sources.base import (BadInput, SourceError, SourcePlan, SourceRecord, check_path, label_text,
                                    open_binary, ranges)
 
@@ -57,8 +57,6 @@ def read_rows(path: str, name: str, header, start: int, stop: int) -> np.ndarray
     return np.frombuffer(content, dtype=dtype).reshape((stop - start,) + tuple(shape[1:]))
 
 
-SPLIT_SUFFIXES = (("train", "train"), ("validation", "validation"), ("val", "validation"), ("valid", "validation"),
-                  ("test", "test"))  # x_<suffix>, y_<suffix> -> split
 UNDERSTOOD = ("x, y (split by key hash), or x_train, y_train with optional x_validation, y_validation (or x_val, "
               "y_val) and x_test, y_test")
 
@@ -70,7 +68,7 @@ def _parts(path: str, arrays: dict) -> dict:
         parts = {None: ("x", "y")}
     else:
         parts = {}
-        for suffix, split in SPLIT_SUFFIXES:
+        for suffix, split in SPLIT_NAMES.items():  # x_<suffix>, y_<suffix> -> split
             if f"x_{suffix}" not in arrays and f"y_{suffix}" not in arrays:
                 continue
             if split in parts:

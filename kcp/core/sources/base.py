@@ -105,6 +105,15 @@ def label_text(value) -> str:
     return label
 
 
+def has_surrogates(text: str) -> bool:
+    """Whether `text` holds surrogate escapes (bytes that were not UTF-8), so it cannot be encoded."""
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
 def check_path(uri: str, path: str) -> None:
     """Fails with one line when the source names no path or a path that does not exist."""
     if not path:

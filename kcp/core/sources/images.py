@@ -23,12 +23,11 @@ import numpy as np
 from kcp.core import storage
 from kcp.core.config import DataConfig
 from kcp.core.contract import FeatureSpec
+from kcp.core.layout import SPLIT_NAMES
 from kcp.core.sources.base import (BadInput, SourceError, SourcePlan, SourceRecord, check_path, class_names_of,
-                                   ranges)
+                                   has_surrogates, ranges)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # what Pillow reads
-SPLIT_FOLDERS = {"train": "train", "validation": "validation", "val": "validation", "valid": "validation",
-                 "test": "test"}  # a split folder's name -> its split
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 SIXTEEN_BIT_GRAY = ("I;16", "I;16B", "I;16L", "I")  # how Pillow opens a 16-bit grayscale PNG ("I" in older Pillow)
 DIGITS_LEVELS = 16  # scikit-learn's digits hold integer intensities 0..16
@@ -76,11 +75,9 @@ def read_digits(start: int, stop: int):
 def _safe_key(relative: str) -> str:
     """The key of a file: its path relative to the root, as valid UTF-8 (a name that is not
     UTF-8 keeps its bytes as \\xNN escapes, so hashing and encoding the key never fail)."""
-    try:
-        relative.encode("utf-8")
+    if not has_surrogates(relative):
         return relative
-    except UnicodeEncodeError:
-        return os.fsencode(relative).decode("utf-8", errors="backslashreplace")
+    return os.fsencode(relative).decode("utf-8", errors="backslashreplace")
 
 
 def _hidden(relative: str) -> bool:
@@ -114,11 +111,9 @@ def _subfolders(directory: str) -> list[str]:
 
 def _checked_name(root: str, name: str) -> str:
     """A class folder's name as a class name: refused when it is not UTF-8 or holds a line break."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
+    if has_surrogates(name):
         raise SourceError(f"data.source: class folder {os.fsencode(name)!r} in {root} is not a UTF-8 name; "
-                          "rename it") from None
+                          "rename it")
     if "\n" in name:
         raise SourceError(f"data.source: class folder {name!r} in {root} holds a line break; rename it")
     return name
@@ -132,7 +127,7 @@ def _class_folders(root: str) -> tuple[bool, list[tuple[str, str, str | None]]]:
     (a folder `test` holding only images is a class named test). A file never decides the layout.
     """
     top = _subfolders(root)
-    split_tops = [name for name in top if name.lower() in SPLIT_FOLDERS and _subfolders(f"{root}/{name}")]
+    split_tops = [name for name in top if name.lower() in SPLIT_NAMES and _subfolders(f"{root}/{name}")]
     if not split_tops:
         return False, [(f"{root}/{name}", _checked_name(root, name), None) for name in top]
     others = [name for name in top if name not in split_tops]
@@ -142,12 +137,12 @@ def _class_folders(root: str) -> tuple[bool, list[tuple[str, str, str | None]]]:
                           f"{root}/<split>/<class>/, or use no split folders")
     seen = {}
     for name in split_tops:
-        split = SPLIT_FOLDERS[name.lower()]
+        split = SPLIT_NAMES[name.lower()]
         if split in seen:
             raise SourceError(f"data.source: {root}/{seen[split]} and {root}/{name} are both the {split} split; "
                               "merge them")
         seen[split] = name
-    return True, [(f"{root}/{name}/{label}", _checked_name(f"{root}/{name}", label), SPLIT_FOLDERS[name.lower()])
+    return True, [(f"{root}/{name}/{label}", _checked_name(f"{root}/{name}", label), SPLIT_NAMES[name.lower()])
                   for name in split_tops for label in _subfolders(f"{root}/{name}")]
 
 

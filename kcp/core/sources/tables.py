@@ -18,8 +18,8 @@ from typing import Optional
 from kcp.core.config import DataConfig
 from kcp.core.contract import FeatureSpec
 from kcp.core.layout import SPLITS
-from kcp.core.sources.base import (BadInput, SourceError, SourcePlan, SourceRecord, check_path, label_text,
-                                   open_binary)
+from kcp.core.sources.base import (BadInput, SourceError, SourcePlan, SourceRecord, check_path, has_surrogates,
+                                   label_text, open_binary)
 
 HEAD_BYTES = 1 << 20  # what the driver reads: the CSV header or the first JSONL lines
 FIELD_LIMIT = 2**31 - 1  # Python's csv module refuses fields over 131,072 characters by default
@@ -33,14 +33,6 @@ def _split_of(value, where: str) -> Optional[str]:
     if split not in SPLITS:
         raise SourceError(f"{where}: split {value!r} is not one of {', '.join(SPLITS)}")
     return split
-
-
-def _has_surrogates(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-        return False
-    except UnicodeEncodeError:
-        return True
 
 
 def _text_stream(handle):
@@ -68,7 +60,7 @@ def _head_columns(kind: str, path: str) -> tuple[list[str], int]:
         header = next(csv.reader(io.StringIO(complete, newline="")), None) if complete.strip() else None
         if not header:
             raise SourceError(f"data.source: {path} holds no rows")
-        if any(_has_surrogates(name) for name in header):
+        if any(has_surrogates(name) for name in header):
             raise SourceError(f"data.source: {path}: the header is {UTF8_HINT}")
         named = [name for name in header if name]
         twice = next((name for name in named if named.count(name) > 1), None)
@@ -127,7 +119,7 @@ def _record(number: int, row, options: dict, where: str) -> SourceRecord:
     except SourceError as error:
         return SourceRecord(key, None, "", None, str(error))
     label, text = row.get(options["label"]) if options["label"] else None, row.get(options["text"])
-    if any(isinstance(value, str) and _has_surrogates(value) for value in (label, text)):
+    if any(isinstance(value, str) and has_surrogates(value) for value in (label, text)):
         return SourceRecord(key, None, "", split, f"{where}: {UTF8_HINT}")
     try:
         label = label_text(label) if options["label"] else ""
