@@ -3,7 +3,9 @@
     kcp predict --run-dir runs/digits --input folder:/data/new_images --output preds/p
 
 Reads the same source kinds as preprocessing, through the same planned read (the driver
-plans, the workers read: `kcp.core.beamio.ReadSource`), and writes one JSON line per input,
+plans, the workers read: `kcp.core.beamio.ReadSource`) but without labels (a table without its
+label column, an npz of `x` alone, a folder of images without class folders), and writes one
+JSON line per input,
 {"key", "class_id", "class_name", "probability"}, to sharded files
 `PREFIX-00000-of-000NN.jsonl` (`--output PREFIX`; a trailing `.jsonl` is dropped from the
 prefix), or to exactly `--output` with `--single-file`. An input that cannot be read or

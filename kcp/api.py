@@ -179,7 +179,7 @@ def predict(run_dir: str, input: str, output: str, version: int | None = None, *
         raise UserError(f"predict: {run_dir} holds a language model, which generates rather than classifies; "
                         f"use `kcp generate --run-dir {run_dir} --prompt TEXT` or the export's generate and score "
                         "signatures")
-    plan = plan_source(input, config.data, labels=False)  # a table to predict needs no label column
+    plan = plan_source(input, config.data, labels=False)  # no labels needed: a bare table, npz x or image folder
     if plan.modality != contract.modality:
         raise UserError(f"--input: {input} holds {plan.modality}, the model takes {contract.modality}")
     directory = RunLayout(run_dir).version_dir(config.export.name, version)

@@ -38,13 +38,33 @@ def error_message(error: Exception, limit: int = 500) -> str:
     return cause[:limit]
 
 
+def _first_not_finite(array: np.ndarray) -> str | None:
+    """'instance I' (the first row holding NaN or an infinity), 'its value' (a scalar), or None."""
+    if array.dtype.kind != "f" or np.all(np.isfinite(array)):
+        return None
+    rows = ~np.isfinite(array.reshape(len(array), -1)).all(axis=1) if array.ndim else np.array([True])
+    return f"instance {int(np.argmax(rows))}" if array.ndim else "its value"
+
+
 def check_finite(name: str, array: np.ndarray, what: str) -> None:
     """RequestError naming the first instance (row) of `array` that holds NaN or an infinity:
     TF Serving's JSON would carry them as bare NaN, which is not JSON."""
-    if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
-        rows = ~np.isfinite(array.reshape(len(array), -1)).all(axis=1) if array.ndim else np.array([True])
-        where = f"instance {int(np.argmax(rows))}" if array.ndim else "its value"
+    where = _first_not_finite(array)
+    if where:
         raise RequestError(f"{what} {name!r}: {where} holds NaN or infinite values")
+
+
+def cast_finite(name: str, array: np.ndarray, dtype) -> np.ndarray:
+    """`array` as `dtype`; a RequestError naming the instance when it holds NaN or an infinity, or a
+    finite value that the cast would make infinite (1e39 as float32)."""
+    check_finite(name, array, "input")
+    with np.errstate(over="ignore"):
+        cast = array.astype(dtype)
+    where = _first_not_finite(cast)
+    if where:
+        raise RequestError(f"input {name!r}: {where} holds a value beyond {np.dtype(dtype).name}'s range "
+                           f"(±{float(np.finfo(dtype).max):.7g})")
+    return cast
 
 
 def _decode_value(value):
@@ -94,10 +114,7 @@ def to_tensor(name: str, values, spec):
                 raise RequestError(f"input {name!r}: expected integers of dtype {spec.dtype.name}")
             if spec.dtype == tf.uint8 and array.size and (array.min() < 0 or array.max() > 255):
                 raise RequestError(f"input {name!r}: uint8 values must lie in 0..255")
-            with np.errstate(over="ignore"):  # a float beyond float32's range: caught as infinite below
-                array = array.astype(spec.dtype.as_numpy_dtype)
-            check_finite(name, array, "input")
-            tensor = tf.constant(array)
+            tensor = tf.constant(cast_finite(name, array, spec.dtype.as_numpy_dtype))
     except (ValueError, TypeError) as error:
         raise RequestError(f"input {name!r}: {error}") from None
     if not spec.shape.is_compatible_with(tensor.shape):

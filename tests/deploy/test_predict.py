@@ -1,4 +1,5 @@
-"""Batch prediction and serving of sequences: input shapes, NaN and infinite values, failure counts."""
+"""Batch prediction and serving of sequences: input shapes, NaN and infinite values, failure counts;
+batch prediction of inputs without labels (an npz of x alone, a folder without class folders)."""
 
 import base64
 import json
@@ -9,6 +10,7 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from deploy.serving import make_server
@@ -82,11 +84,12 @@ def test_predict_counts_predictions_and_failures(sequence_run, tmp_path, capsys)
     assert "[predict] predicted 2, failed 2 ->" in output  # counted per job, not per process
 
 
-@pytest.mark.parametrize("body, message", [
-    ('{"instances": [%s, %s]}', f"input 'sequence': instance 1 {NOT_FINITE}"),
-    ('{"inputs": {"sequence": [%s, %s]}}', f"input 'sequence': instance 1 {NOT_FINITE}"),
+@pytest.mark.parametrize("body", ['{"instances": [%s, %s]}', '{"inputs": {"sequence": [%s, %s]}}'])
+@pytest.mark.parametrize("bad, message", [
+    ("NaN", f"input 'sequence': instance 1 {NOT_FINITE}"),
+    ("Infinity", f"input 'sequence': instance 1 {NOT_FINITE}"),
+    ("1e39", "input 'sequence': instance 1 holds a value beyond float32's range (±3.402823e+38)"),
 ])
-@pytest.mark.parametrize("bad", ["NaN", "Infinity", "1e39"])  # 1e39 is infinite as float32
 def test_rest_refuses_instances_with_nan_or_infinite_values(sequence_server, sequence_run, body, message, bad):
     url, _ = sequence_server
     _, x = sequence_run
@@ -131,3 +134,67 @@ def test_no_answer_holds_a_bare_nan(sequence_server, sequence_run):
     assert answer["error"].startswith("output '")
     code, body = ok_answer({"probabilities": [math.nan]})  # whatever no check caught
     assert code == 400 and json.loads(body, parse_constant=lambda name: pytest.fail(f"bare {name}"))["error"]
+
+
+def predictions(prefix) -> dict:
+    """{key: prediction line} of the shards `PREFIX-*-of-*.jsonl`."""
+    shards = sorted(prefix.parent.glob(f"{prefix.name}-*-of-*.jsonl"))
+    assert shards
+    return {line["key"]: line for line in (json.loads(text) for path in shards for text in path.read_text().splitlines())}
+
+
+def dead_letters(prefix) -> dict:
+    """{key: reason} of the dead letters `PREFIX.dead_letter-*.jsonl`."""
+    return {d["key"]: d["reason"] for path in prefix.parent.glob(f"{prefix.name}.dead_letter-*.jsonl")
+            for d in map(json.loads, path.read_text().splitlines())}
+
+
+def test_predict_takes_an_npz_without_y_and_names_values_beyond_float32(sequence_run, tmp_path, capsys):
+    """x alone (nothing to label when predicting) gives the predictions of the same x with y; a float64
+    value beyond float32's range is a dead letter that says so, not "NaN or infinite"."""
+    run_dir, x = sequence_run
+    rows = x[:6].astype(np.float64)
+    rows[2, 5, 1] = 1e39
+    np.savez(tmp_path / "labelled.npz", x=rows, y=np.arange(6) % 2)
+    np.savez(tmp_path / "bare.npz", x=rows)
+    for name in ("labelled", "bare"):
+        code, output = predict(run_dir, f"npz:{tmp_path / name}.npz", tmp_path / name, capsys)
+        assert code == 0 and "[predict] predicted 5, failed 1 ->" in output, output
+    labelled, bare = predictions(tmp_path / "labelled"), predictions(tmp_path / "bare")
+    assert sorted(bare) == ["all/0000000", "all/0000001", "all/0000003", "all/0000004", "all/0000005"]
+    for key, line in labelled.items():
+        assert (bare[key]["class_id"], bare[key]["class_name"]) == (line["class_id"], line["class_name"])
+        assert bare[key]["probability"] == pytest.approx(line["probability"], abs=1e-6)
+    served = tf.saved_model.load(f"{run_dir}/export/model/1").signatures["serving_default"](
+        sequence=tf.constant(rows[[0, 1, 3, 4, 5]].astype(np.float32)))["probabilities"].numpy()
+    assert [bare[key]["probability"] for key in sorted(bare)] == pytest.approx(served.max(axis=1), abs=1e-5)
+    reason = "sequence value 1e+39 at [5, 1] is outside float32's range (±3.402823e+38)"
+    assert dead_letters(tmp_path / "labelled") == dead_letters(tmp_path / "bare") == {"all/0000002": reason}
+
+
+def test_predict_takes_a_folder_of_images_without_class_folders(digits_run, tmp_path, capsys):
+    """Every image below the folder, in it or in any subfolder, keyed by its relative path: the
+    predictions of the same files in class folders."""
+    from kcp.core.sources.images import digits_to_uint8, load_digits_arrays
+
+    images, targets = load_digits_arrays()
+    pixels = digits_to_uint8(images[:12])[..., 0]
+    flat = {}
+    for index, array in enumerate(pixels):
+        name = f"{index:02d}.png" if index < 8 else f"more/deeper/{index:02d}.png"  # nested: read too
+        for path in (tmp_path / "classes" / str(targets[index]) / f"{index:02d}.png", tmp_path / "flat" / name):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array).save(path)
+        flat[name] = f"{targets[index]}/{index:02d}.png"
+    (tmp_path / "flat" / "notes.txt").write_text("not an image: skipped")
+    (tmp_path / "flat" / "empty").mkdir()
+    for name in ("classes", "flat"):
+        code, output = predict(digits_run, f"folder:{tmp_path / name}", tmp_path / "out" / name, capsys)
+        assert code == 0 and "[predict] predicted 12, failed 0" in output, output
+    labelled, bare = predictions(tmp_path / "out" / "classes"), predictions(tmp_path / "out" / "flat")
+    assert sorted(bare) == sorted(flat) and len(labelled) == 12
+    for key, line in bare.items():
+        expected = labelled[flat[key]]
+        assert (line["class_id"], line["class_name"]) == (expected["class_id"], expected["class_name"])
+        assert line["probability"] == pytest.approx(expected["probability"], abs=1e-6)
+    assert sum(bare[name]["class_name"] == label.split("/")[0] for name, label in flat.items()) >= 8  # a trained model

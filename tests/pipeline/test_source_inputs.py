@@ -12,7 +12,9 @@ from PIL import Image
 
 from kcp import cli
 from kcp.core.config_load import load_config
-from kcp.core.sources import BadInput, SourceError, class_names_of, decode_record, plan_source, read_task
+from kcp.core.contract import FeatureSpec
+from kcp.core.sources import (BadInput, SourceError, class_names_of, decode_array, decode_record, plan_source,
+                              read_task)
 from kcp.core.sources.base import label_text
 from pipeline.samples import displayable
 from tests.conftest import IN_PROCESS_BEAM
@@ -23,8 +25,8 @@ def image(path, value, shape=(4, 5), format=None, **options):
     Image.fromarray(np.full(shape, value, np.uint8)).save(path, format=format, **options)
 
 
-def records_of(uri, *overrides):
-    plan = plan_source(uri, load_config([], list(overrides)).data)
+def records_of(uri, *overrides, labels=True):
+    plan = plan_source(uri, load_config([], list(overrides)).data, labels=labels)
     return plan, [record for task in plan.tasks for record in read_task(plan, task)]
 
 
@@ -110,6 +112,38 @@ def test_an_empty_class_folder_and_a_name_that_is_not_utf8_are_named(tmp_path):
         plan_source(f"folder:{root}")
 
 
+def test_without_labels_a_folder_needs_no_class_folders(tmp_path):
+    """Batch prediction reads every image below the folder, keyed by its relative path; training
+    keeps refusing a folder whose images are in no class folder."""
+    root = tmp_path / "new"
+    image(str(root / "a.png"), 1)
+    image(str(root / "b.jpg"), 2, format="JPEG")
+    image(str(root / "2024" / "may" / "c.png"), 3)
+    image(str(root / ".hidden" / "d.png"), 4)  # hidden: not read
+    (root / "notes.txt").write_text("not an image")
+    (root / "empty").mkdir()
+    plan, records = records_of(f"folder:{root}", labels=False)
+    assert sorted((r.key, r.label, r.split) for r in records) == [
+        ("2024/may/c.png", "", None), ("a.png", "", None), ("b.jpg", "", None)]
+    assert plan.class_names == () and plan.has_splits is False and plan.estimated_count == 3
+    assert plan.options["skipped"] == 1 and plan.input_spec.shape == (4, 5, 1)
+    assert {r.key: r.payload for r in records}["2024/may/c.png"] == f"{root}/2024/may/c.png"
+    plan, records = records_of(f"folder:{root}", "data.limit=2", labels=False)
+    assert [r.key for r in records] == ["2024/may/c.png", "a.png"]
+    with pytest.raises(SourceError, match=rf"^data.source: {root}/a.png \(and 1 more\) is not in a class folder "
+                                          rf"\({root}/<class>/\); move it into one or remove it$"):
+        plan_source(f"folder:{root}")
+    labelled = tmp_path / "labelled"  # a labelled layout without labels: the same keys as with them
+    for split in ("train", "test"):
+        image(str(labelled / split / "x" / "0.png"), 5)
+    _, with_labels = records_of(f"folder:{labelled}")
+    _, without = records_of(f"folder:{labelled}", labels=False)
+    assert sorted(r.key for r in without) == sorted(r.key for r in with_labels) == ["test/x/0.png", "train/x/0.png"]
+    with pytest.raises(SourceError, match=rf"^data.source: {root}/empty holds no .png/.jpg/.jpeg/.bmp/.gif/.webp/"
+                                          r".tif/.tiff files, in it or below it$"):
+        plan_source(f"folder:{root}/empty", labels=False)
+
+
 # --- npz --------------------------------------------------------------------------------------
 
 def test_npz_arrays_that_would_not_be_read_are_named_and_x_val_is_validation(tmp_path):
@@ -137,6 +171,62 @@ def test_npz_labels_of_bytes_and_integral_floats_are_named_as_text_and_integers(
     assert problems(plan, records, ("down", "up")) == ["down", "up", "up", "bad: y[3]: label b'\\xff' is not UTF-8 text"]
     plan, records = records_of(f"npz:{tmp_path / 'f.npz'}")
     assert problems(plan, records, ("0", "1", "2.5")) == ["0", "1", "2.5", "bad: y[3]: label nan is not a finite number"]
+
+
+def test_without_labels_an_npz_needs_no_y(tmp_path):
+    rows = np.arange(5 * 3 * 3, dtype=np.uint8).reshape(5, 3, 3)
+    np.savez(tmp_path / "x.npz", x=rows)
+    plan, records = records_of(f"npz:{tmp_path / 'x.npz'}", labels=False)
+    assert [(r.key, r.label, r.split) for r in records] == [(f"all/{i:07d}", "", None) for i in range(5)]
+    np.testing.assert_array_equal(np.stack([r.payload for r in records]), rows)
+    assert plan.modality == "image" and plan.input_spec.shape == (3, 3, 1) and set(plan.options["headers"]) == {"x"}
+    np.savez(tmp_path / "xy.npz", x=rows, y=np.array([[1, 2]] * 5))  # a y there is not read (nor checked)
+    _, records = records_of(f"npz:{tmp_path / 'xy.npz'}", labels=False)
+    assert [r.label for r in records] == [""] * 5 and not any(r.problem for r in records)
+    np.savez(tmp_path / "splits.npz", x_train=rows[:3], x_test=rows[3:])
+    _, records = records_of(f"npz:{tmp_path / 'splits.npz'}", labels=False)
+    assert [(r.key, r.split) for r in records] == [("train/0000000", "train"), ("train/0000001", "train"),
+                                                   ("train/0000002", "train"), ("test/0000000", "test"),
+                                                   ("test/0000001", "test")]
+    with pytest.raises(SourceError, match=r"x.npz: array y missing; an .npz holds x, y \(split by key hash\), .*; "
+                                          r"found x$"):
+        plan_source(f"npz:{tmp_path / 'x.npz'}")  # training needs its labels, as before
+    with pytest.raises(SourceError, match=r"xy.npz: y has shape \[5, 2\]; expected one label per row"):
+        plan_source(f"npz:{tmp_path / 'xy.npz'}")
+    np.savez(tmp_path / "y.npz", y=np.arange(5))
+    with pytest.raises(SourceError, match=r"y.npz: array x missing"):
+        plan_source(f"npz:{tmp_path / 'y.npz'}", labels=False)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.float32])
+def test_a_2d_npz_read_as_images_points_to_the_sequence_modality(tmp_path, dtype):
+    path = tmp_path / "series.npz"
+    np.savez(path, x=np.zeros((6, 20), dtype), y=np.arange(6) % 2)
+    overrides = ["data.modality=image"] if dtype == np.float32 else []  # float x is a sequence by default
+    with pytest.raises(SourceError, match=rf"^{path}: image x must be \[N, H, W\] or \[N, H, W, C\], got \[6, 20\]; "
+                                          r"set data.modality=sequence for series$"):
+        plan_source(f"npz:{path}", load_config([], overrides).data)
+    plan = plan_source(f"npz:{path}", load_config([], ["data.modality=sequence"]).data)
+    assert plan.modality == "sequence" and plan.input_spec.shape == (20, 1)
+    np.savez(path, x=np.zeros((6, 2, 2, 2, 2), dtype), y=np.arange(6) % 2)  # not a series: no hint
+    with pytest.raises(SourceError, match=r"got \[6, 2, 2, 2, 2\]$"):
+        plan_source(f"npz:{path}", load_config([], ["data.modality=image"]).data)
+
+
+def test_a_sequence_value_beyond_float32_is_named_and_nan_or_infinity_as_before():
+    spec = FeatureSpec("float32", (2, 2), "float_list")
+    decoded = decode_array(np.array([[3.4e38, -3.4e38], [1e-50, 0.5]]), spec)  # within range: read
+    assert decoded.dtype == np.float32
+    np.testing.assert_array_equal(decoded, np.array([[3.4e38, -3.4e38], [0.0, 0.5]], np.float32))
+    for values, message in [
+        ([[0.5, 1e39], [2.0, 3.0]], "sequence value 1e+39 at [0, 1] is outside float32's range (±3.402823e+38)"),
+        ([[0.5, 1.0], [-7e300, 3.0]], "sequence value -7e+300 at [1, 0] is outside float32's range (±3.402823e+38)"),
+        ([[0.5, 1.0], [np.nan, 3.0]], "sequence holds NaN or infinite values"),
+        ([[0.5, -np.inf], [1e39, 3.0]], "sequence holds NaN or infinite values"),
+    ]:
+        with pytest.raises(BadInput) as raised:
+            decode_array(np.array(values, np.float64), spec)
+        assert str(raised.value) == message
 
 
 # --- tables -------------------------------------------------------------------------------------

@@ -42,15 +42,17 @@ __all__ = [
 
 def plan_source(uri: str, data: DataConfig | None = None, labels: bool = True) -> SourcePlan:
     """Checks a source URI and plans its reading; one-line SourceError when it cannot be read.
-    `labels=False` (batch prediction): a table needs no label column, and its labels are not read."""
+    `labels=False` (batch prediction): no label is read, so none is needed: a table needs no label
+    column, an npz no y arrays (`x` alone will do), and a folder no class folders (every image below
+    PATH is read, subfolders included, keyed by its path relative to PATH)."""
     data = data or DataConfig()
     kind, _, rest = uri.partition(":")
     if kind == "digits":
         return plan_digits(uri, data)
     if kind == "folder":
-        return plan_folder(uri, rest, data)
+        return plan_folder(uri, rest, data, labels)
     if kind == "npz":
-        return plan_npz(uri, rest, data)
+        return plan_npz(uri, rest, data, labels)
     if kind in ("csv", "jsonl"):
         return plan_table(uri, kind, rest, data, labels)
     if kind == "tfds":

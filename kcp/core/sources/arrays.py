@@ -2,7 +2,9 @@
 (used for every source that holds its inputs as arrays: digits, npz, tfds images).
 
 The driver reads only the archive's directory and each array's .npy header (shape, dtype,
-where its data starts); the workers read row ranges of x and y from there.
+where its data starts); the workers read row ranges of x and y from there. Without labels
+(batch prediction) the y arrays may be missing and are never read: an archive of `x` alone
+(or `x_train`, `x_test`, ...) is enough.
 """
 
 from __future__ import annotations
@@ -61,8 +63,9 @@ UNDERSTOOD = ("x, y (split by key hash), or x_train, y_train with optional x_val
               "y_val) and x_test, y_test")
 
 
-def _parts(path: str, arrays: dict) -> dict:
-    """{split (None: by key hash): (x name, y name)}; a one-line error for an array that would go unused."""
+def _parts(path: str, arrays: dict, labels: bool = True) -> dict:
+    """{split (None: by key hash): (x name, y name)}; a one-line error for an array that would go unused.
+    Without `labels` a missing y is no error (its name is still given; the y arrays are not read)."""
     found = ", ".join(sorted(arrays)) or "none"
     if "x" in arrays or "y" in arrays:
         parts = {None: ("x", "y")}
@@ -78,7 +81,8 @@ def _parts(path: str, arrays: dict) -> dict:
             raise SourceError(f"{path}: expected arrays x and y, or x_train and y_train "
                               f"(with x_test, y_test and optionally x_validation, y_validation); found {found}")
     used = {name for pair in parts.values() for name in pair}
-    missing = sorted(used - set(arrays))
+    needed = used if labels else {x_name for x_name, _ in parts.values()}
+    missing = sorted(needed - set(arrays))
     if missing:
         raise SourceError(f"{path}: array{'s' if len(missing) > 1 else ''} {', '.join(missing)} missing; an .npz "
                           f"holds {UNDERSTOOD}; found {found}")
@@ -89,25 +93,31 @@ def _parts(path: str, arrays: dict) -> dict:
     return {split: parts[split] for split in (None, *SPLITS) if split in parts}
 
 
-def plan_npz(uri: str, path: str, data: DataConfig):
+def plan_npz(uri: str, path: str, data: DataConfig, labels: bool = True):
+    """The plan of an .npz archive; without `labels` (batch prediction) y may be missing and is not
+    read or checked, so the records' labels are empty."""
     check_path(uri, path)
     arrays = _headers(path)
-    parts = _parts(path, arrays)
+    parts = _parts(path, arrays, labels)
     first_shape, first_dtype, _ = arrays[next(iter(parts.values()))[0]]
     for split, (x_name, y_name) in parts.items():
-        x_shape, y_shape = arrays[x_name][0], arrays[y_name][0]
-        if len(y_shape) != 1:
-            raise SourceError(f"{path}: {y_name} has shape {list(y_shape)}; expected one label per row, shape [N] "
-                              f"(for one-hot labels save {y_name}.argmax(axis=1))")
-        if x_shape[0] != y_shape[0]:
-            raise SourceError(f"{path}: x{'_' + split if split else ''} has {x_shape[0]} rows but y has {y_shape[0]}")
+        x_shape = arrays[x_name][0]
+        if labels:
+            y_shape = arrays[y_name][0]
+            if len(y_shape) != 1:
+                raise SourceError(f"{path}: {y_name} has shape {list(y_shape)}; expected one label per row, shape "
+                                  f"[N] (for one-hot labels save {y_name}.argmax(axis=1))")
+            if x_shape[0] != y_shape[0]:
+                raise SourceError(f"{path}: x{'_' + split if split else ''} has {x_shape[0]} rows but y has "
+                                  f"{y_shape[0]}")
         if x_shape[1:] != first_shape[1:]:
             raise SourceError(f"{path}: x shapes differ between splits ({first_shape[1:]} and {x_shape[1:]})")
     modality = data.modality or ("sequence" if np.issubdtype(first_dtype, np.floating) else "image")
     ndim = len(first_shape)
     if modality == "image":
         if ndim not in (3, 4):
-            raise SourceError(f"{path}: image x must be [N, H, W] or [N, H, W, C], got {list(first_shape)}")
+            hint = "; set data.modality=sequence for series" if ndim == 2 else ""
+            raise SourceError(f"{path}: image x must be [N, H, W] or [N, H, W, C], got {list(first_shape)}{hint}")
         spec = FeatureSpec("uint8", tuple(first_shape[1:]) + ((1,) if ndim == 3 else ()), "raw_bytes")
     elif modality == "sequence":
         if ndim not in (2, 3):
@@ -122,9 +132,10 @@ def plan_npz(uri: str, path: str, data: DataConfig):
         if data.limit:
             rows = min(rows, left)
             left -= rows
-        tasks += [("npz", split, x_name, y_name, start, stop) for start, stop in
+        tasks += [("npz", split, x_name, y_name if labels else None, start, stop) for start, stop in
                   ranges(rows, max(1, TASK_BYTES // row_bytes))]
-    options = {"path": path, "headers": {name: arrays[name] for pair in parts.values() for name in pair}}
+    read = [name for x_name, y_name in parts.values() for name in ((x_name, y_name) if labels else (x_name,))]
+    options = {"path": path, "headers": {name: arrays[name] for name in read}}
     count = sum(task[5] - task[4] for task in tasks)
     return SourcePlan(uri, "npz", modality, modality, spec, (), None not in parts, tuple(tasks), count, options)
 
@@ -133,8 +144,12 @@ def read_npz_task(plan: SourcePlan, task):
     _, split, x_name, y_name, start, stop = task
     path, headers = plan.options["path"], plan.options["headers"]
     x = read_rows(path, x_name, headers[x_name], start, stop)
-    y = read_rows(path, y_name, headers[y_name], start, stop)
     prefix = split or "all"
+    if y_name is None:  # no labels (batch prediction)
+        for index, row in enumerate(x, start=start):
+            yield SourceRecord(f"{prefix}/{index:07d}", row, "", split)
+        return
+    y = read_rows(path, y_name, headers[y_name], start, stop)
     for index, (row, label) in enumerate(zip(x, y), start=start):
         key = f"{prefix}/{index:07d}"
         try:
@@ -156,7 +171,12 @@ def decode_array(array, spec: FeatureSpec) -> np.ndarray:
         if array.size and (array.min() < 0 or array.max() > 255):
             raise BadInput(f"image values {array.min()}..{array.max()} are outside 0..255")
         return array.astype(np.uint8)
-    values = array.astype(np.float32)
-    if not np.all(np.isfinite(values)):
+    if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
         raise BadInput("sequence holds NaN or infinite values")
+    with np.errstate(over="ignore"):  # a finite float64 beyond float32's range becomes infinite: named below
+        values = array.astype(np.float32)
+    if not np.all(np.isfinite(values)):
+        index = tuple(int(i) for i in np.argwhere(~np.isfinite(values))[0])
+        raise BadInput(f"sequence value {float(array[index])!r} at {list(index)} is outside float32's range "
+                       f"(±{float(np.finfo(np.float32).max):.7g})")
     return values

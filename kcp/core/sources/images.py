@@ -8,6 +8,11 @@ worker lists its folder, subfolders included, and outputs one record (key, path)
 the files are read and decoded later, on the workers. Nothing is left out unsaid: an image
 outside the class folders or an empty class folder is a one-line error, and files that are
 not images by their extension are counted in the plan (`options["skipped"]`).
+
+Without labels (batch prediction) the folders name no classes: every image below PATH is read,
+subfolders included, whatever they are named (a flat folder of images, or a labelled layout
+whose class and split folders are then just folders). The keys are the paths relative to PATH,
+as with labels; the read tasks are the images directly in PATH and each top folder.
 """
 
 from __future__ import annotations
@@ -182,6 +187,32 @@ def _listing(root: str, has_splits: bool, folders) -> tuple[list, list[str]]:
     return listing, sorted(skipped)
 
 
+def _unlabelled_listing(root: str) -> tuple[list, list[str]]:
+    """([(folder, "", None, image paths)], files skipped as not images), for reading without labels:
+    the images directly in the root (folder: the root itself), then every image below each top
+    folder (its subfolders included), as a class folder's are read; folders without images are
+    left out. A one-line error when there is no image at all."""
+    loose = _loose_files(root)
+    listing = [(root, "", None, [f"{root}/{name}" for name in loose if _is_image(name)])]
+    skipped = [name for name in loose if not _is_image(name)]
+    for name in _subfolders(root):
+        folder = f"{root}/{name}"
+        below = _files_below(folder)
+        listing.append((folder, "", None, [f"{folder}/{file}" for file in below if _is_image(file)]))
+        skipped += [f"{name}/{file}" for file in below if not _is_image(file)]
+    listing = [entry for entry in listing if entry[3]]
+    if not listing:
+        raise SourceError(f"data.source: {root} holds no {'/'.join(IMAGE_EXTENSIONS)} files, in it or below it")
+    return listing, sorted(skipped)
+
+
+def read_loose_images(root: str):
+    """The records of the images directly in `root` (reading without labels; key: the file name)."""
+    for name in _loose_files(root):
+        if _is_image(name):
+            yield SourceRecord(_safe_key(name), f"{root}/{name}", "")
+
+
 def read_class_folder(root: str, folder: str, label: str, split):
     """The records of one class folder, its subfolders included (key: the path relative to the root)."""
     for name in _files_below(folder):
@@ -201,14 +232,19 @@ def _image_header(path: str):
         return None
 
 
-def plan_folder(uri: str, root: str, data: DataConfig):
+def plan_folder(uri: str, root: str, data: DataConfig, labels: bool = True):
+    """The plan of an image folder; without `labels` (batch prediction) every image below the root
+    is read, whatever the folders are named, and the records' labels are empty."""
     check_path(uri, root)
     root = root.rstrip("/")
-    has_splits, folders = _class_folders(root)
-    if not folders:
-        raise SourceError(f"data.source: {root} holds no {'/'.join(IMAGE_EXTENSIONS)} files in "
-                          "PATH/<class>/ or PATH/<split>/<class>/")
-    listing, skipped = _listing(root, has_splits, folders)
+    if labels:
+        has_splits, folders = _class_folders(root)
+        if not folders:
+            raise SourceError(f"data.source: {root} holds no {'/'.join(IMAGE_EXTENSIONS)} files in "
+                              "PATH/<class>/ or PATH/<split>/<class>/")
+        listing, skipped = _listing(root, has_splits, folders)
+    else:
+        has_splits, (listing, skipped) = False, _unlabelled_listing(root)
     count = sum(len(files) for *_, files in listing)
     sample = sorted(path for *_, files in listing for path in files)[:HEADER_SAMPLE]
     if data.image_size and data.channels:
@@ -223,11 +259,13 @@ def plan_folder(uri: str, root: str, data: DataConfig):
     if data.limit:  # the first `limit` files in sorted order: named one by one (quick trials only)
         chosen = sorted((path, label, split) for _, label, split, files in listing for path in files)[:data.limit]
         tasks = (("files", tuple(chosen)),)
-        labels = {label for _, label, _ in chosen}
-    else:
-        tasks = tuple(("folder", folder, label, split) for folder, label, split, _ in listing)
-        labels = {label for _, label, _, _ in listing}
-    plan = SourcePlan(uri, "folder", "image", "image", spec, class_names_of(labels), has_splits, tasks,
+        classes = {label for _, label, _ in chosen}
+    else:  # the images directly in the root (only without labels) are one task, each folder below it one
+        tasks = tuple(("loose", folder) if folder == root else ("folder", folder, label, split)
+                      for folder, label, split, _ in listing)
+        classes = {label for _, label, _, _ in listing}
+    class_names = class_names_of(classes) if labels else ()
+    plan = SourcePlan(uri, "folder", "image", "image", spec, class_names, has_splits, tasks,
                       min(count, data.limit or count),
                       {"root": root, "skipped": len(skipped), "skipped_examples": tuple(skipped[:3])})
     return plan
@@ -238,6 +276,8 @@ def read_folder_task(plan: SourcePlan, task):
     if task[0] == "files":
         for path, label, split in task[1]:
             yield SourceRecord(_safe_key(path[len(root) + 1:]), path, label, split)
+    elif task[0] == "loose":
+        yield from read_loose_images(root)
     else:
         yield from read_class_folder(root, *task[1:])
 
