@@ -6,37 +6,133 @@ to check the columns; a worker reads the whole file as a stream, row by row. CSV
 hold quoted newlines, commas and quotes (RFC 4180), which a line-based split would break,
 so a file is one read task; keys are row numbers, as before. Bytes that are not UTF-8 make
 that row a dead letter, not the file an error.
+
+An unclosed quote would make Python's csv module read every line up to the next quote as one
+field, swallowing the rows in it. A quoted field that spans lines is taken for one when it
+breaks RFC 4180 (the file ends inside it, or its closing quote is followed by something other
+than a comma or a line end), or when every line inside it reads as a row of this table whose
+label is one the file already used. That row becomes one dead letter naming the file and the
+line where the quote opens, and the lines after that line are read again as rows, so nothing
+else is lost. A split column takes the split names of folders and npz arrays (SPLIT_NAMES:
+`val` and `valid` are validation), in any case and with surrounding blanks.
 """
 
 from __future__ import annotations
 
+import bisect
 import csv
 import io
+import itertools
 import json
+import re
 from typing import Optional
 
 from kcp.core.config import DataConfig
 from kcp.core.contract import FeatureSpec
-from kcp.core.layout import SPLITS
+from kcp.core.layout import SPLIT_NAMES
 from kcp.core.sources.base import (BadInput, SourceError, SourcePlan, SourceRecord, check_path, has_surrogates,
                                    label_text, open_binary)
 
 HEAD_BYTES = 1 << 20  # what the driver reads: the CSV header or the first JSONL lines
 FIELD_LIMIT = 2**31 - 1  # Python's csv module refuses fields over 131,072 characters by default
 UTF8_HINT = "not UTF-8 text (save the file as UTF-8; Latin-1 or Windows-1252 bytes are not read)"
+LABELS_KEPT = 10_000  # distinct labels a CSV reader remembers to recognise rows swallowed by an unclosed quote
+_FIELD_END = re.compile(r"[,\r\n]")
 
 
 def _split_of(value, where: str) -> Optional[str]:
     if value is None or value == "":
         return None
-    split = str(value).strip().lower()
-    if split not in SPLITS:
-        raise SourceError(f"{where}: split {value!r} is not one of {', '.join(SPLITS)}")
-    return split
+    name = str(value).strip().lower()
+    if name not in SPLIT_NAMES:
+        raise SourceError(f"{where}: split {value!r} is not one of {', '.join(SPLIT_NAMES)}")
+    return SPLIT_NAMES[name]
 
 
 def _text_stream(handle):
     return io.TextIOWrapper(handle, encoding="utf-8-sig", errors="surrogateescape", newline="")
+
+
+class _Lines:
+    """The lines of a text stream as a csv reader takes them, keeping the raw lines of the row being
+    read (`row`, which the caller empties before each row) and able to hand lines out again
+    (`again`), for a fresh reader after a row that an unclosed quote ran away with."""
+
+    def __init__(self, stream):
+        self._stream, self._again = iter(stream), []
+        self.row: list[str] = []
+        self.number = 0  # lines handed out so far: the line number of the last one
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        line = self._again.pop() if self._again else next(self._stream)
+        self.number += 1
+        self.row.append(line)
+        return line
+
+    def again(self, lines: list[str]) -> None:
+        """Hands `lines` out again, next: the last len(lines) lines handed out."""
+        self._again.extend(reversed(lines))
+        self.number -= len(lines)
+
+
+def _multiline_quoted_fields(raw: str):
+    """(opening quote, closing quote or None at the end of the text, the character after it) of
+    each quoted field that spans a line break in the raw text of one CSV row, found as Python's
+    csv module (excel dialect, not strict) reads them: a quote opens a field only as its first
+    character, `""` inside is a quote, and after the closing quote the field goes on, unquoted,
+    to the next comma or line end."""
+    position, size = 0, len(raw)
+    while position < size:
+        if raw[position] == '"':
+            search = position + 1
+            while True:
+                close = raw.find('"', search)
+                if close < 0 or raw[close + 1:close + 2] != '"':
+                    break
+                search = close + 2
+            inside = raw[position:size if close < 0 else close]
+            if "\n" in inside or "\r" in inside:
+                yield position, (None if close < 0 else close), ("" if close < 0 else raw[close + 1:close + 2])
+            if close < 0:
+                return
+            position = close + 1
+        end = _FIELD_END.search(raw, position)
+        if end is None or end.group() != ",":
+            return
+        position = end.end()
+
+
+def _reads_as_row(line: str, columns: int, label: int, labels: set) -> bool:
+    fields = next(csv.reader([line]), [])
+    return len(fields) == columns and fields[label].strip() in labels
+
+
+def _unclosed_quote(lines: list[str], first_line: int, columns: int = 0, label: Optional[int] = None,
+                    labels: frozenset | set = frozenset()) -> Optional[tuple[int, str]]:
+    """(index in `lines` of the line where an unclosed quote opens, what shows it) when the row that
+    these raw lines make (its first on line `first_line` of the file) holds a quoted field that ran
+    away with the lines after it, else None. Without a label column (`label` None) only a field
+    that breaks RFC 4180 counts: any line of free text may read as a row of one column."""
+    raw = "".join(lines)
+    ends = list(itertools.accumulate(map(len, lines)))
+    for start, close, after in _multiline_quoted_fields(raw):
+        opened = bisect.bisect_right(ends, start)
+        if close is None:
+            return opened, "runs to the end of the file"
+        closed = bisect.bisect_right(ends, close)
+        if after not in (",", "\r", "\n", ""):
+            return opened, (f"runs to line {first_line + closed}, where its closing quote is followed by {after!r}, "
+                            "not a comma or a line end")
+        inside = lines[opened + 1:closed]
+        if label is not None and columns >= 2 and inside and \
+                all(_reads_as_row(line, columns, label, labels) for line in inside):
+            inner = "the line inside it reads as a row" if len(inside) == 1 else \
+                f"all {len(inside)} lines inside it read as rows"
+            return opened, f"runs to line {first_line + closed} and {inner} of this table"
+    return None
 
 
 def _head_columns(kind: str, path: str) -> tuple[list[str], int]:
@@ -57,9 +153,14 @@ def _head_columns(kind: str, path: str) -> tuple[list[str], int]:
         lines = lines[:-1]
     if kind == "csv":
         complete = "".join(lines)
-        header = next(csv.reader(io.StringIO(complete, newline="")), None) if complete.strip() else None
+        header_lines = _Lines(io.StringIO(complete, newline=""))
+        header = next(csv.reader(header_lines), None) if complete.strip() else None
         if not header:
             raise SourceError(f"data.source: {path} holds no rows")
+        unclosed = _unclosed_quote(header_lines.row, 1) if len(header_lines.row) > 1 else None
+        if unclosed:
+            raise SourceError(f"data.source: {path} line {1 + unclosed[0]}: unclosed quote in the header: the quoted "
+                              f"field that starts there {unclosed[1]}")
         if any(has_surrogates(name) for name in header):
             raise SourceError(f"data.source: {path}: the header is {UTF8_HINT}")
         named = [name for name in header if name]
@@ -128,6 +229,54 @@ def _record(number: int, row, options: dict, where: str) -> SourceRecord:
     return SourceRecord(key, text, label, split)
 
 
+def _read_csv(path: str, stream, options: dict):
+    """The records of a CSV file: row numbers count the data rows from 1 (blank lines are no rows).
+    A row that an unclosed quote ran away with is one dead letter, and the lines after the one
+    where the quote opens are read again as rows."""
+    lines = _Lines(stream)
+    reader = csv.reader(lines)
+    header = next(reader, None)
+    if not header:
+        return
+    columns, limit = len(header), options["limit"]
+    label = header.index(options["label"]) if options["label"] in header else None
+    labels, number = set(), 0
+    while True:
+        lines.row = []
+        first_line = lines.number + 1
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:
+            fields = error
+        if fields == []:
+            continue
+        number += 1
+        if limit and number > limit:
+            return
+        unclosed = _unclosed_quote(lines.row, first_line, columns, label, labels) if len(lines.row) > 1 else None
+        if unclosed:
+            opened, why = unclosed
+            again = lines.row[opened + 1:]
+            yield SourceRecord(f"row/{number:08d}", None, "", None,
+                               f"row {number}: unclosed quote: {path} line {first_line + opened}: the quoted field "
+                               f"that starts there {why}; "
+                               + ("the line after it is read as a row" if len(again) == 1 else
+                                  f"the {len(again)} lines after it are read as rows"))
+            lines.again(again)
+            reader = csv.reader(lines)
+            continue
+        if isinstance(fields, csv.Error):
+            raise SourceError(f"{path} row {number}: not valid CSV ({fields})")
+        row = dict(zip(header, fields))
+        for name in header[len(fields):]:
+            row[name] = None
+        if label is not None and label < len(fields) and fields[label].strip() and len(labels) < LABELS_KEPT:
+            labels.add(fields[label].strip())  # not "": a line of text that ends in a comma reads as no label
+        yield _record(number, row, options, f"row {number}")
+
+
 def read_table_task(plan: SourcePlan, task):
     """The records of one table file, streamed: row numbers count the data rows from 1."""
     kind, path = task
@@ -136,15 +285,7 @@ def read_table_task(plan: SourcePlan, task):
         stream = _text_stream(handle)
         if kind == "csv":
             csv.field_size_limit(FIELD_LIMIT)
-            reader = csv.DictReader(stream)
-            number = 0
-            try:
-                for number, row in enumerate(reader, start=1):
-                    if limit and number > limit:
-                        return
-                    yield _record(number, row, options, f"row {number}")
-            except csv.Error as error:
-                raise SourceError(f"{path} row {number + 1}: not valid CSV ({error})") from None
+            yield from _read_csv(path, stream, options)
             return
         number = 0
         for line_number, line in enumerate(stream, start=1):
