@@ -41,6 +41,11 @@ VARIANTS = [  # (family, overrides); () is the family's defaults
     ("resnet", ("model.dropout=0.3",)),
     ("rnn", ()),
     ("transformer", ()),
+    # round 11 (the resnet's defaults are ResNet-8, kernel 5, dropout 0.3 since): round 10's, then wider kernels
+    ("resnet", ("model.kernel_size=3", "model.dropout=0.1")),
+    ("resnet", ("model.kernel_size=5", "model.dropout=0.1")),
+    ("resnet", ("model.kernel_size=5", "model.dropout=0.1", "model.version=2")),
+    ("resnet", ("model.kernel_size=7", "model.dropout=0.1")),
 ]
 
 

@@ -15,6 +15,7 @@ import time
 from kcp import api
 from kcp.core import storage
 from kcp.core.char_ngrams import char_ngram_count
+from kcp.core.config import DEFAULT_DROPOUT
 from kcp.core.contract import read_contract
 from kcp.core.errors import UserError
 from kcp.core.layout import SPLITS, RunLayout
@@ -289,6 +290,10 @@ def describe_model(args, run_dir: str | None, config, beam_args: list[str]) -> i
     whose default depends on the data (resnet's `model.width: 0`) also shows what it comes to here."""
     spec = model_inputs_from_flags(args, config)
     applied = dict(config.model.family.applied(spec)) if hasattr(config.model.family, "applied") else {}
+    if config.model.dropout is None:  # the shared key: what null comes to (the resnet's depends on the data)
+        applied.setdefault("dropout", DEFAULT_DROPOUT)
+    else:
+        applied.pop("dropout", None)
     if spec.modality == "image" and config.model.augment.translation is None:
         applied["augment"] = {**config.to_dict()["model"]["augment"],
                               "translation": config.model.augment.applied_translation(spec.modality, spec.shape)}

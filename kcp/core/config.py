@@ -38,6 +38,7 @@ LANGUAGE_SOURCE_KINDS = ("text", "python-stdlib")
 DEFAULT_LANGUAGE_SOURCE = "python-stdlib"
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw")
 INITIALIZERS = ("glorot_uniform", "glorot_normal", "he_uniform", "he_normal")
+DEFAULT_DROPOUT = 0.1  # model.dropout: null
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,9 @@ class ModelConfig:
     """
 
     name: str = option("cnn", help="the model family: cnn, resnet, rnn, transformer (classifiers) or gpt (language)")
-    dropout: float = option(0.1, minimum=0.0, maximum=0.95)
+    dropout: Optional[float] = option(
+        None, minimum=0.0, maximum=0.95,
+        help="before the classifier (transformer, gpt: in the blocks too); null: 0.1 (resnet on sequences: 0.3)")
     word_dropout: float = option(
         0.1, minimum=0.0, maximum=0.9,
         help="text classifiers: fraction of the real tokens replaced by the out-of-vocabulary id in training")
@@ -218,6 +221,12 @@ class ModelConfig:
     def __post_init__(self):
         if self.family is None:
             object.__setattr__(self, "family", family_config_class(self.name)())
+
+    @property
+    def dropout_rate(self) -> float:
+        """`model.dropout`, null as DEFAULT_DROPOUT (a family whose default depends on the data, the
+        resnet's, resolves null itself)."""
+        return DEFAULT_DROPOUT if self.dropout is None else self.dropout
 
     def __getattr__(self, key: str):
         # only called when `key` is not a shared key: look in the family's own config

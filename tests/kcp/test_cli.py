@@ -126,6 +126,12 @@ def test_describe_model_shows_what_a_data_dependent_default_comes_to(capsys):
                      "--vocab-size", "50", "--num-classes", "3"])
     assert code == 0
     assert "  width: 0 (applied: 64)" in capsys.readouterr().out.split("\n")  # text: the embedding's width
+    assert cli.main(["describe-model", "--model", "resnet", "--input-shape", "40,1", "--num-classes", "3"]) == 0
+    lines = capsys.readouterr().out.split("\n")
+    assert {"  dropout: null (applied: 0.3)", "  depth: 0 (applied: 8)", "  kernel_size: null (applied: 5)"} <= set(lines)
+    assert cli.main(["describe-model", "--model", "resnet", "--set", "model.dropout=0.2", "--input-shape", "40,1",
+                     "--num-classes", "3"]) == 0
+    assert "  dropout: 0.2" in capsys.readouterr().out.split("\n")  # set: shown as set
 
 
 def test_a_key_of_another_family_exits_2_naming_the_family(capsys):

@@ -138,8 +138,8 @@ def test_resnet_on_text_is_as_wide_as_the_embedding_unless_told():
     config = load_config([], ["model.name=resnet", "model.depth=8", "model.dim=24"]).model
     assert build_model(SPECS["text"], config).get_layer("conv1_conv").filters == 24  # no 24 -> 16 squeeze
     assert build_model(SPECS["image"], config).get_layer("conv1_conv").filters == 16
-    assert config.family.applied(SPECS["text"]) == {"depth": 8, "width": 24}
-    assert config.family.applied(SPECS["image"]) == {"depth": 8, "width": 16}
+    assert config.family.applied(SPECS["text"]) == {"depth": 8, "width": 24, "kernel_size": 3, "dropout": 0.1}
+    assert config.family.applied(SPECS["image"]) == {"depth": 8, "width": 16, "kernel_size": 3, "dropout": 0.1}
     told = load_config([], ["model.name=resnet", "model.depth=8", "model.width=8"]).model
     assert build_model(SPECS["text"], told).get_layer("conv1_conv").filters == 8
     # images larger than 16x16 start twice as wide (wide ResNets); up to 16x16 and sequences at 16
@@ -147,7 +147,7 @@ def test_resnet_on_text_is_as_wide_as_the_embedding_unless_told():
         spec = ModelInputs("image", shape, 10)
         assert config.family.applied(spec)["width"] == width, shape
     assert build_model(ModelInputs("image", (32, 32, 3), 10), config).get_layer("conv1_conv").filters == 32
-    assert config.family.applied(SPECS["sequence"]) == {"depth": 8, "width": 16}
+    assert config.family.applied(SPECS["sequence"]) == {"depth": 8, "width": 16, "kernel_size": 5, "dropout": 0.3}
     assert build_model(ModelInputs("image", (32, 32, 3), 10), told).get_layer("conv1_conv").filters == 8
 
 
@@ -355,6 +355,26 @@ def test_sequences_get_wider_kernels_and_a_shallower_resnet_by_default():
                        ).name == "resnet20_v1"
     with pytest.raises(ConfigError, match="model.depth: 9 is not a ResNet depth"):
         load_config([], ["model.name=resnet", "model.depth=9"])
+
+    # the resnet on sequences: 5-wide convolutions (stem and blocks) and 0.3 dropout before the classifier
+    assert resnet.dropout is None and resnet.kernel_size is None
+    assert sequence_net.get_layer("conv1_conv").kernel.shape == (5, 3, 16)
+    assert sequence_net.get_layer("conv4_block1_2_conv").kernel.shape == (5, 64, 64)
+    assert sequence_net.get_layer("conv4_block1_0_conv").kernel.shape == (1, 32, 64)  # the projection stays 1-wide
+    assert sequence_net.get_layer("head_dropout").rate == 0.3
+    image_net = build_model(SPECS["image"], resnet)
+    assert image_net.get_layer("conv2_block1_1_conv").kernel.shape[:2] == (3, 3)
+    assert image_net.get_layer("head_dropout").rate == 0.1
+    assert resnet.family.applied(SPECS["sequence"]) == {"depth": 8, "width": 16, "kernel_size": 5, "dropout": 0.3}
+    assert resnet.family.applied(SPECS["image"]) == {"depth": 20, "width": 16, "kernel_size": 3, "dropout": 0.1}
+    set_keys = load_config([], ["model.name=resnet", "model.kernel_size=3", "model.dropout=0.2"]).model
+    set_net = build_model(SPECS["sequence"], set_keys)
+    assert set_net.get_layer("conv1_conv").kernel.shape == (3, 3, 16)
+    assert set_net.get_layer("head_dropout").rate == 0.2
+    assert build_model(SPECS["sequence"], load_config([], ["model.name=cnn"]).model).get_layer(
+        "head_dropout").rate == 0.1  # null is 0.1 for every other family
+    with pytest.raises(ConfigError, match="model.kernel_size: 5 applies to CIFAR-style depths"):
+        load_config([], ["model.name=resnet", "model.depth=50", "model.kernel_size=5"])
 
 
 def test_cnn_blocks_follow_the_image_size_by_default(capsys):

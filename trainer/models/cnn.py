@@ -124,5 +124,5 @@ def build(spec: ModelInputs, config: ModelConfig):
             spatial //= 2
     global_pool = keras.layers.GlobalAveragePooling2D if rank == 2 else keras.layers.GlobalAveragePooling1D
     pooled = with_char_ngrams(global_pool(name="avg_pool")(x), inputs, spec, config)
-    outputs = classifier_head(pooled, spec.num_classes, config.dropout)
+    outputs = classifier_head(pooled, spec.num_classes, config.dropout_rate)
     return keras.Model(inputs, outputs, name=f"cnn{rank}d")

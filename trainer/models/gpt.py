@@ -145,9 +145,9 @@ def build(spec: ModelInputs, config: ModelConfig):
                               name="token_embedding")
     x = embedding(tokens)  # (batch, time, dim)
     x = PositionEmbedding(context, embeddings_initializer=embedding_initializer, name="position_embedding")(x)
-    x = keras.layers.Dropout(config.dropout, name="embedding_dropout")(x)
+    x = keras.layers.Dropout(config.dropout_rate, name="embedding_dropout")(x)
     for index in range(1, config.layers + 1):
-        x = DecoderBlock(config.dim, config.heads, config.mlp_ratio * config.dim, dropout=config.dropout,
+        x = DecoderBlock(config.dim, config.heads, config.mlp_ratio * config.dim, dropout=config.dropout_rate,
                          kernel_initializer=kernel_initializer, projection_initializer=projection_initializer,
                          name=f"block{index}")(x)
     x = keras.layers.LayerNormalization(epsilon=LAYER_NORM_EPSILON, name="final_norm")(x)

@@ -122,5 +122,5 @@ def build(spec: ModelInputs, config: ModelConfig):
                             bidirectional=config.bidirectional, initializer=initializer, name=f"rnn{index}")
     if pool:
         x = masked_time_pool(x, padding, config.pooling)  # (batch, features) or (batch, 2 * features)
-    outputs = classifier_head(with_char_ngrams(x, inputs, spec, config), spec.num_classes, config.dropout)
+    outputs = classifier_head(with_char_ngrams(x, inputs, spec, config), spec.num_classes, config.dropout_rate)
     return keras.Model(inputs, outputs, name=f"{config.cell}{config.layers}")

@@ -164,9 +164,9 @@ def build(spec: ModelInputs, config: ModelConfig):
     if padding is not None:
         tokens = x.shape[1]
         attention_mask = ops.repeat(ops.expand_dims(padding, 1), tokens, axis=1)  # (batch, query, key)
-    x = keras.layers.Dropout(config.dropout, name="token_dropout")(x)
+    x = keras.layers.Dropout(config.dropout_rate, name="token_dropout")(x)
     for index in range(1, config.layers + 1):
-        x = encoder_block(x, heads=config.heads, dim=config.dim, mlp_dim=config.mlp_dim, dropout=config.dropout,
+        x = encoder_block(x, heads=config.heads, dim=config.dim, mlp_dim=config.mlp_dim, dropout=config.dropout_rate,
                           initializer=initializer, attention_mask=attention_mask, name=f"block{index}")
     x = keras.layers.LayerNormalization(epsilon=1e-6, name="final_norm")(x)
     if config.pooling == "cls":
@@ -175,7 +175,7 @@ def build(spec: ModelInputs, config: ModelConfig):
         pooled = MaskedAveragePooling(name="avg_pool")([x, padding])  # finite when a row has no token
     else:
         pooled = keras.layers.GlobalAveragePooling1D(name="avg_pool")(x)
-    outputs = classifier_head(with_char_ngrams(pooled, inputs, spec, config), spec.num_classes, config.dropout)
+    outputs = classifier_head(with_char_ngrams(pooled, inputs, spec, config), spec.num_classes, config.dropout_rate)
     return keras.Model(inputs, outputs, name="transformer")
 
 
