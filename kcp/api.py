@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import html
 import json
 import os
@@ -179,7 +180,10 @@ def predict(run_dir: str, input: str, output: str, version: int | None = None, *
         raise UserError(f"predict: {run_dir} holds a language model, which generates rather than classifies; "
                         f"use `kcp generate --run-dir {run_dir} --prompt TEXT` or the export's generate and score "
                         "signatures")
-    plan = plan_source(input, config.data, labels=False)  # no labels needed: a bare table, npz x or image folder
+    data = config.data  # the run's data.limit (a quick trial's) does not cap what is predicted; --set can
+    if not any(str(item).startswith("data.limit=") for item in overrides):
+        data = dataclasses.replace(data, limit=0)
+    plan = plan_source(input, data, labels=False)  # no labels needed: a bare table, npz x or image folder
     if plan.modality != contract.modality:
         raise UserError(f"--input: {input} holds {plan.modality}, the model takes {contract.modality}")
     directory = RunLayout(run_dir).version_dir(config.export.name, version)

@@ -56,14 +56,22 @@ def check_finite(name: str, array: np.ndarray, what: str) -> None:
 
 def cast_finite(name: str, array: np.ndarray, dtype) -> np.ndarray:
     """`array` as `dtype`; a RequestError naming the instance when it holds NaN or an infinity, or a
-    finite value that the cast would make infinite (1e39 as float32)."""
+    value that the cast would make infinite (1e39 as float32) or wrap (3000000000 as int32)."""
     check_finite(name, array, "input")
+    target = np.dtype(dtype)
+    if target.kind in "iu" and array.size and array.dtype.kind in "iuf":
+        info = np.iinfo(target)
+        outside = (array < info.min) | (array > info.max)
+        if outside.any():
+            what = f"instance {int(np.argmax(outside.reshape(len(array), -1).any(axis=1)))} holds a value" \
+                if array.ndim else f"{array.item()!r} is"
+            raise RequestError(f"input {name!r}: {what} beyond {target.name}'s range ({info.min}..{info.max})")
     with np.errstate(over="ignore"):
         cast = array.astype(dtype)
     where = _first_not_finite(cast)
     if where:
-        raise RequestError(f"input {name!r}: {where} holds a value beyond {np.dtype(dtype).name}'s range "
-                           f"(±{float(np.finfo(dtype).max):.7g})")
+        what = f"{where} holds a value" if array.ndim else f"{array.item()!r} is"
+        raise RequestError(f"input {name!r}: {what} beyond {target.name}'s range (±{float(np.finfo(target).max):.7g})")
     return cast
 
 

@@ -177,6 +177,13 @@ def test_bad_generate_settings_get_one_line_errors(language_run, served, capsys)
     status, body = rest(url, {"signature_name": "generate",
                               "instances": [{"prompts": "a", "seed": 0, **SETTINGS, "max_new_tokens": 0}]})
     assert status == 400 and "max_new_tokens must be at least 1" in body["error"]
+    status, body = rest(url, {"signature_name": "generate",  # would wrap to -1294967296 as int32
+                              "instances": [{"prompts": "a", "seed": 0, **SETTINGS, "max_new_tokens": 3000000000}]})
+    assert (status, body) == (400, {"error": "input 'max_new_tokens': 3000000000 is beyond int32's range "
+                                             "(-2147483648..2147483647)"})
+    status, body = rest(url, {"signature_name": "generate",
+                              "instances": [{"prompts": "a", "seed": 0, **SETTINGS, "temperature": 1e39}]})
+    assert (status, body) == (400, {"error": "input 'temperature': 1e+39 is beyond float32's range (±3.402823e+38)"})
     status, body = rest(url, {"signature_name": "generate", "instances": [
         {"prompts": "a", "seed": 0, **SETTINGS}, {"prompts": "b", "seed": 1, **SETTINGS}]})
     assert status == 400 and "'seed' is a scalar of the signature" in body["error"]

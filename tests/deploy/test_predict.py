@@ -4,6 +4,7 @@ batch prediction of inputs without labels (an npz of x alone, a folder without c
 import base64
 import json
 import math
+import shutil
 import threading
 
 import grpc
@@ -170,6 +171,19 @@ def test_predict_takes_an_npz_without_y_and_names_values_beyond_float32(sequence
     assert [bare[key]["probability"] for key in sorted(bare)] == pytest.approx(served.max(axis=1), abs=1e-5)
     reason = "sequence value 1e+39 at [5, 1] is outside float32's range (±3.402823e+38)"
     assert dead_letters(tmp_path / "labelled") == dead_letters(tmp_path / "bare") == {"all/0000002": reason}
+
+    # a test split alone, x_test, from a run whose config.yaml caps quick trials (data.limit: 2): that
+    # cap is the run's preprocessing's, not the prediction's, so all six rows are read
+    limited = shutil.copytree(run_dir, tmp_path / "limited_run")
+    recorded = (limited / "config.yaml").read_text()
+    assert "  limit: 0\n" in recorded
+    (limited / "config.yaml").write_text(recorded.replace("  limit: 0\n", "  limit: 2\n"))
+    np.savez(tmp_path / "test_only.npz", x_test=rows)
+    code, output = predict(str(limited), f"npz:{tmp_path / 'test_only.npz'}", tmp_path / "test_only", capsys)
+    assert code == 0 and "[predict] predicted 5, failed 1 ->" in output, output
+    test_only = predictions(tmp_path / "test_only")
+    assert {key.replace("test/", "all/"): line["class_id"] for key, line in test_only.items()} == \
+        {key: line["class_id"] for key, line in bare.items()}
 
 
 def test_predict_takes_a_folder_of_images_without_class_folders(digits_run, tmp_path, capsys):

@@ -52,8 +52,8 @@ def default_depth(spec: ModelInputs) -> int:
 
 
 def default_kernel_and_dropout(spec: ModelInputs) -> tuple[int, float]:
-    """`model.kernel_size: null` and `model.dropout: null` of a CIFAR-style net: 5 and 0.3 for
-    sequences, 3 and 0.1 (`DEFAULT_DROPOUT`) for images and text.
+    """`model.kernel_size: null` (CIFAR-style nets) and `model.dropout: null`: 5 and 0.3 for sequences,
+    3 and 0.1 (`DEFAULT_DROPOUT`) for images and text.
 
     As the cnn's (`default_kernel_size`), and as time-series ResNets (Wang et al. 2017: 8, 5, 3),
     ResNet-8 on sequences sees more steps with 5-wide convolutions; alone they overfit the 6 local
@@ -115,9 +115,9 @@ class ResNetConfig:
         """The keys whose default depends on the data, as `build` applies them to `spec`; `dropout` is
         what the shared `model.dropout: null` comes to."""
         depth = self.depth or default_depth(spec)
-        if resnet_style(depth) != "cifar":
-            return {"depth": depth, "width": self.width or 64, "dropout": DEFAULT_DROPOUT}
         kernel, dropout = default_kernel_and_dropout(spec)
+        if resnet_style(depth) != "cifar":
+            return {"depth": depth, "width": self.width or 64, "dropout": dropout}
         return {"depth": depth, "width": self.width or default_cifar_width(spec, self.dim),
                 "kernel_size": self.kernel_size or kernel, "dropout": dropout}
 
@@ -219,10 +219,10 @@ def build(spec: ModelInputs, config: ModelConfig):
         x = token_embedding(x, spec, config.dim, mask_zero=False, dropout=config.embedding_dropout,
                             word_dropout=config.word_dropout)
 
+    kernel, dropout = default_kernel_and_dropout(spec)
     if style == "cifar":
         width = config.width or default_cifar_width(spec, config.dim)
         blocks = (depth - 2) // 6
-        kernel, dropout = default_kernel_and_dropout(spec)
         kernel = config.kernel_size or kernel
         x = layers.conv(x, width, kernel, name="conv1_conv")
         if not preact:
@@ -231,7 +231,7 @@ def build(spec: ModelInputs, config: ModelConfig):
             x = stack(layers, x, basic_block, width * multiplier, blocks, 1 if stage == 0 else 2,
                       preact=preact, name=f"conv{stage + 2}", kernel=kernel)
     else:
-        width, dropout = config.width or 64, DEFAULT_DROPOUT
+        width = config.width or 64
         stage_blocks, bottleneck = IMAGENET_STAGES[depth]
         padding = keras.layers.ZeroPadding2D if rank == 2 else keras.layers.ZeroPadding1D
         pool = keras.layers.MaxPooling2D if rank == 2 else keras.layers.MaxPooling1D

@@ -8,12 +8,12 @@ so a file is one read task; keys are row numbers, as before. Bytes that are not 
 that row a dead letter, not the file an error.
 
 An unclosed quote would make Python's csv module read every line up to the next quote as one
-field, swallowing the rows in it. A quoted field that spans lines is taken for one when it
-breaks RFC 4180 (the file ends inside it, or its closing quote is followed by something other
-than a comma or a line end), or when every line inside it reads as a row of this table whose
-label is one the file already used. That row becomes one dead letter naming the file and the
-line where the quote opens, and the lines after that line are read again as rows, so nothing
-else is lost. A split column takes the split names of folders and npz arrays (SPLIT_NAMES:
+field, swallowing the rows in it. A quoted field is taken for one when it breaks RFC 4180: the
+file ends inside it, or its closing quote is followed by something other than a comma or a line
+end. That row becomes one dead letter naming the file and the line where the quote opens, and
+the lines after that line are read again as rows, so nothing else is lost. A runaway that a
+later quote closes as RFC 4180 allows (`12",a`) is valid CSV, and read as such: no rule on the
+lines inside it can tell it from a quoted paragraph without misreading some real paragraphs. A split column takes the split names of folders and npz arrays (SPLIT_NAMES:
 `val` and `valid` are validation), in any case and with surrounding blanks.
 """
 
@@ -36,7 +36,6 @@ from kcp.core.sources.base import (BadInput, SourceError, SourcePlan, SourceReco
 HEAD_BYTES = 1 << 20  # what the driver reads: the CSV header or the first JSONL lines
 FIELD_LIMIT = 2**31 - 1  # Python's csv module refuses fields over 131,072 characters by default
 UTF8_HINT = "not UTF-8 text (save the file as UTF-8; Latin-1 or Windows-1252 bytes are not read)"
-LABELS_KEPT = 10_000  # distinct labels a CSV reader remembers to recognise rows swallowed by an unclosed quote
 _FIELD_END = re.compile(r"[,\r\n]")
 
 
@@ -94,7 +93,7 @@ def _multiline_quoted_fields(raw: str):
                     break
                 search = close + 2
             inside = raw[position:size if close < 0 else close]
-            if "\n" in inside or "\r" in inside:
+            if close < 0 or "\n" in inside or "\r" in inside:
                 yield position, (None if close < 0 else close), ("" if close < 0 else raw[close + 1:close + 2])
             if close < 0:
                 return
@@ -105,17 +104,11 @@ def _multiline_quoted_fields(raw: str):
         position = end.end()
 
 
-def _reads_as_row(line: str, columns: int, label: int, labels: set) -> bool:
-    fields = next(csv.reader([line]), [])
-    return len(fields) == columns and fields[label].strip() in labels
-
-
-def _unclosed_quote(lines: list[str], first_line: int, columns: int = 0, label: Optional[int] = None,
-                    labels: frozenset | set = frozenset()) -> Optional[tuple[int, str]]:
+def _unclosed_quote(lines: list[str], first_line: int) -> Optional[tuple[int, str]]:
     """(index in `lines` of the line where an unclosed quote opens, what shows it) when the row that
-    these raw lines make (its first on line `first_line` of the file) holds a quoted field that ran
-    away with the lines after it, else None. Without a label column (`label` None) only a field
-    that breaks RFC 4180 counts: any line of free text may read as a row of one column."""
+    these raw lines make (its first on line `first_line` of the file) holds a quoted field that
+    breaks RFC 4180 (the file ends inside it, or its closing quote is followed by something other
+    than a comma or a line end), else None."""
     raw = "".join(lines)
     ends = list(itertools.accumulate(map(len, lines)))
     for start, close, after in _multiline_quoted_fields(raw):
@@ -126,12 +119,6 @@ def _unclosed_quote(lines: list[str], first_line: int, columns: int = 0, label: 
         if after not in (",", "\r", "\n", ""):
             return opened, (f"runs to line {first_line + closed}, where its closing quote is followed by {after!r}, "
                             "not a comma or a line end")
-        inside = lines[opened + 1:closed]
-        if label is not None and columns >= 2 and inside and \
-                all(_reads_as_row(line, columns, label, labels) for line in inside):
-            inner = "the line inside it reads as a row" if len(inside) == 1 else \
-                f"all {len(inside)} lines inside it read as rows"
-            return opened, f"runs to line {first_line + closed} and {inner} of this table"
     return None
 
 
@@ -238,9 +225,7 @@ def _read_csv(path: str, stream, options: dict):
     header = next(reader, None)
     if not header:
         return
-    columns, limit = len(header), options["limit"]
-    label = header.index(options["label"]) if options["label"] in header else None
-    labels, number = set(), 0
+    limit, number = options["limit"], 0
     while True:
         lines.row = []
         first_line = lines.number + 1
@@ -255,15 +240,16 @@ def _read_csv(path: str, stream, options: dict):
         number += 1
         if limit and number > limit:
             return
-        unclosed = _unclosed_quote(lines.row, first_line, columns, label, labels) if len(lines.row) > 1 else None
+        # a row of one line holds an unclosed quote only at the end of the file
+        unclosed = _unclosed_quote(lines.row, first_line) if len(lines.row) > 1 or '"' in lines.row[0] else None
         if unclosed:
             opened, why = unclosed
             again = lines.row[opened + 1:]
+            told = "" if not again else "; the line after it is read as a row" if len(again) == 1 else \
+                f"; the {len(again)} lines after it are read as rows"
             yield SourceRecord(f"row/{number:08d}", None, "", None,
                                f"row {number}: unclosed quote: {path} line {first_line + opened}: the quoted field "
-                               f"that starts there {why}; "
-                               + ("the line after it is read as a row" if len(again) == 1 else
-                                  f"the {len(again)} lines after it are read as rows"))
+                               f"that starts there {why}{told}")
             lines.again(again)
             reader = csv.reader(lines)
             continue
@@ -272,8 +258,6 @@ def _read_csv(path: str, stream, options: dict):
         row = dict(zip(header, fields))
         for name in header[len(fields):]:
             row[name] = None
-        if label is not None and label < len(fields) and fields[label].strip() and len(labels) < LABELS_KEPT:
-            labels.add(fields[label].strip())  # not "": a line of text that ends in a comma reads as no label
         yield _record(number, row, options, f"row {number}")
 
 
