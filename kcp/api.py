@@ -37,7 +37,7 @@ from kcp.core import contract as contract_lib
 from kcp.core import storage
 from kcp.core.cluster import is_cluster_helper
 from kcp.core.config import Config
-from kcp.core.config_load import record_config, resolve_config
+from kcp.core.config_load import override_list, record_config, resolve_config
 from kcp.core.contract import GENERATE_DEFAULTS, DataContract
 from kcp.core.errors import UserError
 from kcp.core.layout import RunLayout, new_run_dir, newest_run
@@ -181,7 +181,7 @@ def predict(run_dir: str, input: str, output: str, version: int | None = None, *
                         f"use `kcp generate --run-dir {run_dir} --prompt TEXT` or the export's generate and score "
                         "signatures")
     data = config.data  # the run's data.limit (a quick trial's) does not cap what is predicted; --set can
-    if not any(str(item).startswith("data.limit=") for item in overrides):
+    if not any(item.startswith("data.limit=") for item in override_list(overrides)):
         data = dataclasses.replace(data, limit=0)
     plan = plan_source(input, data, labels=False)  # no labels needed: a bare table, npz x or image folder
     if plan.modality != contract.modality:
@@ -210,7 +210,7 @@ def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8501, **options):
     return make_server(run_dir, host, port, **options)
 
 
-def generate(run_dir: str, prompt: str, *, max_new_tokens: int = GENERATE_DEFAULTS["max_new_tokens"],
+def generate(run_dir: str, prompt: str, *, max_new_tokens: int | None = None,
              temperature: float = GENERATE_DEFAULTS["temperature"], top_k: int = GENERATE_DEFAULTS["top_k"],
              top_p: float = GENERATE_DEFAULTS["top_p"], seed: int = GENERATE_DEFAULTS["seed"]) -> str:
     """The completion of `prompt` by the run's language model (RUN/train/model.keras).
@@ -218,7 +218,8 @@ def generate(run_dir: str, prompt: str, *, max_new_tokens: int = GENERATE_DEFAUL
     It runs the export's own `generate` function (deploy/language.py `language_functions`), built
     on model.keras: the same seed gives the text the served `generate` signature answers. The
     prompt starts a document; the completion ends at the end of one or after `max_new_tokens`
-    tokens. temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off."""
+    tokens (None: 64, or the context less one where that is shorter). temperature 0 is greedy;
+    top_k 0 and top_p 1 switch those filters off."""
     import keras
 
     from deploy.language import complete_prompt
@@ -229,10 +230,24 @@ def generate(run_dir: str, prompt: str, *, max_new_tokens: int = GENERATE_DEFAUL
         raise UserError(f"generate: {run_dir} holds {contract.modality} data; generation needs a language model "
                         "(kcp run --model gpt)")
     context = int(contract.statistics["context_length"])
-    checks = [("max_new_tokens", max_new_tokens, 1 <= max_new_tokens < context,
+    if max_new_tokens is None:
+        max_new_tokens = min(GENERATE_DEFAULTS["max_new_tokens"], context - 1)
+    if not isinstance(prompt, str):
+        raise UserError(f"prompt: expected a string, got {type(prompt).__name__}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError("prompt: not UTF-8 text (it holds bytes that are not UTF-8)") from None
+
+    def number(value, kind) -> bool:
+        return isinstance(value, kind) and not isinstance(value, bool)
+
+    checks = [("max_new_tokens", max_new_tokens, number(max_new_tokens, int) and 1 <= max_new_tokens < context,
                f"an integer from 1 to {context - 1} (the context is {context})"),
-              ("temperature", temperature, temperature >= 0, "0 (greedy) or more"),
-              ("top_k", top_k, top_k >= 0, "0 (off) or more"), ("top_p", top_p, 0 < top_p <= 1, "above 0 and at most 1")]
+              ("temperature", temperature, number(temperature, (int, float)) and temperature >= 0, "0 (greedy) or more"),
+              ("top_k", top_k, number(top_k, int) and top_k >= 0, "an integer, 0 (off) or more"),
+              ("top_p", top_p, number(top_p, (int, float)) and 0 < top_p <= 1, "above 0 and at most 1"),
+              ("seed", seed, number(seed, int), "an integer")]
     for name, value, valid, allowed in checks:
         if not valid:
             raise UserError(f"{name}: {value!r} must be {allowed}")

@@ -254,6 +254,10 @@ def language_contract(plan: SourcePlan, config: Config, summary: dict, data_dir:
                                                     file_pattern=shard_pattern(split, groups[split], data.compression))
         for name in SPLIT_STATISTICS:
             per_split[name][split] = sum(shard[name] for shard in shards)
+    if not split_infos["train"].count:
+        raise UserError(f"data.source: {plan.uri} gave the train split no text to learn from (read "
+                        f"{sum(info.count for info in split_infos.values())} windows in all, "
+                        f"{summary['dead_letters']} dead letters): are its files empty?")
     vocabulary = summary.get("vocabulary", []) if data.tokenizer in ("characters", "bpe") else None
     if data.tokenizer == "bpe":
         if not vocabulary:

@@ -83,3 +83,9 @@ def main(argv: list[str] | None = None, *, lenient: bool = False) -> int:
             message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             print(f"kcp {args.command}: error: {message}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:  # Ctrl-C: one line, not the traceback of wherever the work was
+            if args.verbose:
+                traceback.print_exc()
+            print(f"kcp {args.command}: interrupted; run the same command again (train and tune resume from their "
+                  "last checkpoint)", file=sys.stderr)
+            return 130

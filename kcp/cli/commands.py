@@ -244,7 +244,10 @@ def generate(args, run_dir: str, config, beam_args: list[str]) -> int:
     if args.prompt_file is not None:
         if not storage.exists(args.prompt_file):
             raise UserError(f"--prompt-file: {args.prompt_file} not found")
-        prompt = storage.read_text(args.prompt_file)
+        try:
+            prompt = storage.read_text(args.prompt_file)
+        except UnicodeDecodeError:
+            raise UserError(f"--prompt-file: {args.prompt_file} is not UTF-8 text") from None
     else:
         prompt = args.prompt
     completion = api.generate(run_dir, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -61,8 +61,9 @@ DESCRIBE = [
 GENERATE = [
     (("--prompt",), dict(help="the start of the text to complete (a new document)")),
     (("--prompt-file",), dict(metavar="PATH", help="read the prompt from a file (local or gs://) instead")),
-    (("--max-new-tokens",), dict(type=int, default=64, help="tokens to add at most (default 64; the completion "
-                                                            "also ends where the model ends the document)")),
+    (("--max-new-tokens",), dict(type=int, default=None, help="tokens to add at most (default 64, or the context less "
+                                                              "one where that is shorter; the completion also ends "
+                                                              "where the model ends the document)")),
     (("--temperature",), dict(type=float, default=0.8, help="0: greedy; higher: more random (default 0.8)")),
     (("--top-k",), dict(type=int, default=0, help="sample among the k most likely tokens (default 0: all)")),
     (("--top-p",), dict(type=float, default=1.0, help="nucleus sampling: the most likely tokens up to this "
@@ -85,7 +86,7 @@ COMMANDS = {
         "Read a source with Apache Beam, split, analyze, and write TFRecords + RUN/data/metadata.json.",
         ("kcp preprocess --source digits --run-dir runs/digits",
          "kcp preprocess --run-dir runs/digits --set data.num_shards=4 -- --direct_num_workers=2"),
-        (*SOURCE,), runs_beam=True),
+        (*SOURCE, *MODEL), runs_beam=True),
     "train": Command(
         "Train a model on RUN/data and write RUN/train/ (model.keras, metrics.json, history.json).",
         ("kcp train --run-dir runs/digits --set train.epochs=10 --set train.optimizer=momentum",),

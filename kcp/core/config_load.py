@@ -11,6 +11,8 @@ applied defaults spelled out, so a later stage on the same run reads what this o
 
 from __future__ import annotations
 
+import json
+
 from kcp.core import storage
 from kcp.core.config import (DEFAULT_LANGUAGE_SOURCE, MODEL_FAMILIES, Config, ModelConfig, is_language_source)
 from kcp.core.layout import RunLayout
@@ -81,6 +83,16 @@ def drop_keys(values: dict, keys: dict) -> dict:
             for section, content in values.items()}
 
 
+def override_list(overrides) -> list[str]:
+    """`overrides` as "section.key=value" strings: a list or tuple of them as it is, one string as a
+    list of one, a mapping {"train.epochs": 5} as "train.epochs=5" each (values as YAML reads JSON)."""
+    if isinstance(overrides, str):
+        return [overrides]
+    if isinstance(overrides, dict):
+        return [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+    return list(overrides)
+
+
 def resolve_config(run_dir: str | None, config_file: str | None = None, source: str | None = None,
                    model: str | None = None, overrides=()) -> Config:
     """What a command runs with: defaults <- RUN/config.yaml <- `config_file` <- `source`/`model`
@@ -93,7 +105,7 @@ def resolve_config(run_dir: str | None, config_file: str | None = None, source: 
         layers.append({"data": {"source": source}})
     if model:
         layers.append({"model": {"name": model}})
-    return load_config(layers, list(overrides), base=recorded)
+    return load_config(layers, override_list(overrides), base=recorded)
 
 
 def record_config(run_dir: str, config: Config) -> None:

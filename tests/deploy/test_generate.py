@@ -191,6 +191,22 @@ def test_bad_generate_settings_get_one_line_errors(language_run, served, capsys)
     assert cli.main(["generate", "--run-dir", language_run, "--prompt", "a", "--max-new-tokens", "40"]) == 2
     assert capsys.readouterr().err.strip() == \
         "kcp generate: error: max_new_tokens: 40 must be an integer from 1 to 31 (the context is 32)"
+    # no --max-new-tokens on a context of 32: 31 at most, not the 64 the user never asked for
+    assert cli.main(["generate", "--run-dir", language_run, "--prompt", "a", "--temperature", "0"]) == 0
+    assert cli.main(["generate", "--run-dir", language_run, "--prompt", "a", "--temperature", "-1"]) == 2
+    assert capsys.readouterr().err.strip().endswith("temperature: -1.0 must be 0 (greedy) or more")
+    latin = os.path.join(os.path.dirname(language_run), "latin1-prompt.txt")
+    with open(latin, "wb") as handle:
+        handle.write("café".encode("latin-1"))
+    assert cli.main(["generate", "--run-dir", language_run, "--prompt-file", latin]) == 2
+    assert capsys.readouterr().err.strip() == f"kcp generate: error: --prompt-file: {latin} is not UTF-8 text"
+    assert cli.main(["generate", "--run-dir", language_run, "--prompt", b"\xff".decode("utf-8", "surrogateescape")]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "kcp generate: error: prompt: not UTF-8 text (it holds bytes that are not UTF-8)"
+    from kcp import api
+    from kcp.core.errors import UserError
+    with pytest.raises(UserError, match=r"^max_new_tokens: 5.5 must be an integer from 1 to 31 \(the context is 32\)$"):
+        api.generate(language_run, "a", max_new_tokens=5.5)
 
 
 @pytest.fixture(scope="module")

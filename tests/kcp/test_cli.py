@@ -153,10 +153,35 @@ def test_stages_that_only_read_leave_the_recorded_config_alone(digits_run):
 
 def test_import_kcp_is_light_and_its_api_loads_on_first_use():
     script = ("import sys, kcp; heavy = [m for m in ('tensorflow', 'keras', 'apache_beam') if m in sys.modules]; "
-              "print(heavy, kcp.Run.__module__, 'Run' in dir(kcp))")
+              "print(heavy, kcp.Run.__module__, 'Run' in dir(kcp)); "
+              "print(sorted(set(kcp.api.__all__) - {name for name in dir(kcp) if callable(getattr(kcp, name))}))")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split("\n")[0] == "[] kcp.api True"
+    assert result.stdout.split("\n")[:2] == ["[] kcp.api True", "[]"]  # every API name, kcp.generate among them
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    from kcp.cli import commands
+
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(commands.HANDLERS, "report", interrupted)
+    assert cli.main(["report", "--run-dir", str(tmp_path)]) == 130
+    assert capsys.readouterr().err.splitlines() == [
+        "kcp report: interrupted; run the same command again (train and tune resume from their last checkpoint)"]
+
+
+def test_the_api_takes_overrides_as_a_list_a_string_or_a_mapping():
+    from kcp.core.config_load import override_list, resolve_config
+
+    assert override_list("train.epochs=3") == ["train.epochs=3"]
+    assert override_list({"train.epochs": 3, "train.optimizer": "sgd", "model.dropout": None}) == [
+        "train.epochs=3", 'train.optimizer="sgd"', "model.dropout=null"]
+    for overrides in (["train.epochs=3"], ("train.epochs=3",), "train.epochs=3", {"train.epochs": 3}):
+        assert resolve_config(None, overrides=overrides).train.epochs == 3
+    config = resolve_config(None, overrides={"train.optimizer": "sgd", "model.dropout": 0.2})
+    assert (config.train.optimizer, config.model.dropout) == ("sgd", 0.2)
 
 
 def test_routine_native_lines_are_dropped_and_everything_else_kept(capfd):

@@ -329,6 +329,19 @@ def test_bpe_needs_room_for_merges_and_language_data(corpus, tmp_path):
         load_config([], ["data.source=digits", "data.tokenizer=bpe"])
 
 
+def test_a_corpus_of_empty_files_stops_preprocessing_by_name(tmp_path):
+    """Nothing to learn from is a one-line error at preprocessing, not a traceback at training,
+    and no metadata.json says the data is ready."""
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    (folder / "a.txt").write_text("")
+    (folder / "b.txt").write_text("")
+    with pytest.raises(Exception, match=rf"^data.source: text:{folder} gave the train split no text to learn from "
+                                        r"\(read 0 windows in all, 0 dead letters\): are its files empty\?$"):
+        preprocess(str(folder), str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "data" / "metadata.json").exists()
+
+
 def test_bpe_in_graph_ids_equal_the_pipeline_s_on_random_text():
     """keras_hub's graph split and kcp/core/bpe.py's mirror of it, on strings of the characters
     where they could part: ASCII and unicode whitespace runs, contractions, digits, marks, NUL,

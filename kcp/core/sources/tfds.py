@@ -13,10 +13,9 @@ import numpy as np
 
 from kcp.core.config import DataConfig
 from kcp.core.contract import FeatureSpec
+from kcp.core.layout import SPLIT_NAMES  # TFDS split names -> ours, for builders read whole (no SPLIT in the URI)
 from kcp.core.sources.base import SourceError, SourcePlan, SourceRecord, ranges
 
-# TFDS split names -> ours, for builders read whole (no SPLIT in the URI)
-SPLIT_NAMES = {"train": "train", "validation": "validation", "valid": "validation", "test": "test"}
 TASK_ROWS = 100_000
 
 
