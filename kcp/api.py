@@ -111,6 +111,7 @@ def train(run_dir: str, model: str | None = None, *, config_file: str | None = N
     """Trains on RUN/data and writes RUN/train/."""
     with locked(run_dir, "train"):
         config = resolve_config(run_dir, config_file, model=model, overrides=overrides)
+        contract_lib.read_contract(run_dir)  # no data: one line, and no config.yaml recorded for a run that is not
         record_config(run_dir, config)
         from trainer.train import train as train_model
 
@@ -134,6 +135,7 @@ def tune(run_dir: str, model: str | None = None, *, config_file: str | None = No
 
     with locked(run_dir, "tune"):
         config = resolve_config(run_dir, config_file, model=model, overrides=overrides)
+        contract_lib.read_contract(run_dir)  # as train
         record_config(run_dir, config)
         summary = run_search(config, run_dir)
         role = os.environ.get("KERASTUNER_TUNER_ID", "")
@@ -273,6 +275,12 @@ class Run:
     """One run directory and the stages on it; each method is the function of the same name."""
 
     run_dir: str = field(default_factory=new_run_dir)
+
+    def __post_init__(self):
+        if not isinstance(self.run_dir, (str, os.PathLike)):
+            raise UserError(f"Run: run_dir must be a path (str), got {type(self.run_dir).__name__}; "
+                            "Run() makes a new one under runs/")
+        self.run_dir = os.fspath(self.run_dir)
 
     @property
     def layout(self) -> RunLayout:

@@ -137,6 +137,8 @@ class RunLayout:
             raise UserError(f"{root}: no exported version; run `kcp export --run-dir {self.root}` first")
         if version is None:
             version = versions[-1]
+        elif isinstance(version, bool) or not isinstance(version, int):
+            raise UserError(f"--version: expected an integer version, got {version!r}")
         elif version not in versions:
             raise UserError(f"--version: {version} is not exported under {root} "
                             f"(it has {', '.join(map(str, versions))})")

@@ -172,6 +172,22 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
         "kcp report: interrupted; run the same command again (train and tune resume from their last checkpoint)"]
 
 
+def test_api_misuse_is_one_clear_error_and_writes_nothing(digits_run, tmp_path):
+    from kcp import api
+    from kcp.core.errors import UserError
+    from kcp.core.layout import RunLayout
+
+    with pytest.raises(UserError, match=r"^Run: run_dir must be a path \(str\), got NoneType"):
+        api.Run(None)
+    assert api.Run(tmp_path / "as_path").run_dir == str(tmp_path / "as_path")  # a pathlib.Path is fine
+    missing = tmp_path / "never_preprocessed"
+    with pytest.raises(UserError, match=r"data/metadata.json: not found; run `kcp preprocess --run-dir "):
+        api.train(str(missing), "cnn")
+    assert not (missing / "config.yaml").exists()  # nothing recorded for a run that has no data
+    with pytest.raises(UserError, match=r"^--version: expected an integer version, got '1'$"):
+        RunLayout(digits_run).version_dir("model", "1")
+
+
 def test_the_api_takes_overrides_as_a_list_a_string_or_a_mapping():
     from kcp.core.config_load import override_list, resolve_config
 
