@@ -167,8 +167,7 @@ def export_for_serving(config: Config, run_dir: str, generate_tokens=None) -> st
     layout = RunLayout(run_dir)
     contract = contract_lib.read_contract(run_dir)
     model_path = layout.model
-    if not storage.exists(model_path):
-        raise UserError(f"{model_path}: not found; run `kcp train --run-dir {run_dir}` first")
+    _check_finished(layout, run_dir)
     fingerprint = _check_fingerprint(layout, run_dir)
     if contract.modality == "language" and generate_tokens is None:
         raise UserError("export: a language model's export needs the gpt sampler; export it with `kcp export` "
@@ -214,6 +213,20 @@ def trained_cache_weights(layout: RunLayout) -> tuple:
     """The document-cache weights the trainer fitted (metrics.json), or none for a run without them."""
     metrics = json.loads(storage.read_text(layout.metrics)) if storage.exists(layout.metrics) else {}
     return document_cache.trained_weights(metrics)
+
+
+def _check_finished(layout: RunLayout, run_dir: str) -> None:
+    """Refuses a RUN/train/ whose last training did not finish. The trainer removes the previous
+    model.keras and metrics.json before it fits and writes metrics.json last, so a finished model
+    is model.keras with metrics.json beside it; a training killed after its first epoch leaves
+    neither (beside its history.json), or, killed inside the save, model.keras alone."""
+    model, metrics = storage.exists(layout.model), storage.exists(layout.metrics)
+    if model and metrics:
+        return
+    if not model and not storage.exists(layout.history):  # no training ever got past its first epoch
+        raise UserError(f"{layout.model}: not found; run `kcp train --run-dir {run_dir}` first")
+    raise UserError(f"{layout.train} holds no finished model: the last kcp train did not finish; rerun it "
+                    f"(`kcp train --run-dir {run_dir}` with the same settings) to resume it")
 
 
 def _check_fingerprint(layout: RunLayout, run_dir: str) -> dict:

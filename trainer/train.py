@@ -223,6 +223,8 @@ class Trainer:
             callbacks.append(self.samples_callback(paths))
         log.info("train: %s on %d replica(s), global batch %d, %d steps per epoch", self.config.model.name,
                  self.replicas, self.global_batch, self.steps)
+        if paths.chief:
+            discard_results(paths)
         history = self.fit(model, callbacks)
         results = self.evaluate(model)
         history_path = storage.join(paths.outputs, "history.json")
@@ -288,6 +290,18 @@ class Trainer:
 
 
 SAMPLE_TOKENS = 64  # per epoch: about 0.1-0.3 s with the cache on 2 CPU cores for the default model
+
+
+def discard_results(paths: TrainPaths) -> None:
+    """Removes the previous training's metrics.json, model.keras and confusion_matrix.json before
+    this one fits: from here on RUN/train/ holds this training's history.json (and RUN/config.yaml
+    its config), so a kill before `save_results` must not leave the old model looking like this
+    training's finished result (`kcp export` would export it silently). Readers then find no
+    finished model and say so; the rerun resumes from the preemption backup and writes them anew.
+    Done on every start, a resume included: what is there then is at best the same weights that the
+    resumed run saves again (a kill after model.keras), or an older training's results."""
+    for name in ("metrics.json", "model.keras", "confusion_matrix.json"):  # metrics first, as save_results does
+        storage.remove(storage.join(paths.outputs, name))
 
 
 def train(config: Config, run_dir: str) -> dict:

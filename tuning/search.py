@@ -62,24 +62,38 @@ FINGERPRINT = "fingerprint.json"  # RUN/tuning/: what the search (and its oracle
 RESUMABLE = ("max_trials", "retrain_best", "chief_timeout")  # tune keys a resumed search may change
 
 
-def search_fingerprint(config: Config, run_dir: str) -> dict:
+def search_fingerprint(config: Config, run_dir: str, space: dict | None = None) -> dict:
     """What the tuner's oracle depends on: the data contract, the model and train sections (the
-    fixed keys of every trial) and the search settings; `tune.max_trials` may grow on a resume."""
+    fixed keys of every trial) and the search settings; `tune.max_trials` may grow on a resume.
+
+    The keys of the search space are left out of the model and train sections: the search sets
+    them in every trial, so their base values are not part of what it was made for. They change
+    when `kcp train --config RUN/tuning/best_config.yaml` records the best values in
+    RUN/config.yaml, and the same tune command run again must resume that search, not refuse it."""
     plain = config.to_dict()
-    return {"contract_sha256": storage.sha256(RunLayout(run_dir).metadata), "model": plain["model"],
-            "train": plain["train"], "tune": {k: v for k, v in plain["tune"].items() if k not in RESUMABLE}}
+    tuned = set(search_space(config) if space is None else space)
+    fixed = {section: {key: value for key, value in plain[section].items() if f"{section}.{key}" not in tuned}
+             for section in ("model", "train")}
+    return {"contract_sha256": storage.sha256(RunLayout(run_dir).metadata), **fixed,
+            "tune": {k: v for k, v in plain["tune"].items() if k not in RESUMABLE}}
 
 
-def check_fingerprint(config: Config, run_dir: str) -> None:
+def check_fingerprint(config: Config, run_dir: str, space: dict | None = None) -> None:
     """Records the search's fingerprint in a new RUN/tuning/, or refuses (one line) to resume a
     search that was made for another model, search space, training setup or data contract: its
-    oracle's trials and best_hparams.json would describe something else."""
+    oracle's trials and best_hparams.json would describe something else. A fingerprint recorded
+    with the tuned keys in it (before they were left out) is compared without them."""
     layout = RunLayout(run_dir)
     path = storage.join(layout.tuning, FINGERPRINT)
-    text = json.dumps(search_fingerprint(config, run_dir), indent=2, sort_keys=True, default=str) + "\n"
+    space = search_space(config) if space is None else space
+    text = json.dumps(search_fingerprint(config, run_dir, space), indent=2, sort_keys=True, default=str) + "\n"
     wanted = json.loads(text)
     if storage.exists(path):
         found = json.loads(storage.read_text(path))
+        for key in space:
+            section, _, name = key.partition(".")
+            if isinstance(found.get(section), dict):
+                found[section].pop(name, None)
         if found != wanted:
             changed = [("data contract" if key == "contract_sha256" else f"{key} section")
                        for key in ("contract_sha256", "model", "train", "tune") if found.get(key) != wanted[key]]
@@ -102,7 +116,7 @@ def run_search(config: Config, run_dir: str) -> dict:
         watch_chief(os.environ["KERASTUNER_ORACLE_IP"], int(os.environ["KERASTUNER_ORACLE_PORT"]),
                     config.tune.chief_timeout)
     if not worker:
-        check_fingerprint(config, run_dir)
+        check_fingerprint(config, run_dir, space)
     tuner = make_tuner(config, TrainerHyperModel(config, run_dir, space), directory)
     tuner.search(epochs=config.train.epochs, verbose=0)
     if worker:  # a worker holds only a client of the chief's oracle: the chief writes the results

@@ -252,6 +252,51 @@ def test_the_preemption_backup_survives_until_model_and_metrics_are_written(digi
     assert not os.path.exists(backup)  # removed only once the results are saved
 
 
+def test_an_interrupted_retrain_leaves_no_model_that_looks_finished(digits_data, tmp_path, monkeypatch):
+    """A second train with another learning rate, interrupted after its first epoch: RUN/train/ held its
+    history.json and RUN/config.yaml its config beside the first train's model.keras and metrics.json,
+    and `kcp export` exported that old model. Now export refuses by name; the rerun resumes and finishes."""
+    from trainer import train as train_lib
+
+    run_dir = fresh_run(digits_data, tmp_path)
+    layout = RunLayout(run_dir)
+    small = ["train.epochs=2", "model.filters=[8]", "train.cache=false"]
+    first = api.train(run_dir, "cnn", overrides=small)
+    retrain = [*small, "train.learning_rate=0.01"]
+
+    real_fit = train_lib.Trainer.fit
+
+    def interrupt(epoch, logs):
+        raise KeyboardInterrupt("SIGINT after the first epoch")
+
+    monkeypatch.setattr(train_lib.Trainer, "fit", lambda self, model, callbacks=(), **kw: real_fit(
+        self, model, [*callbacks, keras.callbacks.LambdaCallback(on_epoch_end=interrupt)], **kw))
+    with pytest.raises(KeyboardInterrupt):
+        api.train(run_dir, overrides=retrain)
+    monkeypatch.undo()
+    assert len(json.loads(storage.read_text(layout.history))["loss"]) == 1  # the new training's history
+    assert not storage.exists(layout.model) and not storage.exists(layout.metrics)
+    with pytest.raises(UserError, match=r"train holds no finished model: the last kcp train did not finish; "
+                                        r"rerun it") as error:
+        api.export(run_dir)
+    assert "\n" not in str(error.value) and layout.train in str(error.value)
+    assert not export_versions(layout.export_root("model"))
+
+    epochs = []
+    monkeypatch.setattr(train_lib.Trainer, "fit", lambda self, model, callbacks=(), **kw: real_fit(
+        self, model, [*callbacks, keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: epochs.append(e))],
+        **kw))
+    second = api.train(run_dir, overrides=retrain)
+    monkeypatch.undo()
+    assert epochs == [1]  # the same unfinished training: resumed after its first epoch
+    assert second.metrics["epochs"] == 2 and second.metrics["weights_sha256"] != first.metrics["weights_sha256"]
+    version = api.export(run_dir)
+    from deploy.export import FINGERPRINT
+
+    exported = json.loads(storage.read_text(os.path.join(version, "assets.extra", FINGERPRINT)))
+    assert exported["weights_sha256"] == second.metrics["weights_sha256"]  # the retrained model, not the old one
+
+
 # --- export: version numbers, order of files, warmup -----------------------------------------
 
 def _fake_version(directory, complete=True):

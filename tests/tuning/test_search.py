@@ -247,3 +247,38 @@ def test_an_interrupted_keras_tuner_state_write_keeps_the_previous_state(tmp_pat
 def test_trials_csv_leaves_figures_empty_for_a_trial_whose_process_died_before_writing_them():
     assert figures(None) == ["", ""]
     assert figures({"seconds": 12.34, "rss_mb": 810.6}) == ["12.3", "811"]
+
+
+def tune_command(run_dir, model, *overrides):
+    command = ["tune", "--run-dir", run_dir, "--model", model]
+    for override in ("tune.algorithm=random", "tune.max_trials=2", "train.epochs=1", "tune.retrain_best=false",
+                     *overrides):
+        command += ["--set", override]
+    return command
+
+
+def test_the_same_tune_resumes_after_training_its_best_config(digits_data, tmp_path, capsys):
+    """docs/tuning.md's sequence: tune, `kcp train --config RUN/tuning/best_config.yaml` (which records
+    the best values in RUN/config.yaml), then the same tune command again: it resumes the finished
+    search instead of refusing it; a search with other fixed keys or another model is still refused."""
+    from kcp import cli
+    from kcp.core.config import read_yaml_file
+
+    run_dir = fresh_run(digits_data, tmp_path)
+    tune = tune_command(run_dir, "cnn", "model.filters=[8]")
+    assert cli.main(tune) == 0
+    tuning = os.path.join(run_dir, "tuning")
+    trials = read_trials(run_dir)
+    assert cli.main(["train", "--run-dir", run_dir, "--config", os.path.join(tuning, "best_config.yaml")]) == 0
+    best = json.load(open(os.path.join(tuning, "best_hparams.json")))["hyperparameters"]
+    recorded = read_yaml_file(os.path.join(run_dir, "config.yaml"))
+    assert recorded["train"]["learning_rate"] == best["train.learning_rate"]  # the train step changed config.yaml
+    assert best["train.learning_rate"] != load_config().train.learning_rate
+    capsys.readouterr()
+    assert cli.main(tune) == 0, capsys.readouterr().err
+    assert read_trials(run_dir) == trials  # the search was complete: nothing run again
+    for other in (tune_command(run_dir, "cnn", "model.filters=[16]"), tune_command(run_dir, "resnet")):
+        capsys.readouterr()  # another fixed key; another model family
+        assert cli.main(other) != 0
+        error = capsys.readouterr().err
+        assert "holds a search made for another model section" in error and f"delete {tuning}" in error
