@@ -255,9 +255,13 @@ def language_contract(plan: SourcePlan, config: Config, summary: dict, data_dir:
         for name in SPLIT_STATISTICS:
             per_split[name][split] = sum(shard[name] for shard in shards)
     if not split_infos["train"].count:
-        raise UserError(f"data.source: {plan.uri} gave the train split no text to learn from (read "
-                        f"{sum(info.count for info in split_infos.values())} windows in all, "
-                        f"{summary['dead_letters']} dead letters): are its files empty?")
+        windows = sum(info.count for info in split_infos.values())
+        if not windows:
+            raise UserError(f"data.source: {plan.uri} gave the train split no text to learn from (read 0 windows in "
+                            f"all, {summary['dead_letters']} dead letters): are its files empty?")
+        raise UserError(f"data.source: {plan.uri} gave the train split no text to learn from: its {windows} windows "
+                        f"are all in the other splits, which take whole documents (data.split "
+                        f"{list(data.split)}); add documents, or set data.split=[1.0,0.0,0.0]")
     vocabulary = summary.get("vocabulary", []) if data.tokenizer in ("characters", "bpe") else None
     if data.tokenizer == "bpe":
         if not vocabulary:

@@ -25,6 +25,15 @@ def figures(measured: dict | None) -> list[str]:
     return [f"{measured['seconds']:.1f}", f"{measured['rss_mb']:.0f}"]
 
 
+def best_trials(trials, direction: str) -> list:
+    """The completed trials with a score, best first; equal scores in trial order (the lowest id
+    first). Keras Tuner's `get_best_trials` keeps ties in the order its oracle holds its trials,
+    which a resumed search reloads in another order: best_config.yaml then named another trial."""
+    scored = [t for t in trials if t.status == "COMPLETED" and t.score is not None]
+    sign = -1 if direction == "max" else 1
+    return sorted(scored, key=lambda t: (sign * t.score, t.trial_id))
+
+
 def write_results(tuner, config: Config, run_dir: str, space: dict) -> dict:
     """trials.csv, best_hparams.json, best_config.yaml and trials.png under RUN/tuning/."""
     layout = RunLayout(run_dir)
@@ -42,7 +51,7 @@ def write_results(tuner, config: Config, run_dir: str, space: dict) -> dict:
                          *figures(stats.get(trial.trial_id))])
     storage.write_text_atomic(storage.join(directory, "trials.csv"), buffer.getvalue())
 
-    best = tuner.oracle.get_best_trials(1)
+    best = best_trials(trials, config.tune.direction)[:1]
     result = {"trials": len(trials), "completed": sum(1 for t in trials if t.status == "COMPLETED")}
     if best:
         values = {k: native(best[0].hyperparameters.values[k], space[k]) for k in keys

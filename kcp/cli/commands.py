@@ -57,9 +57,11 @@ def _train(args, run_dir: str, config) -> dict:
     metrics = api.train(run_dir, args.model, **config_inputs(args)).metrics
     test = metrics.get("test", {})
     if "bits_per_byte" in test or "tokens_per_second" in metrics:
-        say(f"[train] test {test.get('bits_per_byte', float('nan')):.4f} bits per byte (perplexity "
-            f"{test.get('perplexity', float('nan')):.2f} per token), {metrics['tokens_per_second']:.0f} tokens/s, "
-            f"{metrics['wall_seconds']:.1f} s -> {run_dir}/train")
+        perplexity = test.get("perplexity", float("nan"))
+        figure = (f"test {test['bits_per_byte']:.4f} bits per byte (perplexity {perplexity:.2f} per token)"
+                  if "bits_per_byte" in test else "no test figure: the test split got no documents (add documents)")
+        say(f"[train] {figure}, {metrics['tokens_per_second']:.0f} tokens/s, {metrics['wall_seconds']:.1f} s "
+            f"-> {run_dir}/train")
         cache = document_cache_figures(metrics)
         if cache:
             say(f"[train] test documents {cache}")

@@ -184,3 +184,22 @@ def test_report_shows_bits_per_byte_samples_attention_and_the_few_shot_prompt(la
 
     attention = np.asarray(Image.open(os.path.join(report_dir, "attention.png")).convert("L"), np.float32)
     assert attention.std() > 5
+
+
+def test_a_one_document_corpus_says_its_test_split_is_empty_not_nan(tmp_path, capsys):
+    """One document is all in one split (the split is by document): the run trains and says it has
+    no test figure, rather than printing `test nan bits per byte`."""
+    corpus = tmp_path / "one.txt"
+    corpus.write_text("".join(f"def g{j}(x):\n    return x + {j}\n\n" for j in range(30)))
+    overrides = [part for key in [*TINY_GPT, "train.epochs=1"] for part in ("--set", key)]
+    capsys.readouterr()
+    command = ["run", "--run-dir", str(tmp_path / "run"), "--source", f"text:{corpus}", "--model", "gpt", *overrides]
+    assert cli.main([*command, "--", *IN_PROCESS_BEAM]) == 2  # this one document's key hashes to another split
+    assert capsys.readouterr().err.strip().endswith(
+        "gave the train split no text to learn from: its 28 windows are all in the other splits, which take whole "
+        "documents (data.split [0.8, 0.1, 0.1]); add documents, or set data.split=[1.0,0.0,0.0]")
+    assert cli.main([*command, "--set", "data.split=[1.0,0.0,0.0]", "--", *IN_PROCESS_BEAM]) == 0
+    out = capsys.readouterr().out
+    assert "nan" not in out
+    assert "[train] no test figure: the test split got no documents (add documents)" in out
+    assert "reloaded  the test split is empty: not validated" in out

@@ -282,3 +282,18 @@ def test_the_same_tune_resumes_after_training_its_best_config(digits_data, tmp_p
         assert cli.main(other) != 0
         error = capsys.readouterr().err
         assert "holds a search made for another model section" in error and f"delete {tuning}" in error
+
+
+def test_equal_scores_name_the_lowest_trial_whatever_order_the_oracle_holds():
+    """A resumed search reloads its trials in another order; the best of equal scores stays the first."""
+    from types import SimpleNamespace
+
+    from tuning.results import best_trials
+
+    def trial(trial_id, score, status="COMPLETED"):
+        return SimpleNamespace(trial_id=trial_id, score=score, status=status)
+
+    held = [trial("02", 0.9), trial("00", 0.9), trial("03", 0.95, "RUNNING"), trial("01", 0.8), trial("04", None)]
+    for order in (held, held[::-1]):
+        assert [t.trial_id for t in best_trials(order, "max")] == ["00", "02", "01"]
+        assert [t.trial_id for t in best_trials(order, "min")] == ["01", "00", "02"]
