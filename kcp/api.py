@@ -103,8 +103,8 @@ def preprocess(run_dir: str, source: str | None = None, *, model: str | None = N
     `model` is the family the data is for (gpt: a language source by default)."""
     with locked(run_dir, "preprocess"):
         config = resolve_config(run_dir, config_file, source=source, model=model, overrides=overrides)
-        record_config(run_dir, config)
-        return run_preprocess(config, run_dir, list(beam_args), report=progress)
+        return run_preprocess(config, run_dir, list(beam_args), report=progress,
+                              planned=lambda: record_config(run_dir, config))  # a bad source records nothing
 
 
 def train(run_dir: str, model: str | None = None, *, config_file: str | None = None, overrides=()) -> TrainResult:

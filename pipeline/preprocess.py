@@ -235,8 +235,12 @@ def pipeline_options(plan: SourcePlan, beam_args) -> PipelineOptions:
     return PipelineOptions(local_runner_defaults(list(beam_args), plan.estimated_count))
 
 
-def run_preprocess(config: Config, run_dir: str, beam_args: list[str] = (), report=None) -> contract_lib.DataContract:
+def run_preprocess(config: Config, run_dir: str, beam_args: list[str] = (), report=None,
+                   planned=None) -> contract_lib.DataContract:
     """Runs the Beam pipeline and writes `RUN/data/metadata.json` last. Returns the contract.
+
+    `planned()` is called once the source is planned, before anything in RUN/data is touched
+    (kcp.api records RUN/config.yaml there: a source that cannot be read records nothing).
 
     `report(line)` receives a line per stage. Fails (UserError) without writing the contract
     when more than `data.max_bad_fraction` of the inputs could not be read. A language source
@@ -245,6 +249,8 @@ def run_preprocess(config: Config, run_dir: str, beam_args: list[str] = (), repo
     """
     report = report or (lambda line: log.info("%s", line))
     plan = plan_source(config.data.source, config.data)
+    if planned:
+        planned()
     language = plan.modality == "language"
     shape = "x".join(map(str, plan.input_spec.shape)) or "string"
     exact = plan.kind not in ("csv", "jsonl")

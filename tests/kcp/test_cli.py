@@ -184,6 +184,9 @@ def test_api_misuse_is_one_clear_error_and_writes_nothing(digits_run, tmp_path):
     with pytest.raises(UserError, match=r"data/metadata.json: not found; run `kcp preprocess --run-dir "):
         api.train(str(missing), "cnn")
     assert not (missing / "config.yaml").exists()  # nothing recorded for a run that has no data
+    with pytest.raises(UserError, match=r"nofile.npz"):
+        api.preprocess(str(missing), "npz:nofile.npz")
+    assert not (missing / "config.yaml").exists()  # nor for a source that cannot be read
     with pytest.raises(UserError, match=r"^--version: expected an integer version, got '1'$"):
         RunLayout(digits_run).version_dir("model", "1")
 
