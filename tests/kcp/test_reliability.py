@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import keras
 import numpy as np
@@ -106,6 +107,27 @@ def test_a_lock_left_by_a_dead_process_on_this_host_is_taken_over(tmp_path):
             pass
         assert storage.exists(lock_lib.lock_path(run_dir))
     assert not storage.exists(lock_lib.lock_path(run_dir))
+
+
+def test_a_lock_left_by_a_killed_process_not_yet_reaped_is_taken_over(tmp_path):
+    """A kcp killed by SIGKILL stays a zombie until its parent (a shell, a scheduler) reaps it:
+    its pid still answers kill(pid, 0), but it holds nothing, so the rerun need not wait."""
+    run_dir = str(tmp_path / "run")
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        killed.kill()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # not reaped: wait until the kernel marks it a zombie
+            with open(f"/proc/{killed.pid}/stat", "rb") as handle:
+                if handle.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    break
+            time.sleep(0.05)
+        os.kill(killed.pid, 0)  # the pid still exists
+        _holder(run_dir, killed.pid)
+        with lock_lib.run_lock(run_dir, "train"):
+            assert json.loads(storage.read_text(lock_lib.lock_path(run_dir)))["pid"] == os.getpid()
+    finally:
+        killed.wait()
 
 
 def test_a_lock_from_another_host_is_never_broken(tmp_path):
