@@ -386,7 +386,8 @@ def test_warmup_requests_zero_writes_no_warmup_file(digits_run, tmp_path):
     run_dir = str(tmp_path / "run")
     os.makedirs(os.path.join(run_dir, "train"))
     os.symlink(os.path.join(digits_run, "data"), os.path.join(run_dir, "data"))
-    shutil.copy(os.path.join(digits_run, "train", "model.keras"), os.path.join(run_dir, "train", "model.keras"))
+    for name in ("model.keras", "metrics.json"):  # a finished training: the model with its metrics
+        shutil.copy(os.path.join(digits_run, "train", name), os.path.join(run_dir, "train", name))
     none = export_for_serving(load_config([], ["export.warmup_requests=0"]), run_dir)
     assert not os.path.exists(os.path.join(none, "assets.extra", "tf_serving_warmup_requests"))
     three = export_for_serving(load_config([], ["export.warmup_requests=3"]), run_dir)
