@@ -38,20 +38,24 @@ def error_message(error: Exception, limit: int = 500) -> str:
     return cause[:limit]
 
 
-def _first_not_finite(array: np.ndarray) -> str | None:
-    """'instance I' (the first row holding NaN or an infinity), 'its value' (a scalar), or None."""
-    if array.dtype.kind != "f" or np.all(np.isfinite(array)):
-        return None
-    rows = ~np.isfinite(array.reshape(len(array), -1)).all(axis=1) if array.ndim else np.array([True])
-    return f"instance {int(np.argmax(rows))}" if array.ndim else "its value"
+def _first_instance(bad: np.ndarray) -> str:
+    """'instance I', the first row (instance) where the boolean mask `bad` holds True; 'its value'
+    for a scalar."""
+    return f"instance {int(np.argmax(bad.reshape(len(bad), -1).any(axis=1)))}" if bad.ndim else "its value"
+
+
+def _not_finite(array: np.ndarray) -> np.ndarray | None:
+    """The mask of NaN and infinities in a float array; None when there is none."""
+    bad = ~np.isfinite(array) if array.dtype.kind == "f" else None
+    return bad if bad is not None and bad.any() else None
 
 
 def check_finite(name: str, array: np.ndarray, what: str) -> None:
     """RequestError naming the first instance (row) of `array` that holds NaN or an infinity:
     TF Serving's JSON would carry them as bare NaN, which is not JSON."""
-    where = _first_not_finite(array)
-    if where:
-        raise RequestError(f"{what} {name!r}: {where} holds NaN or infinite values")
+    bad = _not_finite(array)
+    if bad is not None:
+        raise RequestError(f"{what} {name!r}: {_first_instance(bad)} holds NaN or infinite values")
 
 
 def cast_finite(name: str, array: np.ndarray, dtype) -> np.ndarray:
@@ -59,19 +63,21 @@ def cast_finite(name: str, array: np.ndarray, dtype) -> np.ndarray:
     value that the cast would make infinite (1e39 as float32) or wrap (3000000000 as int32)."""
     check_finite(name, array, "input")
     target = np.dtype(dtype)
+
+    def refuse_beyond(bad: np.ndarray, allowed: str):
+        what = f"{_first_instance(bad)} holds a value" if array.ndim else f"{array.item()!r} is"
+        raise RequestError(f"input {name!r}: {what} beyond {target.name}'s range ({allowed})")
+
     if target.kind in "iu" and array.size and array.dtype.kind in "iuf":
         info = np.iinfo(target)
         outside = (array < info.min) | (array > info.max)
         if outside.any():
-            what = f"instance {int(np.argmax(outside.reshape(len(array), -1).any(axis=1)))} holds a value" \
-                if array.ndim else f"{array.item()!r} is"
-            raise RequestError(f"input {name!r}: {what} beyond {target.name}'s range ({info.min}..{info.max})")
+            refuse_beyond(outside, f"{info.min}..{info.max}")
     with np.errstate(over="ignore"):
         cast = array.astype(dtype)
-    where = _first_not_finite(cast)
-    if where:
-        what = f"{where} holds a value" if array.ndim else f"{array.item()!r} is"
-        raise RequestError(f"input {name!r}: {what} beyond {target.name}'s range (±{float(np.finfo(target).max):.7g})")
+    bad = _not_finite(cast)  # finite before, infinite after: beyond a float type's range
+    if bad is not None:
+        refuse_beyond(bad, f"±{float(np.finfo(target).max):.7g}")
     return cast
 
 

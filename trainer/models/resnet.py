@@ -25,6 +25,7 @@ from typing import ClassVar, Optional
 
 from kcp.core.config import DEFAULT_DROPOUT, ConfigError, ModelConfig, model_family, option
 from trainer.models.char_ngrams import with_char_ngrams
+from trainer.models.cnn import default_kernel_size  # one rule for both families' sequence kernels
 from trainer.models.common import (ModelInputs, batch_norm, classifier_head, initializer_for, model_input,
                                    token_embedding)
 
@@ -55,13 +56,13 @@ def default_kernel_and_dropout(spec: ModelInputs) -> tuple[int, float]:
     """`model.kernel_size: null` (CIFAR-style nets) and `model.dropout: null`: 5 and 0.3 for sequences,
     3 and 0.1 (`DEFAULT_DROPOUT`) for images and text.
 
-    As the cnn's (`default_kernel_size`), and as time-series ResNets (Wang et al. 2017: 8, 5, 3),
+    The kernel is the cnn's (`default_kernel_size`); as there, and as time-series ResNets (Wang et al. 2017: 8, 5, 3),
     ResNet-8 on sequences sees more steps with 5-wide convolutions; alone they overfit the 6 local
     patterns (train 1.000), and with 0.3 dropout before the classifier they do not. On the two
     generated sequence sets of docs/performance.md (round 11; seeds 0-4, JAX on 2 cores, kcp's
     training defaults), mean test accuracy: waves 0.907 -> 0.927, patterns 0.879 -> 0.873;
     validation 0.908 -> 0.936 and 0.876 -> 0.875."""
-    return (5, SEQUENCE_DROPOUT) if spec.modality == "sequence" else (3, DEFAULT_DROPOUT)
+    return default_kernel_size(spec), SEQUENCE_DROPOUT if spec.modality == "sequence" else DEFAULT_DROPOUT
 
 
 def default_cifar_width(spec: ModelInputs, dim: int) -> int:

@@ -77,10 +77,10 @@ def _parts(path: str, arrays: dict, labels: bool = True) -> dict:
             if split in parts:
                 raise SourceError(f"{path}: both {parts[split][0]} and x_{suffix} are the {split} split; keep one")
             parts[split] = (f"x_{suffix}", f"y_{suffix}")
-        if "train" not in parts and (labels or not parts):
-            if not labels:
-                raise SourceError(f"{path}: expected an array x, or x_train, x_test, ... (no y needed to predict); "
-                                  f"found {found}")
+        if not labels and not parts:
+            raise SourceError(f"{path}: expected an array x, or x_train, x_test, ... (no y needed to predict); "
+                              f"found {found}")
+        if labels and "train" not in parts:
             raise SourceError(f"{path}: expected arrays x and y, or x_train and y_train "
                               f"(with x_test, y_test and optionally x_validation, y_validation); found {found}")
     used = {name for pair in parts.values() for name in pair}

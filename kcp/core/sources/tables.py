@@ -13,8 +13,10 @@ file ends inside it, or its closing quote is followed by something other than a 
 end. That row becomes one dead letter naming the file and the line where the quote opens, and
 the lines after that line are read again as rows, so nothing else is lost. A runaway that a
 later quote closes as RFC 4180 allows (`12",a`) is valid CSV, and read as such: no rule on the
-lines inside it can tell it from a quoted paragraph without misreading some real paragraphs. A split column takes the split names of folders and npz arrays (SPLIT_NAMES:
-`val` and `valid` are validation), in any case and with surrounding blanks.
+lines inside it can tell it from a quoted paragraph without misreading some real paragraphs.
+
+A split column takes the split names of folders and npz arrays (SPLIT_NAMES: `val` and `valid`
+are validation), in any case and with surrounding blanks.
 """
 
 from __future__ import annotations
@@ -79,7 +81,8 @@ class _Lines:
 
 def _multiline_quoted_fields(raw: str):
     """(opening quote, closing quote or None at the end of the text, the character after it) of
-    each quoted field that spans a line break in the raw text of one CSV row, found as Python's
+    each quoted field that spans a line break or runs to the end of the raw text of one CSV row
+    (an unclosed quote on the file's last line), found as Python's
     csv module (excel dialect, not strict) reads them: a quote opens a field only as its first
     character, `""` inside is a quote, and after the closing quote the field goes on, unquoted,
     to the next comma or line end."""
