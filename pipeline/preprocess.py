@@ -31,7 +31,7 @@ from pipeline.analysis import AnalyzeArrays, AnalyzeText, write_summary
 from pipeline.language import build_language_pipeline, language_contract
 from pipeline.records import ANALYZE, AUGMENTED, process_record
 from pipeline.samples import write_samples
-from pipeline.summary import contract_from_summary, counts_table
+from pipeline.summary import contract_from_summary, counts_table, empty_validation_warning
 from pipeline.shards import WriteShards, shard_count
 
 log = logging.getLogger("kcp.preprocess")
@@ -230,6 +230,33 @@ def one_class_message(plan: SourcePlan, config: Config, name: str) -> str:
     return f"{where} holds one class, {name!r}{limit}; a classifier needs at least 2 classes"
 
 
+def plan_lines(plan: SourcePlan) -> list[str]:
+    """What run_preprocess prints once the source is planned: the plan, then for a folder the files
+    skipped (not images by their extension) and a warning for images that train but cannot be
+    served as files (.webp, .tif, .tiff: the export's image_bytes input decodes PNG, JPEG, GIF, BMP)."""
+    language = plan.modality == "language"
+    shape = "x".join(map(str, plan.input_spec.shape)) or "string"
+    exact = plan.kind not in ("csv", "jsonl")
+    classes = "no classes" if language else \
+        f"{len(plan.class_names)} classes" if plan.class_names else "classes from the data"
+    splits_from = "by key hash" if plan.has_splits is False else "from the source" if plan.has_splits else \
+        "from the data"
+    lines = [f"plan: {'' if exact else 'about '}{plan.estimated_count} inputs in {len(plan.tasks)} read tasks, "
+             f"{classes}, {plan.modality} {shape}, splits {splits_from}"]
+    if plan.options.get("skipped"):
+        skipped = plan.options["skipped"]
+        what = "file, not an image by its" if skipped == 1 else "files, not images by their"
+        lines.append(f"skipped: {skipped} {what} extension (not read), "
+                     f"e.g. {', '.join(plan.options['skipped_examples'])}")
+    if plan.options.get("unserved"):
+        unserved = plan.options["unserved"]
+        lines.append(f"warning: {unserved} of the {plan.estimated_count} images read are .webp/.tif/.tiff files "
+                     f"(e.g. {', '.join(plan.options['unserved_examples'])}): they train, but the export's image_bytes "
+                     "input decodes PNG/JPEG/GIF/BMP only, so such files cannot be sent to the served model "
+                     "(convert them; serve_images takes decoded pixels)")
+    return lines
+
+
 def pipeline_options(plan: SourcePlan, beam_args) -> PipelineOptions:
     """The runner options: the user's, with the local default chosen by the planned input count."""
     return PipelineOptions(local_runner_defaults(list(beam_args), plan.estimated_count))
@@ -242,7 +269,8 @@ def run_preprocess(config: Config, run_dir: str, beam_args: list[str] = (), repo
     `planned()` is called once the source is planned, before anything in RUN/data is touched
     (kcp.api records RUN/config.yaml there: a source that cannot be read records nothing).
 
-    `report(line)` receives a line per stage. Fails (UserError) without writing the contract
+    `report(line)` receives a line per stage (and `plan_lines`' warnings, and one when the validation
+    split came out empty, `summary.empty_validation_warning`). Fails (UserError) without writing the contract
     when more than `data.max_bad_fraction` of the inputs could not be read. A language source
     (text:PATH, python-stdlib) runs pipeline/language.py's graph instead: no labels, no
     augmentation, documents packed into token blocks.
@@ -252,17 +280,8 @@ def run_preprocess(config: Config, run_dir: str, beam_args: list[str] = (), repo
     if planned:
         planned()
     language = plan.modality == "language"
-    shape = "x".join(map(str, plan.input_spec.shape)) or "string"
-    exact = plan.kind not in ("csv", "jsonl")
-    classes = "no classes" if language else \
-        f"{len(plan.class_names)} classes" if plan.class_names else "classes from the data"
-    report(f"plan: {'' if exact else 'about '}{plan.estimated_count} inputs in {len(plan.tasks)} read tasks, {classes}, "
-           f"{plan.modality} {shape}, splits "
-           f"{'by key hash' if plan.has_splits is False else 'from the source' if plan.has_splits else 'from the data'}")
-    if plan.options.get("skipped"):
-        skipped = plan.options["skipped"]
-        what = "file, not an image by its" if skipped == 1 else "files, not images by their"
-        report(f"skipped: {skipped} {what} extension (not read), e.g. {', '.join(plan.options['skipped_examples'])}")
+    for line in plan_lines(plan):
+        report(line)
     data_dir = contract_lib.data_dir(run_dir)
     storage.makedirs(data_dir)
     clear_previous_outputs(data_dir)
@@ -306,4 +325,7 @@ def run_preprocess(config: Config, run_dir: str, beam_args: list[str] = (), repo
     contract_lib.write_contract(run_dir, contract, vocabulary)
     for line in counts_table(contract, read, bad, summary["augmented"]):
         report(line)
+    warning = empty_validation_warning(contract, config)
+    if warning:
+        report(warning)
     return contract

@@ -24,6 +24,18 @@ def counts_table(contract, read: int, bad: int, augmented: int) -> list[str]:
     return [f"  {name:<{width}}  {value:>9,}" for name, value in rows]
 
 
+def empty_validation_warning(contract, config: Config) -> str | None:
+    """A warning line when the validation split came out empty (a small source, or an unlucky key
+    hash) although data.split gives it a share: the trainer then monitors its train metrics."""
+    counts = {split: info.count for split, info in contract.splits.items()}
+    if counts.get("validation", 0) or not config.data.split[1]:  # not empty, or left empty on purpose
+        return None
+    written = ", ".join(f"{split} {count}" for split, count in counts.items())
+    return (f"warning: the validation split is empty ({written} examples written, data.split "
+            f"{list(config.data.split)}): early stopping, the best checkpoint and plateau will monitor the train "
+            "metrics; set data.split to a larger validation share, or add data")
+
+
 def contract_from_summary(plan: SourcePlan, config: Config, summary: dict, data_dir: str):
     """Assembles the contract (and the vocabulary, for text) from what the pipeline measured."""
     split_infos = {}

@@ -16,6 +16,7 @@ from kcp.core.contract import FeatureSpec
 from kcp.core.sources import (BadInput, SourceError, class_names_of, decode_array, decode_record, plan_source,
                               read_task)
 from kcp.core.sources.base import label_text
+from pipeline.preprocess import plan_lines, run_preprocess
 from pipeline.samples import displayable
 from tests.conftest import IN_PROCESS_BEAM
 
@@ -93,6 +94,28 @@ def test_folders_read_val_subfolders_webp_and_tiff_and_count_what_they_skip(tmp_
     os.makedirs(root / "valid" / "a")
     with pytest.raises(SourceError, match=f"{root}/val and {root}/valid are both the validation split"):
         plan_source(f"folder:{root}")
+
+
+def test_webp_and_tiff_images_train_but_the_plan_warns_that_the_export_cannot_take_them(tmp_path):
+    """The export's image_bytes input (tf.io.decode_image) decodes PNG, JPEG, GIF and BMP only."""
+    root = tmp_path / "images"
+    for label in "ab":
+        for index in range(3):
+            image(str(root / label / f"{index}.png"), index)
+    image(str(root / "a" / "w.webp"), 30, format="WEBP", lossless=True)
+    image(str(root / "b" / "deep" / "t.TIFF"), 40, format="TIFF")
+    image(str(root / "b" / "u.tif"), 50, format="TIFF")
+    plan = plan_source(f"folder:{root}")
+    assert plan.options["unserved"] == 3 and plan.options["unserved_examples"] == ("a/w.webp", "b/deep/t.TIFF")
+    assert plan_lines(plan)[1:] == [
+        "warning: 3 of the 9 images read are .webp/.tif/.tiff files (e.g. a/w.webp, b/deep/t.TIFF): they train, but "
+        "the export's image_bytes input decodes PNG/JPEG/GIF/BMP only, so such files cannot be sent to the served "
+        "model (convert them; serve_images takes decoded pixels)"]
+    limited = plan_source(f"folder:{root}", load_config([], ["data.limit=5"]).data)  # a/0-2.png, a/w.webp, b/0.png
+    assert limited.options["unserved"] == 1 and plan_lines(limited)[1].startswith("warning: 1 of the 5 images read")
+    for path in ("a/w.webp", "b/deep/t.TIFF", "b/u.tif"):
+        os.remove(root / path)
+    assert len(plan_lines(plan_source(f"folder:{root}"))) == 1  # PNG only: the plan line, no warning
 
 
 def test_an_empty_class_folder_and_a_name_that_is_not_utf8_are_named(tmp_path):
@@ -198,6 +221,57 @@ def test_without_labels_an_npz_needs_no_y(tmp_path):
         plan_source(f"npz:{tmp_path / 'y.npz'}", labels=False)
 
 
+def test_an_npz_y_of_shape_n_1_is_read_as_n_and_only_n_c_gets_the_one_hot_hint(tmp_path):
+    """keras.datasets.cifar10 returns y as [N, 1]; argmax(axis=1) of that would make every label 0."""
+    x = np.arange(5 * 3 * 3, dtype=np.uint8).reshape(5, 3, 3)
+    np.savez(tmp_path / "col.npz", x=x, y=np.array([[3], [7], [3], [7], [7]]))
+    plan, records = records_of(f"npz:{tmp_path / 'col.npz'}")
+    assert [(r.key, r.label) for r in records] == [(f"all/{i:07d}", label) for i, label in enumerate("37377")]
+    assert problems(plan, records, ("3", "7")) == ["3", "7", "3", "7", "7"]
+    np.savez(tmp_path / "seq.npz", x_train=np.zeros((3, 4, 2), np.float32), y_train=np.array([[0.0], [1.0], [2.0]]))
+    _, records = records_of(f"npz:{tmp_path / 'seq.npz'}")
+    assert [(r.key, r.label, r.split) for r in records] == [(f"train/{i:07d}", str(i), "train") for i in range(3)]
+    np.savez(tmp_path / "hot.npz", x=x, y=np.eye(5, 2))
+    with pytest.raises(SourceError, match=r"^.*hot.npz: y has shape \[5, 2\]; expected one label per row, shape "
+                                          r"\[N\] or \[N, 1\] \(for one-hot labels save y.argmax\(axis=1\)\)$"):
+        plan_source(f"npz:{tmp_path / 'hot.npz'}")
+    np.savez(tmp_path / "cube.npz", x=x, y=np.zeros((5, 1, 1)))
+    with pytest.raises(SourceError, match=r"cube.npz: y has shape \[5, 1, 1\]; expected one label per row, shape \[N\] "
+                                          r"or \[N, 1\]$"):
+        plan_source(f"npz:{tmp_path / 'cube.npz'}")
+
+
+def test_npz_images_that_are_not_uint8_fail_at_planning_naming_the_dtype_values_and_the_fix(tmp_path):
+    """Before, every row was a dead letter and the job failed on data.max_bad_fraction."""
+    path = tmp_path / "i.npz"
+    cases = [
+        (np.arange(4 * 8 * 8, dtype=np.uint16).reshape(4, 8, 8) * 16, [],  # 12-bit images: 0..4080
+         "image x is uint16 with values 0..4080 in its first 4 rows; images are read as uint8 0..255 (every row would "
+         "be a dead letter): scale it, e.g. save (x * (255 / x.max())).round().astype('uint8')"),
+        (np.linspace(0, 1, 4 * 8 * 8 * 3, dtype=np.float32).reshape(4, 8, 8, 3), ["data.modality=image"],
+         "image x is float32 with values 0..1 in its first 4 rows; images are read as uint8 0..255 (every row would be "
+         "a dead letter): save (x * 255).round().astype('uint8')"),
+        (np.full((4, 8, 8), 200.0), ["data.modality=image"],
+         "image x is float64 with values 200..200 in its first 4 rows; images are read as uint8 0..255 (every row "
+         "would be a dead letter): save x.round().astype('uint8')"),
+        (np.full((4, 8, 8), -3, np.int16), [],
+         "image x is int16 with values -3..-3 in its first 4 rows; images are read as uint8 0..255 (every row would be "
+         "a dead letter): shift and scale it, e.g. save ((x - x.min()) * (255 / (x.max() - x.min()))).round()"
+         ".astype('uint8')"),
+        (np.zeros((4, 8, 8, 3), np.float32), [],  # float is a sequence unless told: a 4-D one is named as images
+         "sequence x must be [N, T] or [N, T, F], got [4, 8, 8, 3]; for images [N, H, W, C], save x as uint8 0..255 "
+         "(float x is read as sequences unless data.modality=image)"),
+    ]
+    for x, overrides, message in cases:
+        np.savez(path, x=x, y=np.arange(4) % 2)
+        with pytest.raises(SourceError) as raised:
+            plan_source(f"npz:{path}", load_config([], overrides).data)
+        assert str(raised.value) == f"{path}: {message}"
+    np.savez(path, x=np.full((4, 8, 8), 255, np.int64), y=np.arange(4) % 2)  # wider integers of 0..255 are read
+    plan, records = records_of(f"npz:{path}")
+    assert plan.modality == "image" and decode_record(plan, records[0], ("0", "1")).inputs.max() == 255
+
+
 @pytest.mark.parametrize("dtype", [np.int64, np.float32])
 def test_a_2d_npz_read_as_images_points_to_the_sequence_modality(tmp_path, dtype):
     path = tmp_path / "series.npz"
@@ -277,6 +351,43 @@ def test_table_labels_are_stripped_and_lists_line_breaks_and_blanks_are_dead_let
         "bad: missing label"]
 
 
+@pytest.mark.parametrize("name, content, looks", [
+    ("t.tsv", "text\tlabel\nnice\tpos\n", ("tab", "'\\t'")),
+    ("t.csv", "text;label\nnice;pos\n", ("semicolon", "';'")),
+    ("p.csv", "text|label\nnice|pos\n", ("pipe", "'|'")),
+])
+def test_a_tab_or_semicolon_separated_file_is_named_as_such(tmp_path, name, content, looks):
+    path = tmp_path / name
+    path.write_text(content)
+    header = content.split("\n")[0]
+    with pytest.raises(SourceError) as raised:
+        plan_source(f"csv:{path}")
+    assert str(raised.value) == (
+        f"data.text_column: column 'text' is not in {path} (it has {header}); the header looks {looks[0]}-separated, "
+        f"and csv: reads comma-separated files only: save it with commas, e.g. pandas.read_csv(PATH, sep={looks[1]})"
+        ".to_csv(NEW_PATH, index=False)")
+    path.write_text("review\nnice\n")  # one column, no separator in it: no hint
+    with pytest.raises(SourceError, match=r"column 'text' is not in .* \(it has review\)$"):
+        plan_source(f"csv:{path}")
+
+
+def test_csv_label_cells_name_floats_as_json_numbers_and_missing_markers_are_missing(tmp_path):
+    cells = ["1", "1.0", " 2.0 ", "0.50", "1e1", "-0.0", "007", "NA", "nan", "N/A", "null", "None", "NONE", "#N/A",
+             "<NA>", "n/a", "pos", "1.5.0", "inf"]
+    path = tmp_path / "cells.csv"
+    write_table(path, ["text", "label"], [(f"t{i}", cell) for i, cell in enumerate(cells)])
+    plan, records = records_of(f"csv:{path}")
+    assert [r.label for r in records] == ["1", "1", "2", "0.50", "10", "0", "007"] + [""] * 9 + ["pos", "1.5.0", "inf"]
+    assert problems(plan, records[7:9], ("1",)) == ["bad: missing label", "bad: missing label"]
+    assert [label_text(value, cell=True) for value in ("3.0", "  na ", "1E2", ".5", "3.10")] == [
+        "3", "", "100", ".5", "3.10"]  # whole numbers only: `3.10` is not merged with `3.1`
+    assert [label_text(value) for value in ("3.0", "NA")] == ["3.0", "NA"]  # a JSON string is kept as written
+    lines = tmp_path / "cells.jsonl"
+    lines.write_text("".join(json.dumps({"text": "t", "label": v}) + "\n" for v in (1, 1.0, "1.0", "NA", None)))
+    _, records = records_of(f"jsonl:{lines}")
+    assert [r.label for r in records] == ["1", "1", "1.0", "NA", ""]
+
+
 def test_label_text_and_class_name_order():
     assert [label_text(v) for v in (" a ", b"caf\xc3\xa9", np.int64(3), np.float32(2.0), 0.5, None)] == [
         "a", "caf\u00e9", "3", "2", "0.5", ""]
@@ -309,3 +420,26 @@ def test_a_two_channel_npz_completes_and_a_one_class_table_fails_naming_it(tmp_p
     assert (f"error: data.label_column: column 'label' of csv:{path} holds one class, 'pos'; a classifier needs "
             "at least 2 classes") in capsys.readouterr().err
     assert not (run / "data" / "metadata.json").exists()
+
+
+def test_a_table_of_1_and_1_0_labels_gives_two_classes_and_an_empty_validation_split_is_warned_about(tmp_path):
+    """12 rows split by the key hash into 10 train, 0 validation, 2 test (rows 3 and 8): `1` and `1.0`
+    are one class, and the `NA`, `nan` and `N/A` cells are missing labels, counted as dead letters."""
+    labels = ["0", "1.0", "1", "0.0", "NA", "1", "nan", "0", " 1.0 ", "0", "N/A", "1"]
+    path = tmp_path / "float_labels.csv"
+    write_table(path, ["text", "label"], [(f"review {i} {'good' if label.strip() in ('1', '1.0') else 'bad'}", label)
+                                          for i, label in enumerate(labels, start=1)])
+    lines = []
+    config = load_config([], [f"data.source=csv:{path}", "data.min_count=1", "data.max_bad_fraction=0.3"])
+    contract = run_preprocess(config, str(tmp_path / "run"), IN_PROCESS_BEAM, report=lines.append)
+    assert contract.class_names == ("0", "1") and contract.statistics["class_counts"] == {"0": 3, "1": 4}
+    assert {split: info.count for split, info in contract.splits.items()} == {"train": 7, "validation": 0, "test": 2}
+    assert contract.bad_examples == 3
+    letters = [json.loads(line) for letter in (tmp_path / "run" / "data" / "dead_letter").iterdir()
+               for line in letter.read_text().splitlines()]
+    assert sorted((letter["key"], letter["reason"]) for letter in letters) == [
+        ("row/00000005", "missing label"), ("row/00000007", "missing label"), ("row/00000011", "missing label")]
+    assert lines[-1] == ("warning: the validation split is empty (train 7, validation 0, test 2 examples written, "
+                         "data.split [0.8, 0.1, 0.1]): early stopping, the best checkpoint and plateau will monitor "
+                         "the train metrics; set data.split to a larger validation share, or add data")
+    assert sum(line.startswith("warning:") for line in lines) == 1

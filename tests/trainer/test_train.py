@@ -12,8 +12,8 @@ from kcp.core.config_load import load_config
 from kcp.core import storage
 from trainer.callbacks import AtomicBackupAndRestore, EpochHistory, learning_rate
 from tests.conftest import fresh_run
-from trainer.outputs import confusion_matrix
-from trainer.train import Trainer, make_optimizer, train
+from trainer.outputs import TrainPaths, confusion_matrix
+from trainer.train import Trainer, make_callbacks, make_optimizer, train
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero():
@@ -243,3 +243,26 @@ def test_a_nan_loss_in_kcp_run_leaves_no_model_export_or_blessing(tmp_path, caps
     leftovers = [os.path.relpath(os.path.join(root, name), run_dir) for root, _, files in os.walk(run_dir)
                  for name in files if name.endswith(".keras") or "bless" in name.lower()]
     assert leftovers == [] and not os.path.exists(os.path.join(run_dir, "export")), leftovers
+
+
+def test_without_a_validation_split_the_monitors_watch_the_train_metric_and_say_so_once(tmp_path, caplog):
+    """A split that leaves validation empty (12 examples, 10/0/2): early stopping, the best checkpoint
+    and plateau monitor `accuracy` instead of `val_accuracy`, which one warning line says."""
+    paths = TrainPaths.resolve(str(tmp_path), multi_worker=False)
+    settings = load_config([], ["train.early_stopping_patience=1", "train.schedule=plateau"]).train
+    watchers = (keras.callbacks.ModelCheckpoint, keras.callbacks.EarlyStopping, keras.callbacks.ReduceLROnPlateau)
+    with caplog.at_level("INFO", logger="kcp.train"):
+        callbacks, _ = make_callbacks(settings, paths, has_validation=False)
+    assert [c.monitor for c in callbacks if isinstance(c, watchers)] == ["accuracy"] * 3
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [(
+        "WARNING", "train: no validation split (RUN/data holds 0 validation examples; see data.split): the best "
+        "checkpoint, early stopping and plateau monitor `accuracy` on the training data instead of train.monitor "
+        "`val_accuracy`")]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="kcp.train"):
+        callbacks, _ = make_callbacks(load_config([], []).train, paths, has_validation=False)
+        assert caplog.records[-1].getMessage().startswith("train: no validation split (RUN/data holds 0 validation "
+                                                          "examples; see data.split): the best checkpoint monitor ")
+        caplog.clear()
+        callbacks, _ = make_callbacks(settings, paths, has_validation=True)
+    assert [c.monitor for c in callbacks if isinstance(c, watchers)] == ["val_accuracy"] * 3 and not caplog.records

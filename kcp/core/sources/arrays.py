@@ -96,6 +96,40 @@ def _parts(path: str, arrays: dict, labels: bool = True) -> dict:
     return {split: parts[split] for split in (None, *SPLITS) if split in parts}
 
 
+SAMPLE_BYTES = 1 << 20  # of each image x, read by the driver to name its values when they are not uint8 0..255
+
+
+def _check_image_values(path: str, x_name: str, header) -> None:
+    """A one-line SourceError, at planning, for image x that every row would fail on: a dtype that is
+    not an integer (float images), or integers outside 0..255 (16-bit images) in its first rows (at
+    most SAMPLE_BYTES). uint8 is not read; rows past the sample are still checked one by one."""
+    shape, dtype, _ = header
+    if dtype == np.uint8 or not shape[0]:
+        return
+    if dtype.kind not in "biuf":  # strings, complex numbers, dates: no image values at all
+        raise SourceError(f"{path}: image {x_name} is {dtype}; images are read as uint8 0..255 (every row would be "
+                          "a dead letter): save it as uint8")
+    row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
+    rows = max(1, min(shape[0], SAMPLE_BYTES // row_bytes))
+    sample = read_rows(path, x_name, header, 0, rows)
+    integers = np.issubdtype(dtype, np.integer)
+    if integers and (not sample.size or (sample.min() >= 0 and sample.max() <= 255)):
+        return  # e.g. int64 images of 0..255
+    finite = sample[np.isfinite(sample)] if dtype.kind == "f" else sample.astype(np.float64)
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if 0 <= low and high <= 1 and not integers:
+        fix = f"save ({x_name} * 255).round().astype('uint8')"
+    elif 0 <= low and high <= 255 and not integers:
+        fix = f"save {x_name}.round().astype('uint8')"
+    elif 0 <= low:
+        fix = f"scale it, e.g. save ({x_name} * (255 / {x_name}.max())).round().astype('uint8')"
+    else:
+        fix = (f"shift and scale it, e.g. save (({x_name} - {x_name}.min()) * (255 / ({x_name}.max() - {x_name}.min()))"
+               ").round().astype('uint8')")
+    raise SourceError(f"{path}: image {x_name} is {dtype} with values {low:g}..{high:g} in its first {rows} rows; "
+                      f"images are read as uint8 0..255 (every row would be a dead letter): {fix}")
+
+
 def plan_npz(uri: str, path: str, data: DataConfig, labels: bool = True):
     """The plan of an .npz archive; without `labels` (batch prediction) y may be missing and is not
     read or checked, so the records' labels are empty."""
@@ -107,9 +141,10 @@ def plan_npz(uri: str, path: str, data: DataConfig, labels: bool = True):
         x_shape = arrays[x_name][0]
         if labels:
             y_shape = arrays[y_name][0]
-            if len(y_shape) != 1:
+            if len(y_shape) != 1 and y_shape[1:] != (1,):  # [N, 1] (keras.datasets' cifar10) is read as [N]
+                one_hot = f" (for one-hot labels save {y_name}.argmax(axis=1))" if len(y_shape) == 2 else ""
                 raise SourceError(f"{path}: {y_name} has shape {list(y_shape)}; expected one label per row, shape "
-                                  f"[N] (for one-hot labels save {y_name}.argmax(axis=1))")
+                                  f"[N] or [N, 1]{one_hot}")
             if x_shape[0] != y_shape[0]:
                 raise SourceError(f"{path}: x{'_' + split if split else ''} has {x_shape[0]} rows but y has "
                                   f"{y_shape[0]}")
@@ -121,10 +156,14 @@ def plan_npz(uri: str, path: str, data: DataConfig, labels: bool = True):
         if ndim not in (3, 4):
             hint = "; set data.modality=sequence for series" if ndim == 2 else ""
             raise SourceError(f"{path}: image x must be [N, H, W] or [N, H, W, C], got {list(first_shape)}{hint}")
+        for x_name, _ in parts.values():
+            _check_image_values(path, x_name, arrays[x_name])
         spec = FeatureSpec("uint8", tuple(first_shape[1:]) + ((1,) if ndim == 3 else ()), "raw_bytes")
     elif modality == "sequence":
         if ndim not in (2, 3):
-            raise SourceError(f"{path}: sequence x must be [N, T] or [N, T, F], got {list(first_shape)}")
+            hint = ("; for images [N, H, W, C], save x as uint8 0..255 (float x is read as sequences unless "
+                    "data.modality=image)") if ndim == 4 and not data.modality else ""
+            raise SourceError(f"{path}: sequence x must be [N, T] or [N, T, F], got {list(first_shape)}{hint}")
         spec = FeatureSpec("float32", tuple(first_shape[1:]) + ((1,) if ndim == 2 else ()), "float_list")
     else:
         raise SourceError(f"data.modality: npz sources hold images or sequences, not {modality}")
@@ -152,7 +191,7 @@ def read_npz_task(plan: SourcePlan, task):
         for index, row in enumerate(x, start=start):
             yield SourceRecord(f"{prefix}/{index:07d}", row, "", split)
         return
-    y = read_rows(path, y_name, headers[y_name], start, stop)
+    y = read_rows(path, y_name, headers[y_name], start, stop).reshape(stop - start)  # [N, 1] is read as [N]
     for index, (row, label) in enumerate(zip(x, y), start=start):
         key = f"{prefix}/{index:07d}"
         try:

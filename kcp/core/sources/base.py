@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -73,16 +74,37 @@ def class_names_of(labels) -> tuple:
     return tuple(sorted(names))
 
 
-def label_text(value) -> str:
+# pandas' default `na_values` (pandas._libs.parsers.STR_NA_VALUES, pandas 2.x), compared here in any
+# case: a CSV label cell holding one of them is a missing label, as an empty cell is
+MISSING_MARKERS = frozenset(("#n/a", "#n/a n/a", "#na", "-1.#ind", "-1.#qnan", "-nan", "1.#ind", "1.#qnan", "<na>",
+                             "n/a", "na", "nan", "null", "none"))
+_FLOAT_TEXT = re.compile(r"[+-]?(?:\d+\.\d*|\.\d+|\d+(?=[eE]))(?:[eE][+-]?\d+)?")  # not a plain integer
+
+
+def label_text(value, cell: bool = False) -> str:
     """The class name of a raw label (a table cell, a JSON value, an array item); "" when missing.
 
     Strings lose surrounding whitespace (`"pos "` is `pos`, `" "` is missing); bytes are decoded
     as UTF-8; a float with an integral value is named as the integer (`1.0` is `1`). Raises
     BadInput for what cannot be a class: a list or an object, NaN, bytes that are not UTF-8,
     a line break (class names are written one a line in labels.txt).
+
+    A table `cell` (CSV text) is read as pandas reads a column: a missing-value marker
+    (MISSING_MARKERS, any case: `NA`, `nan`, `None`, ...) is missing, and a whole number written as
+    a float (`1.0`, `2.`, `1e3`) is named as the integer (`1`, `2`, `1000`), as a JSON number is;
+    other text is kept as written: integers (`007`) and other decimals (`0.50`, and `3.10`, which
+    a version-like label would be wrong to merge with `3.1`).
     """
     if value is None:
         return ""
+    if cell and isinstance(value, str):
+        stripped = value.strip()
+        if stripped.lower() in MISSING_MARKERS:
+            return ""
+        if _FLOAT_TEXT.fullmatch(stripped):
+            number = float(stripped)
+            if math.isfinite(number) and number.is_integer():  # `3.10` and `3.1` stay two classes
+                value = number
     if isinstance(value, bytes):
         try:
             value = value.decode("utf-8")

@@ -33,6 +33,8 @@ from kcp.core.sources.base import (BadInput, SourceError, SourcePlan, SourceReco
                                    has_surrogates, ranges)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # what Pillow reads
+# what Pillow reads here but the export's image_bytes input (tf.io.decode_image: PNG, JPEG, GIF, BMP) does not
+UNSERVED_EXTENSIONS = (".webp", ".tif", ".tiff")
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 SIXTEEN_BIT_GRAY = ("I;16", "I;16B", "I;16L", "I")  # how Pillow opens a 16-bit grayscale PNG ("I" in older Pillow)
 DIGITS_LEVELS = 16  # scikit-learn's digits hold integer intensities 0..16
@@ -265,9 +267,12 @@ def plan_folder(uri: str, root: str, data: DataConfig, labels: bool = True):
                       for folder, label, split, _ in listing)
         classes = {label for _, label, _, _ in listing}
     class_names = class_names_of(classes) if labels else ()
+    read = [path for path, _, _ in chosen] if data.limit else [path for *_, files in listing for path in files]
+    unserved = sorted(path[len(root) + 1:] for path in read if path.lower().endswith(UNSERVED_EXTENSIONS))
     plan = SourcePlan(uri, "folder", "image", "image", spec, class_names, has_splits, tasks,
                       min(count, data.limit or count),
-                      {"root": root, "skipped": len(skipped), "skipped_examples": tuple(skipped[:3])})
+                      {"root": root, "skipped": len(skipped), "skipped_examples": tuple(skipped[:3]),
+                       "unserved": len(unserved), "unserved_examples": tuple(map(_safe_key, unserved[:2]))})
     return plan
 
 

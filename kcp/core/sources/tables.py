@@ -182,6 +182,20 @@ def _head_columns(kind: str, path: str) -> tuple[list[str], int]:
     return sorted(columns), int(size / max(1, len(text)) * rows)
 
 
+DELIMITERS = {"\t": "tab", ";": "semicolon", "|": "pipe"}  # what a header of one column may hide
+
+
+def _delimiter_hint(kind: str, columns) -> str:
+    """For a CSV header read as one column that holds a tab, `;` or `|`: what it looks like, and the fix."""
+    if kind != "csv" or len(columns) != 1:
+        return ""
+    for mark, name in DELIMITERS.items():
+        if mark in columns[0]:
+            return (f"; the header looks {name}-separated, and csv: reads comma-separated files only: save it with "
+                    f"commas, e.g. pandas.read_csv(PATH, sep={mark!r}).to_csv(NEW_PATH, index=False)")
+    return ""
+
+
 def plan_table(uri: str, kind: str, path: str, data: DataConfig, labels: bool = True):
     """The plan of a CSV or JSON lines table; without `labels` (batch prediction) the label column
     may be missing and is not read, so no label makes a row a dead letter."""
@@ -192,7 +206,7 @@ def plan_table(uri: str, kind: str, path: str, data: DataConfig, labels: bool = 
         if column not in columns:
             where = path if kind == "csv" else f"the first lines of {path}"
             raise SourceError(f"{option}: column {column!r} is not in {where} "
-                              f"(it has {', '.join(columns) or 'none'})")
+                              f"(it has {', '.join(columns) or 'none'}){_delimiter_hint(kind, columns)}")
     options = {"path": path, "text": data.text_column, "label": data.label_column if labels else None,
                "split": data.split_column if kind == "jsonl" or data.split_column in columns else None,
                "limit": data.limit}
@@ -201,7 +215,9 @@ def plan_table(uri: str, kind: str, path: str, data: DataConfig, labels: bool = 
     return SourcePlan(uri, kind, "text", "text", spec, (), None, ((kind, path),), max(1, count), options)
 
 
-def _record(number: int, row, options: dict, where: str) -> SourceRecord:
+def _record(number: int, row, options: dict, where: str, cells: bool = False) -> SourceRecord:
+    """One row's record; `cells`: its values are CSV text, whose label is read as a table cell
+    (label_text: missing-value markers, numbers written as floats)."""
     key = f"row/{number:08d}"
     if not isinstance(row, dict):
         return SourceRecord(key, None, "", None, f"{where}: not a JSON object ({type(row).__name__})")
@@ -213,7 +229,7 @@ def _record(number: int, row, options: dict, where: str) -> SourceRecord:
     if any(isinstance(value, str) and has_surrogates(value) for value in (label, text)):
         return SourceRecord(key, None, "", split, f"{where}: {UTF8_HINT}")
     try:
-        label = label_text(label) if options["label"] else ""
+        label = label_text(label, cell=cells) if options["label"] else ""
     except BadInput as error:
         return SourceRecord(key, None, "", split, f"{where}: column {options['label']!r}: {error}")
     return SourceRecord(key, text, label, split)
@@ -261,7 +277,7 @@ def _read_csv(path: str, stream, options: dict):
         row = dict(zip(header, fields))
         for name in header[len(fields):]:
             row[name] = None
-        yield _record(number, row, options, f"row {number}")
+        yield _record(number, row, options, f"row {number}", cells=True)
 
 
 def read_table_task(plan: SourcePlan, task):
