@@ -81,7 +81,7 @@ def serving_functions(model, contract, vectorizer=None):
         }
 
     def from_examples(examples):
-        inputs, _, _ = example_lib.parse_examples(contract, examples)
+        inputs, _, _ = example_lib.parse_examples(contract, examples, labelled=False)  # new data: no key, no label
         return predict(inputs)
 
     functions = {"serve_examples": tf.function(

@@ -76,6 +76,7 @@ def language_functions(model, contract, encoder, decoder, generate_tokens, lengt
                                                  message=f"max_new_tokens must be at most {context - 1} (the context "
                                                          f"is {context})"),
                   tf.debugging.assert_non_negative(temperature, message="temperature must be 0 or more"),
+                  tf.debugging.assert_non_negative(top_k, message="top_k must be 0 (off) or more"),
                   tf.debugging.assert_greater(top_p, 0.0, message="top_p must be above 0")]
         with tf.control_dependencies(checks):
             chosen = tf.searchsorted(tf.constant(lengths, tf.int32), tf.reshape(max_new_tokens, [1]))[0]

@@ -108,17 +108,18 @@ def signature_for(plan: SourcePlan) -> tuple[str, str]:
 
 
 def check_input_shape(export_dir: str, plan: SourcePlan) -> None:
-    """A one-line UserError, before the job starts, when the source's arrays are not the shape the
-    model takes (a signature call would broadcast some of them into wrong predictions). Image files
-    are resized in the graph, and text has no shape."""
-    if plan.kind == "folder" or plan.modality == "text":
-        return
+    """A one-line UserError, before the job starts, when the export's saved_model.pb cannot be read,
+    or the source's arrays are not the shape the model takes (a signature call would broadcast some
+    of them into wrong predictions). Image files are resized in the graph, and text has no shape."""
     import tensorflow as tf  # the driver reads only saved_model.pb
 
     from deploy.saved_model import signature_defs
 
+    signatures = signature_defs(export_dir)
+    if plan.kind == "folder" or plan.modality == "text":
+        return
     signature, input_name = signature_for(plan)
-    model_shape = tf.TensorShape(signature_defs(export_dir)[signature].inputs[input_name].tensor_shape)
+    model_shape = tf.TensorShape(signatures[signature].inputs[input_name].tensor_shape)
     if not model_shape.is_compatible_with([None, *plan.input_spec.shape]):
         raise UserError(f"--input: {plan.uri} holds inputs of shape {list(plan.input_spec.shape)}; the model "
                         f"takes {model_shape.as_list()[1:]} ({signature}'s input {input_name!r})")

@@ -5,8 +5,11 @@
 Files are uploaded under gs://BUCKET/models/digits/N/ with saved_model.pb last: TF Serving
 only loads a version folder once saved_model.pb is there, so it never loads a half-copied
 one. A complete destination version (saved_model.pb present) is never overwritten; an
-incomplete one, left by a push that was killed halfway, is completed by pushing again. The run
-directory may be local or on gs:// (then the files are copied within Cloud Storage).
+incomplete one, left by a push that was killed halfway, is completed by pushing again. Two pushes
+to the same destination version at once cannot mix their files: each holds the destination's
+lock (DESTINATION/VERSION/.kcp-lock, kcp/core/lock.py, created with ifGenerationMatch=0) while it
+uploads, and the second one fails at once naming the first. The run directory may be local or on
+gs:// (then the files are copied within Cloud Storage).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import os
 
 from kcp.core import storage
 from kcp.core.errors import UserError
+from kcp.core.layout import validation_record
+from kcp.core.lock import run_lock
 
 
 def split_gs_uri(uri: str) -> tuple[str, str]:
@@ -26,14 +31,22 @@ def split_gs_uri(uri: str) -> tuple[str, str]:
 
 
 def read_validation(version_dir: str) -> dict | None:
-    path = storage.join(version_dir, "assets.extra", "validation.json")
+    path = validation_record(version_dir)
     if not storage.exists(path):
         return None
-    return json.loads(storage.read_text(path))
+    try:
+        validation = json.loads(storage.read_text(path))
+    except ValueError as error:
+        raise UserError(f"{path}: not valid JSON ({error}); run `kcp validate` again") from None
+    if not isinstance(validation, dict):
+        raise UserError(f"{path}: holds {type(validation).__name__}, not a validation record; "
+                        "run `kcp validate` again")
+    return validation
 
 
 def push_export(version_dir: str, destination: str, force: bool = False, client=None) -> list[str]:
     """Uploads `version_dir` (local or gs://) to DESTINATION/VERSION/; returns the gs:// URIs written."""
+    from google.api_core.exceptions import Forbidden, NotFound
     from google.cloud import storage as gcs
 
     validation = read_validation(version_dir)
@@ -50,6 +63,17 @@ def push_export(version_dir: str, destination: str, force: bool = False, client=
     if "saved_model.pb" not in files:
         raise UserError(f"{version_dir}: no saved_model.pb; not a complete export version")
     client = client or gcs.Client()
+    try:
+        with run_lock(f"gs://{bucket_name}/{target}", "push"):  # one push at a time into this version
+            return _upload(client, bucket_name, target, version_dir, files)
+    except (NotFound, Forbidden) as error:  # a missing bucket, or credentials that may not write there
+        what = (f"not found; does bucket {bucket_name!r} exist?" if isinstance(error, NotFound)
+                else "cannot be written with these credentials")
+        detail = " ".join(str(getattr(error, "message", error)).split())[:200]
+        raise UserError(f"--to: gs://{bucket_name}/{target}/: {what} ({error.code} {detail})") from None
+
+
+def _upload(client, bucket_name: str, target: str, version_dir: str, files: list[str]) -> list[str]:
     bucket = client.bucket(bucket_name)
     if bucket.blob(f"{target}/saved_model.pb").exists():
         raise UserError(f"gs://{bucket_name}/{target}/ already exists; versions are never overwritten")

@@ -13,16 +13,31 @@ import tensorflow as tf
 import tensorflow_text  # noqa: F401  registers TensorFlow Text's ops (0.2 s once TensorFlow is imported)
 from tensorflow.core.protobuf import saved_model_pb2
 
+from google.protobuf.message import DecodeError
+
 from kcp.core import storage
+from kcp.core.errors import UserError
+
+
+def _unreadable(path: str, error: Exception) -> UserError:
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    return UserError(f"{path}: cannot load the SavedModel ({first[:300]}); export it again")
 
 
 def load_export(path: str):
-    """What `tf.saved_model.load(path)` gives, for any export of this project."""
-    return tf.saved_model.load(path)
+    """What `tf.saved_model.load(path)` gives, for any export of this project; a damaged or
+    missing export is a one-line UserError naming it."""
+    try:
+        return tf.saved_model.load(path)
+    except (OSError, ValueError, DecodeError, tf.errors.OpError) as error:
+        raise _unreadable(path, error) from error
 
 
 def signature_defs(path: str) -> dict:
     """{signature name: SignatureDef} of an export, read from its saved_model.pb without loading it."""
-    saved = saved_model_pb2.SavedModel.FromString(storage.read_bytes(storage.join(path, "saved_model.pb")))
+    try:
+        saved = saved_model_pb2.SavedModel.FromString(storage.read_bytes(storage.join(path, "saved_model.pb")))
+    except DecodeError as error:
+        raise _unreadable(path, error) from error
     return {name: signature for name, signature in saved.meta_graphs[0].signature_def.items()
             if not name.startswith("__")}

@@ -35,7 +35,7 @@ from kcp.core.errors import UserError
 from kcp.core import contract as contract_lib
 from kcp.core import document_cache
 from kcp.core import examples as example_lib
-from kcp.core.layout import RunLayout
+from kcp.core.layout import RunLayout, newest_blessed, validation_record
 
 MAX_DIFFERENCE = 0.005
 
@@ -94,7 +94,7 @@ def validate_export(config: Config, run_dir: str, version: int | None = None) ->
                             f"(trained again since); run `kcp export --run-dir {run_dir}` and validate the new version")
     if contract.modality == "language":
         result = validate_language(contract, run_dir, directory, metrics, config.export.name)
-        storage.write_text_atomic(storage.join(directory, "assets.extra", "validation.json"),
+        storage.write_text_atomic(validation_record(directory),
                                   json.dumps(result, indent=2) + "\n")
         return result
     trainer = metrics["test"]["accuracy"]
@@ -116,7 +116,7 @@ def validate_export(config: Config, run_dir: str, version: int | None = None) ->
         "blessed": not reasons,
         "reasons": reasons,
     }
-    storage.write_text_atomic(storage.join(directory, "assets.extra", "validation.json"),
+    storage.write_text_atomic(validation_record(directory),
                               json.dumps(result, indent=2) + "\n")
     return result
 
@@ -179,14 +179,8 @@ def greedy_reference(model, prompt_ids: list[int], count: int) -> tuple[list[int
 
 def blessed_baseline(export_root: str, version: int) -> str | None:
     """The newest other version of the export that kcp validate blessed, or None."""
-    if not storage.exists(export_root):
-        return None
-    versions = sorted((int(name) for name in storage.list_dir(export_root) if name.isdigit()), reverse=True)
-    for other in versions:
-        path = storage.join(export_root, str(other), "assets.extra", "validation.json")
-        if other != version and storage.exists(path) and json.loads(storage.read_text(path)).get("blessed") is True:
-            return storage.join(export_root, str(other))
-    return None
+    other = newest_blessed(export_root, exclude=version)
+    return None if other is None else storage.join(export_root, str(other))
 
 
 def text_bits_per_byte(log_probabilities: np.ndarray, texts: list[str]) -> float:

@@ -35,12 +35,12 @@ from deploy.predict import run_batch_prediction
 from deploy.push import push_export
 from kcp.core import contract as contract_lib
 from kcp.core import storage
-from kcp.core.cluster import is_cluster_helper
+from kcp.core.cluster import is_cluster_helper, tuner_id
 from kcp.core.config import Config
-from kcp.core.config_load import override_list, record_config, resolve_config
+from kcp.core.config_load import config_recorded, override_list, record_config, resolve_config
 from kcp.core.contract import GENERATE_DEFAULTS, DataContract
 from kcp.core.errors import UserError
-from kcp.core.layout import RunLayout, new_run_dir, newest_run
+from kcp.core.layout import RunLayout, new_run_dir, newest_blessed, newest_run
 from kcp.core.lock import run_lock
 from kcp.core.sources import plan_source
 from pipeline.preprocess import run_preprocess
@@ -93,6 +93,8 @@ def locked(run_dir: str, command: str):
     if is_cluster_helper():
         yield
         return
+    if command != "preprocess" and not storage.exists(run_dir):  # a mistyped --run-dir: the stage's own
+        contract_lib.read_contract(run_dir)                      # error, and no folder made for the lock
     with run_lock(run_dir, command):
         yield
 
@@ -112,10 +114,10 @@ def train(run_dir: str, model: str | None = None, *, config_file: str | None = N
     with locked(run_dir, "train"):
         config = resolve_config(run_dir, config_file, model=model, overrides=overrides)
         contract_lib.read_contract(run_dir)  # no data: one line, and no config.yaml recorded for a run that is not
-        record_config(run_dir, config)
         from trainer.train import train as train_model
 
-        return _train_result(run_dir, train_model(config, run_dir))
+        with config_recorded(run_dir, config):  # a train that fails with one line records nothing
+            return _train_result(run_dir, train_model(config, run_dir))
 
 
 def _train_result(run_dir: str, metrics: dict) -> TrainResult:
@@ -136,25 +138,24 @@ def tune(run_dir: str, model: str | None = None, *, config_file: str | None = No
     with locked(run_dir, "tune"):
         config = resolve_config(run_dir, config_file, model=model, overrides=overrides)
         contract_lib.read_contract(run_dir)  # as train
-        record_config(run_dir, config)
-        summary = run_search(config, run_dir)
-        role = os.environ.get("KERASTUNER_TUNER_ID", "")
-        if not config.tune.retrain_best or "chief" in role or "worker" in role:
-            return TuneResult(summary)
-        final = best_config(config, run_dir)
-        retrained = _train_result(run_dir, train_model(final, run_dir))
-        return TuneResult(summary, retrained, export_for_serving(final, run_dir, generate_tokens))
+        with config_recorded(run_dir, config):
+            summary = run_search(config, run_dir)
+            if not config.tune.retrain_best or tuner_id():  # a distributed search's chief or worker: search only
+                return TuneResult(summary)
+            final = best_config(config, run_dir)
+            retrained = _train_result(run_dir, train_model(final, run_dir))
+            return TuneResult(summary, retrained, export_for_serving(final, run_dir, generate_tokens))
 
 
 def export(run_dir: str, *, config_file: str | None = None, overrides=()) -> str:
     """Exports RUN/train/model.keras as RUN/export/NAME/VERSION; returns that directory."""
     with locked(run_dir, "export"):
         config = resolve_config(run_dir, config_file, overrides=overrides)
-        record_config(run_dir, config)
         from deploy.export import export_for_serving
         from trainer.generate import generate_tokens  # also registers the gpt layers, for loading its model.keras
 
-        return export_for_serving(config, run_dir, generate_tokens)
+        with config_recorded(run_dir, config):  # an export refused (unfinished, stale) records nothing
+            return export_for_serving(config, run_dir, generate_tokens)
 
 
 def validate(run_dir: str, version: int | None = None, *, overrides=()) -> dict:
@@ -175,7 +176,9 @@ def predict(run_dir: str, input: str, output: str, version: int | None = None, *
             overrides=(), single_file: bool = False, progress=None) -> list[str]:
     """Beam batch prediction of a source (as for preprocess) through the export; returns the files
     written: `OUTPUT-00000-of-000NN.jsonl` shards (a trailing `.jsonl` of OUTPUT is dropped),
-    or OUTPUT itself with `single_file`. Unreadable inputs go to the dead letters beside them."""
+    or OUTPUT itself with `single_file`. Unreadable inputs go to the dead letters beside them.
+    Without `version`, the newest version `kcp validate` blessed, as `kcp serve` answers with (the
+    newest version when none is blessed); `progress` is told which."""
     config = resolve_config(run_dir, overrides=overrides)
     contract = contract_lib.read_contract(run_dir)
     if contract.modality == "language":
@@ -188,7 +191,19 @@ def predict(run_dir: str, input: str, output: str, version: int | None = None, *
     plan = plan_source(input, data, labels=False)  # no labels needed: a bare table, npz x or image folder
     if plan.modality != contract.modality:
         raise UserError(f"--input: {input} holds {plan.modality}, the model takes {contract.modality}")
-    directory = RunLayout(run_dir).version_dir(config.export.name, version)
+    layout, name = RunLayout(run_dir), config.export.name
+    directory = layout.version_dir(name, version)
+    newest = int(directory.rstrip("/").rsplit("/", 1)[-1])
+    say = progress or (lambda line: None)
+    if version is None:  # as kcp serve: the newest version kcp validate blessed, else the newest
+        blessed = newest_blessed(layout.export_root(name))
+        if blessed is None:
+            say(f"version {newest} is not blessed by `kcp validate`; predicting with it, the newest")
+        elif blessed != newest:
+            directory = layout.version_dir(name, blessed)
+            say(f"version {newest} is not blessed by `kcp validate`; predicting with version {blessed}, the newest "
+                f"blessed one (--version {newest} to use it)")
+    say(f"{input} through {directory}")
     return run_batch_prediction(directory, contract.class_names, plan, output, list(beam_args), single_file,
                                 report=progress)
 

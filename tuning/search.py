@@ -24,6 +24,7 @@ import time
 import keras
 
 from kcp.core import quiet, storage
+from kcp.core.cluster import is_tuner_worker, tuner_id
 from kcp.core.config import Config
 from kcp.core.errors import UserError
 from kcp.core.layout import RunLayout
@@ -110,8 +111,7 @@ def run_search(config: Config, run_dir: str) -> dict:
     directory = RunLayout(run_dir).tuning
     storage.makedirs(directory)
     keras.utils.set_random_seed(config.train.seed)
-    tuner_id = os.environ.get("KERASTUNER_TUNER_ID", "")
-    worker = bool(tuner_id) and "chief" not in tuner_id
+    worker = is_tuner_worker()
     if worker:
         watch_chief(os.environ["KERASTUNER_ORACLE_IP"], int(os.environ["KERASTUNER_ORACLE_PORT"]),
                     config.tune.chief_timeout)
@@ -120,5 +120,5 @@ def run_search(config: Config, run_dir: str) -> dict:
     tuner = make_tuner(config, TrainerHyperModel(config, run_dir, space), directory)
     tuner.search(epochs=config.train.epochs, verbose=0)
     if worker:  # a worker holds only a client of the chief's oracle: the chief writes the results
-        return {"role": tuner_id}
+        return {"role": tuner_id()}
     return write_results(tuner, config, run_dir, space)

@@ -5,7 +5,7 @@
     GET  /v1/models/NAME[/versions/N|/labels/L]            version status
     GET  /v1/models/NAME[/versions/N|/labels/L]/metadata   signatures
     POST /v1/models/NAME[/versions/N|/labels/L]:predict    {"instances": [...]} or {"inputs": ...}
-    POST /v1/models/NAME[/versions/N|/labels/L]:classify   {"examples": [...]}
+    POST /v1/models/NAME[/versions/N|/labels/L]:classify   {"context": {...}, "examples": [...]}
     gRPC PredictionService (Predict, Classify, Regress, MultiInference, GetModelMetadata)
          and ModelService.GetModelStatus, with tensorflow-serving-api's protos
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 from http import HTTPStatus
 
@@ -18,6 +19,35 @@ class RequestError(Exception):
         self.status = status
 
 
+CLASSIFY, REGRESS, PREDICT = "tensorflow/serving/classify", "tensorflow/serving/regress", "tensorflow/serving/predict"
+
+
+def wrong_method(expected: str) -> RequestError:
+    """TF Serving's answer to a classify or regress call on a signature of another kind (ours are all
+    predict signatures)."""
+    kind = "classification" if expected == CLASSIFY else "regression"
+    return RequestError(f"Expected {kind} signature method_name to be {expected}. Was: {PREDICT}")
+
+
+def check_classifier(function) -> None:
+    """A signature classifies when it answers `probabilities` (and the labels name its columns);
+    a 400 in TF Serving's words otherwise (a gpt's score or generate), before the model runs."""
+    if "probabilities" not in function.structured_outputs:
+        raise wrong_method(CLASSIFY)
+
+
+def takes_examples(function) -> bool:
+    """Whether a signature takes serialized tf.train.Examples: one string input named `examples`
+    (serve_examples, the TFX convention)."""
+    specs = input_specs(function)
+    return list(specs) == ["examples"] and specs["examples"].dtype == tf.string
+
+
+def class_labels(class_names, count: int) -> list:
+    """The labels of `count` probability columns: the export's labels.txt, else the column numbers."""
+    return list(class_names) if class_names else [str(i) for i in range(count)]
+
+
 # lines of a TensorFlow error that are not its cause: the heading, where the node was defined, the node
 _NOT_THE_CAUSE = re.compile(r'Graph execution error:$|Detected at node |File "|\[\[|<stack traces unavailable>$')
 
@@ -28,8 +58,8 @@ def error_message(error: Exception, limit: int = 500) -> str:
     "Detected at node" headings), "could not decode the image (...)" when an image decoder failed."""
     text = str(error)
     assertion = re.search(r"assertion failed: \[([^\]]*)\]", text)
-    if assertion:
-        return assertion.group(1)[:limit]
+    if assertion:  # tf.debugging.assert_non_negative appends ".  " to the message
+        return assertion.group(1).strip().removesuffix(".")[:limit]
     lines = [line.strip() for line in text.splitlines() if line.strip() and not _NOT_THE_CAUSE.match(line.strip())]
     cause = re.sub(r"\s*\[Op:[^\]]*\]$", "", lines[0]) if lines else type(error).__name__
     node = re.search(r"Detected at node (\S+)|\{\{node ([^}]+)\}\}", text)
@@ -134,6 +164,8 @@ def to_tensor(name: str, values, spec):
     if not spec.shape.is_compatible_with(tensor.shape):
         raise RequestError(f"input {name!r}: shape {tensor.shape.as_list()} does not match the signature's "
                            f"{spec.shape.as_list()}")
+    if spec.shape.rank and tensor.shape[0] == 0:  # the models fail on 0 rows in a graph op (BatchNorm)
+        raise RequestError(f"input {name!r} must hold at least one instance (it is empty)")
     return tensor
 
 
@@ -190,10 +222,69 @@ def format_predictions(outputs: dict, form: str) -> dict:
     return {"predictions": [{name: _to_json(value[i]) for name, value in outputs.items()} for i in range(rows)]}
 
 
+def signature_name(body: dict) -> str:
+    """A REST request's `signature_name` (default: serving_default); a 400 naming it when it is not a string."""
+    name = body.get("signature_name", "")
+    if not isinstance(name, str):
+        raise RequestError(f"'signature_name' key must be a string value, not {json.dumps(name)[:100]}")
+    return name or "serving_default"
+
+
+def _feature(name: str, value, where: str) -> tf.train.Feature:
+    """One JSON feature value as TF Serving's REST API makes it a tf.train.Feature: strings and
+    {"b64": ...} -> bytes_list; integers (and booleans) -> int64_list; numbers with any float among
+    them -> float_list; a list of them is one feature (nested numeric lists are flattened)."""
+    flat, pending = [], [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, list):
+            pending.extend(reversed(item))
+        else:
+            flat.append(item)
+    if not flat:
+        return tf.train.Feature()  # no kind, as TF Serving makes an empty list
+    if all(isinstance(v, (bytes, str)) for v in flat):
+        return tf.train.Feature(bytes_list=tf.train.BytesList(
+            value=[v.encode("utf-8") if isinstance(v, str) else v for v in flat]))
+    odd = [v for v in flat if not isinstance(v, (int, float))]
+    if odd:
+        odd = odd[0]
+        held = ("strings and numbers" if isinstance(odd, (bytes, str)) else
+                "a JSON null" if odd is None else "a JSON object")
+        raise RequestError(f"{where}: feature {name!r} holds {held}; a feature is a number, a string, "
+                           "{\"b64\": ...}, or a list of one kind of them")
+    if all(isinstance(v, int) for v in flat):
+        if any(not -2**63 <= v < 2**63 for v in flat):
+            raise RequestError(f"{where}: feature {name!r} holds an integer beyond int64's range")
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v) for v in flat]))
+    array = np.asarray(flat, np.float64)
+    if not np.all(np.isfinite(array)):
+        raise RequestError(f"{where}: feature {name!r} holds NaN or infinite values")
+    if np.any(np.abs(array) > np.finfo(np.float32).max):
+        raise RequestError(f"{where}: feature {name!r} holds a value beyond float32's range")
+    return tf.train.Feature(float_list=tf.train.FloatList(value=array.tolist()))
+
+
+def json_examples(examples: list, context: dict | None = None) -> list[bytes]:
+    """A REST :classify request's `examples` (JSON objects of features) as serialized
+    tf.train.Examples, by TF Serving's JSON rules (`_feature`), each merged with the `context`'s
+    features (an example's own feature wins, as when TF Serving merges the context proto)."""
+    serialized = []
+    for index, example in enumerate(examples):
+        if not isinstance(example, dict):
+            raise RequestError(f"example {index} must be a JSON object of features")
+        merged = {**(context or {}), **example}
+        features = {name: _feature(name, _decode_value(value), f"example {index}") for name, value in merged.items()}
+        serialized.append(tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString())
+    return serialized
+
+
 def format_classifications(outputs: dict, class_names) -> dict:
     """A :classify answer: [[class, score], ...] per example."""
-    check_finite("probabilities", np.asarray(outputs["probabilities"]), "output")
-    return {"results": [[[name, float(p)] for name, p in zip(class_names, row)] for row in outputs["probabilities"]]}
+    probabilities = np.asarray(outputs["probabilities"])
+    check_finite("probabilities", probabilities, "output")
+    labels = class_labels(class_names, probabilities.shape[-1])
+    return {"results": [[[name, float(p)] for name, p in zip(labels, row)] for row in probabilities]}
 
 
 DTYPE_NAMES = {"float32": "DT_FLOAT", "float64": "DT_DOUBLE"}

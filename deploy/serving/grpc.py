@@ -27,13 +27,13 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from deploy.serving.codec import RequestError, error_message, input_specs, to_tensor
+from deploy.serving.codec import (CLASSIFY, REGRESS, RequestError, check_classifier, class_labels, error_message,
+                                  input_specs, takes_examples, to_tensor, wrong_method)
 from deploy.saved_model import signature_defs as read_signature_defs
 from deploy.serving.registry import LoadedVersion, ModelRegistry
 from kcp.core.errors import UserError
 
 log = logging.getLogger("kcp.serve")
-CLASSIFY, REGRESS = "tensorflow/serving/classify", "tensorflow/serving/regress"
 CODES = {HTTPStatus.NOT_FOUND: grpc.StatusCode.NOT_FOUND, HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
          grpc.StatusCode.RESOURCE_EXHAUSTED, HTTPStatus.SERVICE_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE}
 STATES = {"AVAILABLE": get_model_status_pb2.ModelVersionStatus.AVAILABLE,
@@ -94,13 +94,10 @@ def _examples_signature(loaded: LoadedVersion, requested: str) -> str:
     for name in ([requested] if requested else []) + ([] if requested not in ("", "serving_default")
                                                        else ["serving_default", "serve_examples"]):
         function = loaded.model.signatures.get(name)
-        if function is not None:
-            specs = input_specs(function)
-            if len(specs) == 1 and next(iter(specs.values())).dtype == tf.string and "examples" in specs:
-                return name
+        if function is not None and takes_examples(function):
+            return name
     loaded.signature(requested or "serving_default")  # 400 when it does not exist at all
-    raise RequestError(f"Expected classification signature method_name to be {CLASSIFY}. "
-                       "Was: tensorflow/serving/predict")
+    raise wrong_method(CLASSIFY)
 
 
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
@@ -133,11 +130,11 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     def _classify(self, loaded, spec, request_input, result) -> str:
         signature = _examples_signature(loaded, spec.signature_name)
-        name = next(iter(input_specs(loaded.signature(signature))))
-        outputs = self.registry.call(loaded, signature, {name: _examples(request_input)})
+        check_classifier(loaded.signature(signature))
+        outputs = self.registry.call(loaded, signature, {"examples": _examples(request_input)})
         for row in outputs["probabilities"]:
             classification = result.classifications.add()
-            for label, score in zip(loaded.class_names or [str(i) for i in range(len(row))], row):
+            for label, score in zip(class_labels(loaded.class_names, len(row)), row):
                 classification.classes.add(label=label, score=float(score))
         return signature
 
@@ -153,8 +150,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     def Regress(self, request, context):  # noqa: N802
         loaded = _lookup(self.registry, request.model_spec)
         loaded.signature(request.model_spec.signature_name or "serving_default")
-        raise RequestError(f"Expected regression signature method_name to be {REGRESS}. "
-                           "Was: tensorflow/serving/predict")
+        raise wrong_method(REGRESS)
 
     @_answer
     def MultiInference(self, request, context):  # noqa: N802
@@ -167,9 +163,8 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         for task in request.tasks:
             loaded = _lookup(self.registry, task.model_spec)
             if task.method_name != CLASSIFY:
-                raise RequestError(f"Unsupported signature method_name: {task.method_name}" if task.method_name
-                                   != REGRESS else f"Expected regression signature method_name to be {REGRESS}. "
-                                   "Was: tensorflow/serving/predict")
+                raise (wrong_method(REGRESS) if task.method_name == REGRESS
+                       else RequestError(f"Unsupported signature method_name: {task.method_name}"))
             result = response.results.add()
             signature = self._classify(loaded, task.model_spec, request.input, result.classification_result)
             _fill_spec(result.model_spec, task.model_spec, loaded, signature)
@@ -237,8 +232,11 @@ class GrpcServer:
     def start(self) -> None:
         self.server.start()
 
-    def stop(self, grace: float | None = None) -> None:
-        self.server.stop(grace).wait()
+    def stop(self, grace: float | None = None, wait: bool = True) -> None:
+        """No new calls; those in progress get `grace` seconds (None: cut at once). Without `wait`, returns at once."""
+        stopped = self.server.stop(grace)
+        if wait:
+            stopped.wait()
 
 
 def make_grpc_server(registry: ModelRegistry, host: str = "127.0.0.1", port: int = 8500, *,

@@ -22,10 +22,11 @@ from http import HTTPStatus
 from deploy.saved_model import load_export
 from deploy.serving.batching import Batcher
 from deploy.serving.codec import RequestError
-from deploy.serving.versions import blessed, parse_labels, parse_policy, replay_warmup
+from deploy.serving.versions import parse_labels, parse_policy, replay_warmup
 from kcp.core import storage
 from kcp.core.contract import read_lines
 from kcp.core.errors import UserError
+from kcp.core.layout import is_blessed
 
 log = logging.getLogger("kcp.serve")
 MAX_BACKOFF_S = 300.0
@@ -72,8 +73,8 @@ class ModelRegistry:
         self.export_root = export_root
         self.max_batch_size, self.timeout_s, self.batching = max_batch_size, batch_timeout_ms / 1000.0, batching
         self.policy = parse_policy(policy)
-        labels = dict(labels) if isinstance(labels, dict) else parse_labels(labels)  # or ['stable=3', ...]
-        self.allow_unvalidated, self.labels, self.poll_seconds = allow_unvalidated, labels, poll_seconds
+        self.labels = parse_labels(labels)  # {(model name, or None for every model, label): version}
+        self.allow_unvalidated, self.poll_seconds = allow_unvalidated, poll_seconds
         self.models: dict[str, dict[int, LoadedVersion]] = {}
         self.failures: dict[str, dict[int, Failure]] = {}
         self.unblessed: dict[str, set] = {}  # complete versions left out for want of a blessing
@@ -168,7 +169,7 @@ class ModelRegistry:
         complete = {v: p for v, p in complete.items() if storage.exists(storage.join(p, "saved_model.pb"))}
         if not complete:
             return False
-        eligible = {v: p for v, p in complete.items() if self.allow_unvalidated or blessed(p)}
+        eligible = {v: p for v, p in complete.items() if self.allow_unvalidated or is_blessed(p)}
         now = time.monotonic()
         with self.lock:
             self.unblessed[name] = set(complete) - set(eligible)
@@ -178,15 +179,18 @@ class ModelRegistry:
                 del failures[version]
 
         def available(version: int) -> bool:
-            if version not in loaded:
-                failure = failures.get(version)
-                if failure is not None and failure.retry_at > now:
-                    return False  # failed before: retried on a later scan, after its backoff
-                self._load(name, version, eligible[version])
+            with self.lock:  # not `loaded`: a labelled version loaded earlier in this scan is loaded once
+                if version in self.models.get(name, {}):
+                    return True
+            failure = failures.get(version)
+            if failure is not None and failure.retry_at > now:
+                return False  # failed before: retried on a later scan, after its backoff
+            self._load(name, version, eligible[version])
             with self.lock:
                 return version in self.models.get(name, {})
 
-        labelled = set(self.labels.values()) & set(eligible)  # a labelled version is always served
+        # a labelled version is always served
+        labelled = {v for (model, _), v in self.labels.items() if model in (None, name)} & set(eligible)
         served = {version for version in labelled if available(version)}
         order, count = self._candidates(eligible)
         for version in order:
@@ -236,9 +240,10 @@ class ModelRegistry:
     def resolve(self, name: str, version: str | None = None, label: str | None = None) -> int | None:
         """The version a request names: a number, a label's version, or None (the latest)."""
         if label is not None:
-            if label not in self.labels:
+            number = self.labels.get((name, label), self.labels.get((None, label)))
+            if number is None:
                 raise RequestError(f"Unrecognized servable version label: {label}")
-            return self.labels[label]
+            return number
         return None if version is None else int(version)
 
     def get(self, name: str, version: str | None = None, label: str | None = None, *,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -33,8 +34,9 @@ import tensorflow as tf
 from aiohttp import web
 from aiohttp.http import HttpVersion11
 
-from deploy.serving.codec import (RequestError, error_message, format_classifications, format_predictions,
-                                  input_specs, metadata, parse_predict_body, status)
+from deploy.serving.codec import (REGRESS, RequestError, check_classifier, error_message, format_classifications,
+                                  format_predictions, input_specs, json_examples, metadata, parse_predict_body,
+                                  signature_name, status, takes_examples, wrong_method)
 from deploy.serving.connection import BodyError, CappedServer, json_response
 from deploy.serving.registry import ModelRegistry, NotLoadedYet
 from kcp.core.errors import UserError
@@ -49,6 +51,8 @@ MAX_JSON_DEPTH = 64
 # millisecond), their model call awaited in the batcher; larger ones, and all GETs, in the pool
 INLINE_BODY_BYTES = 64 * 1024
 INT64_MAX = 2**63 - 1
+STOP_GRACE_S = 5.0  # what `request_stop` (kcp serve on SIGINT or SIGTERM) gives requests in progress
+MIN_POLL_SECONDS = 0.1  # a faster rescan of RUN/export/ only burns CPU
 
 
 def json_depth(raw: bytes) -> int:
@@ -105,19 +109,28 @@ def _post(registry: ModelRegistry, name, version, label, method, raw, wait: bool
         raise RequestError(f"JSON Parse error: {error}") from None
     if not isinstance(body, dict):
         raise RequestError("JSON Parse error: the request body must be a JSON object")
+    signature = signature_name(body)
     loaded = registry.get(name, version, label, wait=wait)
-    signature = body.get("signature_name") or "serving_default"
     function = loaded.signature(signature)
     if method == "predict":
         inputs, form = parse_predict_body(body, input_specs(function))
         return format_predictions((yield loaded, signature, inputs), form)
     if method == "regress":  # TF Serving's answer for a signature that is not a regression one
-        raise RequestError("Expected regression signature method_name to be tensorflow/serving/regress. "
-                           "Was: tensorflow/serving/predict")
-    examples = body.get("examples")
+        raise wrong_method(REGRESS)
+    check_classifier(function)
+    examples, context = body.get("examples"), body.get("context", {})
     if not isinstance(examples, list) or not examples:
         raise RequestError("'examples' must be a non-empty list")
-    inputs, _ = parse_predict_body({"instances": examples}, input_specs(function))
+    if not isinstance(context, dict):
+        raise RequestError("'context' must be a JSON object of features")
+    if takes_examples(function):  # serve_examples: tf.train.Examples by TF Serving's JSON rules, as gRPC Classify
+        inputs = {"examples": tf.constant(json_examples(examples, context), tf.string)}
+    else:  # the features name the signature's inputs (kcp's REST classify on serving_default)
+        if context:
+            if any(not isinstance(example, dict) for example in examples):
+                raise RequestError("with a 'context', each of 'examples' must be a JSON object of features")
+            examples = [{**context, **example} for example in examples]
+        inputs, _ = parse_predict_body({"instances": examples}, input_specs(function))
     return format_classifications((yield loaded, signature, inputs), loaded.class_names)
 
 
@@ -182,8 +195,9 @@ def error_answer(error: Exception) -> tuple[int, bytes]:
 
 class RestServer:
     """TF Serving's REST API on aiohttp. Bound at construction (`server_address`); `serve_forever()`
-    runs it on an event loop in the calling thread until `shutdown()` from another thread;
-    `server_close()` stops the gRPC server and the registry's scanner and frees the port."""
+    runs it on an event loop in the calling thread until `shutdown()` from another thread, or
+    `request_stop()` from anywhere (a signal handler too); `server_close()` stops the gRPC server
+    and the registry's scanner and frees the port."""
 
     def __init__(self, registry: ModelRegistry, host: str, port: int, *, max_request_bytes: int,
                  max_connections: int, idle_timeout_s: float):
@@ -192,6 +206,10 @@ class RestServer:
                                                                              idle_timeout_s)
         self.stop = threading.Event()  # ends the registry's scanner
         try:
+            socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError):  # said plainly, not as bind's "Unknown error -2"
+            raise UserError(f"--host: cannot resolve host {host!r}") from None
+        try:
             self.socket = socket.create_server((host, port), backlog=128)  # 128: bursts of clients are not reset
         except OSError as error:
             reason = os.strerror(error.errno) if error.errno else str(error)
@@ -199,7 +217,10 @@ class RestServer:
         self.server_address = self.socket.getsockname()[:2]
         # one thread per request in progress (at most one per connection): waiting requests meet in the batcher
         self.pool = ThreadPoolExecutor(max_workers=max_connections, thread_name_prefix="kcp-rest")
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # reentrant: request_stop may run in a signal handler of the serving thread
+        self._grace = 1.0  # seconds requests in progress get when the server stops
+        self.stop_grace_s = STOP_GRACE_S  # request_stop's default
+        self._in_progress = 0  # requests being read or answered (touched on the event loop only)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
         self._shutdown_requested = False
@@ -232,23 +253,37 @@ class RestServer:
         try:
             await self._stopping.wait()
         finally:
-            listener.close()
-            await server.shutdown(1.0)
+            listener.close()  # no new connections
+            if self.grpc is not None:  # no new calls; those in progress get the same grace, meanwhile
+                self.grpc.stop(self._grace, wait=False)
+            # requests in progress finish, a body still arriving included (aiohttp's shutdown would stop
+            # reading it); after the grace, or once none is left, aiohttp closes the connections
+            deadline = loop.time() + self._grace
+            while self._in_progress and loop.time() < deadline:
+                await asyncio.sleep(0.02)
+            await server.shutdown(max(0.0, deadline - loop.time()))
             with self._lock:
                 self._loop = None
 
-    def shutdown(self) -> None:
-        """Stops serve_forever and waits for it to return (requests in progress get a second)."""
+    def request_stop(self, grace: float | None = None) -> None:
+        """Asks serve_forever to stop and returns at once (safe in a signal handler): it stops
+        accepting connections and gRPC calls, lets requests in progress finish within `grace`
+        seconds (default `stop_grace_s`), and returns; then call server_close."""
         with self._lock:
+            self._grace = self.stop_grace_s if grace is None else grace
             self._shutdown_requested = True
             if self._loop is not None:
                 self._loop.call_soon_threadsafe(self._stopping.set)
+
+    def shutdown(self, grace: float = 1.0) -> None:
+        """Stops serve_forever and waits for it to return (requests in progress get `grace` seconds)."""
+        self.request_stop(grace)
         self._stopped.wait()
 
     def server_close(self) -> None:
         self.stop.set()
         if self.grpc is not None:
-            self.grpc.stop(grace=1.0)
+            self.grpc.stop(grace=self._grace)
         self.socket.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
@@ -271,6 +306,13 @@ class RestServer:
                             HTTPStatus.REQUEST_ENTITY_TOO_LARGE) from None
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        self._in_progress += 1
+        try:
+            return await self._answer(request)
+        finally:
+            self._in_progress -= 1
+
+    async def _answer(self, request: web.BaseRequest) -> web.StreamResponse:
         close = False
         try:
             raw = await self._read_body(request)
@@ -286,6 +328,7 @@ class RestServer:
             else:
                 code, data = await asyncio.get_running_loop().run_in_executor(
                     self.pool, respond, self.registry, request.method, path, raw)
+        close = close or self._shutdown_requested  # stopping: no next request on this connection
         response = json_response(code, data, close)
         try:  # written here, under the timeout, so a client that does not read cannot hold the connection
             await asyncio.wait_for(self._write(request, response), self.idle_timeout_s)
@@ -301,6 +344,36 @@ class RestServer:
         await response.write_eof()
 
 
+def check_options(port: int, grpc_port: int | None, *, max_batch_size: int, batch_timeout_ms: float,
+                  max_request_bytes: int, max_connections: int, idle_timeout_s: float, poll_seconds: float) -> None:
+    """UserError naming the flag and its value for a setting the server cannot run with, before
+    anything is bound or loaded (kcp serve and kcp.serve both get it through make_server)."""
+    def integer(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def number(value) -> bool:
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+    port_range = "a port number from 0 (a free port) to 65535"
+    megabytes = f"{max_request_bytes / 2**20:g}" if number(max_request_bytes) else max_request_bytes
+    checks = [("--port", port, integer(port) and 0 <= port <= 65535, port_range),
+              ("--grpc-port", grpc_port, grpc_port is None or integer(grpc_port) and 0 <= grpc_port <= 65535,
+               port_range),
+              ("--max-connections", max_connections, integer(max_connections) and max_connections >= 1,
+               "an integer, 1 or more"),
+              ("--max-batch-size", max_batch_size, integer(max_batch_size) and max_batch_size >= 1,
+               "an integer, 1 or more"),
+              ("--batch-timeout-ms", batch_timeout_ms, number(batch_timeout_ms) and batch_timeout_ms >= 0,
+               "0 or more"),
+              ("--max-request-mb", megabytes, number(max_request_bytes) and max_request_bytes >= 1, "above 0"),
+              ("--idle-timeout-s", idle_timeout_s, number(idle_timeout_s) and idle_timeout_s > 0, "above 0"),
+              ("--poll-seconds", poll_seconds, number(poll_seconds) and poll_seconds >= MIN_POLL_SECONDS,
+               f"{MIN_POLL_SECONDS} or more")]
+    for flag, value, valid, allowed in checks:
+        if not valid:
+            raise UserError(f"{flag} {f'{value:g}' if isinstance(value, float) else value}: must be {allowed}")
+
+
 def make_server(run_dir: str, host: str = "127.0.0.1", port: int = 8501, *, max_batch_size: int = 32,
                 batch_timeout_ms: float = 2.0, batching: bool = True, max_request_bytes: int = 10 * 2**20,
                 max_connections: int = 64, idle_timeout_s: float = 30.0, version_policy: str = "latest:1",
@@ -308,22 +381,30 @@ def make_server(run_dir: str, host: str = "127.0.0.1", port: int = 8501, *, max_
                 grpc_port: int | None = None) -> RestServer:
     """A ready server (call serve_forever); its `registry` has the models loaded, a thread
     rescans the exports every `poll_seconds`, and with `grpc_port` (0: a free one) `server.grpc`
-    answers TF Serving's gRPC API on the same registry. server_close stops all of it."""
+    answers TF Serving's gRPC API on the same registry. server_close stops all of it.
+
+    The settings are checked, and both ports bound, before any model loads: a bad setting, a
+    host that does not resolve or a port in use is a UserError at once."""
+    check_options(port, grpc_port, max_batch_size=max_batch_size, batch_timeout_ms=batch_timeout_ms,
+                  max_request_bytes=max_request_bytes, max_connections=max_connections,
+                  idle_timeout_s=idle_timeout_s, poll_seconds=poll_seconds)
+    max_request_bytes = int(max_request_bytes)  # gRPC takes an integer
     registry = ModelRegistry(RunLayout(run_dir).exports, max_batch_size, batch_timeout_ms, batching,
                              policy=version_policy, allow_unvalidated=allow_unvalidated, labels=version_labels,
                              poll_seconds=poll_seconds)
-    registry.scan()
     server = RestServer(registry, host, port, max_request_bytes=max_request_bytes, max_connections=max_connections,
                         idle_timeout_s=idle_timeout_s)
-    if grpc_port is not None:
-        from deploy.serving.grpc import make_grpc_server
+    try:
+        if grpc_port is not None:
+            from deploy.serving.grpc import make_grpc_server
 
-        try:
             server.grpc = make_grpc_server(registry, host, grpc_port, max_request_bytes=max_request_bytes,
                                            max_concurrent=max_connections)
-        except BaseException:
-            server.server_close()
-            raise
+        registry.scan()  # the models load now, the ports already held
+    except BaseException:
+        server.server_close()
+        raise
+    if server.grpc is not None:
         server.grpc.start()
     threading.Thread(target=registry.poll_forever, args=(server.stop,), name="kcp-serve-scan", daemon=True).start()
     return server

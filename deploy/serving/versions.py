@@ -1,15 +1,13 @@
 """What a version folder and the command line say about serving it: the version policy,
-labels, kcp validate's blessing, and TF Serving's warmup records."""
+labels and TF Serving's warmup records (kcp validate's blessing: kcp.core.layout.is_blessed)."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
-from kcp.core import storage
 from kcp.core.errors import UserError
 
 WARMUP_RECORDS = 10  # of the export's 100: enough to trace every signature call once
@@ -32,23 +30,23 @@ def parse_policy(text: str) -> tuple[str, object]:
     raise UserError(f"--version-policy {text!r}: use latest, latest:N, all or specific:V1,V2")
 
 
-def parse_labels(pairs) -> dict[str, int]:
-    """['stable=3', 'canary=4'] -> {'stable': 3, 'canary': 4}."""
-    labels = {}
-    for pair in pairs or ():
-        label, _, version = pair.partition("=")
-        if not label or not version.isdigit() or label.isdigit():
-            raise UserError(f"--version-label {pair!r}: use LABEL=VERSION, e.g. stable=3")
-        labels[label] = int(version)
-    return labels
-
-
-def blessed(path: str) -> bool:
-    verdict = storage.join(path, "assets.extra", "validation.json")
-    try:
-        return storage.exists(verdict) and json.loads(storage.read_text(verdict)).get("blessed") is True
-    except (OSError, ValueError, AttributeError):
-        return False
+def parse_labels(labels) -> dict[tuple[str | None, str], int]:
+    """['stable=3', 'digits:canary=4'] (or {'stable': 3, 'digits:canary': 4}) -> {(None, 'stable'): 3,
+    ('digits', 'canary'): 4}: a label of every model name (None), or of one (NAME:LABEL, as TF Serving's
+    labels are per model)."""
+    if isinstance(labels, str):
+        labels = [labels]
+    items = labels.items() if isinstance(labels, dict) else (str(pair).partition("=")[::2] for pair in labels or ())
+    parsed = {}
+    for key, version in items:
+        key, version = str(key), str(version)
+        name, _, label = key.rpartition(":")
+        if (not label or label.isdigit() or not version.isdigit() or "/" in key or key.startswith(":")
+                or ":" in name):
+            raise UserError(f"--version-label {f'{key}={version}'!r}: use LABEL=VERSION or NAME:LABEL=VERSION, "
+                            "e.g. stable=3")
+        parsed[(name or None, label)] = int(version)
+    return parsed
 
 
 def replay_warmup(model, path: str, limit: int = WARMUP_RECORDS) -> None:

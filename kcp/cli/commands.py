@@ -201,7 +201,7 @@ def push(args, run_dir: str, config, beam_args: list[str]) -> int:
 def serve(args, run_dir: str, config, beam_args: list[str]) -> int:
     server = api.serve(run_dir, args.host, args.port, max_batch_size=args.max_batch_size,
                        batch_timeout_ms=args.batch_timeout_ms, batching=not args.no_batching,
-                       max_request_bytes=int(args.max_request_mb * 2**20), max_connections=args.max_connections,
+                       max_request_bytes=args.max_request_mb * 2**20, max_connections=args.max_connections,
                        idle_timeout_s=args.idle_timeout_s, version_policy=args.version_policy,
                        allow_unvalidated=args.allow_unvalidated, version_labels=args.version_label,
                        poll_seconds=args.poll_seconds, grpc_port=None if args.no_grpc else args.grpc_port)
@@ -216,17 +216,32 @@ def serve(args, run_dir: str, config, beam_args: list[str]) -> int:
     for name, failures in sorted(registry.failures.items()):
         for version, failure in sorted(failures.items()):
             say(f"[serve] {name}: version {version} failed to load: {failure.error}")
+    import signal  # here: only this handler (in the main thread) installs signal handlers
+
+    received: list[int] = []
+
+    def stop(signum, _frame):  # Ctrl-C and SIGTERM alike: no new requests, those in progress finish
+        if received:  # a second signal: stop at once (main() prints its Ctrl-C line, exit 130)
+            raise KeyboardInterrupt
+        received.append(signum)
+        server.request_stop()
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
     finally:
         server.server_close()
-    return 0
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if not received:
+        return 0
+    name = signal.Signals(received[0]).name
+    print(f"kcp serve: {name}: stopped; requests in progress were given {server.stop_grace_s:g} s to finish",
+          file=sys.stderr)
+    return 128 + received[0]  # the shell's code for death by that signal: 130 (SIGINT), 143 (SIGTERM)
 
 
 def predict(args, run_dir: str, config, beam_args: list[str]) -> int:
-    say(f"[predict] {args.input} through {RunLayout(run_dir).version_dir(config.export.name, args.version)}")
     files = api.predict(run_dir, args.input, args.output, args.version, beam_args=beam_args,
                         overrides=args.overrides, single_file=args.single_file,
                         progress=lambda line: say(f"[predict] {line}"))

@@ -15,6 +15,8 @@ RUN_DIR_HELP = ("the run directory, local or gs:// (default: a new runs/<UTC tim
 SOURCE = [(("--source",), dict(help="short for --set data.source=SOURCE (e.g. digits)"))]
 MODEL = [(("--model",), dict(help="short for --set model.name=NAME"))]
 VERSION = [(("--version",), dict(type=int, help="export version (default: the newest)"))]
+PREDICT_VERSION = [(("--version",), dict(type=int, help="export version (default: the newest blessed one, as "
+                                                        "kcp serve; the newest when none is blessed)"))]
 TUNE = [
     (("--role",), dict(choices=("chief", "worker"), help="distributed search: this process's role")),
     (("--oracle",), dict(metavar="HOST:PORT", help="the chief's address (KERASTUNER_ORACLE_IP/PORT)")),
@@ -35,11 +37,12 @@ SERVE = [
     (("--no-grpc",), dict(action="store_true", help="REST only")),
     (("--version-policy",), dict(default="latest:1", metavar="POLICY",
                                  help="latest[:N] (default latest:1, as TF Serving), all, or specific:V1,V2")),
-    (("--version-label",), dict(action="append", default=[], metavar="LABEL=VERSION",
-                                help="serve VERSION as /v1/models/NAME/labels/LABEL (repeatable), e.g. stable=3")),
+    (("--version-label",), dict(action="append", default=[], metavar="[NAME:]LABEL=VERSION",
+                                help="serve VERSION as /v1/models/NAME/labels/LABEL (repeatable), e.g. stable=3 "
+                                     "(every model under RUN/export/) or digits:stable=3 (model digits only)")),
     (("--allow-unvalidated",), dict(action="store_true",
                                     help="also serve versions kcp validate did not bless (TF Serving's behaviour)")),
-    (("--poll-seconds",), dict(type=float, default=1.0, help="rescan the exports this often")),
+    (("--poll-seconds",), dict(type=float, default=1.0, help="rescan the exports this often (0.1 or more)")),
     (("--max-connections",), dict(type=int, default=64, help="concurrent connections (REST) and calls (gRPC); "
                                                                 "beyond: 503 / RESOURCE_EXHAUSTED")),
     (("--idle-timeout-s",), dict(type=float, default=30.0, help="close connections idle or stalled this long")),
@@ -118,7 +121,7 @@ COMMANDS = {
         "Batch prediction with Beam RunInference over the export; writes JSON lines.",
         ("kcp predict --run-dir runs/digits --input folder:new_images --output predictions/part",
          "kcp predict --run-dir runs/digits --input csv:new.csv --output predictions.jsonl --single-file"),
-        (*VERSION, *PREDICT), runs_beam=True),
+        (*PREDICT_VERSION, *PREDICT), runs_beam=True),
     "report": Command(
         "Write RUN/report/index.html: curves, confusion matrix, mistakes, filters, attention, augmentation.",
         ("kcp report --run-dir runs/digits",)),

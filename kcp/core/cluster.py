@@ -23,7 +23,18 @@ def num_workers() -> int:
     return max(1, len(cluster.get("chief", [])) + len(cluster.get("worker", [])))
 
 
+def tuner_id() -> str:
+    """This process's Keras Tuner id (KERASTUNER_TUNER_ID): "" outside a distributed search."""
+    return os.environ.get("KERASTUNER_TUNER_ID", "")
+
+
+def is_tuner_worker() -> bool:
+    """A worker of a distributed search: any tuner id without "chief", as Keras Tuner reads it
+    (kcp's `worker-<host>-<pid>`, Keras Tuner's own `tuner0`, or whatever a launcher sets)."""
+    return bool(tuner_id()) and "chief" not in tuner_id()
+
+
 def is_cluster_helper() -> bool:
     """True in the processes of a distributed job that work for another one: Keras Tuner workers,
     and training workers other than the chief (or worker 0 when there is no chief)."""
-    return "worker" in os.environ.get("KERASTUNER_TUNER_ID", "") or not worker_info()[2]
+    return is_tuner_worker() or not worker_info()[2]

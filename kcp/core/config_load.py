@@ -11,12 +11,14 @@ applied defaults spelled out, so a later stage on the same run reads what this o
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 from kcp.core import storage
 from kcp.core.config import (DEFAULT_LANGUAGE_SOURCE, MODEL_FAMILIES, Config, ModelConfig, is_language_source)
+from kcp.core.errors import UserError
 from kcp.core.layout import RunLayout
-from kcp.core.schema import build, merge, parse_override, read_yaml_file
+from kcp.core.schema import ConfigError, build, merge, parse_override, read_yaml_file
 
 
 def load_config(layers: list[dict] = (), overrides: list[str] = (), *, base: dict | None = None) -> Config:
@@ -105,7 +107,16 @@ def resolve_config(run_dir: str | None, config_file: str | None = None, source: 
         layers.append({"data": {"source": source}})
     if model:
         layers.append({"model": {"name": model}})
-    return load_config(layers, override_list(overrides), base=recorded)
+    try:
+        return load_config(layers, override_list(overrides), base=recorded)
+    except ConfigError as error:
+        if recorded is not None and not str(error).startswith(RunLayout(run_dir).config):
+            try:  # the run's own config.yaml holds the bad value: name the file, which the user never typed
+                load_config(base=recorded)
+            except ConfigError as recorded_error:
+                if str(recorded_error) == str(error):
+                    raise ConfigError(f"{RunLayout(run_dir).config}: {error}") from None
+        raise
 
 
 def record_config(run_dir: str, config: Config) -> None:
@@ -113,3 +124,22 @@ def record_config(run_dir: str, config: Config) -> None:
     applied defaults written out (data.source for gpt, data.tokenizer), so a rerun reads them."""
     storage.makedirs(run_dir)
     storage.write_text_atomic(RunLayout(run_dir).config, config.to_yaml())
+
+
+@contextlib.contextmanager
+def config_recorded(run_dir: str, config: Config):
+    """Records `config` (record_config) for the body, which may read it back (a killed stage's rerun
+    resumes with it); a body that fails with a one-line error (a strategy with no TPU, a family that
+    does not take the data, a NaN stop) puts back the config.yaml that was there before, so that
+    later commands do not inherit the settings of a command that failed."""
+    path = RunLayout(run_dir).config
+    before = storage.read_text(path) if storage.exists(path) else None
+    record_config(run_dir, config)
+    try:
+        yield
+    except UserError:
+        if before is None:
+            storage.remove(path)
+        else:
+            storage.write_text_atomic(path, before)
+        raise

@@ -19,10 +19,11 @@ from kcp.core.contract import (ASCII_WHITESPACE, KEY_FEATURE, LABEL_FEATURE, LAN
                                language_tokenizer, language_vocabulary, read_vocabulary, text_tokenizer)
 
 
-def parsing_spec(contract: DataContract) -> dict:
-    """The `tf.io.parse_example` spec of the contract's examples."""
-    spec = {KEY_FEATURE: tf.io.FixedLenFeature([], tf.string)}
-    if contract.modality != "language":
+def parsing_spec(contract: DataContract, labelled: bool = True) -> dict:
+    """The `tf.io.parse_example` spec of the contract's examples; without `labelled`, the input
+    feature alone (what a client classifying new data sends: no key, no label)."""
+    spec = {KEY_FEATURE: tf.io.FixedLenFeature([], tf.string)} if labelled else {}
+    if contract.modality != "language" and labelled:
         spec[LABEL_FEATURE] = tf.io.FixedLenFeature([], tf.int64)
     encoding = contract.input_spec.encoding
     if encoding in ("raw_bytes", "utf8"):
@@ -34,16 +35,17 @@ def parsing_spec(contract: DataContract) -> dict:
     return spec
 
 
-def parse_examples(contract: DataContract, serialized):
+def parse_examples(contract: DataContract, serialized, labelled: bool = True):
     """Parses a batch of serialized Examples -> (inputs in the spec's dtype and shape, labels, keys).
 
     Language blocks come as (int32 tokens (batch, context_length + 1), None, keys): no labels;
-    `language_pairs` makes the model's inputs and targets of the tokens.
+    `language_pairs` makes the model's inputs and targets of the tokens. Without `labelled` only
+    the input feature is read and required (labels and keys are None): the export's serve_examples.
     """
-    parsed = tf.io.parse_example(serialized, parsing_spec(contract))
+    parsed = tf.io.parse_example(serialized, parsing_spec(contract, labelled))
     raw = parsed[contract.input_feature]
     if contract.modality == "language":
-        return tf.cast(raw, tf.int32), None, parsed[KEY_FEATURE]
+        return tf.cast(raw, tf.int32), None, parsed.get(KEY_FEATURE)
     shape = [-1, *contract.input_shape]
     if contract.input_spec.encoding == "utf8":
         inputs = raw
@@ -51,7 +53,7 @@ def parse_examples(contract: DataContract, serialized):
         inputs = tf.reshape(tf.io.decode_raw(raw, tf.dtypes.as_dtype(contract.input_spec.dtype)), shape)
     else:
         inputs = tf.reshape(raw, shape)
-    return inputs, parsed[LABEL_FEATURE], parsed[KEY_FEATURE]
+    return inputs, parsed.get(LABEL_FEATURE), parsed.get(KEY_FEATURE)
 
 
 def record_compression(contract: DataContract) -> str:

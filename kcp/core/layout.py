@@ -152,6 +152,30 @@ def export_versions(export_root: str) -> list[int]:
                   if name.isdigit() and storage.exists(storage.join(export_root, name, "saved_model.pb")))
 
 
+def validation_record(version_dir: str) -> str:
+    """VERSION/assets.extra/validation.json: kcp validate's verdict, which travels with the model."""
+    return storage.join(version_dir, "assets.extra", "validation.json")
+
+
+def is_blessed(version_dir: str) -> bool:
+    """True when kcp validate blessed this export version (a missing or unreadable record: False)."""
+    import json
+
+    path = validation_record(version_dir)
+    try:
+        return storage.exists(path) and json.loads(storage.read_text(path)).get("blessed") is True
+    except (OSError, ValueError, AttributeError):  # gone meanwhile, broken JSON, not a dict
+        return False
+
+
+def newest_blessed(export_root: str, exclude: int | None = None) -> int | None:
+    """The newest complete version under one model's export folder that kcp validate blessed, or None."""
+    if not storage.exists(export_root):
+        return None
+    return next((version for version in reversed(export_versions(export_root))
+                 if version != exclude and is_blessed(storage.join(export_root, str(version)))), None)
+
+
 def new_run_dir(root: str = RUNS_ROOT) -> str:
     """A fresh local `ROOT/<UTC timestamp>` (with a suffix when that name is taken), created here.
 

@@ -30,7 +30,14 @@ ROUTINE_LINES = re.compile(
     rb"|\] This TensorFlow binary is optimized to use available CPU instructions"
     rb"|^To enable the following instructions: .* rebuild TensorFlow with the appropriate compiler flags\."
     rb"|No semi_persistent_directory found"
-    rb"|Discarding unparseable args: \[")
+    rb"|Discarding unparseable args: \["
+    # a CPU without AVX-512 (every run that holds int64 tensors: text, language, tuning)
+    rb"|\] oneDNN supports DT_INT64 only on platforms with AVX-512\. Falling back to the default Eigen"
+    # TensorFlow's Python writes an attribute its own C++ MapDataset does not list (restoring a tf.data
+    # iterator: a resumed search); "unknown attributes will be ignored"
+    rb"|\] NodeDef mentions attribute use_unbounded_threadpool which is not in the op definition"
+    # the C++ side of an input error the Python side raises and kcp answers (a 400, a dead letter)
+    rb"|local_rendezvous\.cc:\d+\] Local rendezvous is aborting with status: INVALID_ARGUMENT")
 
 
 def is_routine(line: bytes) -> bool:

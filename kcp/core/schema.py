@@ -24,7 +24,20 @@ class ConfigError(UserError, ValueError):
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-3` as a float (YAML 1.2), as users write learning rates."""
+    """SafeLoader that also reads `1e-3` as a float (YAML 1.2), as users write learning rates, and
+    refuses a key written twice in one mapping (PyYAML keeps the last one silently; YAML 1.2 says a
+    mapping's keys are unique)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"found duplicate key {key!r} (line {key_node.start_mark.line + 1}): "
+                    "write each key once", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _YamlLoader.add_implicit_resolver(

@@ -45,6 +45,25 @@ def test_signatures_take_raw_bytes_and_uint8_and_return_names(digits_run):
     np.testing.assert_allclose(from_bytes["probabilities"], outputs["probabilities"][:1], atol=1e-6)
 
 
+def test_serve_examples_needs_only_the_input_feature(digits_run):
+    """A client classifying new data sends tf.train.Examples holding the input alone: no key, no label."""
+    contract = contract_lib.read_contract(digits_run)
+    loaded = tf.saved_model.load(os.path.join(digits_run, "export", "model", "1"))
+    full = [record.numpy() for record in tf.data.TFRecordDataset(
+        contract.split_files(contract_lib.data_dir(digits_run), "test")).take(4)]
+    bare = []
+    for record in full:
+        example = tf.train.Example.FromString(record)
+        feature = example.features.feature
+        assert contract_lib.KEY_FEATURE in feature and contract_lib.LABEL_FEATURE in feature
+        del feature[contract_lib.KEY_FEATURE], feature[contract_lib.LABEL_FEATURE]
+        bare.append(example.SerializeToString())
+    serve = loaded.signatures["serve_examples"]
+    by_full = serve(examples=tf.constant(full))["probabilities"].numpy()
+    by_bare = serve(examples=tf.constant(bare))["probabilities"].numpy()
+    np.testing.assert_allclose(by_bare, by_full, atol=1e-6)
+
+
 def test_no_temporary_directory_is_left_behind(digits_run):
     assert [name for name in os.listdir(os.path.join(digits_run, "export", "model")) if not name.isdigit()] == []
 

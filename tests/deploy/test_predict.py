@@ -212,3 +212,38 @@ def test_predict_takes_a_folder_of_images_without_class_folders(digits_run, tmp_
         assert (line["class_id"], line["class_name"]) == (expected["class_id"], expected["class_name"])
         assert line["probability"] == pytest.approx(expected["probability"], abs=1e-6)
     assert sum(bare[name]["class_name"] == label.split("/")[0] for name, label in flat.items()) >= 8  # a trained model
+
+
+def test_predict_defaults_to_the_newest_blessed_version_and_names_a_damaged_export(sequence_run, tmp_path, capsys):
+    """As kcp serve: an unvalidated newer version is not what batch prediction uses unless asked for;
+    an export whose saved_model.pb is damaged is one line (exit 2) for predict and validate."""
+    run_dir, x = sequence_run
+    copy = shutil.copytree(run_dir, tmp_path / "run")
+    root = copy / "export" / "model"
+    assert json.loads((root / "1" / "assets.extra" / "validation.json").read_text())["blessed"] is True
+    shutil.copytree(root / "1", root / "2")
+    (root / "2" / "assets.extra" / "validation.json").unlink()  # exported, never validated
+    np.savez(tmp_path / "rows.npz", x=x[:3])
+    code, output = predict(str(copy), f"npz:{tmp_path / 'rows.npz'}", tmp_path / "default", capsys)
+    assert code == 0 and "[predict] predicted 3, failed 0" in output, output
+    assert ("version 2 is not blessed by `kcp validate`; predicting with version 1, the newest blessed one "
+            "(--version 2 to use it)") in output
+    assert f"through {root / '1'}" in output
+    code = cli.main(["predict", "--run-dir", str(copy), "--input", f"npz:{tmp_path / 'rows.npz'}", "--output",
+                     str(tmp_path / "second"), "--version", "2", "--", *IN_PROCESS_BEAM])
+    output = capsys.readouterr().out
+    assert code == 0 and f"through {root / '2'}" in output and "not blessed" not in output
+    assert predictions(tmp_path / "second") == predictions(tmp_path / "default")  # the same weights
+
+    pb = (root / "2" / "saved_model.pb").read_bytes()
+    (root / "2" / "saved_model.pb").write_bytes(pb[:1000])  # cut short, as a failed copy leaves it
+    code = cli.main(["predict", "--run-dir", str(copy), "--input", f"npz:{tmp_path / 'rows.npz'}", "--output",
+                     str(tmp_path / "third"), "--version", "2", "--", *IN_PROCESS_BEAM])
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if "kcp predict" in line]
+    assert code == 2 and errors == [f"kcp predict: error: {root / '2'}: cannot load the SavedModel "
+                                    f"({errors[0].split('(', 1)[1]}"] and "Traceback" not in captured.err
+    code = cli.main(["validate", "--run-dir", str(copy), "--version", "2"])
+    captured = capsys.readouterr()
+    assert code == 2 and f"{root / '2'}: cannot load the SavedModel" in captured.err
+    assert "Traceback" not in captured.err

@@ -19,6 +19,7 @@ from deploy.serving import make_server, rest
 from deploy.serving.rest import respond
 from kcp import cli
 from tests.conftest import IN_PROCESS_BEAM
+from tests.trainer.test_language_model import language_run  # noqa: F401  the session's gpt run
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +203,13 @@ def test_row_and_columnar_formats_and_another_size(server, image_run):
     ("/v1/models/colors:predict", {"instances": [{"b64": base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(40)).decode()}]},
      None, 400, "could not decode the image (Invalid PNG"),
     ("/v1/models/colors:predict", {"instances": []}, None, 400, "non-empty"),
+    ("/v1/models/colors:predict", {"inputs": {"image_bytes": []}}, None, 400,
+     "input 'image_bytes' must hold at least one instance"),
+    ("/v1/models/colors:predict", {"inputs": []}, None, 400, "input 'image_bytes' must hold at least one instance"),
+    ("/v1/models/colors:predict", {"signature_name": ["a"], "instances": ["a"]}, None, 400,
+     """'signature_name' key must be a string value, not ["a"]"""),
+    ("/v1/models/colors:classify", {"context": [1], "examples": [{}]}, None, 400,
+     "'context' must be a JSON object of features"),
     ("/v1/models/colors:predict", {"instances": [1], "inputs": [1]}, None, 400, "exactly one of"),
     ("/v1/models/colors:predict", {"signature_name": "nope", "instances": [1]}, None, 400,
      'Serving signature name: "nope" not found'),
@@ -213,6 +221,59 @@ def test_bad_requests_get_4xx_with_an_error(server, path, body, raw, code, messa
     status, answer = call(f"{url}{path}", body, raw)
     assert status == code and message in answer["error"]
     assert call(f"{url}/v1/models/colors")[0] == 200  # and the server is still fine
+
+
+def test_classify_merges_the_context_into_every_example(server, image_run):
+    """TF Serving's `context`: its features go into every example, and an example's own features win."""
+    url, _ = server
+    _, root = image_run
+    big, other = png_b64(root / "class1" / "010.png"), png_b64(root / "class0" / "003.png")
+    code, alone = call(f"{url}/v1/models/colors:classify",
+                       {"examples": [{"image_bytes": {"b64": big}}, {"image_bytes": {"b64": other}}]})
+    assert code == 200 and alone["results"][0] != alone["results"][1]  # two answers, so a mix-up shows
+    code, merged = call(f"{url}/v1/models/colors:classify",
+                        {"context": {"image_bytes": {"b64": big}}, "examples": [{}, {"image_bytes": {"b64": other}}]})
+    assert code == 200 and merged == alone
+
+
+def test_a_language_model_refuses_classify_and_bad_settings_before_running(language_run, monkeypatch):  # noqa: F811
+    """A gpt has no classification signature: REST :classify is TF Serving's 400 (gRPC's words), and
+    like a generate setting kcp generate refuses (top_k < 0), it is answered before any model call."""
+    import grpc
+    from tensorflow_serving.apis import classification_pb2, prediction_service_pb2_grpc
+
+    httpd = make_server(language_run, "127.0.0.1", 0, grpc_port=0)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/v1/models/model"
+    calls = []
+    monkeypatch.setattr(httpd.registry, "submit", lambda *a: calls.append(a[1]))  # None: then `call`, also spied
+    monkeypatch.setattr(httpd.registry, "call", lambda *a: calls.append(a[1]) or {})
+    settings = {"max_new_tokens": 4, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 1}
+    wrong = ("Expected classification signature method_name to be tensorflow/serving/classify. "
+             "Was: tensorflow/serving/predict")
+    try:
+        assert call(f"{url}:classify", {"examples": [{"texts": "the cat"}]}) == (400, {"error": wrong})
+        assert call(f"{url}:classify", {"signature_name": "generate",
+                                        "examples": [{"prompts": "a", **settings}]}) == (400, {"error": wrong})
+        assert call(f"{url}:predict", {"signature_name": "generate",
+                                       "inputs": {"prompts": [], **settings}}) == (
+            400, {"error": "input 'prompts' must hold at least one instance (it is empty)"})
+        assert calls == []  # refused before the model ran
+        monkeypatch.undo()
+        for name, value, message in (("top_k", -3, "top_k must be 0 (off) or more"),
+                                     ("temperature", -1.0, "temperature must be 0 or more")):
+            assert call(f"{url}:predict", {"signature_name": "generate", "instances": [
+                {"prompts": "a", **settings, name: value}]}) == (400, {"error": message})  # no trailing blanks
+        request = classification_pb2.ClassificationRequest()
+        request.model_spec.name = "model"
+        request.input.example_list.examples.add()
+        with grpc.insecure_channel(f"127.0.0.1:{httpd.grpc.port}") as channel:
+            with pytest.raises(grpc.RpcError) as error:
+                prediction_service_pb2_grpc.PredictionServiceStub(channel).Classify(request, timeout=30)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and error.value.details() == wrong
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 def test_request_size_is_limited(image_run):

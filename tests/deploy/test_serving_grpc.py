@@ -104,6 +104,45 @@ def test_classify_and_multi_inference_over_examples(grpc_server, digits_run):
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def as_json_features(example: tf.train.Example) -> dict:
+    """A tf.train.Example's features as a REST :classify example (TF Serving's JSON rules backwards)."""
+    features = {}
+    for name, feature in example.features.feature.items():
+        kind = feature.WhichOneof("kind")
+        values = list(getattr(feature, kind).value)
+        features[name] = [{"b64": base64.b64encode(v).decode()} for v in values] if kind == "bytes_list" else values
+    return features
+
+
+def test_rest_classify_through_serve_examples_equals_grpc_classify(grpc_server, digits_run):
+    """The same examples over REST (JSON features, signature_name serve_examples) and gRPC get the
+    same classes and scores; the context's features go into every example, and an example's own win."""
+    predictions, _, url = grpc_server
+    contract = contract_lib.read_contract(digits_run)
+    files = contract.split_files(contract_lib.data_dir(digits_run), "test")
+    first, second = (tf.train.Example.FromString(r.numpy()) for r in tf.data.TFRecordDataset(files).take(2))
+    loaded = tf.saved_model.load(os.path.join(digits_run, "export", "model", "1"))
+    expected = loaded.signatures["serve_examples"](examples=tf.constant(
+        [first.SerializeToString(), second.SerializeToString()]))["probabilities"].numpy()
+    assert np.abs(expected[0] - expected[1]).max() > 1e-3  # two different answers, so a mix-up shows
+    body = {"signature_name": "serve_examples", "context": as_json_features(first),
+            "examples": [{}, {contract.input_feature: as_json_features(second)[contract.input_feature]}]}
+    request = urllib.request.Request(f"{url}/v1/models/model:classify", data=json.dumps(body).encode())
+    with urllib.request.urlopen(request, timeout=60) as answer:
+        rest = json.loads(answer.read())["results"]
+    classify = classification_pb2.ClassificationRequest()
+    classify.model_spec.name, classify.model_spec.signature_name = "model", "serve_examples"
+    classify.input.example_list_with_context.context.CopyFrom(first)
+    classify.input.example_list_with_context.examples.add()
+    classify.input.example_list_with_context.examples.add().features.feature[contract.input_feature].CopyFrom(
+        second.features.feature[contract.input_feature])
+    over_grpc = predictions.Classify(classify, timeout=30).result.classifications
+    for row, classes, probabilities in zip(rest, over_grpc, expected):
+        assert [label for label, _ in row] == [c.label for c in classes.classes] == [str(i) for i in range(10)]
+        np.testing.assert_allclose([score for _, score in row], probabilities, atol=1e-6)
+        np.testing.assert_allclose([c.score for c in classes.classes], probabilities, atol=1e-6)
+
+
 def test_metadata_and_status(grpc_server):
     predictions, models, _ = grpc_server
     request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
@@ -139,6 +178,7 @@ def status_request(name):
     ("Predict", lambda: predict_request([digit_png()], version_label="stable"), "INVALID_ARGUMENT",
      "Unrecognized servable version label"),
     ("Predict", lambda: predict_request([b"not an image"]), "INVALID_ARGUMENT", ""),
+    ("Predict", lambda: predict_request([]), "INVALID_ARGUMENT", "input 'image_bytes' must hold at least one instance"),
     ("Predict", lambda: predict_request([digit_png()], signature_name="nope"), "INVALID_ARGUMENT", "nope"),
     ("Predict", lambda: predict_pb2.PredictRequest(model_spec={"name": "model"}), "INVALID_ARGUMENT",
      "input size does not match"),

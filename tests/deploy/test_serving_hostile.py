@@ -1,12 +1,18 @@
 """The REST server against hostile clients: bad lengths, huge claims, chunked bodies, deep JSON,
 idle, slow and trickling connections, more connections than allowed; and a fault test where good
 clients keep getting answers while a bounded hostile fleet runs. HTTP parse errors carry
-aiohttp's (llhttp's) words."""
+aiohttp's (llhttp's) words. Start and stop: bad settings, busy ports and unknown hosts refused
+before any model loads; SIGTERM and Ctrl-C let a request in progress finish."""
 
 import base64
 import io
 import json
+import os
+import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +23,8 @@ from PIL import Image
 
 from deploy.serving import make_server
 from deploy.serving.rest import json_depth
+from kcp import cli
+from kcp.core.errors import UserError
 
 LIMIT = 64 * 1024
 
@@ -296,3 +304,110 @@ def test_good_clients_are_answered_while_a_hostile_fleet_runs(hostile_server):
         assert sum(f.result() for f in fleet) > 0
     assert all(code == 200 and body == expected for code, body in good)
     assert rss_mb() - rss_before < 100
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--port", "70000"], "--port 70000: must be a port number from 0 (a free port) to 65535"),
+    (["--port", "-5"], "--port -5: must be a port number from 0 (a free port) to 65535"),
+    (["--grpc-port", "99999"], "--grpc-port 99999: must be a port number from 0 (a free port) to 65535"),
+    (["--max-connections", "0"], "--max-connections 0: must be an integer, 1 or more"),
+    (["--poll-seconds", "0"], "--poll-seconds 0: must be 0.1 or more"),
+    (["--idle-timeout-s", "0"], "--idle-timeout-s 0: must be above 0"),
+    (["--max-request-mb", "-1"], "--max-request-mb -1: must be above 0"),
+    (["--max-request-mb", "nan"], "--max-request-mb nan: must be above 0"),
+    (["--max-batch-size", "0"], "--max-batch-size 0: must be an integer, 1 or more"),
+    (["--batch-timeout-ms", "-1"], "--batch-timeout-ms -1: must be 0 or more"),
+    (["--host", "999.1.1.1", "--port", "0", "--no-grpc"], "--host: cannot resolve host '999.1.1.1'"),
+])
+def test_bad_serve_settings_are_one_line_errors_before_any_model_loads(tmp_path, capsys, flags, message):
+    # tmp_path holds no exports: an error about the setting, not about the exports, came first
+    assert cli.main(["serve", "--run-dir", str(tmp_path), *flags]) == 2
+    assert capsys.readouterr().err.strip() == f"kcp serve: error: {message}"
+
+
+def test_ports_are_bound_before_any_model_loads(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(UserError, match=rf"^--port {port}: cannot bind 127.0.0.1:{port}: Address already in use$"):
+            make_server(str(tmp_path), "127.0.0.1", port)  # no exports there: the port's error came first
+        with pytest.raises(UserError, match=rf"^--grpc-port {port}: cannot bind 127.0.0.1:{port}"):
+            make_server(str(tmp_path), "127.0.0.1", 0, grpc_port=port)
+
+
+def finish_during_stop(port: int, stop) -> tuple[tuple[int, dict], tuple[int, dict]]:
+    """Sends a request's headers and a part of its body, calls `stop()` (a signal), checks that new
+    connections are refused, then sends the rest: (that request's answer, an answer from before)."""
+    before = good_predict(port)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request(f"Content-Length: {len(BODY)}\r\n", BODY[:10]))  # in progress from now on
+        time.sleep(0.3)
+        stop()
+        time.sleep(0.5)
+        with pytest.raises(ConnectionRefusedError):  # stopped accepting
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        sock.sendall(BODY[10:])
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return responses(b"".join(chunks))[0], before
+
+
+def test_sigterm_stops_kcp_serve_after_the_request_in_progress(digits_run):
+    """A real `kcp serve` process: SIGTERM (docker, Kubernetes, systemd) lets the request in progress
+    finish, prints one line and exits 143, as a death by SIGTERM would (but cleanly)."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from kcp import cli; sys.exit(cli.main())", "serve", "--run-dir",
+         digits_run, "--port", "0", "--grpc-port", "0", "--allow-unvalidated"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    try:
+        line = process.stdout.readline()  # [serve] http://127.0.0.1:PORT/v1/models/<name>, gRPC ...
+        assert line.startswith("[serve] http://127.0.0.1:"), process.stderr.read() if not line else line
+        port = int(re.search(r":(\d+)/v1/models", line).group(1))
+        during, before = finish_during_stop(port, lambda: process.send_signal(signal.SIGTERM))
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert during == before and during[0] == 200
+    assert process.returncode == 143
+    assert stderr.strip().splitlines()[-1] == \
+        "kcp serve: SIGTERM: stopped; requests in progress were given 5 s to finish"
+
+
+def test_ctrl_c_stops_kcp_serve_after_the_request_in_progress(digits_run, capsys):
+    """Ctrl-C (SIGINT) in `kcp serve`, in this process: the same drain, one line, exit 130."""
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    finished, outcome = threading.Event(), {}
+
+    def client():
+        deadline = time.monotonic() + 60
+        while not finished.is_set():  # until the server answers
+            try:
+                good_predict(port)
+                break
+            except OSError:
+                time.sleep(0.1)
+                if time.monotonic() > deadline:
+                    break
+        try:
+            outcome["answers"] = finish_during_stop(port, lambda: os.kill(os.getpid(), signal.SIGINT))
+        except Exception as error:  # noqa: BLE001  reported below
+            outcome["error"] = error
+            if not finished.is_set():
+                os.kill(os.getpid(), signal.SIGINT)  # never leave the server running
+
+    thread = threading.Thread(target=client, daemon=True)
+    thread.start()
+    try:
+        code = cli.main(["serve", "--run-dir", digits_run, "--port", str(port), "--no-grpc", "--allow-unvalidated"])
+    finally:
+        finished.set()
+    thread.join(30)
+    assert "error" not in outcome, outcome.get("error")
+    during, before = outcome["answers"]
+    assert during == before and during[0] == 200
+    assert code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "kcp serve: SIGINT: stopped; requests in progress were given 5 s to finish"

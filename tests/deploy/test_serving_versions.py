@@ -165,6 +165,28 @@ def test_concurrent_first_requests_load_a_new_version_once(labelled, versions_ru
         shutil.rmtree(target)
 
 
+def test_a_labelled_version_loads_once_and_a_label_may_name_one_model(digits_run, tmp_path):
+    """--version-label stable=1 labels version 1 of every model; model:canary=1 of `model` only (TF
+    Serving's labels are per model). A labelled version the policy also serves is loaded once."""
+    run_dir = str(tmp_path / "run")
+    for name in ("model", "other"):
+        shutil.copytree(os.path.join(digits_run, "export", "model", "1"), os.path.join(run_dir, "export", name, "1"))
+        bless(os.path.join(run_dir, "export", name, "1"), True)
+    url, httpd = start(run_dir, version_labels=["stable=1", "model:canary=1"])
+    try:
+        assert httpd.registry.loads == 2  # one load per model (each labelled version was loaded twice before)
+        httpd.registry.scan()
+        assert httpd.registry.loads == 2 and httpd.registry.served() == {"model": [1], "other": [1]}
+        assert call(f"{url}/v1/models/other/labels/stable:predict", "POST", BODY)[0] == 200
+        assert call(f"{url}/v1/models/model/labels/canary:predict", "POST", BODY)[0] == 200
+        assert call(f"{url}/v1/models/other/labels/canary:predict", "POST", BODY) == (
+            400, {"error": "Unrecognized servable version label: canary"})
+    finally:
+        stop(httpd)
+    with pytest.raises(UserError, match=r"^--version-label 'a:b:c=1': use LABEL=VERSION or NAME:LABEL=VERSION"):
+        make_server(run_dir, "127.0.0.1", 0, version_labels=["a:b:c=1"])
+
+
 def test_a_remote_run_dir_is_served_or_fails_in_one_line(digits_run, gcs, tmp_path):
     bucket = gcs.bucket("kcp-test")
     source = os.path.join(digits_run, "export", "model", "1")

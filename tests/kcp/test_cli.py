@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from kcp import cli
-from tests.conftest import IN_PROCESS_BEAM
+from tests.conftest import IN_PROCESS_BEAM, fresh_run
 
 
 def test_run_writes_every_stage_output(digits_run):
@@ -74,8 +74,26 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys, argv, key):
 
 
 def test_train_without_data_says_what_to_run(tmp_path, capsys):
-    assert cli.main(["train", "--run-dir", str(tmp_path / "empty")]) == 2
-    assert "run `kcp preprocess" in capsys.readouterr().err
+    for command in ("train", "tune"):
+        assert cli.main([command, "--run-dir", str(tmp_path / "typo")]) == 2
+        assert "run `kcp preprocess" in capsys.readouterr().err
+        assert not os.path.exists(tmp_path / "typo")  # a mistyped run directory is not created
+
+
+def test_a_command_that_fails_with_one_line_leaves_the_recorded_config_as_it_was(digits_data, tmp_path, capsys):
+    """A refused setting must not become the run's: later commands without it would fail the same way."""
+    run_dir = fresh_run(digits_data, tmp_path)
+    path = os.path.join(run_dir, "config.yaml")
+    assert cli.main(["train", "--run-dir", run_dir, "--set", "train.epochs=1", "--set", "train.strategy=tpu"]) == 2
+    assert "train.strategy: 'tpu' but no TPU was found" in capsys.readouterr().err
+    assert not os.path.exists(path)  # nothing was recorded before: nothing is
+    with open(path, "w") as handle:
+        handle.write("train:\n  epochs: 2\n")
+    for argv in (["--set", "train.strategy=tpu"], ["--model", "gpt"]):  # no TPU; gpt takes language data
+        assert cli.main(["train", "--run-dir", run_dir, *argv]) == 2
+        assert "error" in capsys.readouterr().err
+        with open(path) as handle:
+            assert handle.read() == "train:\n  epochs: 2\n"
 
 
 def test_the_console_script_exits_2_naming_the_key(tmp_path):
@@ -210,14 +228,22 @@ def test_routine_native_lines_are_dropped_and_everything_else_kept(capfd):
 
     noisy = (b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
              b"I0000 00:00:1795720155.422677   12091 port.cc:153] oneDNN custom operations are on. You may see\n"
-             b"E0000 00:00:1795720163.379259   12091 cuda_platform.cc:52] failed call to cuInit: INTERNAL: x\n")
+             b"E0000 00:00:1795720163.379259   12091 cuda_platform.cc:52] failed call to cuInit: INTERNAL: x\n"
+             b"E0000 00:00:1795825088.595481   10285 util.cc:131] oneDNN supports DT_INT64 only on platforms with "
+             b"AVX-512. Falling back to the default Eigen-based implementation if present.\n"
+             b"E0000 00:00:1795827271.222125   31813 node_def_util.cc:682] NodeDef mentions attribute "
+             b"use_unbounded_threadpool which is not in the op definition: Op<name=MapDataset; ...>\n"
+             b"W0000 00:00:1795825143.266024   10655 local_rendezvous.cc:412] Local rendezvous is aborting with "
+             b"status: INVALID_ARGUMENT: assertion failed: [instance 0: not a PNG, JPEG, GIF or BMP image]\n")
     with filtered_stderr():
         os.write(2, noisy[:50])  # a line split across writes is still recognised
-        os.write(2, noisy[50:] + b"W0000 a real warning\n")
+        os.write(2, noisy[50:] + b"W0000 a real warning\n"
+                 b"W0000 00:00:1 local_rendezvous.cc:412] Local rendezvous is aborting with status: OUT_OF_RANGE\n")
         subprocess.run([sys.executable, "-c", "import os; os.write(2, b'child: No semi_persistent_directory found: x\\n"
                         "child error\\n')"], check=True)
         os.write(2, b"no newline at the end")
-    assert capfd.readouterr().err == "W0000 a real warning\nchild error\nno newline at the end"
+    assert capfd.readouterr().err == ("W0000 a real warning\nW0000 00:00:1 local_rendezvous.cc:412] Local rendezvous "
+                                      "is aborting with status: OUT_OF_RANGE\nchild error\nno newline at the end")
     with filtered_stderr(enabled=False):  # --verbose
         os.write(2, noisy)
     assert capfd.readouterr().err == noisy.decode()

@@ -98,6 +98,27 @@ def test_read_yaml_file_errors_name_the_file(tmp_path):
     scalar.write_text("3\n")
     with pytest.raises(ConfigError, match="scalar.yaml: expected a mapping"):
         read_yaml_file(str(scalar))
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train:\n  epochs: 2\n  epochs: 3\nmodel: {name: cnn}\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: not valid YAML \(found duplicate key 'epochs' \(line 3\)"):
+        read_yaml_file(str(twice))
+    twice.write_text("train:\n  epochs: 2\ndata: {}\ntrain:\n  seed: 1\n")  # a whole section twice
+    with pytest.raises(ConfigError, match="found duplicate key 'train' \\(line 4\\)"):
+        read_yaml_file(str(twice))
+
+
+def test_a_bad_value_in_the_runs_config_yaml_names_that_file(tmp_path):
+    from kcp.core.config_load import resolve_config
+
+    (tmp_path / "config.yaml").write_text("train:\n  epochs: abc\n")
+    recorded = str(tmp_path / "config.yaml")
+    with pytest.raises(ConfigError) as error:
+        resolve_config(str(tmp_path))
+    assert str(error.value) == f"{recorded}: train.epochs: 'abc' is not an integer"
+    assert resolve_config(str(tmp_path), overrides=["train.epochs=4"]).train.epochs == 4  # overridden: fine
+    with pytest.raises(ConfigError) as error:  # a bad value the user typed is named as typed, not as the file's
+        resolve_config(str(tmp_path), overrides=["train.epochs=4", "train.seed=x"])
+    assert str(error.value).startswith("train.seed: ")
 
 
 def test_every_section_is_present():

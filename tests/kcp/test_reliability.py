@@ -451,6 +451,80 @@ def test_push_from_a_local_directory_reads_validation_through_storage(tmp_path, 
     assert written[-1].endswith("/1/saved_model.pb") and len(written) == 3
 
 
+def _blessed_version(directory, content: bytes):
+    os.makedirs(os.path.join(directory, "variables"))
+    os.makedirs(os.path.join(directory, "assets.extra"))
+    for relative in ("variables/variables.index", "variables/variables.data-00000-of-00001", "saved_model.pb"):
+        with open(os.path.join(directory, *relative.split("/")), "wb") as handle:
+            handle.write(content + relative.encode())
+    with open(os.path.join(directory, "assets.extra", "validation.json"), "w") as handle:
+        json.dump({"blessed": True, "reasons": []}, handle)
+
+
+def _push(version_dir, destination, gcs):
+    from deploy.push import push_export
+
+    return push_export(version_dir, destination, client=gcs)
+
+
+def test_two_pushes_to_one_version_at_once_leave_one_whole_version(tmp_path, gcs, google_apis):
+    """Two processes push different models as version 1 of one destination: one wins, whole; the
+    other fails with a line naming why (the destination's lock, or the version it finds complete)."""
+    sources = {}
+    for name in ("a", "b"):
+        sources[name] = str(tmp_path / name / "export" / "model" / "1")
+        _blessed_version(sources[name], name.encode() * 64)
+    go = tmp_path / "go"
+    # both start together (they wait for the file `go`) and each upload takes 0.3 s: the pushes overlap
+    code = ("import os, sys, time\nfrom google.cloud.storage import Blob\n"
+            "from deploy.push import push_export\nfrom kcp.core.errors import UserError\n"
+            "upload = Blob.upload_from_filename\n"
+            "Blob.upload_from_filename = lambda self, *a, **k: (time.sleep(0.3), upload(self, *a, **k))[1]\n"
+            "while not os.path.exists(sys.argv[2]):\n    time.sleep(0.01)\n"
+            "try:\n    push_export(sys.argv[1], 'gs://kcp-test/reliability/race')\n"
+            "except UserError as error:\n    print(error); sys.exit(2)\n")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    processes = [subprocess.Popen([sys.executable, "-c", code, path, str(go)], cwd=root, env={**os.environ, **google_apis.environment()},
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for path in sources.values()]
+    time.sleep(3)  # both have imported and wait
+    go.write_text("")
+    results = [(process.wait(timeout=120), process.stdout.read()) for process in processes]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    loser = next(output for code, output in results if code == 2)
+    assert "in use by `kcp push`" in loser, loser
+    bucket = gcs.bucket("kcp-test")
+    pushed = {blob.name.split("/1/", 1)[1]: blob.download_as_bytes()
+              for blob in bucket.list_blobs(prefix="reliability/race/1/")}
+    assert ".kcp-lock" not in pushed and len(pushed) == 4
+    winner = pushed["saved_model.pb"][:1].decode()
+    for relative, content in pushed.items():  # every file from the winner: no mix of the two models
+        if relative != "assets.extra/validation.json":
+            assert content == winner.encode() * 64 + relative.encode(), relative
+
+
+def test_a_push_into_a_version_another_push_holds_fails_at_once(tmp_path, gcs):
+    version_dir = str(tmp_path / "export" / "model" / "3")
+    _blessed_version(version_dir, b"x")
+    holder = {"command": "push", "user": "someone", "host": socket.gethostname(), "pid": os.getpid(),
+              "started": "2026-11-28T00:00:00Z", "token": "other"}  # a live process on this host
+    gcs.bucket("kcp-test").blob("reliability/held/3/.kcp-lock").upload_from_string(json.dumps(holder))
+    with pytest.raises(UserError, match="reliability/held/3 is in use by `kcp push`"):
+        _push(version_dir, "gs://kcp-test/reliability/held", gcs)
+    assert not list(gcs.bucket("kcp-test").list_blobs(prefix="reliability/held/3/variables"))
+
+
+def test_push_to_a_missing_bucket_or_with_a_broken_validation_record_is_one_line(tmp_path, gcs):
+    version_dir = str(tmp_path / "export" / "model" / "1")
+    _blessed_version(version_dir, b"x")
+    with pytest.raises(UserError, match="does bucket 'no-such-bucket' exist"):
+        _push(version_dir, "gs://no-such-bucket/models", gcs)
+    with open(os.path.join(version_dir, "assets.extra", "validation.json"), "w") as handle:
+        handle.write('{"blessed": tr')  # cut short
+    with pytest.raises(UserError, match="validation.json: not valid JSON .*run `kcp validate` again"):
+        _push(version_dir, "gs://kcp-test/reliability/broken", gcs)
+
+
 # --- fingerprints: what an artifact was made from ---------------------------------------------
 
 def _run_from(digits_run, tmp_path):

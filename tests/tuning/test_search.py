@@ -100,8 +100,10 @@ def test_chief_and_two_workers_run_each_trial_once_and_exit(digits_data, tmp_pat
     trials_4 = ["--set", "tune.max_trials=4"]  # two per worker
     chief = tune_process(run_dir, "--role", "chief", "--oracle", oracle, *trials_4)
     time.sleep(3)
-    workers = [tune_process(run_dir, "--role", "worker", "--oracle", oracle, "--tuner-id", f"worker{i}", *trials_4)
-               for i in range(2)]
+    # any id without "chief" is a worker, sharing the chief's run directory (its lock): kcp's naming and
+    # Keras Tuner's own (`tuner1`)
+    workers = [tune_process(run_dir, "--role", "worker", "--oracle", oracle, "--tuner-id", tuner, *trials_4)
+               for tuner in ("worker0", "tuner1")]
     outputs = [process.communicate(timeout=600)[0] for process in (*workers, chief)]
     finished = time.time()
     for process, output in zip((*workers, chief), outputs):
