@@ -5,22 +5,28 @@
 Files are uploaded under gs://BUCKET/models/digits/N/ with saved_model.pb last: TF Serving
 only loads a version folder once saved_model.pb is there, so it never loads a half-copied
 one. A complete destination version (saved_model.pb present) is never overwritten; an
-incomplete one, left by a push that was killed halfway, is completed by pushing again. Two pushes
-to the same destination version at once cannot mix their files: each holds the destination's
-lock (DESTINATION/VERSION/.kcp-lock, kcp/core/lock.py, created with ifGenerationMatch=0) while it
-uploads, and the second one fails at once naming the first. The run directory may be local or on
+incomplete one, left by a push that was killed halfway, is completed by pushing again (from
+another host, once the killed push's lock is deleted: the error names it). Two pushes to the same
+destination version at once cannot mix their files: each holds the version's lock
+(DESTINATION/.kcp-push-VERSION/.kcp-lock, kcp/core/lock.py, created with ifGenerationMatch=0;
+beside the version, which a model server polling DESTINATION ignores) while it uploads, and the
+second one fails at once naming the first. The run directory may be local or on
 gs:// (then the files are copied within Cloud Storage).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import threading
 
-from kcp.core import storage
+from kcp.core import lock, storage
 from kcp.core.errors import UserError
 from kcp.core.layout import validation_record
-from kcp.core.lock import run_lock
+
+log = logging.getLogger("kcp.push")
 
 
 def split_gs_uri(uri: str) -> tuple[str, str]:
@@ -63,14 +69,54 @@ def push_export(version_dir: str, destination: str, force: bool = False, client=
     if "saved_model.pb" not in files:
         raise UserError(f"{version_dir}: no saved_model.pb; not a complete export version")
     client = client or gcs.Client()
-    try:
-        with run_lock(f"gs://{bucket_name}/{target}", "push"):  # one push at a time into this version
+    # the destination version's lock, beside it (BASE/.kcp-push-VERSION/.kcp-lock, which a model server
+    # polling BASE ignores), not in it: a push killed after its last file leaves no stray object in the model
+    claim = f"gs://{bucket_name}/{prefix + '/' if prefix else ''}.kcp-push-{version}"
+    with _in_this_process(claim, f"gs://{bucket_name}/{target}/"):
+        try:
+            lock.acquire(claim, "push")
+        except (NotFound, Forbidden) as error:  # a missing bucket, or credentials that may not write there
+            raise _destination_error(error, bucket_name, target) from None
+        try:
             return _upload(client, bucket_name, target, version_dir, files)
-    except (NotFound, Forbidden) as error:  # a missing bucket, or credentials that may not write there
-        what = (f"not found; does bucket {bucket_name!r} exist?" if isinstance(error, NotFound)
-                else "cannot be written with these credentials")
-        detail = " ".join(str(getattr(error, "message", error)).split())[:200]
-        raise UserError(f"--to: gs://{bucket_name}/{target}/: {what} ({error.code} {detail})") from None
+        except (NotFound, Forbidden) as error:
+            if storage.is_remote(version_dir):  # the source bucket or the destination's: name both
+                detail = " ".join(str(getattr(error, "message", error)).split())[:200]
+                raise UserError(f"push {version_dir} -> gs://{bucket_name}/{target}/: {error.code} {detail}") from None
+            raise _destination_error(error, bucket_name, target) from None
+        finally:
+            try:
+                lock.release(claim)
+            except Exception as error:  # noqa: BLE001  the version is whole: say so, do not fail the push
+                log.warning("push: could not remove the lock %s/.kcp-lock (%s); delete it before the next push "
+                            "of version %s", claim, " ".join(str(error).split())[:200], version)
+
+
+_PUSHING: set = set()  # destination versions this process is pushing (the run lock counts re-entry per process)
+_PUSHING_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def _in_this_process(claim: str, destination: str):
+    """Two threads of one process (notebook code) pushing into one version: the second fails at once."""
+    with _PUSHING_GUARD:
+        if claim in _PUSHING:
+            raise UserError(f"{destination}: another push in this process is writing it")
+        _PUSHING.add(claim)
+    try:
+        yield
+    finally:
+        with _PUSHING_GUARD:
+            _PUSHING.discard(claim)
+
+
+def _destination_error(error, bucket_name: str, target: str) -> UserError:
+    from google.api_core.exceptions import NotFound
+
+    what = (f"not found; does bucket {bucket_name!r} exist?" if isinstance(error, NotFound)
+            else "cannot be written with these credentials")
+    detail = " ".join(str(getattr(error, "message", error)).split())[:200]
+    return UserError(f"--to: gs://{bucket_name}/{target}/: {what} ({error.code} {detail})")
 
 
 def _upload(client, bucket_name: str, target: str, version_dir: str, files: list[str]) -> list[str]:

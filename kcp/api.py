@@ -93,8 +93,8 @@ def locked(run_dir: str, command: str):
     if is_cluster_helper():
         yield
         return
-    if command != "preprocess" and not storage.exists(run_dir):  # a mistyped --run-dir: the stage's own
-        contract_lib.read_contract(run_dir)                      # error, and no folder made for the lock
+    if command not in ("preprocess", "run") and not storage.exists(run_dir):  # a mistyped --run-dir: the
+        contract_lib.read_contract(run_dir)  # stage's own error, and no folder made for the lock
     with run_lock(run_dir, command):
         yield
 

@@ -15,6 +15,7 @@ import time
 from kcp import api
 from kcp.core import storage
 from kcp.core.char_ngrams import char_ngram_count
+from kcp.core.cluster import tuner_id
 from kcp.core.config import DEFAULT_DROPOUT
 from kcp.core.contract import read_contract
 from kcp.core.errors import UserError
@@ -162,11 +163,11 @@ def tune(args, run_dir: str, config, beam_args: list[str]) -> int:
         if not args.oracle or ":" not in args.oracle:
             raise UserError("--oracle: a distributed search needs the chief's HOST:PORT")
         host, port = args.oracle.rsplit(":", 1)
-        tuner_id = "chief" if args.role == "chief" else (args.tuner_id or f"worker-{socket.gethostname()}-{os.getpid()}")
-        if args.role == "worker" and "chief" in tuner_id:
-            raise UserError(f"--tuner-id: {tuner_id!r} contains 'chief', which Keras Tuner reserves for the chief")
-        os.environ.update(KERASTUNER_TUNER_ID=tuner_id, KERASTUNER_ORACLE_IP=host, KERASTUNER_ORACLE_PORT=port)
-    role = os.environ.get("KERASTUNER_TUNER_ID", "")
+        role = "chief" if args.role == "chief" else (args.tuner_id or f"worker-{socket.gethostname()}-{os.getpid()}")
+        if args.role == "worker" and "chief" in role:
+            raise UserError(f"--tuner-id: {role!r} contains 'chief', which Keras Tuner reserves for the chief")
+        os.environ.update(KERASTUNER_TUNER_ID=role, KERASTUNER_ORACLE_IP=host, KERASTUNER_ORACLE_PORT=port)
+    role = tuner_id()
     say(f"[tune] {config.tune.algorithm} over {config.model.name}"
         + (f" as {role} of {os.environ.get('KERASTUNER_ORACLE_IP')}:{os.environ.get('KERASTUNER_ORACLE_PORT')}"
            if role else f", {config.tune.max_trials} trials"))

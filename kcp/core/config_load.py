@@ -15,6 +15,7 @@ import contextlib
 import json
 
 from kcp.core import storage
+from kcp.core.cluster import is_cluster_helper
 from kcp.core.config import (DEFAULT_LANGUAGE_SOURCE, MODEL_FAMILIES, Config, ModelConfig, is_language_source)
 from kcp.core.errors import UserError
 from kcp.core.layout import RunLayout
@@ -135,6 +136,9 @@ def config_recorded(run_dir: str, config: Config):
     path = RunLayout(run_dir).config
     before = storage.read_text(path) if storage.exists(path) else None
     record_config(run_dir, config)
+    if is_cluster_helper():  # a tuner worker or a non-chief replica: records as before, never puts back a
+        yield                # config.yaml it read before the chief (which holds the run's lock) recorded
+        return
     try:
         yield
     except UserError:

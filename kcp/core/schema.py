@@ -31,12 +31,15 @@ class _YamlLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges, as YAML allows, once or more
+                continue
             key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, (str, int, float, bool)) and key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"found duplicate key {key!r} (line {key_node.start_mark.line + 1}): "
-                    "write each key once", key_node.start_mark)
-            seen.add(key)
+            if isinstance(key, (str, int, float, bool)):
+                if (type(key), key) in seen:  # by type too: 1 and true are two keys
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"found duplicate key {key!r} (line {key_node.start_mark.line + 1}): "
+                        "write each key once", key_node.start_mark)
+                seen.add((type(key), key))
         return super().construct_mapping(node, deep=deep)
 
 

@@ -105,6 +105,11 @@ def test_read_yaml_file_errors_name_the_file(tmp_path):
     twice.write_text("train:\n  epochs: 2\ndata: {}\ntrain:\n  seed: 1\n")  # a whole section twice
     with pytest.raises(ConfigError, match="found duplicate key 'train' \\(line 4\\)"):
         read_yaml_file(str(twice))
+    from kcp.core.schema import load_yaml
+
+    merged = load_yaml("base: &b {epochs: 2, seed: 1}\ntrain:\n  <<: *b\n  epochs: 3\n")
+    assert merged["train"] == {"epochs": 3, "seed": 1}  # YAML merge keys still merge; a key given wins
+    load_yaml("{1: a, true: b}")  # two keys of two types, not a duplicate (a Python dict then holds one)
 
 
 def test_a_bad_value_in_the_runs_config_yaml_names_that_file(tmp_path):

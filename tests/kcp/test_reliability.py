@@ -480,6 +480,7 @@ def test_two_pushes_to_one_version_at_once_leave_one_whole_version(tmp_path, gcs
             "from deploy.push import push_export\nfrom kcp.core.errors import UserError\n"
             "upload = Blob.upload_from_filename\n"
             "Blob.upload_from_filename = lambda self, *a, **k: (time.sleep(0.3), upload(self, *a, **k))[1]\n"
+            "open(sys.argv[1] + '.ready', 'w').close()\n"
             "while not os.path.exists(sys.argv[2]):\n    time.sleep(0.01)\n"
             "try:\n    push_export(sys.argv[1], 'gs://kcp-test/reliability/race')\n"
             "except UserError as error:\n    print(error); sys.exit(2)\n")
@@ -487,7 +488,9 @@ def test_two_pushes_to_one_version_at_once_leave_one_whole_version(tmp_path, gcs
     processes = [subprocess.Popen([sys.executable, "-c", code, path, str(go)], cwd=root, env={**os.environ, **google_apis.environment()},
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                  for path in sources.values()]
-    time.sleep(3)  # both have imported and wait
+    deadline = time.time() + 120
+    while not all(os.path.exists(path + ".ready") for path in sources.values()) and time.time() < deadline:
+        time.sleep(0.05)  # both have imported and wait
     go.write_text("")
     results = [(process.wait(timeout=120), process.stdout.read()) for process in processes]
     assert sorted(code for code, _ in results) == [0, 2], results
@@ -496,7 +499,7 @@ def test_two_pushes_to_one_version_at_once_leave_one_whole_version(tmp_path, gcs
     bucket = gcs.bucket("kcp-test")
     pushed = {blob.name.split("/1/", 1)[1]: blob.download_as_bytes()
               for blob in bucket.list_blobs(prefix="reliability/race/1/")}
-    assert ".kcp-lock" not in pushed and len(pushed) == 4
+    assert len(pushed) == 4 and not list(bucket.list_blobs(prefix="reliability/race/.kcp-push-1/"))  # lock gone
     winner = pushed["saved_model.pb"][:1].decode()
     for relative, content in pushed.items():  # every file from the winner: no mix of the two models
         if relative != "assets.extra/validation.json":
@@ -508,10 +511,29 @@ def test_a_push_into_a_version_another_push_holds_fails_at_once(tmp_path, gcs):
     _blessed_version(version_dir, b"x")
     holder = {"command": "push", "user": "someone", "host": socket.gethostname(), "pid": os.getpid(),
               "started": "2026-11-28T00:00:00Z", "token": "other"}  # a live process on this host
-    gcs.bucket("kcp-test").blob("reliability/held/3/.kcp-lock").upload_from_string(json.dumps(holder))
-    with pytest.raises(UserError, match="reliability/held/3 is in use by `kcp push`"):
+    gcs.bucket("kcp-test").blob("reliability/held/.kcp-push-3/.kcp-lock").upload_from_string(json.dumps(holder))
+    with pytest.raises(UserError, match=r"reliability/held/\.kcp-push-3 is in use by `kcp push`"):
         _push(version_dir, "gs://kcp-test/reliability/held", gcs)
-    assert not list(gcs.bucket("kcp-test").list_blobs(prefix="reliability/held/3/variables"))
+    assert not list(gcs.bucket("kcp-test").list_blobs(prefix="reliability/held/3/"))
+
+
+def test_a_push_whose_lock_cannot_be_removed_still_succeeds(tmp_path, gcs, monkeypatch, caplog):
+    """Credentials that may create but not delete (a retention policy): the version is whole, so the
+    push succeeds and says which lock to delete."""
+    from google.api_core.exceptions import Forbidden
+
+    from kcp.core import lock as lock_lib
+
+    version_dir = str(tmp_path / "export" / "model" / "5")
+    _blessed_version(version_dir, b"x")
+
+    def forbidden(path):
+        raise Forbidden("DELETE: Object is subject to bucket's retention policy")
+
+    monkeypatch.setattr(lock_lib, "release", forbidden)
+    written = _push(version_dir, "gs://kcp-test/reliability/kept", gcs)
+    assert written[-1] == "gs://kcp-test/reliability/kept/5/saved_model.pb"
+    assert "could not remove the lock gs://kcp-test/reliability/kept/.kcp-push-5/.kcp-lock" in caplog.text
 
 
 def test_push_to_a_missing_bucket_or_with_a_broken_validation_record_is_one_line(tmp_path, gcs):

@@ -372,14 +372,15 @@ def test_a_tab_or_semicolon_separated_file_is_named_as_such(tmp_path, name, cont
 
 
 def test_csv_label_cells_name_floats_as_json_numbers_and_missing_markers_are_missing(tmp_path):
-    cells = ["1", "1.0", " 2.0 ", "0.50", "1e1", "-0.0", "007", "NA", "nan", "N/A", "null", "None", "NONE", "#N/A",
-             "<NA>", "n/a", "pos", "1.5.0", "inf"]
+    cells = ["1", "1.0", " 2.0 ", "0.50", "1e1", "-0.0", "007", "NA", "nan", "N/A", "null", "None", "NULL", "#N/A",
+             "<NA>", "n/a", "pos", "1.5.0", "inf", "none", "na", "Null"]
     path = tmp_path / "cells.csv"
     write_table(path, ["text", "label"], [(f"t{i}", cell) for i, cell in enumerate(cells)])
     plan, records = records_of(f"csv:{path}")
-    assert [r.label for r in records] == ["1", "1", "2", "0.50", "10", "0", "007"] + [""] * 9 + ["pos", "1.5.0", "inf"]
+    assert [r.label for r in records] == ["1", "1", "2", "0.50", "10", "0", "007"] + [""] * 9 + [
+        "pos", "1.5.0", "inf", "none", "na", "Null"]  # pandas' markers are matched as written
     assert problems(plan, records[7:9], ("1",)) == ["bad: missing label", "bad: missing label"]
-    assert [label_text(value, cell=True) for value in ("3.0", "  na ", "1E2", ".5", "3.10")] == [
+    assert [label_text(value, cell=True) for value in ("3.0", "  NA ", "1E2", ".5", "3.10")] == [
         "3", "", "100", ".5", "3.10"]  # whole numbers only: `3.10` is not merged with `3.1`
     assert [label_text(value) for value in ("3.0", "NA")] == ["3.0", "NA"]  # a JSON string is kept as written
     lines = tmp_path / "cells.jsonl"

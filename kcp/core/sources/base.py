@@ -74,10 +74,11 @@ def class_names_of(labels) -> tuple:
     return tuple(sorted(names))
 
 
-# pandas' default `na_values` (pandas._libs.parsers.STR_NA_VALUES, pandas 2.x), compared here in any
-# case: a CSV label cell holding one of them is a missing label, as an empty cell is
-MISSING_MARKERS = frozenset(("#n/a", "#n/a n/a", "#na", "-1.#ind", "-1.#qnan", "-nan", "1.#ind", "1.#qnan", "<na>",
-                             "n/a", "na", "nan", "null", "none"))
+# pandas' default `na_values` (pandas._libs.parsers.STR_NA_VALUES, pandas 2.x), as pandas compares
+# them, case and all (`NA` and `None` are missing; `na`, `none` and `NONE` are classes): a CSV label
+# cell holding one of them is a missing label, as an empty cell is
+MISSING_MARKERS = frozenset(("#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+                             "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"))
 _FLOAT_TEXT = re.compile(r"[+-]?(?:\d+\.\d*|\.\d+|\d+(?=[eE]))(?:[eE][+-]?\d+)?")  # not a plain integer
 
 
@@ -90,7 +91,7 @@ def label_text(value, cell: bool = False) -> str:
     a line break (class names are written one a line in labels.txt).
 
     A table `cell` (CSV text) is read as pandas reads a column: a missing-value marker
-    (MISSING_MARKERS, any case: `NA`, `nan`, `None`, ...) is missing, and a whole number written as
+    (MISSING_MARKERS, as pandas writes them: `NA`, `nan`, `None`, ..., not `none`) is missing, and a whole number written as
     a float (`1.0`, `2.`, `1e3`) is named as the integer (`1`, `2`, `1000`), as a JSON number is;
     other text is kept as written: integers (`007`) and other decimals (`0.50`, and `3.10`, which
     a version-like label would be wrong to merge with `3.1`).
@@ -99,7 +100,7 @@ def label_text(value, cell: bool = False) -> str:
         return ""
     if cell and isinstance(value, str):
         stripped = value.strip()
-        if stripped.lower() in MISSING_MARKERS:
+        if stripped in MISSING_MARKERS:
             return ""
         if _FLOAT_TEXT.fullmatch(stripped):
             number = float(stripped)
