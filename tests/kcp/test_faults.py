@@ -304,8 +304,8 @@ def test_tune_killed_inside_or_between_trials_resumes_to_the_same_search(where, 
 
 
 # `kcp validate` of a copy of digits_run (trained and exported): it writes one file,
-# RUN/export/model/VERSION/assets.extra/validation.json, the verdict `kcp serve` (deploy/serving/versions.py
-# `blessed`) and `kcp push` read.
+# RUN/export/model/VERSION/assets.extra/validation.json, the verdict `kcp serve` (kcp/core/layout.py
+# `is_blessed`) and `kcp push` read.
 VALIDATE_POINTS = ["before:validation.json", "after:validation.json"]
 
 
@@ -355,7 +355,7 @@ def uninterrupted_validation(digits_run, tmp_path_factory):
                                           for where in ("local", "gcs") for point in VALIDATE_POINTS])
 def test_validate_killed_at_its_verdict_never_shows_a_partial_or_wrong_blessing(where, point, digits_run, tmp_path,
                                                                                 request, uninterrupted_validation):
-    from deploy.serving.versions import blessed  # what `kcp serve`'s version policy asks of each version
+    from kcp.core.layout import is_blessed as blessed  # what `kcp serve`, `kcp push` and `kcp predict` ask of a version
 
     run_dir, env = _exported_run(where, digits_run, tmp_path, request)
     layout = RunLayout(run_dir)
