@@ -19,7 +19,7 @@ SavedModels run unchanged in TensorFlow Serving.
 
 Modules: `codec` (JSON <-> tensors, response bodies), `batching` (the Batcher), `versions`
 (policy, labels, blessing, warmup), `registry` (loads, unloads and rescans RUN/export/NAME/VERSION),
-`rest` (the HTTP layer, on aiohttp), `grpc` (the gRPC services).
+`routes` (the REST routes), `rest` (the HTTP layer, on aiohttp), `grpc` (the gRPC services).
 """
 
 from deploy.serving.rest import make_server

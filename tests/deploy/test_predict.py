@@ -15,7 +15,7 @@ from PIL import Image
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from deploy.serving import make_server
-from deploy.serving.rest import ok_answer
+from deploy.serving.routes import ok_answer
 from kcp import cli
 from tests.conftest import IN_PROCESS_BEAM
 from tests.deploy.test_serving import call

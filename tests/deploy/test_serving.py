@@ -16,7 +16,7 @@ import tensorflow as tf
 from PIL import Image
 
 from deploy.serving import make_server, rest
-from deploy.serving.rest import respond
+from deploy.serving.routes import respond
 from kcp import cli
 from tests.conftest import IN_PROCESS_BEAM
 from tests.trainer.test_language_model import language_run  # noqa: F401  the session's gpt run

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from deploy.serving import make_server
-from deploy.serving.rest import json_depth
+from deploy.serving.routes import json_depth
 from kcp import cli
 from kcp.core.errors import UserError
 
