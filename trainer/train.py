@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import sys
 import time
 
@@ -263,6 +264,8 @@ class Trainer:
         for callback in callbacks:  # only now: a kill before this point resumes from the last epoch
             if isinstance(callback, AtomicBackupAndRestore):
                 callback.delete_backup()
+        if self.multi_worker:  # each worker removed its backup/TASK-N; the last one out removes backup/
+            storage.remove_empty_folder(os.path.dirname(paths.backup))
         return metrics_json
 
     def samples_callback(self, paths: TrainPaths) -> LanguageSamples:

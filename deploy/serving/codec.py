@@ -9,6 +9,7 @@ from http import HTTPStatus
 
 import numpy as np
 import tensorflow as tf
+from google.protobuf import json_format
 
 
 class RequestError(Exception):
@@ -287,28 +288,12 @@ def format_classifications(outputs: dict, class_names) -> dict:
     return {"results": [[[name, float(p)] for name, p in zip(labels, row)] for row in probabilities]}
 
 
-DTYPE_NAMES = {"float32": "DT_FLOAT", "float64": "DT_DOUBLE"}
-
-
-def tensor_info(spec) -> dict:
-    """A TensorSpec as TF Serving's metadata writes a TensorInfo (unknown sizes are -1)."""
-    return {"dtype": DTYPE_NAMES.get(spec.dtype.name, "DT_" + spec.dtype.name.upper()),
-            "tensor_shape": {"dim": [{"size": str(-1 if size is None else size), "name": ""}
-                                     for size in spec.shape.as_list()], "unknown_rank": False},
-            "name": spec.name or ""}
-
-
-def metadata(name: str, version: int, functions: dict) -> dict:
-    """TF Serving's GetModelMetadata answer for one version's {signature name: concrete function}."""
-    signatures = {}
-    for signature, function in functions.items():
-        signatures[signature] = {
-            "inputs": {n: tensor_info(s) for n, s in input_specs(function).items()},
-            "outputs": {n: tensor_info(s) for n, s in function.structured_outputs.items()},
-            "method_name": "tensorflow/serving/predict",
-        }
+def metadata(name: str, version: int, signature_def_map) -> dict:
+    """TF Serving's GetModelMetadata answer as JSON: the export's SignatureDefMap, printed as TF Serving
+    prints protos (field names as in the .proto, int64 as strings, empty fields included)."""
     return {"model_spec": {"name": name, "signature_name": "", "version": str(version)},
-            "metadata": {"signature_def": {"signature_def": signatures}}}
+            "metadata": {"signature_def": json_format.MessageToDict(
+                signature_def_map, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)}}
 
 
 def status(entries: list[dict]) -> dict:

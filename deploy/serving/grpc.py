@@ -29,7 +29,6 @@ from tensorflow_serving.apis import (
 
 from deploy.serving.codec import (CLASSIFY, REGRESS, RequestError, check_classifier, class_labels, error_message,
                                   input_specs, takes_examples, to_tensor, wrong_method)
-from deploy.saved_model import signature_defs as read_signature_defs
 from deploy.serving.registry import LoadedVersion, ModelRegistry
 from kcp.core.errors import UserError
 
@@ -178,14 +177,9 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             if field != "signature_def":
                 raise RequestError(f"Metadata field {field} is not supported")
         loaded = _lookup(self.registry, request.model_spec)
-        if not hasattr(loaded, "signature_defs"):
-            signature_defs = get_model_metadata_pb2.SignatureDefMap()
-            for name, signature_def in read_signature_defs(loaded.path).items():
-                signature_defs.signature_def[name].CopyFrom(signature_def)
-            loaded.signature_defs = signature_defs
         response = get_model_metadata_pb2.GetModelMetadataResponse()
         _fill_spec(response.model_spec, request.model_spec, loaded, "")
-        response.metadata["signature_def"].Pack(loaded.signature_defs)
+        response.metadata["signature_def"].Pack(loaded.signature_def_map)
         return response
 
 

@@ -17,9 +17,12 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import cached_property
 from http import HTTPStatus
 
-from deploy.saved_model import load_export
+from tensorflow_serving.apis import get_model_metadata_pb2
+
+from deploy.saved_model import load_export, signature_defs
 from deploy.serving.batching import Batcher
 from deploy.serving.codec import RequestError
 from deploy.serving.versions import parse_labels, parse_policy, replay_warmup
@@ -48,6 +51,14 @@ class LoadedVersion:
     @property
     def signatures(self) -> dict:
         return dict(self.model.signatures)
+
+    @cached_property
+    def signature_def_map(self) -> get_model_metadata_pb2.SignatureDefMap:
+        """The export's SignatureDefs as saved (tensor names, method names): what metadata answers."""
+        signature_def_map = get_model_metadata_pb2.SignatureDefMap()
+        for name, signature_def in signature_defs(self.path).items():
+            signature_def_map.signature_def[name].CopyFrom(signature_def)
+        return signature_def_map
 
     def signature(self, name: str):
         """The concrete function of signature `name`, or a 400 naming the ones there are (TF Serving's words)."""

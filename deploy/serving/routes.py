@@ -70,7 +70,7 @@ def route(registry: ModelRegistry, method: str, path: str, raw: bytes, *, wait: 
             raise RequestError("Missing model name in request.")
         if match.group("metadata"):
             loaded = registry.get(name, version, label, wait=wait)
-            return metadata(name, loaded.version, loaded.signatures)
+            return metadata(name, loaded.version, loaded.signature_def_map)
         return status(registry.status(name, version, label))
     return (yield from _post(registry, name, version, label, match.group("method").lower(), raw, wait))
 

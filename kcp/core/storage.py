@@ -124,6 +124,15 @@ def remove_tree(path: str) -> None:
     backend_for(path).remove_tree(path)
 
 
+def remove_empty_folder(path: str) -> None:
+    """Deletes a local folder if it is empty; otherwise, or remote (where an empty prefix is nothing), leaves it."""
+    if not is_remote(path):
+        try:
+            os.rmdir(path)
+        except OSError:  # not empty (another worker's backup is still there) or already gone
+            pass
+
+
 def list_dir(path: str) -> list[str]:
     """Names of the entries directly under `path` (files and folders), sorted."""
     return backend_for(path).list_dir(path)

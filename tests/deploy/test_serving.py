@@ -161,6 +161,8 @@ def test_status_and_metadata(server):
     code, body = call(f"{url}/v1/models/colors/metadata")
     signatures = body["metadata"]["signature_def"]["signature_def"]
     assert code == 200 and signatures["serving_default"]["inputs"]["image_bytes"]["dtype"] == "DT_STRING"
+    assert signatures["serving_default"]["inputs"]["image_bytes"]["name"] == "serving_default_image_bytes:0"
+    assert signatures["serving_default"]["method_name"] == "tensorflow/serving/predict"
     image = signatures["serve_images"]["inputs"]["image"]
     assert image["dtype"] == "DT_UINT8"
     assert [d["size"] for d in image["tensor_shape"]["dim"]] == ["-1", "10", "12", "3"]

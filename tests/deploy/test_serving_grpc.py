@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
+from google.protobuf import json_format
 from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
@@ -144,7 +145,7 @@ def test_rest_classify_through_serve_examples_equals_grpc_classify(grpc_server, 
 
 
 def test_metadata_and_status(grpc_server):
-    predictions, models, _ = grpc_server
+    predictions, models, url = grpc_server
     request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
     request.model_spec.name = "model"
     response = predictions.GetModelMetadata(request, timeout=30)
@@ -152,6 +153,10 @@ def test_metadata_and_status(grpc_server):
     response.metadata["signature_def"].Unpack(signatures)
     assert set(signatures.signature_def) == {"serving_default", "serve_images", "serve_examples"}
     assert signatures.signature_def["serving_default"].inputs["image_bytes"].dtype == tf.string.as_datatype_enum
+    with urllib.request.urlopen(f"{url}/v1/models/model/metadata", timeout=30) as answer:
+        rest = json.load(answer)["metadata"]["signature_def"]
+    assert rest == json_format.MessageToDict(signatures, preserving_proto_field_name=True,
+                                             always_print_fields_with_no_presence=True)
     status_request = get_model_status_pb2.GetModelStatusRequest()
     status_request.model_spec.name = "model"
     [status] = models.GetModelStatus(status_request, timeout=30).model_version_status

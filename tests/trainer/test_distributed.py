@@ -77,6 +77,7 @@ def test_multi_worker_two_processes_end_with_identical_weights(digits_data, tmp_
     assert chief["epochs"] == 2
     assert os.path.exists(os.path.join(run_dir, "train", "model.keras"))
     assert not os.path.exists(os.path.join(run_dir, "train", "worker-1", "model.keras"))  # only the chief saves
+    assert not os.path.exists(os.path.join(run_dir, "train", "backup"))  # each worker's backup, and their folder
 
 
 UNPATCHED_FIT = r"""
