@@ -27,7 +27,7 @@ def generation_lengths(context: int) -> list[int]:
     The sampler's output length is static; a request's `max_new_tokens` runs the shortest of
     these that is long enough and keeps its first `max_new_tokens` ids (the same ids: sampling
     is keyed by the seed and each new token's index). The prompt keeps its last
-    `context - length` ids (trainer/generate.py)."""
+    `context - max_new_tokens` ids, the request's, not the length's (`wanted` in trainer/generate.py)."""
     lengths, length = [], 1
     while length < context - 1:
         lengths.append(length)
@@ -84,7 +84,7 @@ def language_functions(model, contract, encoder, decoder, generate_tokens, lengt
         def complete(prompt):  # (tokens,) -> (context - 1,) new ids, padded
             def run(length):
                 new = generate_tokens(model, prompt, length, temperature=temperature, top_k=top_k, top_p=top_p,
-                                      seed=seed)
+                                      seed=seed, wanted=max_new_tokens)
                 return tf.pad(tf.cast(new, tf.int32), [[0, context - 1 - length]])
             return tf.switch_case(chosen, [functools.partial(run, length) for length in lengths])
 

@@ -26,9 +26,14 @@ import contextlib
 import dataclasses
 import html
 import json
+import math
+import numbers
 import os
+import random
 import threading
 from dataclasses import dataclass, field
+
+import numpy as np
 
 import trainer.models  # noqa: F401  registers the model families, whose keys the config loader validates
 from deploy.predict import run_batch_prediction
@@ -99,6 +104,22 @@ def locked(run_dir: str, command: str):
         yield
 
 
+@contextlib.contextmanager
+def caller_state_kept():
+    """Gives the caller back Keras' global dtype policy and the `random` and NumPy generators as they
+    were: training sets the policy (`train.precision`) and seeds them (`train.seed`), and a notebook
+    that builds its own layers or draws its own numbers afterwards must not inherit either."""
+    import keras
+
+    policy, python_state, numpy_state = keras.config.dtype_policy(), random.getstate(), np.random.get_state()
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(policy)
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
 def preprocess(run_dir: str, source: str | None = None, *, model: str | None = None, config_file: str | None = None,
                overrides=(), beam_args=(), progress=None) -> DataContract:
     """Runs the Beam pipeline: RUN/data/ shards and metadata.json. Returns the data contract.
@@ -111,7 +132,7 @@ def preprocess(run_dir: str, source: str | None = None, *, model: str | None = N
 
 def train(run_dir: str, model: str | None = None, *, config_file: str | None = None, overrides=()) -> TrainResult:
     """Trains on RUN/data and writes RUN/train/."""
-    with locked(run_dir, "train"):
+    with locked(run_dir, "train"), caller_state_kept():
         config = resolve_config(run_dir, config_file, model=model, overrides=overrides)
         contract_lib.read_contract(run_dir)  # no data: one line, and no config.yaml recorded for a run that is not
         from trainer.train import train as train_model
@@ -135,7 +156,7 @@ def tune(run_dir: str, model: str | None = None, *, config_file: str | None = No
     from tuning.results import best_config
     from tuning.search import run_search
 
-    with locked(run_dir, "tune"):
+    with locked(run_dir, "tune"), caller_state_kept():
         config = resolve_config(run_dir, config_file, model=model, overrides=overrides)
         contract_lib.read_contract(run_dir)  # as train
         with config_recorded(run_dir, config):
@@ -210,7 +231,7 @@ def predict(run_dir: str, input: str, output: str, version: int | None = None, *
 
 def report(run_dir: str) -> Report:
     """Writes RUN/report/index.html and its figures."""
-    from kcp.report import build_report
+    from kcp.reporting import build_report
 
     path = build_report(run_dir)
     return Report(path, storage.glob(storage.join(RunLayout(run_dir).report, "*.png")))
@@ -256,18 +277,24 @@ def generate(run_dir: str, prompt: str, *, max_new_tokens: int | None = None,
     except UnicodeEncodeError:
         raise UserError("prompt: not UTF-8 text (it holds bytes that are not UTF-8)") from None
 
-    def number(value, kind) -> bool:
-        return isinstance(value, kind) and not isinstance(value, bool)
+    def number(value, kind) -> bool:  # NumPy's integers and floats count; bools and NaN do not
+        return isinstance(value, kind) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
 
-    checks = [("max_new_tokens", max_new_tokens, number(max_new_tokens, int) and 1 <= max_new_tokens < context,
-               f"an integer from 1 to {context - 1} (the context is {context})"),
-              ("temperature", temperature, number(temperature, (int, float)) and temperature >= 0, "0 (greedy) or more"),
-              ("top_k", top_k, number(top_k, int) and top_k >= 0, "an integer, 0 (off) or more"),
-              ("top_p", top_p, number(top_p, (int, float)) and 0 < top_p <= 1, "above 0 and at most 1"),
-              ("seed", seed, number(seed, int), "an integer")]
+    int32 = (-2 ** 31, 2 ** 31 - 1)  # the signature's integers are int32, as TF Serving's request would be
+    checks = [("max_new_tokens", max_new_tokens,
+               number(max_new_tokens, numbers.Integral) and 1 <= max_new_tokens < context, f"an integer from 1 to {context - 1} (the context is {context})"),
+              ("temperature", temperature, number(temperature, numbers.Real) and temperature >= 0,
+               "0 (greedy) or more, and finite"),
+              ("top_k", top_k, number(top_k, numbers.Integral) and 0 <= top_k <= int32[1],
+               f"an integer, 0 (off) to {int32[1]}"),
+              ("top_p", top_p, number(top_p, numbers.Real) and 0 < top_p <= 1, "above 0 and at most 1"),
+              ("seed", seed, number(seed, numbers.Integral) and int32[0] <= seed <= int32[1],
+               f"an integer from {int32[0]} to {int32[1]}")]
     for name, value, valid, allowed in checks:
         if not valid:
             raise UserError(f"{name}: {value!r} must be {allowed}")
+    max_new_tokens, top_k, seed = int(max_new_tokens), int(top_k), int(seed)
+    temperature, top_p = float(temperature), float(top_p)
     model_path = RunLayout(run_dir).model
     if not storage.exists(model_path):
         raise UserError(f"{model_path}: not found; run `kcp train --run-dir {run_dir}` first")

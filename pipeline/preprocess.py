@@ -22,7 +22,7 @@ from kcp.core import contract as contract_lib
 from kcp.core import storage
 from kcp.core.beamio import (DEAD_LETTER, CountProgress, ProgressReporter, ReadSource, local_runner_defaults,
                              progress_directory, select)
-from kcp.core.config import Config
+from kcp.core.config import MODEL_FAMILIES, Config, check_family_takes
 from kcp.core.errors import UserError
 from kcp.core.layout import DEAD_LETTER_DIR
 from kcp.core.sources import SourceError, SourcePlan, class_names_of, plan_source
@@ -277,6 +277,8 @@ def run_preprocess(config: Config, run_dir: str, beam_args: list[str] = (), repo
     """
     report = report or (lambda line: log.info("%s", line))
     plan = plan_source(config.data.source, config.data)
+    if MODEL_FAMILIES:  # registered by whoever loaded the config (the CLI, the API): --model gpt on digits is
+        check_family_takes(config.model.name, plan.modality)  # refused here, not after the whole pipeline
     if planned:
         planned()
     language = plan.modality == "language"

@@ -44,7 +44,7 @@ layer_classes()  # registers the gpt layers, so `keras.saving.load_model` can re
 
 
 def generate_tokens(model, prompt, max_new_tokens: int, *, temperature=1.0, top_k=0, top_p=1.0, seed=0,
-                    use_cache: bool = True):
+                    use_cache: bool = True, wanted=None):
     """Samples `max_new_tokens` ids after `prompt` from a gpt model.
 
     Args:
@@ -57,6 +57,10 @@ def generate_tokens(model, prompt, max_new_tokens: int, *, temperature=1.0, top_
         top_p: keep the most likely ids whose probabilities add up to top_p (1.0: all). Float or tensor.
         seed: int or scalar int tensor; same seed, same tokens (on one backend).
         use_cache: the one-token cached step (True) or a full forward per token (False).
+        wanted: the new ids the caller will keep, 1 .. max_new_tokens (default max_new_tokens; int or
+            scalar tensor): the prompt keeps its last `context - wanted` ids, so a caller that runs a
+            longer static length than it wants (the export's generate signature) loses no more of the
+            prompt than the request needs. Ids past `wanted` may then repeat the last one; drop them.
     Returns:
         int32 1-D tensor of exactly `max_new_tokens` new ids.
     """
@@ -67,12 +71,16 @@ def generate_tokens(model, prompt, max_new_tokens: int, *, temperature=1.0, top_
     prompt = ops.cast(ops.reshape(prompt, (-1,)), "int32")
     if prompt.shape[0] == 0:
         raise ValueError("prompt: at least one token id is needed")
+    if wanted is None:
+        wanted = max_new_tokens
+    elif isinstance(wanted, numbers.Integral) and not 1 <= wanted <= max_new_tokens:
+        raise ValueError(f"wanted: {wanted!r} must be an int from 1 to max_new_tokens ({max_new_tokens})")
     prompt_length = ops.shape(prompt)[0]
-    kept = ops.minimum(prompt_length, context - max_new_tokens)  # the prompt ids kept, the last ones
+    kept = ops.minimum(prompt_length, context - wanted)  # the prompt ids kept, the last ones
     positions = ops.arange(context, dtype="int32")
     from_prompt = ops.take(prompt, ops.clip(positions + (prompt_length - kept), 0, prompt_length - 1))
     buffer = ops.where(positions < kept, from_prompt, ops.zeros_like(from_prompt))  # (context,) prompt, then zeros
-    last = kept + max_new_tokens - 1  # the buffer's last position that gets written
+    last = ops.minimum(kept + max_new_tokens - 1, context - 1)  # the buffer's last position that gets written
 
     def sample(logits, position):
         """The id after `position`: the prompt's own while inside it, a new one after."""
@@ -102,7 +110,7 @@ def generate_tokens(model, prompt, max_new_tokens: int, *, temperature=1.0, top_
 
         _, buffer = ops.while_loop(lambda position, _: position < last, full_body, (kept - 1, buffer),
                                    maximum_iterations=max_new_tokens)
-    return ops.take(buffer, kept + ops.arange(max_new_tokens, dtype="int32"))
+    return ops.take(buffer, ops.minimum(kept + ops.arange(max_new_tokens, dtype="int32"), context - 1))
 
 
 def empty_caches(parts: dict, context: int) -> tuple:

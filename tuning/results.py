@@ -68,7 +68,7 @@ def write_results(tuner, config: Config, run_dir: str, space: dict) -> dict:
 
 def plot_scores(scores: list, config: Config) -> bytes:
     """PNG of each scored trial's objective and the best so far, in trial order."""
-    import matplotlib  # here, not at import: choosing the Agg backend is process-wide (as in kcp.report)
+    import matplotlib  # here, not at import: choosing the Agg backend is process-wide (as in kcp.reporting)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

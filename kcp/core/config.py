@@ -191,6 +191,19 @@ def family_config_class(name: str) -> type:
     return MODEL_FAMILIES[name]
 
 
+def families_for(modality: str) -> tuple:
+    """The names of the registered families that take `modality` data."""
+    return tuple(name for name, family in MODEL_FAMILIES.items() if modality in family.modalities)
+
+
+def check_family_takes(name: str, modality: str) -> None:
+    """A ConfigError naming the families that do, when family `name` does not take `modality` data."""
+    accepted = family_config_class(name).modalities
+    if modality not in accepted:
+        raise ConfigError(f"model.name: {name} takes {', '.join(accepted)} data, and this run's data is "
+                          f"{modality}; for {modality} data use {' or '.join(families_for(modality))}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The keys every family shares, plus `family`: the chosen family's own config.

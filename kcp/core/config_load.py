@@ -16,7 +16,8 @@ import json
 
 from kcp.core import storage
 from kcp.core.cluster import is_cluster_helper
-from kcp.core.config import (DEFAULT_LANGUAGE_SOURCE, MODEL_FAMILIES, Config, ModelConfig, is_language_source)
+from kcp.core.config import (DEFAULT_LANGUAGE_SOURCE, MODEL_FAMILIES, Config, ModelConfig, families_for,
+                              is_language_source)
 from kcp.core.errors import UserError
 from kcp.core.layout import RunLayout
 from kcp.core.schema import ConfigError, build, merge, parse_override, read_yaml_file
@@ -30,7 +31,8 @@ def load_config(layers: list[dict] = (), overrides: list[str] = (), *, base: dic
     recorded family's own keys are dropped: they describe a model no longer asked for. Likewise
     the recorded data.tokenizer when the layers switch between language and other sources.
     A language family (gpt) with no data.source in any layer or the base reads
-    DEFAULT_LANGUAGE_SOURCE (python-stdlib), so `kcp run --model gpt` works with no data.
+    DEFAULT_LANGUAGE_SOURCE (python-stdlib), so `kcp run --model gpt` works with no data; and a
+    language source (text:PATH, python-stdlib) with no model.name anywhere trains the language family.
 
     A family's `training_defaults` (a ClassVar of its config dataclass, e.g. gpt's AdamW, warmup
     and cosine, clipping, `val_loss`) lie above the shared defaults and below the base and the
@@ -56,7 +58,11 @@ def load_config(layers: list[dict] = (), overrides: list[str] = (), *, base: dic
                 is_language_source(data["source"]) != is_language_source(base_data["source"]):
             base = {**base, "data": {k: v for k, v in base_data.items() if k != "tokenizer"}}
         values = merge(base, values)
-    model = values.get("model") or {}
+    model, data = values.get("model") or {}, values.get("data") or {}
+    if isinstance(model, dict) and "name" not in model and isinstance(data, dict) and \
+            isinstance(data.get("source"), str) and is_language_source(data["source"]) and families_for("language"):
+        values = merge(values, {"model": {"name": families_for("language")[0]}})  # a corpus: gpt, as gpt: a corpus
+        model = values["model"]
     name = model.get("name", ModelConfig.name) if isinstance(model, dict) else None
     family = MODEL_FAMILIES.get(name) if isinstance(name, str) else None
     if family is not None:
@@ -93,7 +99,16 @@ def override_list(overrides) -> list[str]:
         return [overrides]
     if isinstance(overrides, dict):
         return [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
-    return list(overrides)
+    listed = []
+    for item in overrides:  # a list may mix the two: ["train.epochs=5", {"model.dropout": 0.2}]
+        if isinstance(item, dict):
+            listed.extend(override_list(item))
+        elif isinstance(item, str):
+            listed.append(item)
+        else:
+            raise ConfigError(f"overrides: {item!r} is neither a 'section.key=value' string nor a "
+                              "{'section.key': value} mapping")
+    return listed
 
 
 def resolve_config(run_dir: str | None, config_file: str | None = None, source: str | None = None,

@@ -28,7 +28,7 @@ from kcp.core import contract as contract_lib
 from kcp.core import examples as example_lib
 from kcp.core import storage
 from kcp.core.layout import RunLayout
-from kcp.report.figures import (best_epoch, per_class_scores, plot_attention, plot_confusion, plot_curves,
+from kcp.reporting.figures import (best_epoch, per_class_scores, plot_attention, plot_confusion, plot_curves,
                                 plot_filters, plot_language_attention, plot_mistakes, predict_test, token_label)
 
 # Brown et al. 2020's few-shot example (a made-up word used in a sentence), completed by the model

@@ -194,7 +194,13 @@ def test_bad_generate_settings_get_one_line_errors(language_run, served, capsys)
     # no --max-new-tokens on a context of 32: 31 at most, not the 64 the user never asked for
     assert cli.main(["generate", "--run-dir", language_run, "--prompt", "a", "--temperature", "0"]) == 0
     assert cli.main(["generate", "--run-dir", language_run, "--prompt", "a", "--temperature", "-1"]) == 2
-    assert capsys.readouterr().err.strip().endswith("temperature: -1.0 must be 0 (greedy) or more")
+    assert capsys.readouterr().err.strip().endswith("temperature: -1.0 must be 0 (greedy) or more, and finite")
+    for flag, value, message in [("--temperature", "inf", "temperature: inf must be 0 (greedy) or more, and finite"),
+                                 ("--seed", "99999999999",  # would not fit the signature's int32
+                                  "seed: 99999999999 must be an integer from -2147483648 to 2147483647"),
+                                 ("--top-k", "3000000000", "top_k: 3000000000 must be an integer, 0 (off) to 2147483647")]:
+        assert cli.main(["generate", "--run-dir", language_run, "--prompt", "a", flag, value]) == 2
+        assert capsys.readouterr().err.strip() == f"kcp generate: error: {message}"
     latin = os.path.join(os.path.dirname(language_run), "latin1-prompt.txt")
     with open(latin, "wb") as handle:
         handle.write("café".encode("latin-1"))
@@ -207,6 +213,9 @@ def test_bad_generate_settings_get_one_line_errors(language_run, served, capsys)
     from kcp.core.errors import UserError
     with pytest.raises(UserError, match=r"^max_new_tokens: 5.5 must be an integer from 1 to 31 \(the context is 32\)$"):
         api.generate(language_run, "a", max_new_tokens=5.5)
+    # NumPy's numbers are numbers: a notebook's np.int64 gives what the int gives
+    assert api.generate(language_run, "a", max_new_tokens=np.int64(4), temperature=np.float32(1.0), seed=np.int64(3)) \
+        == api.generate(language_run, "a", max_new_tokens=4, temperature=1.0, seed=3)
 
 
 @pytest.fixture(scope="module")

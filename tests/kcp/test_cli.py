@@ -172,10 +172,12 @@ def test_stages_that_only_read_leave_the_recorded_config_alone(digits_run):
 def test_import_kcp_is_light_and_its_api_loads_on_first_use():
     script = ("import sys, kcp; heavy = [m for m in ('tensorflow', 'keras', 'apache_beam') if m in sys.modules]; "
               "print(heavy, kcp.Run.__module__, 'Run' in dir(kcp)); "
-              "print(sorted(set(kcp.api.__all__) - {name for name in dir(kcp) if callable(getattr(kcp, name))}))")
+              "print(sorted(set(kcp.api.__all__) - {name for name in dir(kcp) if callable(getattr(kcp, name))})); "
+              "import kcp.reporting; print(kcp.report is kcp.api.report)")  # a run's report needs that package
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split("\n")[:2] == ["[] kcp.api True", "[]"]  # every API name, kcp.generate among them
+    # every API name, kcp.generate among them; kcp.report stays the function once its package is imported
+    assert result.stdout.split("\n")[:3] == ["[] kcp.api True", "[]", "True"]
 
 
 def test_ctrl_c_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
@@ -211,6 +213,7 @@ def test_api_misuse_is_one_clear_error_and_writes_nothing(digits_run, tmp_path):
 
 def test_the_api_takes_overrides_as_a_list_a_string_or_a_mapping():
     from kcp.core.config_load import override_list, resolve_config
+    from kcp.core.schema import ConfigError
 
     assert override_list("train.epochs=3") == ["train.epochs=3"]
     assert override_list({"train.epochs": 3, "train.optimizer": "sgd", "model.dropout": None}) == [
@@ -219,6 +222,9 @@ def test_the_api_takes_overrides_as_a_list_a_string_or_a_mapping():
         assert resolve_config(None, overrides=overrides).train.epochs == 3
     config = resolve_config(None, overrides={"train.optimizer": "sgd", "model.dropout": 0.2})
     assert (config.train.optimizer, config.model.dropout) == ("sgd", 0.2)
+    assert override_list(["train.epochs=3", {"model.dropout": 0.2}]) == ["train.epochs=3", "model.dropout=0.2"]
+    with pytest.raises(ConfigError, match=r"^overrides: 3 is neither a 'section.key=value' string nor a "):
+        override_list(["train.epochs=3", 3])
 
 
 def test_routine_native_lines_are_dropped_and_everything_else_kept(capfd):

@@ -1,4 +1,5 @@
 import dataclasses
+import os
 import re
 
 import pytest
@@ -185,6 +186,18 @@ def test_gpt_without_a_source_reads_the_python_stdlib_with_bytes(gpt_family, tmp
     assert load_config().data.tokenizer == "words_and_punctuation"
     assert load_config([], ["data.tokenizer=words"]).data.tokenizer == "words"  # the old default, by choice
     assert load_config([], ["data.source=text:c", "data.tokenizer=characters"]).data.tokenizer == "characters"
+
+
+def test_a_corpus_without_a_model_trains_gpt_and_a_family_that_cannot_take_the_data_is_refused(gpt_family, tmp_path):
+    from kcp.cli import main
+
+    assert load_config([], ["data.source=text:notes/"]).model.name == "gpt"  # as gpt without a source: a corpus
+    assert load_config([], ["data.source=python-stdlib"]).model.name == "gpt"
+    assert load_config([], ["data.source=text:notes/", "model.name=cnn"]).model.name == "cnn"  # asked for: kept
+    assert load_config([], ["data.source=digits"]).model.name == "cnn"
+    run_dir = str(tmp_path / "run")  # refused at planning, before the pipeline runs and before config.yaml
+    assert main(["preprocess", "--run-dir", run_dir, "--source", "digits", "--model", "gpt"]) == 2
+    assert not os.path.exists(os.path.join(run_dir, "config.yaml")) and not os.path.exists(os.path.join(run_dir, "data"))
 
 
 @pytest.mark.parametrize("override, source, message", [

@@ -6,6 +6,7 @@ on the code before the fix. The slow, process-killing cases are marked `faults` 
 
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -638,3 +639,18 @@ def test_kcp_run_summarises_a_run_whose_test_split_is_empty(monkeypatch, capsys,
     assert commands.run(args, str(tmp_path), config, []) == 0
     out = capsys.readouterr().out
     assert "export validation accuracy 0.8000" in out and "the test split is empty" in out
+
+
+def test_train_gives_a_notebook_back_its_dtype_policy_and_random_generators(digits_data, tmp_path):
+    """train sets the global policy (train.precision) and seeds random/NumPy (train.seed): a notebook's
+    own layers and draws afterwards must be as if it had not trained."""
+    run_dir = fresh_run(digits_data, tmp_path)
+    keras.config.set_dtype_policy("float32")
+    random.seed(123)
+    np.random.seed(123)
+    expected = (random.random(), np.random.rand())
+    random.seed(123)
+    np.random.seed(123)
+    api.train(run_dir, "cnn", overrides=["train.epochs=1", "model.filters=[8]", "train.precision=mixed_bfloat16"])
+    assert keras.config.dtype_policy().name == "float32"
+    assert (random.random(), np.random.rand()) == expected

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from kcp.core.config_load import load_config
-from kcp.report import build_report, per_class_scores
+from kcp.reporting import build_report, per_class_scores
 from tests.conftest import fresh_run
 from trainer.models import families_for
 from trainer.train import train

@@ -152,6 +152,20 @@ def test_a_long_prompt_keeps_its_last_ids(tiny_model):
         generate_tokens(tiny_model, tf.constant(prompt), CONTEXT)
 
 
+def test_a_longer_static_length_keeps_the_prompt_the_request_leaves_room_for(tiny_model):
+    # the export runs 1, 2, 4, ... context - 1 new ids and keeps the first `wanted`: the prompt must keep
+    # its last context - wanted ids, not context - (the longer length) (which was one id here)
+    prompt = random_tokens(1, 10, seed=3)[0]
+    expected = generate_tokens(tiny_model, tf.constant(prompt), 5, temperature=0.0)
+    longer = generate_tokens(tiny_model, tf.constant(prompt), CONTEXT - 1, temperature=0.0, wanted=5)
+    np.testing.assert_array_equal(longer[:5], expected)
+    in_graph = tf.function(lambda wanted: generate_tokens(tiny_model, tf.constant(prompt), CONTEXT - 1,
+                                                          temperature=0.0, wanted=wanted))
+    np.testing.assert_array_equal(in_graph(tf.constant(5))[:5], expected)
+    with pytest.raises(ValueError, match="wanted: 9 must be an int from 1 to max_new_tokens"):
+        generate_tokens(tiny_model, tf.constant(prompt), 8, wanted=9)
+
+
 def test_save_and_reload_give_identical_logits_and_tokens(tiny_model, tmp_path):
     path = str(tmp_path / "model.keras")
     tiny_model.save(path)

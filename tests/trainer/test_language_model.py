@@ -168,7 +168,7 @@ def test_weight_decay_spares_vectors_as_in_gpt2():
 
 
 def test_report_shows_bits_per_byte_samples_attention_and_the_few_shot_prompt(language_run):
-    from kcp.report import FEW_SHOT_PROMPT
+    from kcp.reporting import FEW_SHOT_PROMPT
 
     report_dir = os.path.join(language_run, "report")
     with open(os.path.join(report_dir, "index.html"), encoding="utf-8") as handle:

@@ -14,7 +14,7 @@ delay or bury a one-line config error.
 
 from __future__ import annotations
 
-from kcp.core.config import MODEL_FAMILIES, ConfigError, ModelConfig
+from kcp.core.config import MODEL_FAMILIES, ModelConfig, check_family_takes, families_for  # noqa: F401  re-exported
 from trainer.models import cnn, gpt, resnet, rnn, transformer
 from trainer.models.common import ModelInputs
 
@@ -33,14 +33,5 @@ def build_model(spec: ModelInputs, config: ModelConfig):
         builder = REGISTRY[config.name]
     except KeyError:
         raise ValueError(f"model.name: {config.name!r} is not one of {', '.join(REGISTRY)}") from None
-    accepted = config.family.modalities
-    if spec.modality not in accepted:
-        takers = families_for(spec.modality)
-        raise ConfigError(f"model.name: {config.name} takes {', '.join(accepted)} data, and this run's data is "
-                          f"{spec.modality}; for {spec.modality} data use {' or '.join(takers)}")
+    check_family_takes(config.name, spec.modality)
     return builder(spec, config)
-
-
-def families_for(modality: str) -> tuple:
-    """The names of the families that take `modality` data."""
-    return tuple(name for name, family in MODEL_FAMILIES.items() if modality in family.modalities)
