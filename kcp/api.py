@@ -149,11 +149,13 @@ def _train_result(run_dir: str, metrics: dict) -> TrainResult:
 
 def tune(run_dir: str, model: str | None = None, *, config_file: str | None = None, overrides=()) -> TuneResult:
     """Keras Tuner search (RUN/tuning/); with `tune.retrain_best`, retrains the best config on
-    train + validation and exports it. Workers of a distributed search return their role only."""
+    train + validation and exports it, unless the search was complete and its best trial already
+    retrained and exported (RUN/tuning/retrained.json): then `retrained` is None and `export_dir`
+    the recorded export. Workers of a distributed search return their role only."""
     from deploy.export import export_for_serving
     from trainer.generate import generate_tokens
     from trainer.train import train as train_model
-    from tuning.results import best_config
+    from tuning.results import best_config, record_retrained, retrained_export
     from tuning.search import run_search
 
     with locked(run_dir, "tune"), caller_state_kept():
@@ -164,8 +166,13 @@ def tune(run_dir: str, model: str | None = None, *, config_file: str | None = No
             if not config.tune.retrain_best or tuner_id():  # a distributed search's chief or worker: search only
                 return TuneResult(summary)
             final = best_config(config, run_dir)
+            recorded = retrained_export(run_dir, summary, final)
+            if recorded:  # a complete search whose best trial was retrained and exported: not again
+                return TuneResult(summary, None, recorded)
             retrained = _train_result(run_dir, train_model(final, run_dir))
-            return TuneResult(summary, retrained, export_for_serving(final, run_dir, generate_tokens))
+            export_dir = export_for_serving(final, run_dir, generate_tokens)
+            record_retrained(run_dir, summary, final, export_dir)
+            return TuneResult(summary, retrained, export_dir)
 
 
 def export(run_dir: str, *, config_file: str | None = None, overrides=()) -> str:

@@ -26,6 +26,28 @@ TUNERS = {"random": kt.RandomSearch, "grid": kt.GridSearch, "bayesian": kt.Bayes
           "hyperband": kt.Hyperband}
 
 
+class ObjectiveNotLogged(kt.errors.FatalValueError):
+    """`tune.objective` is not among the training's logs: no trial could ever be scored. Keras
+    Tuner re-raises a FatalError out of `search` instead of failing the trial and going on."""
+
+
+class CheckObjectiveLogged(keras.callbacks.Callback):
+    """Stops the search at the end of the first epoch whose logs lack `tune.objective` (a typo, or
+    a metric this model does not compute), naming what the training does log. Without it every
+    trial trained in full and then failed in Keras Tuner with a KeyError, and the search ended
+    with no scored trial."""
+
+    def __init__(self, objective: str):
+        super().__init__()
+        self.objective = objective
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.objective not in (logs or {}):
+            logged = ", ".join(sorted(logs or {})) or "nothing"
+            raise ObjectiveNotLogged(f"tune.objective: {self.objective!r} is not logged by the training, which logs "
+                                     f"{logged}")
+
+
 class TrainerHyperModel(kt.HyperModel):
     """`build(hp)`: the trial's config, built and compiled by the trainer; `fit(hp, model, ...)`:
     the trainer's fit on the contract's splits, with Keras Tuner's callbacks and its fit
@@ -54,8 +76,10 @@ class TrainerHyperModel(kt.HyperModel):
     def fit(self, hp, model, *args, **kwargs):
         if args:
             raise TypeError("TrainerHyperModel.fit: the data comes from the run's contract, not from search()")
-        callbacks = list(kwargs.pop("callbacks", []))
         tune = self.config.tune
+        # first (after the trainer's language metrics, which it puts before all): before Keras Tuner's
+        # callback and early stopping look for the objective
+        callbacks = [CheckObjectiveLogged(tune.objective), *kwargs.pop("callbacks", [])]
         if tune.early_stopping_patience:
             callbacks.append(keras.callbacks.EarlyStopping(monitor=tune.objective, mode=tune.direction,
                                                            patience=tune.early_stopping_patience,

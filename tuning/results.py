@@ -2,12 +2,15 @@
 
 trials.csv (one row per trial: values, score, status, seconds, RSS), best_hparams.json,
 best_config.yaml (accepted by `kcp train --config`) and trials.png (score per trial and
-the best so far). `best_config` turns best_hparams.json into the final run's config.
+the best so far). `best_config` turns best_hparams.json into the final run's config;
+retrained.json records the export that config was retrained into (`tune.retrain_best`), so
+the same tune command run again on a complete search does not retrain it again.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 
@@ -101,3 +104,37 @@ def best_config(config: Config, run_dir: str) -> Config:
         raise ConfigError(f"tune.retrain_best: {best_path} does not exist; no trial completed")
     best = json.loads(storage.read_text(best_path))
     return trial_config(config, {**best["hyperparameters"], "train.include_validation": True})
+
+
+RETRAINED = "retrained.json"  # RUN/tuning/: the best trial retrained (tune.retrain_best) and its export
+
+
+def _config_digest(final: Config) -> str:
+    """What the retraining and its export depend on: every section but `tune`."""
+    plain = {section: values for section, values in final.to_dict().items() if section != "tune"}
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def record_retrained(run_dir: str, summary: dict, final: Config, export_dir: str) -> None:
+    """Records, after the export, that the best trial was retrained with `final` into `export_dir`."""
+    record = {"best_trial": summary["best_trial"], "best_score": summary["best_score"],
+              "config_sha256": _config_digest(final), "export_dir": export_dir}
+    storage.write_text_atomic(storage.join(RunLayout(run_dir).tuning, RETRAINED), json.dumps(record, indent=2) + "\n")
+
+
+def retrained_export(run_dir: str, summary: dict, final: Config) -> str | None:
+    """The export recorded by `record_retrained` when retraining now would repeat it: the search
+    ran no new trial (`summary["new_trials"]` 0), its best trial and the final config are those
+    recorded, and the export is still there. None otherwise: retrain."""
+    path = storage.join(RunLayout(run_dir).tuning, RETRAINED)
+    if summary.get("new_trials") != 0 or not storage.exists(path):
+        return None
+    try:
+        record = json.loads(storage.read_text(path))
+        export_dir = record["export_dir"]
+        same = record["best_trial"] == summary["best_trial"] and record["config_sha256"] == _config_digest(final)
+    except (ValueError, KeyError, TypeError):
+        return None  # unreadable: retrain, and record anew
+    if same and storage.exists(storage.join(export_dir, "saved_model.pb")):
+        return export_dir
+    return None

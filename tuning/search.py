@@ -23,12 +23,13 @@ import time
 
 import keras
 
+from kcp.core import contract as contract_lib
 from kcp.core import quiet, storage
 from kcp.core.cluster import is_tuner_worker, tuner_id
-from kcp.core.config import Config
+from kcp.core.config import Config, ConfigError
 from kcp.core.errors import UserError
 from kcp.core.layout import RunLayout
-from tuning.hypermodel import TrainerHyperModel, make_tuner
+from tuning.hypermodel import ObjectiveNotLogged, TrainerHyperModel, make_tuner
 from tuning.results import write_results
 from tuning.space import search_space
 
@@ -104,10 +105,54 @@ def check_fingerprint(config: Config, run_dir: str, space: dict | None = None) -
     storage.write_text_atomic(path, text)
 
 
+def check_objective(config: Config, run_dir: str) -> None:
+    """Refuses, before the first trial, a `val_` objective on a contract without validation
+    examples: every trial is scored on the validation split (the trainer, for train.monitor,
+    falls back to the training metric; a search must not rank trials on their training fit)."""
+    objective = config.tune.objective
+    if not objective.startswith("val_"):
+        return
+    splits = contract_lib.read_contract(run_dir).splits
+    if "validation" not in splits or not splits["validation"].count:
+        raise ConfigError(f"tune.objective: {objective!r} is measured on the validation split, and there is no "
+                          f"validation split ({RunLayout(run_dir).data} holds 0 validation examples; see data.split): "
+                          f"preprocess again with one, or tune on a training metric (tune.objective={objective[4:]})")
+
+
+def trial_states(tuner) -> dict:
+    """{trial id: status} of the trials the tuner's oracle holds."""
+    return {trial_id: trial.status for trial_id, trial in tuner.oracle.trials.items()}
+
+
+def failure(trials) -> str:
+    """The last line of the first failed trial's message (its exception), or ''."""
+    for trial in sorted(trials, key=lambda t: t.trial_id):
+        lines = [line for line in (trial.message or "").splitlines() if line.strip()]
+        if trial.status != "COMPLETED" and lines:
+            return f"trial {trial.trial_id} failed with {lines[-1].strip()}"
+    return ""
+
+
+def no_scored_trial(tuner, directory: str) -> UserError:
+    """The one-line error of a search that ended without a scored trial."""
+    trials = list(tuner.oracle.trials.values())
+    counts = {}
+    for trial in trials:
+        counts[trial.status] = counts.get(trial.status, 0) + 1
+    statuses = ", ".join(f"{count} {status}" for status, count in sorted(counts.items()))
+    why = failure(trials)
+    return UserError(f"no trial was scored ({len(trials)} trials: {statuses or 'none'})"
+                     f"{'; ' + why if why else ''}; see {storage.join(directory, 'trials.csv')}")
+
+
 def run_search(config: Config, run_dir: str) -> dict:
     """Runs (or resumes) the search; the chief of a distributed search only serves the oracle.
-    Returns the results (write_results), or {"role": tuner id} on a worker."""
+    Returns the results (write_results) with `new_trials`, the trials this call ended (0: the
+    search was complete already), or {"role": tuner id} on a worker. A search that ends with no
+    scored trial is an error naming trials.csv; so is an objective the training does not log,
+    at the end of the first epoch."""
     space = search_space(config)
+    check_objective(config, run_dir)
     directory = RunLayout(run_dir).tuning
     storage.makedirs(directory)
     keras.utils.set_random_seed(config.train.seed)
@@ -118,7 +163,31 @@ def run_search(config: Config, run_dir: str) -> dict:
     if not worker:
         check_fingerprint(config, run_dir, space)
     tuner = make_tuner(config, TrainerHyperModel(config, run_dir, space), directory)
-    tuner.search(epochs=config.train.epochs, verbose=0)
+    before = {} if worker else trial_states(tuner)
+    try:
+        tuner.search(epochs=config.train.epochs, verbose=0)
+    except ObjectiveNotLogged as error:
+        # no trial of this search can ever be scored (the objective is part of its fingerprint):
+        # what it holds goes, so the corrected command starts afresh instead of being refused
+        kept = ""
+        if not worker:
+            if any(trial.status == "COMPLETED" for trial in tuner.oracle.trials.values()):
+                kept = f"; {directory} kept"
+            else:
+                storage.remove_tree(directory)
+        raise ConfigError(f"{error}; the search stopped in its first epoch{kept}") from None
+    except RuntimeError as error:  # Keras Tuner's oracle stops after max_consecutive_failed_trials (3)
+        if worker or "consecutive failures" not in str(error):
+            raise
+        write_results(tuner, config, run_dir, space)
+        why = failure([t for t in tuner.oracle.trials.values() if t.status == "FAILED"])
+        raise UserError(f"Keras Tuner stopped the search after {tuner.oracle.max_consecutive_failed_trials} "
+                        f"failed trials in a row{'; ' + why if why else ''}; see "
+                        f"{storage.join(directory, 'trials.csv')}") from None
     if worker:  # a worker holds only a client of the chief's oracle: the chief writes the results
         return {"role": tuner_id()}
-    return write_results(tuner, config, run_dir, space)
+    result = write_results(tuner, config, run_dir, space)
+    if result.get("best_trial") is None:
+        raise no_scored_trial(tuner, directory)
+    after = trial_states(tuner)
+    return {**result, "new_trials": sum(1 for trial_id, status in after.items() if before.get(trial_id) != status)}

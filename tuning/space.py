@@ -16,6 +16,7 @@ config dataclass, beside its builder (trainer/models/<family>.py).
 from __future__ import annotations
 
 import json
+import math
 
 import trainer.models  # noqa: F401  registers the model families, whose keys the config loader validates
 from kcp.core.config import MODEL_FAMILIES, Config, ConfigError
@@ -31,16 +32,9 @@ def search_space(config: Config) -> dict:
         if section not in ("data", "model", "train") or name not in plain.get(section, {}):
             raise ConfigError(f"tune.space: {key!r} is not a data, model or train key")
         if isinstance(spec, list):
-            if not spec or any(isinstance(v, (list, dict)) for v in spec):
-                raise ConfigError(f"tune.space.{key}: a choice needs a non-empty list of plain values")
+            check_choices(key, spec)
         elif isinstance(spec, dict):
-            unknown = set(spec) - {"min", "max", "step", "sampling"}
-            if unknown or "min" not in spec or "max" not in spec:
-                raise ConfigError(f"tune.space.{key}: a range needs min and max (and optionally step, sampling)")
-            if spec["min"] >= spec["max"]:
-                raise ConfigError(f"tune.space.{key}: min {spec['min']} must be below max {spec['max']}")
-            if spec.get("sampling", "linear") not in ("linear", "log", "reverse_log"):
-                raise ConfigError(f"tune.space.{key}: sampling must be linear, log or reverse_log")
+            check_range(key, spec)
         else:
             raise ConfigError(f"tune.space.{key}: expected a list of choices or a {{min, max}} range")
         # every value must also be a valid config value: fail before the first trial
@@ -49,14 +43,72 @@ def search_space(config: Config) -> dict:
     return space
 
 
+RANGE_KEYS = ("min", "max", "step", "sampling")
+
+
+def check_choices(key: str, spec: list) -> None:
+    """A choice: plain values of one type (Keras Tuner's hp.Choice takes nothing else), each once."""
+    if not spec or any(isinstance(v, (list, dict)) for v in spec):
+        raise ConfigError(f"tune.space.{key}: a choice needs a non-empty list of plain values")
+    for value in spec:
+        if value is None or not isinstance(value, (bool, int, float, str)):
+            raise ConfigError(f"tune.space.{key}: choice {value!r} is not a number, string or boolean")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"tune.space.{key}: choice {value!r} must be a finite number")
+    types = {type(v) for v in spec}
+    if len(types) > 1:
+        hint = " (write the integers as floats, e.g. 1.0)" if types == {int, float} else ""
+        raise ConfigError(f"tune.space.{key}: choices {spec!r} mix {' and '.join(sorted(t.__name__ for t in types))} "
+                          f"values{hint}; a choice takes one type")
+    seen = []
+    for value in spec:
+        if value in seen:
+            raise ConfigError(f"tune.space.{key}: choice {value!r} is listed twice in {spec!r}")
+        seen.append(value)
+
+
+def check_range(key: str, spec: dict) -> None:
+    """A range: numeric min below max, an optional step above 0 (above 1 with log sampling, where
+    it is a factor) and a sampling Keras Tuner knows; no other keys."""
+    unknown = sorted(str(k) for k in spec if k not in RANGE_KEYS)
+    if unknown:
+        raise ConfigError(f"tune.space.{key}: unknown key{'s' if len(unknown) > 1 else ''} "
+                          f"{', '.join(repr(k) for k in unknown)} in a range; a range takes min, max, step, sampling")
+    if "min" not in spec or "max" not in spec:
+        raise ConfigError(f"tune.space.{key}: a range needs min and max (and optionally step, sampling)")
+    for name in ("min", "max", "step"):
+        if name == "step" and spec.get("step") is None:
+            continue  # no step (null): continuous
+        value = spec[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"tune.space.{key}: {name} {value!r} must be a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"tune.space.{key}: {name} {value!r} must be a finite number")
+    if spec["min"] >= spec["max"]:
+        raise ConfigError(f"tune.space.{key}: min {spec['min']} must be below max {spec['max']}")
+    sampling = spec.get("sampling") or "linear"
+    if sampling not in ("linear", "log", "reverse_log"):
+        raise ConfigError(f"tune.space.{key}: sampling {sampling!r} must be linear, log or reverse_log")
+    step = spec.get("step")
+    if step is not None and step <= 0:
+        raise ConfigError(f"tune.space.{key}: step {step} must be above 0")
+    if sampling != "linear":
+        if spec["min"] <= 0:
+            raise ConfigError(f"tune.space.{key}: min {spec['min']} must be above 0 with sampling {sampling}")
+        if step is not None and step <= 1:
+            raise ConfigError(f"tune.space.{key}: step {step} must be above 1 with sampling {sampling} "
+                              "(it is a factor there)")
+
+
 def hyperparameter(hp, key: str, spec):
     """One config key's hyperparameter: Choice for lists, Int or Float for ranges."""
     if isinstance(spec, list):
         return hp.Choice(key, spec)
-    sampling = spec.get("sampling", "linear")
-    if all(isinstance(spec.get(k, 1), int) and not isinstance(spec.get(k, 1), bool) for k in ("min", "max", "step")):
-        return hp.Int(key, spec["min"], spec["max"], step=spec.get("step", 1), sampling=sampling)
-    return hp.Float(key, float(spec["min"]), float(spec["max"]), step=spec.get("step"), sampling=sampling)
+    sampling, step = spec.get("sampling") or "linear", spec.get("step")
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in (spec["min"], spec["max"], step or 1)):
+        # no step: Keras Tuner takes every integer (linear), or any factor (log)
+        return hp.Int(key, spec["min"], spec["max"], step=step, sampling=sampling)
+    return hp.Float(key, float(spec["min"]), float(spec["max"]), step=step, sampling=sampling)
 
 
 def native(value, spec):

@@ -168,15 +168,23 @@ def tune(args, run_dir: str, config, beam_args: list[str]) -> int:
             raise UserError(f"--tuner-id: {role!r} contains 'chief', which Keras Tuner reserves for the chief")
         os.environ.update(KERASTUNER_TUNER_ID=role, KERASTUNER_ORACLE_IP=host, KERASTUNER_ORACLE_PORT=port)
     role = tuner_id()
+    # hyperband's brackets, from train.epochs (its max_epochs) and factor 3, set its trial count, not max_trials
+    epochs = config.train.epochs
+    size = (f", brackets of up to {epochs} epoch{'s' if epochs != 1 else ''} a trial (hyperband's factor 3; "
+            "train.epochs, not tune.max_trials, sets how many trials)" if config.tune.algorithm == "hyperband"
+            else f", {config.tune.max_trials} trials")
     say(f"[tune] {config.tune.algorithm} over {config.model.name}"
         + (f" as {role} of {os.environ.get('KERASTUNER_ORACLE_IP')}:{os.environ.get('KERASTUNER_ORACLE_PORT')}"
-           if role else f", {config.tune.max_trials} trials"))
+           if role else size))
     result = api.tune(run_dir, args.model, **config_inputs(args))
     summary = result.summary
     if summary.get("best_trial") is not None:
         say(f"[tune] best trial {summary['best_trial']}: {summary['objective']} {summary['best_score']:.4f} "
             f"{json.dumps(summary['hyperparameters'])} -> {run_dir}/tuning/best_config.yaml")
-    if result.export_dir:
+    if result.export_dir and result.retrained is None:
+        say(f"[tune] the search was complete and best trial {summary['best_trial']} was already retrained and "
+            f"exported to {result.export_dir}; not retrained again (delete {run_dir}/tuning/retrained.json to retrain)")
+    elif result.export_dir:
         say(f"[tune] retrained the best config on train + validation, exported to {result.export_dir}")
     return 0
 

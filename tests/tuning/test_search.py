@@ -20,7 +20,7 @@ from tests.gcs import free_port
 from tuning.hypermodel import TrainerHyperModel, read_trial_stats
 from tuning.results import best_config, figures
 from tuning.search import run_search
-from tuning.space import search_space
+from tuning.space import hyperparameter, search_space
 
 SMALL = ["model.filters=[8]", "train.epochs=2", "tune.early_stopping_patience=0"]
 QUIET = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
@@ -75,6 +75,22 @@ def test_grid_enumerates_exactly_its_grid_and_writes_its_results(digits_data, tm
     ("{train.learning_rate: {min: 0.1, max: 0.01}}", "min 0.1 must be below max 0.01"),
     ("{model.cell: [lstm, nope]}", "model.cell: 'nope' is not one of simple, lstm, gru"),
     ("{model.units: 64}", "expected a list of choices or a {min, max} range"),
+    # bad numbers: each a one-line ConfigError naming the key and the value, not a traceback or a trial's crash
+    ("{train.learning_rate: {min: 0.001, max: 0.1, step: 0}}", "tune.space.train.learning_rate: step 0 must be above 0"),
+    ("{train.learning_rate: {min: 0.001, max: 0.1, step: -0.01}}", "train.learning_rate: step -0.01 must be above 0"),
+    ("{train.learning_rate: {min: 0.001, max: x}}", "tune.space.train.learning_rate: max 'x' must be a number"),
+    ("{train.learning_rate: {min: 0.001, max: 0.1, step: x}}", "train.learning_rate: step 'x' must be a number"),
+    ("{train.learning_rate: {min: true, max: 0.1}}", "train.learning_rate: min True must be a number"),
+    ("{train.learning_rate: {min: 0.001, max: .inf}}", "train.learning_rate: max inf must be a finite number"),
+    ("{train.learning_rate: {min: 0.001, max: 0.1, foo: 1}}",
+     "tune.space.train.learning_rate: unknown key 'foo' in a range; a range takes min, max, step, sampling"),
+    ("{train.learning_rate: {min: 0.0, max: 0.1, sampling: log}}", "min 0.0 must be above 0 with sampling log"),
+    ("{train.learning_rate: {min: 0.001, max: 0.1, step: 0.5, sampling: log}}", "step 0.5 must be above 1"),
+    ("{train.learning_rate: {min: 0.001, max: 0.1, sampling: cubic}}", "sampling 'cubic' must be linear, log"),
+    ("{train.learning_rate: [0.1, 0.1]}", "tune.space.train.learning_rate: choice 0.1 is listed twice"),
+    ("{model.cell: [lstm, gru, lstm]}", "tune.space.model.cell: choice 'lstm' is listed twice"),
+    ("{train.learning_rate: [1, 0.1]}", "learning_rate: choices .1, 0.1. mix float and int values"),
+    ("{train.learning_rate: [null, 0.1]}", "train.learning_rate: choice None is not a number, string or boolean"),
 ])
 def test_bad_search_spaces_fail_before_any_trial(space, message):
     with pytest.raises(ConfigError, match=message.replace("{", "\\{").replace("}", "\\}")):
@@ -82,8 +98,24 @@ def test_bad_search_spaces_fail_before_any_trial(space, message):
 
 
 def test_each_family_has_a_valid_default_space():
-    for family in ("cnn", "resnet", "rnn", "transformer"):
+    for family in ("cnn", "resnet", "rnn", "transformer", "gpt"):
         assert search_space(load_config([], [f"model.name={family}"]))
+
+
+def test_ranges_become_keras_tuner_hyperparameters():
+    """Integer bounds without a step take every integer (linear) or any factor (log: Keras Tuner
+    refuses step 1 there); a null step is no step."""
+    hp = kt.HyperParameters()
+    space = {"train.batch_size": {"min": 16, "max": 128, "sampling": "log"},
+             "model.units": {"min": 32, "max": 256, "step": 32},
+             "train.learning_rate": {"min": 1e-3, "max": 1e-1, "step": None}}
+    search_space(load_config([], ["model.name=rnn", f"tune.space={json.dumps(space)}"]))
+    for key, spec in space.items():
+        hyperparameter(hp, key, spec)
+    batch, units, rate = (hp._hps[key][0] for key in space)  # noqa: SLF001
+    assert (type(batch).__name__, batch.step, batch.sampling) == ("Int", None, "log")
+    assert (type(units).__name__, units.step) == ("Int", 32)
+    assert (type(rate).__name__, rate.step) == ("Float", None)
 
 
 def tune_process(run_dir, *extra):
@@ -154,13 +186,25 @@ def test_a_killed_chief_resumes_without_repeating_finished_trials(digits_data, t
         assert after[trial_id] == took  # a finished trial was never run again
 
 
-def test_retrain_best_trains_on_train_and_validation_and_exports(digits_data, tmp_path):
+def test_retrain_best_trains_on_train_and_validation_and_exports(digits_data, tmp_path, capsys):
+    """... once: the same command again finds the search complete and its best trial exported, and
+    neither retrains (RUN/train, which the user may have retrained since, is left alone) nor exports."""
     from kcp import cli
 
     run_dir = fresh_run(digits_data, tmp_path)
-    code = cli.main(["tune", "--run-dir", run_dir, "--set", "tune.max_trials=2", "--set", "tune.retrain_best=true",
-                     "--set", "model.filters=[8]", "--set", "train.epochs=2"])
+    command = ["tune", "--run-dir", run_dir, "--set", "tune.max_trials=2", "--set", "tune.retrain_best=true",
+               "--set", "model.filters=[8]", "--set", "train.epochs=2"]
+    code = cli.main(command)
     assert code == 0
+    metrics_path = os.path.join(run_dir, "train", "metrics.json")
+    trained = open(metrics_path).read()
+    capsys.readouterr()
+    assert cli.main(command) == 0
+    said = capsys.readouterr().out
+    assert open(metrics_path).read() == trained
+    assert os.listdir(os.path.join(run_dir, "export", "model")) == ["1"]
+    export_dir = os.path.join(run_dir, "export", "model", "1")
+    assert f"already retrained and exported to {export_dir}; not retrained again" in said, said
     history = json.load(open(os.path.join(run_dir, "train", "history.json")))
     assert "val_accuracy" not in history  # validation was part of the training data
     metrics = json.load(open(os.path.join(run_dir, "train", "metrics.json")))
@@ -171,6 +215,31 @@ def test_retrain_best_trains_on_train_and_validation_and_exports(digits_data, tm
 
     assert read_yaml_file(os.path.join(run_dir, "config.yaml"))["tune"]["retrain_best"] is True
     assert set(best["hyperparameters"]) == {"model.kernel_size", "model.dropout", "train.learning_rate"}
+
+
+def test_a_finished_retrain_is_not_repeated_unless_something_changed(tmp_path):
+    """retrained.json names the best trial and its export: the same complete search is not retrained again;
+    new trials, another best trial, another final config or a deleted export retrain."""
+    from tuning.results import record_retrained, retrained_export
+
+    run_dir = str(tmp_path)
+    os.makedirs(tmp_path / "tuning")
+    export_dir = tmp_path / "export" / "model" / "1"
+    os.makedirs(export_dir)
+    (export_dir / "saved_model.pb").write_bytes(b"pb")
+    final = load_config([], ["model.kernel_size=5", "train.include_validation=true"])
+    summary = {"best_trial": "1", "best_score": 0.9, "new_trials": 2}
+    assert retrained_export(run_dir, summary, final) is None  # nothing recorded yet
+    record_retrained(run_dir, summary, final, str(export_dir))
+    complete = {**summary, "new_trials": 0}
+    assert retrained_export(run_dir, complete, final) == str(export_dir)
+    assert retrained_export(run_dir, complete, load_config([], ["model.kernel_size=5", "train.include_validation=true",
+                                                                "tune.max_trials=20"])) == str(export_dir)
+    assert retrained_export(run_dir, summary, final) is None  # this run ran new trials
+    assert retrained_export(run_dir, {**complete, "best_trial": "0"}, final) is None
+    assert retrained_export(run_dir, complete, load_config([], ["model.kernel_size=3"])) is None
+    os.remove(export_dir / "saved_model.pb")
+    assert retrained_export(run_dir, complete, final) is None  # the export is gone: retrain
 
 
 def test_best_config_is_the_best_trial_fitting_on_train_and_validation(tmp_path):
@@ -299,3 +368,95 @@ def test_equal_scores_name_the_lowest_trial_whatever_order_the_oracle_holds():
     for order in (held, held[::-1]):
         assert [t.trial_id for t in best_trials(order, "max")] == ["00", "02", "01"]
         assert [t.trial_id for t in best_trials(order, "min")] == ["01", "00", "02"]
+
+
+def one_line_error(capsys, after_trial_tracebacks: bool = False) -> str:
+    """kcp's one-line error: all of stderr, or its last line after the tracebacks Keras Tuner prints of each
+    failed trial."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("kcp tune: error: "), err[-5:]
+    assert after_trial_tracebacks or len(err) == 1, err
+    return err[-1]
+
+
+def test_a_validation_objective_without_a_validation_split_fails_before_any_trial(digits_data, tmp_path, capsys):
+    """A contract with 0 validation examples (a small data.limit, data.split with 0 validation) scores no trial
+    on a `val_` objective: one line naming tune.objective, before anything is written under RUN/tuning/."""
+    import shutil
+
+    from kcp import cli
+
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(os.path.join(digits_data, "data"), os.path.join(run_dir, "data"))
+    path = os.path.join(run_dir, "data", "metadata.json")
+    contract = json.load(open(path))
+    contract["splits"]["validation"]["count"] = 0
+    json.dump(contract, open(path, "w"))
+    capsys.readouterr()
+    assert cli.main(tune_command(run_dir, "cnn", "tune.objective=val_loss", "tune.direction=min")) == 2
+    error = one_line_error(capsys)
+    assert "tune.objective: 'val_loss' is measured on the validation split, and there is no validation split" in error
+    assert "holds 0 validation examples" in error and "tune.objective=loss" in error
+    assert not os.path.exists(os.path.join(run_dir, "tuning"))
+
+
+def test_an_objective_the_training_does_not_log_stops_at_the_first_epoch(digits_data, tmp_path, capsys, monkeypatch):
+    """A typo (val_acc) used to train every trial in full, fail each in Keras Tuner with KeyError and exit 0.
+    Now: one line after the first epoch naming the objective and what is logged; the search it began is
+    removed, so the corrected command starts afresh (rather than being refused as another tune section)."""
+    from kcp import cli
+    from trainer.train import Trainer
+
+    epochs = []
+
+    class Count(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            epochs.append(epoch)
+
+    fit = Trainer.fit
+    monkeypatch.setattr(Trainer, "fit", lambda self, model, callbacks=(), **kw: fit(self, model, [*callbacks, Count()],
+                                                                                     **kw))
+    run_dir = fresh_run(digits_data, tmp_path)
+    capsys.readouterr()
+    assert cli.main(tune_command(run_dir, "cnn", "model.filters=[8]", "train.epochs=2", "tune.objective=val_acc")) == 2
+    error = one_line_error(capsys)
+    assert "tune.objective: 'val_acc' is not logged by the training, which logs accuracy, loss" in error
+    assert "val_accuracy" in error and "stopped in its first epoch" in error
+    assert epochs == [0]  # one epoch of one trial
+    assert not os.path.exists(os.path.join(run_dir, "tuning"))
+    assert cli.main(tune_command(run_dir, "cnn", "model.filters=[8]", "train.epochs=2", "tune.max_trials=1")) == 0
+    assert [t["status"] for t in read_trials(run_dir)] == ["COMPLETED"]
+
+
+@pytest.mark.parametrize("trials", [2, 4])  # 4: Keras Tuner stops itself after 3 failed trials in a row
+def test_a_search_without_a_scored_trial_is_an_error_naming_trials_csv(digits_data, tmp_path, capsys, monkeypatch,
+                                                                       trials):
+    from kcp import cli
+
+    def crash(self, hp, model, *args, **kwargs):
+        raise RuntimeError("trial crashed")
+
+    monkeypatch.setattr(TrainerHyperModel, "fit", crash)
+    run_dir = fresh_run(digits_data, tmp_path)
+    capsys.readouterr()
+    assert cli.main(tune_command(run_dir, "cnn", "model.filters=[8]", f"tune.max_trials={trials}")) == 2
+    error = one_line_error(capsys, after_trial_tracebacks=True)
+    csv_path = os.path.join(run_dir, "tuning", "trials.csv")
+    assert error.endswith(f"; see {csv_path}") and "failed with RuntimeError: trial crashed" in error
+    assert ("no trial was scored (2 trials: 2 FAILED)" if trials == 2 else "after 3 failed trials in a row") in error
+    assert [t["status"] for t in read_trials(run_dir)] == ["FAILED"] * min(trials, 3)
+    assert not os.path.exists(os.path.join(run_dir, "tuning", "best_config.yaml"))
+
+
+@pytest.mark.parametrize("algorithm, header", [
+    ("random", "[tune] random over cnn, 2 trials"),
+    ("hyperband", "[tune] hyperband over cnn, brackets of up to 1 epoch a trial (hyperband's factor 3; "
+                  "train.epochs, not tune.max_trials, sets how many trials)"),
+])
+def test_the_header_claims_a_trial_count_only_where_max_trials_sets_it(tmp_path, capsys, monkeypatch, algorithm,
+                                                                       header):
+    from kcp import api, cli
+
+    monkeypatch.setattr(api, "tune", lambda *args, **kwargs: api.TuneResult({}))
+    assert cli.main(tune_command(str(tmp_path), "cnn", f"tune.algorithm={algorithm}")) == 0
+    assert capsys.readouterr().out.splitlines()[0] == header
