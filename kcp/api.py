@@ -255,6 +255,9 @@ def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8501, **options):
     return make_server(run_dir, host, port, **options)
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # generate's temperature and top_p are float32 in the signature
+
+
 def generate(run_dir: str, prompt: str, *, max_new_tokens: int | None = None,
              temperature: float = GENERATE_DEFAULTS["temperature"], top_k: int = GENERATE_DEFAULTS["top_k"],
              top_p: float = GENERATE_DEFAULTS["top_p"], seed: int = GENERATE_DEFAULTS["seed"]) -> str:
@@ -284,14 +287,16 @@ def generate(run_dir: str, prompt: str, *, max_new_tokens: int | None = None,
     except UnicodeEncodeError:
         raise UserError("prompt: not UTF-8 text (it holds bytes that are not UTF-8)") from None
 
-    def number(value, kind) -> bool:  # NumPy's integers and floats count; bools and NaN do not
-        return isinstance(value, kind) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
+    def number(value, kind) -> bool:  # NumPy's integers and floats count; bools, NaN and floats past float32 do not
+        if not isinstance(value, kind) or isinstance(value, (bool, np.bool_)):
+            return False
+        return isinstance(value, numbers.Integral) or (math.isfinite(value) and abs(value) <= FLOAT32_MAX)
 
     int32 = (-2 ** 31, 2 ** 31 - 1)  # the signature's integers are int32, as TF Serving's request would be
     checks = [("max_new_tokens", max_new_tokens,
                number(max_new_tokens, numbers.Integral) and 1 <= max_new_tokens < context, f"an integer from 1 to {context - 1} (the context is {context})"),
               ("temperature", temperature, number(temperature, numbers.Real) and temperature >= 0,
-               "0 (greedy) or more, and finite"),
+               "0 (greedy) or more, and finite in float32"),
               ("top_k", top_k, number(top_k, numbers.Integral) and 0 <= top_k <= int32[1],
                f"an integer, 0 (off) to {int32[1]}"),
               ("top_p", top_p, number(top_p, numbers.Real) and 0 < top_p <= 1, "above 0 and at most 1"),

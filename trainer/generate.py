@@ -16,7 +16,8 @@ signature, `tf.map_fn` over a batch of prompts) and under XLA:
   C / 1 times the work: the reference for the cache and the benchmark's baseline.
 
 When the prompt and the new tokens do not fit the context, only the LAST
-`C - max_new_tokens` prompt ids are kept (the window slides once, before generation, never
+`C - wanted` prompt ids are kept (`wanted`: the new ids the caller keeps, max_new_tokens by
+default) (the window slides once, before generation, never
 during it), so `max_new_tokens` must be below C.
 
 Sampling: temperature 0 is greedy (argmax); otherwise the logits are divided by the
@@ -50,7 +51,7 @@ def generate_tokens(model, prompt, max_new_tokens: int, *, temperature=1.0, top_
     Args:
         model: a model built by trainer.models.gpt (or reloaded from its model.keras).
         prompt: int32 1-D tensor of at least one id; its length may be dynamic. Only its last
-            `context - max_new_tokens` ids are used when it is longer.
+            `context - wanted` ids are used when it is longer.
         max_new_tokens: a Python int, 1 .. context - 1: the output's static length.
         temperature: 0 greedy; > 0 sample from softmax(logits / temperature). Float or scalar tensor.
         top_k: keep the k most likely ids (0: all). Int or scalar tensor.

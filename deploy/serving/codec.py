@@ -291,9 +291,14 @@ def format_classifications(outputs: dict, class_names) -> dict:
 def metadata(name: str, version: int, signature_def_map) -> dict:
     """TF Serving's GetModelMetadata answer as JSON: the export's SignatureDefMap, printed as TF Serving
     prints protos (field names as in the .proto, int64 as strings, empty fields included)."""
+    try:
+        printed = json_format.MessageToDict(signature_def_map, preserving_proto_field_name=True,
+                                            always_print_fields_with_no_presence=True)
+    except TypeError:  # protobuf before 5.26 names the option as it was
+        printed = json_format.MessageToDict(signature_def_map, preserving_proto_field_name=True,
+                                            including_default_value_fields=True)
     return {"model_spec": {"name": name, "signature_name": "", "version": str(version)},
-            "metadata": {"signature_def": json_format.MessageToDict(
-                signature_def_map, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)}}
+            "metadata": {"signature_def": printed}}
 
 
 def status(entries: list[dict]) -> dict:

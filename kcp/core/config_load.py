@@ -47,15 +47,20 @@ def load_config(layers: list[dict] = (), overrides: list[str] = (), *, base: dic
         values = merge(values, parse_override(text))
     if base:
         base_model = dict(base.get("model") or {})
+        base_data, data = base.get("data"), values.get("data")
+        switched = isinstance(base_data, dict) and isinstance(data, dict) and isinstance(data.get("source"), str) \
+            and isinstance(base_data.get("source"), str) and \
+            is_language_source(data["source"]) != is_language_source(base_data["source"])
         chosen = (values.get("model") or {}).get("name", base_model.get("name"))
+        named = isinstance(values.get("model"), dict) and "name" in values["model"]
+        if switched and not named and families_for("language"):  # a corpus after digits (or back): the recorded
+            chosen = families_for("language")[0] if is_language_source(data["source"]) else ModelConfig.name  # family
+            values = merge(values, {"model": {"name": chosen}})  # cannot take it; the source's own default family
         if chosen != base_model.get("name"):
             base = {**base, "model": {k: v for k, v in base_model.items() if k in ModelConfig.shared_keys()}}
             base = drop_keys(base, family_default_keys(*(MODEL_FAMILIES.get(name) for name in
                                                          (base_model.get("name"), chosen) if isinstance(name, str))))
-        base_data, data = base.get("data"), values.get("data")
-        if isinstance(base_data, dict) and isinstance(data, dict) and isinstance(data.get("source"), str) and \
-                isinstance(base_data.get("source"), str) and \
-                is_language_source(data["source"]) != is_language_source(base_data["source"]):
+        if switched:
             base = {**base, "data": {k: v for k, v in base_data.items() if k != "tokenizer"}}
         values = merge(base, values)
     model, data = values.get("model") or {}, values.get("data") or {}

@@ -194,8 +194,10 @@ def test_bad_generate_settings_get_one_line_errors(language_run, served, capsys)
     # no --max-new-tokens on a context of 32: 31 at most, not the 64 the user never asked for
     assert cli.main(["generate", "--run-dir", language_run, "--prompt", "a", "--temperature", "0"]) == 0
     assert cli.main(["generate", "--run-dir", language_run, "--prompt", "a", "--temperature", "-1"]) == 2
-    assert capsys.readouterr().err.strip().endswith("temperature: -1.0 must be 0 (greedy) or more, and finite")
-    for flag, value, message in [("--temperature", "inf", "temperature: inf must be 0 (greedy) or more, and finite"),
+    assert capsys.readouterr().err.strip().endswith("temperature: -1.0 must be 0 (greedy) or more, and finite in float32")
+    for flag, value, message in [("--temperature", "inf", "temperature: inf must be 0 (greedy) or more, and finite in float32"),
+                                 ("--temperature", "1e39", "temperature: 1e+39 must be 0 (greedy) or more, and finite in float32"),
+                                 ("--seed", "1" + "0" * 400, f"seed: 1{'0' * 400} must be an integer from -2147483648 to 2147483647"),
                                  ("--seed", "99999999999",  # would not fit the signature's int32
                                   "seed: 99999999999 must be an integer from -2147483648 to 2147483647"),
                                  ("--top-k", "3000000000", "top_k: 3000000000 must be an integer, 0 (off) to 2147483647")]:

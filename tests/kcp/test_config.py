@@ -195,6 +195,12 @@ def test_a_corpus_without_a_model_trains_gpt_and_a_family_that_cannot_take_the_d
     assert load_config([], ["data.source=python-stdlib"]).model.name == "gpt"
     assert load_config([], ["data.source=text:notes/", "model.name=cnn"]).model.name == "cnn"  # asked for: kept
     assert load_config([], ["data.source=digits"]).model.name == "cnn"
+    # a run directory that recorded one kind of source and family, given the other kind and no model
+    digits, corpus = load_config([], ["data.source=digits"]).to_dict(), load_config([], ["data.source=text:n/"]).to_dict()
+    switched = load_config([], ["data.source=text:notes/"], base=digits)
+    assert (switched.model.name, switched.train.optimizer) == ("gpt", "adamw")  # gpt's own defaults, not cnn's adam
+    assert load_config([], ["data.source=digits"], base=corpus).model.name == "cnn"
+    assert load_config([], ["train.epochs=3"], base=corpus).model.name == "gpt"  # no switch: the recorded family
     run_dir = str(tmp_path / "run")  # refused at planning, before the pipeline runs and before config.yaml
     assert main(["preprocess", "--run-dir", run_dir, "--source", "digits", "--model", "gpt"]) == 2
     assert not os.path.exists(os.path.join(run_dir, "config.yaml")) and not os.path.exists(os.path.join(run_dir, "data"))
