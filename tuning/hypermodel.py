@@ -112,6 +112,7 @@ def resident_mb() -> float:
 def make_tuner(config: Config, hypermodel, directory: str):
     """The `tune.algorithm` tuner over `hypermodel`, its project in DIRECTORY/search (resumed if there)."""
     compat.patch_keras_tuner_atomic_json()
+    compat.patch_keras_tuner_resume_completed()
     tune = config.tune
     common = dict(objective=kt.Objective(tune.objective, direction=tune.direction),
                   executions_per_trial=tune.executions_per_trial, directory=directory, project_name="search",

@@ -315,6 +315,38 @@ def test_an_interrupted_keras_tuner_state_write_keeps_the_previous_state(tmp_pat
     assert os.listdir(tmp_path) == ["trial.json"]  # no temporary left behind
 
 
+def test_a_trial_ended_on_disk_but_not_in_the_oracle_is_not_trained_again(tmp_path):
+    """keras-tuner 1.4 writes trial.json (COMPLETED) before oracle.json; a kill in between left the
+    trial "ongoing" in the oracle, and the resumed search trained it again."""
+    from tuning import compat
+
+    assert compat.patch_keras_tuner_atomic_json() and compat.patch_keras_tuner_resume_completed()
+    space = kt.HyperParameters()
+    space.Float("learning_rate", 1e-4, 1e-1, sampling="log")
+
+    def oracle():
+        made = kt.oracles.RandomSearchOracle(objective=kt.Objective("val_accuracy", "max"), max_trials=3,
+                                             hyperparameters=space, seed=1)
+        made._set_project_dir(str(tmp_path), "search")
+        return made
+
+    first = oracle()
+    trial = first.create_trial("tuner0")
+    oracle_json = tmp_path / "search" / "oracle.json"
+    ongoing = oracle_json.read_text()  # the oracle's file while the trial runs
+    first.update_trial(trial.trial_id, {"val_accuracy": 0.75})
+    trial.status = "COMPLETED"
+    first.end_trial(trial)
+    oracle_json.write_text(ongoing)  # killed after trial.json was written, before oracle.json
+    resumed = oracle()
+    resumed.reload()
+    assert resumed.end_order == [trial.trial_id]
+    assert resumed.create_trial("tuner0").trial_id != trial.trial_id
+    assert [t.trial_id for t in resumed.get_best_trials()] == [trial.trial_id]
+    assert resumed.get_best_trials()[0].score == 0.75
+    assert json.loads(oracle_json.read_text())["retry_queue"] == []
+
+
 def test_trials_csv_leaves_figures_empty_for_a_trial_whose_process_died_before_writing_them():
     assert figures(None) == ["", ""]
     assert figures({"seconds": 12.34, "rss_mb": 810.6}) == ["12.3", "811"]
