@@ -6,12 +6,16 @@ puts them into the SavedModel; `kcp generate` and the report run the same `gener
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 
+import numpy as np
 import tensorflow as tf
 
 from kcp.core import contract as contract_lib
 from kcp.core import document_cache
 from kcp.core import examples as example_lib
+from kcp.core.errors import UserError
 
 GENERATE_SPECS = {"prompts": tf.TensorSpec([None], tf.string, name="prompts"),
                   "max_new_tokens": tf.TensorSpec([], tf.int32, name="max_new_tokens"),
@@ -131,6 +135,42 @@ def complete_prompt(model, contract, run_dir: str, prompt: str, generate_tokens,
                        temperature=tf.constant(float(temperature)), top_k=tf.constant(top_k),
                        top_p=tf.constant(float(top_p)), seed=tf.constant(seed))
     return outputs["completions"].numpy()[0].decode("utf-8", errors="replace")
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # generate's temperature and top_p are float32 in the signature
+
+
+def checked_generate_arguments(prompt, context: int, *, max_new_tokens, temperature, top_k, top_p, seed) -> dict:
+    """`complete_prompt`'s settings as Python numbers, checked as the `generate` signature's dtypes
+    (int32, float32) and the model's `context` would take them; a UserError naming the first bad one.
+    NumPy's integers and floats are accepted; bools, NaN, infinities and floats past float32 are not."""
+    if not isinstance(prompt, str):
+        raise UserError(f"prompt: expected a string, got {type(prompt).__name__}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError("prompt: not UTF-8 text (it holds bytes that are not UTF-8)") from None
+
+    def number(value, kind) -> bool:  # NumPy's integers and floats count; bools, NaN and floats past float32 do not
+        if not isinstance(value, kind) or isinstance(value, (bool, np.bool_)):
+            return False
+        return isinstance(value, numbers.Integral) or (math.isfinite(value) and abs(value) <= FLOAT32_MAX)
+
+    int32 = (-2 ** 31, 2 ** 31 - 1)  # the signature's integers are int32, as TF Serving's request would be
+    checks = [("max_new_tokens", max_new_tokens,
+               number(max_new_tokens, numbers.Integral) and 1 <= max_new_tokens < context, f"an integer from 1 to {context - 1} (the context is {context})"),
+              ("temperature", temperature, number(temperature, numbers.Real) and temperature >= 0,
+               "0 (greedy) or more, and finite in float32"),
+              ("top_k", top_k, number(top_k, numbers.Integral) and 0 <= top_k <= int32[1],
+               f"an integer, 0 (off) to {int32[1]}"),
+              ("top_p", top_p, number(top_p, numbers.Real) and 0 < top_p <= 1, "above 0 and at most 1"),
+              ("seed", seed, number(seed, numbers.Integral) and int32[0] <= seed <= int32[1],
+               f"an integer from {int32[0]} to {int32[1]}")]
+    for name, value, valid, allowed in checks:
+        if not valid:
+            raise UserError(f"{name}: {value!r} must be {allowed}")
+    return {"max_new_tokens": int(max_new_tokens), "temperature": float(temperature), "top_k": int(top_k),
+            "top_p": float(top_p), "seed": int(seed)}
 
 
 def language_texts(contract, run_dir: str, split: str = "test", count: int = 64, min_tokens: int = 8) -> list[str]:

@@ -38,6 +38,7 @@ from kcp.core import storage
 from kcp.core.beamio import (DEAD_LETTER, EXAMPLE, CountProgress, ProgressReporter, ReadSource, dead_letter,
                              local_runner_defaults, progress_directory, select)
 from kcp.core.errors import UserError
+from kcp.core.layout import RunLayout, newest_blessed
 from kcp.core.sources import (BadInput, SourcePlan, SourceRecord, check_image_bytes, decode_array, decode_text)
 
 MAX_BATCH_SIZE = 64
@@ -175,6 +176,23 @@ class PredictFn(beam.DoFn):
 
 def output_prefix(output: str) -> str:
     return output[:-len(".jsonl")] if output.endswith(".jsonl") else output
+
+
+def prediction_version(layout: RunLayout, name: str, version: int | None, say) -> str:
+    """The export version directory batch prediction runs: `version`, or else, as `kcp serve`
+    answers, the newest version `kcp validate` blessed (the newest when none is); `say` is told
+    when that is not the newest."""
+    directory = layout.version_dir(name, version)
+    newest = int(directory.rstrip("/").rsplit("/", 1)[-1])
+    if version is None:
+        blessed = newest_blessed(layout.export_root(name))
+        if blessed is None:
+            say(f"version {newest} is not blessed by `kcp validate`; predicting with it, the newest")
+        elif blessed != newest:
+            directory = layout.version_dir(name, blessed)
+            say(f"version {newest} is not blessed by `kcp validate`; predicting with version {blessed}, the newest "
+                f"blessed one (--version {newest} to use it)")
+    return directory
 
 
 def run_batch_prediction(export_dir: str, class_names: tuple, plan: SourcePlan, output: str,

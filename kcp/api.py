@@ -26,8 +26,6 @@ import contextlib
 import dataclasses
 import html
 import json
-import math
-import numbers
 import os
 import random
 import threading
@@ -36,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import trainer.models  # noqa: F401  registers the model families, whose keys the config loader validates
-from deploy.predict import run_batch_prediction
+from deploy.predict import prediction_version, run_batch_prediction
 from deploy.push import push_export
 from kcp.core import contract as contract_lib
 from kcp.core import storage
@@ -45,7 +43,7 @@ from kcp.core.config import Config
 from kcp.core.config_load import config_recorded, override_list, record_config, resolve_config
 from kcp.core.contract import GENERATE_DEFAULTS, DataContract
 from kcp.core.errors import UserError
-from kcp.core.layout import RunLayout, new_run_dir, newest_blessed, newest_run
+from kcp.core.layout import RunLayout, new_run_dir, newest_run
 from kcp.core.lock import run_lock
 from kcp.core.sources import plan_source
 from pipeline.preprocess import run_preprocess
@@ -219,18 +217,8 @@ def predict(run_dir: str, input: str, output: str, version: int | None = None, *
     plan = plan_source(input, data, labels=False)  # no labels needed: a bare table, npz x or image folder
     if plan.modality != contract.modality:
         raise UserError(f"--input: {input} holds {plan.modality}, the model takes {contract.modality}")
-    layout, name = RunLayout(run_dir), config.export.name
-    directory = layout.version_dir(name, version)
-    newest = int(directory.rstrip("/").rsplit("/", 1)[-1])
     say = progress or (lambda line: None)
-    if version is None:  # as kcp serve: the newest version kcp validate blessed, else the newest
-        blessed = newest_blessed(layout.export_root(name))
-        if blessed is None:
-            say(f"version {newest} is not blessed by `kcp validate`; predicting with it, the newest")
-        elif blessed != newest:
-            directory = layout.version_dir(name, blessed)
-            say(f"version {newest} is not blessed by `kcp validate`; predicting with version {blessed}, the newest "
-                f"blessed one (--version {newest} to use it)")
+    directory = prediction_version(RunLayout(run_dir), config.export.name, version, say)
     say(f"{input} through {directory}")
     return run_batch_prediction(directory, contract.class_names, plan, output, list(beam_args), single_file,
                                 report=progress)
@@ -255,9 +243,6 @@ def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8501, **options):
     return make_server(run_dir, host, port, **options)
 
 
-FLOAT32_MAX = float(np.finfo(np.float32).max)  # generate's temperature and top_p are float32 in the signature
-
-
 def generate(run_dir: str, prompt: str, *, max_new_tokens: int | None = None,
              temperature: float = GENERATE_DEFAULTS["temperature"], top_k: int = GENERATE_DEFAULTS["top_k"],
              top_p: float = GENERATE_DEFAULTS["top_p"], seed: int = GENERATE_DEFAULTS["seed"]) -> str:
@@ -270,7 +255,7 @@ def generate(run_dir: str, prompt: str, *, max_new_tokens: int | None = None,
     top_k 0 and top_p 1 switch those filters off."""
     import keras
 
-    from deploy.language import complete_prompt
+    from deploy.language import checked_generate_arguments, complete_prompt
     from trainer.generate import generate_tokens
 
     contract = contract_lib.read_contract(run_dir)
@@ -280,39 +265,13 @@ def generate(run_dir: str, prompt: str, *, max_new_tokens: int | None = None,
     context = int(contract.statistics["context_length"])
     if max_new_tokens is None:
         max_new_tokens = min(GENERATE_DEFAULTS["max_new_tokens"], context - 1)
-    if not isinstance(prompt, str):
-        raise UserError(f"prompt: expected a string, got {type(prompt).__name__}")
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError:
-        raise UserError("prompt: not UTF-8 text (it holds bytes that are not UTF-8)") from None
-
-    def number(value, kind) -> bool:  # NumPy's integers and floats count; bools, NaN and floats past float32 do not
-        if not isinstance(value, kind) or isinstance(value, (bool, np.bool_)):
-            return False
-        return isinstance(value, numbers.Integral) or (math.isfinite(value) and abs(value) <= FLOAT32_MAX)
-
-    int32 = (-2 ** 31, 2 ** 31 - 1)  # the signature's integers are int32, as TF Serving's request would be
-    checks = [("max_new_tokens", max_new_tokens,
-               number(max_new_tokens, numbers.Integral) and 1 <= max_new_tokens < context, f"an integer from 1 to {context - 1} (the context is {context})"),
-              ("temperature", temperature, number(temperature, numbers.Real) and temperature >= 0,
-               "0 (greedy) or more, and finite in float32"),
-              ("top_k", top_k, number(top_k, numbers.Integral) and 0 <= top_k <= int32[1],
-               f"an integer, 0 (off) to {int32[1]}"),
-              ("top_p", top_p, number(top_p, numbers.Real) and 0 < top_p <= 1, "above 0 and at most 1"),
-              ("seed", seed, number(seed, numbers.Integral) and int32[0] <= seed <= int32[1],
-               f"an integer from {int32[0]} to {int32[1]}")]
-    for name, value, valid, allowed in checks:
-        if not valid:
-            raise UserError(f"{name}: {value!r} must be {allowed}")
-    max_new_tokens, top_k, seed = int(max_new_tokens), int(top_k), int(seed)
-    temperature, top_p = float(temperature), float(top_p)
+    arguments = checked_generate_arguments(prompt, context, max_new_tokens=max_new_tokens, temperature=temperature,
+                                           top_k=top_k, top_p=top_p, seed=seed)
     model_path = RunLayout(run_dir).model
     if not storage.exists(model_path):
         raise UserError(f"{model_path}: not found; run `kcp train --run-dir {run_dir}` first")
     return complete_prompt(keras.saving.load_model(model_path, compile=False), contract, run_dir, prompt,
-                           generate_tokens, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                           top_p=top_p, seed=seed)
+                           generate_tokens, **arguments)
 
 
 def reloaded_accuracy(export_dir: str, run_dir: str, split: str = "test") -> float:

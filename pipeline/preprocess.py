@@ -22,7 +22,8 @@ from kcp.core import contract as contract_lib
 from kcp.core import storage
 from kcp.core.beamio import (DEAD_LETTER, CountProgress, ProgressReporter, ReadSource, local_runner_defaults,
                              progress_directory, select)
-from kcp.core.config import MODEL_FAMILIES, Config, check_family_takes
+from kcp.core.config import Config
+from kcp.core.families import MODEL_FAMILIES, check_family_takes
 from kcp.core.errors import UserError
 from kcp.core.layout import DEAD_LETTER_DIR
 from kcp.core.sources import SourceError, SourcePlan, class_names_of, plan_source

@@ -19,7 +19,8 @@ import json
 import math
 
 import trainer.models  # noqa: F401  registers the model families, whose keys the config loader validates
-from kcp.core.config import MODEL_FAMILIES, Config, ConfigError
+from kcp.core.config import Config, ConfigError
+from kcp.core.families import MODEL_FAMILIES
 from kcp.core.config_load import load_config
 
 

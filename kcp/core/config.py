@@ -8,7 +8,8 @@ any work starts.
 
 The `model` section is flat in YAML (`model: {name: resnet, depth: 56, dropout: 0.1}`): the
 keys every family shares are defined here; each family's own keys are defined by a dataclass
-beside its builder (trainer/models/<family>.py), registered with `@model_family(NAME)`, and
+beside its builder (trainer/models/<family>.py), registered with `@model_family(NAME)`
+(kcp/core/families.py), and
 validated by it. This module imports no stage: the front and the trainer import
 `trainer.models`, which registers the families, before they load a config.
 
@@ -26,10 +27,11 @@ import yaml
 
 from kcp.core.char_ngrams import DEFAULT_CHAR_NGRAM_BUCKETS, DEFAULT_CHAR_NGRAMS
 from kcp.core.contract import BYTE_VOCAB_SIZE, DEFAULT_TEXT_TOKENIZER, LANGUAGE_TOKENIZERS, TEXT_TOKENIZERS, TOKENIZERS
+from kcp.core.families import family_config_class
 from kcp.core.schema import ConfigError, build, coerce, option, parse_override, read_yaml_file, to_plain
 
 __all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "TuneConfig", "ExportConfig",
-           "MODEL_FAMILIES", "model_family", "option", "parse_override", "read_yaml_file",
+           "option", "parse_override", "read_yaml_file",
            "is_language_source"]
 
 # Sources whose documents are language-modelling data (modality `language`, kcp/core/sources/corpus.py),
@@ -169,39 +171,6 @@ class AugmentLayersConfig:
         than SHIFTED_IMAGE_SIDE (other data with a key set explicitly is refused by `model_input`)."""
         translation = self.applied_translation(modality, shape)
         return self.flip != "none" or any((translation, self.rotation, self.zoom, self.contrast))
-
-
-MODEL_FAMILIES: dict[str, type] = {}  # model.name -> the family's config dataclass
-
-
-def model_family(name: str):
-    """Class decorator that registers a family's config dataclass as `model.name: NAME`."""
-    def register(cls):
-        MODEL_FAMILIES[name] = cls
-        return cls
-    return register
-
-
-def family_config_class(name: str) -> type:
-    """The config dataclass of family `name`; a ConfigError naming the families otherwise."""
-    if not MODEL_FAMILIES:
-        raise RuntimeError("no model family is registered: import trainer.models before loading a config")
-    if name not in MODEL_FAMILIES:
-        raise ConfigError(f"model.name: {name!r} is not one of {', '.join(MODEL_FAMILIES)}")
-    return MODEL_FAMILIES[name]
-
-
-def families_for(modality: str) -> tuple:
-    """The names of the registered families that take `modality` data."""
-    return tuple(name for name, family in MODEL_FAMILIES.items() if modality in family.modalities)
-
-
-def check_family_takes(name: str, modality: str) -> None:
-    """A ConfigError naming the families that do, when family `name` does not take `modality` data."""
-    accepted = family_config_class(name).modalities
-    if modality not in accepted:
-        raise ConfigError(f"model.name: {name} takes {', '.join(accepted)} data, and this run's data is "
-                          f"{modality}; for {modality} data use {' or '.join(families_for(modality))}")
 
 
 @dataclass(frozen=True)

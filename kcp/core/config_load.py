@@ -16,9 +16,9 @@ import json
 
 from kcp.core import storage
 from kcp.core.cluster import is_cluster_helper
-from kcp.core.config import (DEFAULT_LANGUAGE_SOURCE, MODEL_FAMILIES, Config, ModelConfig, families_for,
-                              is_language_source)
+from kcp.core.config import DEFAULT_LANGUAGE_SOURCE, Config, ModelConfig, is_language_source
 from kcp.core.errors import UserError
+from kcp.core.families import MODEL_FAMILIES, families_for
 from kcp.core.layout import RunLayout
 from kcp.core.schema import ConfigError, build, merge, parse_override, read_yaml_file
 

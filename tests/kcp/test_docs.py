@@ -4,7 +4,8 @@ import dataclasses
 import os
 import re
 
-from kcp.core.config import MODEL_FAMILIES, Config, ModelConfig
+from kcp.core.config import Config, ModelConfig
+from kcp.core.families import MODEL_FAMILIES
 
 DOC = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "configuration.md")
 

@@ -5,7 +5,8 @@ import pytest
 import tensorflow as tf
 
 import keras
-from kcp.core.config import MODEL_FAMILIES, ConfigError
+from kcp.core.config import ConfigError
+from kcp.core.families import MODEL_FAMILIES
 from kcp.core.config_load import load_config
 from trainer.models import REGISTRY, ModelInputs, build_model, families_for
 from trainer.models.common import batch_norm_momentum_for

@@ -14,7 +14,8 @@ delay or bury a one-line config error.
 
 from __future__ import annotations
 
-from kcp.core.config import MODEL_FAMILIES, ModelConfig, check_family_takes, families_for  # noqa: F401  re-exported
+from kcp.core.config import ModelConfig  # noqa: F401  re-exported
+from kcp.core.families import MODEL_FAMILIES, check_family_takes, families_for  # noqa: F401  re-exported
 from trainer.models import cnn, gpt, resnet, rnn, transformer
 from trainer.models.common import ModelInputs
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 
-from kcp.core.config import ConfigError, ModelConfig, model_family, option
+from kcp.core.config import ConfigError, ModelConfig, option
+from kcp.core.families import model_family
 from trainer.models.char_ngrams import with_char_ngrams
 from trainer.models.common import (ModelInputs, batch_norm, classifier_head, initializer_for, model_input,
                                    token_embedding)

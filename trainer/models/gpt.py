@@ -33,7 +33,8 @@ import types
 from dataclasses import dataclass
 from typing import ClassVar
 
-from kcp.core.config import ConfigError, ModelConfig, model_family, option
+from kcp.core.config import ConfigError, ModelConfig, option
+from kcp.core.families import model_family
 from trainer.models.common import ModelInputs
 
 # (layers, heads, width) of the GPT-2 checkpoints; "custom" uses model.layers/heads/dim.

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 
-from kcp.core.config import DEFAULT_DROPOUT, ConfigError, ModelConfig, model_family, option
+from kcp.core.config import DEFAULT_DROPOUT, ConfigError, ModelConfig, option
+from kcp.core.families import model_family
 from trainer.models.char_ngrams import with_char_ngrams
 from trainer.models.cnn import default_kernel_size  # one rule for both families' sequence kernels
 from trainer.models.common import (ModelInputs, batch_norm, classifier_head, initializer_for, model_input,

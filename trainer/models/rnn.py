@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 
-from kcp.core.config import ModelConfig, model_family, option
+from kcp.core.config import ModelConfig, option
+from kcp.core.families import model_family
 from trainer.models.char_ngrams import with_char_ngrams
 from trainer.models.common import (CELLS, ModelInputs, classifier_head, conv_pool_block, initializer_for,
                                    model_input, token_embedding)

@@ -24,7 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from kcp.core.config import ConfigError, ModelConfig, model_family, option
+from kcp.core.config import ConfigError, ModelConfig, option
+from kcp.core.families import model_family
 from trainer.models.char_ngrams import with_char_ngrams
 from trainer.models.common import (ModelInputs, classifier_head, conv_pool_block, initializer_for, model_input,
                                    token_embedding)
