@@ -27,11 +27,8 @@ import dataclasses
 import html
 import json
 import os
-import random
 import threading
 from dataclasses import dataclass, field
-
-import numpy as np
 
 import trainer.models  # noqa: F401  registers the model families, whose keys the config loader validates
 from deploy.predict import prediction_version, run_batch_prediction
@@ -102,22 +99,6 @@ def locked(run_dir: str, command: str):
         yield
 
 
-@contextlib.contextmanager
-def caller_state_kept():
-    """Gives the caller back Keras' global dtype policy and the `random` and NumPy generators as they
-    were: training sets the policy (`train.precision`) and seeds them (`train.seed`), and a notebook
-    that builds its own layers or draws its own numbers afterwards must not inherit either."""
-    import keras
-
-    policy, python_state, numpy_state = keras.config.dtype_policy(), random.getstate(), np.random.get_state()
-    try:
-        yield
-    finally:
-        keras.config.set_dtype_policy(policy)
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
-
-
 def preprocess(run_dir: str, source: str | None = None, *, model: str | None = None, config_file: str | None = None,
                overrides=(), beam_args=(), progress=None) -> DataContract:
     """Runs the Beam pipeline: RUN/data/ shards and metadata.json. Returns the data contract.
@@ -130,6 +111,8 @@ def preprocess(run_dir: str, source: str | None = None, *, model: str | None = N
 
 def train(run_dir: str, model: str | None = None, *, config_file: str | None = None, overrides=()) -> TrainResult:
     """Trains on RUN/data and writes RUN/train/."""
+    from trainer.global_state import caller_state_kept
+
     with locked(run_dir, "train"), caller_state_kept():
         config = resolve_config(run_dir, config_file, model=model, overrides=overrides)
         contract_lib.read_contract(run_dir)  # no data: one line, and no config.yaml recorded for a run that is not
@@ -154,6 +137,7 @@ def tune(run_dir: str, model: str | None = None, *, config_file: str | None = No
     from trainer.generate import generate_tokens
     from trainer.train import train as train_model
     from tuning.results import best_config, record_retrained, retrained_export
+    from trainer.global_state import caller_state_kept
     from tuning.search import run_search
 
     with locked(run_dir, "tune"), caller_state_kept():

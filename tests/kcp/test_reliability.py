@@ -641,16 +641,42 @@ def test_kcp_run_summarises_a_run_whose_test_split_is_empty(monkeypatch, capsys,
     assert "export validation accuracy 0.8000" in out and "the test split is empty" in out
 
 
+def test_a_process_that_never_seeded_tensorflow_gets_back_no_seed():
+    """TensorFlow has no seed state until the first tf.random.set_seed: keeping the caller's state
+    must work then (a fresh `kcp tune` process), and leave TensorFlow unseeded."""
+    script = ("import tensorflow as tf, keras\n"
+              "from tensorflow.python.eager import context\n"
+              "from trainer.global_state import caller_state_kept\n"
+              "with caller_state_kept():\n"
+              "    keras.utils.set_random_seed(3)\n"
+              "    print('seeded', context.global_seed())\n"
+              "print('after', context.global_seed())\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("\n")[-3:] == ["seeded 3", "after None", ""]
+
+
 def test_train_gives_a_notebook_back_its_dtype_policy_and_random_generators(digits_data, tmp_path):
     """train sets the global policy (train.precision) and seeds random/NumPy (train.seed): a notebook's
     own layers and draws afterwards must be as if it had not trained."""
+    import tensorflow as tf
+
     run_dir = fresh_run(digits_data, tmp_path)
     keras.config.set_dtype_policy("float32")
-    random.seed(123)
-    np.random.seed(123)
-    expected = (random.random(), np.random.rand())
-    random.seed(123)
-    np.random.seed(123)
+
+    def seeded_draws():
+        keras.utils.set_random_seed(7)  # random, NumPy, Keras' global seed, TensorFlow's global seed
+        keras.random.uniform([]), tf.random.uniform([])  # draws before training: those after it continue them
+        random.seed(123)
+        np.random.seed(123)
+
+    def draws():
+        return (random.random(), np.random.rand(), float(keras.random.uniform([])), float(tf.random.uniform([])))
+
+    seeded_draws()
+    expected = draws()
+    seeded_draws()
     api.train(run_dir, "cnn", overrides=["train.epochs=1", "model.filters=[8]", "train.precision=mixed_bfloat16"])
     assert keras.config.dtype_policy().name == "float32"
-    assert (random.random(), np.random.rand()) == expected
+    assert draws() == expected

@@ -1,0 +1,51 @@
+"""The process-global state that training changes, and giving a caller (a notebook) it back.
+
+Training sets Keras' global dtype policy (`train.precision`) and seeds Python's `random`,
+NumPy, Keras' global seed and TensorFlow's global seed (`train.seed`, through
+`keras.utils.set_random_seed`). The Python API wraps train and tune in `caller_state_kept`.
+Keras' and TensorFlow's seeds are not public state: they are read from `keras.src` and
+`tensorflow.python.eager.context`, as `keras.utils.set_random_seed` itself sets them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import sys
+
+import keras
+import numpy as np
+from keras.src.backend.common import global_state
+
+
+@contextlib.contextmanager
+def caller_state_kept():
+    """Gives the caller back the dtype policy and the four seeds as they were (and the draws' places in
+    their sequences): a notebook that builds its own layers or draws its own numbers after training
+    must not inherit train.precision or train.seed."""
+    keras_keys = ("global_random_seed", "global_seed_generator")
+    saved = (keras.config.dtype_policy(), random.getstate(), np.random.get_state(),
+             [global_state.get_global_attribute(key) for key in keras_keys])
+    tf_saved = None
+    if "tensorflow" in sys.modules:  # imported by whoever trains; its eager seed and op-seed sequence
+        from tensorflow.python.eager import context
+
+        rng = getattr(context.context(), "_rng", None)  # made by the first tf.random.set_seed
+        tf_saved = (context.global_seed(), rng.getstate() if rng is not None else None)
+    try:
+        yield
+    finally:
+        policy, python_state, numpy_state, keras_values = saved
+        keras.config.set_dtype_policy(policy)
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        for key, value in zip(keras_keys, keras_values):
+            global_state.set_global_attribute(key, value)
+        if tf_saved is not None:
+            import tensorflow as tf
+            from tensorflow.python.eager import context
+
+            tf.random.set_seed(tf_saved[0])
+            rng = getattr(context.context(), "_rng", None)
+            if tf_saved[1] is not None and rng is not None:
+                rng.setstate(tf_saved[1])
