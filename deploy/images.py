@@ -6,7 +6,9 @@ export's `serving_default` does the same inside the graph, so a served original 
 model as its training copy did:
 
 - JPEG with libjpeg's accurate integer DCT (Pillow's; TensorFlow's default is the fast one,
-  up to 4-7 levels apart); other formats with `decode_image`, in the file's own channels.
+  up to 4-7 levels apart); 1-, 4- and 8-bit BMPs through their palette (decode_bmp returns
+  the palette indices as gray levels: a colour 8-bit BMP was served wrong pixels); other
+  formats with `decode_image`, in the file's own channels.
 - Channels as Pillow converts: gray to RGB by copying, alpha dropped, RGB to gray by Pillow's
   fixed-point ITU-R 601-2 luma, before resizing (Pillow resizes the converted 8-bit image).
 - Pillow's bilinear resize antialiases (its triangle filter widens when shrinking) and runs
@@ -87,6 +89,55 @@ def is_image(encoded):
     return tf.reduce_any([tf.equal(tf.strings.substr(encoded, 0, length), magic) for magic, length in _MAGIC])
 
 
+def _little_endian(header, offset: int, size: int, signed: bool = False):
+    """The unsigned (or two's-complement) little-endian integer of `size` bytes at `offset`."""
+    raw = tf.cast(tf.io.decode_raw(tf.strings.substr(header, offset, size), tf.uint8), tf.int64)
+    value = tf.reduce_sum(raw * tf.bitwise.left_shift(tf.constant(1, tf.int64), 8 * tf.range(size, dtype=tf.int64)))
+    return value - (1 << (8 * size)) * tf.cast(value >= (1 << (8 * size - 1)), tf.int64) if signed else value
+
+
+def _bmp_header(encoded):
+    """The fields of a BMP's headers that an indexed (palette) image needs; zeros past a short file."""
+    header = tf.strings.join([tf.strings.substr(encoded, 0, 54), tf.constant(b"\0" * 54)])
+    fields = {"pixels": (10, 4), "header_size": (14, 4), "width": (18, 4), "height": (22, 4), "bits": (28, 2),
+              "compression": (30, 4), "colors": (46, 4)}
+    return {name: _little_endian(header, offset, size, signed=name == "height")
+            for name, (offset, size) in fields.items()}
+
+
+def is_indexed_bmp(encoded):
+    """A BMP of 1, 4 or 8 bits per pixel: its pixels are palette indices, which TensorFlow's
+    decode_bmp returns as gray levels (or refuses, for 1 and 4 bits)."""
+    is_bmp = tf.equal(tf.strings.substr(tf.strings.join([encoded, b"  "]), 0, 2), b"BM")
+    return tf.logical_and(is_bmp, _bmp_header(encoded)["bits"] <= 8)
+
+
+def _decode_indexed_bmp(encoded, index=0):
+    """An uncompressed 1-, 4- or 8-bit BMP (Windows headers) -> uint8 RGB [H, W, 3], its indices
+    looked up in its palette, as Pillow's convert("RGB") gives; run-length-encoded or OS/2 ones
+    fail with a message naming the instance."""
+    field = _bmp_header(encoded)
+    bits, width, rows = tf.cast(field["bits"], tf.int32), tf.cast(field["width"], tf.int32), tf.cast(tf.abs(field["height"]), tf.int32)
+    supported = tf.reduce_all([field["compression"] == 0, field["header_size"] >= 40, tf.reduce_any([bits == 1, bits == 4, bits == 8]), width > 0, rows > 0])
+    check = tf.debugging.Assert(supported, [tf.strings.format(
+        "instance {}: a BMP of {} bits per pixel, compression {}: not supported by serving_default (send PNG)",
+        [index, bits, field["compression"]])])
+    with tf.control_dependencies([check]):
+        colors = tf.where(field["colors"] > 0, field["colors"], tf.bitwise.left_shift(tf.constant(1, tf.int64), field["bits"]))
+        palette = tf.io.decode_raw(tf.strings.substr(encoded, 14 + field["header_size"], 4 * colors), tf.uint8)
+        palette = tf.reverse(tf.reshape(palette, [-1, 4])[:, :3], axis=[1])  # B, G, R, reserved -> R, G, B
+        row_bytes = (width * bits + 31) // 32 * 4  # each row padded to 4 bytes
+        data = tf.io.decode_raw(tf.strings.substr(encoded, field["pixels"], tf.cast(row_bytes * rows, tf.int64)), tf.uint8)
+        data = tf.reshape(tf.cast(data, tf.int32), [rows, row_bytes])
+        per_byte = 8 // bits
+        shifts = 8 - bits * (tf.range(per_byte) + 1)  # the leftmost pixel in the high bits
+        indices = tf.bitwise.bitwise_and(tf.bitwise.right_shift(data[:, :, tf.newaxis], shifts),
+                                         tf.bitwise.left_shift(1, bits) - 1)
+        indices = tf.reshape(indices, [rows, row_bytes * per_byte])[:, :width]
+        indices = tf.cond(field["height"] > 0, lambda: tf.reverse(indices, axis=[0]), lambda: indices)  # bottom-up
+        return tf.gather(palette, tf.minimum(indices, tf.shape(palette)[0] - 1))
+
+
 def decode_like_pipeline(encoded, height: int, width: int, channels: int, index=0):
     """One encoded image (scalar string) -> uint8 [height, width, channels], as the pipeline
     decodes the same file. Bytes that are no image fail with "instance INDEX: not a PNG, ..."."""
@@ -94,6 +145,7 @@ def decode_like_pipeline(encoded, height: int, width: int, channels: int, index=
     with tf.control_dependencies([check]):
         image = tf.cond(tf.io.is_jpeg(encoded),
                         lambda: tf.io.decode_jpeg(encoded, channels=0, dct_method="INTEGER_ACCURATE"),
-                        lambda: tf.io.decode_image(encoded, channels=0, expand_animations=False))
+                        lambda: tf.cond(is_indexed_bmp(encoded), lambda: _decode_indexed_bmp(encoded, index),
+                                        lambda: tf.io.decode_image(encoded, channels=0, expand_animations=False)))
     image = _resize_like_pillow(_to_channels(image, channels), height, width)
     return tf.reshape(image, [height, width, channels])

@@ -23,6 +23,8 @@ def picture(height: int, width: int, mode: str) -> Image.Image:
         return Image.fromarray(rgba[..., 0], "L")
     if mode == "P":
         return Image.fromarray(rgba[..., :3], "RGB").quantize(64)
+    if mode == "1":
+        return Image.fromarray(rgba[..., 0], "L").convert("1")  # dithered black and white
     return Image.fromarray(rgba if mode == "RGBA" else rgba[..., :3], mode)
 
 
@@ -54,6 +56,9 @@ CASES = [  # (format, Pillow mode of the file, file size (h, w), model input sha
     ("JPEG", "L", (10, 14), (28, 28, 3)),
     ("BMP", "L", (40, 40), (8, 8, 1)),       # decode_bmp takes no channels=1
     ("BMP", "RGB", (9, 7), (32, 32, 1)),
+    ("BMP", "P", (30, 21), (16, 16, 3)),     # 8-bit palette: decode_bmp alone gives the indices as gray
+    ("BMP", "P", (13, 40), (16, 16, 1)),
+    ("BMP", "1", (25, 19), (16, 16, 3)),     # 1 bit per pixel: decode_bmp alone refuses it
     ("GIF", "P", (40, 40), (8, 8, 1)),       # decode_gif takes no channels=1
     ("GIF", "L", (33, 17), (16, 16, 3)),
 ]
@@ -71,3 +76,46 @@ def test_served_file_decodes_to_the_pipelines_pixels(tmp_path, fmt, mode, size, 
     served = serve_decode(content, shape)
     assert served.shape == shape and served.dtype == np.uint8
     np.testing.assert_array_equal(served, expected)
+
+
+def indexed_bmp(indices: np.ndarray, palette: np.ndarray, bits: int, top_down: bool = False) -> bytes:
+    """An uncompressed BMP of `bits` (1, 4 or 8) per pixel, written by hand (Pillow writes no 4-bit
+    BMP): `indices` [H, W] into `palette` [N, 3] RGB."""
+    height, width = indices.shape
+    row_bytes = (width * bits + 31) // 32 * 4
+    rows = []
+    for row in (indices if top_down else indices[::-1]):
+        value = 0
+        for index in row:
+            value = (value << bits) | int(index)
+        value <<= row_bytes * 8 - width * bits
+        rows.append(value.to_bytes(row_bytes, "big"))
+    table = b"".join(bytes([b, g, r, 0]) for r, g, b in palette)
+    offset = 14 + 40 + len(table)
+    info = np.array([40, width, -height if top_down else height], "<i4").tobytes() + np.array([1, bits], "<u2").tobytes() \
+        + np.array([0, len(b"".join(rows)), 2835, 2835, len(palette), 0], "<u4").tobytes()
+    pixels = b"".join(rows)
+    return b"BM" + np.array([offset + len(pixels), 0, offset], "<u4").tobytes() + info + table + pixels
+
+
+@pytest.mark.parametrize("bits, top_down", [(4, False), (4, True), (8, True), (1, False)])
+def test_an_indexed_bmp_is_served_its_palette_colours(tmp_path, bits, top_down):
+    """decode_bmp returns a palette BMP's indices as gray levels; the export looks them up, as Pillow does."""
+    palette = RNG.integers(0, 256, (1 << bits, 3))
+    indices = RNG.integers(0, 1 << bits, (11, 13))
+    content = indexed_bmp(indices, palette, bits, top_down)
+    path = os.path.join(tmp_path, "image.bmp")
+    with open(path, "wb") as handle:
+        handle.write(content)
+    for shape in ((11, 13, 3), (8, 8, 1)):
+        expected = decode_image_file(path, shape)
+        if shape == (11, 13, 3):
+            np.testing.assert_array_equal(expected, palette[indices])  # the hand-made file is what it claims
+        np.testing.assert_array_equal(serve_decode(content, shape), expected)
+
+
+def test_a_run_length_encoded_bmp_is_refused_in_one_line():
+    content = bytearray(indexed_bmp(np.zeros((4, 4), int), np.zeros((256, 3), int), 8))
+    content[30:34] = (1).to_bytes(4, "little")  # BI_RLE8
+    with pytest.raises(tf.errors.InvalidArgumentError, match="a BMP of 8 bits per pixel, compression 1: not supported"):
+        serve_decode(bytes(content), (4, 4, 3))
