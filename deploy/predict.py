@@ -221,12 +221,12 @@ def run_batch_prediction(export_dir: str, class_names: tuple, plan: SourcePlan, 
         if single_file:
             _ = lines | "Write" >> beam.io.WriteToText(output, shard_name_template="", num_shards=1)
             _ = dead | "WriteDeadLetters" >> beam.io.WriteToText(
-                output + ".dead_letter", shard_name_template="", num_shards=1, skip_if_empty=True)
+                prefix + ".dead_letter.jsonl", shard_name_template="", num_shards=1, skip_if_empty=True)
         else:
             _ = lines | "Write" >> beam.io.WriteToText(prefix, file_name_suffix=".jsonl")
             _ = dead | "WriteDeadLetters" >> beam.io.WriteToText(
                 prefix + ".dead_letter", file_name_suffix=".jsonl", skip_if_empty=True)
-    dead_letters = output + ".dead_letter" if single_file else f"{prefix}.dead_letter-*-of-*.jsonl"
+    dead_letters = f"{prefix}.dead_letter.jsonl" if single_file else f"{prefix}.dead_letter-*-of-*.jsonl"
     (report or log.info)(counts_line(pipeline.result, dead_letters))
     if single_file:
         return [output]

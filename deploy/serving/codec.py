@@ -191,6 +191,10 @@ def parse_predict_body(body: dict, specs: dict) -> tuple[dict, str]:
         if not isinstance(instances, list) or not instances:
             raise RequestError("'instances' must be a non-empty list")
         if all(isinstance(i, dict) and not (set(i) == {"b64"}) for i in instances):
+            unknown = next(((row, key) for row, i in enumerate(instances) for key in i if key not in specs), None)
+            if unknown:  # TF Serving: "Failed to process element: 0 key: X of 'instances' list ... does not have
+                raise RequestError(f"instance {unknown[0]}: unknown input {unknown[1]!r}; the signature takes "
+                                   f"{', '.join(names)}")  # named input: X"; a misspelled input is not ignored
             missing = [n for n in names if any(n not in i for i in instances)]
             if missing:
                 raise RequestError(f"instances lack input {missing[0]!r}; the signature takes {', '.join(names)}")

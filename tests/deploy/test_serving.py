@@ -205,6 +205,9 @@ def test_row_and_columnar_formats_and_another_size(server, image_run):
     ("/v1/models/colors:predict", {"instances": [{"b64": base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(40)).decode()}]},
      None, 400, "could not decode the image (Invalid PNG"),
     ("/v1/models/colors:predict", {"instances": []}, None, 400, "non-empty"),
+    ("/v1/models/colors:predict", {"instances": [{"image_bytes": {"b64": "AA=="}}, {"image_bytes": {"b64": "AA=="},
+     "image_bytez": {"b64": "AA=="}}]}, None, 400,  # a misspelled input is refused, as TF Serving does
+     "instance 1: unknown input 'image_bytez'; the signature takes image_bytes"),
     ("/v1/models/colors:predict", {"inputs": {"image_bytes": []}}, None, 400,
      "input 'image_bytes' must hold at least one instance"),
     ("/v1/models/colors:predict", {"inputs": []}, None, 400, "input 'image_bytes' must hold at least one instance"),
@@ -352,9 +355,11 @@ def test_batch_prediction_matches_the_server(server, image_run, tmp_path):
         assert answer["predictions"][0]["class_names"] == line["class_name"]
         assert max(answer["predictions"][0]["probabilities"]) == pytest.approx(line["probability"], abs=1e-6)
     single = str(tmp_path / "one.jsonl")
-    assert cli.main(["predict", "--run-dir", run_dir, "--input", f"folder:{root}", "--output", single, "--single-file",
+    assert cli.main(["predict", "--run-dir", run_dir, "--input", f"folder:{folder}", "--output", single, "--single-file",
                      "--", *IN_PROCESS_BEAM]) == 0
     assert sorted(json.loads(line)["key"] for line in open(single)) == [line["key"] for line in lines]
+    dead = [json.loads(line) for line in open(tmp_path / "one.dead_letter.jsonl")]  # PREFIX.dead_letter.jsonl
+    assert [d["key"] for d in dead] == ["class1/corrupt.png"]
 
 
 def test_batch_prediction_retries_a_failed_batch_one_input_at_a_time():
