@@ -40,8 +40,24 @@ ROUTINE_LINES = re.compile(
     rb"|local_rendezvous\.cc:\d+\] Local rendezvous is aborting with status: INVALID_ARGUMENT")
 
 
+# TensorFlow's op context under an error status ("\t [[{{function_node ...}}{{node map/while/Assert}}]]"):
+# routine when it continues a routine line, kept under any other
+CONTINUATION = re.compile(rb"^\t \[\[")
+
+
 def is_routine(line: bytes) -> bool:
     return ROUTINE_LINES.search(line) is not None
+
+
+def shown_lines(lines: list, after_routine: bool = False) -> tuple[list, bool]:
+    """The lines that are not routine, and whether the last line was (for the next call)."""
+    shown = []
+    for line in lines:
+        routine = is_routine(line) or (after_routine and CONTINUATION.match(line) is not None)
+        if not routine:
+            shown.append(line)
+        after_routine = routine
+    return shown, after_routine
 
 
 class _Filter:
@@ -95,19 +111,20 @@ def filtered_stderr(enabled: bool = True):
     def pump() -> None:
         # Never stops reading before the pipe's end: a full pipe would block every writer.
         with os.fdopen(read_end, "rb", buffering=0) as pipe:
-            pending = b""
+            pending, after_routine = b"", False
             while chunk := pipe.read(65536):
                 pending += chunk
                 *lines, pending = pending.split(b"\n")
                 drained = active.sentinel in lines
-                shown = b"".join(line + b"\n" for line in lines if line != active.sentinel and not is_routine(line))
+                kept, after_routine = shown_lines([line for line in lines if line != active.sentinel], after_routine)
+                shown = b"".join(line + b"\n" for line in kept)
                 with contextlib.suppress(OSError):
                     if shown:
                         os.write(original, shown)
                 if drained:
                     active.drained.set()
             with contextlib.suppress(OSError):
-                if pending and not is_routine(pending):
+                if pending and shown_lines([pending], after_routine)[0]:
                     os.write(original, pending)
 
     thread = threading.Thread(target=pump, name="kcp-stderr", daemon=True)

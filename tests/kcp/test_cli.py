@@ -240,16 +240,19 @@ def test_routine_native_lines_are_dropped_and_everything_else_kept(capfd):
              b"E0000 00:00:1795827271.222125   31813 node_def_util.cc:682] NodeDef mentions attribute "
              b"use_unbounded_threadpool which is not in the op definition: Op<name=MapDataset; ...>\n"
              b"W0000 00:00:1795825143.266024   10655 local_rendezvous.cc:412] Local rendezvous is aborting with "
-             b"status: INVALID_ARGUMENT: assertion failed: [instance 0: not a PNG, JPEG, GIF or BMP image]\n")
+             b"status: INVALID_ARGUMENT: assertion failed: [instance 0: not a PNG, JPEG, GIF or BMP image]\n"
+             b"\t [[{{function_node __inference_map_while_body_537_2269}}{{node map/while/Assert/Assert}}]]\n")
     with filtered_stderr():
         os.write(2, noisy[:50])  # a line split across writes is still recognised
         os.write(2, noisy[50:] + b"W0000 a real warning\n"
-                 b"W0000 00:00:1 local_rendezvous.cc:412] Local rendezvous is aborting with status: OUT_OF_RANGE\n")
+                 b"W0000 00:00:1 local_rendezvous.cc:412] Local rendezvous is aborting with status: OUT_OF_RANGE\n"
+                 b"\t [[{{node IteratorGetNext}}]]\n")  # the op context of a line that is kept is kept
         subprocess.run([sys.executable, "-c", "import os; os.write(2, b'child: No semi_persistent_directory found: x\\n"
                         "child error\\n')"], check=True)
         os.write(2, b"no newline at the end")
     assert capfd.readouterr().err == ("W0000 a real warning\nW0000 00:00:1 local_rendezvous.cc:412] Local rendezvous "
-                                      "is aborting with status: OUT_OF_RANGE\nchild error\nno newline at the end")
+                                      "is aborting with status: OUT_OF_RANGE\n\t [[{{node IteratorGetNext}}]]\n"
+                                      "child error\nno newline at the end")
     with filtered_stderr(enabled=False):  # --verbose
         os.write(2, noisy)
     assert capfd.readouterr().err == noisy.decode()
