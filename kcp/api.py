@@ -42,7 +42,7 @@ from kcp.core.contract import GENERATE_DEFAULTS, DataContract
 from kcp.core.errors import UserError
 from kcp.core.layout import RunLayout, new_run_dir, newest_run
 from kcp.core.lock import run_lock
-from kcp.core.sources import plan_source
+from kcp.core.sources import plan_source, source_modality
 from pipeline.preprocess import run_preprocess
 
 # The stages that need TensorFlow or Keras (training, tuning, export, validation, serving, the
@@ -198,9 +198,12 @@ def predict(run_dir: str, input: str, output: str, version: int | None = None, *
     data = config.data  # the run's data.limit (a quick trial's) does not cap what is predicted; --set can
     if not any(item.startswith("data.limit=") for item in override_list(overrides)):
         data = dataclasses.replace(data, limit=0)
-    plan = plan_source(input, data, labels=False)  # no labels needed: a bare table, npz x or image folder
-    if plan.modality != contract.modality:
-        raise UserError(f"--input: {input} holds {plan.modality}, the model takes {contract.modality}")
+    holds = source_modality(input)  # a table given to an image model: that error, not its missing text column
+    if holds is None or holds == contract.modality:
+        plan = plan_source(input, data, labels=False)  # no labels needed: a bare table, npz x or image folder
+        holds = plan.modality
+    if holds != contract.modality:
+        raise UserError(f"--input: {input} holds {holds}, the model takes {contract.modality}")
     say = progress or (lambda line: None)
     directory = prediction_version(RunLayout(run_dir), config.export.name, version, say)
     say(f"{input} through {directory}")

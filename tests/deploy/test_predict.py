@@ -67,6 +67,17 @@ def test_predict_refuses_arrays_of_another_shape_than_the_models(sequence_run, d
         assert code == 2 and f"holds inputs of shape {list(shape[1:])}; the model takes [8, 8, 1]" in output
 
 
+def test_predict_names_the_modality_before_the_sources_own_columns(digits_run, sequence_run, tmp_path, capsys):
+    """A table for an image model is refused as text, not for lacking a `text` column."""
+    (tmp_path / "new.csv").write_text("review text,other\ngood,1\n")
+    code, output = predict(digits_run, f"csv:{tmp_path / 'new.csv'}", tmp_path / "out" / "c", capsys)
+    assert code == 2 and f"--input: csv:{tmp_path / 'new.csv'} holds text, the model takes image" in output
+    (tmp_path / "images").mkdir()
+    code, output = predict(sequence_run[0], f"folder:{tmp_path / 'images'}", tmp_path / "out" / "f", capsys)
+    assert code == 2 and f"--input: folder:{tmp_path / 'images'} holds image, the model takes sequence" in output
+    assert not (tmp_path / "out").exists()
+
+
 def test_predict_counts_predictions_and_failures(sequence_run, tmp_path, capsys):
     run_dir, x = sequence_run
     rows = x[:4].copy()

@@ -40,6 +40,16 @@ __all__ = [
 ]
 
 
+# what a source kind always holds (npz and tfds hold images or sequences: known once planned)
+KIND_MODALITY = {"digits": "image", "folder": "image", "csv": "text", "jsonl": "text", "text": "language",
+                 STDLIB_URI: "language"}
+
+
+def source_modality(uri: str) -> str | None:
+    """The modality a source URI holds when its kind alone says (before reading it), else None."""
+    return KIND_MODALITY.get(uri) or KIND_MODALITY.get(uri.partition(":")[0])
+
+
 def plan_source(uri: str, data: DataConfig | None = None, labels: bool = True) -> SourcePlan:
     """Checks a source URI and plans its reading; one-line SourceError when it cannot be read.
     `labels=False` (batch prediction): no label is read, so none is needed: a table needs no label
