@@ -71,6 +71,17 @@ def test_val_and_valid_rows_are_the_validation_split_of_a_preprocessed_table(tmp
                                                "reason": f"row 21: split 'dev' is not one of {ALLOWED}"}]
 
 
+def test_a_row_with_more_fields_than_the_header_is_one_dead_letter(tmp_path):
+    """An unquoted comma in the text would shift a cell into the label: a new class, silently."""
+    path = tmp_path / "t.csv"
+    path.write_text("text,label\nok,a,\ngreat movie, loved it,b\nshort\nfine,b, ,\n")  # empty trailing fields: fine
+    _, records = records_of(f"csv:{path}")
+    assert rows_of(records) == [
+        ("row/00000001", "ok", "a", None),
+        ("row/00000002", None, "", f"row 2: 3 fields, the header has 2 ({path} line 3; quote a field that holds a comma)"),
+        ("row/00000003", "short", "", None), ("row/00000004", "fine", "b", None)]
+
+
 # --- unclosed quotes ---------------------------------------------------------------------------
 
 HEAD = 'text,label\nok,a\nfine,b\n'
@@ -194,14 +205,15 @@ def test_a_preprocessed_csv_with_an_unclosed_quote_loses_only_that_row(tmp_path)
 
 def test_csv_rows_read_as_before_blank_lines_short_and_long_rows_and_the_limit(tmp_path):
     """What csv.DictReader did, the reader that follows lines still does: blank lines are no rows,
-    a short row misses its last columns, a long row's extra cells are ignored, data.limit counts
-    data rows (an unclosed quote's row among them) and keys stay row numbers."""
+    a short row misses its last columns, data.limit counts data rows (an unclosed quote's row
+    among them) and keys stay row numbers. A long row is a dead letter (DictReader kept it)."""
     path = tmp_path / "t.csv"
     path.write_text('text,label,split\n\none,a,test\n\ntwo,b\nthree,a,train,extra\n"broken,b\nfive,a,val\nsix,b\n')
     _, records = records_of(f"csv:{path}")
     assert [(r.key, r.payload, r.label, r.split, r.problem) for r in records] == [
         ("row/00000001", "one", "a", "test", None), ("row/00000002", "two", "b", None, None),
-        ("row/00000003", "three", "a", "train", None),
+        ("row/00000003", None, "", None, f"row 3: 4 fields, the header has 3 ({path} line 6; quote a field that "
+                                         "holds a comma)"),
         ("row/00000004", None, "", None, f"row 4: unclosed quote: {path} line 7: the quoted field that starts there "
                                          "runs to the end of the file; the 2 lines after it are read as rows"),
         ("row/00000005", "five", "a", "validation", None), ("row/00000006", "six", "b", None, None)]

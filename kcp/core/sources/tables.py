@@ -238,7 +238,9 @@ def _record(number: int, row, options: dict, where: str, cells: bool = False) ->
 def _read_csv(path: str, stream, options: dict):
     """The records of a CSV file: row numbers count the data rows from 1 (blank lines are no rows).
     A row that an unclosed quote ran away with is one dead letter, and the lines after the one
-    where the quote opens are read again as rows."""
+    where the quote opens are read again as rows. A row with more non-empty fields than the
+    header has columns is one dead letter (pandas refuses the file; empty trailing fields, a comma
+    at the end of each line, are ignored); one with fewer has its missing cells empty."""
     lines = _Lines(stream)
     reader = csv.reader(lines)
     header = next(reader, None)
@@ -274,6 +276,11 @@ def _read_csv(path: str, stream, options: dict):
             continue
         if isinstance(fields, csv.Error):
             raise SourceError(f"{path} row {number}: not valid CSV ({fields})")
+        if any(cell.strip() for cell in fields[len(header):]):  # an unquoted comma in a field shifts its cells
+            yield SourceRecord(f"row/{number:08d}", None, "", None,
+                               f"row {number}: {len(fields)} fields, the header has {len(header)} ({path} line "
+                               f"{first_line}; quote a field that holds a comma)")
+            continue
         row = dict(zip(header, fields))
         for name in header[len(fields):]:
             row[name] = None
