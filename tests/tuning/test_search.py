@@ -315,9 +315,10 @@ def test_an_interrupted_keras_tuner_state_write_keeps_the_previous_state(tmp_pat
     assert os.listdir(tmp_path) == ["trial.json"]  # no temporary left behind
 
 
-def test_a_trial_ended_on_disk_but_not_in_the_oracle_is_not_trained_again(tmp_path):
-    """keras-tuner 1.4 writes trial.json (COMPLETED) before oracle.json; a kill in between left the
-    trial "ongoing" in the oracle, and the resumed search trained it again."""
+@pytest.mark.parametrize("killed", [True, False])
+def test_a_trial_ended_on_disk_is_not_trained_again(tmp_path, killed):
+    """keras-tuner 1.4 writes trial.json (COMPLETED), then oracle.json still listing the trial as
+    ongoing (killed: a kill came before oracle.json was written at all); every resume trained it again."""
     from tuning import compat
 
     assert compat.patch_keras_tuner_atomic_json() and compat.patch_keras_tuner_resume_completed()
@@ -337,14 +338,53 @@ def test_a_trial_ended_on_disk_but_not_in_the_oracle_is_not_trained_again(tmp_pa
     first.update_trial(trial.trial_id, {"val_accuracy": 0.75})
     trial.status = "COMPLETED"
     first.end_trial(trial)
-    oracle_json.write_text(ongoing)  # killed after trial.json was written, before oracle.json
+    if killed:
+        oracle_json.write_text(ongoing)  # killed after trial.json was written, before oracle.json
+    else:
+        assert json.loads(oracle_json.read_text())["ongoing_trials"] == {"tuner0": trial.trial_id}
     resumed = oracle()
     resumed.reload()
     assert resumed.end_order == [trial.trial_id]
+    assert resumed._run_times[trial.trial_id] == 1
     assert resumed.create_trial("tuner0").trial_id != trial.trial_id
     assert [t.trial_id for t in resumed.get_best_trials()] == [trial.trial_id]
     assert resumed.get_best_trials()[0].score == 0.75
     assert json.loads(oracle_json.read_text())["retry_queue"] == []
+
+
+def test_a_resumed_grid_search_walks_on_through_its_grid(tmp_path):
+    """keras-tuner 1.4 keeps the grid walk out of oracle.json: a resumed grid search failed with
+    KeyError at its next trial. It goes on with the combinations not yet tried, then stops."""
+    from tuning import compat
+
+    assert compat.patch_keras_tuner_resume_completed()
+    space = kt.HyperParameters()
+    space.Choice("units", [8, 16, 32])
+    space.Choice("dropout", [0.0, 0.5])
+
+    def oracle():
+        made = kt.oracles.GridSearchOracle(objective=kt.Objective("val_accuracy", "max"), max_trials=20,
+                                           hyperparameters=space, seed=1)
+        made._set_project_dir(str(tmp_path), "search")
+        return made
+
+    def run(tuner_oracle, count):
+        values = []
+        for _ in range(count):
+            trial = tuner_oracle.create_trial("tuner0")
+            if trial.status != "RUNNING":
+                break
+            values.append(tuple(sorted(trial.hyperparameters.values.items())))
+            tuner_oracle.update_trial(trial.trial_id, {"val_accuracy": 0.5})
+            trial.status = "COMPLETED"
+            tuner_oracle.end_trial(trial)
+        return values
+
+    first = run(oracle(), 2)
+    resumed = oracle()
+    resumed.reload()
+    rest = run(resumed, 10)
+    assert len(first) == 2 and len(rest) == 4 and len(set(first + rest)) == 6  # the whole grid, each once
 
 
 def test_trials_csv_leaves_figures_empty_for_a_trial_whose_process_died_before_writing_them():
