@@ -106,36 +106,54 @@ def _bmp_header(encoded):
 
 
 def is_indexed_bmp(encoded):
-    """A BMP of 1, 4 or 8 bits per pixel: its pixels are palette indices, which TensorFlow's
-    decode_bmp returns as gray levels (or refuses, for 1 and 4 bits)."""
+    """A BMP of 1, 4 or 8 bits per pixel (its pixels are palette indices, which TensorFlow's
+    decode_bmp returns as gray levels, or refuses for 1 and 4 bits), or one with OS/2 headers
+    (which decode_bmp misreads): `_decode_indexed_bmp` decodes the first, refuses the second."""
     is_bmp = tf.equal(tf.strings.substr(tf.strings.join([encoded, b"  "]), 0, 2), b"BM")
-    return tf.logical_and(is_bmp, _bmp_header(encoded)["bits"] <= 8)
+    field = _bmp_header(encoded)
+    return tf.logical_and(is_bmp, tf.logical_or(field["bits"] <= 8, field["header_size"] < 40))
 
 
 def _decode_indexed_bmp(encoded, index=0):
-    """An uncompressed 1-, 4- or 8-bit BMP (Windows headers) -> uint8 RGB [H, W, 3], its indices
-    looked up in its palette, as Pillow's convert("RGB") gives; run-length-encoded or OS/2 ones
-    fail with a message naming the instance."""
+    """An uncompressed 1-, 4- or 8-bit BMP (Windows headers) -> uint8 RGB [H, W, 3], as Pillow's
+    BmpImagePlugin and convert("RGB") give: `colors` palette entries (0: all 2^bits), indices past
+    them black; a gray palette (entry i is (i, i, i)) is no palette, the index is the gray level; pixel
+    data said to start right after the headers starts after the palette. Run-length-encoded, OS/2
+    and truncated files fail with a message naming the instance."""
     field = _bmp_header(encoded)
-    bits, width, rows = tf.cast(field["bits"], tf.int32), tf.cast(field["width"], tf.int32), tf.cast(tf.abs(field["height"]), tf.int32)
-    supported = tf.reduce_all([field["compression"] == 0, field["header_size"] >= 40, tf.reduce_any([bits == 1, bits == 4, bits == 8]), width > 0, rows > 0])
+    bits, width, rows = (tf.cast(field[key], tf.int32) for key in ("bits", "width", "height"))
+    rows = tf.abs(rows)
+    supported = tf.reduce_all([field["compression"] == 0, field["header_size"] >= 40,
+                               tf.reduce_any([bits == 1, bits == 4, bits == 8]), width > 0, rows > 0])
     check = tf.debugging.Assert(supported, [tf.strings.format(
-        "instance {}: a BMP of {} bits per pixel, compression {}: not supported by serving_default (send PNG)",
-        [index, bits, field["compression"]])])
+        "instance {}: a BMP of {} bits per pixel, compression {}, header size {}: not supported by serving_default "
+        "(send PNG)", [index, bits, field["compression"], field["header_size"]])])
     with tf.control_dependencies([check]):
         colors = tf.where(field["colors"] > 0, field["colors"], tf.bitwise.left_shift(tf.constant(1, tf.int64), field["bits"]))
-        palette = tf.io.decode_raw(tf.strings.substr(encoded, 14 + field["header_size"], 4 * colors), tf.uint8)
-        palette = tf.reverse(tf.reshape(palette, [-1, 4])[:, :3], axis=[1])  # B, G, R, reserved -> R, G, B
+        table_start = 14 + field["header_size"]
+        pixels = tf.where(field["pixels"] == table_start, table_start + 4 * colors, field["pixels"])  # Pillow's fix-up
         row_bytes = (width * bits + 31) // 32 * 4  # each row padded to 4 bytes
-        data = tf.io.decode_raw(tf.strings.substr(encoded, field["pixels"], tf.cast(row_bytes * rows, tf.int64)), tf.uint8)
-        data = tf.reshape(tf.cast(data, tf.int32), [rows, row_bytes])
-        per_byte = 8 // bits
-        shifts = 8 - bits * (tf.range(per_byte) + 1)  # the leftmost pixel in the high bits
-        indices = tf.bitwise.bitwise_and(tf.bitwise.right_shift(data[:, :, tf.newaxis], shifts),
-                                         tf.bitwise.left_shift(1, bits) - 1)
-        indices = tf.reshape(indices, [rows, row_bytes * per_byte])[:, :width]
-        indices = tf.cond(field["height"] > 0, lambda: tf.reverse(indices, axis=[0]), lambda: indices)  # bottom-up
-        return tf.gather(palette, tf.minimum(indices, tf.shape(palette)[0] - 1))
+        size = tf.cast(tf.strings.length(encoded), tf.int64)
+        complete = tf.logical_and(table_start + 4 * colors <= size, pixels + tf.cast(row_bytes * rows, tf.int64) <= size)
+    truncated = tf.debugging.Assert(complete, [tf.strings.format(
+        "instance {}: a truncated BMP ({} bytes, its palette and {} rows of {} bytes need more)",
+        [index, size, rows, row_bytes])])
+    with tf.control_dependencies([truncated]):
+        palette = tf.io.decode_raw(tf.strings.substr(encoded, table_start, 4 * colors), tf.uint8)
+        palette = tf.reverse(tf.reshape(palette, [-1, 4])[:, :3], axis=[1])  # B, G, R, reserved -> R, G, B
+        data = tf.io.decode_raw(tf.strings.substr(encoded, pixels, tf.cast(row_bytes * rows, tf.int64)), tf.uint8)
+    data = tf.reshape(tf.cast(data, tf.int32), [rows, row_bytes])
+    per_byte = 8 // bits
+    shifts = 8 - bits * (tf.range(per_byte) + 1)  # the leftmost pixel in the high bits
+    indices = tf.bitwise.bitwise_and(tf.bitwise.right_shift(data[:, :, tf.newaxis], shifts),
+                                     tf.bitwise.left_shift(1, bits) - 1)
+    indices = tf.reshape(indices, [rows, row_bytes * per_byte])[:, :width]
+    indices = tf.cond(field["height"] > 0, lambda: tf.reverse(indices, axis=[0]), lambda: indices)  # bottom-up
+    count = tf.shape(palette)[0]
+    gray = tf.logical_and(count != 2, tf.reduce_all(tf.equal(tf.cast(palette, tf.int32), tf.range(count)[:, tf.newaxis])))
+    palette = tf.concat([palette, tf.zeros([tf.maximum(256 - count, 0), 3], tf.uint8)], axis=0)  # past it: black
+    return tf.cond(gray, lambda: tf.tile(tf.cast(indices, tf.uint8)[..., tf.newaxis], [1, 1, 3]),
+                   lambda: tf.gather(palette, indices))
 
 
 def decode_like_pipeline(encoded, height: int, width: int, channels: int, index=0):

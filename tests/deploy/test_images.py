@@ -78,9 +78,11 @@ def test_served_file_decodes_to_the_pipelines_pixels(tmp_path, fmt, mode, size, 
     np.testing.assert_array_equal(served, expected)
 
 
-def indexed_bmp(indices: np.ndarray, palette: np.ndarray, bits: int, top_down: bool = False) -> bytes:
+def indexed_bmp(indices: np.ndarray, palette: np.ndarray, bits: int, top_down: bool = False,
+                offset_to_palette: bool = False) -> bytes:
     """An uncompressed BMP of `bits` (1, 4 or 8) per pixel, written by hand (Pillow writes no 4-bit
-    BMP): `indices` [H, W] into `palette` [N, 3] RGB."""
+    BMP): `indices` [H, W] into `palette` [N, 3] RGB (N: the header's colors-used). With
+    `offset_to_palette` the header says the pixels start where the palette does (Pillow skips it)."""
     height, width = indices.shape
     row_bytes = (width * bits + 31) // 32 * 4
     rows = []
@@ -95,7 +97,8 @@ def indexed_bmp(indices: np.ndarray, palette: np.ndarray, bits: int, top_down: b
     info = np.array([40, width, -height if top_down else height], "<i4").tobytes() + np.array([1, bits], "<u2").tobytes() \
         + np.array([0, len(b"".join(rows)), 2835, 2835, len(palette), 0], "<u4").tobytes()
     pixels = b"".join(rows)
-    return b"BM" + np.array([offset + len(pixels), 0, offset], "<u4").tobytes() + info + table + pixels
+    said = 14 + 40 if offset_to_palette else offset
+    return b"BM" + np.array([offset + len(pixels), 0, said], "<u4").tobytes() + info + table + pixels
 
 
 @pytest.mark.parametrize("bits, top_down", [(4, False), (4, True), (8, True), (1, False)])
@@ -114,8 +117,31 @@ def test_an_indexed_bmp_is_served_its_palette_colours(tmp_path, bits, top_down):
         np.testing.assert_array_equal(serve_decode(content, shape), expected)
 
 
-def test_a_run_length_encoded_bmp_is_refused_in_one_line():
-    content = bytearray(indexed_bmp(np.zeros((4, 4), int), np.zeros((256, 3), int), 8))
-    content[30:34] = (1).to_bytes(4, "little")  # BI_RLE8
-    with pytest.raises(tf.errors.InvalidArgumentError, match="a BMP of 8 bits per pixel, compression 1: not supported"):
-        serve_decode(bytes(content), (4, 4, 3))
+GRAY_16 = np.repeat(np.arange(16)[:, None], 3, axis=1)  # entry i is (i, i, i): Pillow reads mode "L"
+
+
+@pytest.mark.parametrize("palette, offset_to_palette", [
+    (RNG.integers(0, 256, (16, 3)), False),  # 16 colours, indices up to 255: those past the palette are black
+    (GRAY_16, False),                        # a gray palette is no palette: the index is the gray level
+    (RNG.integers(0, 256, (256, 3)), True),  # pixel data said to start where the palette does
+])
+def test_an_indexed_bmp_is_read_as_pillow_reads_its_header(tmp_path, palette, offset_to_palette):
+    indices = RNG.integers(0, 256, (9, 10))
+    content = indexed_bmp(indices, palette, 8, offset_to_palette=offset_to_palette)
+    path = os.path.join(tmp_path, "image.bmp")
+    with open(path, "wb") as handle:
+        handle.write(content)
+    for shape in ((9, 10, 3), (9, 10, 1)):
+        np.testing.assert_array_equal(serve_decode(content, shape), decode_image_file(path, shape))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda content: content[:-5], r"instance 0: a truncated BMP \(\d+ bytes, its palette and 4 rows of 4 bytes"),
+    (lambda content: content[:60], "instance 0: a truncated BMP"),
+    (lambda content: content[:30] + (1).to_bytes(4, "little") + content[34:],  # BI_RLE8
+     "instance 0: a BMP of 8 bits per pixel, compression 1, header size 40: not supported by serving_default"),
+])
+def test_a_bmp_the_export_cannot_read_is_refused_in_one_line(damage, message):
+    content = damage(indexed_bmp(np.zeros((4, 4), int), RNG.integers(0, 256, (256, 3)), 8))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        serve_decode(content, (4, 4, 3))
