@@ -107,7 +107,10 @@ def _post(registry: ModelRegistry, name, version, label, method, raw, wait: bool
             if any(not isinstance(example, dict) for example in examples):
                 raise RequestError("with a 'context', each of 'examples' must be a JSON object of features")
             examples = [{**context, **example} for example in examples]
-        inputs, _ = parse_predict_body({"instances": examples}, input_specs(function))
+        specs = input_specs(function)  # features the model does not take are ignored, as parse_example ignores
+        examples = [{name: value for name, value in example.items() if name in specs} if isinstance(example, dict)
+                    and set(example) != {"b64"} else example for example in examples]  # them (a label feature)
+        inputs, _ = parse_predict_body({"instances": examples}, specs)
     return format_classifications((yield loaded, signature, inputs), loaded.class_names)
 
 

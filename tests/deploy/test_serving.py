@@ -190,6 +190,9 @@ def test_row_and_columnar_formats_and_another_size(server, image_run):
     assert code == 200 and arrays["predictions"][0]["class_names"] in ("class0", "class1", "class2")
     code, classified = call(f"{url}/v1/models/colors:classify", {"examples": [{"image_bytes": {"b64": png_b64(big)}}]})
     assert code == 200 and [c for c, _ in classified["results"][0]] == ["class0", "class1", "class2"]
+    code, labelled = call(f"{url}/v1/models/colors:classify", {"context": {"source": "x"}, "examples": [
+        {"image_bytes": {"b64": png_b64(big)}, "label": 1}]})  # features beyond the inputs: ignored, as by TF Serving
+    assert code == 200 and labelled == classified
     assert sum(p for _, p in classified["results"][0]) == pytest.approx(1.0, abs=1e-5)
 
 
