@@ -78,8 +78,13 @@ def test_a_row_with_more_fields_than_the_header_is_one_dead_letter(tmp_path):
     _, records = records_of(f"csv:{path}")
     assert rows_of(records) == [
         ("row/00000001", "ok", "a", None),
-        ("row/00000002", None, "", f"row 2: 3 fields, the header has 2 ({path} line 3; quote a field that holds a comma)"),
+        ("row/00000002", None, "", f"row 2: 3 fields, the header names 2 ({path} line 3; quote a field that holds a comma)"),
         ("row/00000003", "short", "", None), ("row/00000004", "fine", "b", None)]
+    path.write_text("text,label,\nok,a,\ngreat movie, loved it,b,\n")  # a comma ending every line, header too
+    _, records = records_of(f"csv:{path}")
+    assert rows_of(records) == [
+        ("row/00000001", "ok", "a", None),
+        ("row/00000002", None, "", f"row 2: 4 fields, the header names 2 ({path} line 3; quote a field that holds a comma)")]
 
 
 # --- unclosed quotes ---------------------------------------------------------------------------
@@ -212,7 +217,7 @@ def test_csv_rows_read_as_before_blank_lines_short_and_long_rows_and_the_limit(t
     _, records = records_of(f"csv:{path}")
     assert [(r.key, r.payload, r.label, r.split, r.problem) for r in records] == [
         ("row/00000001", "one", "a", "test", None), ("row/00000002", "two", "b", None, None),
-        ("row/00000003", None, "", None, f"row 3: 4 fields, the header has 3 ({path} line 6; quote a field that "
+        ("row/00000003", None, "", None, f"row 3: 4 fields, the header names 3 ({path} line 6; quote a field that "
                                          "holds a comma)"),
         ("row/00000004", None, "", None, f"row 4: unclosed quote: {path} line 7: the quoted field that starts there "
                                          "runs to the end of the file; the 2 lines after it are read as rows"),

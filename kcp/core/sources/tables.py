@@ -247,6 +247,9 @@ def _read_csv(path: str, stream, options: dict):
     if not header:
         return
     limit, number = options["limit"], 0
+    named = len(header)  # the columns with a name: a comma ending every line, header too, names none
+    while named and not header[named - 1].strip():
+        named -= 1
     while True:
         lines.row = []
         first_line = lines.number + 1
@@ -276,9 +279,9 @@ def _read_csv(path: str, stream, options: dict):
             continue
         if isinstance(fields, csv.Error):
             raise SourceError(f"{path} row {number}: not valid CSV ({fields})")
-        if any(cell.strip() for cell in fields[len(header):]):  # an unquoted comma in a field shifts its cells
+        if any(cell.strip() for cell in fields[named:]):  # an unquoted comma in a field shifts its cells
             yield SourceRecord(f"row/{number:08d}", None, "", None,
-                               f"row {number}: {len(fields)} fields, the header has {len(header)} ({path} line "
+                               f"row {number}: {len(fields)} fields, the header names {named} ({path} line "
                                f"{first_line}; quote a field that holds a comma)")
             continue
         row = dict(zip(header, fields))
