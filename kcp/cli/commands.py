@@ -196,7 +196,7 @@ def validate(args, run_dir: str, config, beam_args: list[str]) -> int:
         return 0 if result["blessed"] else 1
     verdict = "blessed" if result["blessed"] else "NOT blessed: " + "; ".join(result["reasons"])
     say(f"[validate] version {result['version']}: export test accuracy {result['export_accuracy']:.4f}, trainer "
-        f"{result['trainer_accuracy']:.4f} (difference {result['difference']:+.4f}) -> {verdict}")
+        f"{result['trainer_accuracy']:.4f} (difference {round(result['difference'], 4) + 0.0:+.4f}) -> {verdict}")
     return 0 if result["blessed"] else 1
 
 
