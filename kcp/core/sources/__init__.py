@@ -23,7 +23,7 @@ batch prediction both read their inputs through here.
 
 from __future__ import annotations
 
-from kcp.core.config import DataConfig
+from kcp.core.config import LANGUAGE_SOURCE_KINDS, DataConfig
 from kcp.core.sources.arrays import decode_array, plan_npz, read_npz_task
 from kcp.core.sources.base import (BadInput, RawExample, SourceError, SourcePlan, SourceRecord, check_path,
                                    class_names_of)
@@ -41,8 +41,9 @@ __all__ = [
 
 
 # what a source kind always holds (npz and tfds hold images or sequences: known once planned)
-KIND_MODALITY = {"digits": "image", "folder": "image", "csv": "text", "jsonl": "text", "text": "language",
-                 STDLIB_URI: "language"}
+# (the language kinds are config's, which also decides a language source's defaults)
+KIND_MODALITY = {"digits": "image", "folder": "image", "csv": "text", "jsonl": "text",
+                 **{kind: "language" for kind in LANGUAGE_SOURCE_KINDS}}
 
 
 def source_modality(uri: str) -> str | None:
