@@ -22,10 +22,13 @@ $(VENV)/.installed-test: $(VENV)/.installed-core
 demo: $(VENV)/.installed-core
 	$(BIN)/kcp run
 
-# lint-imports checks the layering rule in .importlinter before any test runs
+# lint-imports checks the layering rule in .importlinter before any test runs. The tests run on
+# TEST_WORKERS processes, a test file to each at a time (its module fixtures made once): most tests keep
+# one core busy, so on CI's 2 cores two workers took the suite from 21.7 to about 15 min.
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed-test
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # every fault-injection case (docs/operations.md, "What we guarantee"), local and gs://; `make test` runs a fixed sample
 test-faults: $(VENV)/.installed-test

@@ -41,8 +41,9 @@ setup(
         "regex>=2023",
     ],
     extras_require={
-        # import-linter checks the layering rule (.importlinter); nbclient + ipykernel run the notebook
-        "test": ["pytest>=8", "pytest-timeout>=2", "gcp-storage-emulator>=2024", "import-linter>=2.1",
+        # import-linter checks the layering rule (.importlinter); nbclient + ipykernel run the notebook;
+        # pytest-xdist runs `make test` on two processes (Makefile TEST_WORKERS)
+        "test": ["pytest>=8", "pytest-timeout>=2", "pytest-xdist>=3.5", "gcp-storage-emulator>=2024", "import-linter>=2.1",
                  "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],
         "jax": ["jax>=0.4.30"],
         "gpu": ["tensorflow[and-cuda]>=2.16,<2.22"],
