@@ -56,7 +56,8 @@ from pipeline.preprocess import run_preprocess
 class TrainResult:
     metrics: dict  # RUN/train/metrics.json: per-split metrics, throughput, parameters
     history: dict  # RUN/train/history.json: per-epoch values
-    model_path: str
+    model_path: str  # the chief's RUN/train/model.keras
+    train_dir: str = ""  # where this process wrote: RUN/train, or RUN/train/worker-N for a non-chief worker
 
     @property
     def test_accuracy(self) -> float:
@@ -119,13 +120,16 @@ def train(run_dir: str, model: str | None = None, *, config_file: str | None = N
         from trainer.train import train as train_model
 
         with config_recorded(run_dir, config):  # a train that fails with one line records nothing
-            return _train_result(run_dir, train_model(config, run_dir))
+            return _train_result(run_dir, train_model(config, run_dir), config.train.strategy)
 
 
-def _train_result(run_dir: str, metrics: dict) -> TrainResult:
-    layout = RunLayout(run_dir)
-    history = json.loads(storage.read_text(layout.history)) if storage.exists(layout.history) else {}
-    return TrainResult(metrics=metrics, history=history, model_path=layout.model)
+def _train_result(run_dir: str, metrics: dict, strategy: str) -> TrainResult:
+    from trainer.outputs import TrainPaths
+
+    outputs = TrainPaths.resolve(run_dir, multi_worker=strategy == "multi_worker").outputs
+    history_path = storage.join(outputs, os.path.basename(RunLayout(run_dir).history))
+    history = json.loads(storage.read_text(history_path)) if storage.exists(history_path) else {}
+    return TrainResult(metrics=metrics, history=history, model_path=RunLayout(run_dir).model, train_dir=outputs)
 
 
 def tune(run_dir: str, model: str | None = None, *, config_file: str | None = None, overrides=()) -> TuneResult:
@@ -151,7 +155,7 @@ def tune(run_dir: str, model: str | None = None, *, config_file: str | None = No
             recorded = retrained_export(run_dir, summary, final)
             if recorded:  # a complete search whose best trial was retrained and exported: not again
                 return TuneResult(summary, None, recorded)
-            retrained = _train_result(run_dir, train_model(final, run_dir))
+            retrained = _train_result(run_dir, train_model(final, run_dir), final.train.strategy)
             export_dir = export_for_serving(final, run_dir, generate_tokens)
             record_retrained(run_dir, summary, final, export_dir)
             return TuneResult(summary, retrained, export_dir)

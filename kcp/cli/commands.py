@@ -55,20 +55,21 @@ def train(args, run_dir: str, config, beam_args: list[str]) -> int:
 def _train(args, run_dir: str, config) -> dict:
     say(f"[train] {config.model.name}, {config.train.epochs} epochs, batch {config.train.batch_size}, "
         f"{config.train.optimizer} lr {config.train.learning_rate:g}")
-    metrics = api.train(run_dir, args.model, **config_inputs(args)).metrics
+    result = api.train(run_dir, args.model, **config_inputs(args))
+    metrics = result.metrics
     test = metrics.get("test", {})
     if "bits_per_byte" in test or "tokens_per_second" in metrics:
         perplexity = test.get("perplexity", float("nan"))
         figure = (f"test {test['bits_per_byte']:.4f} bits per byte (perplexity {perplexity:.2f} per token)"
                   if "bits_per_byte" in test else "no test figure: the test split got no documents (add documents)")
         say(f"[train] {figure}, {metrics['tokens_per_second']:.0f} tokens/s, {metrics['wall_seconds']:.1f} s "
-            f"-> {run_dir}/train")
+            f"-> {result.train_dir}")
         cache = document_cache_figures(metrics)
         if cache:
             say(f"[train] test documents {cache}")
         return metrics
     say(f"[train] test accuracy {test.get('accuracy', float('nan')):.4f}, "
-        f"{metrics['examples_per_second']:.0f} examples/s, {metrics['wall_seconds']:.1f} s -> {run_dir}/train")
+        f"{metrics['examples_per_second']:.0f} examples/s, {metrics['wall_seconds']:.1f} s -> {result.train_dir}")
     return metrics
 
 
@@ -173,9 +174,10 @@ def tune(args, run_dir: str, config, beam_args: list[str]) -> int:
     size = (f", brackets of up to {epochs} epoch{'s' if epochs != 1 else ''} a trial (hyperband's factor 3; "
             "train.epochs, not tune.max_trials, sets how many trials)" if config.tune.algorithm == "hyperband"
             else f", {config.tune.max_trials} trials")
-    say(f"[tune] {config.tune.algorithm} over {config.model.name}"
-        + (f" as {role} of {os.environ.get('KERASTUNER_ORACLE_IP')}:{os.environ.get('KERASTUNER_ORACLE_PORT')}"
-           if role else size))
+    if role:  # the chief's oracle runs the search; a worker takes the trials it is given
+        oracle = f"{os.environ.get('KERASTUNER_ORACLE_IP')}:{os.environ.get('KERASTUNER_ORACLE_PORT')}"
+        size = f" as {role} of {oracle}" + (size if role == "chief" else " (the chief sets the trials)")
+    say(f"[tune] {config.tune.algorithm} over {config.model.name}{size}")
     result = api.tune(run_dir, args.model, **config_inputs(args))
     summary = result.summary
     if summary.get("best_trial") is not None:

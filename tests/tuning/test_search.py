@@ -140,6 +140,9 @@ def test_chief_and_two_workers_run_each_trial_once_and_exit(digits_data, tmp_pat
     finished = time.time()
     for process, output in zip((*workers, chief), outputs):
         assert process.returncode == 0, output[-3000:]
+    # the start lines: the chief says how many trials it runs; a worker runs what the chief gives it
+    assert f"[tune] random over cnn as chief of {oracle}, 4 trials\n" in outputs[2]
+    assert f"[tune] random over cnn as worker0 of {oracle} (the chief sets the trials)\n" in outputs[0]
     trials = read_trials(run_dir)
     assert len(trials) == 4 and len({t["trial_id"] for t in trials}) == 4
     assert all(t["status"] == "COMPLETED" for t in trials)
