@@ -7,6 +7,7 @@ code lives here. Each trial's seconds and resident memory go to a file of their 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import time
@@ -15,10 +16,12 @@ import keras
 import keras_tuner as kt
 
 from kcp.core import storage
+from kcp.core.cluster import is_tuner_worker
 from kcp.core.config import Config
 from trainer.train import Trainer
 from tuning import compat
 from tuning.space import hyperparameter, trial_config
+from tuning.workers import heartbeat, heartbeat_interval
 
 TRIAL_STATS = "trial_stats"  # one JSON file per trial: workers sharing the run directory never race on one file
 EPOCH_END, TRIAL_END = "epoch", "trial-end"  # fault points (KCP_KILL_AT=after:epoch:N, after:trial-end:N)
@@ -132,8 +135,11 @@ def make_tuner(config: Config, hypermodel, directory: str):
 
         def run_trial(self, trial, *args, **kwargs):
             started = time.perf_counter()
+            beating = (heartbeat(self.oracle, trial.trial_id, heartbeat_interval(tune.worker_timeout))
+                       if is_tuner_worker() else contextlib.nullcontext())  # the chief hears from this worker
             try:
-                return super().run_trial(trial, *args, **kwargs)
+                with beating:
+                    return super().run_trial(trial, *args, **kwargs)
             finally:
                 measured = {"seconds": time.perf_counter() - started, "rss_mb": resident_mb()}
                 write_trial_stats(directory, trial.trial_id, measured)

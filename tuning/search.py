@@ -32,6 +32,7 @@ from kcp.core.layout import RunLayout
 from tuning.hypermodel import ObjectiveNotLogged, TrainerHyperModel, make_tuner
 from tuning.results import write_results
 from tuning.space import search_space
+from tuning.workers import exit_chief_when_every_trial_ended, watch_workers
 
 log = logging.getLogger("kcp.tune")
 
@@ -61,7 +62,7 @@ def watch_chief(host: str, port: int, grace_seconds: float, interval: float = 2.
 
 
 FINGERPRINT = "fingerprint.json"  # RUN/tuning/: what the search (and its oracle) was made for
-RESUMABLE = ("max_trials", "retrain_best", "chief_timeout")  # tune keys a resumed search may change
+RESUMABLE = ("max_trials", "retrain_best", "chief_timeout", "worker_timeout")  # tune keys a resumed search may change
 
 
 def search_fingerprint(config: Config, run_dir: str, space: dict | None = None) -> dict:
@@ -163,6 +164,9 @@ def run_search(config: Config, run_dir: str) -> dict:
     if not worker:
         check_fingerprint(config, run_dir, space)
     tuner = make_tuner(config, TrainerHyperModel(config, run_dir, space), directory)
+    if tuner_id() == "chief":  # the chief of a distributed search: a lost worker's trial goes to another
+        exit_chief_when_every_trial_ended()
+        watch_workers(tuner.oracle, config.tune.worker_timeout)
     before = {} if worker else trial_states(tuner)
     try:
         tuner.search(epochs=config.train.epochs, verbose=0)

@@ -355,6 +355,73 @@ def test_a_trial_ended_on_disk_is_not_trained_again(tmp_path, killed):
     assert json.loads(oracle_json.read_text())["retry_queue"] == []
 
 
+def test_the_chief_gives_a_silent_workers_trial_to_the_next_and_keeps_one_that_reports(tmp_path):
+    """Keras Tuner's chief waited forever for a worker that died mid-trial. A worker that reports
+    (its heartbeat) keeps its trial however long it runs; a silent one's trial goes to the next worker."""
+    from keras_tuner.src.distribute import oracle_chief
+
+    from tuning.workers import exit_chief_when_every_trial_ended, watch_workers
+
+    space = kt.HyperParameters()
+    space.Float("learning_rate", 1e-4, 1e-1, sampling="log")
+    oracle = kt.oracles.RandomSearchOracle(objective=kt.Objective("val_accuracy", "max"), max_trials=2,
+                                           hyperparameters=space, seed=1)
+    oracle._set_project_dir(str(tmp_path), "search")
+    exit_chief_when_every_trial_ended()
+    watch_workers(oracle, worker_timeout=0.6, interval=0.05)
+    kept = oracle.create_trial("beating")
+    lost = oracle.create_trial("silent")
+    for _ in range(30):  # 1.5 s, over twice the timeout: one worker reports, the other is silent
+        oracle.get_trial(kept.trial_id)
+        time.sleep(0.05)
+    assert set(oracle.ongoing_trials) == {"beating"} and oracle.tuner_ids == {"beating"}
+    assert oracle._retry_queue == [lost.trial_id]
+    assert json.loads((tmp_path / "search" / "oracle.json").read_text())["retry_queue"] == [lost.trial_id]
+    assert not oracle_chief.exit_chief(oracle)
+    kept.status = "COMPLETED"
+    oracle.update_trial(kept.trial_id, {"val_accuracy": 0.5})
+    oracle.end_trial(kept)
+    assert not oracle_chief.exit_chief(oracle)  # no worker left, but a trial waits for one
+    again = oracle.create_trial("replacement")  # the queued trial comes before any new one (max_trials reached)
+    assert again.trial_id == lost.trial_id and again.status == "RUNNING"
+    oracle.update_trial(again.trial_id, {"val_accuracy": 0.75})
+    again.status = "COMPLETED"
+    oracle.end_trial(again)
+    late = kt.engine.trial.Trial(space, trial_id=lost.trial_id, status="COMPLETED")
+    oracle.end_trial(late)  # the silent worker was only slow: its report comes after the trial ended
+    assert oracle.end_order == [kept.trial_id, lost.trial_id] and oracle._run_times[lost.trial_id] == 1
+    assert oracle.create_trial("replacement").status == "STOPPED"
+    assert not oracle_chief.exit_chief(oracle)  # "beating" has not been told to stop yet
+    assert oracle.create_trial("beating").status == "STOPPED"
+    assert oracle_chief.exit_chief(oracle)
+    assert [t.trial_id for t in oracle.get_best_trials()] == [lost.trial_id]
+
+
+def test_a_worker_killed_mid_trial_does_not_hang_the_chief(digits_data, tmp_path):
+    run_dir = fresh_run(digits_data, tmp_path)
+    oracle = f"127.0.0.1:{free_port()}"
+    trials_3 = ["--set", "tune.max_trials=3", "--set", "tune.worker_timeout=6"]
+    chief = tune_process(run_dir, "--role", "chief", "--oracle", oracle, *trials_3)
+    doomed = tune_process(run_dir, "--role", "worker", "--oracle", oracle, "--tuner-id", "worker0", *trials_3)
+    oracle_json = os.path.join(run_dir, "tuning", "search", "oracle.json")
+    deadline, held = time.time() + 300, None
+    while time.time() < deadline and held is None:
+        if os.path.exists(oracle_json):
+            with open(oracle_json) as handle:
+                held = json.load(handle)["ongoing_trials"].get("worker0")  # atomic writes: whole files only
+        time.sleep(0.05)
+    doomed.send_signal(signal.SIGKILL)  # mid-trial: it has just been given one
+    doomed.communicate(timeout=60)
+    replacement = tune_process(run_dir, "--role", "worker", "--oracle", oracle, "--tuner-id", "tuner1", *trials_3)
+    outputs = [process.communicate(timeout=600)[0] for process in (replacement, chief)]
+    for process, output in zip((replacement, chief), outputs):
+        assert process.returncode == 0, output[-3000:]
+    assert f"trial {held} goes back to the queue for the next worker" in outputs[1]
+    trials = read_trials(run_dir)
+    assert sorted(t["trial_id"] for t in trials) == sorted({t["trial_id"] for t in trials}) and len(trials) == 3
+    assert all(t["status"] == "COMPLETED" for t in trials) and held in {t["trial_id"] for t in trials}
+
+
 def test_a_resumed_grid_search_walks_on_through_its_grid(tmp_path):
     """keras-tuner 1.4 keeps the grid walk out of oracle.json: a resumed grid search failed with
     KeyError at its next trial. It goes on with the combinations not yet tried, then stops."""
