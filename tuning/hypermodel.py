@@ -21,7 +21,7 @@ from kcp.core.config import Config
 from trainer.train import Trainer
 from tuning import compat
 from tuning.space import hyperparameter, trial_config
-from tuning.workers import heartbeat, heartbeat_interval
+from tuning.workers import heartbeat
 
 TRIAL_STATS = "trial_stats"  # one JSON file per trial: workers sharing the run directory never race on one file
 EPOCH_END, TRIAL_END = "epoch", "trial-end"  # fault points (KCP_KILL_AT=after:epoch:N, after:trial-end:N)
@@ -135,8 +135,8 @@ def make_tuner(config: Config, hypermodel, directory: str):
 
         def run_trial(self, trial, *args, **kwargs):
             started = time.perf_counter()
-            beating = (heartbeat(self.oracle, trial.trial_id, heartbeat_interval(tune.worker_timeout))
-                       if is_tuner_worker() else contextlib.nullcontext())  # the chief hears from this worker
+            beating = (heartbeat(self.oracle, trial.trial_id) if is_tuner_worker()
+                       else contextlib.nullcontext())  # the chief hears from this worker while it trains
             try:
                 with beating:
                     return super().run_trial(trial, *args, **kwargs)

@@ -32,7 +32,7 @@ from kcp.core.layout import RunLayout
 from tuning.hypermodel import ObjectiveNotLogged, TrainerHyperModel, make_tuner
 from tuning.results import write_results
 from tuning.space import search_space
-from tuning.workers import exit_chief_when_every_trial_ended, watch_workers
+from tuning.workers import exit_chief_when_every_trial_ended, pace_idle, watch_workers
 
 log = logging.getLogger("kcp.tune")
 
@@ -164,9 +164,11 @@ def run_search(config: Config, run_dir: str) -> dict:
     if not worker:
         check_fingerprint(config, run_dir, space)
     tuner = make_tuner(config, TrainerHyperModel(config, run_dir, space), directory)
-    if tuner_id() == "chief":  # the chief of a distributed search: a lost worker's trial goes to another
+    if tuner_id() and not worker:  # the chief of a distributed search: a lost worker's trial goes to another
         exit_chief_when_every_trial_ended()
         watch_workers(tuner.oracle, config.tune.worker_timeout)
+    elif worker:
+        pace_idle(tuner.oracle)
     before = {} if worker else trial_states(tuner)
     try:
         tuner.search(epochs=config.train.epochs, verbose=0)

@@ -296,9 +296,8 @@ class TuneConfig:
     retrain_best: bool = option(False, help="retrain the best config on train + validation and export it")
     chief_timeout: int = option(30, minimum=1, help="a worker stops once the chief has been unreachable this "
                                                     "many seconds (longer if a preempted chief restarts)")
-    worker_timeout: int = option(300, minimum=5, help="the chief gives a trial to another worker once its worker has "
-                                                      "sent nothing this many seconds (a worker reports every "
-                                                      "timeout/5 s, at most every 30 s)")
+    worker_timeout: int = option(300, minimum=10, help="the chief gives a trial to another worker once its worker "
+                                                       "has sent nothing this many seconds (workers report every 2 s)")
 
 
 @dataclass(frozen=True)

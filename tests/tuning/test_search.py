@@ -355,65 +355,89 @@ def test_a_trial_ended_on_disk_is_not_trained_again(tmp_path, killed):
     assert json.loads(oracle_json.read_text())["retry_queue"] == []
 
 
-def test_the_chief_gives_a_silent_workers_trial_to_the_next_and_keeps_one_that_reports(tmp_path):
+def test_the_chief_gives_a_silent_workers_trial_to_the_next_and_keeps_one_that_reports(tmp_path, monkeypatch):
     """Keras Tuner's chief waited forever for a worker that died mid-trial. A worker that reports
-    (its heartbeat) keeps its trial however long it runs; a silent one's trial goes to the next worker."""
+    (its heartbeat) keeps its trial however long it runs; a silent one's trial goes to the next worker,
+    and workers asking while trials run wait instead of stopping, so one is left to take it."""
     from keras_tuner.src.distribute import oracle_chief
 
     from tuning.workers import exit_chief_when_every_trial_ended, watch_workers
 
+    monkeypatch.setattr(oracle_chief, "exit_chief", oracle_chief.exit_chief)  # put back after the test
     space = kt.HyperParameters()
     space.Float("learning_rate", 1e-4, 1e-1, sampling="log")
     oracle = kt.oracles.RandomSearchOracle(objective=kt.Objective("val_accuracy", "max"), max_trials=2,
                                            hyperparameters=space, seed=1)
     oracle._set_project_dir(str(tmp_path), "search")
     exit_chief_when_every_trial_ended()
-    watch_workers(oracle, worker_timeout=0.6, interval=0.05)
-    kept = oracle.create_trial("beating")
-    lost = oracle.create_trial("silent")
-    for _ in range(30):  # 1.5 s, over twice the timeout: one worker reports, the other is silent
-        oracle.get_trial(kept.trial_id)
-        time.sleep(0.05)
-    assert set(oracle.ongoing_trials) == {"beating"} and oracle.tuner_ids == {"beating"}
-    assert oracle._retry_queue == [lost.trial_id]
-    assert json.loads((tmp_path / "search" / "oracle.json").read_text())["retry_queue"] == [lost.trial_id]
-    assert not oracle_chief.exit_chief(oracle)
-    kept.status = "COMPLETED"
-    oracle.update_trial(kept.trial_id, {"val_accuracy": 0.5})
-    oracle.end_trial(kept)
-    assert not oracle_chief.exit_chief(oracle)  # no worker left, but a trial waits for one
-    again = oracle.create_trial("replacement")  # the queued trial comes before any new one (max_trials reached)
-    assert again.trial_id == lost.trial_id and again.status == "RUNNING"
-    oracle.update_trial(again.trial_id, {"val_accuracy": 0.75})
-    again.status = "COMPLETED"
-    oracle.end_trial(again)
-    late = kt.engine.trial.Trial(space, trial_id=lost.trial_id, status="COMPLETED")
-    oracle.end_trial(late)  # the silent worker was only slow: its report comes after the trial ended
-    assert oracle.end_order == [kept.trial_id, lost.trial_id] and oracle._run_times[lost.trial_id] == 1
-    assert oracle.create_trial("replacement").status == "STOPPED"
-    assert not oracle_chief.exit_chief(oracle)  # "beating" has not been told to stop yet
-    assert oracle.create_trial("beating").status == "STOPPED"
-    assert oracle_chief.exit_chief(oracle)
-    assert [t.trial_id for t in oracle.get_best_trials()] == [lost.trial_id]
+    stop_watching = watch_workers(oracle, worker_timeout=0.6, interval=0.05)
+    try:
+        kept = oracle.create_trial("beating")
+        lost = oracle.create_trial("silent")
+        for _ in range(30):  # 1.5 s, over twice the timeout: one worker reports, the other is silent
+            oracle.get_trial(kept.trial_id)
+            time.sleep(0.05)
+        assert set(oracle.ongoing_trials) == {"beating"} and oracle.tuner_ids == {"beating"}
+        assert oracle._retry_queue == [lost.trial_id]
+        assert json.loads((tmp_path / "search" / "oracle.json").read_text())["retry_queue"] == [lost.trial_id]
+        assert not oracle_chief.exit_chief(oracle)
+        kept.status = "COMPLETED"
+        oracle.update_trial(kept.trial_id, {"val_accuracy": 0.5})
+        oracle.end_trial(kept)
+        assert not oracle_chief.exit_chief(oracle)  # no trial runs, but one waits for a worker
+        again = oracle.create_trial("replacement")  # the queued trial comes before any new one (max_trials reached)
+        assert again.trial_id == lost.trial_id and again.status == "RUNNING"
+        assert oracle.create_trial("beating").status == "IDLE"  # not STOPPED while a trial runs: it might be lost
+        oracle.update_trial(again.trial_id, {"val_accuracy": 0.75})
+        again.status = "COMPLETED"
+        oracle.end_trial(again)
+        late = kt.engine.trial.Trial(space, trial_id=lost.trial_id, status="COMPLETED")
+        oracle.update_trial(lost.trial_id, {"val_accuracy": 0.1})  # the silent worker was only slow: its
+        oracle.end_trial(late)  # reports come after the trial ended, and change nothing
+        assert oracle.end_order == [kept.trial_id, lost.trial_id] and oracle._run_times[lost.trial_id] == 1
+        assert oracle.trials[lost.trial_id].metrics.get_history("val_accuracy")[-1].value == [0.75]
+        assert oracle.create_trial("beating").status == "STOPPED"
+        assert not oracle_chief.exit_chief(oracle)  # "replacement" has not been told to stop yet
+        assert oracle.create_trial("replacement").status == "STOPPED"
+        assert oracle_chief.exit_chief(oracle)
+        assert [t.trial_id for t in oracle.get_best_trials()] == [lost.trial_id]
+    finally:
+        stop_watching()
 
 
 def test_a_worker_killed_mid_trial_does_not_hang_the_chief(digits_data, tmp_path):
     run_dir = fresh_run(digits_data, tmp_path)
     oracle = f"127.0.0.1:{free_port()}"
-    trials_3 = ["--set", "tune.max_trials=3", "--set", "tune.worker_timeout=6"]
+    trials_3 = ["--set", "tune.max_trials=3", "--set", "tune.worker_timeout=10"]
     chief = tune_process(run_dir, "--role", "chief", "--oracle", oracle, *trials_3)
     doomed = tune_process(run_dir, "--role", "worker", "--oracle", oracle, "--tuner-id", "worker0", *trials_3)
+    processes = [chief, doomed]
     oracle_json = os.path.join(run_dir, "tuning", "search", "oracle.json")
-    deadline, held = time.time() + 300, None
-    while time.time() < deadline and held is None:
-        if os.path.exists(oracle_json):
-            with open(oracle_json) as handle:
-                held = json.load(handle)["ongoing_trials"].get("worker0")  # atomic writes: whole files only
-        time.sleep(0.05)
-    doomed.send_signal(signal.SIGKILL)  # mid-trial: it has just been given one
-    doomed.communicate(timeout=60)
-    replacement = tune_process(run_dir, "--role", "worker", "--oracle", oracle, "--tuner-id", "tuner1", *trials_3)
-    outputs = [process.communicate(timeout=600)[0] for process in (replacement, chief)]
+
+    def oracle_state():
+        if not os.path.exists(oracle_json):
+            return {"ongoing_trials": {}, "retry_queue": []}
+        with open(oracle_json) as handle:
+            return json.load(handle)  # atomic writes: whole files only
+
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and "worker0" not in oracle_state()["ongoing_trials"]:
+            time.sleep(0.05)
+        held = oracle_state()["ongoing_trials"]["worker0"]
+        doomed.send_signal(signal.SIGKILL)  # mid-trial: it has just been given one
+        doomed.communicate(timeout=60)
+        while time.time() < deadline and not oracle_state()["retry_queue"]:  # the chief gave up on it
+            time.sleep(0.2)
+        assert oracle_state()["retry_queue"] == [held]
+        replacement = tune_process(run_dir, "--role", "worker", "--oracle", oracle, "--tuner-id", "tuner1", *trials_3)
+        processes.append(replacement)
+        outputs = [process.communicate(timeout=600)[0] for process in (replacement, chief)]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
     for process, output in zip((replacement, chief), outputs):
         assert process.returncode == 0, output[-3000:]
     assert f"trial {held} goes back to the queue for the next worker" in outputs[1]
