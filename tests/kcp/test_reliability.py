@@ -630,7 +630,9 @@ def test_kcp_run_summarises_a_run_whose_test_split_is_empty(monkeypatch, capsys,
                                                                           "validation": SimpleNamespace(count=1)},
                                bad_examples=0)
     monkeypatch.setattr(api, "preprocess", lambda *a, **k: contract)
-    monkeypatch.setattr(api, "train", lambda *a, **k: SimpleNamespace(metrics=metrics))
+    trained = api.TrainResult(metrics=metrics, history={}, model_path=str(tmp_path / "train" / "model.keras"),
+                              train_dir=str(tmp_path / "train"))
+    monkeypatch.setattr(api, "train", lambda *a, **k: trained)
     monkeypatch.setattr(api, "export", lambda *a, **k: "EXPORT")
     monkeypatch.setattr(api, "reloaded_accuracy", lambda export_dir, run_dir, split: {"validation": 0.8}[split])
     monkeypatch.setattr(commands, "report", lambda *a: 0)
