@@ -24,7 +24,7 @@ demo: $(VENV)/.installed-core
 
 # lint-imports checks the layering rule in .importlinter before any test runs. The tests run on
 # TEST_WORKERS processes, a test file to each at a time (its module fixtures made once): most tests keep
-# one core busy, so on CI's 2 cores two workers took the suite from 21.7 to about 15 min.
+# one core busy, so on CI's 2 cores two workers took the suite from 21.7 to 10.8-12.7 min.
 TEST_WORKERS ?= 2
 test: $(VENV)/.installed-test
 	$(BIN)/lint-imports

@@ -55,8 +55,7 @@ def train(args, run_dir: str, config, beam_args: list[str]) -> int:
 def _train(args, run_dir: str, config) -> dict:
     say(f"[train] {config.model.name}, {config.train.epochs} epochs, batch {config.train.batch_size}, "
         f"{config.train.optimizer} lr {config.train.learning_rate:g}")
-    result = api.train(run_dir, args.model, **config_inputs(args))
-    metrics = result.metrics
+    metrics = (result := api.train(run_dir, args.model, **config_inputs(args))).metrics
     test = metrics.get("test", {})
     if "bits_per_byte" in test or "tokens_per_second" in metrics:
         perplexity = test.get("perplexity", float("nan"))
