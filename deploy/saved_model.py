@@ -33,11 +33,12 @@ def load_export(path: str):
         raise _unreadable(path, error) from error
 
 
-def signature_defs(path: str) -> dict:
-    """{signature name: SignatureDef} of an export, read from its saved_model.pb without loading it."""
+def signature_defs(path: str, internal: bool = False) -> dict:
+    """{signature name: SignatureDef} of an export, read from its saved_model.pb without loading it;
+    with `internal`, TensorFlow's own (`__saved_model_init_op`) too, as TF Serving's metadata lists them."""
     try:
         saved = saved_model_pb2.SavedModel.FromString(storage.read_bytes(storage.join(path, "saved_model.pb")))
     except DecodeError as error:
         raise _unreadable(path, error) from error
     return {name: signature for name, signature in saved.meta_graphs[0].signature_def.items()
-            if not name.startswith("__")}
+            if internal or not name.startswith("__")}

@@ -20,6 +20,15 @@ class RequestError(Exception):
         self.status = status
 
 
+class UnknownSignature(RequestError):
+    """A signature the export does not have: 400 with TF Serving's REST words; gRPC Predict answers
+    it FAILED_PRECONDITION, as TF Serving's predict_util.cc does."""
+
+    def __init__(self, name: str):
+        super().__init__(f'Serving signature name: "{name}" not found in signature def')
+        self.name = name
+
+
 CLASSIFY, REGRESS, PREDICT = "tensorflow/serving/classify", "tensorflow/serving/regress", "tensorflow/serving/predict"
 
 
@@ -116,23 +125,34 @@ def _decode_value(value):
     """JSON value -> Python value with {"b64": ...} turned into bytes (recursively)."""
     if isinstance(value, dict):
         if set(value) == {"b64"}:
-            try:
-                return base64.b64decode(value["b64"], validate=True)
-            except (ValueError, TypeError):
-                raise RequestError("invalid base64 in a {\"b64\": ...} value") from None
+            return _b64(value["b64"])
         return {key: _decode_value(inner) for key, inner in value.items()}
     if isinstance(value, list):
         return [_decode_value(inner) for inner in value]
     return value
 
 
-def _to_json(value):
+def _b64(text) -> bytes:
+    """The bytes of a {"b64": ...} value as TF Serving's absl::Base64Unescape reads it: standard
+    alphabet, whitespace and line breaks skipped (MIME encoders wrap at 76), padding optional."""
+    if not isinstance(text, str):
+        raise RequestError("invalid base64 in a {\"b64\": ...} value: not a string")
+    compact = "".join(text.split())
+    try:
+        return base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
+    except ValueError:
+        raise RequestError("invalid base64 in a {\"b64\": ...} value") from None
+
+
+def _to_json(value, binary: bool = False):
+    """A model output as JSON; with `binary` (an output whose name ends in _bytes, TF Serving's rule)
+    each string is {"b64": ...}, else its UTF-8 text."""
     if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
+        return {"b64": base64.b64encode(value).decode("ascii")} if binary else value.decode("utf-8", errors="replace")
     if isinstance(value, np.ndarray):
-        return [_to_json(v) for v in value.tolist()] if value.dtype == object else value.tolist()
+        return [_to_json(v, binary) for v in value.tolist()] if value.dtype == object else value.tolist()
     if isinstance(value, list):
-        return [_to_json(v) for v in value]
+        return [_to_json(v, binary) for v in value]
     if isinstance(value, np.generic):
         return value.item()
     return value
@@ -221,10 +241,16 @@ def parse_predict_body(body: dict, specs: dict) -> tuple[dict, str]:
 def format_predictions(outputs: dict, form: str) -> dict:
     for name, value in outputs.items():
         check_finite(name, np.asarray(value), "output")
-    if form == "columnar":
-        return {"outputs": {name: _to_json(value) for name, value in outputs.items()}}
+    binary = {name: name.endswith("_bytes") for name in outputs}
+    if form == "columnar":  # one output: its value alone, as TF Serving (json_tensor.cc) answers
+        columns = {name: _to_json(value, binary[name]) for name, value in outputs.items()}
+        return {"outputs": next(iter(columns.values())) if len(columns) == 1 else columns}
     rows = len(next(iter(outputs.values())))
-    return {"predictions": [{name: _to_json(value[i]) for name, value in outputs.items()} for i in range(rows)]}
+    if len(outputs) == 1:
+        (name, value), = outputs.items()
+        return {"predictions": [_to_json(value[i], binary[name]) for i in range(rows)]}
+    return {"predictions": [{name: _to_json(value[i], binary[name]) for name, value in outputs.items()}
+                            for i in range(rows)]}
 
 
 def signature_name(body: dict) -> str:

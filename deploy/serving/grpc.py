@@ -28,7 +28,7 @@ from tensorflow_serving.apis import (
 )
 
 from deploy.serving.codec import (CLASSIFY, REGRESS, RequestError, check_classifier, class_labels, error_message,
-                                  input_specs, takes_examples, to_tensor, wrong_method)
+                                  input_specs, takes_examples, to_tensor, UnknownSignature, wrong_method)
 from deploy.serving.registry import LoadedVersion, ModelRegistry
 from kcp.core.errors import UserError
 
@@ -37,6 +37,28 @@ CODES = {HTTPStatus.NOT_FOUND: grpc.StatusCode.NOT_FOUND, HTTPStatus.REQUEST_ENT
          grpc.StatusCode.RESOURCE_EXHAUSTED, HTTPStatus.SERVICE_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE}
 STATES = {"AVAILABLE": get_model_status_pb2.ModelVersionStatus.AVAILABLE,
           "END": get_model_status_pb2.ModelVersionStatus.END}
+
+
+_FIELDS = {np.dtype(np.float32): "float_val", np.dtype(np.float64): "double_val", np.dtype(np.int32): "int_val",
+           np.dtype(np.int16): "int_val", np.dtype(np.int8): "int_val", np.dtype(np.uint8): "int_val",
+           np.dtype(np.uint16): "int_val", np.dtype(np.int64): "int64_val", np.dtype(np.uint32): "uint32_val",
+           np.dtype(np.uint64): "uint64_val", np.dtype(np.bool_): "bool_val"}
+
+
+def output_proto(value) -> tf.compat.v1.TensorProto:
+    """An output tensor as TF Serving's Predict answers it by default (predict_util.cc, kAsProtoField):
+    the values in the typed fields (`float_val`, `int64_val`, `string_val`, ...), never in
+    `tensor_content`, so that clients reading `outputs[name].float_val` get them."""
+    array = np.asarray(value)
+    proto = tf.make_tensor_proto(array)
+    field = _FIELDS.get(array.dtype)
+    if proto.tensor_content and field is not None:  # make_tensor_proto packs numeric tensors of 2+ values
+        proto.tensor_content = b""
+        getattr(proto, field).extend(array.ravel().tolist())
+    elif proto.tensor_content and array.dtype == np.float16:
+        proto.tensor_content = b""
+        proto.half_val.extend(array.ravel().view(np.uint16).tolist())
+    return proto
 
 
 def _answer(method):
@@ -107,7 +129,10 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     def Predict(self, request, context):  # noqa: N802
         loaded = _lookup(self.registry, request.model_spec)
         signature = request.model_spec.signature_name or "serving_default"
-        specs = input_specs(loaded.signature(signature))
+        try:
+            specs = input_specs(loaded.signature(signature))
+        except UnknownSignature:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f'Serving signature key "{signature}" not found.')
         given = set(request.inputs)
         if given != set(specs):
             missing, extra = sorted(set(specs) - given), sorted(given - set(specs))
@@ -124,7 +149,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         response = predict_pb2.PredictResponse()
         _fill_spec(response.model_spec, request.model_spec, loaded, signature)
         for name in wanted:
-            response.outputs[name].CopyFrom(tf.make_tensor_proto(np.asarray(outputs[name])))
+            response.outputs[name].CopyFrom(output_proto(outputs[name]))
         return response
 
     def _classify(self, loaded, spec, request_input, result) -> str:

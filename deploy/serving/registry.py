@@ -24,7 +24,7 @@ from tensorflow_serving.apis import get_model_metadata_pb2
 
 from deploy.saved_model import load_export, signature_defs
 from deploy.serving.batching import Batcher
-from deploy.serving.codec import RequestError
+from deploy.serving.codec import RequestError, UnknownSignature
 from deploy.serving.versions import parse_labels, parse_policy, replay_warmup
 from kcp.core import storage
 from kcp.core.contract import read_lines
@@ -56,7 +56,7 @@ class LoadedVersion:
     def signature_def_map(self) -> get_model_metadata_pb2.SignatureDefMap:
         """The export's SignatureDefs as saved (tensor names, method names): what metadata answers."""
         signature_def_map = get_model_metadata_pb2.SignatureDefMap()
-        for name, signature_def in signature_defs(self.path).items():
+        for name, signature_def in signature_defs(self.path, internal=True).items():
             signature_def_map.signature_def[name].CopyFrom(signature_def)
         return signature_def_map
 
@@ -64,7 +64,7 @@ class LoadedVersion:
         """The concrete function of signature `name`, or a 400 naming the ones there are (TF Serving's words)."""
         function = self.model.signatures.get(name or "serving_default")
         if function is None:
-            raise RequestError(f'Serving signature name: "{name}" not found in signature def')
+            raise UnknownSignature(name)
         return function
 
 

@@ -28,6 +28,7 @@ from http import HTTPStatus
 
 from aiohttp import web
 from aiohttp.http import HttpVersion11
+from aiohttp.web_protocol import RequestPayloadError
 
 from deploy.serving.connection import BodyError, CappedServer, json_response
 from deploy.serving.registry import ModelRegistry
@@ -94,7 +95,7 @@ class RestServer:
         loop = asyncio.get_running_loop()
         server = CappedServer(self._handle, self.max_connections, self.max_request_bytes,
                             keepalive_timeout=self.idle_timeout_s,  # idle, or headers unfinished: closed
-                            lingering_time=0, access_log=None, auto_decompress=False)
+                            lingering_time=0, access_log=None, auto_decompress=True)
         listener = await loop.create_server(server, sock=self.socket, backlog=128)
         with self._lock:
             self._loop, self._stopping = loop, asyncio.Event()
@@ -151,9 +152,12 @@ class RestServer:
             request.writer.output_size = 0
         try:
             return await asyncio.wait_for(request.read(), self.idle_timeout_s)
-        except web.HTTPRequestEntityTooLarge:  # a chunked body past client_max_size
+        except web.HTTPRequestEntityTooLarge:  # a chunked or decompressed body past client_max_size
             raise BodyError(f"request body exceeds the limit of {self.max_request_bytes} bytes",
                             HTTPStatus.REQUEST_ENTITY_TOO_LARGE) from None
+        except RequestPayloadError as error:  # a body sent with Content-Encoding: gzip that is not gzip
+            reason = [line.strip() for line in str(error).splitlines() if line.strip()][-1]
+            raise BodyError(f"cannot decode the request body: {reason}", HTTPStatus.BAD_REQUEST) from None
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         self._in_progress += 1

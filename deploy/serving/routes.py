@@ -15,6 +15,7 @@ import json
 import logging
 import re
 from http import HTTPStatus
+from urllib.parse import unquote
 
 import numpy as np
 import tensorflow as tf
@@ -62,7 +63,9 @@ def route(registry: ModelRegistry, method: str, path: str, raw: bytes, *, wait: 
     match = PREDICT.fullmatch(path) if method == "POST" else STATUS.fullmatch(path) if method == "GET" else None
     if match is None:
         raise RequestError(f"Malformed request: {method} {path}")
-    name, version, label = match.group("name"), match.group("version"), match.group("label")
+    # the name and the label percent-decoded, as TF Serving's DecodeArg does (curl_easy_unescape)
+    name, version, label = (unquote(match.group("name") or "") or None, match.group("version"),
+                            unquote(match.group("label")) if match.group("label") else None)
     if version is not None and int(version) > INT64_MAX:
         raise RequestError(f"Failed to convert version: {version} to numeric.")
     if method == "GET":

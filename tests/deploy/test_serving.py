@@ -1,6 +1,7 @@
 """Validate, push, the TF-Serving-compatible REST server over loopback, and batch prediction."""
 
 import base64
+import gzip
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import tensorflow as tf
 from PIL import Image
 
 from deploy.serving import make_server, rest
+from deploy.serving.codec import format_predictions
 from deploy.serving.routes import respond
 from kcp import cli
 from tests.conftest import IN_PROCESS_BEAM
@@ -55,10 +57,10 @@ def server(image_run):
     httpd.server_close()
 
 
-def call(url, body=None, raw=None):
+def call(url, body=None, raw=None, headers=None):
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     request = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET",
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read())
@@ -196,6 +198,42 @@ def test_row_and_columnar_formats_and_another_size(server, image_run):
     assert sum(p for _, p in classified["results"][0]) == pytest.approx(1.0, abs=1e-5)
 
 
+def test_what_tf_serving_clients_send_is_read_as_tf_serving_reads_it(server, image_run):
+    """A gzip body (TF Serving decompresses it), base64 wrapped at 76 columns (Java's MIME encoder,
+    Python's encodebytes) or without its padding, and a percent-encoded model name: the same answer."""
+    url, _ = server
+    _, root = image_run
+    raw = open(root / "class1" / "010.png", "rb").read()
+    code, expected = call(f"{url}/v1/models/colors:predict", {"instances": [{"b64": base64.b64encode(raw).decode()}]})
+    assert code == 200
+    wrapped = base64.encodebytes(raw).decode()
+    assert "\n" in wrapped.strip()
+    assert call(f"{url}/v1/models/colors:predict", {"instances": [{"b64": wrapped}]}) == (200, expected)
+    body = json.dumps({"instances": [{"b64": base64.b64encode(raw).decode()}]}).encode()
+    assert call(f"{url}/v1/models/colors:predict", raw=gzip.compress(body),
+                headers={"Content-Encoding": "gzip"}) == (200, expected)
+    assert call(f"{url}/v1/models/c%6flors/versions/1:predict", raw=body) == (200, expected)
+    other = next(open(p, "rb").read() for p in sorted(root.glob("*/*.png")) if p.stat().st_size % 3)
+    unpadded = base64.b64encode(other).decode()
+    assert unpadded.endswith("=")
+    assert (call(f"{url}/v1/models/colors:predict", {"instances": [{"b64": unpadded.rstrip("=")}]})
+            == call(f"{url}/v1/models/colors:predict", {"instances": [{"b64": unpadded}]}))
+    code, answer = call(f"{url}/v1/models/colors:predict", raw=b"not gzip", headers={"Content-Encoding": "gzip"})
+    assert code == 400 and "cannot decode the request body" in answer["error"]
+
+
+def test_single_output_and_bytes_outputs_are_formatted_as_tf_serving_does():
+    """json_tensor.cc: one output is its value alone (no name), in both formats; an output named
+    *_bytes is {"b64": ...}; other strings are text."""
+    one = {"y": np.array([2.0, 5.0], np.float32)}
+    assert format_predictions(one, "row") == {"predictions": [2.0, 5.0]}
+    assert format_predictions(one, "columnar") == {"outputs": [2.0, 5.0]}
+    two = {"y": np.array([[1], [2]]), "out_bytes": np.array([b"\xff\x00a", b"b"], object),
+           "text": np.array(["é".encode(), b"c"], object)}
+    assert format_predictions(two, "row")["predictions"][0] == {"y": [1], "out_bytes": {"b64": "/wBh"}, "text": "é"}
+    assert format_predictions(two, "columnar")["outputs"]["out_bytes"] == [{"b64": "/wBh"}, {"b64": "Yg=="}]
+
+
 @pytest.mark.parametrize("path, body, raw, code, message", [
     ("/v1/models/colors:predict", None, b"{not json", 400, "JSON Parse error"),
     ("/v1/models/nope:predict", {"instances": [1]}, None, 404, "Servable not found"),
@@ -292,6 +330,11 @@ def test_request_size_is_limited(image_run):
         status, answer = call(f"http://127.0.0.1:{httpd.server_address[1]}/v1/models/colors:predict",
                               {"instances": ["x" * 5000]})
         assert status == 413 and "exceeds the limit" in answer["error"]
+        bomb = gzip.compress(json.dumps({"instances": ["x" * 100_000]}).encode())  # small, but not once decoded
+        assert len(bomb) < 1000
+        status, answer = call(f"http://127.0.0.1:{httpd.server_address[1]}/v1/models/colors:predict", raw=bomb,
+                              headers={"Content-Encoding": "gzip"})
+        assert status == 413 and "exceeds the limit of 1000 bytes" in answer["error"]
     finally:
         httpd.shutdown()
         httpd.server_close()

@@ -73,6 +73,11 @@ def test_predict_equals_rest_and_the_in_process_call(grpc_server, digits_run):
     np.testing.assert_allclose(probabilities[0], local["probabilities"][0], atol=1e-6)
     assert tf.make_ndarray(response.outputs["class_ids"])[0] == rest["class_ids"] == int(local["class_ids"][0])
     assert tf.make_ndarray(response.outputs["class_names"])[0].decode() == rest["class_names"]
+    # the values in the typed fields, as TF Serving answers by default: clients read float_val
+    # (tensorflow/serving's mnist_client.py), not tensor_content
+    assert not response.outputs["probabilities"].tensor_content
+    np.testing.assert_array_equal(np.reshape(response.outputs["probabilities"].float_val, (2, -1)), probabilities)
+    assert list(response.outputs["class_ids"].int64_val) == [rest["class_ids"]] * 2
     filtered = predict_request([png], version=1)
     filtered.output_filter.append("class_ids")
     assert list(predictions.Predict(filtered, timeout=30).outputs) == ["class_ids"]
@@ -151,7 +156,9 @@ def test_metadata_and_status(grpc_server):
     response = predictions.GetModelMetadata(request, timeout=30)
     signatures = get_model_metadata_pb2.SignatureDefMap()
     response.metadata["signature_def"].Unpack(signatures)
-    assert set(signatures.signature_def) == {"serving_default", "serve_images", "serve_examples"}
+    # every SignatureDef saved, TensorFlow's own init op included, as TF Serving lists them
+    assert set(signatures.signature_def) == {"serving_default", "serve_images", "serve_examples",
+                                             "__saved_model_init_op"}
     assert signatures.signature_def["serving_default"].inputs["image_bytes"].dtype == tf.string.as_datatype_enum
     with urllib.request.urlopen(f"{url}/v1/models/model/metadata", timeout=30) as answer:
         rest = json.load(answer)["metadata"]["signature_def"]
@@ -184,7 +191,8 @@ def status_request(name):
      "Unrecognized servable version label"),
     ("Predict", lambda: predict_request([b"not an image"]), "INVALID_ARGUMENT", ""),
     ("Predict", lambda: predict_request([]), "INVALID_ARGUMENT", "input 'image_bytes' must hold at least one instance"),
-    ("Predict", lambda: predict_request([digit_png()], signature_name="nope"), "INVALID_ARGUMENT", "nope"),
+    ("Predict", lambda: predict_request([digit_png()], signature_name="nope"), "FAILED_PRECONDITION",
+     'Serving signature key "nope" not found.'),
     ("Predict", lambda: predict_pb2.PredictRequest(model_spec={"name": "model"}), "INVALID_ARGUMENT",
      "input size does not match"),
     ("Predict", lambda: predict_request([b"x" * (2 * LIMIT)]), "RESOURCE_EXHAUSTED", ""),
