@@ -86,12 +86,20 @@ def validate_export(config: Config, run_dir: str, version: int | None = None) ->
                         "give data.split a test fraction (or the source a test split) and preprocess again")
     fingerprint_path = storage.join(directory, "assets.extra", FINGERPRINT)
     # read with TensorFlow's file system, like the rest of the export (on gs://, TensorFlow's client wrote it)
-    if metrics.get("weights_sha256") and tf.io.gfile.exists(fingerprint_path):
+    fingerprint = {}
+    if tf.io.gfile.exists(fingerprint_path):
         with tf.io.gfile.GFile(fingerprint_path, "rb") as handle:
-            exported = json.loads(handle.read()).get("weights_sha256")
-        if exported and exported != metrics["weights_sha256"]:
-            raise UserError(f"{directory} was exported from another model than {metrics_path} describes "
-                            f"(trained again since); run `kcp export --run-dir {run_dir}` and validate the new version")
+            fingerprint = json.loads(handle.read())
+    exported = fingerprint.get("weights_sha256")
+    if metrics.get("weights_sha256") and exported and exported != metrics["weights_sha256"]:
+        raise UserError(f"{directory} was exported from another model than {metrics_path} describes "
+                        f"(trained again since); run `kcp export --run-dir {run_dir}` and validate the new version")
+    # scored on another contract's test split (preprocessed again, other data), a good export would
+    # lose its blessing: refused before validation.json is touched
+    if fingerprint.get("contract_sha256") and fingerprint["contract_sha256"] != storage.sha256(layout.metadata):
+        raise UserError(f"{directory} was exported with another data contract than {layout.metadata} (preprocessed "
+                        f"again since), so its test split is not the model's; run `kcp train` and `kcp export` "
+                        f"(--run-dir {run_dir}) first, and validate the new version")
     if contract.modality == "language":
         result = validate_language(contract, run_dir, directory, metrics, config.export.name)
         storage.write_text_atomic(validation_record(directory),

@@ -578,6 +578,19 @@ def test_export_refuses_a_contract_the_model_was_not_trained_on_and_validate_ano
     with pytest.raises(UserError, match="trained on another data contract.*kcp train"):
         export_for_serving(load_config(), run_dir)
 
+    # preprocessed again after the export: validate refuses, and the version keeps the blessing it had
+    storage.write_text_atomic(layout.metrics, json.dumps(metrics))
+    assert validate_export(load_config(), run_dir)["blessed"]
+    record = os.path.join(version, "assets.extra", "validation.json")
+    blessed = storage.read_text(record)
+    os.remove(os.path.join(run_dir, "data"))
+    shutil.copytree(os.path.join(digits_run, "data"), os.path.join(run_dir, "data"))
+    with open(layout.metadata, "a") as handle:
+        handle.write("\n")  # another contract, as far as its hash goes
+    with pytest.raises(UserError, match="exported with another data contract.*kcp train"):
+        validate_export(load_config(), run_dir)
+    assert storage.read_text(record) == blessed
+
 
 def test_a_backup_made_for_another_model_or_schedule_is_discarded_not_restored(tmp_path):
     from trainer.callbacks import AtomicBackupAndRestore
