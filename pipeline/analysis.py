@@ -102,7 +102,9 @@ class AnalyzeText(beam.PTransform):
             tokens
             | "AllTokens" >> beam.FlatMap(lambda words: words)
             | "CountTokens" >> beam.combiners.Count.PerElement()
-            | "DropRareTokens" >> beam.Filter(lambda item: item[1] >= min_count)
+            # and tokens holding a NUL: Keras keeps a vocabulary as NumPy strings, which drop trailing
+            # NULs ("a\x00" would become a second "a", "\x00" the mask token); they are out of vocabulary
+            | "DropRareTokens" >> beam.Filter(lambda item: item[1] >= min_count and "\x00" not in item[0])
             | "CollectTokens" >> beam.combiners.ToList()
             | "TopTokens" >> beam.Map(select_vocabulary, max_tokens)
             | "TagVocabulary" >> beam.Map(lambda words: ("vocabulary", words))

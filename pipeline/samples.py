@@ -10,7 +10,7 @@ import numpy as np
 from apache_beam.io.tfrecordio import _TFRecordUtil  # Beam's TFRecord framing (length + CRC32C)
 
 from kcp.core import contract as contract_lib
-from kcp.core import example_proto, storage
+from kcp.core import example_proto, plots, storage
 from kcp.core.layout import RunLayout
 
 
@@ -48,6 +48,11 @@ def displayable(image: np.ndarray) -> np.ndarray:
 
 def write_samples(contract, run_dir: str, rows: int = 6) -> str:
     """Draws the grid and writes RUN/data/samples.png; returns its path."""
+    with plots.users_text():  # a text example may hold `$`
+        return _write_samples(contract, run_dir, rows)
+
+
+def _write_samples(contract, run_dir: str, rows: int) -> str:
     # a bare Figure, not pyplot: no global figure state and no GUI backend, in any process
     from matplotlib.figure import Figure  # imported only here: about 1 s, for this one figure
 

@@ -36,6 +36,26 @@ def empty_validation_warning(contract, config: Config) -> str | None:
             "metrics; set data.split to a larger validation share, or add data")
 
 
+def untrained_classes_warning(contract) -> str | None:
+    """A warning line naming the classes with no train example (a class folder only under test/,
+    `Cat/` beside `cat/`, a rare label hashed into another split): the model cannot learn them, and
+    their other examples count as errors."""
+    counts = contract.statistics.get("class_counts") or {}
+    missing = [name for name in contract.class_names if not counts.get(name)]
+    if not missing or not contract.splits["train"].count:
+        return None
+    folded = {}
+    for name in contract.class_names:
+        folded.setdefault(name.casefold(), []).append(name)
+    clashes = [" and ".join(names) for names in folded.values() if len(names) > 1]
+    hint = f" ({'; '.join(clashes)} differ only in case)" if clashes else ""
+    shown = ", ".join(repr(name) for name in missing[:10])
+    shown += f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+    return (f"warning: {len(missing)} of {len(contract.class_names)} classes have no train example: {shown}{hint}; "
+            "the model cannot learn them and predicts another class for their examples; add train examples, "
+            "or merge or drop those labels")
+
+
 def contract_from_summary(plan: SourcePlan, config: Config, summary: dict, data_dir: str):
     """Assembles the contract (and the vocabulary, for text) from what the pipeline measured."""
     split_infos = {}

@@ -26,6 +26,7 @@ import numpy as np
 import trainer.models.layers  # noqa: F401  registers the zoo's custom layers for loading model.keras
 from kcp.core import contract as contract_lib
 from kcp.core import examples as example_lib
+from kcp.core import plots
 from kcp.core import storage
 from kcp.core.layout import RunLayout
 from kcp.reporting.figures import (best_epoch, per_class_scores, plot_attention, plot_confusion, plot_curves,
@@ -83,6 +84,11 @@ def _image(name: str, alt: str) -> str:
 
 def build_report(run_dir: str) -> str:
     """Writes RUN/report/index.html and its figures; returns the page's path."""
+    with plots.users_text():
+        return _build_report(run_dir)
+
+
+def _build_report(run_dir: str) -> str:
     layout = RunLayout(run_dir)
     report_dir = layout.report
     storage.makedirs(report_dir)

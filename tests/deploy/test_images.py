@@ -145,3 +145,23 @@ def test_a_bmp_the_export_cannot_read_is_refused_in_one_line(damage, message):
     content = damage(indexed_bmp(np.zeros((4, 4), int), RNG.integers(0, 256, (256, 3)), 8))
     with pytest.raises(tf.errors.InvalidArgumentError, match=message):
         serve_decode(content, (4, 4, 3))
+
+
+@pytest.mark.parametrize("size, shape, frames", [((20, 24), (20, 24, 3), 1), ((40, 30), (16, 16, 3), 1),
+                                                  ((40, 30), (16, 16, 1), 1), ((20, 24), (20, 24, 3), 2)])
+def test_a_transparent_gif_is_served_the_pixels_it_was_trained_on(tmp_path, size, shape, frames):
+    """TensorFlow's GIF decoder gives a transparent pixel black, Pillow its palette colour: the pipeline
+    takes TensorFlow's, so a served icon with a transparent background is the one trained on."""
+    first = picture(*size, "P")
+    transparent = int(np.asarray(first)[0, 0])  # the colour of the top-left pixel, wherever it recurs
+    assert (np.asarray(first) == transparent).sum() > 1
+    buffer = io.BytesIO()
+    first.save(buffer, "GIF", transparency=transparent, save_all=frames > 1,
+               append_images=[picture(*size, "P")] if frames > 1 else [])
+    path = os.path.join(tmp_path, "icon.gif")
+    with open(path, "wb") as handle:
+        handle.write(buffer.getvalue())
+    expected = decode_image_file(path, shape)
+    np.testing.assert_array_equal(serve_decode(buffer.getvalue(), shape), expected)
+    if shape[:2] == size:
+        assert not expected[np.asarray(first) == transparent].any()  # black, not the palette colour

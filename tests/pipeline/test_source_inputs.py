@@ -338,8 +338,8 @@ def test_table_labels_are_stripped_and_lists_line_breaks_and_blanks_are_dead_let
     write_table(path, ["text", "label"], [("t", "pos"), ("t", "pos "), ("t", " "), ("t", "neg\nx"), ("t", " neg")])
     plan, records = records_of(f"csv:{path}")
     assert problems(plan, records, ("neg", "pos")) == [
-        "pos", "pos", "bad: missing label",
-        "bad: row 4: column 'label': label 'neg\\nx' contains a line break; class names are written one a line "
+        "pos", "pos", "bad: row 3 (line 4): column 'label': missing label",
+        "bad: row 4 (line 5): column 'label': label 'neg\\nx' contains a line break; class names are written one a line "
         "in labels.txt", "neg"]
     lines = tmp_path / "labels.jsonl"
     lines.write_text("".join(json.dumps({"text": "t", "label": label}) + "\n"
@@ -348,7 +348,7 @@ def test_table_labels_are_stripped_and_lists_line_breaks_and_blanks_are_dead_let
     assert problems(plan, records, ("1", "True", "pos")) == [
         "pos", "bad: line 2: column 'label': label ['a'] is a list, not a string or a number",
         "bad: line 3: column 'label': label {'k': 1} is a dict, not a string or a number", "1", "True",
-        "bad: missing label"]
+        "bad: line 6: column 'label': missing label"]
 
 
 @pytest.mark.parametrize("name, content, looks", [
@@ -379,7 +379,8 @@ def test_csv_label_cells_name_floats_as_json_numbers_and_missing_markers_are_mis
     plan, records = records_of(f"csv:{path}")
     assert [r.label for r in records] == ["1", "1", "2", "0.50", "10", "0", "007"] + [""] * 9 + [
         "pos", "1.5.0", "inf", "none", "na", "Null"]  # pandas' markers are matched as written
-    assert problems(plan, records[7:9], ("1",)) == ["bad: missing label", "bad: missing label"]
+    assert problems(plan, records[7:9], ("1",)) == ["bad: row 8 (line 9): column 'label': missing label",
+                                                    "bad: row 9 (line 10): column 'label': missing label"]
     assert [label_text(value, cell=True) for value in ("3.0", "  NA ", "1E2", ".5", "3.10")] == [
         "3", "", "100", ".5", "3.10"]  # whole numbers only: `3.10` is not merged with `3.1`
     assert [label_text(value) for value in ("3.0", "NA")] == ["3.0", "NA"]  # a JSON string is kept as written
@@ -439,7 +440,9 @@ def test_a_table_of_1_and_1_0_labels_gives_two_classes_and_an_empty_validation_s
     letters = [json.loads(line) for letter in (tmp_path / "run" / "data" / "dead_letter").iterdir()
                for line in letter.read_text().splitlines()]
     assert sorted((letter["key"], letter["reason"]) for letter in letters) == [
-        ("row/00000005", "missing label"), ("row/00000007", "missing label"), ("row/00000011", "missing label")]
+        ("row/00000005", "row 5 (line 6): column 'label': missing label"),
+        ("row/00000007", "row 7 (line 8): column 'label': missing label"),
+        ("row/00000011", "row 11 (line 12): column 'label': missing label")]
     assert lines[-1] == ("warning: the validation split is empty (train 7, validation 0, test 2 examples written, "
                          "data.split [0.8, 0.1, 0.1]): early stopping, the best checkpoint and plateau will monitor "
                          "the train metrics; set data.split to a larger validation share, or add data")

@@ -116,6 +116,24 @@ def test_folder_splits_are_kept_sizes_and_channels_inferred(tmp_path):
     assert resized.shape == (10, 8, 3) and np.all(resized == 100)
 
 
+def test_classes_with_no_train_example_are_named_in_a_warning(tmp_path):
+    """A test/ folder with `Cat` (train has `cat`) and `bird`: kept as classes (their test examples are
+    real), and the closing lines say that the model cannot learn them, and why it may be."""
+    root = tmp_path / "images"
+    for index in range(20):
+        write_png(str(root / "train" / ("cat" if index % 2 else "dog") / f"{index}.png"), np.full((6, 6), index, np.uint8))
+    for name in ("Cat", "dog", "bird"):
+        write_png(str(root / "test" / name / "0.png"), np.full((6, 6), 3, np.uint8))
+    lines = []
+    contract = run_preprocess(load_config([], [f"data.source=folder:{root}"]), str(tmp_path / "run"), IN_PROCESS_BEAM,
+                              report=lines.append)
+    assert contract.class_names == ("Cat", "bird", "cat", "dog")
+    assert contract.statistics["class_counts"]["Cat"] == contract.statistics["class_counts"]["bird"] == 0
+    assert ("warning: 2 of 4 classes have no train example: 'Cat', 'bird' (Cat and cat differ only in case); "
+            "the model cannot learn them and predicts another class for their examples; add train examples, "
+            "or merge or drop those labels") in lines
+
+
 def test_npz_images_without_splits(tmp_path):
     rng = np.random.default_rng(1)
     x = rng.integers(0, 256, size=(200, 7, 7), dtype=np.int64)
@@ -192,8 +210,9 @@ def test_text_tables(tmp_path, kind):
 
 
 def test_text_trains_and_exports_raw_strings(tmp_path):
-    path = tmp_path / "t.jsonl"
-    path.write_text("".join(json.dumps({"text": t or "empty", "label": l}) + "\n"
+    path = tmp_path / "t.jsonl"  # each line ends in text matplotlib's math parser refuses: drawn as written;
+    # a token ending in NUL ("empty\x00"; NumPy would make it a second "empty") is out of vocabulary
+    path.write_text("".join(json.dumps({"text": (t or "empty\x00 empty") + r" so $p \implies q$", "label": l}) + "\n"
                             for t, l in zip(TEXTS, ["pos", "neg", "pos", "neg", "pos", "neg", "neg", "pos"] * 5)))
     run_dir = str(tmp_path / "run")
     code = cli.main(["run", "--source", f"jsonl:{path}", "--run-dir", run_dir, "--model", "transformer",
@@ -227,6 +246,19 @@ def test_text_trains_and_exports_raw_strings(tmp_path):
 def test_bad_sources_fail_before_the_pipeline(uri, message):
     with pytest.raises(SourceError, match=message):
         plan_source(uri)
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl", "npz"])
+def test_a_folder_named_where_a_file_is_read_is_one_line(tmp_path, kind):
+    with pytest.raises(SourceError, match=f"data.source: {tmp_path} is a folder; {kind}: reads one file"):
+        plan_source(f"{kind}:{tmp_path}")
+
+
+def test_a_file_named_as_an_image_folder_is_one_line(tmp_path):
+    image = tmp_path / "one.png"
+    Image.new("RGB", (4, 4)).save(image)
+    with pytest.raises(SourceError, match=f"data.source: {image} is a file; folder: reads a folder of class folders"):
+        plan_source(f"folder:{image}")
 
 
 def test_missing_text_column_is_named(tmp_path):

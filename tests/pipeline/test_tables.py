@@ -41,16 +41,16 @@ def test_a_split_column_takes_the_split_names_of_folders_and_npz(tmp_path, kind)
         with open(path, "w", newline="") as handle:
             csv.writer(handle).writerows([("text", "label", "split")] + [(f"t{i}", "ab"[i % 2], name)
                                                                          for i, name in enumerate(names)])
-        where = "row"
+        where = f"row {len(names)} (line {len(names) + 1})"
     else:
         path.write_text("".join(json.dumps({"text": f"t{i}", "label": "ab"[i % 2], "split": name}) + "\n"
                                 for i, name in enumerate(names)))
-        where = "line"
+        where = f"line {len(names)}"
     _, records = records_of(f"{kind}:{path}")
     assert [r.split for r in records[:len(SPLIT_NAMES)]] == list(SPLIT_NAMES.values())
     assert [(r.split, r.problem) for r in records[len(SPLIT_NAMES):]] == [
         ("validation", None), ("validation", None), ("test", None), (None, None),
-        (None, f"{where} {len(names)}: split 'dev' is not one of {ALLOWED}")]
+        (None, f"{where}: split 'dev' is not one of {ALLOWED}")]
 
 
 def test_val_and_valid_rows_are_the_validation_split_of_a_preprocessed_table(tmp_path):
@@ -68,7 +68,7 @@ def test_val_and_valid_rows_are_the_validation_split_of_a_preprocessed_table(tmp
     assert {split: info.count for split, info in contract.splits.items()} == {"train": 24, "validation": 8, "test": 8}
     assert contract.bad_examples == 1 and contract.class_names == ("neg", "pos")
     assert dead_letters(tmp_path / "run") == [{"key": "row/00000021", "source": f"csv:{path}",
-                                               "reason": f"row 21: split 'dev' is not one of {ALLOWED}"}]
+                                               "reason": f"row 21 (line 22): split 'dev' is not one of {ALLOWED}"}]
 
 
 def test_a_row_with_more_fields_than_the_header_is_one_dead_letter(tmp_path):

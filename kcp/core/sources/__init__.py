@@ -91,6 +91,11 @@ def read_task(plan: SourcePlan, task):
     return read_tfds_task(plan, task)
 
 
+def _at(plan: SourcePlan, record: SourceRecord, column: str) -> str:
+    """"row 3 (line 4): column 'label': ", where a table's dead letter is; "" for other sources."""
+    return f"{record.where}: column {plan.options[column]!r}: " if record.where else ""
+
+
 def decode_record(plan: SourcePlan, record: SourceRecord, class_names=None) -> RawExample:
     """Turns a record into a RawExample; raises BadInput for a dead letter. `class_names` (any
     collection: a tuple, or the label index) is the plan's when not given."""
@@ -100,9 +105,13 @@ def decode_record(plan: SourcePlan, record: SourceRecord, class_names=None) -> R
     if plan.modality == "language":  # a document: no label; its text, read here on the worker
         return RawExample(record.key, decode_document(record.payload), "", record.split)
     if record.label == "" or record.label not in class_names:
-        raise BadInput("missing label" if record.label == "" else f"unknown label {record.label!r}")
+        raise BadInput(_at(plan, record, "label") + ("missing label" if record.label == ""
+                                                     else f"unknown label {record.label!r}"))
     if plan.modality == "text":
-        inputs = decode_text(record.payload)
+        try:
+            inputs = decode_text(record.payload)
+        except BadInput as error:
+            raise BadInput(_at(plan, record, "text") + str(error)) from None
     elif plan.kind == "folder":
         inputs = decode_image_file(record.payload, plan.input_spec.shape)
     else:

@@ -133,7 +133,7 @@ def _check_image_values(path: str, x_name: str, header) -> None:
 def plan_npz(uri: str, path: str, data: DataConfig, labels: bool = True):
     """The plan of an .npz archive; without `labels` (batch prediction) y may be missing and is not
     read or checked, so the records' labels are empty."""
-    check_path(uri, path)
+    check_path(uri, path, "file")
     arrays = _headers(path)
     parts = _parts(path, arrays, labels)
     first_shape, first_dtype, _ = arrays[next(iter(parts.values()))[0]]

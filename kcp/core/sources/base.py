@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -29,6 +30,7 @@ class SourceRecord:
     label: str
     split: Optional[str] = None  # set when the source brings its own splits
     problem: Optional[str] = None  # set by a reader for an input it could not parse: a dead letter
+    where: Optional[str] = None  # a table's row and line ("row 3 (line 4)"), named by its dead letters
 
 
 @dataclass(frozen=True)
@@ -137,12 +139,20 @@ def has_surrogates(text: str) -> bool:
         return True
 
 
-def check_path(uri: str, path: str) -> None:
-    """Fails with one line when the source names no path or a path that does not exist."""
+def check_path(uri: str, path: str, kind: str | None = None) -> None:
+    """Fails with one line when the source names no path, a path that does not exist, or (a local
+    path, with `kind` "file" or "folder") a folder where the source reads a file or the reverse."""
     if not path:
         raise SourceError(f"data.source: {uri!r} names no path")
     if not storage.exists(path):
         raise SourceError(f"data.source: {path} does not exist")
+    scheme = uri.split(":", 1)[0]
+    if kind == "file" and not storage.is_remote(path) and os.path.isdir(path):
+        raise SourceError(f"data.source: {path} is a folder; {scheme}: reads one file "
+                          f"(name it: {scheme}:{path.rstrip('/')}/FILE)")
+    if kind == "folder" and not storage.is_remote(path) and os.path.isfile(path):
+        raise SourceError(f"data.source: {path} is a file; {scheme}: reads a folder of class folders "
+                          "(name the folder that holds them)")
 
 
 def open_binary(path: str):

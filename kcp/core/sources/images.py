@@ -237,7 +237,7 @@ def _image_header(path: str):
 def plan_folder(uri: str, root: str, data: DataConfig, labels: bool = True):
     """The plan of an image folder; without `labels` (batch prediction) every image below the root
     is read, whatever the folders are named, and the records' labels are empty."""
-    check_path(uri, root)
+    check_path(uri, root, "folder")
     root = root.rstrip("/")
     if labels:
         has_splits, folders = _class_folders(root)
@@ -301,6 +301,29 @@ def to_8_bit(image):
     return Image.fromarray((values >> 8).astype(np.uint8), "L")
 
 
+def transparent_as_tensorflow(image):
+    """A GIF's transparent pixels black (0, 0, 0), as TensorFlow's GIF decoder (the export's
+    in-graph decode) gives them; Pillow gives them their palette colour, so a served GIF would
+    not get the pixels it was trained on. Other images are returned unchanged (TensorFlow's PNG
+    decoder keeps a transparent pixel's colour, as Pillow does)."""
+    from PIL import Image
+
+    if image.format != "GIF":
+        return image
+    transparent = image.info.get("transparency")
+    if image.mode == "P" and isinstance(transparent, int):
+        hidden = np.asarray(image) == transparent
+    elif image.mode in ("RGBA", "LA", "PA"):
+        hidden = np.asarray(image.getchannel("A")) == 0
+    else:
+        return image
+    if not hidden.any():
+        return image
+    pixels = np.array(image.convert("RGB"))
+    pixels[hidden] = 0
+    return Image.fromarray(pixels, "RGB")
+
+
 def decode_image_file(path: str, shape: tuple) -> np.ndarray:
     """Reads and decodes one image file to uint8 [H, W, C] of `shape` (resized, converted).
 
@@ -318,7 +341,7 @@ def decode_image_file(path: str, shape: tuple) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(content)) as image:
             image.load()
-            image = to_8_bit(image).convert("RGB" if shape[2] == 3 else "L")
+            image = transparent_as_tensorflow(to_8_bit(image)).convert("RGB" if shape[2] == 3 else "L")
             if image.size != (shape[1], shape[0]):
                 image = image.resize((shape[1], shape[0]), Image.BILINEAR)
             array = np.asarray(image, dtype=np.uint8)

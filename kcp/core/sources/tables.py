@@ -199,7 +199,10 @@ def _delimiter_hint(kind: str, columns) -> str:
 def plan_table(uri: str, kind: str, path: str, data: DataConfig, labels: bool = True):
     """The plan of a CSV or JSON lines table; without `labels` (batch prediction) the label column
     may be missing and is not read, so no label makes a row a dead letter."""
-    check_path(uri, path)
+    check_path(uri, path, "file")
+    if labels and data.text_column == data.label_column:
+        raise SourceError(f"data.text_column and data.label_column both name column {data.text_column!r}: "
+                          "the label would be read from the text")
     columns, estimate = _head_columns(kind, path)
     needed = (("data.text_column", data.text_column),) + ((("data.label_column", data.label_column),) if labels else ())
     for option, column in needed:
@@ -232,7 +235,7 @@ def _record(number: int, row, options: dict, where: str, cells: bool = False) ->
         label = label_text(label, cell=cells) if options["label"] else ""
     except BadInput as error:
         return SourceRecord(key, None, "", split, f"{where}: column {options['label']!r}: {error}")
-    return SourceRecord(key, text, label, split)
+    return SourceRecord(key, text, label, split, where=where)
 
 
 def _read_csv(path: str, stream, options: dict):
@@ -287,7 +290,7 @@ def _read_csv(path: str, stream, options: dict):
         row = dict(zip(header, fields))
         for name in header[len(fields):]:
             row[name] = None
-        yield _record(number, row, options, f"row {number}", cells=True)
+        yield _record(number, row, options, f"row {number} (line {first_line})", cells=True)
 
 
 def read_table_task(plan: SourcePlan, task):
