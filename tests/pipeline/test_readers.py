@@ -3,6 +3,7 @@ readers of each kind (CSV quoted newlines included), bad input in the readers, a
 runner mode chosen by the planned input count."""
 
 import csv
+import os
 
 import apache_beam as beam
 import numpy as np
@@ -81,7 +82,9 @@ def test_npz_rows_are_read_in_ranges_from_the_headers(tmp_path, monkeypatch):
     assert [r.label for r in records if r.split == "test"] == list("abcabcabc")
 
 
-def test_folder_header_sample_is_bounded(tmp_path, monkeypatch):
+def test_folder_header_sample_is_bounded_and_spread_over_the_classes(tmp_path, monkeypatch):
+    """5 headers of 12 files: spread over the listing, so class b (after 8 gray images of class a, the
+    first 5 files in sorted order) is sampled, and its colour decides the channels."""
     from kcp.core.sources import images
 
     opened = []
@@ -89,10 +92,12 @@ def test_folder_header_sample_is_bounded(tmp_path, monkeypatch):
     monkeypatch.setattr(images, "_image_header", lambda path: opened.append(path) or original(path))
     monkeypatch.setattr(images, "HEADER_SAMPLE", 5)
     for index in range(12):
-        (tmp_path / "img" / "ab"[index % 2]).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.zeros((3, 4), np.uint8)).save(tmp_path / "img" / "ab"[index % 2] / f"{index:02d}.png")
+        label, shape = ("a", (3, 4)) if index < 8 else ("b", (3, 4, 3))
+        (tmp_path / "img" / label).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros(shape, np.uint8)).save(tmp_path / "img" / label / f"{index:02d}.png")
     plan, records = records_of(f"folder:{tmp_path / 'img'}")
-    assert len(opened) == 5 and plan.input_spec.shape == (3, 4, 1) and len(records) == 12
+    assert len(opened) == 5 and plan.input_spec.shape == (3, 4, 3) and len(records) == 12
+    assert [os.path.basename(path) for path in opened] == ["00.png", "02.png", "04.png", "07.png", "09.png"]
     assert plan.tasks == (("folder", f"{tmp_path}/img/a", "a", None), ("folder", f"{tmp_path}/img/b", "b", None))
 
 

@@ -2,8 +2,8 @@
 in class folders), and the decoding of one image file.
 
 The driver lists the folder (file names only), takes the classes and whether the source has
-split folders from the folder names, and reads the headers of at most HEADER_SAMPLE files (the
-first in sorted order) for the size and channels. The read tasks are the class folders: each
+split folders from the folder names, and reads the headers of at most HEADER_SAMPLE files (spread
+evenly over the sorted listing, so every class folder is sampled) for the size and channels. The read tasks are the class folders: each
 worker lists its folder, subfolders included, and outputs one record (key, path) per image;
 the files are read and decoded later, on the workers. Nothing is left out unsaid: an image
 outside the class folders or an empty class folder is a one-line error, and files that are
@@ -248,13 +248,16 @@ def plan_folder(uri: str, root: str, data: DataConfig, labels: bool = True):
     else:
         has_splits, (listing, skipped) = False, _unlabelled_listing(root)
     count = sum(len(files) for *_, files in listing)
-    sample = sorted(path for *_, files in listing for path in files)[:HEADER_SAMPLE]
+    every = sorted(path for *_, files in listing for path in files)
+    # spread over the listing, not its first files: those are one class, whose images may all be gray
+    sample = [every[index * len(every) // HEADER_SAMPLE] for index in range(HEADER_SAMPLE)] \
+        if len(every) > HEADER_SAMPLE else every
     if data.image_size and data.channels:
         headers = [(0, 0, False)]
     else:
         headers = [h for h in (_image_header(path) for path in sample) if h is not None]
     if not headers:
-        raise SourceError(f"data.source: none of the first {len(sample)} files under {root} is a readable image")
+        raise SourceError(f"data.source: none of the {len(sample)} files sampled under {root} is a readable image")
     height, width = data.image_size or collections.Counter((h, w) for h, w, _ in headers).most_common(1)[0][0]
     channels = data.channels or (3 if any(colour for _, _, colour in headers) else 1)
     spec = FeatureSpec(dtype="uint8", shape=(int(height), int(width), int(channels)), encoding="raw_bytes")
