@@ -89,6 +89,7 @@ class ModelRegistry:
         self.models: dict[str, dict[int, LoadedVersion]] = {}
         self.failures: dict[str, dict[int, Failure]] = {}
         self.unblessed: dict[str, set] = {}  # complete versions left out for want of a blessing
+        self.ended: dict[str, set] = {}  # versions served once and unloaded since: END in the status
         self.loads = 0  # tf.saved_model.load calls, for tests
         self.lock = threading.Lock()  # guards the dicts above
         self.scan_lock = threading.Lock()  # one scan at a time
@@ -138,6 +139,7 @@ class ModelRegistry:
             return
         with self.lock:
             self.models.setdefault(name, {})[version] = LoadedVersion(version, path, model, class_names)
+            self.ended.get(name, set()).discard(version)
             self.failures.get(name, {}).pop(version, None)
         log.info("serve: loaded %s version %d", name, version)
 
@@ -167,7 +169,7 @@ class ModelRegistry:
                 for loaded in self.models.pop(name).values():
                     for batcher in loaded.batchers.values():
                         batcher.close()
-            for table in (self.failures, self.unblessed):
+            for table in (self.failures, self.unblessed, self.ended):
                 for name in set(table) - seen:
                     del table[name]
 
@@ -214,6 +216,7 @@ class ModelRegistry:
             for version in loaded - served:
                 for batcher in self.models[name].pop(version).batchers.values():
                     batcher.close()
+                self.ended.setdefault(name, set()).add(version)
                 log.info("serve: unloaded %s version %d", name, version)
         return True
 
@@ -289,6 +292,10 @@ class ModelRegistry:
             entries = {v: ("AVAILABLE", "OK", "") for v in self.models.get(name, {})}
             for v, failure in self.failures.get(name, {}).items():
                 entries.setdefault(v, ("END", "UNKNOWN", failure.error))
+            # as TF Serving's ServableStateMonitor keeps them; one unloaded for its lost blessing is
+            # left to the 404 below, which says why
+            for v in self.ended.get(name, set()) - self.unblessed.get(name, set()):
+                entries.setdefault(v, ("END", "OK", ""))
         if not entries:
             unblessed = sorted(self.unblessed.get(name, ()))
             hint = (f"; versions {unblessed} are not blessed by kcp validate (serve them with --allow-unvalidated)"

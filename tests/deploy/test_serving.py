@@ -367,14 +367,18 @@ def test_a_new_version_replaces_the_old_and_a_deleted_one_stops_being_served(ser
     assert cli.main(["export", "--run-dir", run_dir]) == 0
     try:
         wait_for(lambda: httpd.registry.served().get("colors") == [2])  # the next scan (0.1 s here)
-        code, body = call(f"{url}/v1/models/colors")  # TF Serving's default policy: the latest version only
-        assert code == 200 and [s["version"] for s in body["model_version_status"]] == ["2"]
+        code, body = call(f"{url}/v1/models/colors")  # TF Serving's default policy: the latest version only;
+        assert code == 200 and [(s["version"], s["state"]) for s in body["model_version_status"]] == [
+            ("1", "END"), ("2", "AVAILABLE")]  # the one unloaded stays in the status, END (ServableStateMonitor)
         assert call(f"{url}/v1/models/colors/versions/2:predict", {"instances": [[1, 2]]})[0] == 400  # v2 found
         assert call(f"{url}/v1/models/colors/versions/1:predict", {"instances": [[1, 2]]})[0] == 404
     finally:
         shutil.rmtree(os.path.join(run_dir, "export", "colors", "2"))
     wait_for(lambda: httpd.registry.served().get("colors") == [1])  # the background scan, no request needed
     assert call(f"{url}/v1/models/colors/versions/2:predict", {"instances": [[1, 2]]})[0] == 404
+    code, body = call(f"{url}/v1/models/colors")
+    assert [(s["version"], s["state"]) for s in body["model_version_status"]] == [("1", "AVAILABLE"), ("2", "END")]
+    assert call(f"{url}/v1/models/colors/versions/2")[1]["model_version_status"][0]["state"] == "END"
 
 
 def test_batch_prediction_matches_the_server(server, image_run, tmp_path):
