@@ -39,7 +39,8 @@ from kcp.core.beamio import (DEAD_LETTER, EXAMPLE, CountProgress, ProgressReport
                              local_runner_defaults, progress_directory, select)
 from kcp.core.errors import UserError
 from kcp.core.layout import RunLayout, newest_blessed
-from kcp.core.sources import (BadInput, SourcePlan, SourceRecord, check_image_bytes, decode_array, decode_text)
+from kcp.core.sources import (BadInput, SourcePlan, SourceRecord, check_image_bytes, decode_array, decode_text,
+                               skipped_line)
 
 MAX_BATCH_SIZE = 64
 COUNTERS = "kcp.predict"  # the Beam metrics namespace of the predicted and failed counts
@@ -201,6 +202,8 @@ def run_batch_prediction(export_dir: str, class_names: tuple, plan: SourcePlan, 
     progress lines of a local run."""
     signature, input_name = signature_for(plan)
     check_input_shape(export_dir, plan)
+    if skipped_line(plan):  # files below --input folder: that are not images, said as preprocess says it
+        (report or log.info)(skipped_line(plan))
     options = PipelineOptions(local_runner_defaults(list(beam_args), plan.estimated_count))
     prefix = output_prefix(output)
     progress_dir = progress_directory(options.get_all_options())

@@ -26,7 +26,7 @@ from kcp.core.config import Config
 from kcp.core.families import MODEL_FAMILIES, check_family_takes
 from kcp.core.errors import UserError
 from kcp.core.layout import DEAD_LETTER_DIR
-from kcp.core.sources import SourceError, SourcePlan, class_names_of, plan_source
+from kcp.core.sources import SourceError, SourcePlan, class_names_of, plan_source, skipped_line
 from pipeline import splits
 from pipeline.analysis import AnalyzeArrays, AnalyzeText, write_summary
 from pipeline.language import build_language_pipeline, language_contract
@@ -244,11 +244,8 @@ def plan_lines(plan: SourcePlan) -> list[str]:
         "from the data"
     lines = [f"plan: {'' if exact else 'about '}{plan.estimated_count} inputs in {len(plan.tasks)} read tasks, "
              f"{classes}, {plan.modality} {shape}, splits {splits_from}"]
-    if plan.options.get("skipped"):
-        skipped = plan.options["skipped"]
-        what = "file, not an image by its" if skipped == 1 else "files, not images by their"
-        lines.append(f"skipped: {skipped} {what} extension (not read), "
-                     f"e.g. {', '.join(plan.options['skipped_examples'])}")
+    if skipped_line(plan):
+        lines.append(skipped_line(plan))
     if plan.options.get("unserved"):
         unserved = plan.options["unserved"]
         lines.append(f"warning: {unserved} of the {plan.estimated_count} images read are .webp/.tif/.tiff files "

@@ -216,6 +216,8 @@ def test_predict_takes_a_folder_of_images_without_class_folders(digits_run, tmp_
     for name in ("classes", "flat"):
         code, output = predict(digits_run, f"folder:{tmp_path / name}", tmp_path / "out" / name, capsys)
         assert code == 0 and "[predict] predicted 12, failed 0" in output, output
+        skipped = "[predict] skipped: 1 file, not an image by its extension (not read), e.g. notes.txt"
+        assert (skipped in output) == (name == "flat"), output  # said, as preprocess says it
     labelled, bare = predictions(tmp_path / "out" / "classes"), predictions(tmp_path / "out" / "flat")
     assert sorted(bare) == sorted(flat) and len(labelled) == 12
     for key, line in bare.items():

@@ -279,6 +279,16 @@ def plan_folder(uri: str, root: str, data: DataConfig, labels: bool = True):
     return plan
 
 
+def skipped_line(plan: SourcePlan) -> str | None:
+    """"skipped: N files, not images by their extension (not read), e.g. …" for a folder with such
+    files (preprocess and batch prediction print it after the plan); None when there is none."""
+    skipped = plan.options.get("skipped") if plan.kind == "folder" else None
+    if not skipped:
+        return None
+    what = "file, not an image by its" if skipped == 1 else "files, not images by their"
+    return f"skipped: {skipped} {what} extension (not read), e.g. {', '.join(plan.options['skipped_examples'])}"
+
+
 def read_folder_task(plan: SourcePlan, task):
     root = plan.options["root"]
     if task[0] == "files":
