@@ -39,7 +39,7 @@ from kcp.core.beamio import (DEAD_LETTER, EXAMPLE, CountProgress, ProgressReport
                              local_runner_defaults, progress_directory, select)
 from kcp.core.errors import UserError
 from kcp.core.layout import RunLayout, newest_blessed
-from kcp.core.sources import (BadInput, SourcePlan, SourceRecord, check_image_bytes, decode_array, decode_text,
+from kcp.core.sources import (BadInput, SourcePlan, SourceRecord, check_image_bytes, decode_array, record_text,
                                skipped_line)
 
 MAX_BATCH_SIZE = 64
@@ -86,7 +86,7 @@ def client_input(plan: SourcePlan, record: SourceRecord):
         check_image_bytes(content)
         return content
     if plan.modality == "text":
-        return decode_text(record.payload)
+        return record_text(plan, record)
     return decode_array(record.payload, plan.input_spec)
 
 

@@ -47,7 +47,7 @@ def untrained_classes_warning(contract) -> str | None:
     folded = {}
     for name in contract.class_names:
         folded.setdefault(name.casefold(), []).append(name)
-    clashes = [" and ".join(names) for names in folded.values() if len(names) > 1]
+    clashes = [" and ".join(names) for names in folded.values() if len(names) > 1 and set(names) & set(missing)]
     hint = f" ({'; '.join(clashes)} differ only in case)" if clashes else ""
     shown = ", ".join(repr(name) for name in missing[:10])
     shown += f" and {len(missing) - 10} more" if len(missing) > 10 else ""

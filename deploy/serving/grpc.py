@@ -55,7 +55,7 @@ def output_proto(value) -> tf.compat.v1.TensorProto:
     if proto.tensor_content and field is not None:  # make_tensor_proto packs numeric tensors of 2+ values
         proto.tensor_content = b""
         getattr(proto, field).extend(array.ravel().tolist())
-    elif proto.tensor_content and array.dtype == np.float16:
+    elif proto.tensor_content and array.dtype.name in ("float16", "bfloat16"):  # their bits, as AsProtoField
         proto.tensor_content = b""
         proto.half_val.extend(array.ravel().view(np.uint16).tolist())
     return proto

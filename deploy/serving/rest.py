@@ -4,7 +4,8 @@ aiohttp's low-level server parses HTTP (llhttp, in C): request lines, headers, C
 and chunked framing, pipelining; a message it cannot parse is answered 400 (431 for too many
 headers) with {"error": ...} and the connection closed. On top of it: a body larger than
 `max_request_bytes` is 413 (a declared Content-Length before anything is read, a chunked body
-as soon as it passes the limit); a connection that sends no complete request for
+as soon as it passes the limit, a gzip body, decoded as TF Serving decodes it, as soon as the
+decoded bytes pass it; another Content-Encoding is 415); a connection that sends no complete request for
 `idle_timeout_s`, or whose body has not arrived `idle_timeout_s` after its headers, is closed;
 connections beyond `max_connections` are answered 503 at once (JSON nested deeper than
 routes.MAX_JSON_DEPTH is 400). With batching on, a POST body up to INLINE_BODY_BYTES is decoded and its
@@ -143,6 +144,10 @@ class RestServer:
     async def _read_body(self, request: web.BaseRequest) -> bytes:
         if not request.body_exists:
             return b""
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("gzip", "identity"):  # TF Serving decodes gzip only; aiohttp would decode others
+            raise BodyError(f"Content-Encoding {encoding!r} is not supported; send gzip or an uncompressed body",
+                            HTTPStatus.UNSUPPORTED_MEDIA_TYPE)
         length = request.content_length  # aiohttp has rejected malformed and conflicting ones
         if length is not None and length > self.max_request_bytes:  # refused before a byte is read
             raise BodyError(f"request body of {length} bytes exceeds the limit of {self.max_request_bytes}",

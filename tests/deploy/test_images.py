@@ -147,17 +147,21 @@ def test_a_bmp_the_export_cannot_read_is_refused_in_one_line(damage, message):
         serve_decode(content, (4, 4, 3))
 
 
-@pytest.mark.parametrize("size, shape, frames", [((20, 24), (20, 24, 3), 1), ((40, 30), (16, 16, 3), 1),
-                                                  ((40, 30), (16, 16, 1), 1), ((20, 24), (20, 24, 3), 2)])
-def test_a_transparent_gif_is_served_the_pixels_it_was_trained_on(tmp_path, size, shape, frames):
+@pytest.mark.parametrize("mode, size, shape, frames", [
+    ("P", (20, 24), (20, 24, 3), 1), ("P", (40, 30), (16, 16, 3), 1), ("P", (40, 30), (16, 16, 1), 1),
+    ("P", (20, 24), (20, 24, 3), 2),
+    ("L", (20, 24), (20, 24, 1), 1), ("L", (20, 24), (20, 24, 3), 1)])  # a palette of grays: Pillow opens it as L
+def test_a_transparent_gif_is_served_the_pixels_it_was_trained_on(tmp_path, mode, size, shape, frames):
     """TensorFlow's GIF decoder gives a transparent pixel black, Pillow its palette colour: the pipeline
     takes TensorFlow's, so a served icon with a transparent background is the one trained on."""
-    first = picture(*size, "P")
+    first = picture(*size, mode)
     transparent = int(np.asarray(first)[0, 0])  # the colour of the top-left pixel, wherever it recurs
     assert (np.asarray(first) == transparent).sum() > 1
     buffer = io.BytesIO()
-    first.save(buffer, "GIF", transparency=transparent, save_all=frames > 1,
+    first.save(buffer, "GIF", transparency=transparent, save_all=frames > 1, optimize=False,
                append_images=[picture(*size, "P")] if frames > 1 else [])
+    with Image.open(io.BytesIO(buffer.getvalue())) as opened:
+        assert opened.mode == mode and opened.info["transparency"] == transparent
     path = os.path.join(tmp_path, "icon.gif")
     with open(path, "wb") as handle:
         handle.write(buffer.getvalue())

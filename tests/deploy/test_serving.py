@@ -9,6 +9,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -220,6 +221,10 @@ def test_what_tf_serving_clients_send_is_read_as_tf_serving_reads_it(server, ima
             == call(f"{url}/v1/models/colors:predict", {"instances": [{"b64": unpadded}]}))
     code, answer = call(f"{url}/v1/models/colors:predict", raw=b"not gzip", headers={"Content-Encoding": "gzip"})
     assert code == 400 and "cannot decode the request body" in answer["error"]
+    code, answer = call(f"{url}/v1/models/colors:predict", raw=zlib.compress(body),
+                        headers={"Content-Encoding": "deflate"})  # TF Serving decodes gzip only
+    assert code == 415 and answer["error"] == ("Content-Encoding 'deflate' is not supported; send gzip or an "
+                                               "uncompressed body")
 
 
 def test_single_output_and_bytes_outputs_are_formatted_as_tf_serving_does():

@@ -234,3 +234,16 @@ def test_calls_beyond_the_concurrency_limit_are_resource_exhausted(digits_run):
         assert codes == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
     finally:
         httpd.server_close()
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.float64, tf.int32, tf.int64, tf.uint8, tf.bool, tf.float16,
+                                   tf.bfloat16, tf.string])
+def test_outputs_are_answered_in_the_typed_fields_and_read_back_exactly(dtype):
+    """TF Serving's default (kAsProtoField): values in float_val, int64_val, half_val (float16 and
+    bfloat16 bits), ..., never in tensor_content; tf.make_ndarray reads them back as they were."""
+    from deploy.serving.grpc import output_proto
+
+    values = tf.constant([["a", "bc"], ["", "d"]]) if dtype == tf.string else tf.cast([[1, 0], [3, 2]], dtype)
+    proto = output_proto(values.numpy())
+    assert not proto.tensor_content and proto.dtype == dtype.as_datatype_enum
+    np.testing.assert_array_equal(tf.make_ndarray(proto), values.numpy())

@@ -83,8 +83,8 @@ def test_npz_rows_are_read_in_ranges_from_the_headers(tmp_path, monkeypatch):
 
 
 def test_folder_header_sample_is_bounded_and_spread_over_the_classes(tmp_path, monkeypatch):
-    """5 headers of 12 files: spread over the listing, so class b (after 8 gray images of class a, the
-    first 5 files in sorted order) is sampled, and its colour decides the channels."""
+    """5 headers of 12 files, from the class folders in turn: class b (after 8 gray images of class a,
+    the first 5 files in sorted order) is sampled, and its colour decides the channels."""
     from kcp.core.sources import images
 
     opened = []
@@ -97,7 +97,8 @@ def test_folder_header_sample_is_bounded_and_spread_over_the_classes(tmp_path, m
         Image.fromarray(np.zeros(shape, np.uint8)).save(tmp_path / "img" / label / f"{index:02d}.png")
     plan, records = records_of(f"folder:{tmp_path / 'img'}")
     assert len(opened) == 5 and plan.input_spec.shape == (3, 4, 3) and len(records) == 12
-    assert [os.path.basename(path) for path in opened] == ["00.png", "02.png", "04.png", "07.png", "09.png"]
+    assert [os.path.basename(path) for path in opened] == ["00.png", "08.png", "01.png", "09.png", "02.png"]
+    assert images.header_sample([["a1", "a2", "a3"], [], ["c1"]]) == ["a1", "c1", "a2", "a3"]
     assert plan.tasks == (("folder", f"{tmp_path}/img/a", "a", None), ("folder", f"{tmp_path}/img/b", "b", None))
 
 

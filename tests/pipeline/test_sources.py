@@ -134,6 +134,20 @@ def test_classes_with_no_train_example_are_named_in_a_warning(tmp_path):
             "or merge or drop those labels") in lines
 
 
+def test_the_case_hint_names_only_classes_without_train_examples():
+    from types import SimpleNamespace
+
+    from pipeline.summary import untrained_classes_warning
+
+    def contract(counts):
+        return SimpleNamespace(class_names=tuple(counts), statistics={"class_counts": counts},
+                               splits={"train": SimpleNamespace(count=sum(counts.values()))})
+
+    assert untrained_classes_warning(contract({"Cat": 3, "bird": 0, "cat": 4})).startswith(
+        "warning: 1 of 3 classes have no train example: 'bird'; the model")  # Cat and cat both train
+    assert untrained_classes_warning(contract({"Cat": 3, "cat": 4})) is None
+
+
 def test_npz_images_without_splits(tmp_path):
     rng = np.random.default_rng(1)
     x = rng.integers(0, 256, size=(200, 7, 7), dtype=np.int64)
@@ -226,7 +240,7 @@ def test_text_trains_and_exports_raw_strings(tmp_path):
 
     # batch prediction of a table without labels (what there is to predict has none), each line as served
     unlabeled = tmp_path / "new.csv"
-    unlabeled.write_text('text\ngood good movie\n"bad, bad plot"\n')
+    unlabeled.write_text('text\ngood good movie\n"bad, bad plot"\n"  "\n')  # the last: a dead letter
     output = str(tmp_path / "predictions.jsonl")
     assert cli.main(["predict", "--run-dir", run_dir, "--input", f"csv:{unlabeled}", "--output", output,
                      "--single-file", "--", *IN_PROCESS_BEAM]) == 0
@@ -235,6 +249,8 @@ def test_text_trains_and_exports_raw_strings(tmp_path):
     assert [line["key"] for line in lines] == ["row/00000001", "row/00000002"]
     assert [line["class_name"] for line in lines] == [("neg", "pos")[int(np.argmax(row))] for row in served]
     assert [line["probability"] for line in lines] == pytest.approx(served.max(axis=1), abs=1e-5)
+    [dead] = [json.loads(line) for line in open(tmp_path / "predictions.dead_letter.jsonl")]
+    assert (dead["key"], dead["reason"]) == ("row/00000003", "row 3 (line 4): column 'text': empty text")
 
 
 @pytest.mark.parametrize("uri, message", [

@@ -36,7 +36,7 @@ from kcp.core.sources.tfds import plan_tfds, read_tfds_task
 __all__ = [
     "BadInput", "RawExample", "SourceError", "SourcePlan", "SourceRecord", "check_image_bytes", "check_path",
     "class_names_of", "decode_array", "decode_document", "decode_image_file", "decode_record", "decode_text", "digits_to_uint8",
-    "plan_source", "read_task", "skipped_line",
+    "plan_source", "read_task", "record_text", "skipped_line",
 ]
 
 
@@ -96,6 +96,15 @@ def _at(plan: SourcePlan, record: SourceRecord, column: str) -> str:
     return f"{record.where}: column {plan.options[column]!r}: " if record.where else ""
 
 
+def record_text(plan: SourcePlan, record: SourceRecord) -> str:
+    """A text record's string; a BadInput naming the row, line and column for a table's (preprocessing
+    and batch prediction alike)."""
+    try:
+        return decode_text(record.payload)
+    except BadInput as error:
+        raise BadInput(_at(plan, record, "text") + str(error)) from None
+
+
 def decode_record(plan: SourcePlan, record: SourceRecord, class_names=None) -> RawExample:
     """Turns a record into a RawExample; raises BadInput for a dead letter. `class_names` (any
     collection: a tuple, or the label index) is the plan's when not given."""
@@ -108,10 +117,7 @@ def decode_record(plan: SourcePlan, record: SourceRecord, class_names=None) -> R
         raise BadInput(_at(plan, record, "label") + ("missing label" if record.label == ""
                                                      else f"unknown label {record.label!r}"))
     if plan.modality == "text":
-        try:
-            inputs = decode_text(record.payload)
-        except BadInput as error:
-            raise BadInput(_at(plan, record, "text") + str(error)) from None
+        inputs = record_text(plan, record)
     elif plan.kind == "folder":
         inputs = decode_image_file(record.payload, plan.input_spec.shape)
     else:

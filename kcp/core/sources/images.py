@@ -2,8 +2,8 @@
 in class folders), and the decoding of one image file.
 
 The driver lists the folder (file names only), takes the classes and whether the source has
-split folders from the folder names, and reads the headers of at most HEADER_SAMPLE files (spread
-evenly over the sorted listing, so every class folder is sampled) for the size and channels. The read tasks are the class folders: each
+split folders from the folder names, and reads the headers of at most HEADER_SAMPLE files (taken
+from the class folders in turn) for the size and channels. The read tasks are the class folders: each
 worker lists its folder, subfolders included, and outputs one record (key, path) per image;
 the files are read and decoded later, on the workers. Nothing is left out unsaid: an image
 outside the class folders or an empty class folder is a one-line error, and files that are
@@ -234,6 +234,18 @@ def _image_header(path: str):
         return None
 
 
+def header_sample(folders: list[list[str]]) -> list[str]:
+    """At most HEADER_SAMPLE files, taken from the folders in turn (the first file of each, then the
+    second, ...), not the first files of the listing: those are one class, whose images may all be
+    gray or of another size. Every folder is sampled when there are at most HEADER_SAMPLE."""
+    sample: list[str] = []
+    for depth in range(max(map(len, folders), default=0)):
+        sample.extend(files[depth] for files in folders if depth < len(files))
+        if len(sample) >= HEADER_SAMPLE:
+            break
+    return sample[:HEADER_SAMPLE]
+
+
 def plan_folder(uri: str, root: str, data: DataConfig, labels: bool = True):
     """The plan of an image folder; without `labels` (batch prediction) every image below the root
     is read, whatever the folders are named, and the records' labels are empty."""
@@ -248,10 +260,7 @@ def plan_folder(uri: str, root: str, data: DataConfig, labels: bool = True):
     else:
         has_splits, (listing, skipped) = False, _unlabelled_listing(root)
     count = sum(len(files) for *_, files in listing)
-    every = sorted(path for *_, files in listing for path in files)
-    # spread over the listing, not its first files: those are one class, whose images may all be gray
-    sample = [every[index * len(every) // HEADER_SAMPLE] for index in range(HEADER_SAMPLE)] \
-        if len(every) > HEADER_SAMPLE else every
+    sample = header_sample([sorted(files) for *_, files in listing])
     if data.image_size and data.channels:
         headers = [(0, 0, False)]
     else:
@@ -324,7 +333,7 @@ def transparent_as_tensorflow(image):
     if image.format != "GIF":
         return image
     transparent = image.info.get("transparency")
-    if image.mode == "P" and isinstance(transparent, int):
+    if image.mode in ("P", "L") and isinstance(transparent, int):  # L: Pillow's mode for a palette of grays
         hidden = np.asarray(image) == transparent
     elif image.mode in ("RGBA", "LA", "PA"):
         hidden = np.asarray(image.getchannel("A")) == 0
