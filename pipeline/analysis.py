@@ -20,39 +20,46 @@ SUMMED = ("dead_letters", "read", "augmented")  # summary counts that several st
 class ChannelStatsFn(beam.CombineFn):
     """Mean and standard deviation per channel (the last axis) over every value of every input.
 
-    Sums are kept in float64, so a million 32x32x3 images lose no precision that matters.
+    Each batch's count, mean and sum of squared deviations are merged by Chan et al.'s pairwise
+    formula, in float64: no E[x^2] - mean^2 cancellation, so a feature with a large offset (a
+    timestamp of 1.7e9, kelvins) keeps its true spread (0 for a constant).
     """
 
     def create_accumulator(self):
-        return (0, None, None)  # (values per channel, sum, sum of squares)
+        return (0, None, None)  # (values per channel, mean, sum of squared deviations from it)
+
+    @staticmethod
+    def _merge(left, right):
+        count, mean, deviations = left
+        other_count, other_mean, other_deviations = right
+        if mean is None:
+            return right
+        if other_mean is None:
+            return left
+        total = count + other_count
+        delta = other_mean - mean
+        return (total, mean + delta * (other_count / total),
+                deviations + other_deviations + np.square(delta) * (count * other_count / total))
 
     def add_input(self, accumulator, inputs):
-        count, total, squares = accumulator
         values = np.asarray(inputs, dtype=np.float64)
         values = values.reshape(-1, values.shape[-1])
-        batch_sum, batch_squares = values.sum(axis=0), np.square(values).sum(axis=0)
-        if total is None:
-            return (values.shape[0], batch_sum, batch_squares)
-        return (count + values.shape[0], total + batch_sum, squares + batch_squares)
+        if not values.shape[0]:
+            return accumulator
+        mean = values.mean(axis=0)
+        return self._merge(accumulator, (values.shape[0], mean, np.square(values - mean).sum(axis=0)))
 
     def merge_accumulators(self, accumulators):
         merged = self.create_accumulator()
-        for count, total, squares in accumulators:
-            if total is None:
-                continue
-            if merged[1] is None:
-                merged = (count, total, squares)
-            else:
-                merged = (merged[0] + count, merged[1] + total, merged[2] + squares)
+        for accumulator in accumulators:
+            merged = self._merge(merged, accumulator)
         return merged
 
     def extract_output(self, accumulator):
-        count, total, squares = accumulator
+        count, mean, deviations = accumulator
         if not count:
             return {"mean": [], "std": []}
-        mean = total / count
-        variance = np.maximum(squares / count - np.square(mean), 0.0)
-        return {"mean": [float(m) for m in mean], "std": [float(s) for s in np.sqrt(variance)]}
+        return {"mean": [float(m) for m in mean], "std": [float(s) for s in np.sqrt(deviations / count)]}
 
 
 def _class_counts(examples):

@@ -51,14 +51,16 @@ def augment_image(image: np.ndarray, config: OfflineAugmentConfig, rng: np.rando
 
 
 def augment_sequence(sequence: np.ndarray, config: OfflineAugmentConfig, rng: np.random.Generator) -> np.ndarray:
-    """float32 [T, F] -> [T, F]: circular time shift, amplitude scaling, noise scaled to each feature's std."""
+    """float32 [T, F] -> [T, F]: circular time shift, amplitude scaling about each feature's mean,
+    noise scaled to each feature's std."""
     x = np.asarray(sequence, dtype=np.float32)
     steps = x.shape[0]
     if config.time_shift:
         limit = int(round(steps * config.time_shift))
         x = np.roll(x, int(rng.integers(-limit, limit + 1)), axis=0)
-    if config.scale:
-        x = x * np.float32(1.0 + rng.uniform(-config.scale, config.scale))
+    if config.scale:  # the amplitude around each feature's mean: an offset (a constant, kelvins) is kept
+        mean = x.mean(axis=0, keepdims=True)
+        x = mean + (x - mean) * np.float32(1.0 + rng.uniform(-config.scale, config.scale))
     if config.noise:
         std = x.std(axis=0, keepdims=True)
         x = x + (rng.normal(size=x.shape) * config.noise * std).astype(np.float32)

@@ -52,6 +52,12 @@ def test_sequence_augmentation():
     assert not np.allclose(out, sequence)
     shifted = augment_sequence(sequence, augment_config("scale=0", "noise=0", "time_shift=0.25"), rng_for("s", 2))
     assert any(np.allclose(shifted, np.roll(sequence, k, axis=0)) for k in range(-10, 11))
+    # the amplitude scales about each feature's mean: a constant (or an offset) stays where it was
+    offset = np.concatenate([sequence[:, :1] + 300.0, np.full((40, 1), 5.0, np.float32)], axis=1)
+    scaled = augment_sequence(offset, augment_config("scale=0.2", "noise=0", "time_shift=0"), rng_for("s", 3))
+    assert not np.allclose(scaled[:, 0], offset[:, 0])
+    np.testing.assert_allclose(scaled.mean(axis=0), offset.mean(axis=0), rtol=1e-5)
+    np.testing.assert_array_equal(scaled[:, 1], offset[:, 1])
 
 
 def test_text_augmentation_deletes_and_swaps_but_keeps_a_word():

@@ -135,6 +135,28 @@ def test_bad_files_are_dead_letters_and_empty_or_hidden_files_are_not_documents(
     assert reasons["data/blob.bin"].startswith("binary file") and reasons["latin1.txt"].startswith("not UTF-8 text")
 
 
+def test_a_file_name_that_is_not_utf8_is_read_and_a_utf16_file_is_named(tmp_path):
+    """A name's undecodable bytes cannot travel as a Beam string: the task carries them as bytes and
+    the key keeps them as \\xNN escapes. A UTF-16 file's dead letter says what it is."""
+    root = tmp_path / "corpus"
+    (root / "sub").mkdir(parents=True)
+    for folder in (root, root / "sub"):
+        with open(os.path.join(os.fsencode(folder), b"caf\xe9.txt"), "wb") as handle:
+            handle.write("le café est noir\n".encode("utf-8") * 40)
+    for index in range(8):
+        (root / f"doc{index}.txt").write_text(f"document {index} " * 40)
+    (root / "notepad.txt").write_text("saved as Unicode", encoding="utf-16")
+    run_dir = str(tmp_path / "run")
+    contract = preprocess(str(root), run_dir)
+    assert contract.bad_examples == 1 and sum(contract.statistics["documents"].values()) == 10
+    folder = os.path.join(contract_lib.data_dir(run_dir), "dead_letter")
+    import json
+
+    [letter] = [json.loads(line) for name in os.listdir(folder) for line in open(os.path.join(folder, name))]
+    assert letter["key"] == "notepad.txt"
+    assert letter["reason"] == "UTF-16 text (byte order mark FF FE), not UTF-8; save the file as UTF-8"
+
+
 def test_a_rerun_writes_byte_identical_shards(bytes_run, corpus, tmp_path):
     run_dir, _ = bytes_run
     again = str(tmp_path / "again")

@@ -54,6 +54,21 @@ def test_channel_stats_match_numpy():
     np.testing.assert_allclose(stats["std"], flat.std(axis=0), rtol=1e-9)
 
 
+def test_channel_stats_keep_the_spread_of_a_feature_with_a_large_offset():
+    """A timestamp-like feature (1.7e9 + N(0, 100)) and a constant one: E[x^2] - mean^2 gave std 117.6
+    and 128 here; the pairwise merge gives NumPy's to 1e-9 and exactly 0."""
+    rng = np.random.default_rng(1)
+    series = np.stack([1.7e9 + 100 * rng.normal(size=(40, 30)), np.full((40, 30), 1.7e9)], axis=-1)
+    fn = ChannelStatsFn()
+    parts = [fn.create_accumulator() for _ in range(3)]
+    for index, row in enumerate(series):
+        parts[index % 3] = fn.add_input(parts[index % 3], row)
+    stats = fn.extract_output(fn.merge_accumulators(parts))
+    flat = series.reshape(-1, 2)
+    np.testing.assert_allclose(stats["std"][0], flat[:, 0].std(), rtol=1e-9)
+    assert stats["std"][1] == 0.0 and stats["mean"][1] == 1.7e9
+
+
 def test_channel_stats_inside_a_beam_pipeline():
     images = [np.full((2, 2, 1), value, np.uint8) for value in (0, 10, 20)]
     with BeamTestPipeline(argv=['--runner=FnApiRunner']) as pipeline:

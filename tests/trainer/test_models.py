@@ -604,3 +604,18 @@ def test_transformer_sequence_stem_convolves_neighbouring_steps_by_default():
     assert np.all(changed[:7] > 0) and np.all(changed[7:] == 0)  # each token sees 6 steps either side: 13 in all
     linear = build_model(spec, small_config("transformer", "model.sequence_stem=linear"))
     assert "step_projection" in {layer.name for layer in linear.layers}
+
+
+def test_a_feature_constant_in_training_is_centred_not_divided_by_zero():
+    """std 0 (a constant column) normalises with scale 1, as scikit-learn's StandardScaler does: a served
+    5.001 against the trained 5.0 is 0.001 off, not 10,000 standard deviations."""
+    import keras
+
+    from kcp.core.config import ModelConfig
+    from trainer.models.common import ModelInputs, model_input
+
+    spec = ModelInputs("sequence", (4, 2), 3, mean=(1.0, 5.0), std=(2.0, 0.0), input_name="sequence")
+    inputs, normalized = model_input(spec, ModelConfig())
+    model = keras.Model(inputs, normalized)
+    out = keras.ops.convert_to_numpy(model(np.array([[[3.0, 5.001]] * 4], np.float32)))
+    np.testing.assert_allclose(out[0, 0], [1.0, 0.001], atol=1e-5)

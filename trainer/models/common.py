@@ -105,7 +105,10 @@ def model_input(spec: ModelInputs, config: ModelConfig):
             raise ConfigError(f"model.augment: augmentation layers apply to images, not {spec.modality}")
         x = augmentation_layers(config, spec)(x)
     if spec.modality != "text" and spec.mean:
+        # a feature constant in training (std 0) is centred, not divided by ~0 (scikit-learn's
+        # StandardScaler does the same): else 5.001 against a trained 5.0 would be 10,000 std away
         variance = np.square(np.asarray(spec.std, dtype=np.float64))
+        variance = np.where(variance > 0, variance, 1.0)
         x = keras.layers.Normalization(axis=-1, mean=list(spec.mean), variance=list(variance), name="normalize")(x)
     return inputs, x
 

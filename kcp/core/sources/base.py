@@ -139,6 +139,14 @@ def has_surrogates(text: str) -> bool:
         return True
 
 
+def safe_key(relative: str) -> str:
+    """The key of a file: its path relative to the root, as valid UTF-8 (a name that is not
+    UTF-8 keeps its bytes as \\xNN escapes, so hashing and encoding the key never fail)."""
+    if not has_surrogates(relative):
+        return relative
+    return os.fsencode(relative).decode("utf-8", errors="backslashreplace")
+
+
 def check_path(uri: str, path: str, kind: str | None = None) -> None:
     """Fails with one line when the source names no path, a path that does not exist, or (a local
     path, with `kind` "file" or "folder") a folder where the source reads a file or the reverse."""

@@ -27,7 +27,8 @@ import sysconfig
 from kcp.core import storage
 from kcp.core.config import DataConfig
 from kcp.core.contract import FeatureSpec
-from kcp.core.sources.base import BadInput, SourceError, SourcePlan, SourceRecord, check_path, open_binary
+from kcp.core.sources.base import (BadInput, SourceError, SourcePlan, SourceRecord, check_path, has_surrogates,
+                                   open_binary, safe_key)
 
 STDLIB_URI = "python-stdlib"
 TASK_FILES = 32  # files per read task when the tasks name files (python-stdlib, data.limit)
@@ -109,14 +110,14 @@ def plan_text(uri: str, path: str, data: DataConfig) -> SourcePlan:
         if storage.is_remote(path) or os.path.isfile(path):
             root, name = path.rsplit("/", 1) if "/" in path else (".", path)
             size = len(storage.read_bytes(path)) if storage.is_remote(path) else os.path.getsize(path)
-            return _plan(uri, "text", [("files", root, (name,))], 1, size, data, root=root)
+            return _plan(uri, "text", [("files", root, (_portable(name),))], 1, size, data, root=root)
         raise SourceError(f"data.source: {path} holds no files")
     if data.limit:
         files = files[:data.limit]
-        tasks = [("files", path, chunk) for chunk in _chunks([name for name, _ in files])]
+        tasks = [("files", path, tuple(map(_portable, chunk))) for chunk in _chunks([name for name, _ in files])]
     else:
         tops = sorted({name.split("/", 1)[0] for name, _ in files})
-        tasks = [("entry", path, top) for top in tops]
+        tasks = [("entry", path, _portable(top)) for top in tops]
     return _plan(uri, "text", tasks, len(files), sum(size for _, size in files), data, root=path)
 
 
@@ -129,18 +130,27 @@ def read_corpus_task(plan: SourcePlan, task):
         return
     kind, root, what = task
     if kind == "files":
-        names = list(what)
+        names = [os.fsdecode(name) for name in what]
     else:  # a top-level entry: a subfolder, listed here, or a file (which lists as nothing)
+        what = os.fsdecode(what)
         below = list_corpus(f"{root}/{what}")
         names = [f"{what}/{name}" for name, _ in below] if below else [what]
-    for name in names:
-        yield SourceRecord(name, f"{root}/{name}", "")
+    for name in names:  # a name that is not UTF-8: its key keeps the bytes as \xNN escapes
+        yield SourceRecord(safe_key(name), f"{root}/{name}", "")
+
+
+def _portable(name: str):
+    """A file name as a read task carries it: the name, or its bytes when it is not UTF-8 (Beam
+    encodes a task's strings as UTF-8, which a name's undecodable bytes cannot be)."""
+    return os.fsencode(name) if has_surrogates(name) else name
 
 
 def decode_document(path: str) -> str:
     """A file's text; BadInput for a binary file or bytes that are not UTF-8."""
     with open_binary(path) as handle:
         raw = handle.read()
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):  # what Notepad's "Unicode" saves: its NULs are not binary
+        raise BadInput(f"UTF-16 text (byte order mark {raw[:2].hex(' ').upper()}), not UTF-8; save the file as UTF-8")
     if b"\x00" in raw:
         raise BadInput("binary file (it holds NUL bytes), not text")
     try:

@@ -30,7 +30,7 @@ from kcp.core.config import DataConfig
 from kcp.core.contract import FeatureSpec
 from kcp.core.layout import SPLIT_NAMES
 from kcp.core.sources.base import (BadInput, SourceError, SourcePlan, SourceRecord, check_path, class_names_of,
-                                   has_surrogates, ranges)
+                                   has_surrogates, ranges, safe_key)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # what Pillow reads
 # what Pillow reads here but the export's image_bytes input (tf.io.decode_image: PNG, JPEG, GIF, BMP) does not
@@ -78,14 +78,6 @@ def read_digits(start: int, stop: int):
 
 
 # --- folder -------------------------------------------------------------------------------
-
-def _safe_key(relative: str) -> str:
-    """The key of a file: its path relative to the root, as valid UTF-8 (a name that is not
-    UTF-8 keeps its bytes as \\xNN escapes, so hashing and encoding the key never fail)."""
-    if not has_surrogates(relative):
-        return relative
-    return os.fsencode(relative).decode("utf-8", errors="backslashreplace")
-
 
 def _hidden(relative: str) -> bool:
     return any(part.startswith(".") for part in relative.split("/"))
@@ -212,7 +204,7 @@ def read_loose_images(root: str):
     """The records of the images directly in `root` (reading without labels; key: the file name)."""
     for name in _loose_files(root):
         if _is_image(name):
-            yield SourceRecord(_safe_key(name), f"{root}/{name}", "")
+            yield SourceRecord(safe_key(name), f"{root}/{name}", "")
 
 
 def read_class_folder(root: str, folder: str, label: str, split):
@@ -220,7 +212,7 @@ def read_class_folder(root: str, folder: str, label: str, split):
     for name in _files_below(folder):
         if _is_image(name):
             path = f"{folder.rstrip('/')}/{name}"
-            yield SourceRecord(_safe_key(path[len(root) + 1:]), path, label, split)
+            yield SourceRecord(safe_key(path[len(root) + 1:]), path, label, split)
 
 
 def _image_header(path: str):
@@ -284,7 +276,7 @@ def plan_folder(uri: str, root: str, data: DataConfig, labels: bool = True):
     plan = SourcePlan(uri, "folder", "image", "image", spec, class_names, has_splits, tasks,
                       min(count, data.limit or count),
                       {"root": root, "skipped": len(skipped), "skipped_examples": tuple(skipped[:3]),
-                       "unserved": len(unserved), "unserved_examples": tuple(map(_safe_key, unserved[:2]))})
+                       "unserved": len(unserved), "unserved_examples": tuple(map(safe_key, unserved[:2]))})
     return plan
 
 
@@ -302,7 +294,7 @@ def read_folder_task(plan: SourcePlan, task):
     root = plan.options["root"]
     if task[0] == "files":
         for path, label, split in task[1]:
-            yield SourceRecord(_safe_key(path[len(root) + 1:]), path, label, split)
+            yield SourceRecord(safe_key(path[len(root) + 1:]), path, label, split)
     elif task[0] == "loose":
         yield from read_loose_images(root)
     else:
