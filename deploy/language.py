@@ -81,7 +81,8 @@ def language_functions(model, contract, encoder, decoder, generate_tokens, lengt
                                                          f"is {context})"),
                   tf.debugging.assert_non_negative(temperature, message="temperature must be 0 or more"),
                   tf.debugging.assert_non_negative(top_k, message="top_k must be 0 (off) or more"),
-                  tf.debugging.assert_greater(top_p, 0.0, message="top_p must be above 0")]
+                  tf.debugging.assert_greater(top_p, 0.0, message="top_p must be above 0"),
+                  tf.debugging.assert_less_equal(top_p, 1.0, message="top_p must be at most 1")]
         with tf.control_dependencies(checks):
             chosen = tf.searchsorted(tf.constant(lengths, tf.int32), tf.reshape(max_new_tokens, [1]))[0]
 

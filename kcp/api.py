@@ -202,6 +202,8 @@ def predict(run_dir: str, input: str, output: str, version: int | None = None, *
     data = config.data  # the run's data.limit (a quick trial's) does not cap what is predicted; --set can
     if not any(item.startswith("data.limit=") for item in override_list(overrides)):
         data = dataclasses.replace(data, limit=0)
+    if not data.modality and contract.modality in ("image", "sequence"):  # int series are the model's kind
+        data = dataclasses.replace(data, modality=contract.modality)
     holds = source_modality(input)  # a table given to an image model: that error, not its missing text column
     if holds is None or holds == contract.modality:
         plan = plan_source(input, data, labels=False)  # no labels needed: a bare table, npz x or image folder
@@ -324,7 +326,8 @@ class Run:
 
     def serve(self, port: int = 0, **options):
         """Starts the server in a background thread; returns it (`server.url`, `server.grpc_target` with
-        `grpc_port=0`, `server.shutdown()` then `server.server_close()`). Serves blessed versions only unless
+        `grpc_port=0`; `with run.serve() as server:`, or `server.shutdown()` then `server.server_close()`,
+        stops it and releases its threads and models). Serves blessed versions only unless
         `allow_unvalidated=True`."""
         server = serve(self.run_dir, "127.0.0.1", port, **options)
         server.url = f"http://127.0.0.1:{server.server_address[1]}"

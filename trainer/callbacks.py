@@ -220,6 +220,22 @@ class LanguageSamples(keras.callbacks.Callback):
     def __init__(self, path: str, prompt: str, sample):
         super().__init__()
         self.path, self.prompt, self.sample = path, prompt, sample
+        self.started = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        """At the first epoch this fit runs, the lines of any later epoch go (an older, longer training's):
+        a fresh start keeps none, a resume those before the resumed epoch, so a kill before this
+        training's first sample leaves no older training's samples looking like its own."""
+        if self.started:
+            return
+        self.started = True
+        if storage.exists(self.path):
+            lines = storage.read_text(self.path).splitlines() if epoch else []
+            kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] <= epoch]
+            if kept:
+                storage.write_text_atomic(self.path, "".join(f"{line}\n" for line in kept))
+            else:
+                storage.remove(self.path)
 
     def on_epoch_end(self, epoch, logs=None):
         lines = storage.read_text(self.path).splitlines() if epoch and storage.exists(self.path) else []

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -234,6 +235,18 @@ class ModelRegistry:
                 self.last_scan = time.monotonic()
         finally:
             self.scan_lock.release()
+
+    def close(self) -> None:
+        """Unloads every version (their batching threads end, the models can be freed) and removes the
+        staging folder of a gs:// run: what RestServer.server_close releases."""
+        with self.lock:
+            for versions in self.models.values():
+                for loaded in versions.values():
+                    for batcher in loaded.batchers.values():
+                        batcher.close()
+            self.models.clear()
+        if self.staging:
+            shutil.rmtree(self.staging, ignore_errors=True)
 
     def poll_forever(self, stop: threading.Event) -> None:
         """The background scanner: a deleted version is unloaded within one interval, requests or not."""

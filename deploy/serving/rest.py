@@ -133,11 +133,22 @@ class RestServer:
         self._stopped.wait()
 
     def server_close(self) -> None:
+        """Releases everything after shutdown(): the scanner, gRPC, the socket, the thread pool, and the
+        loaded versions with their batching threads (a notebook may start many servers)."""
         self.stop.set()
         if self.grpc is not None:
             self.grpc.stop(grace=self._grace)
         self.socket.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.registry.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        """`with kcp.Run(...).serve() as server:` stops and releases it at the end of the block."""
+        self.shutdown()
+        self.server_close()
 
     # ---- one request
 

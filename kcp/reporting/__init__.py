@@ -91,8 +91,8 @@ def build_report(run_dir: str) -> str:
 def _build_report(run_dir: str) -> str:
     layout = RunLayout(run_dir)
     report_dir = layout.report
+    contract = contract_lib.read_contract(run_dir)  # first: a mistyped run directory is not created
     storage.makedirs(report_dir)
-    contract = contract_lib.read_contract(run_dir)
     metrics = _read_json(layout.metrics) or {}
     history = _read_json(layout.history)
     confusion = _read_json(layout.confusion_matrix)

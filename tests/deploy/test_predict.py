@@ -260,3 +260,11 @@ def test_predict_defaults_to_the_newest_blessed_version_and_names_a_damaged_expo
     captured = capsys.readouterr()
     assert code == 2 and f"{root / '2'}: cannot load the SavedModel" in captured.err
     assert "Traceback" not in captured.err
+
+
+def test_integer_series_are_predicted_as_the_sequence_model_takes_them(sequence_run, tmp_path, capsys):
+    """An int npz x was planned as images (the run's data.modality is null): the contract's modality decides."""
+    run_dir, x = sequence_run
+    np.savez(tmp_path / "ints.npz", x=np.rint(x[:4] * 10).astype(np.int32))
+    code, output = predict(run_dir, f"npz:{tmp_path / 'ints.npz'}", tmp_path / "ints", capsys)
+    assert code == 0 and "[predict] predicted 4, failed 0" in output, output

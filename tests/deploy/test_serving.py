@@ -312,7 +312,8 @@ def test_a_language_model_refuses_classify_and_bad_settings_before_running(langu
         assert calls == []  # refused before the model ran
         monkeypatch.undo()
         for name, value, message in (("top_k", -3, "top_k must be 0 (off) or more"),
-                                     ("temperature", -1.0, "temperature must be 0 or more")):
+                                     ("temperature", -1.0, "temperature must be 0 or more"),
+                                     ("top_p", 1.5, "top_p must be at most 1")):  # as kcp generate refuses it
             assert call(f"{url}:predict", {"signature_name": "generate", "instances": [
                 {"prompts": "a", **settings, name: value}]}) == (400, {"error": message})  # no trailing blanks
         request = classification_pb2.ClassificationRequest()
@@ -434,3 +435,21 @@ def test_batch_prediction_retries_a_failed_batch_one_input_at_a_time():
     assert [tag for tag, _ in out] == [EXAMPLE, DEAD_LETTER, EXAMPLE]
     assert json.loads(out[0][1]) == {"key": "a", "class_id": 1, "class_name": "pos", "probability": 0.75}
     assert json.loads(out[1][1])["reason"] == "prediction failed (ValueError: cannot predict bad)"
+
+
+def test_server_close_releases_the_loaded_versions_and_their_threads(image_run):
+    """A notebook starts and stops servers many times: `with` (shutdown, then server_close) leaves no
+    batching thread, scanner or loaded model behind."""
+    run_dir, root = image_run
+
+    def kcp_threads():
+        return {t for t in threading.enumerate() if t.name.endswith("(_loop)") or t.name == "kcp-serve-scan"}
+
+    before = kcp_threads()
+    with make_server(run_dir, "127.0.0.1", 0, allow_unvalidated=True, poll_seconds=0.1) as httpd:
+        threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        assert call(f"{url}/v1/models/colors:predict", {"instances": [{"b64": png_b64(root / "class0" / "003.png")}]})[0] == 200
+        assert len(kcp_threads() - before) >= 2  # the scanner and a batcher
+    wait_for(lambda: not kcp_threads() - before, seconds=5)
+    assert httpd.registry.models == {}

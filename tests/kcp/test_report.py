@@ -112,3 +112,11 @@ def test_page_loads_in_headless_chromium_with_no_missing_image(reports, tmp_path
     subprocess.run([chromium(), *flags, "--window-size=1200,3000", f"--screenshot={screenshot}", f"file://{page}"],
                    capture_output=True, timeout=120)
     assert_real_png(screenshot)
+
+
+def test_a_mistyped_run_directory_is_not_created(tmp_path):
+    from kcp.core.errors import UserError
+
+    with pytest.raises(UserError, match="metadata.json"):
+        build_report(str(tmp_path / "typo"))
+    assert not (tmp_path / "typo").exists()

@@ -247,7 +247,8 @@ def test_npz_images_that_are_not_uint8_fail_at_planning_naming_the_dtype_values_
     cases = [
         (np.arange(4 * 8 * 8, dtype=np.uint16).reshape(4, 8, 8) * 16, [],  # 12-bit images: 0..4080
          "image x is uint16 with values 0..4080 in its first 4 rows; images are read as uint8 0..255 (every row would "
-         "be a dead letter): scale it, e.g. save (x * (255 / x.max())).round().astype('uint8')"),
+         "be a dead letter): scale it, e.g. save (x * (255 / x.max())).round().astype('uint8'); or, if x holds "
+         "series, set data.modality=sequence"),
         (np.linspace(0, 1, 4 * 8 * 8 * 3, dtype=np.float32).reshape(4, 8, 8, 3), ["data.modality=image"],
          "image x is float32 with values 0..1 in its first 4 rows; images are read as uint8 0..255 (every row would be "
          "a dead letter): save (x * 255).round().astype('uint8')"),
@@ -257,7 +258,7 @@ def test_npz_images_that_are_not_uint8_fail_at_planning_naming_the_dtype_values_
         (np.full((4, 8, 8), -3, np.int16), [],
          "image x is int16 with values -3..-3 in its first 4 rows; images are read as uint8 0..255 (every row would be "
          "a dead letter): shift and scale it, e.g. save ((x - x.min()) * (255 / (x.max() - x.min()))).round()"
-         ".astype('uint8')"),
+         ".astype('uint8'); or, if x holds series, set data.modality=sequence"),
         (np.zeros((4, 8, 8, 3), np.float32), [],  # float is a sequence unless told: a 4-D one is named as images
          "sequence x must be [N, T] or [N, T, F], got [4, 8, 8, 3]; for images [N, H, W, C], save x as uint8 0..255 "
          "(float x is read as sequences unless data.modality=image)"),
@@ -267,6 +268,9 @@ def test_npz_images_that_are_not_uint8_fail_at_planning_naming_the_dtype_values_
         with pytest.raises(SourceError) as raised:
             plan_source(f"npz:{path}", load_config([], overrides).data)
         assert str(raised.value) == f"{path}: {message}"
+    np.savez(path, x=np.zeros((4, 0, 3), np.float32), y=np.arange(4) % 2)
+    with pytest.raises(SourceError, match=r"x has shape \[4, 0, 3\], an empty dimension"):
+        plan_source(f"npz:{path}")
     np.savez(path, x=np.full((4, 8, 8), 255, np.int64), y=np.arange(4) % 2)  # wider integers of 0..255 are read
     plan, records = records_of(f"npz:{path}")
     assert plan.modality == "image" and decode_record(plan, records[0], ("0", "1")).inputs.max() == 255

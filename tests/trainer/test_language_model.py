@@ -148,6 +148,21 @@ def test_samples_are_written_after_every_epoch(language_run):
     assert all(isinstance(sample["completion"], str) for sample in samples)
 
 
+def test_an_older_trainings_samples_go_when_this_one_starts(tmp_path):
+    """A retrain killed before its first sample must not show the older training's six epochs; a resume
+    at epoch 2 keeps epochs 1 and 2."""
+    from trainer.callbacks import LanguageSamples
+
+    path = str(tmp_path / "samples.jsonl")
+    old = "".join(json.dumps({"epoch": e, "prompt": "p", "completion": "c"}) + "\n" for e in range(1, 7))
+    for start, kept in ((0, []), (2, [1, 2])):
+        with open(path, "w") as handle:
+            handle.write(old)
+        LanguageSamples(path, "p", lambda model: "").on_epoch_begin(start)
+        left = [json.loads(line)["epoch"] for line in open(path)] if os.path.exists(path) else []
+        assert left == kept
+
+
 def test_nats_per_token_leaves_padding_out():
     logits = np.log(np.array([[[0.5, 0.25, 0.25], [0.1, 0.1, 0.8], [1 / 3, 1 / 3, 1 / 3]]], np.float32))
     targets = np.array([[1, 2, contract_lib.LANGUAGE_PAD]])  # the third position is padding

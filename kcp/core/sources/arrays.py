@@ -99,7 +99,7 @@ def _parts(path: str, arrays: dict, labels: bool = True) -> dict:
 SAMPLE_BYTES = 1 << 20  # of each image x, read by the driver to name its values when they are not uint8 0..255
 
 
-def _check_image_values(path: str, x_name: str, header) -> None:
+def _check_image_values(path: str, x_name: str, header, guessed: bool = False) -> None:
     """A one-line SourceError, at planning, for image x that every row would fail on: a dtype that is
     not an integer (float images), or integers outside 0..255 (16-bit images) in its first rows (at
     most SAMPLE_BYTES). uint8 is not read; rows past the sample are still checked one by one."""
@@ -126,8 +126,9 @@ def _check_image_values(path: str, x_name: str, header) -> None:
     else:
         fix = (f"shift and scale it, e.g. save (({x_name} - {x_name}.min()) * (255 / ({x_name}.max() - {x_name}.min()))"
                ").round().astype('uint8')")
+    series = "; or, if x holds series, set data.modality=sequence" if guessed and len(shape) == 3 else ""
     raise SourceError(f"{path}: image {x_name} is {dtype} with values {low:g}..{high:g} in its first {rows} rows; "
-                      f"images are read as uint8 0..255 (every row would be a dead letter): {fix}")
+                      f"images are read as uint8 0..255 (every row would be a dead letter): {fix}{series}")
 
 
 def plan_npz(uri: str, path: str, data: DataConfig, labels: bool = True):
@@ -150,6 +151,9 @@ def plan_npz(uri: str, path: str, data: DataConfig, labels: bool = True):
                                   f"{y_shape[0]}")
         if x_shape[1:] != first_shape[1:]:
             raise SourceError(f"{path}: x shapes differ between splits ({first_shape[1:]} and {x_shape[1:]})")
+    if 0 in first_shape[1:]:  # nothing to learn from, and the statistics would divide by nothing
+        raise SourceError(f"{path}: x has shape {list(first_shape)}, an empty dimension; each input needs at least "
+                          "one value on every axis")
     modality = data.modality or ("sequence" if np.issubdtype(first_dtype, np.floating) else "image")
     ndim = len(first_shape)
     if modality == "image":
@@ -157,7 +161,7 @@ def plan_npz(uri: str, path: str, data: DataConfig, labels: bool = True):
             hint = "; set data.modality=sequence for series" if ndim == 2 else ""
             raise SourceError(f"{path}: image x must be [N, H, W] or [N, H, W, C], got {list(first_shape)}{hint}")
         for x_name, _ in parts.values():
-            _check_image_values(path, x_name, arrays[x_name])
+            _check_image_values(path, x_name, arrays[x_name], guessed=not data.modality)
         spec = FeatureSpec("uint8", tuple(first_shape[1:]) + ((1,) if ndim == 3 else ()), "raw_bytes")
     elif modality == "sequence":
         if ndim not in (2, 3):
