@@ -31,9 +31,14 @@ def empty_validation_warning(contract, config: Config) -> str | None:
     if counts.get("validation", 0) or not config.data.split[1]:  # not empty, or left empty on purpose
         return None
     written = ", ".join(f"{split} {count}" for split, count in counts.items())
+    fix = "set data.split to a larger validation share, or add data"
+    if contract.modality == "language":  # documents go whole to one split: a share cannot divide one
+        documents = contract.statistics.get("documents") or {}
+        fix = (f"each file is one document and goes whole to one split ({sum(documents.values())} documents): "
+               "split the text into more files, or add files")
     return (f"warning: the validation split is empty ({written} examples written, data.split "
             f"{list(config.data.split)}): early stopping, the best checkpoint and plateau will monitor the train "
-            "metrics; set data.split to a larger validation share, or add data")
+            f"metrics; {fix}")
 
 
 def untrained_classes_warning(contract) -> str | None:

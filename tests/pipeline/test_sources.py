@@ -148,6 +148,20 @@ def test_the_case_hint_names_only_classes_without_train_examples():
     assert untrained_classes_warning(contract({"Cat": 3, "cat": 4})) is None
 
 
+def test_an_empty_validation_split_of_a_corpus_is_told_to_split_its_files():
+    """A corpus's documents go whole to one split: a larger validation share cannot divide one file."""
+    from types import SimpleNamespace
+
+    from pipeline.summary import empty_validation_warning
+
+    splits = {"train": SimpleNamespace(count=40), "validation": SimpleNamespace(count=0),
+              "test": SimpleNamespace(count=0)}
+    contract = SimpleNamespace(modality="language", splits=splits, statistics={"documents": {"train": 1}})
+    assert empty_validation_warning(contract, load_config([], [])).endswith(
+        "metrics; each file is one document and goes whole to one split (1 documents): split the text into more "
+        "files, or add files")
+
+
 def test_npz_images_without_splits(tmp_path):
     rng = np.random.default_rng(1)
     x = rng.integers(0, 256, size=(200, 7, 7), dtype=np.int64)
