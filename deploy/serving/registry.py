@@ -305,8 +305,7 @@ class ModelRegistry:
             entries = {v: ("AVAILABLE", "OK", "") for v in self.models.get(name, {})}
             for v, failure in self.failures.get(name, {}).items():
                 entries.setdefault(v, ("END", "UNKNOWN", failure.error))
-            # as TF Serving's ServableStateMonitor keeps them; one unloaded for its lost blessing is
-            # left to the 404 below, which says why
+            # as TF Serving's ServableStateMonitor keeps them (one that lost its blessing: the 404 below)
             for v in self.ended.get(name, set()) - self.unblessed.get(name, set()):
                 entries.setdefault(v, ("END", "OK", ""))
         if not entries:

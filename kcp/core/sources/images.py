@@ -1,5 +1,5 @@
 """Image sources: `digits` (scikit-learn's bundled 8x8 digits) and `folder:PATH` (image files
-in class folders), and the decoding of one image file.
+in class folders); pixels.py decodes one image file.
 
 The driver lists the folder (file names only), takes the classes and whether the source has
 split folders from the folder names, and reads the headers of at most HEADER_SAMPLE files (taken
@@ -21,7 +21,6 @@ import collections
 import importlib.util
 import io
 import os
-import re
 
 import numpy as np
 
@@ -29,14 +28,15 @@ from kcp.core import storage
 from kcp.core.config import DataConfig
 from kcp.core.contract import FeatureSpec
 from kcp.core.layout import SPLIT_NAMES
-from kcp.core.sources.base import (BadInput, SourceError, SourcePlan, SourceRecord, check_path, class_names_of,
+from kcp.core.sources.base import (SourceError, SourcePlan, SourceRecord, check_path, class_names_of,
                                    has_surrogates, ranges, safe_key)
+from kcp.core.sources.pixels import (SIXTEEN_BIT_GRAY, check_image_bytes, decode_image_file,  # noqa: F401
+                                     to_8_bit, transparent_as_tensorflow, undecodable)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # what Pillow reads
 # what Pillow reads here but the export's image_bytes input (tf.io.decode_image: PNG, JPEG, GIF, BMP) does not
 UNSERVED_EXTENSIONS = (".webp", ".tif", ".tiff")
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
-SIXTEEN_BIT_GRAY = ("I;16", "I;16B", "I;16L", "I")  # how Pillow opens a 16-bit grayscale PNG ("I" in older Pillow)
 DIGITS_LEVELS = 16  # scikit-learn's digits hold integer intensities 0..16
 DIGITS_COUNT = 1797
 DIGITS_TASK_ROWS = 600
@@ -299,87 +299,3 @@ def read_folder_task(plan: SourcePlan, task):
         yield from read_loose_images(root)
     else:
         yield from read_class_folder(root, *task[1:])
-
-
-def to_8_bit(image):
-    """A 16-bit grayscale image as 8-bit "L", keeping each value's high byte (v >> 8), exactly as
-    TensorFlow's PNG decoder (`tf.io.decode_png`/`decode_image` with dtype uint8, the export's
-    in-graph decode) does. Pillow's own `convert("L")` clips instead (1000 -> 255, not 3), so
-    training data and served inputs would disagree. Other images are returned unchanged (Pillow
-    already reads 16-bit colour PNGs as the high bytes, as TensorFlow does)."""
-    from PIL import Image
-
-    if image.mode not in SIXTEEN_BIT_GRAY:
-        return image
-    values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
-    return Image.fromarray((values >> 8).astype(np.uint8), "L")
-
-
-def transparent_as_tensorflow(image):
-    """A GIF's transparent pixels black (0, 0, 0), as TensorFlow's GIF decoder (the export's
-    in-graph decode) gives them; Pillow gives them their palette colour, so a served GIF would
-    not get the pixels it was trained on. Other images are returned unchanged (TensorFlow's PNG
-    decoder keeps a transparent pixel's colour, as Pillow does)."""
-    from PIL import Image
-
-    if image.format != "GIF":
-        return image
-    transparent = image.info.get("transparency")
-    if image.mode in ("P", "L") and isinstance(transparent, int):  # L: Pillow's mode for a palette of grays
-        hidden = np.asarray(image) == transparent
-    elif image.mode in ("RGBA", "LA", "PA"):
-        hidden = np.asarray(image.getchannel("A")) == 0
-    else:
-        return image
-    if not hidden.any():
-        return image
-    pixels = np.array(image.convert("RGB"))
-    pixels[hidden] = 0
-    return Image.fromarray(pixels, "RGB")
-
-
-def decode_image_file(path: str, shape: tuple) -> np.ndarray:
-    """Reads and decodes one image file to uint8 [H, W, C] of `shape` (resized, converted).
-
-    Every failure of the decoder (a truncated file, a decompression bomb, an error inside a
-    plugin) is a BadInput, so one file never fails the job.
-    """
-    from PIL import Image
-
-    try:
-        content = storage.read_bytes(path)
-    except Exception as error:  # noqa: BLE001  a file that vanished or cannot be read is one dead letter
-        raise BadInput(f"cannot read the file ({type(error).__name__}: {error})") from None
-    if not content:
-        raise BadInput("empty file")
-    try:
-        with Image.open(io.BytesIO(content)) as image:
-            image.load()
-            image = transparent_as_tensorflow(to_8_bit(image)).convert("RGB" if shape[2] == 3 else "L")
-            if image.size != (shape[1], shape[0]):
-                image = image.resize((shape[1], shape[0]), Image.BILINEAR)
-            array = np.asarray(image, dtype=np.uint8)
-    except Exception as error:  # noqa: BLE001  DecompressionBombError, OSError, SyntaxError, plugin errors
-        raise BadInput(undecodable(error)) from None
-    return array.reshape(shape)
-
-
-def undecodable(error: Exception) -> str:
-    """A dead letter's reason for an image Pillow could not decode, without the `<_io.BytesIO object
-    at 0x...>` that Pillow names its in-memory file by (it differs from run to run and says nothing)."""
-    message = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(error))
-    return f"not a decodable image ({type(error).__name__}: {message})"
-
-
-def check_image_bytes(content: bytes) -> None:
-    """Raises BadInput unless `content` is an image Pillow can decode (batch prediction's check
-    before the model's own in-graph decoder sees it)."""
-    from PIL import Image
-
-    if not content:
-        raise BadInput("empty file")
-    try:
-        with Image.open(io.BytesIO(content)) as image:
-            image.load()
-    except Exception as error:  # noqa: BLE001
-        raise BadInput(undecodable(error)) from None
