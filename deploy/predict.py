@@ -202,8 +202,8 @@ def run_batch_prediction(export_dir: str, class_names: tuple, plan: SourcePlan, 
     progress lines of a local run."""
     signature, input_name = signature_for(plan)
     check_input_shape(export_dir, plan)
-    if skipped_line(plan):  # files below --input folder: that are not images, said as preprocess says it
-        (report or log.info)(skipped_line(plan))
+    if skipped := skipped_line(plan):  # files below --input folder: that are not images, as preprocess says it
+        (report or log.info)(skipped)
     options = PipelineOptions(local_runner_defaults(list(beam_args), plan.estimated_count))
     prefix = output_prefix(output)
     progress_dir = progress_directory(options.get_all_options())

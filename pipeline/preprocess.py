@@ -244,8 +244,8 @@ def plan_lines(plan: SourcePlan) -> list[str]:
         "from the data"
     lines = [f"plan: {'' if exact else 'about '}{plan.estimated_count} inputs in {len(plan.tasks)} read tasks, "
              f"{classes}, {plan.modality} {shape}, splits {splits_from}"]
-    if skipped_line(plan):
-        lines.append(skipped_line(plan))
+    if skipped := skipped_line(plan):
+        lines.append(skipped)
     if plan.options.get("unserved"):
         unserved = plan.options["unserved"]
         lines.append(f"warning: {unserved} of the {plan.estimated_count} images read are .webp/.tif/.tiff files "

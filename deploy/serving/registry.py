@@ -53,6 +53,11 @@ class LoadedVersion:
     def signatures(self) -> dict:
         return dict(self.model.signatures)
 
+    def unload(self) -> None:
+        """Ends its batching threads (calls already queued still run); the model goes with the last reference."""
+        for batcher in self.batchers.values():
+            batcher.close()
+
     @cached_property
     def signature_def_map(self) -> get_model_metadata_pb2.SignatureDefMap:
         """The export's SignatureDefs as saved (tensor names, method names): what metadata answers."""
@@ -168,8 +173,7 @@ class ModelRegistry:
         with self.lock:
             for name in set(self.models) - seen:  # a whole model folder deleted
                 for loaded in self.models.pop(name).values():
-                    for batcher in loaded.batchers.values():
-                        batcher.close()
+                    loaded.unload()
             for table in (self.failures, self.unblessed, self.ended):
                 for name in set(table) - seen:
                     del table[name]
@@ -215,8 +219,7 @@ class ModelRegistry:
                 count -= 1
         with self.lock:
             for version in loaded - served:
-                for batcher in self.models[name].pop(version).batchers.values():
-                    batcher.close()
+                self.models[name].pop(version).unload()
                 self.ended.setdefault(name, set()).add(version)
                 log.info("serve: unloaded %s version %d", name, version)
         return True
@@ -237,13 +240,10 @@ class ModelRegistry:
             self.scan_lock.release()
 
     def close(self) -> None:
-        """Unloads every version (their batching threads end, the models can be freed) and removes the
-        staging folder of a gs:// run: what RestServer.server_close releases."""
+        """Unloads every version and removes a gs:// run's staging folder (RestServer.server_close)."""
         with self.lock:
-            for versions in self.models.values():
-                for loaded in versions.values():
-                    for batcher in loaded.batchers.values():
-                        batcher.close()
+            for loaded in (loaded for versions in self.models.values() for loaded in versions.values()):
+                loaded.unload()
             self.models.clear()
         if self.staging:
             shutil.rmtree(self.staging, ignore_errors=True)
