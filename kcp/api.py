@@ -40,7 +40,7 @@ from kcp.core.config import Config
 from kcp.core.config_load import config_recorded, override_list, record_config, resolve_config
 from kcp.core.contract import GENERATE_DEFAULTS, DataContract
 from kcp.core.errors import UserError
-from kcp.core.layout import RunLayout, new_run_dir, newest_run
+from kcp.core.layout import RunLayout, new_run_dir, newest_run, run_path, takes_run_dir
 from kcp.core.lock import run_lock
 from kcp.core.sources import plan_source, source_modality
 from pipeline.preprocess import run_preprocess
@@ -100,6 +100,7 @@ def locked(run_dir: str, command: str):
         yield
 
 
+@takes_run_dir
 def preprocess(run_dir: str, source: str | None = None, *, model: str | None = None, config_file: str | None = None,
                overrides=(), beam_args=(), progress=None) -> DataContract:
     """Runs the Beam pipeline: RUN/data/ shards and metadata.json. Returns the data contract.
@@ -110,6 +111,7 @@ def preprocess(run_dir: str, source: str | None = None, *, model: str | None = N
                               planned=lambda: record_config(run_dir, config))  # a bad source records nothing
 
 
+@takes_run_dir
 def train(run_dir: str, model: str | None = None, *, config_file: str | None = None, overrides=()) -> TrainResult:
     """Trains on RUN/data and writes RUN/train/."""
     from trainer.global_state import caller_state_kept
@@ -132,6 +134,7 @@ def _train_result(run_dir: str, metrics: dict, strategy: str) -> TrainResult:
     return TrainResult(metrics=metrics, history=history, model_path=RunLayout(run_dir).model, train_dir=outputs)
 
 
+@takes_run_dir
 def tune(run_dir: str, model: str | None = None, *, config_file: str | None = None, overrides=()) -> TuneResult:
     """Keras Tuner search (RUN/tuning/); with `tune.retrain_best`, retrains the best config on
     train + validation and exports it, unless the search was complete and its best trial already
@@ -161,6 +164,7 @@ def tune(run_dir: str, model: str | None = None, *, config_file: str | None = No
             return TuneResult(summary, retrained, export_dir)
 
 
+@takes_run_dir
 def export(run_dir: str, *, config_file: str | None = None, overrides=()) -> str:
     """Exports RUN/train/model.keras as RUN/export/NAME/VERSION; returns that directory."""
     with locked(run_dir, "export"):
@@ -172,6 +176,7 @@ def export(run_dir: str, *, config_file: str | None = None, overrides=()) -> str
             return export_for_serving(config, run_dir, generate_tokens)
 
 
+@takes_run_dir
 def validate(run_dir: str, version: int | None = None, *, overrides=()) -> dict:
     """Runs the test split through the export from raw inputs; writes validation.json (blessed or not)."""
     from deploy.validate import validate_export
@@ -179,6 +184,7 @@ def validate(run_dir: str, version: int | None = None, *, overrides=()) -> dict:
     return validate_export(resolve_config(run_dir, overrides=overrides), run_dir, version)
 
 
+@takes_run_dir
 def push(run_dir: str, destination: str, version: int | None = None, *, force: bool = False,
          overrides=()) -> list[str]:
     """Copies a blessed export version to `gs://BUCKET/PATH/VERSION/`; returns the URIs written."""
@@ -186,6 +192,7 @@ def push(run_dir: str, destination: str, version: int | None = None, *, force: b
     return push_export(RunLayout(run_dir).version_dir(config.export.name, version), destination, force=force)
 
 
+@takes_run_dir
 def predict(run_dir: str, input: str, output: str, version: int | None = None, *, beam_args=(),  # noqa: A002
             overrides=(), single_file: bool = False, progress=None) -> list[str]:
     """Beam batch prediction of a source (as for preprocess) through the export; returns the files
@@ -217,6 +224,7 @@ def predict(run_dir: str, input: str, output: str, version: int | None = None, *
                                 report=progress)
 
 
+@takes_run_dir
 def report(run_dir: str) -> Report:
     """Writes RUN/report/index.html and its figures."""
     from kcp.reporting import build_report
@@ -225,6 +233,7 @@ def report(run_dir: str) -> Report:
     return Report(path, storage.glob(storage.join(RunLayout(run_dir).report, "*.png")))
 
 
+@takes_run_dir
 def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8501, **options):
     """A ready TF-Serving-compatible server (call `serve_forever`, or use `Run.serve` for a background one).
 
@@ -236,6 +245,7 @@ def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8501, **options):
     return make_server(run_dir, host, port, **options)
 
 
+@takes_run_dir
 def generate(run_dir: str, prompt: str, *, max_new_tokens: int | None = None,
              temperature: float = GENERATE_DEFAULTS["temperature"], top_k: int = GENERATE_DEFAULTS["top_k"],
              top_p: float = GENERATE_DEFAULTS["top_p"], seed: int = GENERATE_DEFAULTS["seed"]) -> str:
@@ -283,10 +293,7 @@ class Run:
     run_dir: str = field(default_factory=new_run_dir)
 
     def __post_init__(self):
-        if not isinstance(self.run_dir, (str, os.PathLike)):
-            raise UserError(f"Run: run_dir must be a path (str), got {type(self.run_dir).__name__}; "
-                            "Run() makes a new one under runs/")
-        self.run_dir = os.fspath(self.run_dir)
+        self.run_dir = run_path(self.run_dir, "Run")  # Run() makes a new one under runs/
 
     @property
     def layout(self) -> RunLayout:

@@ -337,8 +337,10 @@ def describe_model(args, run_dir: str | None, config, beam_args: list[str]) -> i
         plain = config.to_dict()
         say(f"training defaults of {config.model.name} (as applied):")
         for section, names in family_defaults.items():
-            for name in names:
-                say(f"  {section}.{name}: {json.dumps(plain[section][name])}")
+            for name, default in names.items():  # a key the user set says so, beside the family's default
+                chosen = f" (set; {config.model.name}'s default: {json.dumps(default)})" \
+                    if plain[section][name] != default else ""
+                say(f"  {section}.{name}: {json.dumps(plain[section][name])}{chosen}")
     model = build_model(spec, config.model)
     model.summary(print_fn=lambda line, **_: say(line))
     say(f"Total params: {model.count_params()}")

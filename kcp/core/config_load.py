@@ -100,10 +100,14 @@ def drop_keys(values: dict, keys: dict) -> dict:
 def override_list(overrides) -> list[str]:
     """`overrides` as "section.key=value" strings: a list or tuple of them as it is, one string as a
     list of one, a mapping {"train.epochs": 5} as "train.epochs=5" each (values as YAML reads JSON)."""
+    if overrides is None:
+        return []
     if isinstance(overrides, str):
         return [overrides]
     if isinstance(overrides, dict):
         return [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+    if not isinstance(overrides, (list, tuple)):
+        raise ConfigError(f"overrides: {overrides!r} is not a list of 'section.key=value' strings")
     listed = []
     for item in overrides:  # a list may mix the two: ["train.epochs=5", {"model.dropout": 0.2}]
         if isinstance(item, dict):

@@ -10,6 +10,7 @@ Stages never build these paths themselves, so renaming a file is a change in one
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 from dataclasses import dataclass
 
@@ -174,6 +175,21 @@ def newest_blessed(export_root: str, exclude: int | None = None) -> int | None:
         return None
     return next((version for version in reversed(export_versions(export_root))
                  if version != exclude and is_blessed(storage.join(export_root, str(version)))), None)
+
+
+def run_path(run_dir, who: str) -> str:
+    """`run_dir` as the str every stage takes (a pathlib.Path is one), or a one-line error naming `who`."""
+    if not isinstance(run_dir, (str, os.PathLike)):
+        raise UserError(f"{who}: run_dir must be a path (str), got {type(run_dir).__name__} {run_dir!r}")
+    return os.fspath(run_dir)
+
+
+def takes_run_dir(function):
+    """Wraps an API function whose first argument is the run directory with `run_path`."""
+    @functools.wraps(function)
+    def wrapper(run_dir, *args, **kwargs):
+        return function(run_path(run_dir, function.__name__), *args, **kwargs)
+    return wrapper
 
 
 def new_run_dir(root: str = RUNS_ROOT) -> str:

@@ -152,6 +152,17 @@ def test_describe_model_shows_what_a_data_dependent_default_comes_to(capsys):
     assert "  dropout: 0.2" in capsys.readouterr().out.split("\n")  # set: shown as set
 
 
+def test_describe_model_tells_a_familys_training_default_from_a_key_the_user_set(capsys):
+    assert cli.main(["describe-model", "--model", "gpt", "--set", "model.size=custom", "--set", "model.layers=1",
+                     "--set", "model.dim=16", "--set", "model.heads=2", "--set", "train.epochs=7",
+                     "--input-shape", "16", "--modality", "language", "--vocab-size", "259",
+                     "--num-classes", "259"]) == 0
+    lines = capsys.readouterr().out.split("\n")
+    assert "training defaults of gpt (as applied):" in lines
+    assert "  train.epochs: 7 (set; gpt's default: 4)" in lines  # the user's, not presented as gpt's
+    assert '  train.optimizer: "adamw"' in lines  # gpt's own, as applied
+
+
 def test_a_key_of_another_family_exits_2_naming_the_family(capsys):
     code = cli.main(["describe-model", "--model", "rnn", "--set", "model.depth=8", "--input-shape", "8,3",
                      "--num-classes", "2"])
@@ -199,10 +210,14 @@ def test_api_misuse_is_one_clear_error_and_writes_nothing(digits_run, tmp_path):
 
     with pytest.raises(UserError, match=r"^Run: run_dir must be a path \(str\), got NoneType"):
         api.Run(None)
+    with pytest.raises(UserError, match=r"^train: run_dir must be a path \(str\), got int 5$"):
+        api.train(5)  # the module functions name themselves, as Run does
     assert api.Run(tmp_path / "as_path").run_dir == str(tmp_path / "as_path")  # a pathlib.Path is fine
     missing = tmp_path / "never_preprocessed"
     with pytest.raises(UserError, match=r"data/metadata.json: not found; run `kcp preprocess --run-dir "):
         api.train(str(missing), "cnn")
+    with pytest.raises(UserError, match=rf"^{missing}/data/metadata.json: not found"):
+        api.train(missing, "cnn")  # a pathlib.Path, as str
     assert not (missing / "config.yaml").exists()  # nothing recorded for a run that has no data
     with pytest.raises(UserError, match=r"nofile.npz"):
         api.preprocess(str(missing), "npz:nofile.npz")
@@ -225,6 +240,9 @@ def test_the_api_takes_overrides_as_a_list_a_string_or_a_mapping():
     assert override_list(["train.epochs=3", {"model.dropout": 0.2}]) == ["train.epochs=3", "model.dropout=0.2"]
     with pytest.raises(ConfigError, match=r"^overrides: 3 is neither a 'section.key=value' string nor a "):
         override_list(["train.epochs=3", 3])
+    with pytest.raises(ConfigError, match=r"^overrides: 5 is not a list of 'section.key=value' strings$"):
+        override_list(5)
+    assert override_list(None) == []
 
 
 def test_routine_native_lines_are_dropped_and_everything_else_kept(capfd):
