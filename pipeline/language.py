@@ -276,6 +276,8 @@ def language_contract(plan: SourcePlan, config: Config, summary: dict, data_dir:
         "vocab_size": contract_lib.language_vocab_size(data.tokenizer, vocabulary),
         "context_length": data.context_length,
         **per_split,
+        # each file read is one document, a dead letter, or empty (skipped: it holds no text)
+        "empty_files": summary["read"] - summary["dead_letters"] - sum(per_split["documents"].values()),
     }
     contract = contract_lib.DataContract(
         modality="language", input_feature=plan.input_feature, input_spec=plan.input_spec, class_names=(),

@@ -18,7 +18,10 @@ from pipeline.shards import shard_name, shard_pattern
 
 def counts_table(contract, read: int, bad: int, augmented: int) -> list[str]:
     """The closing table: read, bad, written per split, augmented copies."""
-    rows = [("read", read), ("bad", bad)] + [(f"{split} written", info.count) for split, info in contract.splits.items()]
+    rows = [("read", read), ("bad", bad)]
+    if contract.statistics.get("empty_files"):  # language: files with no text, skipped
+        rows.append(("empty (skipped)", contract.statistics["empty_files"]))
+    rows += [(f"{split} written", info.count) for split, info in contract.splits.items()]
     rows.append(("augmented copies", augmented))
     width = max(len(name) for name, _ in rows)
     return [f"  {name:<{width}}  {value:>9,}" for name, value in rows]

@@ -127,7 +127,9 @@ def test_statistics_and_counts_are_exact(bytes_run):
 def test_bad_files_are_dead_letters_and_empty_or_hidden_files_are_not_documents(bytes_run):
     import json
 
-    run_dir, _ = bytes_run
+    run_dir, contract = bytes_run
+    assert contract.statistics["empty_files"] == 1  # empty.txt: read, skipped and counted (hidden files are not read)
+    assert sum(contract.statistics["documents"].values()) == len(DOCUMENTS)
     folder = os.path.join(contract_lib.data_dir(run_dir), "dead_letter")
     letters = [json.loads(line) for name in os.listdir(folder) for line in open(os.path.join(folder, name))]
     reasons = {letter["key"]: letter["reason"] for letter in letters}
