@@ -103,32 +103,75 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
         storage.makedirs(self.backup_dir)
         name = f"epoch{self._current_epoch:05d}-batch{self._last_batch_seen:06d}.weights.h5"
         self.model.save_weights(storage.join(self.backup_dir, name), overwrite=True)
+        previous = self._read_metadata()
         metadata = {"epoch": self._current_epoch, "batch": self._last_batch_seen, "weights": name,
                     "fingerprint": self._fingerprint()}
+        if self._multi_worker() and previous and previous.get("epoch", 0) < self._current_epoch:
+            # a worker killed while the others saved this epoch has only the one before: keep it,
+            # so that every worker can restore the epoch they all have (`_agreed_epoch`)
+            metadata["previous"] = {key: previous[key] for key in ("epoch", "batch", "weights")}
         storage.write_text_atomic(self._training_metadata_path, json.dumps(metadata))
+        kept = {name, metadata.get("previous", {}).get("weights")}
         for path in storage.glob(storage.join(self.backup_dir, "*.weights.h5")):
-            if path.rsplit("/", 1)[-1] != name:
+            if path.rsplit("/", 1)[-1] not in kept:
                 storage.remove(path)
 
-    def _load_model(self):
+    def _read_metadata(self) -> dict | None:
         if not storage.exists(self._training_metadata_path):
-            return
-        if not self.model.built:
+            return None
+        return json.loads(storage.read_text(self._training_metadata_path))
+
+    def _multi_worker(self) -> bool:
+        if keras.backend.backend() != "tensorflow":  # tf.distribute is TensorFlow's (other backends: one worker)
+            return False
+        import tensorflow as tf
+
+        return isinstance(self.model.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+    def _agreed_epoch(self, epoch: int) -> int:
+        """The smallest backed-up epoch over the workers (`epoch` alone with one worker). Workers
+        train in lockstep, but a kill can land while some have saved epoch k and others only k-1:
+        each restoring its own would run them out of step (a collective then aborts on mismatched
+        tensors, run after run), so every worker resumes at the epoch all of them have."""
+        if not self._multi_worker():
+            return epoch
+        import tensorflow as tf
+
+        strategy = self.model.distribute_strategy
+        values = strategy.experimental_distribute_values_from_function(
+            lambda _: tf.constant([epoch], tf.int64))
+        return int(tf.reduce_min(strategy.gather(values, axis=0)))
+
+    def _load_model(self):
+        metadata = self._read_metadata()
+        if metadata is not None and not self.model.built:
             raise ValueError("BackupAndRestore needs a built model before fit(); build it on a batch first")
-        metadata = json.loads(storage.read_text(self._training_metadata_path))
         planned = (self.params or {}).get("epochs")
-        if metadata.get("fingerprint", self._fingerprint()) != self._fingerprint() or (
-                planned is not None and metadata["epoch"] > planned):
+        if metadata is not None and (metadata.get("fingerprint", self._fingerprint()) != self._fingerprint() or (
+                planned is not None and metadata["epoch"] > planned)):
             # made by another model, data contract or schedule (config changed, data preprocessed
             # again): restoring it would fail on shapes or silently skip epochs, so start afresh
             log.warning("backup %s: made by another model, data or schedule than this run's; "
                         "it is discarded and training starts at epoch 1", self.backup_dir)
             storage.remove_tree(self.backup_dir)
+            metadata = None
+        epoch = self._agreed_epoch(metadata["epoch"] if metadata else 0)
+        if metadata is None or epoch == 0:
+            if metadata is not None:
+                log.warning("backup %s: another worker has no backup; every worker starts at epoch 1", self.backup_dir)
+                storage.remove_tree(self.backup_dir)
             return
+        if epoch != metadata["epoch"]:
+            metadata = metadata.get("previous") or {}
+            if metadata.get("epoch") != epoch:  # cannot happen in lockstep training; said rather than hung
+                raise UserError(f"backup {self.backup_dir}: holds no weights of epoch {epoch}, the last epoch every "
+                                "worker backed up; remove RUN/train/backup to start again at epoch 1")
+            log.warning("backup %s: resuming after epoch %d, the last one every worker backed up", self.backup_dir,
+                        epoch)
         if self.model.optimizer is not None and not self.model.optimizer.built:
             self.model.optimizer.build(self.model.trainable_variables)
         self.model.load_weights(storage.join(self.backup_dir, metadata.get("weights", "latest.weights.h5")))
-        self.model._initial_epoch = metadata["epoch"]
+        self.model._initial_epoch = epoch
 
     def on_train_begin(self, logs=None):
         self._load_model()

@@ -123,3 +123,57 @@ def test_a_killed_run_resumes_at_the_next_epoch(digits_data, tmp_path):
     assert epochs_run == ["3/5", "4/5", "5/5"]
     assert len(read_json(history_path)["loss"]) == 5
     assert read_json(run_dir, "train", "metrics.json")["epochs"] == 5
+
+
+def test_workers_killed_at_different_backups_resume_together_at_the_epoch_all_have(digits_data, tmp_path):
+    """A kill can land while one worker has saved epoch k and another only k-1. Each restoring its
+    own backup would put them out of step (a collective aborts on mismatched tensors, every rerun);
+    they agree on the last epoch all of them backed up, which the ones ahead kept as "previous"."""
+    run_dir = fresh_run(digits_data, tmp_path)
+    ports = free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    argv = task(run_dir, "train.strategy=multi_worker", "train.epochs=4", "train.batch_size=32",
+                "model.filters=[32, 64]", "train.cache=false")
+    envs = [{**QUIET, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
+            for index in range(2)]
+    metadata = [os.path.join(run_dir, "train", "backup", f"worker-{index}", "training_metadata.json")
+                for index in range(2)]
+
+    def epoch_of(path):
+        try:
+            return read_json(path)["epoch"]
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    processes = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for env in envs]
+    deadline = time.time() + 400
+    while time.time() < deadline and not all(epoch_of(path) >= 2 for path in metadata):
+        time.sleep(0.02)
+    for process in processes:
+        process.send_signal(signal.SIGKILL)
+    for process in processes:
+        process.communicate(timeout=60)
+    saved = [read_json(path) for path in metadata]
+    assert min(entry["epoch"] for entry in saved) >= 2, saved
+    if saved[0]["epoch"] == saved[1]["epoch"]:  # killed in step: put worker 1 one backup behind, as a kill can
+        behind = {**saved[1], **saved[1]["previous"]}
+        with open(metadata[1], "w") as handle:
+            json.dump(behind, handle)
+        saved[1] = behind
+    agreed = min(entry["epoch"] for entry in saved)
+    assert agreed < 4 and max(entry["epoch"] for entry in saved) == agreed + 1, saved
+
+    processes = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for env in envs]
+    results = [(process, process.communicate(timeout=600)[0]) for process in processes]
+    for process, output in results:
+        assert process.returncode == 0, output[-4000:]
+        epochs_run = [line.split()[1] for line in output.splitlines() if line.startswith("Epoch ")]
+        assert epochs_run == [f"{epoch}/4" for epoch in range(agreed + 1, 5)], output[-3000:]
+    chief = read_json(run_dir, "train", "metrics.json")
+    worker = read_json(run_dir, "train", "worker-1", "metrics.json")
+    assert chief["epochs"] == worker["epochs"] == 4
+    assert chief["weights_sha256"] == worker["weights_sha256"]
+    assert len(read_json(run_dir, "train", "history.json")["loss"]) == 4
+    assert not os.path.exists(os.path.join(run_dir, "train", "backup"))
