@@ -35,7 +35,7 @@ from deploy.predict import prediction_version, run_batch_prediction
 from deploy.push import push_export
 from kcp.core import contract as contract_lib
 from kcp.core import storage
-from kcp.core.cluster import is_cluster_helper, tuner_id
+from kcp.core.cluster import is_cluster_helper, is_tuner_worker, tuner_id
 from kcp.core.config import Config
 from kcp.core.config_load import config_recorded, override_list, record_config, resolve_config
 from kcp.core.contract import GENERATE_DEFAULTS, DataContract
@@ -145,10 +145,13 @@ def tune(run_dir: str, model: str | None = None, *, config_file: str | None = No
     from trainer.train import train as train_model
     from tuning.results import best_config, record_retrained, retrained_export
     from trainer.global_state import caller_state_kept
-    from tuning.search import run_search
+    from tuning.search import run_search, wait_for_chief
 
     with locked(run_dir, "tune"), caller_state_kept():
         config = resolve_config(run_dir, config_file, model=model, overrides=overrides)
+        if is_tuner_worker():  # the chief records config.yaml and the search's fingerprint before its oracle serves
+            wait_for_chief(config.tune.chief_timeout)
+            config = resolve_config(run_dir, config_file, model=model, overrides=overrides)
         contract_lib.read_contract(run_dir)  # as train
         with config_recorded(run_dir, config):
             summary = run_search(config, run_dir)

@@ -81,6 +81,64 @@ def search_fingerprint(config: Config, run_dir: str, space: dict | None = None) 
             "tune": {k: v for k, v in plain["tune"].items() if k not in RESUMABLE}}
 
 
+CHIEF_START_SECONDS = 120  # how long a worker waits for its chief to come up (at least tune.chief_timeout)
+
+
+def wait_for_chief(chief_timeout: float, interval: float = 1.0) -> None:
+    """Returns once the chief's oracle answers; a chief never reached in max(tune.chief_timeout,
+    CHIEF_START_SECONDS) is a mistyped --oracle or a chief never started: one line, exit 2 (a
+    chief that was reached and is gone later ends the worker with 0, `watch_chief`)."""
+    host, port = os.environ["KERASTUNER_ORACLE_IP"], int(os.environ["KERASTUNER_ORACLE_PORT"])
+    seconds = max(chief_timeout, CHIEF_START_SECONDS)
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=interval).close()
+            return
+        except OSError as error:
+            if time.monotonic() > deadline:
+                raise UserError(f"--oracle: could not reach the chief at {host}:{port} in {seconds:g} s ({error}); "
+                                f"start `kcp tune --role chief --oracle {host}:{port}` first, or check the address"
+                                ) from None
+        time.sleep(interval)
+
+
+def check_oracle_port(host: str, port: int) -> None:
+    """A chief refuses, before it records anything, an --oracle address it cannot serve on."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.bind((host, port))
+    except OSError as error:
+        raise UserError(f"--oracle: the chief cannot serve on {host}:{port} ({error.strerror or error}); "
+                        "is another chief running there? choose another port") from None
+
+
+def fingerprint_differences(found: dict, wanted: dict) -> list[str]:
+    """The keys (section.key) in which `wanted` differs from the recorded fingerprint `found`."""
+    differences = ["the data contract"] if found.get("contract_sha256") != wanted.get("contract_sha256") else []
+    for section in ("model", "train", "tune"):
+        ours, theirs = wanted.get(section) or {}, found.get(section) or {}
+        differences += [f"{section}.{key} {json.dumps(ours.get(key))} (the search's: {json.dumps(theirs.get(key))})"
+                        for key in sorted(set(ours) | set(theirs)) if ours.get(key) != theirs.get(key)]
+    return differences
+
+
+def check_worker_config(config: Config, run_dir: str, space: dict) -> None:
+    """A worker refuses (one line) to train trials with a config other than the chief's: its scores
+    would be recorded under the chief's best_config.yaml. The chief wrote the search's fingerprint
+    before its oracle served, in the run directory the two share."""
+    path = storage.join(RunLayout(run_dir).tuning, FINGERPRINT)
+    if not storage.exists(path):
+        raise UserError(f"{path}: not found; a worker shares the chief's run directory (gs://... across machines)")
+    wanted = json.loads(json.dumps(search_fingerprint(config, run_dir, space), sort_keys=True, default=str))
+    differences = fingerprint_differences(json.loads(storage.read_text(path)), wanted)
+    if differences:
+        more = f" and {len(differences) - 3} more" if len(differences) > 3 else ""
+        raise UserError(f"tune: this worker's config differs from the search its chief serves ({path}): "
+                        f"{'; '.join(differences[:3])}{more}; start the worker with the chief's --config and --set, "
+                        "or with none (it then reads the chief's RUN/config.yaml)")
+
+
 def check_fingerprint(config: Config, run_dir: str, space: dict | None = None) -> None:
     """Records the search's fingerprint in a new RUN/tuning/, or refuses (one line) to resume a
     search that was made for another model, search space, training setup or data contract: its
@@ -159,9 +217,12 @@ def run_search(config: Config, run_dir: str) -> dict:
     keras.utils.set_random_seed(config.train.seed)
     worker = is_tuner_worker()
     if worker:
+        check_worker_config(config, run_dir, space)
         watch_chief(os.environ["KERASTUNER_ORACLE_IP"], int(os.environ["KERASTUNER_ORACLE_PORT"]),
                     config.tune.chief_timeout)
-    if not worker:
+    else:
+        if tuner_id():
+            check_oracle_port(os.environ["KERASTUNER_ORACLE_IP"], int(os.environ["KERASTUNER_ORACLE_PORT"]))
         check_fingerprint(config, run_dir, space)
     tuner = make_tuner(config, TrainerHyperModel(config, run_dir, space), directory)
     if tuner_id() and not worker:  # the chief of a distributed search: a lost worker's trial goes to another

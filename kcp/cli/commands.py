@@ -163,6 +163,8 @@ def tune(args, run_dir: str, config, beam_args: list[str]) -> int:
         if not args.oracle or ":" not in args.oracle:
             raise UserError("--oracle: a distributed search needs the chief's HOST:PORT")
         host, port = args.oracle.rsplit(":", 1)
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise UserError(f"--oracle: {args.oracle!r} has no port number (HOST:PORT, a port from 1 to 65535)")
         role = "chief" if args.role == "chief" else (args.tuner_id or f"worker-{socket.gethostname()}-{os.getpid()}")
         if args.role == "worker" and "chief" in role:
             raise UserError(f"--tuner-id: {role!r} contains 'chief', which Keras Tuner reserves for the chief")

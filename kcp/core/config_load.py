@@ -157,12 +157,12 @@ def config_recorded(run_dir: str, config: Config):
     resumes with it); a body that fails with a one-line error (a strategy with no TPU, a family that
     does not take the data, a NaN stop) puts back the config.yaml that was there before, so that
     later commands do not inherit the settings of a command that failed."""
+    if is_cluster_helper():  # a tuner worker or a non-chief replica: the chief, which holds the run's lock,
+        yield                # records config.yaml; a helper with other keys would overwrite the chief's
+        return
     path = RunLayout(run_dir).config
     before = storage.read_text(path) if storage.exists(path) else None
     record_config(run_dir, config)
-    if is_cluster_helper():  # a tuner worker or a non-chief replica: records as before, never puts back a
-        yield                # config.yaml it read before the chief (which holds the run's lock) recorded
-        return
     try:
         yield
     except UserError:

@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,7 +13,9 @@ import time
 import keras
 import keras_tuner as kt
 import pytest
+import yaml
 
+from kcp import cli
 from kcp.core.config import ConfigError
 from kcp.core.config_load import load_config
 from tests.conftest import fresh_run
@@ -293,6 +296,57 @@ def test_workers_exit_cleanly_when_the_chief_is_gone(digits_data, tmp_path):
     waited = time.time() - started
     assert 3 <= waited < 60, waited  # tune.chief_timeout (6 s, less one 2 s probe), plus a trial in progress
     assert "the chief at 127.0.0.1" in output and "is gone" in output
+
+
+def test_a_worker_with_another_config_than_its_chief_is_refused_and_records_nothing(digits_data, tmp_path):
+    """Its trials would be scored under the chief's best_config.yaml; it says which keys differ, exit 2."""
+    run_dir = fresh_run(digits_data, tmp_path)
+    oracle = f"127.0.0.1:{free_port()}"
+    chief = tune_process(run_dir, "--role", "chief", "--oracle", oracle)
+    try:
+        worker = tune_process(run_dir, "--role", "worker", "--oracle", oracle, "--tuner-id", "worker0",
+                              "--set", "train.epochs=1", "--set", "train.optimizer=sgd")
+        output = worker.communicate(timeout=300)[0]
+        assert worker.returncode == 2, output[-2000:]
+        error = [line for line in output.splitlines() if line.startswith("kcp tune: error:")]
+        assert len(error) == 1 and "this worker's config differs from the search its chief serves" in error[0], output
+        assert 'train.epochs 1 (the search\'s: 2)' in error[0] and 'train.optimizer "sgd" (the search\'s: ' in error[0]
+        with open(os.path.join(run_dir, "config.yaml")) as handle:
+            recorded = yaml.safe_load(handle)
+        assert recorded["train"]["epochs"] == 2 and recorded["train"]["optimizer"] != "sgd"  # the chief's, kept
+        same = tune_process(run_dir, "--role", "worker", "--oracle", oracle, "--tuner-id", "worker1",
+                            "--set", "tune.max_trials=1")  # max_trials may differ (a resume may raise it)
+        deadline = time.time() + 300
+        while time.time() < deadline and same.poll() is None and not glob.glob(
+                os.path.join(run_dir, "tuning", "**", "trial_*"), recursive=True):
+            time.sleep(0.2)
+        assert same.poll() is None, same.communicate()[0][-2000:]  # it passed the check and works on a trial
+        same.kill()
+        same.communicate(timeout=60)
+    finally:
+        chief.kill()
+        chief.communicate(timeout=60)
+
+
+def test_a_chief_never_reached_or_a_port_it_cannot_serve_on_is_one_line(monkeypatch, capsys):
+    from kcp.core.errors import UserError
+    from tuning import search
+
+    port = free_port()
+    monkeypatch.setenv("KERASTUNER_ORACLE_IP", "127.0.0.1")
+    monkeypatch.setenv("KERASTUNER_ORACLE_PORT", str(port))
+    monkeypatch.setattr(search, "CHIEF_START_SECONDS", 1)
+    with pytest.raises(UserError, match=rf"^--oracle: could not reach the chief at 127.0.0.1:{port} in 1 s "):
+        search.wait_for_chief(0.5, interval=0.2)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(UserError, match=rf"^--oracle: the chief cannot serve on 127.0.0.1:{taken.getsockname()[1]} "):
+            search.check_oracle_port("127.0.0.1", taken.getsockname()[1])
+        monkeypatch.setenv("KERASTUNER_ORACLE_PORT", str(taken.getsockname()[1]))
+        search.wait_for_chief(0.5, interval=0.2)  # a chief that answers: returns
+    assert cli.main(["tune", "--run-dir", "unused", "--role", "chief", "--oracle", "127.0.0.1:notaport"]) == 2
+    assert "--oracle: '127.0.0.1:notaport' has no port number" in capsys.readouterr().err
 
 
 def test_an_interrupted_keras_tuner_state_write_keeps_the_previous_state(tmp_path, monkeypatch):
