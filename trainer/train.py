@@ -165,8 +165,9 @@ class Trainer:
         if model_config.batch_norm_momentum is None:  # short runs: moving statistics that forget the start
             model_config = dataclasses.replace(
                 model_config, batch_norm_momentum=batch_norm_momentum_for(settings.epochs * self.steps))
-        loss, metrics = loss_and_metrics(settings, self.contract.num_classes, self.contract.modality)
-        with self.strategy.scope():
+        with self.strategy.scope():  # the metrics too: a Keras 3 metric makes its variables when constructed, and
+            # made outside the scope they count each worker's share alone under multi_worker
+            loss, metrics = loss_and_metrics(settings, self.contract.num_classes, self.contract.modality)
             model = build_model(ModelInputs.from_contract(self.contract), model_config)
             optimizer = make_optimizer(settings, learning_rate(settings, self.steps), decay_matrices_only=self.language,
                                        variables=model.trainable_variables)

@@ -75,6 +75,9 @@ def test_multi_worker_two_processes_end_with_identical_weights(digits_data, tmp_
     assert chief["replicas"] == worker["replicas"] == 2
     assert chief["weights_sha256"] == worker["weights_sha256"]
     assert chief["epochs"] == 2
+    for split in ("train", "validation", "test"):  # every metric over the whole split, top-5 too, not each worker's half
+        assert set(chief[split]) == {"loss", "accuracy", "top5_accuracy"}
+        assert chief[split] == worker[split], (split, chief[split], worker[split])
     # each process names the folder it wrote to
     assert f"s -> {os.path.join(run_dir, 'train')}\n" in results[0][1]
     assert f"s -> {os.path.join(run_dir, 'train', 'worker-1')}\n" in results[1][1]
