@@ -75,8 +75,7 @@ def search_fingerprint(config: Config, run_dir: str, space: dict | None = None) 
     RUN/config.yaml, and the same tune command run again must resume that search, not refuse it."""
     plain = config.to_dict()
     tuned = set(search_space(config) if space is None else space)
-    fixed = {section: {key: value for key, value in plain[section].items() if f"{section}.{key}" not in tuned}
-             for section in ("model", "train")}
+    fixed = {section: without(plain[section], section, tuned) for section in ("model", "train")}
     return {"contract_sha256": storage.sha256(RunLayout(run_dir).metadata), **fixed,
             "tune": {k: v for k, v in plain["tune"].items() if k not in RESUMABLE}}
 
@@ -139,6 +138,22 @@ def check_worker_config(config: Config, run_dir: str, space: dict) -> None:
                         "or with none (it then reads the chief's RUN/config.yaml)")
 
 
+def without(values: dict, section: str, keys) -> dict:
+    """`values` (a config section) less the dotted `keys` of that section, nested ones
+    (model.augment.zoom) included."""
+    values = dict(values)
+    for key in keys:
+        head, _, path = key.partition(".")
+        name, _, rest = path.partition(".")
+        if head != section:
+            continue
+        if not rest:
+            values.pop(name, None)
+        elif isinstance(values.get(name), dict):
+            values[name] = without(values[name], name, [path])
+    return values
+
+
 def check_fingerprint(config: Config, run_dir: str, space: dict | None = None) -> None:
     """Records the search's fingerprint in a new RUN/tuning/, or refuses (one line) to resume a
     search that was made for another model, search space, training setup or data contract: its
@@ -151,10 +166,9 @@ def check_fingerprint(config: Config, run_dir: str, space: dict | None = None) -
     wanted = json.loads(text)
     if storage.exists(path):
         found = json.loads(storage.read_text(path))
-        for key in space:
-            section, _, name = key.partition(".")
+        for section in ("model", "train"):
             if isinstance(found.get(section), dict):
-                found[section].pop(name, None)
+                found[section] = without(found[section], section, space)
         if found != wanted:
             changed = [("data contract" if key == "contract_sha256" else f"{key} section")
                        for key in ("contract_sha256", "model", "train", "tune") if found.get(key) != wanted[key]]

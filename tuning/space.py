@@ -15,6 +15,7 @@ config dataclass, beside its builder (trainer/models/<family>.py).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -24,24 +25,51 @@ from kcp.core.families import MODEL_FAMILIES
 from kcp.core.config_load import load_config
 
 
+MAX_CHECKED_COMBINATIONS = 4096  # a space with more is checked key by key only
+
+
 def search_space(config: Config) -> dict:
-    """`tune.space`, or the family's default space; every key checked against the config."""
+    """`tune.space`, or the family's default space; every key checked against the config: its
+    section (data keys are fixed by the preprocessed data, which no trial changes), its name (a
+    nested key such as model.augment.zoom too), every value, and, for spaces of up to
+    MAX_CHECKED_COMBINATIONS, every combination (model.dim must divide by model.heads)."""
     space = dict(config.tune.space) if config.tune.space else dict(MODEL_FAMILIES[config.model.name].search_space)
     plain = config.to_dict()
     for key, spec in space.items():
         section, _, name = key.partition(".")
-        if section not in ("data", "model", "train") or name not in plain.get(section, {}):
-            raise ConfigError(f"tune.space: {key!r} is not a data, model or train key")
+        if section == "data":
+            raise ConfigError(f"tune.space: {key!r} is fixed by the preprocessed data (RUN/data), which a trial "
+                              "does not change; search model and train keys, and preprocess once per data setting")
+        if section not in ("model", "train") or not name:
+            raise ConfigError(f"tune.space: {key!r} is not a model or train key")
         if isinstance(spec, list):
             check_choices(key, spec)
         elif isinstance(spec, dict):
             check_range(key, spec)
         else:
             raise ConfigError(f"tune.space.{key}: expected a list of choices or a {{min, max}} range")
-        # every value must also be a valid config value: fail before the first trial
-        for value in (spec if isinstance(spec, list) else [spec["min"], spec["max"]]):
-            load_config([plain], [f"{key}={json.dumps(value)}"])
+        # every value must also be a valid config value (the key one of the family's): fail before the first trial
+        for value in candidates(spec):
+            checked(plain, {key: value})
+    sizes = [len(candidates(spec)) for spec in space.values()]
+    if math.prod(sizes) <= MAX_CHECKED_COMBINATIONS:
+        for values in itertools.product(*(candidates(spec) for spec in space.values())):
+            checked(plain, dict(zip(space, values)))
     return space
+
+
+def candidates(spec) -> list:
+    """The values of a hyperparameter that are checked: every choice, or a range's ends."""
+    return list(spec) if isinstance(spec, list) else [spec["min"], spec["max"]]
+
+
+def checked(plain: dict, values: dict) -> None:
+    """`plain` with `values` ({key: value}) applied must load, or a one-line tune.space error."""
+    try:
+        load_config([plain], [f"{key}={json.dumps(value)}" for key, value in values.items()])
+    except ConfigError as error:
+        together = f" (with {', '.join(f'{k}={json.dumps(v)}' for k, v in values.items())})" if len(values) > 1 else ""
+        raise ConfigError(f"tune.space: {error}{together}") from None
 
 
 RANGE_KEYS = ("min", "max", "step", "sampling")

@@ -299,6 +299,10 @@ class TuneConfig:
     worker_timeout: int = option(300, minimum=10, help="the chief gives a trial to another worker once its worker "
                                                        "has sent nothing this many seconds (workers report every 2 s)")
 
+    def __post_init__(self):
+        if not self.objective.strip():
+            raise ConfigError("tune.objective: empty; name a metric the training logs, such as val_accuracy or val_loss")
+
 
 @dataclass(frozen=True)
 class ExportConfig:

@@ -161,10 +161,13 @@ def build(cls, values: dict, prefix: str, **extra):
     return cls(**kwargs)
 
 
+WHOLE_VALUES = ("space",)  # mappings that are one value (tune.space): a later layer replaces them, not adds to them
+
+
 def merge(base: dict, update: dict) -> dict:
     merged = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key not in WHOLE_VALUES:
             merged[key] = merge(merged[key], value)
         else:
             merged[key] = value

@@ -73,7 +73,12 @@ def test_grid_enumerates_exactly_its_grid_and_writes_its_results(digits_data, tm
 
 
 @pytest.mark.parametrize("space, message", [
-    ("{model.nope: [1, 2]}", "tune.space: 'model.nope' is not a data, model or train key"),
+    ("{model.nope: [1, 2]}", "tune.space: model.nope: not a key of the rnn family; allowed: name, "),
+    ("{model.depth: [8, 14]}", "tune.space: model.depth: not a key of the rnn family"),  # resnet's
+    ("{nope.depth: [8, 14]}", "tune.space: 'nope.depth' is not a model or train key"),
+    ("{data.seed: [1, 2]}", "tune.space: 'data.seed' is fixed by the preprocessed data .RUN/data., which a trial "),
+    ("{train.epochs: [0, 1]}", "tune.space: train.epochs: 0 is below the minimum 1"),
+    ("{model.augment.zoom: [0.0, 1.5]}", "tune.space: model.augment.zoom: 1.5 is above the maximum"),
     ("{train.learning_rate: {min: 0.1}}", "tune.space.train.learning_rate: a range needs min and max"),
     ("{train.learning_rate: {min: 0.1, max: 0.01}}", "min 0.1 must be below max 0.01"),
     ("{model.cell: [lstm, nope]}", "model.cell: 'nope' is not one of simple, lstm, gru"),
@@ -98,6 +103,20 @@ def test_grid_enumerates_exactly_its_grid_and_writes_its_results(digits_data, tm
 def test_bad_search_spaces_fail_before_any_trial(space, message):
     with pytest.raises(ConfigError, match=message.replace("{", "\\{").replace("}", "\\}")):
         search_space(load_config([], ["model.name=rnn", f"tune.space={space}"]))  # rnn: model.cell, model.units
+
+
+def test_a_space_is_checked_combination_by_combination_and_takes_nested_keys():
+    config = load_config([], ["model.name=transformer", "tune.space={model.heads: [2, 16], model.dim: [16, 24]}"])
+    with pytest.raises(ConfigError, match=r"^tune.space: model.dim: 24 is not divisible by model.heads \(16\) "
+                                          r"\(with model.heads=16, model.dim=24\)$"):
+        search_space(config)  # each value alone is valid; one pair is not
+    assert search_space(load_config([], ["tune.space={model.augment.zoom: [0.0, 0.1]}"]))
+    with pytest.raises(ConfigError, match=r"^tune.objective: empty; name a metric"):
+        load_config([], ["tune.objective="])
+    # a later layer's space replaces an earlier one's, not adds to it
+    recorded = load_config([], ["tune.space={model.dropout: [0.1, 0.2]}"]).to_dict()
+    again = load_config([], ["tune.space={model.kernel_size: [3, 5]}"], base=recorded)
+    assert again.tune.space == {"model.kernel_size": [3, 5]}
 
 
 def test_each_family_has_a_valid_default_space():
