@@ -16,6 +16,7 @@ import json
 
 from kcp.core import storage
 from kcp.core.config import Config, ConfigError
+from kcp.core.config_load import record_config
 from kcp.core.layout import RunLayout
 from tuning.hypermodel import read_trial_stats
 from tuning.space import native, trial_config
@@ -116,10 +117,12 @@ def _config_digest(final: Config) -> str:
 
 
 def record_retrained(run_dir: str, summary: dict, final: Config, export_dir: str) -> None:
-    """Records, after the export, that the best trial was retrained with `final` into `export_dir`."""
+    """Records, after the export, that the best trial was retrained with `final` into `export_dir`;
+    RUN/config.yaml becomes `final`, which RUN/train/model.keras and the export were made with."""
     record = {"best_trial": summary["best_trial"], "best_score": summary["best_score"],
               "config_sha256": _config_digest(final), "export_dir": export_dir}
     storage.write_text_atomic(storage.join(RunLayout(run_dir).tuning, RETRAINED), json.dumps(record, indent=2) + "\n")
+    record_config(run_dir, final)
 
 
 def retrained_export(run_dir: str, summary: dict, final: Config) -> str | None:

@@ -74,7 +74,8 @@ def search_fingerprint(config: Config, run_dir: str, space: dict | None = None) 
     when `kcp train --config RUN/tuning/best_config.yaml` records the best values in
     RUN/config.yaml, and the same tune command run again must resume that search, not refuse it."""
     plain = config.to_dict()
-    tuned = set(search_space(config) if space is None else space)
+    # trials always fit on train alone: include_validation (true once the best config is retrained) is not the search's
+    tuned = {*(search_space(config) if space is None else space), "train.include_validation"}
     fixed = {section: without(plain[section], section, tuned) for section in ("model", "train")}
     return {"contract_sha256": storage.sha256(RunLayout(run_dir).metadata), **fixed,
             "tune": {k: v for k, v in plain["tune"].items() if k not in RESUMABLE}}
@@ -168,7 +169,7 @@ def check_fingerprint(config: Config, run_dir: str, space: dict | None = None) -
         found = json.loads(storage.read_text(path))
         for section in ("model", "train"):
             if isinstance(found.get(section), dict):
-                found[section] = without(found[section], section, space)
+                found[section] = without(found[section], section, [*space, "train.include_validation"])
         if found != wanted:
             changed = [("data contract" if key == "contract_sha256" else f"{key} section")
                        for key in ("contract_sha256", "model", "train", "tune") if found.get(key) != wanted[key]]

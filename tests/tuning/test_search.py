@@ -238,8 +238,13 @@ def test_retrain_best_trains_on_train_and_validation_and_exports(digits_data, tm
     best = json.load(open(os.path.join(run_dir, "tuning", "best_hparams.json")))
     from kcp.core.config import read_yaml_file
 
-    assert read_yaml_file(os.path.join(run_dir, "config.yaml"))["tune"]["retrain_best"] is True
+    recorded = read_yaml_file(os.path.join(run_dir, "config.yaml"))
+    assert recorded["tune"]["retrain_best"] is True
     assert set(best["hyperparameters"]) == {"model.kernel_size", "model.dropout", "train.learning_rate"}
+    # config.yaml describes RUN/train/model.keras: the best trial's values, fitted on train + validation
+    assert recorded["model"]["kernel_size"] == best["hyperparameters"]["model.kernel_size"]
+    assert recorded["train"]["learning_rate"] == best["hyperparameters"]["train.learning_rate"]
+    assert recorded["train"]["include_validation"] is True
 
 
 def test_a_finished_retrain_is_not_repeated_unless_something_changed(tmp_path):
