@@ -38,6 +38,16 @@ def best_trials(trials, direction: str) -> list:
     return sorted(scored, key=lambda t: (sign * t.score, t.trial_id))
 
 
+RESULT_FILES = ("best_hparams.json", "best_config.yaml", "trials.csv", "trials.png")
+
+
+def clear_results(run_dir: str) -> None:
+    """Removes the results of an earlier search before this one runs: a resumed or extended search
+    killed midway must not leave the old search's best_config.yaml looking like its own."""
+    for name in RESULT_FILES:
+        storage.remove(storage.join(RunLayout(run_dir).tuning, name))
+
+
 def write_results(tuner, config: Config, run_dir: str, space: dict) -> dict:
     """trials.csv, best_hparams.json, best_config.yaml and trials.png under RUN/tuning/."""
     layout = RunLayout(run_dir)

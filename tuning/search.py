@@ -30,7 +30,7 @@ from kcp.core.config import Config, ConfigError
 from kcp.core.errors import UserError
 from kcp.core.layout import RunLayout
 from tuning.hypermodel import ObjectiveNotLogged, TrainerHyperModel, make_tuner
-from tuning.results import write_results
+from tuning.results import clear_results, write_results
 from tuning.space import search_space
 from tuning.workers import exit_chief_when_every_trial_ended, pace_idle, watch_workers
 
@@ -246,6 +246,8 @@ def run_search(config: Config, run_dir: str) -> dict:
     elif worker:
         pace_idle(tuner.oracle)
     before = {} if worker else trial_states(tuner)
+    if not worker:
+        clear_results(run_dir)  # written anew when this search ends
     try:
         tuner.search(epochs=config.train.epochs, verbose=0)
     except ObjectiveNotLogged as error:

@@ -373,6 +373,29 @@ def test_a_chief_never_reached_or_a_port_it_cannot_serve_on_is_one_line(monkeypa
     assert "--oracle: '127.0.0.1:notaport' has no port number" in capsys.readouterr().err
 
 
+def test_an_extended_search_killed_midway_leaves_no_results_of_the_old_one(digits_data, tmp_path, monkeypatch):
+    """best_config.yaml appears only once the search is complete: the 2-trial search's results must not
+    stand for the 3-trial search that was killed; running it again completes it and writes them."""
+    run_dir = fresh_run(digits_data, tmp_path)
+    base = [*SMALL, "train.epochs=1", "tune.space={model.kernel_size: [3, 5, 7]}", "tune.algorithm=grid"]
+    run_search(load_config([], [*base, "tune.max_trials=2"]), run_dir)
+    tuning = os.path.join(run_dir, "tuning")
+    assert os.path.exists(os.path.join(tuning, "best_config.yaml")) and len(read_trials(run_dir)) == 2
+
+    def killed(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kt.Tuner, "search", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(load_config([], [*base, "tune.max_trials=3"]), run_dir)
+    assert not any(os.path.exists(os.path.join(tuning, name))
+                   for name in ("best_config.yaml", "best_hparams.json", "trials.csv", "trials.png"))
+    monkeypatch.undo()
+    result = run_search(load_config([], [*base, "tune.max_trials=3"]), run_dir)
+    assert result["trials"] == 3 and result["new_trials"] == 1
+    assert os.path.exists(os.path.join(tuning, "best_config.yaml")) and len(read_trials(run_dir)) == 3
+
+
 def test_an_interrupted_keras_tuner_state_write_keeps_the_previous_state(tmp_path, monkeypatch):
     """keras-tuner 1.4 truncates trial.json before writing it; a kill in between broke every resume."""
     from keras_tuner.src import utils as kt_utils
