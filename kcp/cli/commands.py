@@ -7,6 +7,7 @@ the Beam options after `--`, and returns the exit code.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import sys
@@ -172,9 +173,16 @@ def tune(args, run_dir: str, config, beam_args: list[str]) -> int:
     role = tuner_id()
     # hyperband's brackets, from train.epochs (its max_epochs) and factor 3, set its trial count, not max_trials
     epochs = config.train.epochs
+    trials = config.tune.max_trials
+    if config.tune.algorithm == "grid":  # a grid of choices has its own size, which max_trials may cut
+        from tuning.space import search_space
+
+        specs = list(search_space(config).values())
+        if all(isinstance(spec, list) for spec in specs):
+            trials = min(trials, math.prod(len(spec) for spec in specs))
     size = (f", brackets of up to {epochs} epoch{'s' if epochs != 1 else ''} a trial (hyperband's factor 3; "
             "train.epochs, not tune.max_trials, sets how many trials)" if config.tune.algorithm == "hyperband"
-            else f", {config.tune.max_trials} trials")
+            else f", {trials} trial{'s' if trials != 1 else ''}")
     if role:  # the chief's oracle runs the search; a worker takes the trials it is given
         oracle = f"{os.environ.get('KERASTUNER_ORACLE_IP')}:{os.environ.get('KERASTUNER_ORACLE_PORT')}"
         size = f" as {role} of {oracle}" + (size if role == "chief" else " (the chief sets the trials)")

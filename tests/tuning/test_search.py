@@ -715,15 +715,20 @@ def test_a_search_without_a_scored_trial_is_an_error_naming_trials_csv(digits_da
     assert not os.path.exists(os.path.join(run_dir, "tuning", "best_config.yaml"))
 
 
-@pytest.mark.parametrize("algorithm, header", [
-    ("random", "[tune] random over cnn, 2 trials"),
-    ("hyperband", "[tune] hyperband over cnn, brackets of up to 1 epoch a trial (hyperband's factor 3; "
-                  "train.epochs, not tune.max_trials, sets how many trials)"),
+@pytest.mark.parametrize("algorithm, extra, header", [
+    ("random", [], "[tune] random over cnn, 2 trials"),
+    ("random", ["tune.max_trials=1"], "[tune] random over cnn, 1 trial"),
+    ("grid", ["tune.max_trials=20", "tune.space={model.kernel_size: [3, 5], model.batch_norm: [true, false]}"],
+     "[tune] grid over cnn, 4 trials"),  # the grid's size, below max_trials
+    ("grid", ["tune.space={model.kernel_size: [3, 5], model.batch_norm: [true, false]}"],
+     "[tune] grid over cnn, 2 trials"),  # max_trials, below the grid's size
+    ("hyperband", [], "[tune] hyperband over cnn, brackets of up to 1 epoch a trial (hyperband's factor 3; "
+                      "train.epochs, not tune.max_trials, sets how many trials)"),
 ])
 def test_the_header_claims_a_trial_count_only_where_max_trials_sets_it(tmp_path, capsys, monkeypatch, algorithm,
-                                                                       header):
+                                                                       extra, header):
     from kcp import api, cli
 
     monkeypatch.setattr(api, "tune", lambda *args, **kwargs: api.TuneResult({}))
-    assert cli.main(tune_command(str(tmp_path), "cnn", f"tune.algorithm={algorithm}")) == 0
+    assert cli.main(tune_command(str(tmp_path), "cnn", f"tune.algorithm={algorithm}", *extra)) == 0
     assert capsys.readouterr().out.splitlines()[0] == header
