@@ -107,7 +107,7 @@ def check_oracle_port(host: str, port: int) -> None:
     """A chief refuses, before it records anything, an --oracle address it cannot serve on."""
     try:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-            probe.bind((host, port))
+            probe.bind((host.strip("[]"), port))  # [::1], as gRPC writes an IPv6 address
     except OSError as error:
         raise UserError(f"--oracle: the chief cannot serve on {host}:{port} ({error.strerror or error}); "
                         "is another chief running there? choose another port") from None
@@ -131,7 +131,7 @@ def check_worker_config(config: Config, run_dir: str, space: dict) -> None:
     if not storage.exists(path):
         raise UserError(f"{path}: not found; a worker shares the chief's run directory (gs://... across machines)")
     wanted = json.loads(json.dumps(search_fingerprint(config, run_dir, space), sort_keys=True, default=str))
-    differences = fingerprint_differences(json.loads(storage.read_text(path)), wanted)
+    differences = fingerprint_differences(recorded_fingerprint(path, space), wanted)
     if differences:
         more = f" and {len(differences) - 3} more" if len(differences) > 3 else ""
         raise UserError(f"tune: this worker's config differs from the search its chief serves ({path}): "
@@ -155,6 +155,16 @@ def without(values: dict, section: str, keys) -> dict:
     return values
 
 
+def recorded_fingerprint(path: str, space: dict) -> dict:
+    """RUN/tuning/fingerprint.json as `search_fingerprint` makes it now: one recorded before the
+    tuned keys and include_validation were left out is read without them."""
+    found = json.loads(storage.read_text(path))
+    for section in ("model", "train"):
+        if isinstance(found.get(section), dict):
+            found[section] = without(found[section], section, [*space, "train.include_validation"])
+    return found
+
+
 def check_fingerprint(config: Config, run_dir: str, space: dict | None = None) -> None:
     """Records the search's fingerprint in a new RUN/tuning/, or refuses (one line) to resume a
     search that was made for another model, search space, training setup or data contract: its
@@ -166,10 +176,7 @@ def check_fingerprint(config: Config, run_dir: str, space: dict | None = None) -
     text = json.dumps(search_fingerprint(config, run_dir, space), indent=2, sort_keys=True, default=str) + "\n"
     wanted = json.loads(text)
     if storage.exists(path):
-        found = json.loads(storage.read_text(path))
-        for section in ("model", "train"):
-            if isinstance(found.get(section), dict):
-                found[section] = without(found[section], section, [*space, "train.include_validation"])
+        found = recorded_fingerprint(path, space)
         if found != wanted:
             changed = [("data contract" if key == "contract_sha256" else f"{key} section")
                        for key in ("contract_sha256", "model", "train", "tune") if found.get(key) != wanted[key]]
