@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Any, Sequence
 
 import apache_beam as beam
@@ -39,8 +40,8 @@ from kcp.core.beamio import (DEAD_LETTER, EXAMPLE, CountProgress, ProgressReport
                              local_runner_defaults, progress_directory, select)
 from kcp.core.errors import UserError
 from kcp.core.layout import RunLayout, newest_blessed
-from kcp.core.sources import (BadInput, SourcePlan, SourceRecord, check_image_bytes, decode_array, record_text,
-                               skipped_line)
+from kcp.core.sources import (BadInput, SourceError, SourcePlan, SourceRecord, check_image_bytes, decode_array,
+                               plan_source, record_text, skipped_line, source_modality)
 
 MAX_BATCH_SIZE = 64
 COUNTERS = "kcp.predict"  # the Beam metrics namespace of the predicted and failed counts
@@ -175,8 +176,47 @@ class PredictFn(beam.DoFn):
                 yield DEAD_LETTER, dead_letter(item[0], self._source, failure_reason(error))
 
 
+def plan_input(input: str, data, modality: str) -> SourcePlan:  # noqa: A002
+    """The plan of batch prediction's input (a source, as for preprocess, with no labels needed) for a
+    model of `modality`; its errors name --input."""
+    if not isinstance(input, str) or not input:
+        raise UserError(f"--input: expected a source such as folder:PATH, csv:FILE or npz:FILE, got {input!r}")
+    holds = source_modality(input)  # a table given to an image model: that error, not its missing text column
+    if holds is None or holds == modality:
+        try:
+            plan = plan_source(input, data, labels=False)  # no labels needed: a bare table, npz x or image folder
+        except SourceError as error:
+            message = str(error)
+            raise SourceError("--input:" + message[len("data.source:"):] if message.startswith("data.source:")
+                              else message) from None
+        holds = plan.modality
+    if holds != modality:
+        raise UserError(f"--input: {input} holds {holds}, the model takes {modality}")
+    return plan
+
+
 def output_prefix(output: str) -> str:
+    """OUTPUT less a trailing .jsonl; refused (one line) when it names a folder rather than a file prefix."""
+    if not isinstance(output, str) or not output.strip():
+        raise UserError(f"--output: expected a file prefix such as preds/p, got {output!r}")
+    if output.endswith("/") or (not storage.is_remote(output) and os.path.isdir(output)):
+        raise UserError(f"--output: {output} is a folder; give a file prefix inside it, such as "
+                        f"{storage.join(output.rstrip('/'), 'predictions')}")
     return output[:-len(".jsonl")] if output.endswith(".jsonl") else output
+
+
+def remove_earlier_outputs(output: str, prefix: str, single_file: bool) -> None:
+    """Removes what an earlier prediction to the same OUTPUT wrote (its shards, dead letters and a
+    killed job's beam-temp folders), so that the files there after this job are all its own: a
+    dead-letter file of other inputs, or a killed job beside the last one's shards, would pass for it."""
+    earlier = [output, f"{prefix}.dead_letter.jsonl"] if single_file else \
+        storage.glob(f"{prefix}-*-of-*.jsonl") + storage.glob(f"{prefix}.dead_letter-*-of-*.jsonl")
+    for path in earlier:
+        storage.remove(path)
+    folder, name = prefix.rsplit("/", 1) if "/" in prefix else (".", prefix)
+    for path in storage.glob(storage.join(folder, f"beam-temp-{name}-*")) + \
+            storage.glob(storage.join(folder, f"beam-temp-{name}.dead_letter-*")):
+        storage.remove_tree(path)
 
 
 def prediction_version(layout: RunLayout, name: str, version: int | None, say) -> str:
@@ -206,6 +246,7 @@ def run_batch_prediction(export_dir: str, class_names: tuple, plan: SourcePlan, 
         (report or log.info)(skipped)
     options = PipelineOptions(local_runner_defaults(list(beam_args), plan.estimated_count))
     prefix = output_prefix(output)
+    remove_earlier_outputs(output, prefix, single_file)
     progress_dir = progress_directory(options.get_all_options())
     with ProgressReporter(progress_dir, plan.estimated_count, report or (lambda line: None)), \
             beam.Pipeline(options=options) as pipeline:

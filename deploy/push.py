@@ -1,8 +1,11 @@
 """Copy a blessed export version to Cloud Storage with the google-cloud-storage client.
 
-    kcp push --run-dir runs/digits --to gs://BUCKET/models/digits [--version N] [--force]
+    kcp push --run-dir runs/digits --to gs://BUCKET/models/digits [--version N] [--dest-version M|next] [--force]
 
-Files are uploaded under gs://BUCKET/models/digits/N/ with saved_model.pb last: TF Serving
+Files are uploaded under gs://BUCKET/models/digits/N/ (or M: `next` is one above the highest
+version there) with saved_model.pb last. A push that would land below a version the destination
+already holds is refused unless that is asked for by number: TF Serving serves the highest
+version, so the pushed model would never be served: TF Serving
 only loads a version folder once saved_model.pb is there, so it never loads a half-copied
 one. A complete destination version (saved_model.pb present) is never overwritten; an
 incomplete one, left by a push that was killed halfway, is completed by pushing again (from
@@ -20,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import threading
 
 from kcp.core import lock, storage
@@ -29,11 +33,43 @@ from kcp.core.layout import validation_record
 log = logging.getLogger("kcp.push")
 
 
+BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")  # Cloud Storage's naming rules, in short
+
+
 def split_gs_uri(uri: str) -> tuple[str, str]:
-    if not uri.startswith("gs://") or len(uri) <= 5:
+    if not isinstance(uri, str) or not uri.startswith("gs://") or len(uri) <= 5:
         raise UserError(f"--to: {uri!r} is not a gs://BUCKET/PATH URI")
     bucket, _, prefix = uri[5:].partition("/")
+    if not BUCKET_NAME.match(bucket) or ".." in bucket:
+        raise UserError(f"--to: {bucket!r} is not a bucket name (3-222 lowercase letters, digits, '-', '_' and '.', "
+                        "starting and ending with a letter or digit)")
     return bucket, prefix.strip("/")
+
+
+def destination_versions(client, bucket_name: str, prefix: str) -> list[int]:
+    """The complete versions (a saved_model.pb in a numbered folder) under gs://BUCKET/PREFIX/, sorted."""
+    base = f"{prefix}/" if prefix else ""
+    pattern = re.compile(rf"^{re.escape(base)}(\d+)/saved_model\.pb$")
+    return sorted({int(match.group(1)) for blob in client.list_blobs(bucket_name, prefix=base)
+                   if (match := pattern.match(blob.name))})
+
+
+def destination_version(client, bucket_name: str, prefix: str, version: int, dest_version) -> int:
+    """The version folder a push writes: `dest_version` (a number, or "next": one above the highest
+    there), else the export's own number, refused when the destination holds a higher one."""
+    held = destination_versions(client, bucket_name, prefix)
+    where = f"gs://{bucket_name}/{prefix}" if prefix else f"gs://{bucket_name}"
+    if dest_version == "next":
+        return (held[-1] + 1) if held else version
+    if dest_version is not None:
+        if isinstance(dest_version, bool) or not isinstance(dest_version, int) or dest_version < 1:
+            raise UserError(f"--dest-version: expected a version number from 1, or next; got {dest_version!r}")
+        return dest_version
+    if held and held[-1] > version:
+        raise UserError(f"--to: {where} holds version {held[-1]}, above this export's {version}: TF Serving serves "
+                        f"the highest, so this model would not be served; push with --dest-version next "
+                        f"({held[-1] + 1}), or --dest-version {version} to place it below on purpose")
+    return version
 
 
 def read_validation(version_dir: str) -> dict | None:
@@ -50,9 +86,11 @@ def read_validation(version_dir: str) -> dict | None:
     return validation
 
 
-def push_export(version_dir: str, destination: str, force: bool = False, client=None) -> list[str]:
-    """Uploads `version_dir` (local or gs://) to DESTINATION/VERSION/; returns the gs:// URIs written."""
-    from google.api_core.exceptions import Forbidden, NotFound
+def push_export(version_dir: str, destination: str, force: bool = False, client=None,
+                dest_version=None) -> list[str]:
+    """Uploads `version_dir` (local or gs://) to DESTINATION/VERSION/ (`destination_version`);
+    returns the gs:// URIs written, saved_model.pb last."""
+    from google.api_core.exceptions import GoogleAPICallError
     from google.cloud import storage as gcs
 
     validation = read_validation(version_dir)
@@ -63,23 +101,28 @@ def push_export(version_dir: str, destination: str, force: bool = False, client=
             raise UserError(f"{version_dir}: not blessed ({'; '.join(validation.get('reasons', []))}); "
                             "push with --force to push it anyway")
     bucket_name, prefix = split_gs_uri(destination)
-    version = version_dir.rstrip("/").replace(os.sep, "/").rsplit("/", 1)[-1]
-    target = f"{prefix}/{version}" if prefix else version
     files = storage.list_files(version_dir)
     if "saved_model.pb" not in files:
         raise UserError(f"{version_dir}: no saved_model.pb; not a complete export version")
     client = client or gcs.Client()
+    try:
+        version = str(destination_version(client, bucket_name, prefix,
+                                          int(version_dir.rstrip("/").replace(os.sep, "/").rsplit("/", 1)[-1]),
+                                          dest_version))
+    except GoogleAPICallError as error:  # a missing bucket, credentials that may not list it, a bad name
+        raise _destination_error(error, bucket_name, prefix) from None
+    target = f"{prefix}/{version}" if prefix else version
     # the destination version's lock, beside it (BASE/.kcp-push-VERSION/.kcp-lock, which a model server
     # polling BASE ignores), not in it: a push killed after its last file leaves no stray object in the model
     claim = f"gs://{bucket_name}/{prefix + '/' if prefix else ''}.kcp-push-{version}"
     with _in_this_process(claim, f"gs://{bucket_name}/{target}/"):
         try:
             lock.acquire(claim, "push")
-        except (NotFound, Forbidden) as error:  # a missing bucket, or credentials that may not write there
+        except GoogleAPICallError as error:  # a missing bucket, or credentials that may not write there
             raise _destination_error(error, bucket_name, target) from None
         try:
             return _upload(client, bucket_name, target, version_dir, files)
-        except (NotFound, Forbidden) as error:
+        except GoogleAPICallError as error:
             if storage.is_remote(version_dir):  # the source bucket or the destination's: name both
                 detail = " ".join(str(getattr(error, "message", error)).split())[:200]
                 raise UserError(f"push {version_dir} -> gs://{bucket_name}/{target}/: {error.code} {detail}") from None
@@ -111,10 +154,10 @@ def _in_this_process(claim: str, destination: str):
 
 
 def _destination_error(error, bucket_name: str, target: str) -> UserError:
-    from google.api_core.exceptions import NotFound
+    from google.api_core.exceptions import Forbidden, NotFound
 
     what = (f"not found; does bucket {bucket_name!r} exist?" if isinstance(error, NotFound)
-            else "cannot be written with these credentials")
+            else "cannot be written with these credentials" if isinstance(error, Forbidden) else "refused")
     detail = " ".join(str(getattr(error, "message", error)).split())[:200]
     return UserError(f"--to: gs://{bucket_name}/{target}/: {what} ({error.code} {detail})")
 
@@ -122,7 +165,8 @@ def _destination_error(error, bucket_name: str, target: str) -> UserError:
 def _upload(client, bucket_name: str, target: str, version_dir: str, files: list[str]) -> list[str]:
     bucket = client.bucket(bucket_name)
     if bucket.blob(f"{target}/saved_model.pb").exists():
-        raise UserError(f"gs://{bucket_name}/{target}/ already exists; versions are never overwritten")
+        raise UserError(f"gs://{bucket_name}/{target}/ already exists; versions are never overwritten "
+                        "(push with --dest-version next to add one above)")
     # Without saved_model.pb the destination is absent or the remains of a killed push, which no
     # server loads: pushing again overwrites those files and completes it.
     files.sort(key=lambda relative: (relative == "saved_model.pb", relative))  # saved_model.pb last

@@ -31,7 +31,7 @@ import threading
 from dataclasses import dataclass, field
 
 import trainer.models  # noqa: F401  registers the model families, whose keys the config loader validates
-from deploy.predict import prediction_version, run_batch_prediction
+from deploy.predict import plan_input, prediction_version, run_batch_prediction
 from deploy.push import push_export
 from kcp.core import contract as contract_lib
 from kcp.core import storage
@@ -42,7 +42,6 @@ from kcp.core.contract import GENERATE_DEFAULTS, DataContract
 from kcp.core.errors import UserError
 from kcp.core.layout import RunLayout, new_run_dir, newest_run, run_path, takes_run_dir
 from kcp.core.lock import run_lock
-from kcp.core.sources import plan_source, source_modality
 from pipeline.preprocess import run_preprocess
 
 # The stages that need TensorFlow or Keras (training, tuning, export, validation, serving, the
@@ -189,10 +188,12 @@ def validate(run_dir: str, version: int | None = None, *, overrides=()) -> dict:
 
 @takes_run_dir
 def push(run_dir: str, destination: str, version: int | None = None, *, force: bool = False,
-         overrides=()) -> list[str]:
-    """Copies a blessed export version to `gs://BUCKET/PATH/VERSION/`; returns the URIs written."""
+         dest_version: int | str | None = None, overrides=()) -> list[str]:
+    """Copies a blessed export version to `gs://BUCKET/PATH/VERSION/` (`dest_version`: another number,
+    or "next", one above the highest there); returns the URIs written, saved_model.pb last."""
     config = resolve_config(run_dir, overrides=overrides)
-    return push_export(RunLayout(run_dir).version_dir(config.export.name, version), destination, force=force)
+    return push_export(RunLayout(run_dir).version_dir(config.export.name, version), destination, force=force,
+                       dest_version=dest_version)
 
 
 @takes_run_dir
@@ -214,12 +215,7 @@ def predict(run_dir: str, input: str, output: str, version: int | None = None, *
         data = dataclasses.replace(data, limit=0)
     if not data.modality and contract.modality in ("image", "sequence"):  # int series are the model's kind
         data = dataclasses.replace(data, modality=contract.modality)
-    holds = source_modality(input)  # a table given to an image model: that error, not its missing text column
-    if holds is None or holds == contract.modality:
-        plan = plan_source(input, data, labels=False)  # no labels needed: a bare table, npz x or image folder
-        holds = plan.modality
-    if holds != contract.modality:
-        raise UserError(f"--input: {input} holds {holds}, the model takes {contract.modality}")
+    plan = plan_input(input, data, contract.modality)
     say = progress or (lambda line: None)
     directory = prediction_version(RunLayout(run_dir), config.export.name, version, say)
     say(f"{input} through {directory}")
@@ -324,6 +320,9 @@ class Run:
 
     def validate(self, version: int | None = None, **options) -> dict:
         return validate(self.run_dir, version, **options)
+
+    def push(self, destination: str, version: int | None = None, **options) -> list[str]:
+        return push(self.run_dir, destination, version, **options)
 
     def predict(self, input: str, output: str, **options) -> list[str]:  # noqa: A002
         return predict(self.run_dir, input, output, **options)

@@ -212,9 +212,9 @@ def validate(args, run_dir: str, config, beam_args: list[str]) -> int:
 
 
 def push(args, run_dir: str, config, beam_args: list[str]) -> int:
-    written = api.push(run_dir, args.to, args.version, force=args.force, overrides=args.overrides)
-    version = RunLayout(run_dir).version_dir(config.export.name, args.version).rstrip("/").rsplit("/", 1)[-1]
-    say(f"[push] {len(written)} files -> {args.to.rstrip('/')}/{version}/")
+    written = api.push(run_dir, args.to, args.version, force=args.force, dest_version=args.dest_version,
+                       overrides=args.overrides)
+    say(f"[push] {len(written)} files -> {written[-1].rsplit('/', 1)[0]}/")  # saved_model.pb, written last
     return 0
 
 

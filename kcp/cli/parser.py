@@ -22,9 +22,21 @@ TUNE = [
     (("--oracle",), dict(metavar="HOST:PORT", help="the chief's address (KERASTUNER_ORACLE_IP/PORT)")),
     (("--tuner-id",), dict(help="this worker's id (default: worker-<host>-<pid>)")),
 ]
+def version_or_next(text: str):
+    """--dest-version: a version number from 1, or "next"."""
+    if text == "next":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a version number from 1, or next; got {text!r}")
+    return int(text)
+
+
 PUSH = [
     (("--to",), dict(required=True, metavar="gs://BUCKET/PATH", help="destination; VERSION is appended")),
     (("--force",), dict(action="store_true", help="push a version that is not blessed")),
+    (("--dest-version",), dict(type=lambda text: version_or_next(text), metavar="N|next",
+                               help="the version folder at the destination (default: the export's number; "
+                                    "next: one above the highest there)")),
 ]
 SERVE = [
     (("--host",), dict(default="127.0.0.1", help="address to bind (default 127.0.0.1)")),

@@ -95,6 +95,34 @@ def test_predict_counts_predictions_and_failures(sequence_run, tmp_path, capsys)
     code, output = predict(run_dir, f"npz:{tmp_path / 'bad.npz'}", tmp_path / "again", capsys)
     assert "[predict] predicted 2, failed 2 ->" in output  # counted per job, not per process
 
+    # the same OUTPUT again, on inputs that all predict: no earlier dead letters or killed job's temp left
+    (tmp_path / "beam-temp-preds-0123abcd").mkdir()  # a killed job's
+    np.savez(tmp_path / "good.npz", x=x[:3], y=np.zeros(3, np.int64))
+    code, output = predict(run_dir, f"npz:{tmp_path / 'good.npz'}", tmp_path / "preds", capsys)
+    assert code == 0 and "[predict] predicted 3, failed 0" in output
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith(("preds", "beam-temp-preds"))) \
+        == ["preds-00000-of-00001.jsonl"]
+    assert len((tmp_path / "preds-00000-of-00001.jsonl").read_text().splitlines()) == 3
+
+
+def test_predict_refuses_an_output_that_is_a_folder_and_names_input_in_its_errors(sequence_run, tmp_path, capsys):
+    from kcp import api
+    from kcp.core.errors import UserError
+
+    run_dir, x = sequence_run
+    np.savez(tmp_path / "x.npz", x=x[:2])
+    for output in (f"{tmp_path}/", str(tmp_path)):
+        code, said = predict(run_dir, f"npz:{tmp_path / 'x.npz'}", output, capsys)
+        assert code == 2 and f"--output: {output} is a folder; give a file prefix inside it, such as " \
+                              f"{tmp_path}/predictions" in said, said
+    code, said = predict(run_dir, f"npz:{tmp_path / 'missing.npz'}", tmp_path / "p", capsys)
+    assert code == 2 and f"kcp predict: error: --input: {tmp_path / 'missing.npz'}" in said, said
+    with pytest.raises(UserError, match=r"^--input: expected a source such as folder:PATH, csv:FILE or npz:FILE, "
+                                        r"got None$"):
+        api.predict(run_dir, None, str(tmp_path / "p"))
+    with pytest.raises(UserError, match=r"^--output: expected a file prefix such as preds/p, got 5$"):
+        api.predict(run_dir, f"npz:{tmp_path / 'x.npz'}", 5)
+
 
 @pytest.mark.parametrize("body", ['{"instances": [%s, %s]}', '{"inputs": {"sequence": [%s, %s]}}'])
 @pytest.mark.parametrize("bad, message", [

@@ -548,6 +548,37 @@ def test_push_to_a_missing_bucket_or_with_a_broken_validation_record_is_one_line
         _push(version_dir, "gs://kcp-test/reliability/broken", gcs)
 
 
+def test_a_push_that_would_land_below_a_served_version_is_refused_unless_placed_by_number(tmp_path, gcs):
+    """TF Serving serves the highest version: a newer run's version 1 pushed beside another run's 3
+    would never be served. --dest-version next puts it above; a number places it where asked."""
+    from deploy.push import push_export
+
+    base = "gs://kcp-test/reliability/versions"
+    older, newer = str(tmp_path / "a" / "export" / "model" / "3"), str(tmp_path / "b" / "export" / "model" / "1")
+    _blessed_version(older, b"older")
+    _blessed_version(newer, b"newer")
+    assert push_export(older, base, client=gcs)[-1] == f"{base}/3/saved_model.pb"
+    with pytest.raises(UserError, match=rf"^--to: {base} holds version 3, above this export's 1: TF Serving "
+                                        r"serves the highest.*--dest-version next \(4\)"):
+        push_export(newer, base, client=gcs)
+    assert not list(gcs.list_blobs("kcp-test", prefix="reliability/versions/1/"))  # nothing written
+    assert push_export(newer, base, client=gcs, dest_version="next")[-1] == f"{base}/4/saved_model.pb"
+    assert gcs.bucket("kcp-test").blob("reliability/versions/4/saved_model.pb").download_as_bytes() == \
+        b"newersaved_model.pb"
+    assert push_export(newer, base, client=gcs, dest_version=2)[-1] == f"{base}/2/saved_model.pb"  # below, as asked
+    with pytest.raises(UserError, match=r"versions/4/ already exists; versions are never overwritten .push with "
+                                        r"--dest-version next"):
+        push_export(newer, base, client=gcs, dest_version=4)
+    with pytest.raises(UserError, match=r"^--dest-version: expected a version number from 1, or next; got 0$"):
+        push_export(newer, base, client=gcs, dest_version=0)
+    assert push_export(newer, "gs://kcp-test/reliability/fresh", client=gcs, dest_version="next")[-1].endswith(
+        "/fresh/1/saved_model.pb")  # next with none there: the export's own number
+    with pytest.raises(UserError, match=r"^--to: 'Bad Bucket' is not a bucket name"):
+        push_export(newer, "gs://Bad Bucket/x", client=gcs)
+    with pytest.raises(UserError, match=r"^--to: None is not a gs://BUCKET/PATH URI$"):
+        push_export(newer, None, client=gcs)
+
+
 # --- fingerprints: what an artifact was made from ---------------------------------------------
 
 def _run_from(digits_run, tmp_path):
