@@ -35,11 +35,12 @@ import numpy as np
 from apache_beam.metrics import Metrics, MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from deploy.push import read_validation
 from kcp.core import storage
 from kcp.core.beamio import (DEAD_LETTER, EXAMPLE, CountProgress, ProgressReporter, ReadSource, dead_letter,
                              local_runner_defaults, progress_directory, select)
 from kcp.core.errors import UserError
-from kcp.core.layout import RunLayout, newest_blessed
+from kcp.core.layout import RunLayout, check_unchanged_since_validation, newest_blessed
 from kcp.core.sources import (BadInput, SourceError, SourcePlan, SourceRecord, check_image_bytes, decode_array,
                                plan_source, record_text, skipped_line, source_modality)
 
@@ -240,6 +241,7 @@ def run_batch_prediction(export_dir: str, class_names: tuple, plan: SourcePlan, 
                          beam_args: list[str], single_file: bool = False, report=None) -> list[str]:
     """Runs the job; returns the prediction files written (sorted). `report(line)` gets the
     progress lines of a local run."""
+    check_unchanged_since_validation(export_dir, read_validation(export_dir))  # the workers load what was validated
     signature, input_name = signature_for(plan)
     check_input_shape(export_dir, plan)
     if skipped := skipped_line(plan):  # files below --input folder: that are not images, as preprocess says it

@@ -28,7 +28,7 @@ import threading
 
 from kcp.core import lock, storage
 from kcp.core.errors import UserError
-from kcp.core.layout import validation_record
+from kcp.core.layout import check_unchanged_since_validation, validation_record
 
 log = logging.getLogger("kcp.push")
 
@@ -100,6 +100,7 @@ def push_export(version_dir: str, destination: str, force: bool = False, client=
         if not validation.get("blessed"):
             raise UserError(f"{version_dir}: not blessed ({'; '.join(validation.get('reasons', []))}); "
                             "push with --force to push it anyway")
+        check_unchanged_since_validation(version_dir, validation)
     bucket_name, prefix = split_gs_uri(destination)
     files = storage.list_files(version_dir)
     if "saved_model.pb" not in files:

@@ -29,8 +29,8 @@ def load_export(path: str):
     missing export is a one-line UserError naming it."""
     try:
         return tf.saved_model.load(path)
-    except (OSError, ValueError, DecodeError, tf.errors.OpError) as error:
-        raise _unreadable(path, error) from error
+    except (OSError, ValueError, IndexError, DecodeError, tf.errors.OpError) as error:  # IndexError: a truncated
+        raise _unreadable(path, error) from error  # variables file ("Read less bytes than requested")
 
 
 def signature_defs(path: str, internal: bool = False) -> dict:

@@ -35,7 +35,7 @@ from kcp.core.errors import UserError
 from kcp.core import contract as contract_lib
 from kcp.core import document_cache
 from kcp.core import examples as example_lib
-from kcp.core.layout import RunLayout, newest_blessed, validation_record
+from kcp.core.layout import RunLayout, newest_blessed, validation_record, version_files_sha256
 
 MAX_DIFFERENCE = 0.005
 
@@ -100,19 +100,31 @@ def validate_export(config: Config, run_dir: str, version: int | None = None) ->
         raise UserError(f"{directory} was exported with another data contract than {layout.metadata} (preprocessed "
                         f"again since), so its test split is not the model's; run `kcp train` and `kcp export` "
                         f"(--run-dir {run_dir}) first, and validate the new version")
+    digests = version_files_sha256(directory)  # before loading: what is validated is what push and predict check
     if contract.modality == "language":
-        result = validate_language(contract, run_dir, directory, metrics, config.export.name)
+        result = {**validate_language(contract, run_dir, directory, metrics, config.export.name),
+                  "files_sha256": digests}
         storage.write_text_atomic(validation_record(directory),
                                   json.dumps(result, indent=2) + "\n")
         return result
     trainer = metrics["test"]["accuracy"]
-    accuracy = export_accuracy(directory, run_dir, "test")
+    try:
+        accuracy = export_accuracy(directory, run_dir, "test")
+    except UserError as error:  # a damaged export (cannot load): its blessing, if any, is withdrawn
+        storage.write_text_atomic(validation_record(directory), json.dumps(
+            {"version": version_number(directory), "blessed": False, "reasons": [str(error)]}, indent=2) + "\n")
+        raise
     reasons = []
     if abs(accuracy - trainer) > MAX_DIFFERENCE:
         reasons.append(f"export accuracy {accuracy:.4f} differs from the trainer's {trainer:.4f} by more than "
                        f"{MAX_DIFFERENCE:.3f}")
     if config.export.min_accuracy is not None and accuracy < config.export.min_accuracy:
         reasons.append(f"export accuracy {accuracy:.4f} is below export.min_accuracy {config.export.min_accuracy}")
+    baseline = baseline_accuracy(directory, run_dir, config) if config.export.max_regression is not None else {}
+    if baseline.get("accuracy") is not None and accuracy < baseline["accuracy"] - config.export.max_regression:
+        reasons.append(f"export accuracy {accuracy:.4f} is below blessed version {baseline['version']}'s "
+                       f"{baseline['accuracy']:.4f} on the same test split by more than export.max_regression "
+                       f"{config.export.max_regression}")
     result = {
         "version": version_number(directory),
         "export_accuracy": accuracy,
@@ -121,12 +133,30 @@ def validate_export(config: Config, run_dir: str, version: int | None = None) ->
         "max_difference": MAX_DIFFERENCE,
         "min_accuracy": config.export.min_accuracy,
         "examples": test.count,
+        "baseline_version": baseline.get("version"),
+        "baseline_accuracy": baseline.get("accuracy"),
+        "max_regression": config.export.max_regression,
         "blessed": not reasons,
         "reasons": reasons,
+        "files_sha256": digests,
     }
     storage.write_text_atomic(validation_record(directory),
                               json.dumps(result, indent=2) + "\n")
     return result
+
+
+def baseline_accuracy(directory: str, run_dir: str, config: Config) -> dict:
+    """{"version", "accuracy"} of the newest other blessed version on this contract's test split, as
+    a client sends it; {} when there is none, or {"version", "accuracy": None, "error"} when it cannot
+    take these inputs (made for other data): then no comparison is made, and validation.json says why."""
+    baseline_dir = blessed_baseline(RunLayout(run_dir).export_root(config.export.name), version_number(directory))
+    if baseline_dir is None:
+        return {}
+    try:
+        return {"version": version_number(baseline_dir), "accuracy": export_accuracy(baseline_dir, run_dir, "test")}
+    except (UserError, ValueError, TypeError, tf.errors.OpError) as error:
+        first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        return {"version": version_number(baseline_dir), "accuracy": None, "error": first[:300]}
 
 
 # --- language ----------------------------------------------------------------------------

@@ -308,6 +308,9 @@ class TuneConfig:
 class ExportConfig:
     name: str = option("model", help="model name in RUN/export/NAME/VERSION and in the serving URL")
     min_accuracy: Optional[float] = option(None, minimum=0.0, maximum=1.0)
+    max_regression: Optional[float] = option(
+        0.01, minimum=0.0, maximum=1.0, help="validate: test accuracy a version may lose against the newest blessed "
+                                             "one on the same split (noise); null: no comparison")
     warmup_requests: int = option(100, minimum=0, maximum=1000,
                                   help="test inputs in assets.extra/tf_serving_warmup_requests; 0: no warmup file")
 

@@ -18,13 +18,13 @@ import keras
 import numpy as np
 import pytest
 
-from kcp import api
+from kcp import api, cli
 from kcp.core import storage
 from kcp.core.config_load import load_config
 from kcp.core.errors import UserError
 from kcp.core.layout import RunLayout, export_versions, new_run_dir
 from kcp.core.schema import ConfigError
-from tests.conftest import fresh_run
+from tests.conftest import IN_PROCESS_BEAM, fresh_run
 
 try:
     from kcp.core import lock as lock_lib
@@ -621,6 +621,50 @@ def test_export_refuses_a_contract_the_model_was_not_trained_on_and_validate_ano
     with pytest.raises(UserError, match="exported with another data contract.*kcp train"):
         validate_export(load_config(), run_dir)
     assert storage.read_text(record) == blessed
+
+
+def test_validate_refuses_a_regression_against_the_blessed_version_and_push_a_version_changed_since(
+        digits_run, tmp_path, monkeypatch, gcs):
+    from deploy import validate as validate_lib
+    from deploy.export import export_for_serving
+    from deploy.push import push_export
+
+    run_dir = _run_from(digits_run, tmp_path)
+    config = load_config([], ["export.warmup_requests=1"])
+    first = export_for_serving(config, run_dir)
+    result = validate_lib.validate_export(config, run_dir)
+    assert result["blessed"] and result["baseline_version"] is None  # nothing blessed before it
+    assert set(result["files_sha256"]) >= {"saved_model.pb", "variables/variables.index"}
+    assert "assets.extra/validation.json" not in result["files_sha256"]
+    second = export_for_serving(config, run_dir)
+    real = validate_lib.export_accuracy
+    better = result["export_accuracy"] + 0.05  # as if version 1 had been the better model
+
+    def accuracy(export_dir, run, split="test"):
+        return better if export_dir.rstrip("/").endswith("/1") else real(export_dir, run, split)
+
+    monkeypatch.setattr(validate_lib, "export_accuracy", accuracy)
+    result = validate_lib.validate_export(config, run_dir)
+    assert not result["blessed"] and (result["baseline_version"], result["baseline_accuracy"]) == (1, better)
+    assert result["reasons"] == [f"export accuracy {result['export_accuracy']:.4f} is below blessed version 1's "
+                                 f"{better:.4f} on the same test split by more than export.max_regression 0.01"]
+    assert validate_lib.validate_export(load_config([], ["export.max_regression=null"]), run_dir)["blessed"]
+    monkeypatch.undo()
+
+    # a blessed version whose files changed after validation is not pushed, nor predicted with
+    with open(os.path.join(second, "variables", "variables.data-00000-of-00001"), "r+b") as handle:
+        handle.truncate(10)
+    with pytest.raises(UserError, match=r"variables.data-00000-of-00001: changed since `kcp validate` blessed this "
+                                        r"version .its sha256 differs from validation.json's.; export and validate"):
+        push_export(second, "gs://kcp-test/reliability/changed", client=gcs)
+    assert not list(gcs.list_blobs("kcp-test", prefix="reliability/changed/"))
+    assert cli.main(["predict", "--run-dir", run_dir, "--input", "digits", "--output", str(tmp_path / "p"), "--",
+                     *IN_PROCESS_BEAM]) == 2
+    assert push_export(first, "gs://kcp-test/reliability/changed", client=gcs)  # the unchanged one goes
+    with pytest.raises(UserError, match=r"cannot load the SavedModel .* export it again"):
+        validate_lib.validate_export(config, run_dir)  # a truncated variables file: one line, not a traceback
+    record = json.loads(storage.read_text(os.path.join(second, "assets.extra", "validation.json")))
+    assert not record["blessed"] and "cannot load the SavedModel" in record["reasons"][0]  # its blessing withdrawn
 
 
 def test_a_backup_made_for_another_model_or_schedule_is_discarded_not_restored(tmp_path):
