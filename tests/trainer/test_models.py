@@ -74,6 +74,26 @@ def test_save_and_reload_give_identical_predictions(family, modality, tmp_path):
     np.testing.assert_array_equal(model.predict(inputs, verbose=0), reloaded.predict(inputs, verbose=0))
 
 
+def test_register_custom_layers_is_all_a_fresh_process_needs_to_load_any_model(tmp_path):
+    """model.keras of a text rnn (WordDropout, BidirectionalRNN) and of gpt (its blocks), loaded in a
+    process that imports nothing of kcp's but trainer.models."""
+    import subprocess
+    import sys
+
+    spec = SPECS["text"]
+    build_model(spec, small_config("rnn", "model.word_dropout=0.1")).save(str(tmp_path / "rnn.keras"))
+    gpt = load_config([], ["model.name=gpt", "model.size=custom", "model.layers=1", "model.dim=16",
+                           "model.heads=2"]).model
+    build_model(ModelInputs("language", (8,), 300, vocab_size=300, input_name="tokens"), gpt).save(
+        str(tmp_path / "gpt.keras"))
+    script = ("import keras, trainer.models; trainer.models.register_custom_layers(); "
+              f"print([len(keras.saving.load_model(p).layers) > 0 for p in ({str(tmp_path / 'rnn.keras')!r}, "
+              f"{str(tmp_path / 'gpt.keras')!r})])")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[True, True]"
+
+
 @pytest.mark.parametrize("family, modality", CASES)
 def test_gradients_reach_the_first_layer(family, modality):
     spec = SPECS[modality]

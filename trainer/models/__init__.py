@@ -36,3 +36,16 @@ def build_model(spec: ModelInputs, config: ModelConfig):
         raise ValueError(f"model.name: {config.name!r} is not one of {', '.join(REGISTRY)}") from None
     check_family_takes(config.name, spec.modality)
     return builder(spec, config)
+
+
+def register_custom_layers() -> None:
+    """Registers every kcp layer (package `kcp`) with Keras, so that `keras.saving.load_model` reads
+    any RUN/train/model.keras in a fresh process:
+
+        import keras, trainer.models
+        trainer.models.register_custom_layers()
+        model = keras.saving.load_model("runs/digits/train/model.keras")
+    """
+    from trainer.models import layers  # noqa: F401  registers on import (WordDropout, BidirectionalRNN, ...)
+
+    gpt.layer_classes()  # the gpt family's, defined and registered on the first call
