@@ -88,13 +88,15 @@ def acquire(run_dir: str, command: str) -> bytes:
         "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "token": uuid.uuid4().hex,
     }, indent=2).encode()
+    unread = None
     for _ in range(3):
         if storage.create_exclusive(path, content):
             _HELD[path] = [content, 1]
             return content
         try:
             seen = storage.read_bytes(path)
-        except Exception:  # noqa: BLE001  gone (each backend says so its own way): released meanwhile, try again
+        except Exception as error:  # noqa: BLE001  gone (each backend says so its own way): released meanwhile,
+            unread = error  # try again; or unreadable here (credentials that may create but not read objects)
             continue
         try:
             holder = json.loads(seen)
@@ -105,6 +107,10 @@ def acquire(run_dir: str, command: str) -> bytes:
             continue
         raise RunLockedError(f"{run_dir} is in use by {describe_holder(holder)}; wait for it to finish, or, "
                              f"if that process is gone, delete {path}")
+    if unread is not None and storage.exists(path):  # there all along, and never read: say why, not "taken"
+        detail = " ".join(str(unread).split())[:200] or type(unread).__name__
+        raise RunLockedError(f"{run_dir}: its lock {path} is there but cannot be read ({detail}); if no process "
+                             "holds it, delete it")
     raise RunLockedError(f"{run_dir}: could not take its lock {path} (other processes keep taking it)")
 
 

@@ -138,6 +138,20 @@ def test_a_lock_from_another_host_is_never_broken(tmp_path):
         lock_lib.acquire(run_dir, "train")
 
 
+def test_a_lock_that_is_there_but_cannot_be_read_is_named_with_the_reason(tmp_path, monkeypatch):
+    """Credentials that may create objects but not read them (objectCreator): the error says so."""
+    run_dir = str(tmp_path / "run")
+    _holder(run_dir, 1, host="some-other-vm")
+
+    def forbidden(path):
+        raise PermissionError(f"403 GET {path}: caller does not have storage.objects.get access")
+
+    monkeypatch.setattr(storage, "read_bytes", forbidden)
+    with pytest.raises(lock_lib.RunLockedError, match=r"kcp-lock is there but cannot be read \(403 GET .*storage"
+                                                      r".objects.get access\); if no process holds it, delete it$"):
+        lock_lib.acquire(run_dir, "train")
+
+
 def test_the_lock_on_gcs_is_created_with_a_generation_precondition(gcs):
     run_dir = "gs://kcp-test/reliability/locked"
     first = lock_lib.acquire(run_dir, "train")
