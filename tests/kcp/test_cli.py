@@ -259,7 +259,10 @@ def test_routine_native_lines_are_dropped_and_everything_else_kept(capfd):
              b"use_unbounded_threadpool which is not in the op definition: Op<name=MapDataset; ...>\n"
              b"W0000 00:00:1795825143.266024   10655 local_rendezvous.cc:412] Local rendezvous is aborting with "
              b"status: INVALID_ARGUMENT: assertion failed: [instance 0: not a PNG, JPEG, GIF or BMP image]\n"
-             b"\t [[{{function_node __inference_map_while_body_537_2269}}{{node map/while/Assert/Assert}}]]\n")
+             b"\t [[{{function_node __inference_map_while_body_537_2269}}{{node map/while/Assert/Assert}}]]\n"
+             b"W0000 00:00:1795884586.720902   18115 dataset.cc:997] Input of GeneratorDatasetOp::Dataset will not be "
+             b"optimized because the dataset does not implement the AsGraphDefInternal() method needed to apply "
+             b"optimizations.\n")
     with filtered_stderr():
         os.write(2, noisy[:50])  # a line split across writes is still recognised
         os.write(2, noisy[50:] + b"W0000 a real warning\n"
