@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from typing import Any, Sequence
 
 import apache_beam as beam
@@ -206,18 +207,31 @@ def output_prefix(output: str) -> str:
     return output[:-len(".jsonl")] if output.endswith(".jsonl") else output
 
 
+def job_files(prefix: str, kind: str = "") -> list[str]:
+    """The shards a job writes to PREFIX (`kind` ".dead_letter": its dead letters), sorted: exactly
+    PREFIX-NNNNN-of-NNNNN.jsonl, not those of another prefix that begins with PREFIX- ("preds-2024")."""
+    name = re.escape(prefix.rsplit("/", 1)[-1] + kind)
+    shard = re.compile(rf"{name}-\d{{5}}-of-\d{{5}}\.jsonl")
+    return sorted(path for path in storage.glob(f"{prefix}{kind}-*-of-*.jsonl")
+                  if shard.fullmatch(path.rsplit("/", 1)[-1]))
+
+
 def remove_earlier_outputs(output: str, prefix: str, single_file: bool) -> None:
     """Removes what an earlier prediction to the same OUTPUT wrote (its shards, dead letters and a
     killed job's beam-temp folders), so that the files there after this job are all its own: a
     dead-letter file of other inputs, or a killed job beside the last one's shards, would pass for it."""
     earlier = [output, f"{prefix}.dead_letter.jsonl"] if single_file else \
-        storage.glob(f"{prefix}-*-of-*.jsonl") + storage.glob(f"{prefix}.dead_letter-*-of-*.jsonl")
+        job_files(prefix) + job_files(prefix, ".dead_letter")
     for path in earlier:
         storage.remove(path)
     folder, name = prefix.rsplit("/", 1) if "/" in prefix else (".", prefix)
-    for path in storage.glob(storage.join(folder, f"beam-temp-{name}-*")) + \
-            storage.glob(storage.join(folder, f"beam-temp-{name}.dead_letter-*")):
-        storage.remove_tree(path)
+    # Beam's temporary folders: beam-temp-NAME-<uuid1 hex>; on gs:// a "folder" is its objects' prefix
+    temporary = re.compile(rf"beam-temp-{re.escape(name)}(\.dead_letter)?-[0-9a-f]{{32}}")
+    found = {path.rstrip("/") for path in storage.glob(storage.join(folder, f"beam-temp-{name}*"))}
+    found |= {path.rsplit("/", 1)[0] for path in storage.glob(storage.join(folder, f"beam-temp-{name}*", "*"))}
+    for path in sorted(found):
+        if temporary.fullmatch(path.rsplit("/", 1)[-1]):
+            storage.remove_tree(path)
 
 
 def prediction_version(layout: RunLayout, name: str, version: int | None, say) -> str:
@@ -276,7 +290,7 @@ def run_batch_prediction(export_dir: str, class_names: tuple, plan: SourcePlan, 
     (report or log.info)(counts_line(pipeline.result, dead_letters))
     if single_file:
         return [output]
-    return sorted(storage.glob(f"{prefix}-*-of-*.jsonl"))
+    return job_files(prefix)
 
 
 def counts_line(result, dead_letters: str) -> str:

@@ -81,14 +81,25 @@ def search_fingerprint(config: Config, run_dir: str, space: dict | None = None) 
             "tune": {k: v for k, v in plain["tune"].items() if k not in RESUMABLE}}
 
 
-CHIEF_START_SECONDS = 120  # how long a worker waits for its chief to come up (at least tune.chief_timeout)
+# how long a worker waits for its chief to come up (at least tune.chief_timeout): a launcher may start the
+# chief's and the workers' pools minutes apart (Keras Tuner's client alone waits for ever)
+CHIEF_START_SECONDS = 600
+
+
+def oracle_address() -> tuple[str, int]:
+    """(host, port) of the chief's oracle from KERASTUNER_ORACLE_IP/PORT (which --oracle sets, or a
+    launcher); an IPv6 host without its brackets, as sockets take it. A port that is not a number: one line."""
+    host, port = os.environ.get("KERASTUNER_ORACLE_IP", ""), os.environ.get("KERASTUNER_ORACLE_PORT", "")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"KERASTUNER_ORACLE_PORT: {port!r} is not a port number (1 to 65535)")
+    return host.strip("[]"), int(port)
 
 
 def wait_for_chief(chief_timeout: float, interval: float = 1.0) -> None:
     """Returns once the chief's oracle answers; a chief never reached in max(tune.chief_timeout,
     CHIEF_START_SECONDS) is a mistyped --oracle or a chief never started: one line, exit 2 (a
     chief that was reached and is gone later ends the worker with 0, `watch_chief`)."""
-    host, port = os.environ["KERASTUNER_ORACLE_IP"], int(os.environ["KERASTUNER_ORACLE_PORT"])
+    host, port = oracle_address()
     seconds = max(chief_timeout, CHIEF_START_SECONDS)
     deadline = time.monotonic() + seconds
     while True:
@@ -104,10 +115,13 @@ def wait_for_chief(chief_timeout: float, interval: float = 1.0) -> None:
 
 
 def check_oracle_port(host: str, port: int) -> None:
-    """A chief refuses, before it records anything, an --oracle address it cannot serve on."""
+    """A chief refuses, before it records anything, an --oracle address it cannot serve on. The probe
+    binds as gRPC does (SO_REUSEADDR): a chief restarted on its port while its old connections are in
+    TIME_WAIT can serve there, and is not refused."""
     try:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-            probe.bind((host.strip("[]"), port))  # [::1], as gRPC writes an IPv6 address
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
     except OSError as error:
         raise UserError(f"--oracle: the chief cannot serve on {host}:{port} ({error.strerror or error}); "
                         "is another chief running there? choose another port") from None
@@ -240,11 +254,10 @@ def run_search(config: Config, run_dir: str) -> dict:
     worker = is_tuner_worker()
     if worker:
         check_worker_config(config, run_dir, space)
-        watch_chief(os.environ["KERASTUNER_ORACLE_IP"], int(os.environ["KERASTUNER_ORACLE_PORT"]),
-                    config.tune.chief_timeout)
+        watch_chief(*oracle_address(), config.tune.chief_timeout)
     else:
         if tuner_id():
-            check_oracle_port(os.environ["KERASTUNER_ORACLE_IP"], int(os.environ["KERASTUNER_ORACLE_PORT"]))
+            check_oracle_port(*oracle_address())
         check_fingerprint(config, run_dir, space)
     tuner = make_tuner(config, TrainerHyperModel(config, run_dir, space), directory)
     if tuner_id() and not worker:  # the chief of a distributed search: a lost worker's trial goes to another

@@ -96,12 +96,18 @@ def test_predict_counts_predictions_and_failures(sequence_run, tmp_path, capsys)
     assert "[predict] predicted 2, failed 2 ->" in output  # counted per job, not per process
 
     # the same OUTPUT again, on inputs that all predict: no earlier dead letters or killed job's temp left
-    (tmp_path / "beam-temp-preds-0123abcd").mkdir()  # a killed job's
+    (tmp_path / "beam-temp-preds-0123456789abcdef0123456789abcdef").mkdir()  # a killed job's
+    # another job's, under PREFIX-2024 (in shard counts other than this job's: Beam's WriteToText itself
+    # deletes PREFIX-*-of-00001.jsonl when it writes one shard)
+    others = ["preds-2024-00000-of-00002.jsonl", "preds-2024.dead_letter-00000-of-00002.jsonl",
+              "beam-temp-preds-2024-0123456789abcdef0123456789abcdef"]
+    for name in others:
+        (tmp_path / name).write_text("{}\n")
     np.savez(tmp_path / "good.npz", x=x[:3], y=np.zeros(3, np.int64))
     code, output = predict(run_dir, f"npz:{tmp_path / 'good.npz'}", tmp_path / "preds", capsys)
     assert code == 0 and "[predict] predicted 3, failed 0" in output
     assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith(("preds", "beam-temp-preds"))) \
-        == ["preds-00000-of-00001.jsonl"]
+        == sorted(["preds-00000-of-00001.jsonl", *others])
     assert len((tmp_path / "preds-00000-of-00001.jsonl").read_text().splitlines()) == 3
 
 

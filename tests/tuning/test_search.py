@@ -362,6 +362,24 @@ def test_a_chief_never_reached_or_a_port_it_cannot_serve_on_is_one_line(monkeypa
     monkeypatch.setattr(search, "CHIEF_START_SECONDS", 1)
     with pytest.raises(UserError, match=rf"^--oracle: could not reach the chief at 127.0.0.1:{port} in 1 s "):
         search.wait_for_chief(0.5, interval=0.2)
+    # a port whose last connection the server closed (TIME_WAIT, as a restarted chief finds its port) is servable
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC's server binds
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        client = socket.create_connection(server.getsockname())
+        accepted, _ = server.accept()
+        accepted.close()
+        client.close()
+        reused = server.getsockname()[1]
+    search.check_oracle_port("127.0.0.1", reused)
+    monkeypatch.setenv("KERASTUNER_ORACLE_PORT", "http")
+    with pytest.raises(UserError, match=r"^KERASTUNER_ORACLE_PORT: 'http' is not a port number \(1 to 65535\)$"):
+        search.wait_for_chief(0.5, interval=0.2)
+    monkeypatch.setenv("KERASTUNER_ORACLE_IP", "[::1]")  # as --oracle [::1]:PORT sets it
+    monkeypatch.setenv("KERASTUNER_ORACLE_PORT", str(port))
+    assert search.oracle_address() == ("::1", port)
+    monkeypatch.setenv("KERASTUNER_ORACLE_IP", "127.0.0.1")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
