@@ -108,7 +108,7 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
                     "fingerprint": self._fingerprint()}
         if self._multi_worker() and previous and previous.get("epoch", 0) < self._current_epoch:
             # a worker killed while the others saved this epoch has only the one before: keep it,
-            # so that every worker can restore the epoch they all have (`_agreed_epoch`)
+            # so that every worker can restore the epoch they all have (`_load_model`)
             metadata["previous"] = {key: previous[key] for key in ("epoch", "batch", "weights")}
         storage.write_text_atomic(self._training_metadata_path, json.dumps(metadata))
         kept = {name, metadata.get("previous", {}).get("weights")}
@@ -128,21 +128,24 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
 
         return isinstance(self.model.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy)
 
-    def _agreed_epoch(self, epoch: int) -> int:
-        """The smallest backed-up epoch over the workers (`epoch` alone with one worker). Workers
-        train in lockstep, but a kill can land while some have saved epoch k and others only k-1:
-        each restoring its own would run them out of step (a collective then aborts on mismatched
-        tensors, run after run), so every worker resumes at the epoch all of them have."""
+    def _smallest_over_workers(self, value: int) -> int:
+        """The smallest of `value` over the workers (`value` itself with one worker): a collective
+        every worker calls, the same number of times, at the same point."""
         if not self._multi_worker():
-            return epoch
+            return value
         import tensorflow as tf
 
         strategy = self.model.distribute_strategy
-        values = strategy.experimental_distribute_values_from_function(
-            lambda _: tf.constant([epoch], tf.int64))
+        values = strategy.experimental_distribute_values_from_function(lambda _: tf.constant([value], tf.int64))
         return int(tf.reduce_min(strategy.gather(values, axis=0)))
 
     def _load_model(self):
+        """Restores the backup. Under multi_worker the workers agree, by two collectives, on the last
+        epoch every one of them backed up (a kill can land while some have saved epoch k and others
+        only k-1: each restoring its own would run them out of step, and a collective then aborts on
+        mismatched tensors, run after run), and on whether each holds that epoch's weights (its
+        latest or the one before); if one does not, all start at epoch 1 rather than one failing alone
+        while the others wait in their first collective."""
         metadata = self._read_metadata()
         if metadata is not None and not self.model.built:
             raise ValueError("BackupAndRestore needs a built model before fit(); build it on a batch first")
@@ -155,22 +158,27 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
                         "it is discarded and training starts at epoch 1", self.backup_dir)
             storage.remove_tree(self.backup_dir)
             metadata = None
-        epoch = self._agreed_epoch(metadata["epoch"] if metadata else 0)
-        if metadata is None or epoch == 0:
+        epoch = self._smallest_over_workers(metadata["epoch"] if metadata else 0)
+        chosen = metadata if metadata and metadata["epoch"] == epoch else (metadata or {}).get("previous") or {}
+        weights = storage.join(self.backup_dir, chosen.get("weights", "latest.weights.h5"))  # Keras' own name: older
+        held = bool(epoch) and chosen.get("epoch") == epoch and storage.exists(weights)
+        if not held and metadata is not None:  # e.g. a weights file removed by hand: no traceback, a fresh start
+            log.warning("backup %s: no weights of epoch %d here", self.backup_dir, epoch)
+        if not self._smallest_over_workers(int(held)) or not epoch:
             if metadata is not None:
-                log.warning("backup %s: another worker has no backup; every worker starts at epoch 1", self.backup_dir)
+                log.warning("backup %s: not every worker holds the weights of epoch %d, the last one all of them "
+                            "backed up; every worker starts at epoch 1", self.backup_dir, epoch)
                 storage.remove_tree(self.backup_dir)
             return
-        if epoch != metadata["epoch"]:
-            metadata = metadata.get("previous") or {}
-            if metadata.get("epoch") != epoch:  # cannot happen in lockstep training; said rather than hung
-                raise UserError(f"backup {self.backup_dir}: holds no weights of epoch {epoch}, the last epoch every "
-                                "worker backed up; remove RUN/train/backup to start again at epoch 1")
+        if chosen is not metadata:  # this worker's latest is ahead of the others': it goes back to the one before
             log.warning("backup %s: resuming after epoch %d, the last one every worker backed up", self.backup_dir,
                         epoch)
+            # the backup now says what was restored, so the next save keeps these weights as its previous
+            storage.write_text_atomic(self._training_metadata_path, json.dumps(
+                {**{key: chosen[key] for key in ("epoch", "batch", "weights")}, "fingerprint": self._fingerprint()}))
         if self.model.optimizer is not None and not self.model.optimizer.built:
             self.model.optimizer.build(self.model.trainable_variables)
-        self.model.load_weights(storage.join(self.backup_dir, metadata.get("weights", "latest.weights.h5")))
+        self.model.load_weights(weights)
         self.model._initial_epoch = epoch
 
     def on_train_begin(self, logs=None):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 
 from tests.conftest import fresh_run
 
@@ -128,10 +129,13 @@ def test_a_killed_run_resumes_at_the_next_epoch(digits_data, tmp_path):
     assert read_json(run_dir, "train", "metrics.json")["epochs"] == 5
 
 
-def test_workers_killed_at_different_backups_resume_together_at_the_epoch_all_have(digits_data, tmp_path):
+@pytest.mark.parametrize("case", ["previous kept", "previous missing"])
+def test_workers_killed_at_different_backups_resume_together_at_the_epoch_all_have(digits_data, tmp_path, case):
     """A kill can land while one worker has saved epoch k and another only k-1. Each restoring its
     own backup would put them out of step (a collective aborts on mismatched tensors, every rerun);
-    they agree on the last epoch all of them backed up, which the ones ahead kept as "previous"."""
+    they agree on the last epoch all of them backed up, which the ones ahead kept as "previous".
+    Where one of them lacks those weights, every worker starts at epoch 1 (none fails alone while
+    the others wait in a collective)."""
     run_dir = fresh_run(digits_data, tmp_path)
     ports = free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
@@ -166,6 +170,10 @@ def test_workers_killed_at_different_backups_resume_together_at_the_epoch_all_ha
         saved[1] = behind
     agreed = min(entry["epoch"] for entry in saved)
     assert agreed < 4 and max(entry["epoch"] for entry in saved) == agreed + 1, saved
+    if case == "previous missing":  # the worker ahead lost the weights all of them have: start again
+        ahead = 0 if saved[0]["epoch"] > saved[1]["epoch"] else 1
+        os.remove(os.path.join(os.path.dirname(metadata[ahead]), saved[ahead]["previous"]["weights"]))
+        agreed = 0
 
     processes = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                  for env in envs]
