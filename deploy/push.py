@@ -5,9 +5,8 @@
 Files are uploaded under gs://BUCKET/models/digits/N/ (or M: `next` is one above the highest
 version there) with saved_model.pb last. A push that would land below a version the destination
 already holds is refused unless that is asked for by number: TF Serving serves the highest
-version, so the pushed model would never be served: TF Serving
-only loads a version folder once saved_model.pb is there, so it never loads a half-copied
-one. A complete destination version (saved_model.pb present) is never overwritten; an
+version, so the pushed model would never be served. TF Serving only loads a version folder once
+saved_model.pb is there, so it never loads a half-copied one. A complete destination version (saved_model.pb present) is never overwritten; an
 incomplete one, left by a push that was killed halfway, is completed by pushing again (from
 another host, once the killed push's lock is deleted: the error names it). Two pushes to the same
 destination version at once cannot mix their files: each holds the version's lock
@@ -158,7 +157,7 @@ def _destination_error(error, bucket_name: str, target: str) -> UserError:
     from google.api_core.exceptions import Forbidden, NotFound
 
     what = (f"not found; does bucket {bucket_name!r} exist?" if isinstance(error, NotFound)
-            else "cannot be written with these credentials" if isinstance(error, Forbidden) else "refused")
+            else "cannot be listed or written with these credentials" if isinstance(error, Forbidden) else "refused")
     detail = " ".join(str(getattr(error, "message", error)).split())[:200]
     return UserError(f"--to: gs://{bucket_name}/{target}/: {what} ({error.code} {detail})")
 

@@ -19,9 +19,13 @@ from kcp.core import storage
 from kcp.core.errors import UserError
 
 
+class ExportUnreadable(UserError):
+    """An export version that cannot be loaded (damaged, truncated, missing files)."""
+
+
 def _unreadable(path: str, error: Exception) -> UserError:
     first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
-    return UserError(f"{path}: cannot load the SavedModel ({first[:300]}); export it again")
+    return ExportUnreadable(f"{path}: cannot load the SavedModel ({first[:300]}); export it again")
 
 
 def load_export(path: str):

@@ -14,8 +14,10 @@ weights the trainer fitted (kcp/core/document_cache.py's NumPy reference), withi
 LOG_PROBABILITY_TOLERANCE, its greedy `generate` (temperature 0)
 must be a greedy decoding of that model (at every new token, the export's id is the Keras
 model's argmax up to GREEDY_TIE nats: an independent, uncached reference for the cache), and
-its bits per byte on the texts must not be worse than the newest blessed version's on the same
-texts by more than MAX_REGRESSION_BITS (lower is better).
+its bits per byte on the texts must not be worse than the newest blessed version's below it (made
+with the same data contract) on the same texts by more than MAX_REGRESSION_BITS (lower is better;
+export.max_regression null: no comparison). A classifier's accuracy, likewise, must not be below
+that version's by more than export.max_regression.
 """
 
 from __future__ import annotations
@@ -28,14 +30,15 @@ import numpy as np
 import tensorflow as tf
 
 from deploy.export import FINGERPRINT, client_inputs, serving_input_name
-from deploy.saved_model import load_export
+from deploy.saved_model import ExportUnreadable, load_export
 from kcp.core import storage
 from kcp.core.config import Config
 from kcp.core.errors import UserError
 from kcp.core import contract as contract_lib
 from kcp.core import document_cache
 from kcp.core import examples as example_lib
-from kcp.core.layout import RunLayout, newest_blessed, validation_record, version_files_sha256
+from kcp.core.layout import (RunLayout, export_versions, is_blessed, validation_record,
+                             version_files_sha256)
 
 MAX_DIFFERENCE = 0.005
 
@@ -84,12 +87,7 @@ def validate_export(config: Config, run_dir: str, version: int | None = None) ->
     if not test or not test.count or "test" not in metrics:
         raise UserError(f"{run_dir}: the test split is empty, so there is nothing to validate the export on; "
                         "give data.split a test fraction (or the source a test split) and preprocess again")
-    fingerprint_path = storage.join(directory, "assets.extra", FINGERPRINT)
-    # read with TensorFlow's file system, like the rest of the export (on gs://, TensorFlow's client wrote it)
-    fingerprint = {}
-    if tf.io.gfile.exists(fingerprint_path):
-        with tf.io.gfile.GFile(fingerprint_path, "rb") as handle:
-            fingerprint = json.loads(handle.read())
+    fingerprint = read_fingerprint(directory)
     exported = fingerprint.get("weights_sha256")
     if metrics.get("weights_sha256") and exported and exported != metrics["weights_sha256"]:
         raise UserError(f"{directory} was exported from another model than {metrics_path} describes "
@@ -101,19 +99,20 @@ def validate_export(config: Config, run_dir: str, version: int | None = None) ->
                         f"again since), so its test split is not the model's; run `kcp train` and `kcp export` "
                         f"(--run-dir {run_dir}) first, and validate the new version")
     digests = version_files_sha256(directory)  # before loading: what is validated is what push and predict check
+    try:
+        load_export(directory)
+    except ExportUnreadable as error:  # a damaged export: its blessing, if any, is withdrawn
+        storage.write_text_atomic(validation_record(directory), json.dumps(
+            {"version": version_number(directory), "blessed": False, "reasons": [str(error)]}, indent=2) + "\n")
+        raise
     if contract.modality == "language":
-        result = {**validate_language(contract, run_dir, directory, metrics, config.export.name),
-                  "files_sha256": digests}
+        result = {**validate_language(contract, run_dir, directory, metrics, config.export.name,
+                                      compare=config.export.max_regression is not None), "files_sha256": digests}
         storage.write_text_atomic(validation_record(directory),
                                   json.dumps(result, indent=2) + "\n")
         return result
     trainer = metrics["test"]["accuracy"]
-    try:
-        accuracy = export_accuracy(directory, run_dir, "test")
-    except UserError as error:  # a damaged export (cannot load): its blessing, if any, is withdrawn
-        storage.write_text_atomic(validation_record(directory), json.dumps(
-            {"version": version_number(directory), "blessed": False, "reasons": [str(error)]}, indent=2) + "\n")
-        raise
+    accuracy = export_accuracy(directory, run_dir, "test")
     reasons = []
     if abs(accuracy - trainer) > MAX_DIFFERENCE:
         reasons.append(f"export accuracy {accuracy:.4f} differs from the trainer's {trainer:.4f} by more than "
@@ -149,7 +148,8 @@ def baseline_accuracy(directory: str, run_dir: str, config: Config) -> dict:
     """{"version", "accuracy"} of the newest other blessed version on this contract's test split, as
     a client sends it; {} when there is none, or {"version", "accuracy": None, "error"} when it cannot
     take these inputs (made for other data): then no comparison is made, and validation.json says why."""
-    baseline_dir = blessed_baseline(RunLayout(run_dir).export_root(config.export.name), version_number(directory))
+    baseline_dir = blessed_baseline(RunLayout(run_dir).export_root(config.export.name), version_number(directory),
+                                    storage.sha256(RunLayout(run_dir).metadata))
     if baseline_dir is None:
         return {}
     try:
@@ -215,10 +215,25 @@ def greedy_reference(model, prompt_ids: list[int], count: int) -> tuple[list[int
     return new, tie
 
 
-def blessed_baseline(export_root: str, version: int) -> str | None:
-    """The newest other version of the export that kcp validate blessed, or None."""
-    other = newest_blessed(export_root, exclude=version)
-    return None if other is None else storage.join(export_root, str(other))
+def read_fingerprint(version_dir: str) -> dict:
+    """VERSION/assets.extra/kcp_fingerprint.json ({} when absent), read with TensorFlow's file system,
+    like the rest of the export (on gs://, TensorFlow's client wrote it)."""
+    path = storage.join(version_dir, "assets.extra", FINGERPRINT)
+    if not tf.io.gfile.exists(path):
+        return {}
+    with tf.io.gfile.GFile(path, "rb") as handle:
+        return json.loads(handle.read())
+
+
+def blessed_baseline(export_root: str, version: int, contract_sha256: str | None = None) -> str | None:
+    """The newest version below `version` that kcp validate blessed and that was exported with the
+    same data contract (another contract's model may have trained on this test split), or None."""
+    for other in reversed(export_versions(export_root)):
+        directory = storage.join(export_root, str(other))
+        if other < version and is_blessed(directory) and (
+                contract_sha256 is None or read_fingerprint(directory).get("contract_sha256") == contract_sha256):
+            return directory
+    return None
 
 
 def text_bits_per_byte(log_probabilities: np.ndarray, texts: list[str]) -> float:
@@ -226,8 +241,9 @@ def text_bits_per_byte(log_probabilities: np.ndarray, texts: list[str]) -> float
     return float(-np.sum(log_probabilities) / np.log(2) / sum(len(text.encode("utf-8")) + 1 for text in texts))
 
 
-def validate_language(contract, run_dir: str, directory: str, metrics: dict, name: str) -> dict:
-    """Validates a language export on the test split's texts; returns validation.json's content."""
+def validate_language(contract, run_dir: str, directory: str, metrics: dict, name: str, compare: bool = True) -> dict:
+    """Validates a language export on the test split's texts; returns validation.json's content.
+    `compare` (export.max_regression not null): against the blessed baseline's bits per byte too."""
     import keras
 
     from deploy.language import language_texts
@@ -276,7 +292,8 @@ def validate_language(contract, run_dir: str, directory: str, metrics: dict, nam
     bits = text_bits_per_byte(exported, texts)
     export_root = directory.rstrip("/").rsplit("/", 1)[0]
     version = version_number(directory)
-    baseline_dir = blessed_baseline(export_root, version)
+    baseline_dir = blessed_baseline(export_root, version, storage.sha256(RunLayout(run_dir).metadata)) \
+        if compare else None
     baseline_bits = None
     if baseline_dir is not None:
         baseline_bits = text_bits_per_byte(export_scores(baseline_dir, texts)[0], texts)

@@ -31,8 +31,8 @@ MAX_CHECKED_COMBINATIONS = 4096  # a space with more is checked key by key only
 def search_space(config: Config) -> dict:
     """`tune.space`, or the family's default space; every key checked against the config: its
     section (data keys are fixed by the preprocessed data, which no trial changes), its name (a
-    nested key such as model.augment.zoom too), every value, and, for spaces of up to
-    MAX_CHECKED_COMBINATIONS, every combination (model.dim must divide by model.heads)."""
+    nested key such as model.augment.zoom too), and every combination of values, for spaces of up to
+    MAX_CHECKED_COMBINATIONS (model.dim must divide by model.heads), else every value."""
     space = dict(config.tune.space) if config.tune.space else dict(MODEL_FAMILIES[config.model.name].search_space)
     plain = config.to_dict()
     for key, spec in space.items():
@@ -48,13 +48,16 @@ def search_space(config: Config) -> dict:
             check_range(key, spec)
         else:
             raise ConfigError(f"tune.space.{key}: expected a list of choices or a {{min, max}} range")
-        # every value must also be a valid config value (the key one of the family's): fail before the first trial
-        for value in candidates(spec):
-            checked(plain, {key: value})
-    sizes = [len(candidates(spec)) for spec in space.values()]
-    if math.prod(sizes) <= MAX_CHECKED_COMBINATIONS:
+    # every value must also be a valid config value (the key one of the family's): fail before the first
+    # trial; in every combination where there are few enough (each value alone, set beside the base
+    # config's values of the other searched keys, could be refused for a pairing no trial makes)
+    if math.prod(len(candidates(spec)) for spec in space.values()) <= MAX_CHECKED_COMBINATIONS:
         for values in itertools.product(*(candidates(spec) for spec in space.values())):
             checked(plain, dict(zip(space, values)))
+    else:
+        for key, spec in space.items():
+            for value in candidates(spec):
+                checked(plain, {key: value})
     return space
 
 

@@ -158,9 +158,13 @@ def validation_record(version_dir: str) -> str:
     return storage.join(version_dir, "assets.extra", "validation.json")
 
 
-def version_files_sha256(version_dir: str) -> dict:
-    """{relative path: sha256} of an export version's files, its validation.json left out: what
-    `kcp validate` validated, which push and predict check before they use the version."""
+def version_files_sha256(version_dir: str) -> dict | None:
+    """{relative path: sha256} of a local export version's files, its validation.json left out: what
+    `kcp validate` validated, which push and predict check before they use the version. None on
+    gs://: TensorFlow's own client writes an export there, and reading every file back through
+    Beam's client would double the transfer (versions there are checked by their saved_model.pb)."""
+    if storage.is_remote(version_dir):
+        return None
     record = "assets.extra/validation.json"
     return {relative: storage.sha256(storage.join(version_dir, relative))
             for relative in storage.list_files(version_dir) if relative != record}
@@ -170,13 +174,13 @@ def check_unchanged_since_validation(version_dir: str, validation: dict | None) 
     """A one-line error when a file of a validated version changed (or went, or came) after
     `kcp validate` recorded its digests: what was blessed is not what would be used."""
     recorded = (validation or {}).get("files_sha256")
-    if not isinstance(recorded, dict):
-        return  # not validated, or validated before the digests were recorded
+    if not isinstance(recorded, dict) or storage.is_remote(version_dir):
+        return  # not validated, validated before the digests were recorded, or on gs://
     found = version_files_sha256(version_dir)
     changed = sorted(name for name in set(recorded) | set(found) if recorded.get(name) != found.get(name))
     if changed:
         more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
-        raise UserError(f"{storage.join(version_dir, changed[0])}{more}: changed since `kcp validate` blessed this "
+        raise UserError(f"{storage.join(version_dir, changed[0])}{more}: changed since `kcp validate` validated this "
                         "version (its sha256 differs from validation.json's); export and validate again")
 
 

@@ -668,7 +668,7 @@ def test_validate_refuses_a_regression_against_the_blessed_version_and_push_a_ve
     # a blessed version whose files changed after validation is not pushed, nor predicted with
     with open(os.path.join(second, "variables", "variables.data-00000-of-00001"), "r+b") as handle:
         handle.truncate(10)
-    with pytest.raises(UserError, match=r"variables.data-00000-of-00001: changed since `kcp validate` blessed this "
+    with pytest.raises(UserError, match=r"variables.data-00000-of-00001: changed since `kcp validate` validated this "
                                         r"version .its sha256 differs from validation.json's.; export and validate"):
         push_export(second, "gs://kcp-test/reliability/changed", client=gcs)
     assert not list(gcs.list_blobs("kcp-test", prefix="reliability/changed/"))

@@ -257,8 +257,12 @@ def test_npz_images_that_are_not_uint8_fail_at_planning_naming_the_dtype_values_
          "would be a dead letter): save x.round().astype('uint8')"),
         (np.where(np.arange(4 * 64).reshape(4, 8, 8) % 50 == 0, np.nan, 0.5), ["data.modality=image"],
          "image x is float64 with values 0.5..0.5 and 6 NaN or infinite in its first 4 rows; images are read as uint8 "
-         "0..255 (every row would be a dead letter): replace them first (e.g. np.nan_to_num(x)), then save (x * 255)"
-         ".round().astype('uint8')"),
+         "0..255 (every row would be a dead letter): replace them first (e.g. np.nan_to_num(x, nan=0.0, posinf=0.0, "
+         "neginf=0.0)), then save (x * 255).round().astype('uint8')"),
+        (np.full((4, 8, 8), np.nan), ["data.modality=image"],
+         "image x is float64 with no finite values and 256 NaN or infinite in its first 4 rows; images are read as "
+         "uint8 0..255 (every row would be a dead letter): replace them first (e.g. np.nan_to_num(x, nan=0.0, "
+         "posinf=0.0, neginf=0.0)), then save (x * 255).round().astype('uint8')"),
         (np.full((4, 8, 8), -3, np.int16), [],
          "image x is int16 with values -3..-3 in its first 4 rows; images are read as uint8 0..255 (every row would be "
          "a dead letter): shift and scale it, e.g. save ((x - x.min()) * (255 / (x.max() - x.min()))).round()"

@@ -111,6 +111,9 @@ def test_a_space_is_checked_combination_by_combination_and_takes_nested_keys():
                                           r"\(with model.heads=16, model.dim=24\)$"):
         search_space(config)  # each value alone is valid; one pair is not
     assert search_space(load_config([], ["tune.space={model.augment.zoom: [0.0, 0.1]}"]))
+    # every pairing valid, though model.heads 3 does not divide the base model.dim (64) no trial uses
+    assert search_space(load_config([], ["model.name=transformer",
+                                         "tune.space={model.heads: [3, 6], model.dim: [48, 96]}"]))
     with pytest.raises(ConfigError, match=r"^tune.objective: empty; name a metric"):
         load_config([], ["tune.objective="])
     # a later layer's space replaces an earlier one's, not adds to it

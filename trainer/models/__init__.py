@@ -46,6 +46,7 @@ def register_custom_layers() -> None:
         trainer.models.register_custom_layers()
         model = keras.saving.load_model("runs/digits/train/model.keras")
     """
+    from trainer import language_metrics  # noqa: F401  NatsPerToken, the metric a gpt model.keras is compiled with
     from trainer.models import layers  # noqa: F401  registers on import (WordDropout, BidirectionalRNN, ...)
 
     gpt.layer_classes()  # the gpt family's, defined and registered on the first call

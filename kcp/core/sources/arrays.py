@@ -129,8 +129,9 @@ def _check_image_values(path: str, x_name: str, header, guessed: bool = False) -
     series = "; or, if x holds series, set data.modality=sequence" if guessed and len(shape) == 3 else ""
     missing = int(sample.size - finite.size)
     if missing:  # NaN or infinite values: no rounding makes pixels of them
-        fix = f"replace them first (e.g. np.nan_to_num({x_name})), then {fix}"
-    values = f"values {low:g}..{high:g}" + (f" and {missing:,} NaN or infinite" if missing else "")
+        fix = f"replace them first (e.g. np.nan_to_num({x_name}, nan=0.0, posinf=0.0, neginf=0.0)), then {fix}"
+    values = (f"values {low:g}..{high:g}" if finite.size else "no finite values") + \
+        (f" and {missing:,} NaN or infinite" if missing else "")
     raise SourceError(f"{path}: image {x_name} is {dtype} with {values} in its first {rows} rows; "
                       f"images are read as uint8 0..255 (every row would be a dead letter): {fix}{series}")
 
