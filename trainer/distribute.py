@@ -12,6 +12,7 @@ TPU detection never hangs: the resolver is only asked when a TPU variable is set
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -73,3 +74,19 @@ def choose_strategy(name: str, cpu_devices: int = 0):
         cpus = [device.name for device in tf.config.list_logical_devices("CPU")]
         return tf.distribute.MirroredStrategy(cpus)
     raise UserError(f"train.strategy: {name!r} is not supported")
+
+
+@contextlib.contextmanager
+def lost_peer_said(multi_worker: bool):
+    """Under multi_worker, a peer that is gone (killed, preempted, out of memory) ends this worker's
+    collectives with UnavailableError (or an aborted or cancelled collective): one line that says what
+    to do, not TensorFlow's traceback. Other strategies' errors pass unchanged."""
+    try:
+        yield
+    except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError) as error:
+        if not multi_worker:
+            raise
+        first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise UserError(f"train.strategy: multi_worker lost a peer ({type(error).__name__}: {first[:200]}); run "
+                        "every worker's command again: training resumes after the last epoch all of them backed "
+                        "up") from None

@@ -44,7 +44,7 @@ from trainer.callbacks import (AtomicBackupAndRestore, EpochHistory, LanguageMet
 from trainer.data import make_dataset
 from trainer.language_metrics import NatsPerToken, fit_document_cache, language_split_metrics
 from kcp.core.cluster import num_workers
-from trainer.distribute import choose_strategy
+from trainer.distribute import choose_strategy, lost_peer_said
 from trainer.models import ModelInputs, build_model
 from trainer.models.common import batch_norm_momentum_for
 from trainer.outputs import TrainPaths, confusion_matrix, predict_labels, save_results, weights_digest
@@ -227,8 +227,8 @@ class Trainer:
                  self.replicas, self.global_batch, self.steps)
         if paths.chief:
             discard_results(paths)
-        history = self.fit(model, callbacks)
-        results = self.evaluate(model)
+        with lost_peer_said(self.multi_worker):
+            history, results = self.fit(model, callbacks), self.evaluate(model)
         history_path = storage.join(paths.outputs, "history.json")
         epochs_done = len(json.loads(storage.read_text(history_path)).get("loss", [])) \
             if storage.exists(history_path) else len(history.history.get("loss", []))

@@ -188,3 +188,34 @@ def test_workers_killed_at_different_backups_resume_together_at_the_epoch_all_ha
     assert chief["weights_sha256"] == worker["weights_sha256"]
     assert len(read_json(run_dir, "train", "history.json")["loss"]) == 4
     assert not os.path.exists(os.path.join(run_dir, "train", "backup"))
+
+
+def test_a_worker_whose_peer_is_killed_ends_with_one_line_and_resumes_with_it(digits_data, tmp_path):
+    """A preempted peer: the survivor's collectives fail; it says so in one line (exit 2), not with
+    TensorFlow's traceback, and both commands run again finish the training."""
+    run_dir = fresh_run(digits_data, tmp_path)
+    ports = free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    argv = task(run_dir, "train.strategy=multi_worker", "train.epochs=4", "train.batch_size=32",
+                "model.filters=[32, 64]", "train.cache=false")
+    envs = [{**QUIET, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
+            for index in range(2)]
+    processes = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for env in envs]
+    history = os.path.join(run_dir, "train", "history.json")
+    deadline = time.time() + 400
+    while time.time() < deadline and not (os.path.exists(history) and read_json(history).get("loss")):
+        time.sleep(0.05)
+    processes[1].send_signal(signal.SIGKILL)
+    processes[1].communicate(timeout=60)
+    _, errors = processes[0].communicate(timeout=300)
+    assert processes[0].returncode == 2, errors[-3000:]
+    said = [line for line in errors.splitlines() if line.startswith("kcp train: error:")]
+    assert len(said) == 1 and "train.strategy: multi_worker lost a peer (" in said[0], errors[-3000:]
+    assert "Traceback" not in errors
+    results = [(process, process.communicate(timeout=600)[0]) for process in
+               [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                for env in envs]]
+    for process, output in results:
+        assert process.returncode == 0, output[-3000:]
+    assert read_json(run_dir, "train", "metrics.json")["epochs"] == 4
