@@ -364,6 +364,8 @@ def test_validate_killed_at_its_verdict_never_shows_a_partial_or_wrong_blessing(
     assets = storage.join(version, "assets.extra")
     verdict = storage.join(assets, "validation.json")
     assert not storage.exists(verdict) and not blessed(version)
+    if where == "gcs":  # the files of an export on gs:// are TensorFlow's client's: no digests recorded there
+        uninterrupted_validation = {**uninterrupted_validation, "files_sha256": None}
 
     killed(kcp(env, "validate", "--run-dir", run_dir, kill_at=point))
     if point.startswith("before:"):
