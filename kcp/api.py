@@ -35,6 +35,7 @@ from deploy.predict import plan_input, prediction_version, run_batch_prediction
 from deploy.push import push_export
 from kcp.core import contract as contract_lib
 from kcp.core import storage
+from kcp.core.beamio import beam_arg_list
 from kcp.core.cluster import is_cluster_helper, is_tuner_worker, tuner_id
 from kcp.core.config import Config
 from kcp.core.config_load import config_recorded, override_list, record_config, resolve_config
@@ -106,7 +107,7 @@ def preprocess(run_dir: str, source: str | None = None, *, model: str | None = N
     `model` is the family the data is for (gpt: a language source by default)."""
     with locked(run_dir, "preprocess"):
         config = resolve_config(run_dir, config_file, source=source, model=model, overrides=overrides)
-        return run_preprocess(config, run_dir, list(beam_args), report=progress,
+        return run_preprocess(config, run_dir, beam_arg_list(beam_args), report=progress,
                               planned=lambda: record_config(run_dir, config))  # a bad source records nothing
 
 
@@ -219,7 +220,7 @@ def predict(run_dir: str, input: str, output: str, version: int | None = None, *
     say = progress or (lambda line: None)
     directory = prediction_version(RunLayout(run_dir), config.export.name, version, say)
     say(f"{input} through {directory}")
-    return run_batch_prediction(directory, contract.class_names, plan, output, list(beam_args), single_file,
+    return run_batch_prediction(directory, contract.class_names, plan, output, beam_arg_list(beam_args), single_file,
                                 report=progress)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import shutil
 import tempfile
 import threading
@@ -27,6 +28,18 @@ EXAMPLE = "example"
 
 
 IN_PROCESS_BELOW = 20_000  # planned inputs under which the local runner runs in this process
+
+
+def beam_arg_list(beam_args) -> list[str]:
+    """The API's `beam_args` as Beam's argv: a list or tuple of flags as it is, one string split as a
+    shell would ("--runner=DataflowRunner --region=europe-west1"); anything else is one line."""
+    if isinstance(beam_args, str):
+        return shlex.split(beam_args)
+    if not isinstance(beam_args, (list, tuple)) or not all(isinstance(arg, str) for arg in beam_args):
+        from kcp.core.errors import UserError
+
+        raise UserError(f"beam_args: expected a list of flags such as ['--runner=DirectRunner'], got {beam_args!r}")
+    return list(beam_args)
 
 
 def local_runner_defaults(beam_args: list[str], planned_inputs: int | None = None) -> list[str]:

@@ -226,6 +226,18 @@ def test_api_misuse_is_one_clear_error_and_writes_nothing(digits_run, tmp_path):
         RunLayout(digits_run).version_dir("model", "1")
 
 
+def test_the_api_takes_beam_args_as_a_list_or_one_shell_string():
+    from kcp.core.beamio import beam_arg_list
+    from kcp.core.errors import UserError
+
+    assert beam_arg_list("--runner=DataflowRunner  --region 'europe west'") == [
+        "--runner=DataflowRunner", "--region", "europe west"]
+    assert beam_arg_list(("--runner=DirectRunner",)) == ["--runner=DirectRunner"]
+    with pytest.raises(UserError, match=r"^beam_args: expected a list of flags such as \['--runner=DirectRunner'\], "
+                                        r"got 5$"):
+        beam_arg_list(5)
+
+
 def test_the_api_takes_overrides_as_a_list_a_string_or_a_mapping():
     from kcp.core.config_load import override_list, resolve_config
     from kcp.core.schema import ConfigError
