@@ -61,6 +61,17 @@ def search_space(config: Config) -> dict:
     return space
 
 
+def planned_trials(config: Config) -> int:
+    """The trials a random, grid or bayesian search runs: tune.max_trials, or fewer for a grid of
+    choices (its size; a grid with ranges is sized by Keras Tuner as it walks it)."""
+    if config.tune.algorithm != "grid":
+        return config.tune.max_trials
+    specs = list(search_space(config).values())
+    if all(isinstance(spec, list) for spec in specs):
+        return min(config.tune.max_trials, math.prod(len(spec) for spec in specs))
+    return config.tune.max_trials
+
+
 def candidates(spec) -> list:
     """The values of a hyperparameter that are checked: every choice, or a range's ends."""
     return list(spec) if isinstance(spec, list) else [spec["min"], spec["max"]]

@@ -7,16 +7,14 @@ the Beam options after `--`, and returns the exit code.
 from __future__ import annotations
 
 import json
-import math
 import os
-import socket
 import sys
 import time
 
 from kcp import api
 from kcp.core import storage
 from kcp.core.char_ngrams import char_ngram_count
-from kcp.core.cluster import tuner_id
+from kcp.core.cluster import take_tuner_role, tuner_id
 from kcp.core.config import DEFAULT_DROPOUT
 from kcp.core.contract import read_contract
 from kcp.core.errors import UserError
@@ -161,25 +159,13 @@ def _language_verdict(validation: dict) -> str:
 
 def tune(args, run_dir: str, config, beam_args: list[str]) -> int:
     if args.role:
-        if not args.oracle or ":" not in args.oracle:
-            raise UserError("--oracle: a distributed search needs the chief's HOST:PORT")
-        host, port = args.oracle.rsplit(":", 1)
-        if not port.isdigit() or not 0 < int(port) < 65536:
-            raise UserError(f"--oracle: {args.oracle!r} has no port number (HOST:PORT, a port from 1 to 65535)")
-        role = "chief" if args.role == "chief" else (args.tuner_id or f"worker-{socket.gethostname()}-{os.getpid()}")
-        if args.role == "worker" and "chief" in role:
-            raise UserError(f"--tuner-id: {role!r} contains 'chief', which Keras Tuner reserves for the chief")
-        os.environ.update(KERASTUNER_TUNER_ID=role, KERASTUNER_ORACLE_IP=host, KERASTUNER_ORACLE_PORT=port)
+        take_tuner_role(args.role, args.oracle, args.tuner_id)
     role = tuner_id()
     # hyperband's brackets, from train.epochs (its max_epochs) and factor 3, set its trial count, not max_trials
     epochs = config.train.epochs
-    trials = config.tune.max_trials
-    if config.tune.algorithm == "grid":  # a grid of choices has its own size, which max_trials may cut
-        from tuning.space import search_space
+    from tuning.space import planned_trials
 
-        specs = list(search_space(config).values())
-        if all(isinstance(spec, list) for spec in specs):
-            trials = min(trials, math.prod(len(spec) for spec in specs))
+    trials = planned_trials(config)
     size = (f", brackets of up to {epochs} epoch{'s' if epochs != 1 else ''} a trial (hyperband's factor 3; "
             "train.epochs, not tune.max_trials, sets how many trials)" if config.tune.algorithm == "hyperband"
             else f", {trials} trial{'s' if trials != 1 else ''}")

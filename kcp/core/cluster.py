@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+
+from kcp.core.errors import UserError
 
 
 def worker_info() -> tuple[str, int, bool]:
@@ -38,3 +41,17 @@ def is_cluster_helper() -> bool:
     """True in the processes of a distributed job that work for another one: Keras Tuner workers,
     and training workers other than the chief (or worker 0 when there is no chief)."""
     return is_tuner_worker() or not worker_info()[2]
+
+
+def take_tuner_role(role: str, oracle: str | None, worker_id: str | None) -> None:
+    """`kcp tune --role chief|worker --oracle HOST:PORT [--tuner-id ID]` as Keras Tuner's variables
+    (KERASTUNER_TUNER_ID, KERASTUNER_ORACLE_IP, KERASTUNER_ORACLE_PORT); a bad address or id is one line."""
+    if not oracle or ":" not in oracle:
+        raise UserError("--oracle: a distributed search needs the chief's HOST:PORT")
+    host, port = oracle.rsplit(":", 1)
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"--oracle: {oracle!r} has no port number (HOST:PORT, a port from 1 to 65535)")
+    name = "chief" if role == "chief" else (worker_id or f"worker-{socket.gethostname()}-{os.getpid()}")
+    if role == "worker" and "chief" in name:
+        raise UserError(f"--tuner-id: {name!r} contains 'chief', which Keras Tuner reserves for the chief")
+    os.environ.update(KERASTUNER_TUNER_ID=name, KERASTUNER_ORACLE_IP=host, KERASTUNER_ORACLE_PORT=port)

@@ -54,15 +54,23 @@ def test_mirrored_over_two_cpu_devices_matches_one_device(digits_data, tmp_path)
     assert abs(single["test"]["accuracy"] - mirrored["test"]["accuracy"]) <= 0.01, (single["test"], mirrored["test"])
 
 
+def worker_envs(workers=2) -> list[dict]:
+    """Each worker's environment: TF_CONFIG of a cluster on free ports of 127.0.0.1."""
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(workers)]}
+    return [{**QUIET, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
+            for index in range(workers)]
+
+
 def start_cluster(argv_for_worker, workers=2):
-    ports = free_ports(workers)
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
-    processes = []
-    for index in range(workers):
-        env = {**QUIET, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
-        processes.append(subprocess.Popen(argv_for_worker(index), env=env, stdout=subprocess.PIPE,
-                                          stderr=subprocess.STDOUT, text=True))
+    processes = [subprocess.Popen(argv_for_worker(index), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True) for index, env in enumerate(worker_envs(workers))]
     return [(process, process.communicate(timeout=600)[0]) for process in processes]
+
+
+def killable_training(run_dir) -> tuple[list, list]:
+    """(argv, each worker's env) of a 2-worker training slow enough on 2 cores to be killed mid-run."""
+    return task(run_dir, "train.strategy=multi_worker", "train.epochs=4", "train.batch_size=32",
+                "model.filters=[32, 64]", "train.cache=false"), worker_envs(2)
 
 
 def test_multi_worker_two_processes_end_with_identical_weights(digits_data, tmp_path):
@@ -137,12 +145,7 @@ def test_workers_killed_at_different_backups_resume_together_at_the_epoch_all_ha
     Where one of them lacks those weights, every worker starts at epoch 1 (none fails alone while
     the others wait in a collective)."""
     run_dir = fresh_run(digits_data, tmp_path)
-    ports = free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
-    argv = task(run_dir, "train.strategy=multi_worker", "train.epochs=4", "train.batch_size=32",
-                "model.filters=[32, 64]", "train.cache=false")
-    envs = [{**QUIET, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
-            for index in range(2)]
+    argv, envs = killable_training(run_dir)
     metadata = [os.path.join(run_dir, "train", "backup", f"worker-{index}", "training_metadata.json")
                 for index in range(2)]
 
@@ -194,12 +197,7 @@ def test_a_worker_whose_peer_is_killed_ends_with_one_line_and_resumes_with_it(di
     """A preempted peer: the survivor's collectives fail; it says so in one line (exit 2), not with
     TensorFlow's traceback, and both commands run again finish the training."""
     run_dir = fresh_run(digits_data, tmp_path)
-    ports = free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
-    argv = task(run_dir, "train.strategy=multi_worker", "train.epochs=4", "train.batch_size=32",
-                "model.filters=[32, 64]", "train.cache=false")
-    envs = [{**QUIET, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
-            for index in range(2)]
+    argv, envs = killable_training(run_dir)
     processes = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for env in envs]
     history = os.path.join(run_dir, "train", "history.json")
