@@ -43,13 +43,14 @@ from kcp.core.layout import (RunLayout, export_versions, is_blessed, validation_
 MAX_DIFFERENCE = 0.005
 
 
-def predict_split(export_dir: str, run_dir: str, split: str = "test", batch_size: int = 256) -> dict:
-    """Loads the SavedModel with `tf.saved_model.load` and predicts a split from client inputs.
+def predict_split(export, run_dir: str, split: str = "test", batch_size: int = 256) -> dict:
+    """Predicts a split from client inputs with an export (its directory, loaded with
+    `tf.saved_model.load`, or what that gave).
 
     Returns {"keys", "labels", "class_ids", "probabilities"} as NumPy arrays in shard order.
     """
     contract = contract_lib.read_contract(run_dir)
-    serve = load_export(export_dir).signatures["serving_default"]
+    serve = (load_export(export) if isinstance(export, str) else export).signatures["serving_default"]
     name = serving_input_name(contract)
     keys, labels, class_ids, probabilities = [], [], [], []
     for inputs, batch_labels, batch_keys in example_lib.read_split(contract, contract_lib.data_dir(run_dir), split,
@@ -68,9 +69,10 @@ def predict_split(export_dir: str, run_dir: str, split: str = "test", batch_size
     }
 
 
-def export_accuracy(export_dir: str, run_dir: str, split: str = "test") -> float:
-    """Accuracy of the reloaded export on a split, fed the raw inputs a client would send."""
-    predictions = predict_split(export_dir, run_dir, split)
+def export_accuracy(export, run_dir: str, split: str = "test") -> float:
+    """Accuracy of the reloaded export (a directory or a loaded one) on a split, fed the raw inputs a
+    client would send."""
+    predictions = predict_split(export, run_dir, split)
     return float(np.mean(predictions["class_ids"] == predictions["labels"]))
 
 
@@ -100,19 +102,19 @@ def validate_export(config: Config, run_dir: str, version: int | None = None) ->
                         f"(--run-dir {run_dir}) first, and validate the new version")
     digests = version_files_sha256(directory)  # before loading: what is validated is what push and predict check
     try:
-        load_export(directory)
+        loaded = load_export(directory)
     except ExportUnreadable as error:  # a damaged export: its blessing, if any, is withdrawn
         storage.write_text_atomic(validation_record(directory), json.dumps(
             {"version": version_number(directory), "blessed": False, "reasons": [str(error)]}, indent=2) + "\n")
         raise
     if contract.modality == "language":
-        result = {**validate_language(contract, run_dir, directory, metrics, config.export.name,
+        result = {**validate_language(contract, run_dir, directory, metrics, config.export.name, loaded,
                                       compare=config.export.max_regression is not None), "files_sha256": digests}
         storage.write_text_atomic(validation_record(directory),
                                   json.dumps(result, indent=2) + "\n")
         return result
     trainer = metrics["test"]["accuracy"]
-    accuracy = export_accuracy(directory, run_dir, "test")
+    accuracy = export_accuracy(loaded, run_dir, "test")
     reasons = []
     if abs(accuracy - trainer) > MAX_DIFFERENCE:
         reasons.append(f"export accuracy {accuracy:.4f} differs from the trainer's {trainer:.4f} by more than "
@@ -241,8 +243,10 @@ def text_bits_per_byte(log_probabilities: np.ndarray, texts: list[str]) -> float
     return float(-np.sum(log_probabilities) / np.log(2) / sum(len(text.encode("utf-8")) + 1 for text in texts))
 
 
-def validate_language(contract, run_dir: str, directory: str, metrics: dict, name: str, compare: bool = True) -> dict:
-    """Validates a language export on the test split's texts; returns validation.json's content.
+def validate_language(contract, run_dir: str, directory: str, metrics: dict, name: str, export,
+                      compare: bool = True) -> dict:
+    """Validates a language export (`export`: the loaded `directory`) on the test split's texts;
+    returns validation.json's content.
     `compare` (export.max_regression not null): against the blessed baseline's bits per byte too."""
     import keras
 
@@ -254,7 +258,6 @@ def validate_language(contract, run_dir: str, directory: str, metrics: dict, nam
     tokenizer, vocabulary = contract_lib.language_tokenizer(contract), contract_lib.language_vocabulary(run_dir, contract)
     context = int(contract.statistics["context_length"])
     model = keras.saving.load_model(RunLayout(run_dir).model, compile=False)
-    export = load_export(directory)
     exported, tokens, exported_network = export_scores(export, texts, with_network=True)
     encoded = [contract_lib.encode_language(text, tokenizer, vocabulary) for text in texts]
     cache_weights = document_cache.trained_weights(metrics)

@@ -654,8 +654,8 @@ def test_validate_refuses_a_regression_against_the_blessed_version_and_push_a_ve
     real = validate_lib.export_accuracy
     better = result["export_accuracy"] + 0.05  # as if version 1 had been the better model
 
-    def accuracy(export_dir, run, split="test"):
-        return better if export_dir.rstrip("/").endswith("/1") else real(export_dir, run, split)
+    def accuracy(export, run, split="test"):  # the baseline by its directory; the validated version loaded
+        return better if isinstance(export, str) and export.rstrip("/").endswith("/1") else real(export, run, split)
 
     monkeypatch.setattr(validate_lib, "export_accuracy", accuracy)
     result = validate_lib.validate_export(config, run_dir)
