@@ -21,6 +21,7 @@ from kcp.core.quiet import filtered_stderr
 from kcp.core.config_load import resolve_config
 from kcp.core.errors import UserError
 from kcp.core.layout import new_run_dir, newest_run
+from kcp.core.remote import storage_failure
 
 log = logging.getLogger("kcp")
 
@@ -82,6 +83,14 @@ def main(argv: list[str] | None = None, *, lenient: bool = False) -> int:
                 traceback.print_exc()
             message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             print(f"kcp {args.command}: error: {message}", file=sys.stderr)
+            return 2
+        except Exception as error:  # noqa: BLE001  a storage service that refuses or cannot be reached: one line
+            failure = storage_failure(error)
+            if failure is None:
+                raise
+            if args.verbose:
+                traceback.print_exc()
+            print(f"kcp {args.command}: error: {failure}; check the network and the credentials", file=sys.stderr)
             return 2
         except KeyboardInterrupt:  # Ctrl-C: one line, not the traceback of wherever the work was
             if args.verbose:

@@ -181,6 +181,72 @@ def test_gcs_atomic_write_never_deletes_the_target(gcs, monkeypatch):
     assert [b.name for b in gcs.list_blobs("kcp-test", prefix="reliability/config")] == ["reliability/config.yaml"]
 
 
+# A command run in a fresh process against a storage service at STORAGE_EMULATOR_HOST, with no
+# credentials looked for (as the `gcs` fixture does: Beam's gcsio then uses an anonymous client).
+ANONYMOUS_KCP = """
+import sys
+from apache_beam.internal.gcp import auth
+auth._Credentials._credentials_init, auth._Credentials._credentials = True, None
+from kcp import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_storage_service_that_refuses_is_one_line_naming_the_object(tmp_path):
+    """Credentials without access to the bucket: the real clients get 403 from a loopback server
+    playing Cloud Storage, and each command says so in one line (exit 2), not in a traceback."""
+    import http.server
+
+    class Refusing(http.server.BaseHTTPRequestHandler):
+        def refuse(self):
+            body = json.dumps({"error": {"code": 403, "message": "kcp-test@example.iam.gserviceaccount.com does "
+                                         "not have storage.objects.get access to the Google Cloud Storage object."}})
+            self.send_response(403)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        do_GET = do_POST = do_PUT = do_DELETE = refuse
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {**os.environ, "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{server.server_address[1]}",
+           "GOOGLE_CLOUD_PROJECT": "test-project", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    try:
+        for command in (["describe-model"], ["train"]):
+            result = subprocess.run([sys.executable, "-c", ANONYMOUS_KCP, *command, "--run-dir", "gs://kcp-test/denied"],
+                                    env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+            assert result.returncode == 2, result.stderr[-3000:]
+            assert result.stderr.strip().splitlines() == [
+                f"kcp {command[0]}: error: remote storage: 403 GET {env['STORAGE_EMULATOR_HOST']}/storage/v1/b/"
+                "kcp-test/o/denied%2Fconfig.yaml?fields=name&prettyPrint=false: kcp-test@example.iam.gserviceaccount"
+                ".com does not have storage.objects.get access to the Google Cloud Storage object.; check the "
+                "network and the credentials"], result.stderr[-3000:]
+    finally:
+        server.shutdown()
+
+
+def test_storage_failure_names_only_the_storage_clients_errors():
+    from google.api_core.exceptions import Forbidden, RetryError
+
+    from kcp.core.remote import storage_failure
+
+    assert storage_failure(Forbidden("GET gs://b/o: denied")) == "remote storage: 403 GET gs://b/o: denied"
+    try:  # what it was raised from counts: Beam and the trainer wrap the client's errors
+        try:
+            raise RetryError("Timeout of 120.0s exceeded", OSError("storage.googleapis.com unreachable"))
+        except RetryError as cause:
+            raise RuntimeError("reading the shards failed") from cause
+    except RuntimeError as wrapped:
+        assert storage_failure(wrapped) == ("remote storage: Timeout of 120.0s exceeded, last exception: "
+                                            "storage.googleapis.com unreachable")
+    assert storage_failure(ValueError("a bug of ours")) is None and storage_failure(OSError("disk full")) is None
+
+
 # --- model.keras and metrics.json ------------------------------------------------------------
 
 def _tiny_model(bias=0.0):
