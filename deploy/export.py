@@ -295,18 +295,21 @@ def _publish_remote(layout: RunLayout, name: str, local_dir: str) -> str:
     else:
         raise UserError(f"{layout.export_root(name)}: could not claim a version number")
     final = storage.join(layout.export_root(name), str(version))
-    _copy_tree(local_dir, final)
+    copy_tree(local_dir, final)
     return final
 
 
-def _copy_tree(source: str, target: str) -> None:
-    """Copies a local folder to `target` (any URI tf.io.gfile takes), saved_model.pb last."""
+def copy_tree(source: str, target: str) -> None:
+    """Copies an export folder (local or any URI tf.io.gfile takes) to `target`, saved_model.pb last,
+    so that a reader that waits for saved_model.pb (TF Serving, Vertex AI) never takes a partial copy."""
     files = []
-    for directory, _, names in os.walk(source):
-        files += [os.path.relpath(os.path.join(directory, name), source) for name in names]
+    root = source.rstrip("/")
+    for directory, _, names in tf.io.gfile.walk(root):
+        relative_dir = directory[len(root):].strip("/").replace(os.sep, "/")
+        files += [f"{relative_dir}/{name}" if relative_dir else name for name in names]
     files.sort(key=lambda relative: (relative == "saved_model.pb", relative))
     for relative in files:
-        destination = storage.join(target, *relative.split(os.sep))
+        destination = storage.join(target, *relative.split("/"))
         tf.io.gfile.makedirs(destination.rsplit("/", 1)[0])
         storage.fault_point("before", destination)
-        tf.io.gfile.copy(os.path.join(source, relative), destination, overwrite=True)
+        tf.io.gfile.copy(storage.join(root, *relative.split("/")), destination, overwrite=True)

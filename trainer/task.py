@@ -3,7 +3,8 @@
     python -m trainer.task --job-dir gs://bucket/runs/r1 --set train.epochs=30
 
 Flags are those of `kcp train` (`--job-dir` is an alias of `--run-dir`); flags a launcher
-adds that the trainer does not know are ignored with a warning.
+adds that the trainer does not know are ignored with a warning. With `AIP_MODEL_DIR` set, the
+validated serving export is handed to Vertex AI there too (`kcp.cli.launch_training`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from kcp import cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.main(["train", *(sys.argv[1:] if argv is None else argv)], lenient=True)
+    return cli.launch_training(list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

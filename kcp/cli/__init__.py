@@ -20,7 +20,8 @@ from kcp.cli.parser import COMMANDS, build_parser
 from kcp.core.quiet import filtered_stderr
 from kcp.core.config_load import resolve_config
 from kcp.core.errors import UserError
-from kcp.core.layout import new_run_dir, newest_run
+from kcp.core.cluster import is_cluster_helper
+from kcp.core.layout import RunLayout, new_run_dir, newest_run
 from kcp.core.remote import storage_failure
 
 log = logging.getLogger("kcp")
@@ -98,3 +99,28 @@ def main(argv: list[str] | None = None, *, lenient: bool = False) -> int:
             print(f"kcp {args.command}: interrupted; run the same command again (train and tune resume from their "
                   "last checkpoint)", file=sys.stderr)
             return 130
+
+
+def launch_training(argv: list[str]) -> int:
+    """`python -m trainer.task`: `kcp train` with a launcher's flags. With `AIP_MODEL_DIR` set (a Vertex AI
+    job that registers a model), the chief then exports (`kcp export`) and validates (`kcp validate`)
+    the serving SavedModel and, once it is blessed, copies it to the top of AIP_MODEL_DIR, saved_model.pb
+    last, where Vertex AI's TensorFlow prediction containers look for it. An export that is not blessed
+    is not handed over (exit 1)."""
+    code = main(["train", *argv], lenient=True)
+    model_dir = os.environ.get("AIP_MODEL_DIR")
+    if code or not model_dir or is_cluster_helper():
+        return code
+    for stage in ("export", "validate"):  # validate: the newest version, the one just exported
+        code = main([stage, *argv], lenient=True)
+        if code:
+            return code
+    from deploy.export import copy_tree
+
+    args, _ = build_parser().parse_known_args(["export", *argv])
+    run_dir = resolve_run_dir(args)
+    name = resolve_config(run_dir, args.config, overrides=args.overrides).export.name
+    version_dir = RunLayout(run_dir).version_dir(name)
+    copy_tree(version_dir, model_dir)
+    print(f"[export] {version_dir} -> {model_dir} (AIP_MODEL_DIR)", flush=True)
+    return 0

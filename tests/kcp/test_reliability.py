@@ -429,7 +429,7 @@ def test_gcs_export_claims_its_version_atomically_and_copies_saved_model_pb_last
 
     layout = RunLayout("gs://kcp-test/reliability/export-claims")
     copied = []
-    monkeypatch.setattr(export_lib, "_copy_tree", lambda source, target: copied.append(target))
+    monkeypatch.setattr(export_lib, "copy_tree", lambda source, target: copied.append(target))
     answers = iter([1, 1])  # two exports computing the same next version at the same time
     real = RunLayout.next_version
     monkeypatch.setattr(RunLayout, "next_version", lambda self, name: next(answers, None) or real(self, name))
@@ -447,7 +447,7 @@ def test_gcs_export_claims_its_version_atomically_and_copies_saved_model_pb_last
 
     monkeypatch.setattr(tf.io.gfile, "copy", lambda src, dst, overwrite: order.append(os.path.relpath(src, source)))
     monkeypatch.setattr(tf.io.gfile, "makedirs", lambda path: None)
-    export_lib._copy_tree(source, "gs://kcp-test/reliability/copy")
+    export_lib.copy_tree(source, "gs://kcp-test/reliability/copy")
     assert order[-1] == "saved_model.pb" and len(order) == 3
 
 

@@ -177,6 +177,31 @@ def test_vertex_ai_directories_are_honoured(digits_data, tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "aip_tensorboard_log_dir")
 
 
+def test_the_vertex_entry_hands_the_validated_savedmodel_to_aip_model_dir(digits_data, tmp_path, monkeypatch,
+                                                                          capsys):
+    """Vertex AI registers AIP_MODEL_DIR as the model and serves saved_model.pb from its top: the
+    entry exports, validates and copies the blessed version there; one not blessed is not handed over."""
+    from trainer import task
+
+    run_dir = fresh_run(digits_data, tmp_path)
+    handed, refused = tmp_path / "aip" / "model", tmp_path / "aip" / "refused"
+    monkeypatch.setenv("AIP_MODEL_DIR", str(handed))
+    assert task.main(["--job-dir", run_dir, "--set", "train.epochs=1", "--set", "model.filters=[8]"]) == 0
+    version = os.path.join(run_dir, "export", "model", "1")
+    assert f"[export] {version} -> {handed} (AIP_MODEL_DIR)" in capsys.readouterr().out
+    assert sorted(os.listdir(handed)) == ["assets.extra", "fingerprint.pb", "metrics.json", "model.keras",
+                                          "saved_model.pb", "variables"]
+    for relative in ("saved_model.pb", "variables/variables.index", "assets.extra/labels.txt"):
+        assert (handed / relative).read_bytes() == open(os.path.join(version, relative), "rb").read()
+    assert json.loads((handed / "assets.extra" / "validation.json").read_text())["blessed"] is True
+
+    monkeypatch.setenv("AIP_MODEL_DIR", str(refused))  # accuracy 1.0 required: version 2 is not blessed
+    assert task.main(["--job-dir", run_dir, "--set", "train.epochs=1", "--set", "model.filters=[8]",
+                      "--set", "export.min_accuracy=1.0"]) == 1
+    assert "version 2: " in capsys.readouterr().out and not (refused / "saved_model.pb").exists()
+    assert sorted(os.listdir(refused)) == ["metrics.json", "model.keras"]  # what the trainer itself writes there
+
+
 def test_auto_strategy_without_accelerators_is_the_default_one():
     import tensorflow as tf
 
