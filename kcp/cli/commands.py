@@ -158,8 +158,7 @@ def _language_verdict(validation: dict) -> str:
 
 
 def tune(args, run_dir: str, config, beam_args: list[str]) -> int:
-    if args.role:
-        take_tuner_role(args.role, args.oracle, args.tuner_id)
+    take_tuner_role(args.role, args.oracle, args.tuner_id)  # or the roles of a TF_CONFIG cluster
     role = tuner_id()
     # hyperband's brackets, from train.epochs (its max_epochs) and factor 3, set its trial count, not max_trials
     epochs = config.train.epochs

@@ -43,9 +43,23 @@ def is_cluster_helper() -> bool:
     return is_tuner_worker() or not worker_info()[2]
 
 
-def take_tuner_role(role: str, oracle: str | None, worker_id: str | None) -> None:
+def take_tuner_role(role: str | None, oracle: str | None, worker_id: str | None) -> None:
     """`kcp tune --role chief|worker --oracle HOST:PORT [--tuner-id ID]` as Keras Tuner's variables
-    (KERASTUNER_TUNER_ID, KERASTUNER_ORACLE_IP, KERASTUNER_ORACLE_PORT); a bad address or id is one line."""
+    (KERASTUNER_TUNER_ID, KERASTUNER_ORACLE_IP, KERASTUNER_ORACLE_PORT); a bad address or id is one line.
+
+    With no --role and no KERASTUNER_TUNER_ID, a TF_CONFIG naming a cluster of two or more (a Vertex
+    AI custom job: its first pool the chief, the others workers) sets them: the chief task (worker 0
+    when there is none) serves the oracle on its TF_CONFIG address, every other task is a worker
+    named TYPE-INDEX. TF_CONFIG is then dropped from this process: each trial trains on one machine."""
+    if not role:
+        if tuner_id() or num_workers() < 2:
+            return
+        cluster = json.loads(os.environ["TF_CONFIG"])["cluster"]
+        task_type, index, chief = worker_info()
+        take_tuner_role("chief" if chief else "worker", (cluster.get("chief") or cluster["worker"])[0],
+                        None if chief else f"{task_type}-{index}")
+        del os.environ["TF_CONFIG"]
+        return
     if not oracle or ":" not in oracle:
         raise UserError("--oracle: a distributed search needs the chief's HOST:PORT")
     host, port = oracle.rsplit(":", 1)

@@ -178,6 +178,30 @@ def test_chief_and_two_workers_run_each_trial_once_and_exit(digits_data, tmp_pat
     assert finished - last_trial < 60
 
 
+def test_a_tf_config_cluster_alone_makes_a_chief_and_workers(digits_data, tmp_path):
+    """As a Vertex AI custom job starts `python -m tuning.task` on every replica with only TF_CONFIG
+    (no --role, no KERASTUNER_* variables): the chief task serves the oracle on its TF_CONFIG address,
+    the workers share the trials; none runs a search of its own."""
+    run_dir = fresh_run(digits_data, tmp_path)
+    cluster = {"chief": [f"127.0.0.1:{free_port()}"], "worker": [f"127.0.0.1:{free_port()}"]}
+    argv = [sys.executable, "-m", "tuning.task", "--job-dir", run_dir]
+    for override in (*SMALL, "tune.algorithm=random", "tune.max_trials=3",
+                     "tune.space={train.learning_rate: {min: 1.0e-4, max: 1.0e-1, sampling: log}}"):
+        argv += ["--set", override]
+    processes = []
+    for task in ({"type": "chief", "index": 0}, {"type": "worker", "index": 0}):
+        env = {**QUIET, "TF_CONFIG": json.dumps({"cluster": cluster, "task": task})}
+        processes.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        time.sleep(2)
+    chief, worker = (process.communicate(timeout=600)[0] for process in processes)
+    assert [process.returncode for process in processes] == [0, 0], chief[-3000:] + worker[-3000:]
+    assert f"[tune] random over cnn as chief of {cluster['chief'][0]}, 3 trials\n" in chief
+    assert f"[tune] random over cnn as worker-0 of {cluster['chief'][0]} (the chief sets the trials)\n" in worker
+    trials = read_trials(run_dir)
+    assert len(trials) == 3 and all(t["status"] == "COMPLETED" for t in trials)  # 3, not 3 per replica
+    assert sorted(read_trial_stats(os.path.join(run_dir, "tuning"))) == sorted(t["trial_id"] for t in trials)
+
+
 def completed_trials(run_dir):
     """Trial ids that Keras Tuner has saved as COMPLETED."""
     done = set()
