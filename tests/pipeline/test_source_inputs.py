@@ -5,6 +5,8 @@ letter with its reason, or a one-line error naming the file, the key and the val
 import csv
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -407,6 +409,15 @@ def test_label_text_and_class_name_order():
         "a", "caf\u00e9", "3", "2", "0.5", ""]
     assert class_names_of(["1", "2", "\u00b2"]) == ("1", "2", "\u00b2")  # isdigit() but not int()
     assert class_names_of(["10", "9", "-1"]) == ("-1", "9", "10")
+
+
+def test_class_names_of_equal_value_have_one_order_whatever_the_hash_seed():
+    """`01` and `1` (`007` and `7`) are equal as integers: their order came from a set's iteration
+    order, which Python's per-process hash seed changes, so reruns wrote other labels.txt and shards."""
+    script = "from kcp.core.sources import class_names_of; print(class_names_of(['1', '01', '2', '007', '7', '10']))"
+    orders = {subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONHASHSEED": str(seed)},
+                             capture_output=True, text=True, check=True).stdout for seed in range(6)}
+    assert orders == {"('01', '1', '2', '007', '7', '10')\n"}
 
 
 # --- whole runs -------------------------------------------------------------------------------------

@@ -66,11 +66,12 @@ class SourcePlan:
 
 def class_names_of(labels) -> tuple:
     """Sorted class names; numerically when every label is an integer (ASCII or Unicode decimal
-    digits: "²" is a digit but no decimal, so `1, 2, ²` sorts as text)."""
+    digits: "²" is a digit but no decimal, so `1, 2, ²` sorts as text). Names of equal value
+    (`01` and `1`) are ordered as text, so the order never depends on a set's (hash-seeded) order."""
     names = {str(label) for label in labels}
     try:
         if all(name.lstrip("-").isdecimal() for name in names):
-            return tuple(sorted(names, key=int))
+            return tuple(sorted(names, key=lambda name: (int(name), name)))
     except ValueError:
         pass
     return tuple(sorted(names))
