@@ -40,6 +40,7 @@ from deploy.push import read_validation
 from kcp.core import storage
 from kcp.core.beamio import (DEAD_LETTER, EXAMPLE, CountProgress, ProgressReporter, ReadSource, dead_letter,
                              local_runner_defaults, progress_directory, select)
+from kcp.core.contract import read_lines
 from kcp.core.errors import UserError
 from kcp.core.layout import RunLayout, check_unchanged_since_validation, newest_blessed
 from kcp.core.sources import (BadInput, SourceError, SourcePlan, SourceRecord, check_image_bytes, decode_array,
@@ -139,9 +140,17 @@ def failure_reason(error: Exception) -> str:
     return f"prediction failed ({type(error).__name__}: {message.removeprefix('instance 0: ')})"
 
 
+def export_class_names(export_dir: str) -> tuple:
+    """The export's own class names (assets.extra/labels.txt), as `kcp serve` answers with: not the run's
+    data contract, which a later `kcp preprocess` may have reordered or changed. () without the file."""
+    path = storage.join(export_dir, "assets.extra", "labels.txt")
+    return tuple(read_lines(storage.read_text(path))) if storage.exists(path) else ()
+
+
 def to_json_line(key: str, probabilities, class_names: tuple) -> str:
     class_id = int(np.argmax(probabilities))
-    return json.dumps({"key": key, "class_id": class_id, "class_name": class_names[class_id],
+    name = class_names[class_id] if class_id < len(class_names) else str(class_id)  # no labels: the column
+    return json.dumps({"key": key, "class_id": class_id, "class_name": name,
                        "probability": float(probabilities[class_id])}, sort_keys=True)
 
 
@@ -251,10 +260,10 @@ def prediction_version(layout: RunLayout, name: str, version: int | None, say) -
     return directory
 
 
-def run_batch_prediction(export_dir: str, class_names: tuple, plan: SourcePlan, output: str,
-                         beam_args: list[str], single_file: bool = False, report=None) -> list[str]:
-    """Runs the job; returns the prediction files written (sorted). `report(line)` gets the
-    progress lines of a local run."""
+def run_batch_prediction(export_dir: str, plan: SourcePlan, output: str, beam_args: list[str],
+                         single_file: bool = False, report=None) -> list[str]:
+    """Runs the job; returns the prediction files written (sorted), whose class names are the
+    export's own (export_class_names). `report(line)` gets the progress lines of a local run."""
     check_unchanged_since_validation(export_dir, read_validation(export_dir))  # the workers load what was validated
     signature, input_name = signature_for(plan)
     check_input_shape(export_dir, plan)
@@ -273,7 +282,7 @@ def run_batch_prediction(export_dir: str, class_names: tuple, plan: SourcePlan, 
         predicted = (
             select(inputs, EXAMPLE, "Inputs")
             | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=MAX_BATCH_SIZE)
-            | "Predict" >> beam.ParDo(PredictFn(export_dir, signature, input_name, tuple(class_names), plan.uri))
+            | "Predict" >> beam.ParDo(PredictFn(export_dir, signature, input_name, export_class_names(export_dir), plan.uri))
         )
         lines = select(predicted, EXAMPLE, "Predictions")
         dead = (select(inputs, DEAD_LETTER, "Unreadable"), select(predicted, DEAD_LETTER, "Failed")) \

@@ -220,8 +220,7 @@ def predict(run_dir: str, input: str, output: str, version: int | None = None, *
     say = progress or (lambda line: None)
     directory = prediction_version(RunLayout(run_dir), config.export.name, version, say)
     say(f"{input} through {directory}")
-    return run_batch_prediction(directory, contract.class_names, plan, output, beam_arg_list(beam_args), single_file,
-                                report=progress)
+    return run_batch_prediction(directory, plan, output, beam_arg_list(beam_args), single_file, report=progress)
 
 
 @takes_run_dir

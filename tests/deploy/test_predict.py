@@ -111,6 +111,27 @@ def test_predict_counts_predictions_and_failures(sequence_run, tmp_path, capsys)
     assert len((tmp_path / "preds-00000-of-00001.jsonl").read_text().splitlines()) == 3
 
 
+def test_predict_names_classes_as_the_export_does_not_as_a_later_contract(sequence_run, tmp_path, capsys):
+    """The run's data preprocessed again since the export, with its classes in another order (or
+    other classes): the lines name each class as the export (and `kcp serve`) does."""
+    source, x = sequence_run
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(source, run_dir)
+    metadata = tmp_path / "run" / "data" / "metadata.json"
+    contract = json.loads(metadata.read_text())
+    assert contract["class_names"] == ["0", "1"]
+    metadata.write_text(json.dumps({**contract, "class_names": ["1", "0"]}))  # as a later preprocess could
+    np.savez(tmp_path / "rows.npz", x=x[:40])
+    code, output = predict(run_dir, f"npz:{tmp_path / 'rows.npz'}", tmp_path / "preds", capsys)
+    assert code == 0, output
+    served = tf.saved_model.load(f"{source}/export/model/1").signatures["serving_default"](
+        sequence=tf.constant(x[:40]))
+    expected = [name.decode() for name in served["class_names"].numpy()]
+    lines = predictions(tmp_path / "preds")
+    assert [lines[f"all/{index:07d}"]["class_name"] for index in range(40)] == expected
+    assert {line["class_name"] == str(line["class_id"]) for line in lines.values()} == {True}
+
+
 def test_predict_refuses_an_output_that_is_a_folder_and_names_input_in_its_errors(sequence_run, tmp_path, capsys):
     from kcp import api
     from kcp.core.errors import UserError
