@@ -308,14 +308,14 @@ def run_preprocess(config: Config, run_dir: str, beam_args: list[str] = (), repo
     bad, read = summary["dead_letters"], summary["read"]
     if not read:
         raise SourceError(f"data.source: {plan.uri} holds no inputs")
+    if bad / read > config.data.max_bad_fraction:  # first: what is left may look like one class, or none
+        raise UserError(f"data.max_bad_fraction: {bad} of {read} inputs ({bad / read:.1%}) could not be read, above "
+                        f"{config.data.max_bad_fraction:.1%}; reasons in {storage.join(data_dir, DEAD_LETTER_DIR)}")
     if not language and not summary["facts"]["class_names"]:
         raise SourceError(f"data.label_column: column {config.data.label_column!r} of {plan.uri} is empty"
                           if plan.modality == "text" else f"data.source: {plan.uri} has no labels")
     if not language and len(summary["facts"]["class_names"]) == 1:
         raise SourceError(one_class_message(plan, config, summary["facts"]["class_names"][0]))
-    if read and bad / read > config.data.max_bad_fraction:
-        raise UserError(f"data.max_bad_fraction: {bad} of {read} inputs ({bad / read:.1%}) could not be read, above "
-                        f"{config.data.max_bad_fraction:.1%}; reasons in {storage.join(data_dir, DEAD_LETTER_DIR)}")
     if language:
         contract, vocabulary = language_contract(plan, config, summary, data_dir)
     else:

@@ -446,6 +446,16 @@ def test_a_two_channel_npz_completes_and_a_one_class_table_fails_naming_it(tmp_p
             "at least 2 classes") in capsys.readouterr().err
     assert not (run / "data" / "metadata.json").exists()
 
+    # half the rows unreadable (cp1252, not UTF-8), all of them one class: the bad fraction is the error,
+    # not "one class", which would send the user to fix their labels
+    path = tmp_path / "mixed.csv"
+    path.write_bytes(b"text,label\n" + b"".join(f"tr\xe8s {i},pos\n".encode("cp1252") if i % 2 else
+                                                 f"plain {i},neg\n".encode() for i in range(20)))
+    run = tmp_path / "run3"
+    assert cli.main(["preprocess", "--source", f"csv:{path}", "--run-dir", str(run), "--", *IN_PROCESS_BEAM]) == 2
+    assert ("error: data.max_bad_fraction: 10 of 20 inputs (50.0%) could not be read, above 1.0%; reasons in "
+            f"{run / 'data' / 'dead_letter'}") in capsys.readouterr().err
+
 
 def test_a_table_of_1_and_1_0_labels_gives_two_classes_and_an_empty_validation_split_is_warned_about(tmp_path):
     """12 rows split by the key hash into 10 train, 0 validation, 2 test (rows 3 and 8): `1` and `1.0`
