@@ -25,6 +25,7 @@ input count).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -197,6 +198,9 @@ def plan_input(input: str, data, modality: str) -> SourcePlan:  # noqa: A002
         try:
             plan = plan_source(input, data, labels=False)  # no labels needed: a bare table, npz x or image folder
         except SourceError as error:
+            other = other_modality(input, data, modality)  # float series read as the image model's images
+            if other:
+                raise UserError(f"--input: {input} holds {other}, the model takes {modality}") from None
             message = str(error)
             raise SourceError("--input:" + message[len("data.source:"):] if message.startswith("data.source:")
                               else message) from None
@@ -204,6 +208,18 @@ def plan_input(input: str, data, modality: str) -> SourcePlan:  # noqa: A002
     if holds != modality:
         raise UserError(f"--input: {input} holds {holds}, the model takes {modality}")
     return plan
+
+
+def other_modality(input: str, data, modality: str) -> str | None:  # noqa: A002
+    """What an npz holds when it is read without the model's modality imposed (api.predict imposes it,
+    so that integer series reach a sequence model), where that is another modality; else None."""
+    if data.modality != modality:
+        return None
+    try:
+        held = plan_source(input, dataclasses.replace(data, modality=None), labels=False).modality
+    except SourceError:
+        return None
+    return held if held != modality else None
 
 
 def output_prefix(output: str) -> str:

@@ -65,6 +65,10 @@ def test_predict_refuses_arrays_of_another_shape_than_the_models(sequence_run, d
         np.savez(tmp_path / f"{name}.npz", x=np.zeros(shape, np.uint8), y=np.zeros(4, np.int64))
         code, output = predict(digits_run, f"npz:{tmp_path / name}.npz", tmp_path / name, capsys)
         assert code == 2 and f"holds inputs of shape {list(shape[1:])}; the model takes [8, 8, 1]" in output
+    np.savez(tmp_path / "series.npz", x=x)  # float series [80, 20, 3] to the image model: not "save them as uint8"
+    code, output = predict(digits_run, f"npz:{tmp_path / 'series.npz'}", tmp_path / "series", capsys)
+    assert code == 2 and output.strip().splitlines()[-1] == (
+        f"kcp predict: error: --input: npz:{tmp_path / 'series.npz'} holds sequence, the model takes image")
 
 
 def test_predict_names_the_modality_before_the_sources_own_columns(digits_run, sequence_run, tmp_path, capsys):
