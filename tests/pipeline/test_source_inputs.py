@@ -14,6 +14,7 @@ from PIL import Image
 
 from kcp import cli
 from kcp.core.config_load import load_config
+from kcp.core.config import DataConfig
 from kcp.core.contract import FeatureSpec
 from kcp.core.sources import (BadInput, SourceError, class_names_of, decode_array, decode_record, plan_source,
                               read_task)
@@ -402,6 +403,18 @@ def test_csv_label_cells_name_floats_as_json_numbers_and_missing_markers_are_mis
     lines.write_text("".join(json.dumps({"text": "t", "label": v}) + "\n" for v in (1, 1.0, "1.0", "NA", None)))
     _, records = records_of(f"jsonl:{lines}")
     assert [r.label for r in records] == ["1", "1", "1.0", "NA", ""]
+
+
+def test_data_modality_on_a_source_that_is_not_npz_is_refused_not_ignored(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text(json.dumps({"sequence": [[1.0, 2.0]], "label": "a"}) + "\n")
+    with pytest.raises(SourceError) as error:
+        plan_source(f"jsonl:{path}", DataConfig(modality="sequence"))
+    assert str(error.value) == (f"data.modality: 'sequence' applies to npz sources; jsonl:{path} holds text; series go "
+                                "in an npz (x [N, T, F]) (set data.modality=null)")
+    with pytest.raises(SourceError, match=r"data.modality: 'text' applies to npz sources; digits holds image \(set"):
+        plan_source("digits", DataConfig(modality="text"))
+    assert plan_source("digits", DataConfig(modality="image")).modality == "image"  # what it holds: fine
 
 
 def test_label_text_and_class_name_order():

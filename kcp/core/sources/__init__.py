@@ -58,6 +58,11 @@ def plan_source(uri: str, data: DataConfig | None = None, labels: bool = True) -
     PATH is read, subfolders included, keyed by its path relative to PATH)."""
     data = data or DataConfig()
     kind, _, rest = uri.partition(":")
+    held = source_modality(uri)
+    if data.modality and kind != "npz" and held and data.modality != held:  # it used to be ignored without a word
+        series = "; series go in an npz (x [N, T, F])" if data.modality == "sequence" else ""
+        raise SourceError(f"data.modality: {data.modality!r} applies to npz sources; {uri} holds {held}{series} "
+                          "(set data.modality=null)")
     if kind == "digits":
         return plan_digits(uri, data)
     if kind == "folder":
