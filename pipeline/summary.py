@@ -4,6 +4,7 @@ statistics and vocabulary, and the closing counts table."""
 from __future__ import annotations
 
 import dataclasses
+import unicodedata
 
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
@@ -62,6 +63,19 @@ def untrained_classes_warning(contract) -> str | None:
     return (f"warning: {len(missing)} of {len(contract.class_names)} classes have no train example: {shown}{hint}; "
             "the model cannot learn them and predicts another class for their examples; add train examples, "
             "or merge or drop those labels")
+
+
+def lookalike_classes_warning(contract) -> str | None:
+    """A warning line naming class names that print alike but differ in Unicode normalization (a
+    folder `café` in NFC beside one copied from macOS in NFD): they are separate classes."""
+    groups = {}
+    for name in contract.class_names:
+        groups.setdefault(unicodedata.normalize("NFC", name), []).append(name)
+    alike = [" and ".join(ascii(name) for name in names) for names in groups.values() if len(names) > 1]
+    if not alike:
+        return None
+    return (f"warning: classes {'; '.join(alike)} differ only in Unicode normalization (NFC, NFD), so they are "
+            "separate classes; rename them to one spelling if they are one class")
 
 
 def contract_from_summary(plan: SourcePlan, config: Config, summary: dict, data_dir: str):

@@ -134,6 +134,21 @@ def test_classes_with_no_train_example_are_named_in_a_warning(tmp_path):
             "or merge or drop those labels") in lines
 
 
+def test_class_folders_that_differ_only_in_unicode_normalization_are_named_in_a_warning(tmp_path):
+    """`café` in NFC beside `café` in NFD (copied from macOS): two classes that print alike."""
+    root = tmp_path / "images"
+    for index in range(24):
+        name = ("caf\u00e9", "cafe\u0301", "tea")[index % 3]
+        write_png(str(root / name / f"{index}.png"), np.full((6, 6), index, np.uint8))
+    lines = []
+    contract = run_preprocess(load_config([], [f"data.source=folder:{root}"]), str(tmp_path / "run"), IN_PROCESS_BEAM,
+                              report=lines.append)
+    assert len(contract.class_names) == 3
+    assert ("warning: classes 'cafe\\u0301' and 'caf\\xe9' differ only in Unicode normalization (NFC, NFD), so they "
+            "are separate classes; rename them to one spelling if they are one class") in lines
+    assert not [line for line in lines if "Unicode" in line and "tea" in line]
+
+
 def test_the_case_hint_names_only_classes_without_train_examples():
     from types import SimpleNamespace
 
