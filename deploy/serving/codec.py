@@ -121,14 +121,14 @@ def cast_finite(name: str, array: np.ndarray, dtype) -> np.ndarray:
     return cast
 
 
-def _decode_value(value):
+def decode_value(value):
     """JSON value -> Python value with {"b64": ...} turned into bytes (recursively)."""
     if isinstance(value, dict):
         if set(value) == {"b64"}:
             return _b64(value["b64"])
-        return {key: _decode_value(inner) for key, inner in value.items()}
+        return {key: decode_value(inner) for key, inner in value.items()}
     if isinstance(value, list):
-        return [_decode_value(inner) for inner in value]
+        return [decode_value(inner) for inner in value]
     return value
 
 
@@ -170,6 +170,13 @@ def to_tensor(name: str, values, spec):
             array = np.array(values, dtype=object)
             if array.size and not all(isinstance(v, (bytes, str)) for v in array.ravel()):
                 raise RequestError(f"input {name!r}: expected strings or {{\"b64\": ...}} values")
+            for index, value in enumerate(array.ravel()):  # a lone surrogate ("\ud800") is no UTF-8 text
+                if isinstance(value, str) and not value.isascii():
+                    try:
+                        value.encode("utf-8")
+                    except UnicodeEncodeError as error:
+                        raise RequestError(f"input {name!r}: instance {index}: {ascii(value[error.start])} at character "
+                                           f"{error.start} is not Unicode text (a lone surrogate)") from None
             tensor = tf.constant(array.tolist() if array.ndim else [array.item()], dtype=tf.string)
         else:
             array = np.asarray(values)
@@ -181,13 +188,28 @@ def to_tensor(name: str, values, spec):
                 raise RequestError(f"input {name!r}: uint8 values must lie in 0..255")
             tensor = tf.constant(cast_finite(name, array, spec.dtype.as_numpy_dtype))
     except (ValueError, TypeError) as error:
-        raise RequestError(f"input {name!r}: {error}") from None
+        raise RequestError(f"input {name!r}: {ragged(values, spec) or error}") from None
     if not spec.shape.is_compatible_with(tensor.shape):
         raise RequestError(f"input {name!r}: shape {tensor.shape.as_list()} does not match the signature's "
                            f"{spec.shape.as_list()}")
     if spec.shape.rank and tensor.shape[0] == 0:  # the models fail on 0 rows in a graph op (BatchNorm)
         raise RequestError(f"input {name!r} must hold at least one instance (it is empty)")
     return tensor
+
+
+def ragged(values, spec) -> str | None:
+    """Which instance's shape differs from the first one's, for a batch numpy cannot make one array of."""
+    if not isinstance(values, list) or not values:
+        return None
+    shapes = []
+    for value in values:
+        try:
+            shapes.append(list(np.shape(value)))
+        except ValueError:  # ragged inside the instance itself
+            shapes.append("ragged")
+    odd = next((index for index, shape in enumerate(shapes) if shape != shapes[0]), None)
+    return None if odd is None else (f"instances of different shapes: instance 0 is {shapes[0]}, instance {odd} "
+                                     f"{shapes[odd]}; the signature takes {spec.shape.as_list()[1:]} each")
 
 
 def _row_column(name: str, values: list, spec):
@@ -207,7 +229,7 @@ def parse_predict_body(body: dict, specs: dict) -> tuple[dict, str]:
         raise RequestError("the request must have exactly one of 'instances' (row format) or 'inputs' (columnar)")
     names = list(specs)
     if "instances" in body:
-        instances = _decode_value(body["instances"])
+        instances = decode_value(body["instances"])
         if not isinstance(instances, list) or not instances:
             raise RequestError("'instances' must be a non-empty list")
         if all(isinstance(i, dict) and not (set(i) == {"b64"}) for i in instances):
@@ -224,7 +246,7 @@ def parse_predict_body(body: dict, specs: dict) -> tuple[dict, str]:
         else:
             raise RequestError(f"this signature takes several inputs ({', '.join(names)}): send objects per instance")
         return {n: to_tensor(n, v, specs[n]) for n, v in columns.items()}, "row"
-    inputs = _decode_value(body["inputs"])
+    inputs = decode_value(body["inputs"])
     if isinstance(inputs, dict):
         unknown = sorted(set(inputs) - set(names))
         if unknown:
@@ -259,55 +281,6 @@ def signature_name(body: dict) -> str:
     if not isinstance(name, str):
         raise RequestError(f"'signature_name' key must be a string value, not {json.dumps(name)[:100]}")
     return name or "serving_default"
-
-
-def _feature(name: str, value, where: str) -> tf.train.Feature:
-    """One JSON feature value as TF Serving's REST API makes it a tf.train.Feature: strings and
-    {"b64": ...} -> bytes_list; integers (and booleans) -> int64_list; numbers with any float among
-    them -> float_list; a list of them is one feature (nested numeric lists are flattened)."""
-    flat, pending = [], [value]
-    while pending:
-        item = pending.pop()
-        if isinstance(item, list):
-            pending.extend(reversed(item))
-        else:
-            flat.append(item)
-    if not flat:
-        return tf.train.Feature()  # no kind, as TF Serving makes an empty list
-    if all(isinstance(v, (bytes, str)) for v in flat):
-        return tf.train.Feature(bytes_list=tf.train.BytesList(
-            value=[v.encode("utf-8") if isinstance(v, str) else v for v in flat]))
-    odd = [v for v in flat if not isinstance(v, (int, float))]
-    if odd:
-        odd = odd[0]
-        held = ("strings and numbers" if isinstance(odd, (bytes, str)) else
-                "a JSON null" if odd is None else "a JSON object")
-        raise RequestError(f"{where}: feature {name!r} holds {held}; a feature is a number, a string, "
-                           "{\"b64\": ...}, or a list of one kind of them")
-    if all(isinstance(v, int) for v in flat):
-        if any(not -2**63 <= v < 2**63 for v in flat):
-            raise RequestError(f"{where}: feature {name!r} holds an integer beyond int64's range")
-        return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v) for v in flat]))
-    array = np.asarray(flat, np.float64)
-    if not np.all(np.isfinite(array)):
-        raise RequestError(f"{where}: feature {name!r} holds NaN or infinite values")
-    if np.any(np.abs(array) > np.finfo(np.float32).max):
-        raise RequestError(f"{where}: feature {name!r} holds a value beyond float32's range")
-    return tf.train.Feature(float_list=tf.train.FloatList(value=array.tolist()))
-
-
-def json_examples(examples: list, context: dict | None = None) -> list[bytes]:
-    """A REST :classify request's `examples` (JSON objects of features) as serialized
-    tf.train.Examples, by TF Serving's JSON rules (`_feature`), each merged with the `context`'s
-    features (an example's own feature wins, as when TF Serving merges the context proto)."""
-    serialized = []
-    for index, example in enumerate(examples):
-        if not isinstance(example, dict):
-            raise RequestError(f"example {index} must be a JSON object of features")
-        merged = {**(context or {}), **example}
-        features = {name: _feature(name, _decode_value(value), f"example {index}") for name, value in merged.items()}
-        serialized.append(tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString())
-    return serialized
 
 
 def format_classifications(outputs: dict, class_names) -> dict:

@@ -21,8 +21,9 @@ import numpy as np
 import tensorflow as tf
 
 from deploy.serving.codec import (REGRESS, RequestError, check_classifier, error_message, format_classifications,
-                                  format_predictions, input_specs, json_examples, metadata, parse_predict_body,
+                                  format_predictions, input_specs, metadata, parse_predict_body,
                                   signature_name, status, takes_examples, wrong_method)
+from deploy.serving.json_examples import json_examples
 from deploy.serving.registry import ModelRegistry, NotLoadedYet
 
 log = logging.getLogger("kcp.serve")

@@ -251,6 +251,11 @@ def test_single_output_and_bytes_outputs_are_formatted_as_tf_serving_does():
     ("/v1/models/colors:predict", {"instances": [{"b64": base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(40)).decode()}]},
      None, 400, "could not decode the image (Invalid PNG"),
     ("/v1/models/colors:predict", {"instances": []}, None, 400, "non-empty"),
+    ("/v1/models/colors:predict", {"signature_name": "serve_images", "instances": [[[[1, 2, 3]]], [[[1, 2, 3],
+     [4, 5, 6]]]]}, None, 400, "input 'image': instances of different shapes: instance 0 is [1, 1, 3], instance 1 "
+     "[1, 2, 3]; the signature takes [10, 12, 3] each"),  # not numpy's "inhomogeneous shape after 1 dimensions"
+    ("/v1/models/colors:predict", {"instances": ["ok", "a\ud800"]}, None, 400,
+     "input 'image_bytes': instance 1: '\\ud800' at character 1 is not Unicode text (a lone surrogate)"),
     ("/v1/models/colors:predict", {"instances": [{"image_bytes": {"b64": "AA=="}}, {"image_bytes": {"b64": "AA=="},
      "image_bytez": {"b64": "AA=="}}]}, None, 400,  # a misspelled input is refused, as TF Serving does
      "instance 1: unknown input 'image_bytez'; the signature takes image_bytes"),
