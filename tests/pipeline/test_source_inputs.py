@@ -129,6 +129,11 @@ def test_an_empty_class_folder_and_a_name_that_is_not_utf8_are_named(tmp_path):
     with pytest.raises(SourceError, match=f"^data.source: class folder {root}/b holds no .png/.jpg/.jpeg/.bmp/"
                                           ".gif/.webp/.tif/.tiff files; add images or remove it$"):
         plan_source(f"folder:{root}")
+    (root / "b" / "review.txt").write_text("great")  # text in class folders: where text goes instead
+    with pytest.raises(SourceError, match=r"add images or remove it; folder: reads images: for text, make a csv: or "
+                                          r"jsonl: table of a text and a label column \(docs/data.md\)$"):
+        plan_source(f"folder:{root}")
+    os.remove(root / "b" / "review.txt")
     os.remove(root / "b" / "list.csv")
     os.rmdir(root / "b")
     weird = os.path.join(os.fsencode(root), b"caf\xe9")

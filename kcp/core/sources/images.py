@@ -174,8 +174,11 @@ def _listing(root: str, has_splits: bool, folders) -> tuple[list, list[str]]:
         names = _files_below(folder)
         images = [f"{folder}/{name}" for name in names if _is_image(name)]
         if not images:
+            texts = any(name.lower().endswith((".txt", ".md", ".text")) for name in names)
+            hint = ("; folder: reads images: for text, make a csv: or jsonl: table of a text and a label column "
+                    "(docs/data.md)") if texts else ""
             raise SourceError(f"data.source: class folder {folder} holds no {'/'.join(IMAGE_EXTENSIONS)} files; "
-                              "add images or remove it")
+                              f"add images or remove it{hint}")
         listing.append((folder, label, split, images))
         skipped += [f"{folder[len(root) + 1:]}/{name}" for name in names if not _is_image(name)]
     return listing, sorted(skipped)
