@@ -298,7 +298,8 @@ def run_batch_prediction(export_dir: str, plan: SourcePlan, output: str, beam_ar
         predicted = (
             select(inputs, EXAMPLE, "Inputs")
             | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=MAX_BATCH_SIZE)
-            | "Predict" >> beam.ParDo(PredictFn(export_dir, signature, input_name, export_class_names(export_dir), plan.uri))
+            | "Predict" >> beam.ParDo(PredictFn(export_dir, signature, input_name, export_class_names(export_dir),
+                                                plan.uri))
         )
         lines = select(predicted, EXAMPLE, "Predictions")
         dead = (select(inputs, DEAD_LETTER, "Unreadable"), select(predicted, DEAD_LETTER, "Failed")) \
