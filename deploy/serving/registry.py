@@ -119,7 +119,7 @@ class ModelRegistry:
         """A remote version folder copied to local disk through kcp.core.storage."""
         target = os.path.join(self.staging, name, str(version))
         prefix = path.rstrip("/") + "/"
-        for remote in storage.glob(prefix + "**"):
+        for remote in [n for n in storage.glob(prefix + "**") if not n.endswith("/")]:  # not TF's folder markers
             local = os.path.join(target, remote[len(prefix):])
             os.makedirs(os.path.dirname(local), exist_ok=True)
             with open(local, "wb") as handle:

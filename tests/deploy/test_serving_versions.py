@@ -194,6 +194,8 @@ def test_a_remote_run_dir_is_served_or_fails_in_one_line(digits_run, gcs, tmp_pa
         for name in files:
             relative = os.path.relpath(os.path.join(folder, name), source)
             bucket.blob(f"served-run/export/model/1/{relative}").upload_from_filename(os.path.join(folder, name))
+    for marker in ("", "variables/", "assets.extra/"):  # the empty folder objects TensorFlow's GCS client writes
+        bucket.blob(f"served-run/export/model/1/{marker}").upload_from_string(b"")
     url, httpd = start("gs://kcp-test/served-run", allow_unvalidated=True)
     try:
         assert httpd.registry.served() == {"model": [1]}
