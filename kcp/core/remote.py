@@ -66,9 +66,10 @@ class BeamBackend(Backend):
 
     def __init__(self):
         # Lazy: reading a local YAML must not import Beam (measured: ~1.5 s per process).
+        from apache_beam.io.filesystem import CompressionTypes
         from apache_beam.io.filesystems import FileSystems
 
-        self.fs = FileSystems
+        self.fs, self.raw = FileSystems, CompressionTypes.UNCOMPRESSED
 
     def _under(self, path: str) -> list[str]:
         """Every object below the "folder" `path`."""
@@ -81,7 +82,7 @@ class BeamBackend(Backend):
         pass  # object stores need no folders
 
     def read_bytes(self, path):
-        with self.fs.open(path) as handle:
+        with self.fs.open(path, compression_type=self.raw) as handle:  # the bytes, never unpacked by name (.gz)
             return handle.read()
 
     def write_bytes_atomic(self, path, content):
@@ -89,11 +90,11 @@ class BeamBackend(Backend):
         # object until then), so the target is written directly: no temporary, and above all no
         # delete of the old object first (a kill after such a delete would lose the file).
         if _scheme(path) in OBJECT_STORES:
-            with self.fs.create(path) as handle:
+            with self.fs.create(path, compression_type=self.raw) as handle:
                 handle.write(content)
             return
         temporary = _temporary(path)
-        with self.fs.create(temporary) as handle:
+        with self.fs.create(temporary, compression_type=self.raw) as handle:
             handle.write(content)
         self.fs.rename([temporary], [path])
 

@@ -1,6 +1,7 @@
 """kcp.core.storage: the local backend, backend choice, and a gs:// round trip through Beam's
 FileSystems against the GCS emulator."""
 
+import gzip
 import os
 import subprocess
 import sys
@@ -149,6 +150,11 @@ def test_gcs_round_trip_through_beam(gcs):
     storage.write_bytes_atomic(f"{base}/sub/b.txt", b"bee")
     storage.write_text_atomic(f"{base}/sub/deeper/c.txt", "sea")
     assert storage.read_text(f"{base}/a.json") == "second"
+    packed = gzip.compress(b"record")  # a .gz object's bytes as they are, neither packed nor unpacked by its name
+    storage.write_bytes_atomic(f"{base}/shard.tfrecord.gz", packed)
+    assert storage.read_bytes(f"{base}/shard.tfrecord.gz") == packed
+    assert gcs.bucket("kcp-test").blob("storage-test/shard.tfrecord.gz").download_as_bytes() == packed
+    storage.remove(f"{base}/shard.tfrecord.gz")
     assert sorted(blob.name for blob in gcs.list_blobs("kcp-test", prefix="storage-test/")) == [
         "storage-test/a.json", "storage-test/sub/b.txt", "storage-test/sub/deeper/c.txt"]  # no temporaries
 
