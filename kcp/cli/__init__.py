@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None, *, lenient: bool = False) -> int:
     if "--" in argv:
         cut = argv.index("--")
         argv, beam_args = argv[:cut], argv[cut + 1:]
-    parser = build_parser()
+    parser = build_parser(abbreviations=not lenient)
     if lenient:
         args, unknown = parser.parse_known_args(argv)
     else:
@@ -117,7 +117,7 @@ def launch_training(argv: list[str]) -> int:
             return code
     from deploy.export import copy_tree
 
-    args, _ = build_parser().parse_known_args(["export", *argv])
+    args, _ = build_parser(abbreviations=False).parse_known_args(["export", *argv])
     run_dir = resolve_run_dir(args)
     name = resolve_config(run_dir, args.config, overrides=args.overrides).export.name
     version_dir = RunLayout(run_dir).version_dir(name)

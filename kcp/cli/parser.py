@@ -154,16 +154,18 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(abbreviations: bool = True) -> argparse.ArgumentParser:
+    """The `kcp` parser; without `abbreviations` (the launchers' lenient parsing) a flag is taken only
+    by its whole name, so a launcher's `--mode` is ignored, not read as `--model`."""
     parser = argparse.ArgumentParser(
         prog="kcp", description="keras-cloud-pipeline: raw data to a served Keras model.",
-        epilog="example:\n  kcp run", formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog="example:\n  kcp run", formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=abbreviations)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
         sub = commands.add_parser(
             name, help=command.description, description=command.description,
             epilog="examples:\n" + "\n".join(f"  {line}" for line in command.examples),
-            formatter_class=argparse.RawDescriptionHelpFormatter)
+            formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=abbreviations)
         sub.add_argument("--run-dir", "--job-dir", dest="run_dir", metavar="RUN", help=RUN_DIR_HELP)
         sub.add_argument("--config", metavar="FILE", help="a YAML file with sections data, model, train, tune, export")
         sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",

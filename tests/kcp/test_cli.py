@@ -119,6 +119,11 @@ def test_stage_modules_ignore_unknown_launcher_flags(tmp_path, caplog):
     code = task.main(["--run-dir", str(tmp_path), "--set", "train.epochs=0", "--launcher-flag=1"])
     assert code == 2  # the flag was ignored; the bad value still fails
     assert "--launcher-flag=1" in caplog.text
+    # a launcher's flag that begins like one of ours is not taken for it (argparse's abbreviations)
+    caplog.clear()
+    code = task.main(["--run-dir", str(tmp_path), "--set", "train.epochs=0", "--mode=train", "--conf=x", "--ver=1"])
+    assert code == 2  # train.epochs=0, as above
+    assert "ignoring flags this stage does not know: --mode=train --conf=x --ver=1" in caplog.text
 
 
 def test_kcp_itself_rejects_unknown_flags(tmp_path):
