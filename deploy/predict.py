@@ -39,8 +39,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from deploy.push import read_validation
 from kcp.core import storage
-from kcp.core.beamio import (DEAD_LETTER, EXAMPLE, CountProgress, ProgressReporter, ReadSource, dead_letter,
-                             local_runner_defaults, progress_directory, select)
+from kcp.core.beamio import (DEAD_LETTER, EXAMPLE, CountProgress, ProgressReporter, ReadSource, checked_pipeline,
+                             dead_letter, local_runner_defaults, progress_directory, select)
 from kcp.core.contract import read_lines
 from kcp.core.errors import UserError
 from kcp.core.layout import RunLayout, check_unchanged_since_validation, newest_blessed
@@ -287,10 +287,11 @@ def run_batch_prediction(export_dir: str, plan: SourcePlan, output: str, beam_ar
         (report or log.info)(skipped)
     options = PipelineOptions(local_runner_defaults(list(beam_args), plan.estimated_count))
     prefix = output_prefix(output)
+    kind, _, path = plan.uri.partition(":")  # a bad Beam option: one line, before earlier outputs are removed
+    pipeline = checked_pipeline(options, [prefix, export_dir, path if kind in ("folder", "npz", "csv", "jsonl") else ""])
     remove_earlier_outputs(output, prefix, single_file)
     progress_dir = progress_directory(options.get_all_options())
-    with ProgressReporter(progress_dir, plan.estimated_count, report or (lambda line: None)), \
-            beam.Pipeline(options=options) as pipeline:
+    with ProgressReporter(progress_dir, plan.estimated_count, report or (lambda line: None)), pipeline:
         records = pipeline | "Read" >> ReadSource(plan)
         if progress_dir:
             records = records | "Progress" >> beam.ParDo(CountProgress(progress_dir))

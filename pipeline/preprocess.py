@@ -20,8 +20,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from kcp.core import contract as contract_lib
 from kcp.core import storage
-from kcp.core.beamio import (DEAD_LETTER, CountProgress, ProgressReporter, ReadSource, local_runner_defaults,
-                             progress_directory, select)
+from kcp.core.beamio import (DEAD_LETTER, CountProgress, ProgressReporter, ReadSource, checked_pipeline,
+                             local_runner_defaults, progress_directory, select)
 from kcp.core.config import Config
 from kcp.core.families import MODEL_FAMILIES, check_family_takes
 from kcp.core.errors import UserError
@@ -278,6 +278,9 @@ def run_preprocess(config: Config, run_dir: str, beam_args: list[str] = (), repo
     plan = plan_source(config.data.source, config.data)
     if MODEL_FAMILIES:  # registered by whoever loaded the config (the CLI, the API): --model gpt on digits is
         check_family_takes(config.model.name, plan.modality)  # refused here, not after the whole pipeline
+    options = pipeline_options(plan, beam_args)
+    kind, _, path = plan.uri.partition(":")  # a file source's path (a workers' runner must reach it)
+    pipeline = checked_pipeline(options, [run_dir, path if kind in ("folder", "npz", "csv", "jsonl", "text") else ""])
     if planned:
         planned()
     language = plan.modality == "language"
@@ -287,7 +290,6 @@ def run_preprocess(config: Config, run_dir: str, beam_args: list[str] = (), repo
     storage.makedirs(data_dir)
     clear_previous_outputs(data_dir)
     summary_path = storage.join(data_dir, f"{SUMMARY_PREFIX}{uuid.uuid4().hex[:8]}.json")
-    options = pipeline_options(plan, beam_args)
     all_options = options.get_all_options()
     mode = f" ({all_options.get('direct_running_mode')})" if all_options["runner"] == "FnApiRunner" else ""
     steps = "Read > Decode > Split > Tokenize > Pack > Write" if language else \
@@ -298,7 +300,7 @@ def run_preprocess(config: Config, run_dir: str, beam_args: list[str] = (), repo
         parts_dir = None  # the shard writer groups the records themselves there
     progress_dir = progress_directory(all_options)
     try:
-        with ProgressReporter(progress_dir, plan.estimated_count, report), beam.Pipeline(options=options) as pipeline:
+        with ProgressReporter(progress_dir, plan.estimated_count, report), pipeline:
             build = build_language_pipeline if language else build_pipeline
             build(pipeline, plan, config, data_dir, summary_path, parts_dir, progress_dir)
     finally:

@@ -196,3 +196,28 @@ def progress_directory(options: dict) -> str | None:
     if "FnApiRunner" not in str(options.get("runner")):
         return None
     return os.path.join(tempfile.gettempdir(), f"kcp-progress-{uuid.uuid4().hex[:12]}")
+
+
+def checked_pipeline(options, local_paths: list[str] = ()):
+    """`beam.Pipeline(options)`, made before the job touches anything, so that options Beam refuses
+    (an unknown runner, Dataflow without project, region or temp_location, a --setup_file not found)
+    are one line (UserError) and the previous outputs are kept. A DataflowRunner job refuses
+    `local_paths` (the run directory, a source, an output on this machine), which its workers,
+    on other machines, can neither read nor write."""
+    from kcp.core import storage
+    from kcp.core.errors import UserError
+
+    settings = options.get_all_options()
+    if settings.get("setup_file") and not storage.exists(settings["setup_file"]):
+        raise UserError(f"Beam options: --setup_file {settings['setup_file']} is not there (give the path of "
+                        "this project's setup.py, e.g. from the repository root ./setup.py)")
+    if "Dataflow" in str(settings.get("runner") or ""):
+        local = [path for path in local_paths if path and not storage.is_remote(path)]
+        if local:
+            raise UserError(f"Beam options: a {settings['runner']} job's workers run on other machines and cannot "
+                            f"reach {local[0]} on this one; use gs:// paths (the run directory, the source)")
+    try:
+        return beam.Pipeline(options=options)
+    except (ValueError, RuntimeError) as error:  # Beam's own option checks: "Pipeline has validations errors"
+        text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        raise UserError(f"Beam options: {text.removeprefix('Pipeline has validations errors: ')[:500]}") from None

@@ -136,6 +136,18 @@ def test_predict_names_classes_as_the_export_does_not_as_a_later_contract(sequen
     assert {line["class_name"] == str(line["class_id"]) for line in lines.values()} == {True}
 
 
+def test_a_runner_option_beam_refuses_is_one_line_and_keeps_the_earlier_predictions(sequence_run, tmp_path, capsys):
+    run_dir, x = sequence_run
+    np.savez(tmp_path / "rows.npz", x=x[:3])
+    earlier = tmp_path / "preds-00000-of-00001.jsonl"
+    earlier.write_text("{}\n")
+    assert cli.main(["predict", "--run-dir", run_dir, "--input", f"npz:{tmp_path / 'rows.npz'}", "--output",
+                     str(tmp_path / "preds"), "--", "--runner", "NoSuchRunner"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("kcp predict: error: Beam options: Unexpected pipeline runner")
+    assert earlier.read_text() == "{}\n"
+
+
 def test_predict_refuses_an_output_that_is_a_folder_and_names_input_in_its_errors(sequence_run, tmp_path, capsys):
     from kcp import api
     from kcp.core.errors import UserError

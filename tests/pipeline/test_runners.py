@@ -43,3 +43,30 @@ def test_dask_runner_writes_every_record_once_and_the_same_bytes(dask_cluster, t
 
 def test_dask_runner_alias():
     assert local_runner_defaults(["--runner=DaskRunner"]) == ["--runner=apache_beam.runners.dask.dask_runner.DaskRunner"]
+
+
+def test_runner_options_beam_refuses_are_one_line_and_keep_the_previous_data(digits_data, tmp_path, gcs, capsys):
+    """An unknown runner, a --setup_file not there, Dataflow with a run directory on this machine or
+    without its project/region/temp_location: one line (exit 2) before anything in RUN/data is touched."""
+    import shutil
+
+    from kcp import cli
+
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(digits_data, run_dir)
+    before = sorted(os.listdir(os.path.join(run_dir, "data")))
+    remote = "gs://kcp-test/runners/run"
+    for run, options, message in (
+            (run_dir, ["--runner", "NoSuchRunner"], "Beam options: Unexpected pipeline runner: NoSuchRunner."),
+            (run_dir, ["--setup_file", str(tmp_path / "setup.py")],
+             f"Beam options: --setup_file {tmp_path / 'setup.py'} is not there"),
+            (run_dir, ["--runner", "DataflowRunner", "--project", "p", "--region", "r", "--temp_location", "gs://b/t"],
+             f"Beam options: a DataflowRunner job's workers run on other machines and cannot reach {run_dir} on this "
+             "one; use gs:// paths"),
+            (remote, ["--runner", "DataflowRunner"], "Beam options: Missing GCS path option: temp_location.")):
+        capsys.readouterr()
+        assert cli.main(["preprocess", "--run-dir", run, "--", *options]) == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and error[0].startswith(f"kcp preprocess: error: {message}"), error
+    assert sorted(os.listdir(os.path.join(run_dir, "data"))) == before  # nothing removed
+    assert gcs.bucket("kcp-test").get_blob("runners/run/data/metadata.json") is None
