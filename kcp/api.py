@@ -36,7 +36,7 @@ from deploy.push import push_export
 from kcp.core import contract as contract_lib
 from kcp.core import storage
 from kcp.core.beamio import beam_arg_list
-from kcp.core.cluster import is_cluster_helper, is_tuner_worker, tuner_id
+from kcp.core.cluster import effective_strategy, is_cluster_helper, is_tuner_worker, tuner_id
 from kcp.core.config import Config
 from kcp.core.config_load import config_recorded, override_list, record_config, resolve_config
 from kcp.core.contract import GENERATE_DEFAULTS, DataContract
@@ -128,7 +128,7 @@ def train(run_dir: str, model: str | None = None, *, config_file: str | None = N
 def _train_result(run_dir: str, metrics: dict, strategy: str) -> TrainResult:
     from trainer.outputs import TrainPaths
 
-    outputs = TrainPaths.resolve(run_dir, multi_worker=strategy == "multi_worker").outputs
+    outputs = TrainPaths.resolve(run_dir, multi_worker=effective_strategy(strategy) == "multi_worker").outputs
     history_path = storage.join(outputs, os.path.basename(RunLayout(run_dir).history))
     history = json.loads(storage.read_text(history_path)) if storage.exists(history_path) else {}
     return TrainResult(metrics=metrics, history=history, model_path=RunLayout(run_dir).model, train_dir=outputs)

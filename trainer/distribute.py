@@ -1,6 +1,8 @@
 """Picks the `tf.distribute` strategy named by `train.strategy`.
 
-    auto          TPU when a TPU cluster resolves, else Mirrored over 2+ GPUs, else the default
+    auto          multi_worker under a TF_CONFIG cluster of 2+ (kcp.core.cluster.effective_strategy,
+                  applied by the trainer), else TPU when a TPU cluster resolves, else Mirrored over
+                  2+ GPUs, else the default
     one_device    the first GPU, else the CPU
     mirrored      all local GPUs (or `train.cpu_devices` logical CPUs), synchronous all-reduce
     multi_worker  MultiWorkerMirroredStrategy from TF_CONFIG (see the README for an example)

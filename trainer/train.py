@@ -43,7 +43,7 @@ from trainer.callbacks import (AtomicBackupAndRestore, EpochHistory, LanguageMet
                                steps_per_epoch)
 from trainer.data import make_dataset
 from trainer.language_metrics import NatsPerToken, fit_document_cache, language_split_metrics
-from kcp.core.cluster import num_workers
+from kcp.core.cluster import effective_strategy, num_workers
 from trainer.distribute import choose_strategy, lost_peer_said
 from trainer.models import ModelInputs, build_model
 from trainer.models.common import batch_norm_momentum_for
@@ -120,11 +120,12 @@ class Trainer:
         self.data_dir = contract_lib.data_dir(run_dir)
         if settings.deterministic:
             tf.config.experimental.enable_op_determinism()
-        self.strategy = choose_strategy(settings.strategy, settings.cpu_devices)  # before TF starts its devices
+        strategy = effective_strategy(settings.strategy)  # auto in a TF_CONFIG cluster: multi_worker
+        self.strategy = choose_strategy(strategy, settings.cpu_devices)  # before TF starts its devices
         self.vectorizer = example_lib.text_vectorizer(self.contract, run_dir) if self.contract.modality == "text" \
             else None
         self.language = self.contract.modality == "language"
-        self.multi_worker = settings.strategy == "multi_worker"
+        self.multi_worker = strategy == "multi_worker"
         self.replicas = self.strategy.num_replicas_in_sync
         self.global_batch = settings.batch_size * self.replicas
         self.drop_remainder = isinstance(self.strategy, tf.distribute.TPUStrategy)  # TPUs need static shapes

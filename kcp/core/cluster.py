@@ -26,6 +26,13 @@ def num_workers() -> int:
     return max(1, len(cluster.get("chief", [])) + len(cluster.get("worker", [])))
 
 
+def effective_strategy(name: str) -> str:
+    """`train.strategy` as it runs: `auto` under a TF_CONFIG cluster of two or more workers (a Vertex
+    AI job with several replicas) is `multi_worker`, so that the replicas train one model together
+    rather than each its own into the same run directory."""
+    return "multi_worker" if name == "auto" and num_workers() >= 2 else name
+
+
 def tuner_id() -> str:
     """This process's Keras Tuner id (KERASTUNER_TUNER_ID): "" outside a distributed search."""
     return os.environ.get("KERASTUNER_TUNER_ID", "")

@@ -73,9 +73,10 @@ def killable_training(run_dir) -> tuple[list, list]:
                 "model.filters=[32, 64]", "train.cache=false"), worker_envs(2)
 
 
-def test_multi_worker_two_processes_end_with_identical_weights(digits_data, tmp_path):
+@pytest.mark.parametrize("strategy", ["multi_worker", "auto"])  # auto: a TF_CONFIG cluster (Vertex AI) alone
+def test_multi_worker_two_processes_end_with_identical_weights(digits_data, tmp_path, strategy):
     run_dir = fresh_run(digits_data, tmp_path)
-    results = start_cluster(lambda index: task(run_dir, "train.strategy=multi_worker", "train.epochs=2",
+    results = start_cluster(lambda index: task(run_dir, f"train.strategy={strategy}", "train.epochs=2",
                                                "train.batch_size=32", "model.filters=[8, 16]"))
     for process, output in results:
         assert process.returncode == 0, output[-4000:]
