@@ -106,16 +106,20 @@ def launch_training(argv: list[str]) -> int:
     job that registers a model), the chief then exports (`kcp export`) and validates (`kcp validate`)
     the serving SavedModel and, once it is blessed, copies it to the top of AIP_MODEL_DIR, saved_model.pb
     last, where Vertex AI's TensorFlow prediction containers look for it. An export that is not blessed
-    is not handed over (exit 1)."""
+    is not handed over (exit 1), and a SavedModel handed over before is removed from there, since the
+    trainer has put its new model.keras and metrics.json beside it."""
     code = main(["train", *argv], lenient=True)
     model_dir = os.environ.get("AIP_MODEL_DIR")
     if code or not model_dir or is_cluster_helper():
         return code
+    from deploy.export import copy_tree
+
     for stage in ("export", "validate"):  # validate: the newest version, the one just exported
         code = main([stage, *argv], lenient=True)
         if code:
+            remove_saved_model(model_dir)
             return code
-    from deploy.export import copy_tree
+    remove_saved_model(model_dir)  # saved_model.pb first: never an old one beside new variables
 
     args, _ = build_parser(abbreviations=False).parse_known_args(["export", *argv])
     run_dir = resolve_run_dir(args)
@@ -124,3 +128,14 @@ def launch_training(argv: list[str]) -> int:
     copy_tree(version_dir, model_dir)
     print(f"[export] {version_dir} -> {model_dir} (AIP_MODEL_DIR)", flush=True)
     return 0
+
+
+def remove_saved_model(folder: str) -> None:
+    """Removes a SavedModel from `folder` (saved_model.pb first, so no reader takes a partial one),
+    leaving the folder's other files."""
+    from kcp.core import storage
+
+    storage.remove(storage.join(folder, "saved_model.pb"))
+    for name in ("variables", "assets", "assets.extra"):
+        storage.remove_tree(storage.join(folder, name))
+    storage.remove(storage.join(folder, "fingerprint.pb"))

@@ -200,6 +200,12 @@ def test_the_vertex_entry_hands_the_validated_savedmodel_to_aip_model_dir(digits
                       "--set", "export.min_accuracy=1.0"]) == 1
     assert "version 2: " in capsys.readouterr().out and not (refused / "saved_model.pb").exists()
     assert sorted(os.listdir(refused)) == ["metrics.json", "model.keras"]  # what the trainer itself writes there
+    # into the folder that holds version 1: its SavedModel goes, not to sit beside the new model.keras
+    monkeypatch.setenv("AIP_MODEL_DIR", str(handed))
+    assert task.main(["--job-dir", run_dir, "--set", "train.epochs=2", "--set", "model.filters=[8]",
+                      "--set", "export.min_accuracy=1.0"]) == 1
+    assert sorted(os.listdir(handed)) == ["metrics.json", "model.keras"]
+    assert json.loads((handed / "metrics.json").read_text())["epochs"] == 2
 
 
 def test_auto_strategy_without_accelerators_is_the_default_one():
