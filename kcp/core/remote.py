@@ -221,15 +221,16 @@ STORAGE_ERROR_MODULES = ("google.api_core.", "google.auth.", "google.cloud.stora
 
 
 def storage_failure(error: BaseException) -> str | None:
-    """One line for a failure of the remote storage service or of reaching it (refused credentials,
-    no network, a server error), found in `error` or what it was raised from (`raise ... from`, not
-    an error met while handling one); None for any other error. The line is the client's own first
-    line (it names the object or the host)."""
+    """One line for a failure of a Google Cloud service (storage, Dataflow) or of reaching it (refused
+    credentials, no network, a server error), found in `error` or what it was raised from (`raise ...
+    from`, not an error met while handling one); None for any other error. The line is the client's
+    own first line (it names the object or the host), cut at a word after 400 characters."""
     seen = 0
     while error is not None and seen < 8:
         name = type(error).__module__ + "."
         if name.startswith(STORAGE_ERROR_MODULES) or type(error).__name__ == "BeamIOError":
             first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
-            return f"remote storage: {first[:400]}"
+            first = first if len(first) <= 400 else first[:400].rsplit(" ", 1)[0] + " …"
+            return f"{'Google Cloud' if name.startswith('google.') else 'remote storage'}: {first}"
         error, seen = error.__cause__, seen + 1
     return None

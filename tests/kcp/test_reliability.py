@@ -222,7 +222,7 @@ def test_a_storage_service_that_refuses_is_one_line_naming_the_object(tmp_path):
                                     env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
             assert result.returncode == 2, result.stderr[-3000:]
             assert result.stderr.strip().splitlines() == [
-                f"kcp {command[0]}: error: remote storage: 403 GET {env['STORAGE_EMULATOR_HOST']}/storage/v1/b/"
+                f"kcp {command[0]}: error: Google Cloud: 403 GET {env['STORAGE_EMULATOR_HOST']}/storage/v1/b/"
                 "kcp-test/o/denied%2Fconfig.yaml?fields=name&prettyPrint=false: kcp-test@example.iam.gserviceaccount"
                 ".com does not have storage.objects.get access to the Google Cloud Storage object.; check the "
                 "network and the credentials"], result.stderr[-3000:]
@@ -235,16 +235,17 @@ def test_storage_failure_names_only_the_storage_clients_errors():
 
     from kcp.core.remote import storage_failure
 
-    assert storage_failure(Forbidden("GET gs://b/o: denied")) == "remote storage: 403 GET gs://b/o: denied"
+    assert storage_failure(Forbidden("GET gs://b/o: denied")) == "Google Cloud: 403 GET gs://b/o: denied"
     try:  # what it was raised from counts: Beam and the trainer wrap the client's errors
         try:
             raise RetryError("Timeout of 120.0s exceeded", OSError("storage.googleapis.com unreachable"))
         except RetryError as cause:
             raise RuntimeError("reading the shards failed") from cause
     except RuntimeError as wrapped:
-        assert storage_failure(wrapped) == ("remote storage: Timeout of 120.0s exceeded, last exception: "
+        assert storage_failure(wrapped) == ("Google Cloud: Timeout of 120.0s exceeded, last exception: "
                                             "storage.googleapis.com unreachable")
     assert storage_failure(ValueError("a bug of ours")) is None and storage_failure(OSError("disk full")) is None
+    assert storage_failure(Forbidden("word " * 100)) == "Google Cloud: 403 " + "word " * 79 + "…"  # at a word
 
 
 # --- model.keras and metrics.json ------------------------------------------------------------
