@@ -4,7 +4,9 @@
 
 Flags are those of `kcp tune`; unknown launcher flags are ignored with a warning. For a
 distributed search, give `--role chief|worker` and `--oracle HOST:PORT`, or set Keras
-Tuner's KERASTUNER_TUNER_ID, KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT.
+Tuner's KERASTUNER_TUNER_ID, KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT. With `AIP_MODEL_DIR`
+and `tune.retrain_best`, the validated export of the best config is handed to Vertex AI there too
+(`kcp.cli.launch_training`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from kcp import cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.main(["tune", *(sys.argv[1:] if argv is None else argv)], lenient=True)
+    return cli.launch_training(list(sys.argv[1:] if argv is None else argv), "tune")
 
 
 if __name__ == "__main__":

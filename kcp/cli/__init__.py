@@ -101,30 +101,32 @@ def main(argv: list[str] | None = None, *, lenient: bool = False) -> int:
             return 130
 
 
-def launch_training(argv: list[str]) -> int:
-    """`python -m trainer.task`: `kcp train` with a launcher's flags. With `AIP_MODEL_DIR` set (a Vertex AI
-    job that registers a model), the chief then exports (`kcp export`) and validates (`kcp validate`)
-    the serving SavedModel and, once it is blessed, copies it to the top of AIP_MODEL_DIR, saved_model.pb
-    last, where Vertex AI's TensorFlow prediction containers look for it. An export that is not blessed
-    is not handed over (exit 1), and a SavedModel handed over before is removed from there, since the
-    trainer has put its new model.keras and metrics.json beside it."""
-    code = main(["train", *argv], lenient=True)
+def launch_training(argv: list[str], stage: str = "train") -> int:
+    """`python -m trainer.task` (and `python -m tuning.task`, `stage` "tune"): the stage with a launcher's
+    flags. With `AIP_MODEL_DIR` set (a Vertex AI job that registers a model), the chief then exports
+    (`kcp export`; a search with `tune.retrain_best` has exported its best config) and validates
+    (`kcp validate`) the serving SavedModel and, once it is blessed, copies it to the top of
+    AIP_MODEL_DIR, saved_model.pb last, where Vertex AI's TensorFlow prediction containers look for
+    it. An export that is not blessed is not handed over (exit 1), and a SavedModel handed over before
+    is removed from there, since the trainer has put its new model.keras and metrics.json beside it."""
+    code = main([stage, *argv], lenient=True)
     model_dir = os.environ.get("AIP_MODEL_DIR")
     if code or not model_dir or is_cluster_helper():
         return code
     from deploy.export import copy_tree
 
-    for stage in ("export", "validate"):  # validate: the newest version, the one just exported
-        code = main([stage, *argv], lenient=True)
+    args, _ = build_parser(abbreviations=False).parse_known_args(["export", *argv])
+    run_dir = resolve_run_dir(args)
+    config = resolve_config(run_dir, args.config, overrides=args.overrides)
+    if stage == "tune" and not config.tune.retrain_best:
+        return 0  # a search alone trains no final model to hand over
+    for step in ("export", "validate") if stage == "train" else ("validate",):  # the newest version: this one
+        code = main([step, *argv], lenient=True)
         if code:
             remove_saved_model(model_dir)
             return code
     remove_saved_model(model_dir)  # saved_model.pb first: never an old one beside new variables
-
-    args, _ = build_parser(abbreviations=False).parse_known_args(["export", *argv])
-    run_dir = resolve_run_dir(args)
-    name = resolve_config(run_dir, args.config, overrides=args.overrides).export.name
-    version_dir = RunLayout(run_dir).version_dir(name)
+    version_dir = RunLayout(run_dir).version_dir(config.export.name)
     copy_tree(version_dir, model_dir)
     print(f"[export] {version_dir} -> {model_dir} (AIP_MODEL_DIR)", flush=True)
     return 0
