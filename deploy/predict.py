@@ -45,7 +45,7 @@ from kcp.core.contract import read_lines
 from kcp.core.errors import UserError
 from kcp.core.layout import RunLayout, check_unchanged_since_validation, newest_blessed
 from kcp.core.sources import (BadInput, SourceError, SourcePlan, SourceRecord, check_image_bytes, decode_array,
-                               plan_source, record_text, skipped_line, source_modality)
+                               plan_source, record_text, skipped_line, source_modality, source_path)
 
 MAX_BATCH_SIZE = 64
 COUNTERS = "kcp.predict"  # the Beam metrics namespace of the predicted and failed counts
@@ -287,8 +287,7 @@ def run_batch_prediction(export_dir: str, plan: SourcePlan, output: str, beam_ar
         (report or log.info)(skipped)
     options = PipelineOptions(local_runner_defaults(list(beam_args), plan.estimated_count))
     prefix = output_prefix(output)
-    kind, _, path = plan.uri.partition(":")  # a bad Beam option: one line, before earlier outputs are removed
-    pipeline = checked_pipeline(options, [prefix, export_dir, path if kind in ("folder", "npz", "csv", "jsonl") else ""])
+    pipeline = checked_pipeline(options, [prefix, export_dir, source_path(plan.uri)])  # before outputs are removed
     remove_earlier_outputs(output, prefix, single_file)
     progress_dir = progress_directory(options.get_all_options())
     with ProgressReporter(progress_dir, plan.estimated_count, report or (lambda line: None)), pipeline:

@@ -26,7 +26,7 @@ from kcp.core.config import Config
 from kcp.core.families import MODEL_FAMILIES, check_family_takes
 from kcp.core.errors import UserError
 from kcp.core.layout import DEAD_LETTER_DIR
-from kcp.core.sources import SourceError, SourcePlan, class_names_of, plan_source, skipped_line
+from kcp.core.sources import SourceError, SourcePlan, class_names_of, plan_source, skipped_line, source_path
 from pipeline import splits
 from pipeline.analysis import AnalyzeArrays, AnalyzeText, write_summary
 from pipeline.language import build_language_pipeline, language_contract
@@ -279,8 +279,7 @@ def run_preprocess(config: Config, run_dir: str, beam_args: list[str] = (), repo
     if MODEL_FAMILIES:  # registered by whoever loaded the config (the CLI, the API): --model gpt on digits is
         check_family_takes(config.model.name, plan.modality)  # refused here, not after the whole pipeline
     options = pipeline_options(plan, beam_args)
-    kind, _, path = plan.uri.partition(":")  # a file source's path (a workers' runner must reach it)
-    pipeline = checked_pipeline(options, [run_dir, path if kind in ("folder", "npz", "csv", "jsonl", "text") else ""])
+    pipeline = checked_pipeline(options, [run_dir, source_path(plan.uri)])  # a bad option: one line, nothing touched
     if planned:
         planned()
     language = plan.modality == "language"

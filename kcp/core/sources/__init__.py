@@ -51,6 +51,13 @@ def source_modality(uri: str) -> str | None:
     return KIND_MODALITY.get(uri) or KIND_MODALITY.get(uri.partition(":")[0])
 
 
+def source_path(uri: str) -> str:
+    """The file or folder a source URI reads (`csv:gs://b/t.csv` -> `gs://b/t.csv`); "" for the sources
+    that name no path (digits, tfds:, python-stdlib)."""
+    kind, _, path = uri.partition(":")
+    return path if kind in ("folder", "npz", "csv", "jsonl", "text") else ""
+
+
 def plan_source(uri: str, data: DataConfig | None = None, labels: bool = True) -> SourcePlan:
     """Checks a source URI and plans its reading; one-line SourceError when it cannot be read.
     `labels=False` (batch prediction): no label is read, so none is needed: a table needs no label
