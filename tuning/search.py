@@ -21,6 +21,7 @@ import socket
 import threading
 import time
 
+import grpc
 import keras
 
 from kcp.core import contract as contract_lib
@@ -280,6 +281,11 @@ def run_search(config: Config, run_dir: str) -> dict:
             else:
                 storage.remove_tree(directory)
         raise ConfigError(f"{error}; the search stopped in its first epoch{kept}") from None
+    except grpc.RpcError as error:  # the chief killed while this worker's call (end_trial, ...) was under way
+        if not worker or error.code() != grpc.StatusCode.UNAVAILABLE:
+            raise
+        time.sleep(config.tune.chief_timeout + 10)  # gone for good: watch_chief ends this worker (exit 0) first
+        raise
     except RuntimeError as error:  # Keras Tuner's oracle stops after max_consecutive_failed_trials (3)
         if worker or "consecutive failures" not in str(error):
             raise
