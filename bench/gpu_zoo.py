@@ -43,7 +43,7 @@ def train_digits(family: str, epochs: int) -> dict:
     from kcp.core.config_load import load_config
     from trainer.callbacks import ThroughputTimer, examples_per_second, learning_rate, steps_per_epoch
     from trainer.models import ModelInputs, build_model
-    from trainer.train import make_optimizer
+    from trainer.objectives import make_optimizer
 
     data = digits_arrays()
     x_train, y_train = data["train"]

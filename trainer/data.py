@@ -9,7 +9,8 @@ from kcp.core import examples as example_lib
 
 
 def make_dataset(contract, data_dir: str, split: str, config: TrainConfig, *, global_batch: int, training: bool,
-                 drop_remainder: bool = False, one_hot: bool = False, workers: int = 1, vectorizer=None):
+                 drop_remainder: bool = False, one_hot: bool = False, workers: int = 1, vectorizer=None,
+                 files_of: tuple[int, int] | None = None):
     """Batches of `(inputs, labels)` for `model.fit` / `model.evaluate`, batched globally.
 
     Under a strategy, Keras splits each global batch across the replicas. Training batches
@@ -18,6 +19,10 @@ def make_dataset(contract, data_dir: str, split: str, config: TrainConfig, *, gl
     predictions line up with the shards. Images and sequences become float32 (the model
     normalises them); text goes through `vectorizer` (the contract's TextVectorization) to
     int32 ids; labels become one-hot when label smoothing needs it.
+
+    Under `workers` > 1 every worker reads the whole split and keeps its share of each global
+    batch, so all workers take the same number of steps (a worker that ran out first would
+    leave the others waiting in a collective). `files_of` is `per_worker_dataset`'s.
     """
     dataset = example_lib.read_split(
         contract, data_dir, split, global_batch,
@@ -26,6 +31,7 @@ def make_dataset(contract, data_dir: str, split: str, config: TrainConfig, *, gl
         deterministic=config.deterministic or not training,
         cache=config.cache,
         drop_remainder=drop_remainder,
+        files_of=files_of,
     )
     num_classes = contract.num_classes
     language = contract.modality == "language"
@@ -40,12 +46,32 @@ def make_dataset(contract, data_dir: str, split: str, config: TrainConfig, *, gl
 
     dataset = dataset.map(to_model, num_parallel_calls=tf.data.AUTOTUNE, deterministic=config.deterministic or not training)
     if workers > 1:
-        # Each worker reads its own files when there are enough of them; otherwise every
-        # worker reads everything and keeps its share of the batches.
         options = tf.data.Options()
-        policy = tf.data.experimental.AutoShardPolicy
-        names = [split] if isinstance(split, str) else split
-        enough_files = sum(contract.splits[name].num_shards for name in names) >= workers
-        options.experimental_distribute.auto_shard_policy = policy.FILE if enough_files else policy.DATA
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
         dataset = dataset.with_options(options)
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def files_split_evenly(contract, data_dir: str, split, workers: int, tolerance: float = 0.1) -> bool:
+    """Whether giving each of `workers` every `workers`-th file of `split` (a name or a list of
+    names) gives each about the same number of records (within `tolerance`), judged from the
+    contract's counts: a split's files hold about equal shares of it."""
+    sizes = []
+    for name in [split] if isinstance(split, str) else split:
+        files = contract.split_files(data_dir, name)
+        sizes += [contract.splits[name].count / len(files)] * len(files) if files else []
+    shares = [sum(sizes[index::workers]) for index in range(workers)]
+    return min(shares) > 0 and max(shares) <= (1 + tolerance) * min(shares)
+
+
+def per_worker_dataset(strategy, contract, data_dir: str, split, config: TrainConfig, *, global_batch: int, **kwargs):
+    """Training batches under a multi-worker strategy from each worker's own files: each input
+    pipeline reads every N-th file (of N pipelines) and repeats them without end, so that the
+    workers never run out at different steps; `model.fit` needs `steps_per_epoch`. Only where
+    `files_split_evenly`: a worker with fewer records would see each of them more often."""
+    def dataset_fn(context: tf.distribute.InputContext):
+        return make_dataset(contract, data_dir, split, config, training=True,
+                            global_batch=context.get_per_replica_batch_size(global_batch),
+                            files_of=(context.input_pipeline_id, context.num_input_pipelines), **kwargs)
+
+    return strategy.distribute_datasets_from_function(dataset_fn)

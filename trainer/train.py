@@ -36,13 +36,14 @@ import tensorflow as tf
 from kcp.core import contract as contract_lib
 from kcp.core import examples as example_lib
 from kcp.core import storage
-from kcp.core.config import Config, ConfigError, TrainConfig
+from kcp.core.config import Config, TrainConfig
 from kcp.core.layout import SPLITS, RunLayout
 from trainer.callbacks import (AtomicBackupAndRestore, EpochHistory, LanguageMetrics, LanguageSamples,
                                StopOnNonFiniteLoss, ThroughputTimer, examples_per_second, learning_rate,
                                steps_per_epoch)
-from trainer.data import make_dataset
-from trainer.language_metrics import NatsPerToken, fit_document_cache, language_split_metrics
+from trainer.data import files_split_evenly, make_dataset, per_worker_dataset
+from trainer.language_metrics import fit_document_cache, language_split_metrics
+from trainer.objectives import loss_and_metrics, make_optimizer, one_hot_labels
 from kcp.core.cluster import effective_strategy, num_workers
 from trainer.distribute import choose_strategy, lost_peer_said
 from trainer.models import ModelInputs, build_model
@@ -50,60 +51,6 @@ from trainer.models.common import batch_norm_momentum_for
 from trainer.outputs import TrainPaths, confusion_matrix, predict_labels, save_results, weights_digest
 
 log = logging.getLogger("kcp.train")
-
-def make_optimizer(config: TrainConfig, rate, decay_matrices_only: bool = False, variables=()):
-    """The optimizer named by `train.optimizer` with learning rate (or schedule) `rate`. With
-    `decay_matrices_only`, weight decay spares the vectors among `variables` (biases, LayerNorm
-    scales and offsets), as GPT-2/nanoGPT do; matrices, embeddings included, decay."""
-    optimizer = _optimizer(config, rate)
-    if decay_matrices_only and config.weight_decay:
-        optimizer.exclude_from_weight_decay(var_list=[v for v in variables if len(v.shape) < 2])
-    return optimizer
-
-
-def _optimizer(config: TrainConfig, rate):
-    decay = config.weight_decay or None
-    common = {"weight_decay": decay, "global_clipnorm": config.clip_norm or None}
-    name = config.optimizer
-    if name in ("sgd", "momentum", "nesterov"):
-        momentum = 0.0 if name == "sgd" else config.momentum
-        return keras.optimizers.SGD(rate, momentum=momentum, nesterov=name == "nesterov", **common)
-    if name == "adagrad":
-        return keras.optimizers.Adagrad(rate, **common)
-    if name == "rmsprop":
-        return keras.optimizers.RMSprop(rate, **common)
-    if name == "adam":
-        return keras.optimizers.Adam(rate, **common)
-    if name == "adamw":
-        return keras.optimizers.AdamW(rate, **{**common, "weight_decay": config.weight_decay})
-    raise ValueError(f"train.optimizer: {name!r} is not supported")
-
-
-def one_hot_labels(config: TrainConfig) -> bool:
-    """Labels are sparse class ids, unless label smoothing needs one-hot ones."""
-    return config.label_smoothing > 0
-
-
-def loss_and_metrics(config: TrainConfig, num_classes: int, modality: str = "image"):
-    """The loss for the labels of `one_hot_labels`; top-5 accuracy above 5 classes. New objects
-    on every call: a model's metrics hold its own state. Language: next-token cross-entropy from
-    logits, padding ignored (separators are targets too), and `nats_per_token`."""
-    if modality == "language":
-        if config.label_smoothing:
-            raise ConfigError("train.label_smoothing: not supported for language models; set it to 0")
-        return (keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=contract_lib.LANGUAGE_PAD),
-                [NatsPerToken()])
-    one_hot = one_hot_labels(config)
-    if one_hot:
-        loss = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
-    else:
-        loss = keras.losses.SparseCategoricalCrossentropy()
-    metrics = ["accuracy"]
-    if num_classes > 5:
-        top5 = keras.metrics.TopKCategoricalAccuracy if one_hot else keras.metrics.SparseTopKCategoricalAccuracy
-        metrics.append(top5(k=5, name="top5_accuracy"))
-    return loss, metrics
-
 
 class Trainer:
     """`config` on the contract of `run_dir`: its strategy, datasets, compiled model, fit and scores.
@@ -137,13 +84,19 @@ class Trainer:
         self.fit_splits = fit_names if with_validation else "train"
         self.fitted = sum(splits[name].count for name in fit_names)
         self.steps = steps_per_epoch(self.fitted, self.global_batch, self.drop_remainder)
+        self.own_files = self.multi_worker and files_split_evenly(self.contract, self.data_dir, self.fit_splits,
+                                                                  num_workers())
 
     def dataset(self, split, training: bool):
-        """Batches of (inputs, labels) of `split` (a name or a list of names) for fit or evaluate."""
+        """Batches of (inputs, labels) of `split` (a name or a list of names) for fit or evaluate;
+        multi-worker training reads each worker's own files where they split evenly (`own_files`)."""
+        common = {"one_hot": self.one_hot, "vectorizer": self.vectorizer}
+        if training and self.own_files:
+            return per_worker_dataset(self.strategy, self.contract, self.data_dir, split, self.config.train,
+                                      global_batch=self.global_batch, **common)
         return make_dataset(self.contract, self.data_dir, split, self.config.train, global_batch=self.global_batch,
                             training=training, drop_remainder=self.drop_remainder and training,
-                            one_hot=self.one_hot, workers=num_workers() if self.multi_worker else 1,
-                            vectorizer=self.vectorizer)
+                            workers=num_workers() if self.multi_worker else 1, **common)
 
     @functools.cached_property
     def evaluation(self) -> dict:
@@ -186,6 +139,7 @@ class Trainer:
                                          self.fit_splits, "validation" if self.validation is not None else None),
                          *callbacks]
         return model.fit(self.dataset(self.fit_splits, training=True), validation_data=self.validation,
+                         steps_per_epoch=self.steps if self.own_files else None,  # own files repeat without end
                          callbacks=list(callbacks), shuffle=False, **fit_kwargs)  # the tf.data pipeline shuffles
 
     def evaluate(self, model) -> dict:
@@ -224,8 +178,9 @@ class Trainer:
         callbacks, timer = make_callbacks(settings, paths, self.validation is not None)
         if self.language and paths.chief:
             callbacks.append(self.samples_callback(paths))
-        log.info("train: %s on %d replica(s), global batch %d, %d steps per epoch", self.config.model.name,
-                 self.replicas, self.global_batch, self.steps)
+        log.info("train: %s on %d replica(s), global batch %d, %d steps per epoch%s", self.config.model.name,
+                 self.replicas, self.global_batch, self.steps, "" if not self.multi_worker else
+                 "; each worker reads its own files" if self.own_files else "; each worker reads every file")
         if paths.chief:
             discard_results(paths)
         with lost_peer_said(self.multi_worker):

@@ -62,7 +62,8 @@ def record_compression(contract: DataContract) -> str:
 
 
 def read_split(contract: DataContract, data_dir: str, split, batch_size: int, *, shuffle_buffer: int = 0,
-               seed=None, deterministic: bool = True, cache: bool = False, drop_remainder: bool = False):
+               seed=None, deterministic: bool = True, cache: bool = False, drop_remainder: bool = False,
+               files_of: tuple[int, int] | None = None):
     """A `tf.data.Dataset` of batches `(inputs, labels, keys)` from one split's shards
     (language: `(tokens, None, keys)`, see `parse_examples`).
 
@@ -70,11 +71,17 @@ def read_split(contract: DataContract, data_dir: str, split, batch_size: int, *,
     (interleave) and batches parsed in parallel; with `shuffle_buffer` the file order and
     the records are shuffled with `seed`. `cache` keeps the serialized records in memory
     after the first pass, so later epochs skip the file reads.
+
+    `files_of=(index, count)` reads only every `count`-th file from the `index`-th (one
+    worker's share) and repeats the records without end: the caller sets the steps.
     """
     names = [split] if isinstance(split, str) else list(split)  # several splits read as one
     files = [path for name in names for path in contract.split_files(data_dir, name)]
     if not files:
         raise ContractError(f"{data_dir}: no TFRecord files match split {split!r}")
+    if files_of is not None:
+        index, count = files_of
+        files = files[index::count]
     compression = record_compression(contract)
     autotune = tf.data.AUTOTUNE
     dataset = tf.data.Dataset.from_tensor_slices(files)
@@ -87,11 +94,13 @@ def read_split(contract: DataContract, data_dir: str, split, batch_size: int, *,
         dataset = dataset.cache()
     if shuffle_buffer:
         dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    if files_of is not None:
+        dataset = dataset.repeat()
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
-    # The contract knows the count: a known cardinality gives Keras its steps per epoch.
-    count = sum(contract.splits[name].count for name in names)
-    batches = count // batch_size if drop_remainder else -(-count // batch_size)
-    dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches))
+    if files_of is None:  # the contract knows the count: a known cardinality gives Keras its steps per epoch
+        count = sum(contract.splits[name].count for name in names)
+        batches = count // batch_size if drop_remainder else -(-count // batch_size)
+        dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches))
     return dataset.map(lambda serialized: parse_examples(contract, serialized),
                        num_parallel_calls=autotune, deterministic=deterministic)
 

@@ -8,9 +8,10 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
-from tests.conftest import fresh_run
+from tests.conftest import IN_PROCESS_BEAM, fresh_run
 
 QUIET = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
 
@@ -94,6 +95,65 @@ def test_multi_worker_two_processes_end_with_identical_weights(digits_data, tmp_
     assert os.path.exists(os.path.join(run_dir, "train", "model.keras"))
     assert not os.path.exists(os.path.join(run_dir, "train", "worker-1", "model.keras"))  # only the chief saves
     assert not os.path.exists(os.path.join(run_dir, "train", "backup"))  # each worker's backup, and their folder
+
+
+@pytest.fixture(scope="module")
+def digits_in_four_shards(tmp_path_factory):
+    """Digits preprocessed into 4 shards per split (digits_data has 1 each)."""
+    from kcp.core.config_load import load_config
+    from pipeline.preprocess import run_preprocess
+
+    run_dir = str(tmp_path_factory.mktemp("digits_4_shards"))
+    run_preprocess(load_config([], ["data.num_shards=4"]), run_dir, IN_PROCESS_BEAM)
+    return run_dir
+
+
+def test_each_worker_reads_every_nth_file_without_end_and_only_when_that_splits_evenly(digits_data,
+                                                                                       digits_in_four_shards):
+    from kcp.core import contract as contract_lib
+    from kcp.core.examples import read_split
+    from trainer.data import files_split_evenly
+
+    contract, data_dir = contract_lib.read_contract(digits_in_four_shards), contract_lib.data_dir(digits_in_four_shards)
+    count = contract.splits["train"].count
+    shares = []
+    for index in range(2):
+        batches = read_split(contract, data_dir, "train", 100, files_of=(index, 2)).take(count // 100 + 2)
+        keys = [key for _, _, batch_keys in batches for key in batch_keys.numpy().tolist()]
+        assert len(keys) == 100 * (count // 100 + 2)  # full batches past one pass of all the data: it repeats
+        shares.append(set(keys))
+    assert not shares[0] & shares[1]  # no record on both workers, every record on one
+    assert len(shares[0] | shares[1]) == count
+    assert abs(len(shares[0]) - len(shares[1])) < 0.1 * count
+    assert files_split_evenly(contract, data_dir, "train", 2)
+    assert files_split_evenly(contract, data_dir, ["train", "validation"], 4)
+    assert not files_split_evenly(contract, data_dir, "train", 3)  # 2, 1 and 1 files
+    assert not files_split_evenly(contract, data_dir, "train", 5)  # a worker without a file
+    one_each = contract_lib.read_contract(digits_data)  # train's file and validation's: 1446 and 157 records
+    assert not files_split_evenly(one_each, contract_lib.data_dir(digits_data), ["train", "validation"], 2)
+
+
+@pytest.mark.parametrize("shards, reading", [(1, "every file"), (4, "its own files")])
+def test_two_workers_fit_train_and_validation_together_and_evaluate_every_example_once(
+        digits_data, digits_in_four_shards, tmp_path, shards, reading):
+    """Both used to fail: one file each (train's to one worker, validation's to the other) ran one
+    worker out of data mid-epoch (a collective's shape mismatch); 4 shards each failed evaluating
+    a split split across workers (its asserted cardinality)."""
+    run_dir = fresh_run(digits_data if shards == 1 else digits_in_four_shards, tmp_path)
+    results = start_cluster(lambda index: task(run_dir, "train.strategy=multi_worker", "train.epochs=1",
+                                               "train.include_validation=true", "train.batch_size=32",
+                                               "model.filters=[8, 16]"))
+    for process, output in results:
+        assert process.returncode == 0, output[-4000:]
+        assert f"26 steps per epoch; each worker reads {reading}" in output  # (1446 + 157) / 64
+    chief = read_json(run_dir, "train", "metrics.json")
+    worker = read_json(run_dir, "train", "worker-1", "metrics.json")
+    assert chief["weights_sha256"] == worker["weights_sha256"]
+    assert chief["test"] == worker["test"]
+    # the confusion matrix is the chief's own pass over the test split, in one process
+    matrix = np.array(read_json(run_dir, "train", "confusion_matrix.json")["matrix"])
+    assert matrix.sum() == 194
+    assert chief["test"]["accuracy"] == pytest.approx(np.trace(matrix) / matrix.sum(), abs=1e-6)
 
 
 UNPATCHED_FIT = r"""

@@ -19,7 +19,7 @@ from kcp.core import contract as contract_lib
 from kcp.core.config_load import load_config
 from tests.conftest import IN_PROCESS_BEAM
 from trainer.language_metrics import NatsPerToken
-from trainer.train import make_optimizer
+from trainer.objectives import make_optimizer
 
 TINY_GPT = ["data.context_length=32", "model.layers=1", "model.dim=32", "model.heads=2", "train.epochs=2",
             "train.batch_size=32"]

@@ -84,7 +84,7 @@ def test_register_custom_layers_is_all_a_fresh_process_needs_to_load_any_model(t
     build_model(spec, small_config("rnn", "model.word_dropout=0.1")).save(str(tmp_path / "rnn.keras"))
     gpt = load_config([], ["model.name=gpt", "model.size=custom", "model.layers=1", "model.dim=16",
                            "model.heads=2"]).model
-    from trainer.train import loss_and_metrics
+    from trainer.objectives import loss_and_metrics
 
     language = build_model(ModelInputs("language", (8,), 300, vocab_size=300, input_name="tokens"), gpt)
     loss, metrics = loss_and_metrics(load_config().train, 300, "language")

@@ -13,7 +13,8 @@ from kcp.core import storage
 from trainer.callbacks import AtomicBackupAndRestore, EpochHistory, learning_rate
 from tests.conftest import fresh_run
 from trainer.outputs import TrainPaths, confusion_matrix
-from trainer.train import Trainer, make_callbacks, make_optimizer, train
+from trainer.objectives import make_optimizer
+from trainer.train import Trainer, make_callbacks, train
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero():
