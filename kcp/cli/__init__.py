@@ -21,6 +21,7 @@ from kcp.core.quiet import filtered_stderr
 from kcp.core.config_load import resolve_config
 from kcp.core.errors import UserError
 from kcp.core.cluster import is_cluster_helper
+from kcp.core import storage
 from kcp.core.layout import RunLayout, new_run_dir, newest_run
 from kcp.core.remote import storage_failure
 
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None, *, lenient: bool = False) -> int:
         log.warning("ignoring flags this stage does not know: %s", " ".join(unknown))
     if beam_args and not COMMANDS[args.command].runs_beam:
         log.warning("ignoring Beam options after --: %s runs no Beam pipeline", args.command)
+    run_dir = None
     with filtered_stderr(enabled=not args.verbose):
         try:
             run_dir = resolve_run_dir(args)
@@ -99,6 +101,9 @@ def main(argv: list[str] | None = None, *, lenient: bool = False) -> int:
             print(f"kcp {args.command}: interrupted; run the same command again (train and tune resume from their "
                   "last checkpoint)", file=sys.stderr)
             return 130
+        finally:  # a new timestamped run that failed before writing anything leaves no empty folder under runs/
+            if run_dir and not args.run_dir and args.command in ("preprocess", "run"):
+                storage.remove_empty_folder(run_dir)
 
 
 def launch_training(argv: list[str], stage: str = "train") -> int:
@@ -135,7 +140,6 @@ def launch_training(argv: list[str], stage: str = "train") -> int:
 def remove_saved_model(folder: str) -> None:
     """Removes a SavedModel from `folder` (saved_model.pb first, so no reader takes a partial one),
     leaving the folder's other files."""
-    from kcp.core import storage
 
     storage.remove(storage.join(folder, "saved_model.pb"))
     for name in ("variables", "assets", "assets.extra"):

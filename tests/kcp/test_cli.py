@@ -73,6 +73,15 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys, argv, key):
     assert not os.path.exists(tmp_path / "data" / "metadata.json")
 
 
+@pytest.mark.parametrize("argv", [["run", "--set", "train.epochs=0"], ["preprocess", "--source", "nope"]])
+def test_a_new_timestamped_run_that_fails_at_once_leaves_no_empty_folder(tmp_path, monkeypatch, capsys, argv):
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("runs/earlier")  # the user's own folders stay
+    assert cli.main(argv) == 2
+    assert "error:" in capsys.readouterr().err
+    assert os.listdir("runs") == ["earlier"]
+
+
 def test_train_without_data_says_what_to_run(tmp_path, capsys):
     for command in ("train", "tune"):
         assert cli.main([command, "--run-dir", str(tmp_path / "typo")]) == 2
