@@ -69,10 +69,12 @@ def main(argv: list[str] | None = None, *, lenient: bool = False) -> int:
         log.warning("ignoring flags this stage does not know: %s", " ".join(unknown))
     if beam_args and not COMMANDS[args.command].runs_beam:
         log.warning("ignoring Beam options after --: %s runs no Beam pipeline", args.command)
-    run_dir = None
+    run_dir, made_here = None, False
     with filtered_stderr(enabled=not args.verbose):
         try:
+            made_here = bool(args.run_dir) and not os.path.exists(args.run_dir)  # gs://: never a folder to remove
             run_dir = resolve_run_dir(args)
+            made_here = made_here or (not args.run_dir and args.command in ("preprocess", "run"))
             config = resolve_config(run_dir, args.config, getattr(args, "source", None),
                                     getattr(args, "model", None), args.overrides)
             # Imported only now: the handlers bring Beam (about 3 s on 2 cores, measured), which
@@ -101,8 +103,8 @@ def main(argv: list[str] | None = None, *, lenient: bool = False) -> int:
             print(f"kcp {args.command}: interrupted; run the same command again (train and tune resume from their "
                   "last checkpoint)", file=sys.stderr)
             return 130
-        finally:  # a new timestamped run that failed before writing anything leaves no empty folder under runs/
-            if run_dir and not args.run_dir and args.command in ("preprocess", "run"):
+        finally:  # a run directory made by a command that failed before writing anything is not left empty
+            if run_dir and made_here:
                 storage.remove_empty_folder(run_dir)
 
 

@@ -103,15 +103,17 @@ class ReadSource(beam.PTransform):
         return records
 
 
-class _EmptySinkNotice(logging.Filter):
-    """Drops Beam's "No shards found to finalize" warning, printed on every run whose dead
-    letters are empty (`skip_if_empty=True` makes that the expected case, not a problem)."""
+class _BeamNotices(logging.Filter):
+    """Drops two Beam warnings that point at no problem: "No shards found to finalize", printed on
+    every run whose dead letters are empty (`skip_if_empty=True` makes that the expected case), and
+    the Dask runner's "The new default partition size is 128…", printed once per step of every job."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("No shards found to finalize")
+        return not record.getMessage().startswith(("No shards found to finalize", "The new default partition size"))
 
 
-logging.getLogger("apache_beam.io.filebasedsink").addFilter(_EmptySinkNotice())
+logging.getLogger("apache_beam.io.filebasedsink").addFilter(_BeamNotices())
+logging.getLogger("apache_beam.runners.dask.transform_evaluator").addFilter(_BeamNotices())
 
 PROGRESS_WRITE_SECONDS = 2.0
 
@@ -203,7 +205,7 @@ def checked_pipeline(options, local_paths: list[str] = ()):
     (an unknown runner, Dataflow without project, region or temp_location, a --setup_file not found)
     are one line (UserError) and the previous outputs are kept. A DataflowRunner job refuses
     `local_paths` (the run directory, a source, an output on this machine), which its workers,
-    on other machines, can neither read nor write."""
+    on other machines, can neither read nor write; a Dask scheduler is checked (`check_dask_scheduler`)."""
     from kcp.core import storage
     from kcp.core.errors import UserError
 
@@ -216,8 +218,39 @@ def checked_pipeline(options, local_paths: list[str] = ()):
         if local:
             raise UserError(f"Beam options: a {settings['runner']} job's workers run on other machines and cannot "
                             f"reach {local[0]} on this one; use gs:// paths (the run directory, the source)")
+    if "dask" in str(settings.get("runner") or "").lower():
+        try:
+            from apache_beam.runners.dask.dask_runner import DaskOptions  # registers --dask_client_address
+        except ImportError as error:
+            raise UserError(f"Beam options: the Dask runner needs the dask extra ({error}): "
+                            "pip install -c constraints.txt -e '.[dask]'") from None
+
+        if address := options.view_as(DaskOptions).address:
+            check_dask_scheduler(address, local_paths)
     try:
         return beam.Pipeline(options=options)
     except (ValueError, RuntimeError) as error:  # Beam's own option checks: "Pipeline has validations errors"
         text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
         raise UserError(f"Beam options: {text.removeprefix('Pipeline has validations errors: ')[:500]}") from None
+
+
+def check_dask_scheduler(address: str, local_paths=()) -> None:
+    """One line (UserError) when no Dask scheduler answers at `address` ([tcp://]HOST:PORT; the
+    runner's own client waits 30 s and ends in a traceback), or when one of `local_paths` is
+    relative: the cluster's workers would resolve it from their own working folder."""
+    import socket
+
+    from kcp.core import storage
+    from kcp.core.errors import UserError
+
+    relative = [path for path in local_paths if path and not storage.is_remote(path) and not os.path.isabs(path)]
+    if relative:
+        raise UserError(f"Beam options: a Dask cluster's workers resolve {relative[0]} from their own working folder; "
+                        f"give it as an absolute path ({os.path.abspath(relative[0])}) or a gs:// one")
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=5).close()
+    except (OSError, ValueError) as error:
+        reason = error.strerror or str(error) if isinstance(error, OSError) else f"no port in {address!r}"
+        raise UserError(f"Beam options: --dask_client_address {address}: no Dask scheduler answers there ({reason}); "
+                        "start one (`dask scheduler`) or leave the option out for a cluster on this machine") from None

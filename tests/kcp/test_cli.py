@@ -74,11 +74,13 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys, argv, key):
 
 
 @pytest.mark.parametrize("argv", [["run", "--set", "train.epochs=0"], ["preprocess", "--source", "nope"]])
-def test_a_new_timestamped_run_that_fails_at_once_leaves_no_empty_folder(tmp_path, monkeypatch, capsys, argv):
+def test_a_new_run_that_fails_at_once_leaves_no_empty_folder(tmp_path, monkeypatch, capsys, argv):
     monkeypatch.chdir(tmp_path)
     os.makedirs("runs/earlier")  # the user's own folders stay
     assert cli.main(argv) == 2
     assert "error:" in capsys.readouterr().err
+    assert os.listdir("runs") == ["earlier"]
+    assert cli.main([argv[0], "--run-dir", "runs/named", *argv[1:]]) == 2  # nor one named that was not there
     assert os.listdir("runs") == ["earlier"]
 
 

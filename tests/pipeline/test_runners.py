@@ -1,6 +1,7 @@
 """The pipeline on a real distributed engine: Beam's Dask runner on a LocalCluster on 127.0.0.1."""
 
 import os
+import socket
 
 import pytest
 import tensorflow as tf
@@ -56,6 +57,9 @@ def test_runner_options_beam_refuses_are_one_line_and_keep_the_previous_data(dig
     shutil.copytree(digits_data, run_dir)
     before = sorted(os.listdir(os.path.join(run_dir, "data")))
     remote = "gs://kcp-test/runners/run"
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
     for run, options, message in (
             (run_dir, ["--runner", "NoSuchRunner"], "Beam options: Unexpected pipeline runner: NoSuchRunner."),
             (run_dir, ["--setup_file", str(tmp_path / "setup.py")],
@@ -63,7 +67,13 @@ def test_runner_options_beam_refuses_are_one_line_and_keep_the_previous_data(dig
             (run_dir, ["--runner", "DataflowRunner", "--project", "p", "--region", "r", "--temp_location", "gs://b/t"],
              f"Beam options: a DataflowRunner job's workers run on other machines and cannot reach {run_dir} on this "
              "one; use gs:// paths"),
-            (remote, ["--runner", "DataflowRunner"], "Beam options: Missing GCS path option: temp_location.")):
+            (remote, ["--runner", "DataflowRunner"], "Beam options: Missing GCS path option: temp_location."),
+            (run_dir, ["--runner", "DaskRunner", f"--dask_client_address=127.0.0.1:{closed_port}"],
+             f"Beam options: --dask_client_address 127.0.0.1:{closed_port}: no Dask scheduler answers there "
+             "(Connection refused); start one"),
+            ("runs/typo", ["--runner", "DaskRunner", "--dask_client_address=127.0.0.1:1"],
+             "Beam options: a Dask cluster's workers resolve runs/typo from their own working folder; give it as an "
+             f"absolute path ({os.path.abspath('runs/typo')})")):
         capsys.readouterr()
         assert cli.main(["preprocess", "--run-dir", run, "--", *options]) == 2
         error = capsys.readouterr().err.strip().splitlines()
