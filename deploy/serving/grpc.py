@@ -61,6 +61,13 @@ def output_proto(value) -> tf.compat.v1.TensorProto:
     return proto
 
 
+def _dtype_name(dtype) -> str:
+    """TensorFlow's C++ name of a dtype (DataTypeString), as TF Serving's messages give it."""
+    if dtype is None:
+        return "invalid"
+    return {"float32": "float", "float64": "double", "float16": "half"}.get(dtype.name, dtype.name)
+
+
 def _answer(method):
     """Runs a servicer method, turning our errors into TF Serving's status codes."""
     def wrapped(self, request, context):
@@ -140,6 +147,11 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                                f"the set {{{','.join(specs)}}}." if extra else
                                f"input size does not match signature: {len(given)}!={len(specs)} len({{{','.join(sorted(given))}"
                                f"}}) != len({{{','.join(specs)}}}). Missing: {','.join(missing)}")
+        for index, name in enumerate(sorted(specs)):  # as TF Serving's session refuses a tensor of another dtype
+            given_dtype = tf.dtypes.as_dtype(request.inputs[name].dtype) if request.inputs[name].dtype else None
+            if given_dtype != specs[name].dtype:
+                raise RequestError(f"Expects arg[{index}] to be {_dtype_name(specs[name].dtype)} but "
+                                   f"{_dtype_name(given_dtype)} is provided")
         inputs = {n: to_tensor(n, tf.make_ndarray(request.inputs[n]), specs[n]) for n in specs}
         outputs = self.registry.call(loaded, signature, inputs)
         wanted = list(request.output_filter) or list(outputs)

@@ -171,6 +171,13 @@ def test_metadata_and_status(grpc_server):
     assert status.status.error_code == 0
 
 
+def typed_request(signature: str, array) -> predict_pb2.PredictRequest:
+    """A Predict request of one input, named as `signature` names it, holding `array` in its own dtype."""
+    request = predict_pb2.PredictRequest(model_spec={"name": "model", "signature_name": signature})
+    request.inputs["image_bytes" if signature == "serving_default" else "image"].CopyFrom(tf.make_tensor_proto(array))
+    return request
+
+
 def regress_request():
     request = regression_pb2.RegressionRequest()
     request.model_spec.name = "model"
@@ -196,6 +203,10 @@ def status_request(name):
     ("Predict", lambda: predict_pb2.PredictRequest(model_spec={"name": "model"}), "INVALID_ARGUMENT",
      "input size does not match"),
     ("Predict", lambda: predict_request([b"x" * (2 * LIMIT)]), "RESOURCE_EXHAUSTED", ""),
+    ("Predict", lambda: typed_request("serving_default", np.ones([1], "float32")), "INVALID_ARGUMENT",
+     "Expects arg[0] to be string but float is provided"),
+    ("Predict", lambda: typed_request("serve_images", np.ones([1, 8, 8, 1], "float64")), "INVALID_ARGUMENT",
+     "Expects arg[0] to be uint8 but double is provided"),
     ("Regress", regress_request, "INVALID_ARGUMENT", "Expected regression signature"),
     ("GetModelStatus", lambda: status_request("nope"), "NOT_FOUND", "Could not find any versions of model nope"),
     ("GetModelMetadata", lambda: get_model_metadata_pb2.GetModelMetadataRequest(model_spec={"name": "model"}),
