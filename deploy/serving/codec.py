@@ -182,6 +182,8 @@ def to_tensor(name: str, values, spec):
             array = np.asarray(values)
             if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
                 raise RequestError(f"input {name!r}: expected numbers of dtype {spec.dtype.name}")
+            if array.dtype == bool and spec.dtype != tf.bool:  # JSON true/false: TF Serving refuses them for numbers
+                raise RequestError(f"input {name!r}: expected numbers of dtype {spec.dtype.name}, got true/false")
             if spec.dtype.is_integer and np.issubdtype(array.dtype, np.floating) and not np.all(array == np.round(array)):
                 raise RequestError(f"input {name!r}: expected integers of dtype {spec.dtype.name}")
             if spec.dtype == tf.uint8 and array.size and (array.min() < 0 or array.max() > 255):
