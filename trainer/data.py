@@ -22,13 +22,16 @@ def make_dataset(contract, data_dir: str, split: str, config: TrainConfig, *, gl
 
     Under `workers` > 1 every worker reads the whole split and keeps its share of each global
     batch, so all workers take the same number of steps (a worker that ran out first would
-    leave the others waiting in a collective). `files_of` is `per_worker_dataset`'s.
+    leave the others waiting in a collective); their orders must then agree record for record
+    (or some records would be trained on twice an epoch and others never), so they are
+    deterministic. `files_of` is `per_worker_dataset`'s.
     """
+    deterministic = config.deterministic or not training or workers > 1
     dataset = example_lib.read_split(
         contract, data_dir, split, global_batch,
         shuffle_buffer=config.shuffle_buffer if training else 0,
         seed=config.seed,
-        deterministic=config.deterministic or not training,
+        deterministic=deterministic,
         cache=config.cache,
         drop_remainder=drop_remainder,
         files_of=files_of,
@@ -44,7 +47,7 @@ def make_dataset(contract, data_dir: str, split: str, config: TrainConfig, *, gl
             return tf.cast(vectorizer(inputs), tf.int32), labels
         return tf.cast(inputs, tf.float32), labels
 
-    dataset = dataset.map(to_model, num_parallel_calls=tf.data.AUTOTUNE, deterministic=config.deterministic or not training)
+    dataset = dataset.map(to_model, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     if workers > 1:
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
@@ -52,13 +55,18 @@ def make_dataset(contract, data_dir: str, split: str, config: TrainConfig, *, gl
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
-def files_split_evenly(contract, data_dir: str, split, workers: int, tolerance: float = 0.1) -> bool:
+def files_split_evenly(contract, data_dir: str, split, workers: int, tolerance: float = 0.1,
+                       records_per_file: int = 20) -> bool:
     """Whether giving each of `workers` every `workers`-th file of `split` (a name or a list of
     names) gives each about the same number of records (within `tolerance`), judged from the
-    contract's counts: a split's files hold about equal shares of it."""
+    contract's counts: a split's files hold about equal shares of it, records going to files by
+    their key's hash. Under `records_per_file` a file could hold none (and a worker whose files
+    are all empty would stop its epoch while the others wait for it), so then: no."""
     sizes = []
     for name in [split] if isinstance(split, str) else split:
         files = contract.split_files(data_dir, name)
+        if files and contract.splits[name].count < records_per_file * len(files):
+            return False
         sizes += [contract.splits[name].count / len(files)] * len(files) if files else []
     shares = [sum(sizes[index::workers]) for index in range(workers)]
     return min(shares) > 0 and max(shares) <= (1 + tolerance) * min(shares)

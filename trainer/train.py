@@ -86,6 +86,8 @@ class Trainer:
         self.steps = steps_per_epoch(self.fitted, self.global_batch, self.drop_remainder)
         self.own_files = self.multi_worker and files_split_evenly(self.contract, self.data_dir, self.fit_splits,
                                                                   num_workers())
+        if self.own_files:  # endless data: Keras runs whole executions, so an epoch is a multiple of them
+            self.steps = -(-self.steps // settings.steps_per_execution) * settings.steps_per_execution
 
     def dataset(self, split, training: bool):
         """Batches of (inputs, labels) of `split` (a name or a list of names) for fit or evaluate;

@@ -129,6 +129,8 @@ def test_each_worker_reads_every_nth_file_without_end_and_only_when_that_splits_
     assert files_split_evenly(contract, data_dir, ["train", "validation"], 4)
     assert not files_split_evenly(contract, data_dir, "train", 3)  # 2, 1 and 1 files
     assert not files_split_evenly(contract, data_dir, "train", 5)  # a worker without a file
+    # 157 records in 4 files: some hundred a file asked for, a file could hold none
+    assert not files_split_evenly(contract, data_dir, "validation", 2, records_per_file=100)
     one_each = contract_lib.read_contract(digits_data)  # train's file and validation's: 1446 and 157 records
     assert not files_split_evenly(one_each, contract_lib.data_dir(digits_data), ["train", "validation"], 2)
 
