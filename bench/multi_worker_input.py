@@ -39,11 +39,17 @@ def train_cluster(run_dir: str, workers: int, epochs: int) -> tuple[dict, str]:
     cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(workers)]}
     argv = [sys.executable, "-m", "trainer.task", "--run-dir", run_dir, "--set", "train.strategy=multi_worker",
             "--set", f"train.epochs={epochs}", "--set", "train.batch_size=32"]
-    processes = [subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    outputs = [tempfile.TemporaryFile("w+") for _ in range(workers)]  # not pipes: a full one would stall a worker
+    processes = [subprocess.Popen(argv, cwd=ROOT, stdout=outputs[index], stderr=subprocess.STDOUT, text=True,
                                   env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_CONFIG": json.dumps(
                                       {"cluster": cluster, "task": {"type": "worker", "index": index}})})
                  for index in range(workers)]
-    logs = [process.communicate()[0] for process in processes]
+    for process in processes:
+        process.wait()
+    logs = []
+    for output in outputs:
+        output.seek(0)
+        logs.append(output.read())
     for process, log in zip(processes, logs):
         if process.returncode:
             raise SystemExit(f"a worker failed:\n{log[-3000:]}")

@@ -40,7 +40,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from deploy.push import read_validation
 from kcp.core import storage
 from kcp.core.beamio import (DEAD_LETTER, EXAMPLE, CountProgress, ProgressReporter, ReadSource, checked_pipeline,
-                             dead_letter, local_runner_defaults, progress_directory, select)
+                             dead_letter, for_cluster_workers, local_runner_defaults, progress_directory, select)
 from kcp.core.contract import read_lines
 from kcp.core.errors import UserError
 from kcp.core.layout import RunLayout, check_unchanged_since_validation, newest_blessed
@@ -287,6 +287,7 @@ def run_batch_prediction(export_dir: str, plan: SourcePlan, output: str, beam_ar
         (report or log.info)(skipped)
     options = PipelineOptions(local_runner_defaults(list(beam_args), plan.estimated_count))
     prefix = output_prefix(output)
+    export_dir = for_cluster_workers(export_dir, options)
     pipeline = checked_pipeline(options, [prefix, export_dir, source_path(plan.uri)])  # before outputs are removed
     remove_earlier_outputs(output, prefix, single_file)
     progress_dir = progress_directory(options.get_all_options())

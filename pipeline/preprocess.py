@@ -21,7 +21,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from kcp.core import contract as contract_lib
 from kcp.core import storage
 from kcp.core.beamio import (DEAD_LETTER, CountProgress, ProgressReporter, ReadSource, checked_pipeline,
-                             local_runner_defaults, progress_directory, select)
+                             for_cluster_workers, local_runner_defaults, progress_directory, select)
 from kcp.core.config import Config
 from kcp.core.families import MODEL_FAMILIES, check_family_takes
 from kcp.core.errors import UserError
@@ -279,6 +279,7 @@ def run_preprocess(config: Config, run_dir: str, beam_args: list[str] = (), repo
     if MODEL_FAMILIES:  # registered by whoever loaded the config (the CLI, the API): --model gpt on digits is
         check_family_takes(config.model.name, plan.modality)  # refused here, not after the whole pipeline
     options = pipeline_options(plan, beam_args)
+    run_dir = for_cluster_workers(run_dir, options)
     pipeline = checked_pipeline(options, [run_dir, source_path(plan.uri)])  # a bad option: one line, nothing touched
     if planned:
         planned()

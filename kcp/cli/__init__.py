@@ -36,6 +36,17 @@ def _configure_logging(verbose: bool) -> None:
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
+def missing_folders(path: str) -> list[str]:
+    """The local folders of `path` that do not exist yet, innermost first (none on gs://)."""
+    if storage.is_remote(path):
+        return []
+    missing, path = [], os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
 def resolve_run_dir(args) -> str | None:
     """--run-dir; else a new timestamped run (preprocess, run) or the newest run with data."""
     if args.run_dir:
@@ -69,12 +80,13 @@ def main(argv: list[str] | None = None, *, lenient: bool = False) -> int:
         log.warning("ignoring flags this stage does not know: %s", " ".join(unknown))
     if beam_args and not COMMANDS[args.command].runs_beam:
         log.warning("ignoring Beam options after --: %s runs no Beam pipeline", args.command)
-    run_dir, made_here = None, False
+    run_dir, made = None, []
     with filtered_stderr(enabled=not args.verbose):
         try:
-            made_here = bool(args.run_dir) and not os.path.exists(args.run_dir)  # gs://: never a folder to remove
+            made = missing_folders(args.run_dir) if args.run_dir else []  # the folders this command may make
             run_dir = resolve_run_dir(args)
-            made_here = made_here or (not args.run_dir and args.command in ("preprocess", "run"))
+            if not args.run_dir and args.command in ("preprocess", "run"):
+                made = [run_dir]
             config = resolve_config(run_dir, args.config, getattr(args, "source", None),
                                     getattr(args, "model", None), args.overrides)
             # Imported only now: the handlers bring Beam (about 3 s on 2 cores, measured), which
@@ -104,8 +116,8 @@ def main(argv: list[str] | None = None, *, lenient: bool = False) -> int:
                   "last checkpoint)", file=sys.stderr)
             return 130
         finally:  # a run directory made by a command that failed before writing anything is not left empty
-            if run_dir and made_here:
-                storage.remove_empty_folder(run_dir)
+            for folder in made:  # innermost first; one that holds anything stays, and so do those above it
+                storage.remove_empty_folder(folder)
 
 
 def launch_training(argv: list[str], stage: str = "train") -> int:

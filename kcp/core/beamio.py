@@ -234,6 +234,19 @@ def checked_pipeline(options, local_paths: list[str] = ()):
         raise UserError(f"Beam options: {text.removeprefix('Pipeline has validations errors: ')[:500]}") from None
 
 
+def for_cluster_workers(path: str, options) -> str:
+    """`path` as workers elsewhere can name it: a local path made absolute under the Dask runner
+    (whose workers resolve a relative one from their own working folder); else `path` as it is.
+    For the paths kcp chose itself (a new or the newest run, its export); a relative path the
+    user gave is refused by `checked_pipeline`."""
+    runner = str(options.get_all_options().get("runner") or "").lower()
+    if "dask" in runner and path and not os.path.isabs(path):
+        from kcp.core import storage
+
+        return path if storage.is_remote(path) else os.path.abspath(path)
+    return path
+
+
 def check_dask_scheduler(address: str, local_paths=()) -> None:
     """One line (UserError) when no Dask scheduler answers at `address` ([tcp://]HOST:PORT; the
     runner's own client waits 30 s and ends in a traceback), or when one of `local_paths` is

@@ -82,6 +82,8 @@ def test_a_new_run_that_fails_at_once_leaves_no_empty_folder(tmp_path, monkeypat
     assert os.listdir("runs") == ["earlier"]
     assert cli.main([argv[0], "--run-dir", "runs/named", *argv[1:]]) == 2  # nor one named that was not there
     assert os.listdir("runs") == ["earlier"]
+    assert cli.main([argv[0], "--run-dir", "new/a/b", *argv[1:]]) == 2  # nor the folders above it that it made
+    assert sorted(os.listdir(".")) == ["runs"]
 
 
 def test_train_without_data_says_what_to_run(tmp_path, capsys):

@@ -3,6 +3,7 @@
 import os
 import socket
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -46,13 +47,15 @@ def test_dask_runner_alias():
     assert local_runner_defaults(["--runner=DaskRunner"]) == ["--runner=apache_beam.runners.dask.dask_runner.DaskRunner"]
 
 
-def test_runner_options_beam_refuses_are_one_line_and_keep_the_previous_data(digits_data, tmp_path, gcs, capsys):
+def test_runner_options_beam_refuses_are_one_line_and_keep_the_previous_data(digits_data, tmp_path, gcs, capsys,
+                                                                               monkeypatch):
     """An unknown runner, a --setup_file not there, Dataflow with a run directory on this machine or
     without its project/region/temp_location: one line (exit 2) before anything in RUN/data is touched."""
     import shutil
 
     from kcp import cli
 
+    monkeypatch.chdir(tmp_path)  # relative paths below are in tmp_path
     run_dir = str(tmp_path / "run")
     shutil.copytree(digits_data, run_dir)
     before = sorted(os.listdir(os.path.join(run_dir, "data")))
@@ -71,12 +74,18 @@ def test_runner_options_beam_refuses_are_one_line_and_keep_the_previous_data(dig
             (run_dir, ["--runner", "DaskRunner", f"--dask_client_address=127.0.0.1:{closed_port}"],
              f"Beam options: --dask_client_address 127.0.0.1:{closed_port}: no Dask scheduler answers there "
              "(Connection refused); start one"),
-            ("runs/typo", ["--runner", "DaskRunner", "--dask_client_address=127.0.0.1:1"],
-             "Beam options: a Dask cluster's workers resolve runs/typo from their own working folder; give it as an "
-             f"absolute path ({os.path.abspath('runs/typo')})")):
+            ("runs/typo", ["--runner", "DaskRunner", f"--dask_client_address=127.0.0.1:{closed_port}"],  # made absolute
+             f"Beam options: --dask_client_address 127.0.0.1:{closed_port}: no Dask scheduler answers there")):
         capsys.readouterr()
         assert cli.main(["preprocess", "--run-dir", run, "--", *options]) == 2
         error = capsys.readouterr().err.strip().splitlines()
         assert len(error) == 1 and error[0].startswith(f"kcp preprocess: error: {message}"), error
+    np.savez(tmp_path / "series.npz", x=np.zeros((4, 3, 1), "float32"), y=np.arange(4) % 2)
+    # a source given relative to this folder: the cluster's workers cannot resolve it
+    assert cli.main(["preprocess", "--run-dir", run_dir, "--source", "npz:series.npz", "--", "--runner", "DaskRunner",
+                     "--dask_client_address=127.0.0.1:1"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "kcp preprocess: error: Beam options: a Dask cluster's workers resolve series.npz from their own working "
+        f"folder; give it as an absolute path ({tmp_path / 'series.npz'}) or a gs:// one")
     assert sorted(os.listdir(os.path.join(run_dir, "data"))) == before  # nothing removed
     assert gcs.bucket("kcp-test").get_blob("runners/run/data/metadata.json") is None
