@@ -20,21 +20,29 @@ from keras.src.backend.common import global_state
 
 @contextlib.contextmanager
 def caller_state_kept():
-    """Gives the caller back the dtype policy and the four seeds as they were (and the draws' places in
-    their sequences): a notebook that builds its own layers or draws its own numbers after training
-    must not inherit train.precision or train.seed."""
+    """Gives the caller back the dtype policy, the four seeds (and the draws' places in their
+    sequences) and TensorFlow's op determinism as they were: a notebook that builds its own layers
+    or draws its own numbers after training must not inherit train.precision, train.seed or
+    train.deterministic (under which an unseeded tf.random op raises)."""
     keras_keys = ("global_random_seed", "global_seed_generator")
     saved = (keras.config.dtype_policy(), random.getstate(), np.random.get_state(),
              [global_state.get_global_attribute(key) for key in keras_keys])
-    tf_saved = None
+    tf_saved, determinism = None, False  # TensorFlow not imported yet: op determinism is off
     if "tensorflow" in sys.modules:  # imported by whoever trains; its eager seed and op-seed sequence
         from tensorflow.python.eager import context
+        from tensorflow.python.framework import config as tf_config
 
         rng = getattr(context.context(), "_rng", None)  # made by the first tf.random.set_seed
         tf_saved = (context.global_seed(), rng.getstate() if rng is not None else None)
+        determinism = tf_config.is_op_determinism_enabled()
     try:
         yield
     finally:
+        if "tensorflow" in sys.modules:  # train.deterministic turns op determinism on for the process
+            from tensorflow.python.framework import config as tf_config
+
+            if tf_config.is_op_determinism_enabled() != determinism:  # (no public call turns it off)
+                (tf_config.enable_op_determinism if determinism else tf_config.disable_op_determinism)()
         policy, python_state, numpy_state, keras_values = saved
         keras.config.set_dtype_policy(policy)
         random.setstate(python_state)

@@ -812,20 +812,24 @@ def test_kcp_run_summarises_a_run_whose_test_split_is_empty(monkeypatch, capsys,
     assert "export validation accuracy 0.8000" in out and "the test split is empty" in out
 
 
-def test_a_process_that_never_seeded_tensorflow_gets_back_no_seed():
+def test_a_process_that_never_seeded_tensorflow_gets_back_no_seed_and_no_op_determinism():
     """TensorFlow has no seed state until the first tf.random.set_seed: keeping the caller's state
-    must work then (a fresh `kcp tune` process), and leave TensorFlow unseeded."""
+    must work then (a fresh `kcp tune` process), and leave TensorFlow unseeded; op determinism
+    (train.deterministic) is turned off again."""
     script = ("import tensorflow as tf, keras\n"
               "from tensorflow.python.eager import context\n"
               "from trainer.global_state import caller_state_kept\n"
               "with caller_state_kept():\n"
               "    keras.utils.set_random_seed(3)\n"
+              "    tf.config.experimental.enable_op_determinism()  # train.deterministic\n"
               "    print('seeded', context.global_seed())\n"
-              "print('after', context.global_seed())\n")
+              "from tensorflow.python.framework import config\n"
+              "print('after', context.global_seed(), config.is_op_determinism_enabled())\n"
+              "tf.random.uniform([])  # unseeded: refused while op determinism is on\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split("\n")[-3:] == ["seeded 3", "after None", ""]
+    assert result.stdout.split("\n")[-3:] == ["seeded 3", "after None False", ""]
 
 
 def test_train_gives_a_notebook_back_its_dtype_policy_and_random_generators(digits_data, tmp_path):
