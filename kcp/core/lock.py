@@ -6,8 +6,9 @@
 The lock is the object RUN/.kcp-lock (JSON: command, user, host, pid, start time and a random
 token), created only if absent in one atomic step: a hard link on a local disk, an upload
 with `ifGenerationMatch=0` on gs://. A second producing stage on the same run directory fails
-at once with one line naming the holder. Within one process the lock is re-entrant (`kcp run`
-holds it over preprocess, train and export).
+at once with one line naming the holder. Within one thread the lock is re-entrant (`kcp run`
+holds it over preprocess, train and export); another thread of the process (a notebook's
+background training) is refused like another process.
 
 Stale locks: a lock whose holder ran on this host and whose process no longer exists is
 removed and taken over (the check is exact on one host: the pid is gone). A lock from another
@@ -25,6 +26,7 @@ import getpass
 import json
 import os
 import socket
+import threading
 import uuid
 
 from kcp.core import storage
@@ -32,7 +34,7 @@ from kcp.core.errors import UserError
 
 LOCK_NAME = ".kcp-lock"
 
-_HELD: dict[str, list] = {}  # lock path -> [content bytes, depth], for re-entry in this process
+_HELD: dict[tuple, list] = {}  # (lock path, thread) -> [content bytes, depth], for re-entry in this thread
 
 
 class RunLockedError(UserError):
@@ -80,9 +82,10 @@ def _stale(holder: dict) -> bool:
 def acquire(run_dir: str, command: str) -> bytes:
     """Takes the lock of `run_dir` for `command`; returns the lock's content (its identity)."""
     path = lock_path(run_dir)
-    if path in _HELD:
-        _HELD[path][1] += 1
-        return _HELD[path][0]
+    key = (path, threading.get_ident())
+    if key in _HELD:
+        _HELD[key][1] += 1
+        return _HELD[key][0]
     content = json.dumps({
         "command": command, "user": _user(), "host": socket.gethostname(), "pid": os.getpid(),
         "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -91,7 +94,7 @@ def acquire(run_dir: str, command: str) -> bytes:
     unread = None
     for _ in range(3):
         if storage.create_exclusive(path, content):
-            _HELD[path] = [content, 1]
+            _HELD[key] = [content, 1]
             return content
         try:
             seen = storage.read_bytes(path)
@@ -115,14 +118,14 @@ def acquire(run_dir: str, command: str) -> bytes:
 
 
 def release(run_dir: str) -> None:
-    path = lock_path(run_dir)
-    held = _HELD.get(path)
+    key = (lock_path(run_dir), threading.get_ident())
+    held = _HELD.get(key)
     if held is None:
         return
     held[1] -= 1
     if held[1] == 0:
-        del _HELD[path]
-        storage.remove_if_content(path, held[0])
+        del _HELD[key]
+        storage.remove_if_content(key[0], held[0])
 
 
 @contextlib.contextmanager

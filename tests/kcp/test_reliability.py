@@ -110,6 +110,28 @@ def test_a_lock_left_by_a_dead_process_on_this_host_is_taken_over(tmp_path):
     assert not storage.exists(lock_lib.lock_path(run_dir))
 
 
+def test_another_thread_of_the_process_is_refused_like_another_process(tmp_path):
+    """A notebook training in a background thread while its main thread preprocesses the same run
+    used to get in (the lock was re-entrant for the whole process); the training then failed."""
+    run_dir = str(tmp_path / "run")
+    errors = []
+
+    def other_thread():
+        try:
+            with lock_lib.run_lock(run_dir, "preprocess"):
+                pass
+        except lock_lib.RunLockedError as error:
+            errors.append(str(error))
+
+    with lock_lib.run_lock(run_dir, "train"):
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+        assert storage.exists(lock_lib.lock_path(run_dir))  # the refused thread removed nothing
+    assert len(errors) == 1 and "kcp train" in errors[0] and str(os.getpid()) in errors[0], errors
+    assert not storage.exists(lock_lib.lock_path(run_dir))
+
+
 def test_a_lock_left_by_a_killed_process_not_yet_reaped_is_taken_over(tmp_path):
     """A kcp killed by SIGKILL stays a zombie until its parent (a shell, a scheduler) reaps it:
     its pid still answers kill(pid, 0), but it holds nothing, so the rerun need not wait."""
@@ -160,7 +182,7 @@ def test_the_lock_on_gcs_is_created_with_a_generation_precondition(gcs):
         with pytest.raises(lock_lib.RunLockedError, match=f"pid {os.getpid()}"):
             lock_lib.acquire(run_dir, "export")
     finally:
-        lock_lib._HELD[lock_lib.lock_path(run_dir)] = [first, 1]
+        lock_lib._HELD[(lock_lib.lock_path(run_dir), threading.get_ident())] = [first, 1]
         lock_lib.release(run_dir)
     assert not storage.exists(lock_lib.lock_path(run_dir))
     assert storage.create_exclusive(f"{run_dir}/x", b"1") and not storage.create_exclusive(f"{run_dir}/x", b"2")
