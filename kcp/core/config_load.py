@@ -128,6 +128,9 @@ def resolve_config(run_dir: str | None, config_file: str | None = None, source: 
     if run_dir and storage.exists(RunLayout(run_dir).config):
         recorded = read_yaml_file(RunLayout(run_dir).config)
     layers = [read_yaml_file(config_file)] if config_file else []
+    if source is not None and not isinstance(source, str):  # a DataFrame or an array has no truth value
+        raise ConfigError(f"data.source: expected a source such as csv:PATH or npz:PATH, got a "
+                          f"{type(source).__name__} (save it first, e.g. DataFrame.to_csv or numpy.savez)")
     if source:
         layers.append({"data": {"source": source}})
     if model:

@@ -228,3 +228,18 @@ def test_a_recorded_tokenizer_is_dropped_when_the_source_changes_kind(gpt_family
     config = resolve_config(str(tmp_path), source="csv:t.csv", model="cnn")
     assert (config.data.source, config.data.tokenizer) == ("csv:t.csv", "words_and_punctuation")
     assert resolve_config(str(tmp_path)).data.source == "python-stdlib"  # the recorded source is the user's now
+
+
+def test_a_notebooks_dataframe_or_array_as_source_is_one_line(tmp_path):
+    """Their truth value raised pandas' and NumPy's own ValueError ("ambiguous") from `if source:`."""
+    import numpy as np
+    import pandas as pd
+
+    from kcp import api
+
+    for data, kind in ((pd.DataFrame({"text": ["a"], "label": ["x"]}), "DataFrame"), (np.zeros((3, 8, 8)), "ndarray")):
+        with pytest.raises(ConfigError) as raised:
+            api.preprocess(str(tmp_path / "run"), data)
+        assert str(raised.value) == (f"data.source: expected a source such as csv:PATH or npz:PATH, got a {kind} "
+                                     "(save it first, e.g. DataFrame.to_csv or numpy.savez)")
+    assert not os.path.exists(tmp_path / "run" / "config.yaml")
