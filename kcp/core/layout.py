@@ -204,10 +204,14 @@ def newest_blessed(export_root: str, exclude: int | None = None) -> int | None:
 
 
 def run_path(run_dir, who: str) -> str:
-    """`run_dir` as the str every stage takes (a pathlib.Path is one), or a one-line error naming `who`."""
+    """`run_dir` as the str every stage takes (a pathlib.Path is one; `~` is the home folder, as a
+    shell would read it), or a one-line error naming `who`."""
     if not isinstance(run_dir, (str, os.PathLike)):
         raise UserError(f"{who}: run_dir must be a path (str), got {type(run_dir).__name__} {run_dir!r}")
-    return os.fspath(run_dir)
+    path = os.fspath(run_dir)
+    if not path.strip():
+        raise UserError(f"{who}: run_dir is empty; give a folder such as runs/digits")
+    return path if storage.is_remote(path) else os.path.expanduser(path)
 
 
 def takes_run_dir(function):

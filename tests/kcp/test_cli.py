@@ -231,6 +231,9 @@ def test_api_misuse_is_one_clear_error_and_writes_nothing(digits_run, tmp_path):
     with pytest.raises(UserError, match=r"^train: run_dir must be a path \(str\), got int 5$"):
         api.train(5)  # the module functions name themselves, as Run does
     assert api.Run(tmp_path / "as_path").run_dir == str(tmp_path / "as_path")  # a pathlib.Path is fine
+    assert api.Run("~/kcp-runs/a").run_dir == os.path.join(os.path.expanduser("~"), "kcp-runs", "a")  # not a folder "~"
+    with pytest.raises(UserError, match=r"^Run: run_dir is empty; give a folder such as runs/digits$"):
+        api.Run("")
     missing = tmp_path / "never_preprocessed"
     with pytest.raises(UserError, match=r"data/metadata.json: not found; run `kcp preprocess --run-dir "):
         api.train(str(missing), "cnn")
