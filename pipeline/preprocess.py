@@ -34,34 +34,14 @@ from pipeline.records import ANALYZE, AUGMENTED, process_record
 from pipeline.samples import write_samples
 from pipeline.summary import (contract_from_summary, counts_table, empty_validation_warning, lookalike_classes_warning,
                              untrained_classes_warning)
+from pipeline.publish import PARTS_PREFIX, STAGING_PREFIX, SUMMARY_PREFIX, clear_leftovers, publish
 from pipeline.shards import WriteShards, shard_count
 
 log = logging.getLogger("kcp.preprocess")
 
-PARTS_PREFIX = ".parts-"  # per-bundle record parts while the shards are written
-SUMMARY_PREFIX = ".summary-"  # what the pipeline measured, read by the driver, then removed
-
-
 def drops_finish_bundle_outputs(runner) -> bool:
     """Beam 2.77's Dask runner loses the elements a DoFn outputs from `finish_bundle`."""
     return "dask" in str(runner).lower()
-
-
-def clear_previous_outputs(data_dir: str) -> None:
-    """Removes an earlier run's contract first, then its shards, so a crash never looks complete."""
-    metadata = storage.join(data_dir, contract_lib.METADATA_FILE)
-    storage.remove(metadata)
-    for split in splits.SPLITS:
-        for path in storage.glob(storage.join(data_dir, f"{split}-*.tfrecord*")):
-            storage.remove(path)
-    storage.remove_tree(storage.join(data_dir, DEAD_LETTER_DIR))
-    # a killed run's parts and summary: listed, not globbed (on gs:// a folder is no object, so
-    # `.parts-*` matches nothing)
-    for name in storage.list_dir(data_dir):
-        if name.startswith(PARTS_PREFIX):
-            storage.remove_tree(storage.join(data_dir, name))
-        elif name.startswith(SUMMARY_PREFIX):
-            storage.remove(storage.join(data_dir, name))
 
 
 def carve_fractions(fractions) -> tuple:
@@ -265,8 +245,11 @@ def run_preprocess(config: Config, run_dir: str, beam_args: list[str] = (), repo
                    planned=None) -> contract_lib.DataContract:
     """Runs the Beam pipeline and writes `RUN/data/metadata.json` last. Returns the contract.
 
-    `planned()` is called once the source is planned, before anything in RUN/data is touched
-    (kcp.api records RUN/config.yaml there: a source that cannot be read records nothing).
+    The job writes into a staging folder under RUN/data, published over the run's earlier data
+    only once it has succeeded: a source that cannot be read, or turns out to hold too many bad
+    inputs or one class, leaves the earlier data (and config.yaml) as they were, and its dead
+    letters in the staging folder the error names. `planned()` is called once the new data are
+    in place, before the contract is written (kcp.api records RUN/config.yaml there).
 
     `report(line)` receives a line per stage (and `plan_lines`' warnings, and one when the validation
     split came out empty, `summary.empty_validation_warning`). Fails (UserError) without writing the contract
@@ -281,14 +264,16 @@ def run_preprocess(config: Config, run_dir: str, beam_args: list[str] = (), repo
     options = pipeline_options(plan, beam_args)
     run_dir = for_cluster_workers(run_dir, options)
     pipeline = checked_pipeline(options, [run_dir, source_path(plan.uri)])  # a bad option: one line, nothing touched
-    if planned:
-        planned()
     language = plan.modality == "language"
     for line in plan_lines(plan):
         report(line)
-    data_dir = contract_lib.data_dir(run_dir)
+    final_dir = contract_lib.data_dir(run_dir)
+    storage.makedirs(final_dir)
+    clear_leftovers(final_dir)
+    # The job writes into a staging folder; the run's earlier data stay whole until it has succeeded
+    # (a source that turns out to hold one class, or too many bad inputs, loses nothing).
+    data_dir = storage.join(final_dir, f"{STAGING_PREFIX}{uuid.uuid4().hex[:8]}")
     storage.makedirs(data_dir)
-    clear_previous_outputs(data_dir)
     summary_path = storage.join(data_dir, f"{SUMMARY_PREFIX}{uuid.uuid4().hex[:8]}.json")
     all_options = options.get_all_options()
     mode = f" ({all_options.get('direct_running_mode')})" if all_options["runner"] == "FnApiRunner" else ""
@@ -308,24 +293,27 @@ def run_preprocess(config: Config, run_dir: str, beam_args: list[str] = (), repo
             storage.remove_tree(parts_dir)
     summary = json.loads(storage.read_text(summary_path))
     storage.remove(summary_path)
-    bad, read = summary["dead_letters"], summary["read"]
-    if not read:
-        raise SourceError(f"data.source: {plan.uri} holds no inputs")
-    if bad / read > config.data.max_bad_fraction:  # first: what is left may look like one class, or none
-        raise UserError(f"data.max_bad_fraction: {bad} of {read} inputs ({bad / read:.1%}) could not be read, above "
-                        f"{config.data.max_bad_fraction:.1%}; reasons in {storage.join(data_dir, DEAD_LETTER_DIR)}")
-    if not language and not summary["facts"]["class_names"]:
-        raise SourceError(f"data.label_column: column {config.data.label_column!r} of {plan.uri} is empty"
-                          if plan.modality == "text" else f"data.source: {plan.uri} has no labels")
-    if not language and len(summary["facts"]["class_names"]) == 1:
-        raise SourceError(one_class_message(plan, config, summary["facts"]["class_names"][0]))
-    if language:
-        contract, vocabulary = language_contract(plan, config, summary, data_dir)
-    else:
-        contract, vocabulary = contract_from_summary(plan, config, summary, data_dir)
-        if contract.splits["train"].count:
-            write_samples(contract, run_dir)
+    # a failed job's dead letters: in RUN/data/dead_letter, unless that belongs to earlier data still there
+    earlier = storage.exists(storage.join(final_dir, contract_lib.METADATA_FILE))
+    try:
+        contract, vocabulary = checked_contract(plan, config, summary, data_dir,
+                                                storage.join(data_dir if earlier else final_dir, DEAD_LETTER_DIR))
+    except Exception:
+        for split in splits.SPLITS:  # the failed job's shards go
+            for path in storage.glob(storage.join(data_dir, f"{split}-*.tfrecord*")):
+                storage.remove(path)
+        if earlier:
+            storage.remove_empty_folder(data_dir)
+        else:
+            publish(data_dir, final_dir)
+        raise
+    publish(data_dir, final_dir)
+    if planned:  # RUN/config.yaml now says what RUN/data holds (before the contract, written last)
+        planned()
+    if not language and contract.splits["train"].count:
+        write_samples(contract, run_dir)
     contract_lib.write_contract(run_dir, contract, vocabulary)
+    bad, read = summary["dead_letters"], summary["read"]
     for line in counts_table(contract, read, bad, summary["augmented"]):
         report(line)
     for warning in (untrained_classes_warning(contract), lookalike_classes_warning(contract),
@@ -333,3 +321,24 @@ def run_preprocess(config: Config, run_dir: str, beam_args: list[str] = (), repo
         if warning:
             report(warning)
     return contract
+
+
+def checked_contract(plan: SourcePlan, config: Config, summary: dict, data_dir: str, dead_letters: str):
+    """(contract, vocabulary) of what the job wrote to `data_dir`, or the one-line error that says
+    why it is no data to train on: no inputs, too many bad ones (their reasons in `dead_letters`),
+    no labels or one class."""
+    language = plan.modality == "language"
+    bad, read = summary["dead_letters"], summary["read"]
+    if not read:
+        raise SourceError(f"data.source: {plan.uri} holds no inputs")
+    if bad / read > config.data.max_bad_fraction:  # first: what is left may look like one class, or none
+        raise UserError(f"data.max_bad_fraction: {bad} of {read} inputs ({bad / read:.1%}) could not be read, above "
+                        f"{config.data.max_bad_fraction:.1%}; reasons in {dead_letters}")
+    if not language and not summary["facts"]["class_names"]:
+        raise SourceError(f"data.label_column: column {config.data.label_column!r} of {plan.uri} is empty"
+                          if plan.modality == "text" else f"data.source: {plan.uri} has no labels")
+    if not language and len(summary["facts"]["class_names"]) == 1:
+        raise SourceError(one_class_message(plan, config, summary["facts"]["class_names"][0]))
+    if language:
+        return language_contract(plan, config, summary, data_dir)
+    return contract_from_summary(plan, config, summary, data_dir)

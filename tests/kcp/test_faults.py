@@ -178,10 +178,11 @@ def data_state(run_dir: str) -> dict:
 
 
 def data_leftovers(run_dir: str) -> list:
-    """Bundle parts, temporaries and summaries in RUN/data: what only a killed run leaves."""
+    """Staging folders, bundle parts, temporaries and summaries in RUN/data: what only a killed run leaves."""
     data = RunLayout(run_dir).data
     names = set(storage.list_dir(data)) | set(storage.list_files(data))
-    return sorted(name for name in names if name.startswith(".parts-") or ".tmp-" in name or ".summary-" in name)
+    return sorted(name for name in names if name.startswith((".parts-", ".attempt-")) or ".tmp-" in name
+                  or ".summary-" in name)
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +213,8 @@ def test_preprocess_killed_while_writing_shards_or_contract_reruns_to_the_same_d
         assert "metadata.json" not in seen  # no contract: no stage trains on partial data
         if FIRST_SHARD in point:  # the kill landed inside the shard writing: a whole temporary, no final name
             assert FIRST_SHARD not in seen
-            assert [name for name in storage.list_dir(layout.data) if name.startswith(FIRST_SHARD + ".tmp-")]
+            assert [name for name in storage.list_files(layout.data)  # in the job's staging folder
+                    if name.startswith(".attempt-") and f"/{FIRST_SHARD}.tmp-" in name]
         refused = kcp(env, "train", "--run-dir", run_dir)
         assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
         last = refused.stderr.strip().splitlines()[-1]

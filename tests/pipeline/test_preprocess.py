@@ -141,18 +141,34 @@ def test_gzip_shards_and_automatic_shard_count(tmp_path):
     assert total == 300 == sum(i.count for i in contract.splits.values())
 
 
-def test_a_crashed_run_leaves_no_metadata(tmp_path, monkeypatch):
+def test_a_crashed_or_refused_run_leaves_the_earlier_data_whole(tmp_path, monkeypatch):
+    """The job writes into a staging folder: a crash, or a source refused once read (one class),
+    used to have removed the earlier contract and shards already, and the run could not train."""
     config = load_config([], ["data.limit=50"])
     run_preprocess(config, str(tmp_path), IN_PROCESS_BEAM)
-    assert (tmp_path / "data" / "metadata.json").exists()
+    data = tmp_path / "data"
+
+    def state():
+        return {path.name: path.read_bytes() for path in data.iterdir() if path.is_file()}
+
+    before = state()
+    assert "metadata.json" in before and len([name for name in before if name.endswith(".tfrecord")]) == 3
 
     def crash(items, path):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("pipeline.preprocess.write_summary", crash)  # where build_pipeline looks it up
-    with pytest.raises(Exception, match="disk full"):
-        run_preprocess(config, str(tmp_path), IN_PROCESS_BEAM)
-    assert not (tmp_path / "data" / "metadata.json").exists()
+    with monkeypatch.context() as patched:
+        patched.setattr("pipeline.preprocess.write_summary", crash)  # where build_pipeline looks it up
+        with pytest.raises(Exception, match="disk full"):
+            run_preprocess(config, str(tmp_path), IN_PROCESS_BEAM)
+    assert state() == before
+    rows = tmp_path / "one_class.csv"
+    rows.write_text("text,label\n" + "".join(f"good {index},pos\n" for index in range(10)))
+    with pytest.raises(SourceError, match="holds one class"):
+        run_preprocess(load_config([], [f"data.source=csv:{rows}"]), str(tmp_path), IN_PROCESS_BEAM)
+    assert state() == before
+    run_preprocess(config, str(tmp_path), IN_PROCESS_BEAM)  # the next run clears what the crashed one left
+    assert state() == before and sorted(path.name for path in data.iterdir() if path.is_dir()) == ["dead_letter"]
 
 
 def test_a_rerun_removes_the_earlier_shards_first(tmp_path):
