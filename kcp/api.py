@@ -117,7 +117,7 @@ def train(run_dir: str, model: str | None = None, *, config_file: str | None = N
     from trainer.global_state import caller_state_kept
 
     with locked(run_dir, "train"), caller_state_kept():
-        config = resolve_config(run_dir, config_file, model=model, overrides=overrides)
+        config = resolve_config(run_dir, config_file, model=model, overrides=overrides, data_fixed=True)
         contract_lib.read_contract(run_dir)  # no data: one line, and no config.yaml recorded for a run that is not
         from trainer.train import train as train_model
 
@@ -148,7 +148,7 @@ def tune(run_dir: str, model: str | None = None, *, config_file: str | None = No
     from tuning.search import run_search, wait_for_chief
 
     with locked(run_dir, "tune"), caller_state_kept():
-        config = resolve_config(run_dir, config_file, model=model, overrides=overrides)
+        config = resolve_config(run_dir, config_file, model=model, overrides=overrides, data_fixed=True)
         if is_tuner_worker():  # the chief records config.yaml and the search's fingerprint before its oracle serves
             wait_for_chief(config.tune.chief_timeout)
             config = resolve_config(run_dir, config_file, model=model, overrides=overrides)

@@ -121,9 +121,10 @@ def override_list(overrides) -> list[str]:
 
 
 def resolve_config(run_dir: str | None, config_file: str | None = None, source: str | None = None,
-                   model: str | None = None, overrides=()) -> Config:
+                   model: str | None = None, overrides=(), data_fixed: bool = False) -> Config:
     """What a command runs with: defaults <- RUN/config.yaml <- `config_file` <- `source`/`model`
-    <- `overrides` ("section.key=value"), in that order."""
+    <- `overrides` ("section.key=value"), in that order. `data_fixed` (train, tune): an override of
+    a data key that differs from what RUN/data was preprocessed with is refused, not recorded."""
     recorded = None
     if run_dir and storage.exists(RunLayout(run_dir).config):
         recorded = read_yaml_file(RunLayout(run_dir).config)
@@ -136,7 +137,10 @@ def resolve_config(run_dir: str | None, config_file: str | None = None, source: 
     if model:
         layers.append({"model": {"name": model}})
     try:
-        return load_config(layers, override_list(overrides), base=recorded)
+        config = load_config(layers, override_list(overrides), base=recorded)
+        if data_fixed and recorded is not None:
+            check_data_unchanged(config, load_config(base=recorded), override_list(overrides), run_dir)
+        return config
     except ConfigError as error:
         if recorded is not None and not str(error).startswith(RunLayout(run_dir).config):
             try:  # the run's own config.yaml holds the bad value: name the file, which the user never typed
@@ -145,6 +149,21 @@ def resolve_config(run_dir: str | None, config_file: str | None = None, source: 
                 if str(recorded_error) == str(error):
                     raise ConfigError(f"{RunLayout(run_dir).config}: {error}") from None
         raise
+
+
+def check_data_unchanged(config: Config, recorded: Config, overrides: list[str], run_dir: str) -> None:
+    """Refuses a `data.*` override whose value differs from the run's recorded one: the data are
+    already preprocessed, so training would silently ignore it while config.yaml recorded it."""
+    for override in overrides:
+        key = override.split("=", 1)[0].strip()
+        if not key.startswith("data."):
+            continue
+        new, old = config, recorded
+        for part in key.split("."):
+            new, old = getattr(new, part, None), getattr(old, part, None)
+        if new != old:
+            raise ConfigError(f"{key}: {new!r}, but {run_dir}/data was preprocessed with {old!r}; data keys apply "
+                              f"when preprocessing: kcp preprocess --run-dir {run_dir} --set {key}=..., then train")
 
 
 def record_config(run_dir: str, config: Config) -> None:

@@ -86,6 +86,17 @@ def test_a_new_run_that_fails_at_once_leaves_no_empty_folder(tmp_path, monkeypat
     assert sorted(os.listdir(".")) == ["runs"]
 
 
+def test_train_refuses_a_data_key_that_differs_from_the_preprocessed_data(digits_run, capsys):
+    """It used to train on the data as they were and record the new value in config.yaml, silently."""
+    config_before = open(os.path.join(digits_run, "config.yaml")).read()
+    for command in ("train", "tune"):
+        assert cli.main([command, "--run-dir", digits_run, "--set", "data.limit=7"]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"kcp {command}: error: data.limit: 7, but {digits_run}/data was preprocessed with 0; data keys apply when "
+            f"preprocessing: kcp preprocess --run-dir {digits_run} --set data.limit=..., then train")
+    assert open(os.path.join(digits_run, "config.yaml")).read() == config_before
+
+
 def test_train_without_data_says_what_to_run(tmp_path, capsys):
     for command in ("train", "tune"):
         assert cli.main([command, "--run-dir", str(tmp_path / "typo")]) == 2
