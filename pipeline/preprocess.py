@@ -34,10 +34,11 @@ from pipeline.records import ANALYZE, AUGMENTED, process_record
 from pipeline.samples import write_samples
 from pipeline.summary import (contract_from_summary, counts_table, empty_validation_warning, lookalike_classes_warning,
                              untrained_classes_warning)
-from pipeline.publish import PARTS_PREFIX, STAGING_PREFIX, SUMMARY_PREFIX, clear_leftovers, publish
+from pipeline.publish import PARTS_PREFIX, STAGING_PREFIX, SUMMARY_PREFIX, clear_leftovers, discard, publish
 from pipeline.shards import WriteShards, shard_count
 
 log = logging.getLogger("kcp.preprocess")
+
 
 def drops_finish_bundle_outputs(runner) -> bool:
     """Beam 2.77's Dask runner loses the elements a DoFn outputs from `finish_bundle`."""
@@ -299,13 +300,7 @@ def run_preprocess(config: Config, run_dir: str, beam_args: list[str] = (), repo
         contract, vocabulary = checked_contract(plan, config, summary, data_dir,
                                                 storage.join(data_dir if earlier else final_dir, DEAD_LETTER_DIR))
     except Exception:
-        for split in splits.SPLITS:  # the failed job's shards go
-            for path in storage.glob(storage.join(data_dir, f"{split}-*.tfrecord*")):
-                storage.remove(path)
-        if earlier:
-            storage.remove_empty_folder(data_dir)
-        else:
-            publish(data_dir, final_dir)
+        discard(data_dir, final_dir, earlier)
         raise
     publish(data_dir, final_dir)
     if planned:  # RUN/config.yaml now says what RUN/data holds (before the contract, written last)

@@ -14,13 +14,17 @@ SUMMARY_PREFIX = ".summary-"  # what the pipeline measured, read by the driver, 
 STAGING_PREFIX = ".attempt-"  # the new shards and dead letters until the run succeeds (or, failed, its dead letters)
 
 
+def remove_shards(folder: str) -> None:
+    """Removes every split's TFRecord shards in `folder`."""
+    for split in splits.SPLITS:
+        for path in storage.glob(storage.join(folder, f"{split}-*.tfrecord*")):
+            storage.remove(path)
+
+
 def clear_previous_outputs(data_dir: str) -> None:
     """Removes an earlier run's contract first, then its shards and dead letters, so a crash never looks complete."""
-    metadata = storage.join(data_dir, contract_lib.METADATA_FILE)
-    storage.remove(metadata)
-    for split in splits.SPLITS:
-        for path in storage.glob(storage.join(data_dir, f"{split}-*.tfrecord*")):
-            storage.remove(path)
+    storage.remove(storage.join(data_dir, contract_lib.METADATA_FILE))
+    remove_shards(data_dir)
     storage.remove_tree(storage.join(data_dir, DEAD_LETTER_DIR))
 
 
@@ -42,3 +46,13 @@ def publish(staging: str, data_dir: str) -> None:
     for name in storage.list_files(staging):
         storage.rename(storage.join(staging, name), storage.join(data_dir, name))
     storage.remove_tree(staging)
+
+
+def discard(staging: str, data_dir: str, earlier: bool) -> None:
+    """A failed job's staging folder: its shards go; its dead letters stay there while `earlier`
+    data (whose own dead letters RUN/data keeps) are still in place, else they are published."""
+    remove_shards(staging)
+    if earlier:
+        storage.remove_empty_folder(staging)
+    else:
+        publish(staging, data_dir)
