@@ -39,6 +39,9 @@ def generation_lengths(context: int) -> list[int]:
     return lengths + [context - 1]
 
 
+SCORE_CHUNK_FLOATS = 2**22  # the logits `score` holds at once (16 MB of float32)
+
+
 def generation_length(max_new_tokens: int, context: int) -> int:
     """The length of `generation_lengths` that a request for `max_new_tokens` runs."""
     return next(length for length in generation_lengths(context) if length >= max_new_tokens)
@@ -99,6 +102,24 @@ def language_functions(model, contract, encoder, decoder, generate_tokens, lengt
         before_end = tf.math.cumsum(tf.cast(tf.equal(new, separator), tf.int32), axis=1) == 0
         return {"completions": decoder(tf.where(wanted & before_end, new, pad))}
 
+    def picked_log_probabilities(inputs, targets):  # (windows, context) each -> float32 (windows, context)
+        # SCORE_CHUNK_FLOATS of logits at a time, one chunk after another: the whole text's logits at
+        # once would take (tokens x vocabulary) floats, about 6 KB a token for a 258-byte vocabulary
+        count = tf.shape(inputs)[0]
+        chunk = tf.minimum(count, max(1, SCORE_CHUNK_FLOATS // (context * vocabulary_size)))
+        chunks = (count + chunk - 1) // chunk
+        padding = [[0, chunks * chunk - count], [0, 0]]
+
+        def one(pair):
+            logits = model(pair[0], training=False)  # (chunk, context, vocab)
+            return tf.gather(tf.nn.log_softmax(tf.cast(logits, tf.float32)), pair[1], batch_dims=2)
+
+        split = [tf.reshape(tf.pad(part, padding, constant_values=pad), tf.stack([chunks, chunk, context]))
+                 for part in (inputs, targets)]
+        picked = tf.map_fn(one, tuple(split), parallel_iterations=1,
+                           fn_output_signature=tf.TensorSpec([None, context], tf.float32))
+        return tf.reshape(picked, [-1, context])[:count]
+
     def score(texts):
         sequences = with_separators(texts, before=True, after=True)
         inputs, targets = sequences[:, :-1], sequences[:, 1:]
@@ -108,9 +129,8 @@ def language_functions(model, contract, encoder, decoder, generate_tokens, lengt
         width = windows * context
         dense_inputs = inputs.to_tensor(pad, shape=tf.stack([rows, width]))
         dense_targets = targets.to_tensor(pad, shape=tf.stack([rows, width]))
-        logits = model(tf.reshape(dense_inputs, [-1, context]), training=False)  # (N x windows, context, vocab)
-        log_probabilities = tf.nn.log_softmax(tf.cast(logits, tf.float32))
-        picked = tf.gather(log_probabilities, tf.reshape(dense_targets, [-1, context]), batch_dims=2)
+        picked = picked_log_probabilities(tf.reshape(dense_inputs, [-1, context]),
+                                          tf.reshape(dense_targets, [-1, context]))
         picked = tf.reshape(picked, tf.stack([rows, width]))
         mixed = document_cache.mixed_log_probabilities_graph(
             sequences.to_tensor(pad, shape=tf.stack([rows, width + 1])), picked, cache_weights, vocabulary_size)

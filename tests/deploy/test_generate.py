@@ -140,6 +140,26 @@ def test_score_equals_the_keras_model_log_probability_mixed_with_the_document_ca
     assert outputs["log_probability"].numpy()[2] > outputs["network_log_probability"].numpy()[2] + 1
 
 
+def test_score_runs_the_network_in_chunks_of_windows_and_gets_the_same_log_probabilities(language_run, monkeypatch):  # noqa: F811,E501
+    """A long text's logits are not held at once (a megabyte of text would take gigabytes): with a
+    budget of two windows' logits, 9 windows run as 5 chunks, the last one padded, to the same figures."""
+    from deploy import language
+
+    contract = contract_lib.read_contract(language_run)
+    context = int(contract.statistics["context_length"])
+    model = keras.saving.load_model(os.path.join(language_run, "train", "model.keras"), compile=False)
+    monkeypatch.setattr(language, "SCORE_CHUNK_FLOATS", 2 * context * int(model.output_shape[-1]))
+    encoder, decoder = language.language_codec(contract, language_run)
+    chunked = language.language_functions(model, contract, encoder, decoder, None)["score"]
+    texts = ["def f3_1(x):\n    return x * 1 + 3\n", "é" * 5 + " short", "x = 1\n" * 15]  # 3 rows of 3 windows
+    outputs = chunked(texts=tf.constant([text.encode("utf-8") for text in texts]))
+    for index, text in enumerate(texts):
+        ids = contract_lib.encode_language(text, "bytes")
+        assert outputs["tokens"].numpy()[index] == len(ids) + 1
+        network = keras_log_probability(model, ids, context)
+        assert outputs["network_log_probability"].numpy()[index] == pytest.approx(network, abs=1e-3)
+
+
 def test_kcp_generate_prints_what_rest_and_grpc_generate_answer(language_run, served, capsys):  # noqa: F811
     url, stub = served
     for seed in (1, 2):
