@@ -26,6 +26,11 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
+def counted(count: int, noun: str) -> str:
+    """"1 epoch", "30 epochs"."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def config_inputs(args) -> dict:
     """The configuration flags as the API's keyword arguments."""
     return {"config_file": args.config, "overrides": args.overrides}
@@ -52,7 +57,7 @@ def train(args, run_dir: str, config, beam_args: list[str]) -> int:
 
 
 def _train(args, run_dir: str, config) -> dict:
-    say(f"[train] {config.model.name}, {config.train.epochs} epochs, batch {config.train.batch_size}, "
+    say(f"[train] {config.model.name}, {counted(config.train.epochs, 'epoch')}, batch {config.train.batch_size}, "
         f"{config.train.optimizer} lr {config.train.learning_rate:g}")
     metrics = (result := api.train(run_dir, args.model, **config_inputs(args))).metrics
     test = metrics.get("test", {})
@@ -105,7 +110,7 @@ def run(args, run_dir: str, config, beam_args: list[str]) -> int:
     say(f"kcp run: done in {time.perf_counter() - started:.0f} s — {run_dir}")
     say(f"  data      {contract.source}: " + ", ".join(f"{s} {i.count}" for s, i in contract.splits.items())
         + f" examples; {contract.bad_examples} bad")
-    say(f"  model     {metrics['model']}, {metrics['params']:,} parameters, {metrics['epochs']} epochs, "
+    say(f"  model     {metrics['model']}, {metrics['params']:,} parameters, {counted(metrics['epochs'], 'epoch')}, "
         f"{metrics['examples_per_second']:.0f} examples/s")
     say("  accuracy  " + " · ".join(f"{split} {metrics[split]['accuracy']:.4f}" for split in SPLITS if split in metrics))
     say(f"  export    {export_dir}")
@@ -127,7 +132,7 @@ def _run_language_summary(run_dir: str, started: float, contract, metrics: dict,
     say(f"  data      {contract.source}: " + ", ".join(
         f"{split} {statistics['tokens'][split]:,} tokens" for split in SPLITS if split in statistics.get("tokens", {}))
         + f" ({statistics['tokenizer']}, context {statistics['context_length']}); {contract.bad_examples} bad")
-    say(f"  model     {metrics['model']}, {metrics['params']:,} parameters, {metrics['epochs']} epochs, "
+    say(f"  model     {metrics['model']}, {metrics['params']:,} parameters, {counted(metrics['epochs'], 'epoch')}, "
         f"{metrics['tokens_per_second']:.0f} tokens/s")
     say("  bits/byte " + " · ".join(f"{split} {metrics[split]['bits_per_byte']:.4f}" for split in SPLITS
                                     if split in metrics))
@@ -161,13 +166,11 @@ def tune(args, run_dir: str, config, beam_args: list[str]) -> int:
     take_tuner_role(args.role, args.oracle, args.tuner_id)  # or the roles of a TF_CONFIG cluster
     role = tuner_id()
     # hyperband's brackets, from train.epochs (its max_epochs) and factor 3, set its trial count, not max_trials
-    epochs = config.train.epochs
     from tuning.space import planned_trials
 
-    trials = planned_trials(config)
-    size = (f", brackets of up to {epochs} epoch{'s' if epochs != 1 else ''} a trial (hyperband's factor 3; "
+    size = (f", brackets of up to {counted(config.train.epochs, 'epoch')} a trial (hyperband's factor 3; "
             "train.epochs, not tune.max_trials, sets how many trials)" if config.tune.algorithm == "hyperband"
-            else f", {trials} trial{'s' if trials != 1 else ''}")
+            else f", {counted(planned_trials(config), 'trial')}")
     if role:  # the chief's oracle runs the search; a worker takes the trials it is given
         oracle = f"{os.environ.get('KERASTUNER_ORACLE_IP')}:{os.environ.get('KERASTUNER_ORACLE_PORT')}"
         size = f" as {role} of {oracle}" + (size if role == "chief" else " (the chief sets the trials)")

@@ -44,6 +44,7 @@ def test_run_prints_both_accuracies(tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "reloaded  export test accuracy" in out and "(trainer " in out
+    assert "[train] cnn, 1 epoch, batch" in out and " parameters, 1 epoch, " in out  # not "1 epochs"
 
 
 def test_a_stage_on_an_existing_run_keeps_its_config(digits_run, tmp_path, capsys):
