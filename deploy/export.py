@@ -168,7 +168,7 @@ def export_for_serving(config: Config, run_dir: str, generate_tokens=None) -> st
     contract = contract_lib.read_contract(run_dir)
     model_path = layout.model
     _check_finished(layout, run_dir)
-    fingerprint = check_trained_on_contract(layout, run_dir)
+    fingerprint = contract_lib.check_trained_on_contract(layout, run_dir)
     if contract.modality == "language" and generate_tokens is None:
         raise UserError("export: a language model's export needs the gpt sampler; export it with `kcp export` "
                         "or kcp.api.export")
@@ -227,19 +227,6 @@ def _check_finished(layout: RunLayout, run_dir: str) -> None:
         raise UserError(f"{layout.model}: not found; run `kcp train --run-dir {run_dir}` first")
     raise UserError(f"{layout.train} holds no finished model: the last kcp train did not finish; rerun it "
                     f"(`kcp train --run-dir {run_dir}` with the same settings) to resume it")
-
-
-def check_trained_on_contract(layout: RunLayout, run_dir: str, before: str = "exporting") -> dict:
-    """Refuses to pair the data contract of RUN/data with a model trained on another one (a
-    preprocess rerun after training): the normalisation, vocabulary and class names inside the
-    export would not be the model's. Returns {contract_sha256} for the export's fingerprint."""
-    contract_sha = storage.sha256(layout.metadata)
-    if storage.exists(layout.metrics):
-        trained_on = json.loads(storage.read_text(layout.metrics)).get("contract_sha256")
-        if trained_on and trained_on != contract_sha:
-            raise UserError(f"{layout.model} was trained on another data contract than {layout.metadata} "
-                            f"(preprocessed again since); run `kcp train --run-dir {run_dir}` before {before}")
-    return {"contract_sha256": contract_sha}
 
 
 def _write_savedmodel(model, contract, config: Config, run_dir: str, directory: str, generate_tokens=None,

@@ -256,7 +256,6 @@ def generate(run_dir: str, prompt: str, *, max_new_tokens: int | None = None,
     top_k 0 and top_p 1 switch those filters off."""
     import keras
 
-    from deploy.export import check_trained_on_contract
     from deploy.language import checked_generate_arguments, complete_prompt
     from trainer.generate import generate_tokens
 
@@ -272,7 +271,7 @@ def generate(run_dir: str, prompt: str, *, max_new_tokens: int | None = None,
     model_path = RunLayout(run_dir).model
     if not storage.exists(model_path):
         raise UserError(f"{model_path}: not found; run `kcp train --run-dir {run_dir}` first")
-    check_trained_on_contract(RunLayout(run_dir), run_dir, "generating")  # the tokenizer and context: the model's
+    contract_lib.check_trained_on_contract(RunLayout(run_dir), run_dir, "generating")  # its tokenizer, context
     return complete_prompt(keras.saving.load_model(model_path, compile=False), contract, run_dir, prompt,
                            generate_tokens, **arguments)
 

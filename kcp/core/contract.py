@@ -332,3 +332,16 @@ def bits_per_byte(nats_per_token: float, contract: DataContract, split: str) -> 
     if not encoded:
         raise ContractError(f"split {split!r} holds no bytes: bits per byte is undefined")
     return nats_per_token * tokens / encoded / math.log(2)
+
+
+def check_trained_on_contract(layout: RunLayout, run_dir: str, before: str = "exporting") -> dict:
+    """Refuses to pair the data contract of RUN/data with a model trained on another one (a
+    preprocess rerun after training): the normalisation, vocabulary and class names inside the
+    export would not be the model's. Returns {contract_sha256} for the export's fingerprint."""
+    contract_sha = storage.sha256(layout.metadata)
+    if storage.exists(layout.metrics):
+        trained_on = json.loads(storage.read_text(layout.metrics)).get("contract_sha256")
+        if trained_on and trained_on != contract_sha:
+            raise UserError(f"{layout.model} was trained on another data contract than {layout.metadata} "
+                            f"(preprocessed again since); run `kcp train --run-dir {run_dir}` before {before}")
+    return {"contract_sha256": contract_sha}

@@ -92,6 +92,7 @@ def _build_report(run_dir: str) -> str:
     layout = RunLayout(run_dir)
     report_dir = layout.report
     contract = contract_lib.read_contract(run_dir)  # first: a mistyped run directory is not created
+    contract_lib.check_trained_on_contract(layout, run_dir, "reporting")  # its figures would mix two data sets
     storage.makedirs(report_dir)
     metrics = _read_json(layout.metrics) or {}
     history = _read_json(layout.history)

@@ -262,7 +262,7 @@ def bpe_run(tmp_path_factory):
     return run_dir
 
 
-def test_generate_refuses_a_model_trained_on_another_contract(language_run, tmp_path, capsys):  # noqa: F811
+def test_generate_and_report_refuse_a_model_trained_on_another_contract(language_run, tmp_path, capsys):  # noqa: F811
     """A preprocess rerun after training (another tokenizer or context) used to pair the old model with
     the new contract: garbage completions, or a traceback; export already refused it."""
     import shutil
@@ -271,11 +271,15 @@ def test_generate_refuses_a_model_trained_on_another_contract(language_run, tmp_
     shutil.copytree(language_run, run_dir)
     with open(os.path.join(run_dir, "data", "metadata.json"), "a", encoding="utf-8") as handle:
         handle.write("\n")  # another contract file, as a preprocess rerun makes
-    capsys.readouterr()
-    assert cli.main(["generate", "--run-dir", run_dir, "--prompt", "a"]) == 2
-    assert capsys.readouterr().err.strip() == (
-        f"kcp generate: error: {run_dir}/train/model.keras was trained on another data contract than "
-        f"{run_dir}/data/metadata.json (preprocessed again since); run `kcp train --run-dir {run_dir}` before generating")
+    shutil.rmtree(os.path.join(run_dir, "report"), ignore_errors=True)
+    for argv, before in ((["generate", "--run-dir", run_dir, "--prompt", "a"], "generating"),
+                         (["report", "--run-dir", run_dir], "reporting")):  # the report's figures would mix the two
+        capsys.readouterr()
+        assert cli.main(argv) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"kcp {argv[0]}: error: {run_dir}/train/model.keras was trained on another data contract than "
+            f"{run_dir}/data/metadata.json (preprocessed again since); run `kcp train --run-dir {run_dir}` before {before}")
+    assert not os.path.exists(os.path.join(run_dir, "report"))  # nothing half-written
 
 
 def test_a_bpe_run_trains_in_bits_per_byte_and_exports_what_kcp_generate_prints(bpe_run, capsys):
