@@ -189,9 +189,15 @@ def test_rest_refuses_booleans_for_numbers(sequence_server, sequence_run):
     """JSON true/false used to become 1.0 and 0.0 here, where TF Serving refuses them."""
     url, _ = sequence_server
     _, x = sequence_run
-    raw = json.dumps({"instances": [(x[0] > 0).tolist()]}).encode()
-    code, answer = call(f"{url}/v1/models/model:predict", raw=raw)
-    assert (code, answer) == (400, {"error": "input 'sequence': expected numbers of dtype float32, got true/false"})
+    mixed = x[0].tolist()  # one true among numbers: NumPy reads [1.5, true] as [1.5, 1.0]
+    last = mixed
+    while isinstance(last[-1], list):
+        last = last[-1]
+    last[-1] = True
+    for instance in ((x[0] > 0).tolist(), mixed):
+        raw = json.dumps({"instances": [instance]}).encode()
+        code, answer = call(f"{url}/v1/models/model:predict", raw=raw)
+        assert (code, answer) == (400, {"error": "input 'sequence': expected numbers of dtype float32, got true/false"})
 
 
 def test_grpc_refuses_nan_as_invalid_argument(sequence_server, sequence_run):
