@@ -139,7 +139,7 @@ def test_bad_files_are_dead_letters_and_empty_or_hidden_files_are_not_documents(
 
 def test_a_file_name_that_is_not_utf8_is_read_and_a_utf16_file_is_named(tmp_path):
     """A name's undecodable bytes cannot travel as a Beam string: the task carries them as bytes and
-    the key keeps them as \\xNN escapes. A UTF-16 file's dead letter says what it is."""
+    the key keeps them as \\xNN escapes. A UTF-16 file's and a broken link's dead letters say what they are."""
     root = tmp_path / "corpus"
     (root / "sub").mkdir(parents=True)
     for folder in (root, root / "sub"):
@@ -148,15 +148,18 @@ def test_a_file_name_that_is_not_utf8_is_read_and_a_utf16_file_is_named(tmp_path
     for index in range(8):
         (root / f"doc{index}.txt").write_text(f"document {index} " * 40)
     (root / "notepad.txt").write_text("saved as Unicode", encoding="utf-16")
+    os.symlink(tmp_path / "moved-away.txt", root / "sub" / "link.txt")  # broken: was skipped without a word
     run_dir = str(tmp_path / "run")
     contract = preprocess(str(root), run_dir)
-    assert contract.bad_examples == 1 and sum(contract.statistics["documents"].values()) == 10
+    assert contract.bad_examples == 2 and sum(contract.statistics["documents"].values()) == 10
     folder = os.path.join(contract_lib.data_dir(run_dir), "dead_letter")
     import json
 
-    [letter] = [json.loads(line) for name in os.listdir(folder) for line in open(os.path.join(folder, name))]
-    assert letter["key"] == "notepad.txt"
-    assert letter["reason"] == "UTF-16 text (byte order mark FF FE), not UTF-8; save the file as UTF-8"
+    letters = [json.loads(line) for name in os.listdir(folder) for line in open(os.path.join(folder, name))]
+    reasons = {letter["key"]: letter["reason"] for letter in letters}
+    assert reasons == {
+        "notepad.txt": "UTF-16 text (byte order mark FF FE), not UTF-8; save the file as UTF-8",
+        "sub/link.txt": f"a broken symbolic link (to {tmp_path / 'moved-away.txt'}, which does not exist)"}
 
 
 def test_a_rerun_writes_byte_identical_shards(bytes_run, corpus, tmp_path):

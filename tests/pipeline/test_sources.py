@@ -36,7 +36,7 @@ def read_all(run_dir, contract):
 
 
 def test_image_folder_with_corrupt_files(tmp_path, capsys):
-    """3,000 good images and 5 bad ones: 5 dead letters with reasons, 3,000 examples, exit 0."""
+    """3,000 good images and 6 bad ones: 6 dead letters with reasons, 3,000 examples, exit 0."""
     root = tmp_path / "images"
     rng = np.random.default_rng(0)
     arrays = {}
@@ -53,21 +53,23 @@ def test_image_folder_with_corrupt_files(tmp_path, capsys):
     (root / "owl" / "empty.png").write_bytes(b"")
     (root / "owl" / "noise.jpg").write_bytes(rng.integers(0, 256, 500, dtype=np.uint8).tobytes())
     (root / "cat" / "garbage.gif").write_bytes(b"GIF89a" + b"\x00" * 7)
+    os.symlink(tmp_path / "moved.png", root / "dog" / "link.png")  # a broken link
     run_dir = str(tmp_path / "run")
 
     code = cli.main(["preprocess", "--source", f"folder:{root}", "--run-dir", run_dir, "--", *IN_PROCESS_BEAM])
     assert code == 0
     contract = contract_lib.read_contract(run_dir)
-    assert contract.bad_examples == 5
+    assert contract.bad_examples == 6
     assert sum(info.count for info in contract.splits.values()) == 3000
     dead = [json.loads(line) for path in (tmp_path / "run" / "data" / "dead_letter").iterdir()
             for line in path.read_text().splitlines()]
-    assert sorted(d["key"] for d in dead) == ["cat/garbage.gif", "cat/truncated.png", "dog/notes.png",
-                                              "owl/empty.png", "owl/noise.jpg"]
+    assert sorted(d["key"] for d in dead) == ["cat/garbage.gif", "cat/truncated.png", "dog/link.png",
+                                              "dog/notes.png", "owl/empty.png", "owl/noise.jpg"]
     reasons = {d["key"]: d["reason"] for d in dead}
     assert reasons["owl/empty.png"] == "empty file"
+    assert reasons["dog/link.png"] == f"a broken symbolic link (to {tmp_path / 'moved.png'}, which does not exist)"
     assert reasons["dog/notes.png"].startswith("not a decodable image")
-    assert "5 bad inputs" in capsys.readouterr().out
+    assert "6 bad inputs" in capsys.readouterr().out
 
     assert contract.class_names == ("cat", "dog", "owl") and contract.input_shape == (6, 5, 3)
     train = [arrays[k][1] for k in arrays if splits.stable_split(k, (0.8, 0.1, 0.1), 42) == "train"]

@@ -176,3 +176,14 @@ def ranges(total: int, step: int, limit: int = 0):
     """[start, stop) ranges of `step` rows covering `total` (the first `limit` when limit > 0)."""
     total = min(total, limit) if limit else total
     return [(start, min(start + step, total)) for start in range(0, total, max(1, step))]
+
+
+def read_input_file(path: str) -> bytes:
+    """The bytes of one input file (an image, a document); BadInput, one dead letter, when it
+    cannot be read: a broken symbolic link, a file removed or made unreadable since the listing."""
+    try:
+        return storage.read_bytes(path)
+    except Exception as error:  # noqa: BLE001  storage's and Beam's errors differ per backend
+        if not storage.is_remote(path) and os.path.islink(path) and not os.path.exists(path):
+            raise BadInput(f"a broken symbolic link (to {os.readlink(path)}, which does not exist)") from None
+        raise BadInput(f"cannot read the file ({type(error).__name__}: {error})") from None

@@ -28,7 +28,7 @@ from kcp.core import storage
 from kcp.core.config import DataConfig
 from kcp.core.contract import FeatureSpec
 from kcp.core.sources.base import (BadInput, SourceError, SourcePlan, SourceRecord, check_path, has_surrogates,
-                                   open_binary, safe_key)
+                                   read_input_file, safe_key)
 
 STDLIB_URI = "python-stdlib"
 TASK_FILES = 32  # files per read task when the tasks name files (python-stdlib, data.limit)
@@ -97,8 +97,9 @@ def list_corpus(root: str) -> list[tuple[str, int]]:
             folders[:] = [name for name in folders if not name.startswith(".")]
             for name in names:
                 path = os.path.join(directory, name)
-                if os.path.isfile(path):
-                    found.append((os.path.relpath(path, root).replace(os.sep, "/"), os.path.getsize(path)))
+                if os.path.isfile(path) or os.path.islink(path):  # a broken link is a dead letter, as with images
+                    found.append((os.path.relpath(path, root).replace(os.sep, "/"), os.stat(path).st_size
+                                  if os.path.exists(path) else 0))
     return sorted(item for item in found if _visible(item[0]))
 
 
@@ -147,8 +148,7 @@ def _portable(name: str):
 
 def decode_document(path: str) -> str:
     """A file's text; BadInput for a binary file or bytes that are not UTF-8."""
-    with open_binary(path) as handle:
-        raw = handle.read()
+    raw = read_input_file(path)
     if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):  # what Notepad's "Unicode" saves: its NULs are not binary
         raise BadInput(f"UTF-16 text (byte order mark {raw[:2].hex(' ').upper()}), not UTF-8; save the file as UTF-8")
     if b"\x00" in raw:

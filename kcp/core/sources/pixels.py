@@ -9,8 +9,7 @@ import re
 
 import numpy as np
 
-from kcp.core import storage
-from kcp.core.sources.base import BadInput
+from kcp.core.sources.base import BadInput, read_input_file
 
 SIXTEEN_BIT_GRAY = ("I;16", "I;16B", "I;16L", "I")  # how Pillow opens a 16-bit grayscale PNG ("I" in older Pillow)
 
@@ -60,10 +59,7 @@ def decode_image_file(path: str, shape: tuple) -> np.ndarray:
     """
     from PIL import Image
 
-    try:
-        content = storage.read_bytes(path)
-    except Exception as error:  # noqa: BLE001  a file that vanished or cannot be read is one dead letter
-        raise BadInput(f"cannot read the file ({type(error).__name__}: {error})") from None
+    content = read_input_file(path)  # a file that vanished or cannot be read is one dead letter
     if not content:
         raise BadInput("empty file")
     try:
