@@ -278,6 +278,12 @@ def test_npz_images_that_are_not_uint8_fail_at_planning_naming_the_dtype_values_
         (np.zeros((4, 8, 8, 3), np.float32), [],  # float is a sequence unless told: a 4-D one is named as images
          "sequence x must be [N, T] or [N, T, F], got [4, 8, 8, 3]; for images [N, H, W, C], save x as uint8 0..255 "
          "(float x is read as sequences unless data.modality=image)"),
+        (np.zeros((4, 8, 8, 4), np.uint8), [],  # RGBA: it trained, then the export's decoder failed on every row
+         "image x has 4 channels ([4, 8, 8, 4]); images have 1 (grayscale) or 3 (RGB), as an image folder's are "
+         "read: for RGBA keep x[..., :3]"),
+        (np.zeros((4, 8, 8, 2), np.uint8), [],
+         "image x has 2 channels ([4, 8, 8, 2]); images have 1 (grayscale) or 3 (RGB), as an image folder's are "
+         "read: for RGBA keep x[..., :3]"),
     ]
     for x, overrides, message in cases:
         np.savez(path, x=x, y=np.arange(4) % 2)
@@ -448,13 +454,13 @@ def test_samples_draw_any_channel_count():
     assert displayable(five[..., :3]).shape == (1, 4, 3)
 
 
-def test_a_two_channel_npz_completes_and_a_one_class_table_fails_naming_it(tmp_path, capsys):
-    rng = np.random.default_rng(0)
+def test_a_two_channel_npz_is_refused_and_a_one_class_table_fails_naming_it(tmp_path, capsys):
+    rng = np.random.default_rng(0)  # 2 channels used to preprocess and train, then fail in the export's decoder
     np.savez(tmp_path / "two.npz", x=rng.integers(0, 256, (40, 8, 8, 2), dtype=np.uint8), y=np.arange(40) % 2)
     run = tmp_path / "run2"
     assert cli.main(["preprocess", "--source", f"npz:{tmp_path / 'two.npz'}", "--run-dir", str(run),
-                     "--", *IN_PROCESS_BEAM]) == 0
-    assert (run / "data" / "samples.png").stat().st_size > 1000 and (run / "data" / "metadata.json").exists()
+                     "--", *IN_PROCESS_BEAM]) == 2
+    assert "image x has 2 channels ([40, 8, 8, 2])" in capsys.readouterr().err and not run.exists()
     path = tmp_path / "one.csv"
     write_table(path, ["text", "label"], [(f"words {i}", "pos") for i in range(20)])
     run = tmp_path / "run1"

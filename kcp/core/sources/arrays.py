@@ -165,6 +165,9 @@ def plan_npz(uri: str, path: str, data: DataConfig, labels: bool = True):
         if ndim not in (3, 4):
             hint = "; set data.modality=sequence for series" if ndim == 2 else ""
             raise SourceError(f"{path}: image x must be [N, H, W] or [N, H, W, C], got {list(first_shape)}{hint}")
+        if ndim == 4 and first_shape[3] not in (1, 3):  # the export decodes image_bytes to 1 or 3 channels
+            raise SourceError(f"{path}: image x has {first_shape[3]} channels ({list(first_shape)}); images have 1 "
+                              "(grayscale) or 3 (RGB), as an image folder's are read: for RGBA keep x[..., :3]")
         for x_name, _ in parts.values():
             _check_image_values(path, x_name, arrays[x_name], guessed=not data.modality)
         spec = FeatureSpec("uint8", tuple(first_shape[1:]) + ((1,) if ndim == 3 else ()), "raw_bytes")
