@@ -380,6 +380,39 @@ def test_a_16_bit_grayscale_png_decodes_as_tensorflow_decodes_it(tmp_path, chann
     assert np.asarray(to_8_bit(Image.fromarray(values.astype(np.int32), "I"))).tolist() == expected[..., 0].tolist()
 
 
+def test_12_bit_data_in_16_bit_pngs_is_named_at_planning_and_a_float_image_is_a_dead_letter(tmp_path, capsys):
+    """Values of 0..4095 in 16-bit PNGs (as microscopes save them) keep their high byte, 16 levels,
+    as the export decodes them: planning says so. A 32-bit float TIFF (mode F) of 0..1 was read as
+    an all-black image, silently; it is a dead letter naming its values."""
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        for index in range(12):
+            write_png(str(tmp_path / "deep" / label / f"{index}.png"), rng.integers(0, 4000, (6, 5), np.uint16))
+    Image.fromarray(np.full((6, 5), 4001, np.uint16)).save(tmp_path / "deep" / "a" / "top.png")
+    Image.fromarray(np.linspace(0.25, 0.75, 30, dtype=np.float32).reshape(6, 5), "F").save(
+        tmp_path / "deep" / "b" / "float.tif")
+    run_dir = str(tmp_path / "run")
+    code = cli.main(["preprocess", "--source", f"folder:{tmp_path / 'deep'}", "--run-dir", run_dir,
+                     "--set", "data.max_bad_fraction=0.1", "--", *IN_PROCESS_BEAM])
+    assert code == 0
+    assert ("warning: the 25 sampled 16-bit gray images hold values up to 4001 only: they are read as 8 bits by "
+            "their high byte (v >> 8), as the export's PNG decoder reads them, which leaves 16 levels; scale them "
+            "to 0..65535 or to 8 bits first (e.g. x * (65535 // x.max()))") in capsys.readouterr().out
+    [dead] = [json.loads(line) for path in (tmp_path / "run" / "data" / "dead_letter").iterdir()
+              for line in path.read_text().splitlines()]
+    assert dead["key"] == "b/float.tif" and dead["reason"] == (
+        "a 32-bit floating-point image (values 0.25..0.75); images are read as 0..255 pixels: save it as 8 bits "
+        "(for values of 0..1, x * 255)")
+    assert contract_lib.read_contract(run_dir).bad_examples == 1
+    full = tmp_path / "full"  # 16-bit data that uses its range: no warning
+    for label in ("a", "b"):
+        for index in range(3):
+            write_png(str(full / label / f"{index}.png"), rng.integers(0, 65535, (6, 5), np.uint16))
+    assert cli.main(["preprocess", "--source", f"folder:{full}", "--run-dir", str(tmp_path / "run2"),
+                     "--", *IN_PROCESS_BEAM]) == 0
+    assert "16-bit" not in capsys.readouterr().out
+
+
 def test_digits_are_read_without_importing_scikit_learn():
     """The digits source reads the file scikit-learn ships: the arrays of load_digits(), and
     a `kcp preprocess` process imports neither scikit-learn nor TensorFlow."""

@@ -219,14 +219,29 @@ def read_class_folder(root: str, folder: str, label: str, split):
 
 
 def _image_header(path: str):
-    """(height, width, has colour) from the file header, or None if it is not an image."""
+    """(height, width, has colour, the largest value of a 16-bit gray image or None) from the file
+    header (and the pixels of a 16-bit gray image), or None if it is not an image."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path) as image:
-            return image.height, image.width, image.mode not in GRAY_MODES
+            largest = int(np.asarray(image).max()) if image.mode in SIXTEEN_BIT_GRAY else None
+            return image.height, image.width, image.mode not in GRAY_MODES, largest
     except Exception:  # noqa: BLE001  an unreadable file is a dead letter later, not a planning error
         return None
+
+
+def narrow_16_bit_line(plan: SourcePlan) -> str | None:
+    """A warning for a folder whose sampled 16-bit gray images hold values below 4096 (12-bit data,
+    as microscopes and scanners save it): read as their high byte, as the export's decoder reads
+    them, they keep 16 levels or fewer. None otherwise."""
+    narrow = plan.options.get("narrow_16_bit") if plan.kind == "folder" else None
+    if not narrow:
+        return None
+    count, largest = narrow
+    return (f"warning: the {count} sampled 16-bit gray images hold values up to {largest} only: they are read as "
+            f"8 bits by their high byte (v >> 8), as the export's PNG decoder reads them, which leaves "
+            f"{(largest >> 8) + 1} levels; scale them to 0..65535 or to 8 bits first (e.g. x * (65535 // x.max()))")
 
 
 def header_sample(folders: list[list[str]]) -> list[str]:
@@ -256,14 +271,15 @@ def plan_folder(uri: str, root: str, data: DataConfig, labels: bool = True):
         has_splits, (listing, skipped) = False, _unlabelled_listing(root)
     count = sum(len(files) for *_, files in listing)
     sample = header_sample([sorted(files) for *_, files in listing])
-    if data.image_size and data.channels:
-        headers = [(0, 0, False)]
+    if data.image_size and data.channels:  # no header is read (on gs://, 256 reads spared)
+        headers = [(0, 0, False, None)]
     else:
         headers = [h for h in (_image_header(path) for path in sample) if h is not None]
     if not headers:
         raise SourceError(f"data.source: none of the {len(sample)} files sampled under {root} is a readable image")
-    height, width = data.image_size or collections.Counter((h, w) for h, w, _ in headers).most_common(1)[0][0]
-    channels = data.channels or (3 if any(colour for _, _, colour in headers) else 1)
+    height, width = data.image_size or collections.Counter((h, w) for h, w, _, _ in headers).most_common(1)[0][0]
+    channels = data.channels or (3 if any(colour for _, _, colour, _ in headers) else 1)
+    sixteen_bit = [largest for *_, largest in headers if largest is not None]
     spec = FeatureSpec(dtype="uint8", shape=(int(height), int(width), int(channels)), encoding="raw_bytes")
     if data.limit:  # the first `limit` files in sorted order: named one by one (quick trials only)
         chosen = sorted((path, label, split) for _, label, split, files in listing for path in files)[:data.limit]
@@ -279,7 +295,9 @@ def plan_folder(uri: str, root: str, data: DataConfig, labels: bool = True):
     plan = SourcePlan(uri, "folder", "image", "image", spec, class_names, has_splits, tasks,
                       min(count, data.limit or count),
                       {"root": root, "skipped": len(skipped), "skipped_examples": tuple(skipped[:3]),
-                       "unserved": len(unserved), "unserved_examples": tuple(map(safe_key, unserved[:2]))})
+                       "unserved": len(unserved), "unserved_examples": tuple(map(safe_key, unserved[:2])),
+                       "narrow_16_bit": (len(sixteen_bit), max(sixteen_bit))
+                       if sixteen_bit and max(sixteen_bit) < 4096 else None})
     return plan
 
 

@@ -65,10 +65,16 @@ def decode_image_file(path: str, shape: tuple) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(content)) as image:
             image.load()
+            if image.mode == "F":  # Pillow's convert would clip 0.0..1.0 to 0..1: an all-black image
+                low, high = image.getextrema()
+                raise BadInput(f"a 32-bit floating-point image (values {low:g}..{high:g}); images are read as "
+                               "0..255 pixels: save it as 8 bits (for values of 0..1, x * 255)")
             image = transparent_as_tensorflow(to_8_bit(image)).convert("RGB" if shape[2] == 3 else "L")
             if image.size != (shape[1], shape[0]):
                 image = image.resize((shape[1], shape[0]), Image.BILINEAR)
             array = np.asarray(image, dtype=np.uint8)
+    except BadInput:
+        raise
     except Exception as error:  # noqa: BLE001  DecompressionBombError, OSError, SyntaxError, plugin errors
         raise BadInput(undecodable(error)) from None
     return array.reshape(shape)
