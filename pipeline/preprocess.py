@@ -33,8 +33,8 @@ from pipeline.analysis import AnalyzeArrays, AnalyzeText, write_summary
 from pipeline.language import build_language_pipeline, language_contract
 from pipeline.records import ANALYZE, AUGMENTED, process_record
 from pipeline.samples import write_samples
-from pipeline.summary import (contract_from_summary, counts_table, empty_validation_warning, lookalike_classes_warning,
-                             untrained_classes_warning)
+from pipeline.summary import (contract_from_summary, counts_table, empty_validation_warning,
+                             imbalanced_classes_warning, lookalike_classes_warning, untrained_classes_warning)
 from pipeline.publish import PARTS_PREFIX, STAGING_PREFIX, SUMMARY_PREFIX, clear_leftovers, discard, publish
 from pipeline.shards import WriteShards, shard_count
 
@@ -315,7 +315,7 @@ def run_preprocess(config: Config, run_dir: str, beam_args: list[str] = (), repo
     for line in counts_table(contract, read, bad, summary["augmented"]):
         report(line)
     for warning in (untrained_classes_warning(contract), lookalike_classes_warning(contract),
-                    empty_validation_warning(contract, config)):
+                    imbalanced_classes_warning(contract), empty_validation_warning(contract, config)):
         if warning:
             report(warning)
     return contract

@@ -67,15 +67,38 @@ def untrained_classes_warning(contract) -> str | None:
 
 def lookalike_classes_warning(contract) -> str | None:
     """A warning line naming class names that print alike but differ in Unicode normalization (a
-    folder `café` in NFC beside one copied from macOS in NFD): they are separate classes."""
+    folder `café` in NFC beside one copied from macOS in NFD) or only in case (`Cat/` beside `cat/`,
+    labels `pos` and `Pos`): they are separate classes."""
     groups = {}
     for name in contract.class_names:
-        groups.setdefault(unicodedata.normalize("NFC", name), []).append(name)
-    alike = [" and ".join(ascii(name) for name in names) for names in groups.values() if len(names) > 1]
+        groups.setdefault(unicodedata.normalize("NFC", name).casefold(), []).append(name)
+    alike = [names for names in groups.values() if len(names) > 1]
     if not alike:
         return None
-    return (f"warning: classes {'; '.join(alike)} differ only in Unicode normalization (NFC, NFD), so they are "
-            "separate classes; rename them to one spelling if they are one class")
+    forms = {len({unicodedata.normalize("NFC", name) for name in names}) == 1 for names in alike}
+    how = ("Unicode normalization (NFC, NFD)" if forms == {True} else
+           "case" if not any(unicodedata.normalize("NFC", n) != n for names in alike for n in names) else
+           "case or Unicode normalization")
+    shown = "; ".join(" and ".join(ascii(name) for name in names) for names in alike)
+    return (f"warning: classes {shown} differ only in {how}, so they are separate classes; rename them to one "
+            "spelling if they are one class")
+
+
+def imbalanced_classes_warning(contract) -> str | None:
+    """A warning line when the train split's classes are far from even (the most common class holds
+    80% or more, or ten times the least common): accuracy then flatters a model that answers the
+    common class, so the line gives that class's accuracy to compare with."""
+    counts = {name: count for name, count in (contract.statistics.get("class_counts") or {}).items() if count}
+    total = sum(counts.values())
+    if len(counts) < 2 or not total:
+        return None
+    common, rare = max(counts, key=counts.get), min(counts, key=counts.get)
+    if counts[common] < 0.8 * total and counts[common] < 10 * counts[rare]:
+        return None
+    return (f"warning: the train split's classes are imbalanced: {common!r} has {counts[common]} of {total} "
+            f"examples ({counts[common] / total:.1%}), {rare!r} {counts[rare]} ({counts[rare] / total:.1%}); a model "
+            f"that always answers {common!r} scores about {counts[common] / total:.4f} accuracy: judge accuracy "
+            "against that, and the report's per-class recall")
 
 
 def contract_from_summary(plan: SourcePlan, config: Config, summary: dict, data_dir: str):

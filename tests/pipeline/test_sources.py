@@ -165,6 +165,31 @@ def test_the_case_hint_names_only_classes_without_train_examples():
     assert untrained_classes_warning(contract({"Cat": 3, "cat": 4})) is None
 
 
+def test_classes_that_differ_only_in_case_and_imbalanced_classes_are_named_in_warnings():
+    """`Cat/` beside `cat/`, or labels `pos` and `Pos`, were two classes without a word; so was a train
+    split of 95% one class, where a model that always answers it is blessed at 0.95 accuracy."""
+    from types import SimpleNamespace
+
+    from pipeline.summary import imbalanced_classes_warning, lookalike_classes_warning
+
+    def contract(counts):
+        return SimpleNamespace(class_names=tuple(counts), statistics={"class_counts": counts})
+
+    assert lookalike_classes_warning(contract({"Pos": 5, "neg": 5, "pos": 5})) == (
+        "warning: classes 'Pos' and 'pos' differ only in case, so they are separate classes; rename them to one "
+        "spelling if they are one class")
+    assert lookalike_classes_warning(contract({"Pos": 5, "neg": 5})) is None
+    assert imbalanced_classes_warning(contract({"noise": 297, "signal": 16})) == (
+        "warning: the train split's classes are imbalanced: 'noise' has 297 of 313 examples (94.9%), 'signal' 16 "
+        "(5.1%); a model that always answers 'noise' scores about 0.9489 accuracy: judge accuracy against that, "
+        "and the report's per-class recall")
+    assert imbalanced_classes_warning(contract({"a": 100, "b": 50, "c": 9})).startswith(  # 11 to 1
+        "warning: the train split's classes are imbalanced: 'a' has 100 of 159 examples (62.9%), 'c' 9 (5.7%)")
+    assert imbalanced_classes_warning(contract({"a": 60, "b": 30, "c": 10})) is None  # 6 to 1, 60%
+    assert imbalanced_classes_warning(contract({str(digit): 180 for digit in range(10)})) is None
+    assert imbalanced_classes_warning(contract({"a": 40, "b": 0})) is None  # no train example: the other warning's
+
+
 def test_an_empty_validation_split_of_a_corpus_is_told_to_split_its_files():
     """A corpus's documents go whole to one split: a larger validation share cannot divide one file."""
     from types import SimpleNamespace
