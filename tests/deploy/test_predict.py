@@ -61,10 +61,13 @@ def test_predict_refuses_arrays_of_another_shape_than_the_models(sequence_run, d
     assert (f"--input: npz:{tmp_path / 'flat.npz'} holds inputs of shape [20, 1]; the model takes [20, 3] "
             "(serving_default's input 'sequence')") in output
     assert not (tmp_path / "out").exists()
-    for name, shape in (("big", (4, 16, 16, 1)), ("deep", (4, 8, 8, 4))):  # digits takes [8, 8, 1]
+    for name, shape in (("big", (4, 16, 16, 1)), ("colour", (4, 8, 8, 3))):  # digits takes [8, 8, 1]
         np.savez(tmp_path / f"{name}.npz", x=np.zeros(shape, np.uint8), y=np.zeros(4, np.int64))
         code, output = predict(digits_run, f"npz:{tmp_path / name}.npz", tmp_path / name, capsys)
         assert code == 2 and f"holds inputs of shape {list(shape[1:])}; the model takes [8, 8, 1]" in output
+    np.savez(tmp_path / "rgba.npz", x=np.zeros((4, 8, 8, 4), np.uint8), y=np.zeros(4, np.int64))  # no model takes it
+    code, output = predict(digits_run, f"npz:{tmp_path / 'rgba.npz'}", tmp_path / "rgba", capsys)
+    assert code == 2 and "image x has 4 channels ([4, 8, 8, 4]); images have 1 (grayscale) or 3 (RGB)" in output
     np.savez(tmp_path / "series.npz", x=x)  # float series [80, 20, 3] to the image model: not "save them as uint8"
     code, output = predict(digits_run, f"npz:{tmp_path / 'series.npz'}", tmp_path / "series", capsys)
     assert code == 2 and output.strip().splitlines()[-1] == (
