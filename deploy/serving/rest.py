@@ -4,8 +4,8 @@ aiohttp's low-level server parses HTTP (llhttp, in C): request lines, headers, C
 and chunked framing, pipelining; a message it cannot parse is answered 400 (431 for too many
 headers) with {"error": ...} and the connection closed. On top of it: a body larger than
 `max_request_bytes` is 413 (a declared Content-Length before anything is read, a chunked body
-as soon as it passes the limit, a gzip body, decoded as TF Serving decodes it, as soon as the
-decoded bytes pass it; another Content-Encoding is 415); a connection that sends no complete request for
+as soon as it passes the limit, a gzip body, decoded here as TF Serving decodes it, as soon as the
+decoded bytes pass it; another Content-Encoding is 415, aiohttp's own decoding being off); a connection that sends no complete request for
 `idle_timeout_s`, or whose body has not arrived `idle_timeout_s` after its headers, is closed;
 connections beyond `max_connections` are answered 503 at once (JSON nested deeper than
 routes.MAX_JSON_DEPTH is 400). With batching on, a POST body up to INLINE_BODY_BYTES is decoded and its
@@ -21,6 +21,7 @@ import asyncio
 import json
 import logging
 import math
+import zlib
 import os
 import socket
 import threading
@@ -96,7 +97,7 @@ class RestServer:
         loop = asyncio.get_running_loop()
         server = CappedServer(self._handle, self.max_connections, self.max_request_bytes,
                             keepalive_timeout=self.idle_timeout_s,  # idle, or headers unfinished: closed
-                            lingering_time=0, access_log=None, auto_decompress=True)
+                            lingering_time=0, access_log=None, auto_decompress=False)
         listener = await loop.create_server(server, sock=self.socket, backlog=128)
         with self._lock:
             self._loop, self._stopping = loop, asyncio.Event()
@@ -167,13 +168,30 @@ class RestServer:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for it
             request.writer.output_size = 0
         try:
-            return await asyncio.wait_for(request.read(), self.idle_timeout_s)
-        except web.HTTPRequestEntityTooLarge:  # a chunked or decompressed body past client_max_size
+            raw = await asyncio.wait_for(request.read(), self.idle_timeout_s)
+        except web.HTTPRequestEntityTooLarge:  # a chunked body past client_max_size
             raise BodyError(f"request body exceeds the limit of {self.max_request_bytes} bytes",
                             HTTPStatus.REQUEST_ENTITY_TOO_LARGE) from None
-        except RequestPayloadError as error:  # a body sent with Content-Encoding: gzip that is not gzip
+        except RequestPayloadError as error:
             reason = [line.strip() for line in str(error).splitlines() if line.strip()][-1]
             raise BodyError(f"cannot decode the request body: {reason}", HTTPStatus.BAD_REQUEST) from None
+        return self._gunzip(raw) if encoding == "gzip" else raw
+
+    def _gunzip(self, raw: bytes) -> bytes:
+        """A gzip body decoded here, not by aiohttp's parser (auto_decompress is off): its parser
+        would try every encoding it knows before our 415 (brotli: "Please install Brotli"), and
+        answer a short deflate body with the word "deflate". No more than the limit is inflated."""
+        decoder = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        try:
+            body = decoder.decompress(raw, self.max_request_bytes + 1)
+            if len(body) > self.max_request_bytes or decoder.unconsumed_tail:
+                raise BodyError(f"request body exceeds the limit of {self.max_request_bytes} bytes once decoded",
+                                HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+            if not decoder.eof:
+                raise zlib.error("incomplete or truncated stream")
+        except zlib.error as error:
+            raise BodyError(f"cannot decode the request body: not gzip ({error})", HTTPStatus.BAD_REQUEST) from None
+        return body
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         self._in_progress += 1
