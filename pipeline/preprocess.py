@@ -225,7 +225,8 @@ def plan_lines(plan: SourcePlan) -> list[str]:
         f"{len(plan.class_names)} classes" if plan.class_names else "classes from the data"
     splits_from = "by key hash" if plan.has_splits is False else "from the source" if plan.has_splits else \
         "from the data"
-    lines = [f"plan: {'' if exact else 'about '}{plan.estimated_count} inputs in {len(plan.tasks)} read tasks, "
+    lines = [f"plan: {'' if exact else 'about '}{plan.estimated_count} inputs in {len(plan.tasks)} read "
+             f"task{'' if len(plan.tasks) == 1 else 's'}, "
              f"{classes}, {plan.modality} {shape}, splits {splits_from}"]
     if skipped := skipped_line(plan):
         lines.append(skipped)

@@ -434,8 +434,9 @@ def test_12_bit_data_in_16_bit_pngs_is_named_at_planning_and_a_float_image_is_a_
         for index in range(3):
             write_png(str(full / label / f"{index}.png"), rng.integers(0, 65535, (6, 5), np.uint16))
     assert cli.main(["preprocess", "--source", f"folder:{full}", "--run-dir", str(tmp_path / "run2"),
-                     "--", *IN_PROCESS_BEAM]) == 0
-    assert "16-bit" not in capsys.readouterr().out
+                     "--set", "data.limit=6", "--", *IN_PROCESS_BEAM]) == 0
+    printed = capsys.readouterr().out
+    assert "16-bit" not in printed and "plan: 6 inputs in 1 read task, 2 classes" in printed  # data.limit: one task
 
 
 def test_digits_are_read_without_importing_scikit_learn():
