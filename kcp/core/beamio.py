@@ -5,6 +5,7 @@ while a local job runs."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ DEAD_LETTER = "dead_letter"
 EXAMPLE = "example"
 
 
+DASK_WORKER_WAIT_S = 60.0  # for a Dask scheduler's first worker (workers may start after it)
 IN_PROCESS_BELOW = 20_000  # planned inputs under which the local runner runs in this process
 
 
@@ -267,3 +269,11 @@ def check_dask_scheduler(address: str, local_paths=()) -> None:
         reason = error.strerror or str(error) if isinstance(error, OSError) else f"no port in {address!r}"
         raise UserError(f"Beam options: --dask_client_address {address}: no Dask scheduler answers there ({reason}); "
                         "start one (`dask scheduler`) or leave the option out for a cluster on this machine") from None
+    from distributed import Client
+
+    with Client(address, timeout=DASK_WORKER_WAIT_S, set_as_default=False) as client:
+        try:  # a scheduler without a worker runs nothing and says nothing: the job would wait forever
+            client.wait_for_workers(1, timeout=DASK_WORKER_WAIT_S)
+        except (TimeoutError, asyncio.TimeoutError):
+            raise UserError(f"Beam options: --dask_client_address {address}: the Dask scheduler there has no worker "
+                            f"after {DASK_WORKER_WAIT_S:g} s; start one (`dask worker {address}`)") from None

@@ -43,6 +43,28 @@ def test_dask_runner_writes_every_record_once_and_the_same_bytes(dask_cluster, t
             assert a.read() == b.read(), name
 
 
+def test_a_dask_scheduler_without_a_worker_is_one_line_not_a_silent_wait(tmp_path, capsys, monkeypatch):
+    """`dask scheduler &` alone, as operations.md once showed it: the job waited forever, saying nothing."""
+    from dask.distributed import LocalCluster
+
+    from kcp import cli
+    from kcp.core import beamio
+
+    monkeypatch.setattr(beamio, "DASK_WORKER_WAIT_S", 2.0)
+    cluster = LocalCluster(n_workers=0, host="127.0.0.1", dashboard_address=None)
+    try:
+        address = cluster.scheduler_address
+        capsys.readouterr()
+        assert cli.main(["preprocess", "--run-dir", str(tmp_path / "run"), "--", "--runner", "DaskRunner",
+                         f"--dask_client_address={address}"]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"kcp preprocess: error: Beam options: --dask_client_address {address}: the Dask scheduler there has no "
+            f"worker after 2 s; start one (`dask worker {address}`)")
+        assert not (tmp_path / "run").exists()
+    finally:
+        cluster.close()
+
+
 def test_dask_runner_alias():
     assert local_runner_defaults(["--runner=DaskRunner"]) == ["--runner=apache_beam.runners.dask.dask_runner.DaskRunner"]
 
