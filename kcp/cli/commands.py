@@ -26,8 +26,7 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
-def counted(count: int, noun: str) -> str:
-    """"1 epoch", "30 epochs"."""
+def counted(count: int, noun: str) -> str:  # "1 epoch", "30 epochs"
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
@@ -44,8 +43,7 @@ def preprocess(args, run_dir: str, config, beam_args: list[str]) -> int:
 def _preprocess(args, run_dir: str, config, beam_args: list[str]):
     say(f"[preprocess] {config.data.source} -> {run_dir}/data")
     contract = api.preprocess(run_dir, args.source, model=getattr(args, "model", None), beam_args=beam_args,
-                              **config_inputs(args),
-                              progress=lambda line: say(f"[preprocess] {line}"))
+                              **config_inputs(args), progress=lambda line: say(f"[preprocess] {line}"))
     if contract.bad_examples:
         say(f"[preprocess] {contract.bad_examples} bad inputs: reasons in {run_dir}/data/dead_letter/")
     return contract
@@ -88,22 +86,23 @@ def _export(args, run_dir: str) -> str:
 
 
 def run(args, run_dir: str, config, beam_args: list[str]) -> int:
-    """preprocess, train, export; then validate the reloaded export (blessing it when it matches), and the report."""
+    """preprocess, train, export, validate (a matching export blessed; exit 1 if not, as kcp validate), report."""
     started = time.perf_counter()
     with api.locked(run_dir, "run"):  # one lock over the three stages
         contract = _preprocess(args, run_dir, config, beam_args)
         metrics = _train(args, run_dir, config)
         export_dir = _export(args, run_dir)
     if contract.modality == "language":
-        _run_language_summary(run_dir, started, contract, metrics, export_dir)
-        return report(args, run_dir, config, [])
+        blessed = _run_language_summary(run_dir, started, contract, metrics, export_dir)
+        return report(args, run_dir, config, []) or (0 if blessed else 1)
     split = "test" if "test" in metrics else next((s for s in ("validation", "train") if s in metrics), None)
     trainer_accuracy = metrics[split]["accuracy"] if split else float("nan")
-    verdict = ""
+    verdict, blessed = "", True
     if split == "test":  # validate the export as `kcp validate` does, so `kcp serve` serves it
         validation = api.validate(run_dir)
         reloaded = validation["export_accuracy"]
-        verdict = " -> blessed" if validation["blessed"] else " -> NOT blessed: " + "; ".join(validation["reasons"])
+        blessed = validation["blessed"]
+        verdict = " -> blessed" if blessed else " -> NOT blessed: " + "; ".join(validation["reasons"])
     else:
         reloaded = api.reloaded_accuracy(export_dir, run_dir, split) if split else float("nan")
     say("")
@@ -117,12 +116,12 @@ def run(args, run_dir: str, config, beam_args: list[str]) -> int:
     say(f"  reloaded  export {split or 'no split'} accuracy {reloaded:.4f} (trainer {trainer_accuracy:.4f}, "
         f"difference {abs(reloaded - trainer_accuracy):.4f})"
         + (verdict if split == "test" else "; the test split is empty"))
-    return report(args, run_dir, config, [])
+    return report(args, run_dir, config, []) or (0 if blessed else 1)
 
 
-def _run_language_summary(run_dir: str, started: float, contract, metrics: dict, export_dir: str) -> None:
-    """`kcp run`'s closing lines for a language model: bits per byte, and the export validated."""
-    verdict = "the test split is empty: not validated"
+def _run_language_summary(run_dir: str, started: float, contract, metrics: dict, export_dir: str) -> bool:
+    """`kcp run`'s closing lines for a language model: bits per byte, the export validated (False: unblessed)."""
+    verdict, validation = "the test split is empty: not validated", {"blessed": True}
     if "test" in metrics:
         validation = api.validate(run_dir)
         verdict = _language_verdict(validation)
@@ -141,6 +140,7 @@ def _run_language_summary(run_dir: str, started: float, contract, metrics: dict,
         say(f"  documents {cache}")
     say(f"  export    {export_dir}")
     say(f"  reloaded  {verdict}")
+    return validation["blessed"]
 
 
 def document_cache_figures(metrics: dict) -> str:

@@ -45,6 +45,11 @@ def test_run_prints_both_accuracies(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "reloaded  export test accuracy" in out and "(trainer " in out
     assert "[train] cnn, 1 epoch, batch" in out and " parameters, 1 epoch, " in out  # not "1 epochs"
+    code = cli.main(["run", "--run-dir", str(tmp_path / "strict"), "--set", "train.epochs=1", "--set", "data.limit=200",
+                     "--set", "export.min_accuracy=1.0", "--", *IN_PROCESS_BEAM])
+    out = capsys.readouterr().out  # an export validation does not bless fails the run, as `kcp validate` does
+    assert code == 1 and "-> NOT blessed: export accuracy" in out and "is below export.min_accuracy 1.0" in out
+    assert "[report] " in out  # the report is still written
 
 
 def test_a_stage_on_an_existing_run_keeps_its_config(digits_run, tmp_path, capsys):
