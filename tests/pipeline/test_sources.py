@@ -384,6 +384,21 @@ def test_tfds_source_with_mock_data(tmp_path):
     assert contract.splits["train"].count > contract.splits["test"].count > 0
 
 
+def test_a_tfds_image_of_other_than_1_or_3_channels_is_refused_at_planning(tmp_path):
+    """EuroSAT's 13 Sentinel-2 bands: the export's image_bytes decoder gives gray or RGB only."""
+    from unittest import mock
+
+    import tensorflow_datasets as tfds
+
+    config = load_config([], ["data.source=tfds:eurosat/all:train", f"data.tfds_data_dir={tmp_path}"])
+    with tfds.testing.mock_data(num_examples=10), \
+            mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", return_value=True):
+        with pytest.raises(SourceError) as raised:
+            plan_source("tfds:eurosat/all:train", config.data)
+    assert str(raised.value) == ("data.source: tfds 'eurosat/all' input 'sentinel2' has 13 channels; images have 1 "
+                                 "(grayscale) or 3 (RGB)")
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 def test_a_16_bit_grayscale_png_decodes_as_tensorflow_decodes_it(tmp_path, channels):
     """Preprocessing (Pillow) and the export's in-graph decode (TensorFlow) must give the same

@@ -77,6 +77,9 @@ def plan_tfds(uri: str, spec_text: str, data: DataConfig):
         if len(shape) != 3:
             raise SourceError(f"data.source: tfds {name!r} input {input_key!r} has shape {list(shape)}; "
                               "expected an image [H, W, C] or text")
+        if shape[2] not in (1, 3):  # the export decodes image bytes to gray or RGB, as with npz
+            raise SourceError(f"data.source: tfds {name!r} input {input_key!r} has {shape[2]} channels; images "
+                              "have 1 (grayscale) or 3 (RGB)")
         spec, modality = FeatureSpec("uint8", shape, "raw_bytes"), "image"
     has_splits = any(task[2] for task in tasks)
     options = {"name": name, "data_dir": data_dir, "input": input_key, "label": label_key, "names": names}
