@@ -68,6 +68,18 @@ def _dtype_name(dtype) -> str:
     return {"float32": "float", "float64": "double", "float16": "half"}.get(dtype.name, dtype.name)
 
 
+def _ndarray(name: str, proto):
+    """A request's TensorProto as NumPy; a value its dtype cannot hold (uint8 int_val 300) is
+    INVALID_ARGUMENT naming the input, not NumPy's OverflowError (UNKNOWN)."""
+    try:
+        return tf.make_ndarray(proto)
+    except OverflowError:
+        dtype = tf.dtypes.as_dtype(proto.dtype)
+        raise RequestError(f"input {name!r}: {dtype.name} values must lie in {dtype.min}..{dtype.max}") from None
+    except (ValueError, TypeError) as error:
+        raise RequestError(f"input {name!r}: {error}") from None
+
+
 def _answer(method):
     """Runs a servicer method, turning our errors into TF Serving's status codes."""
     def wrapped(self, request, context):
@@ -152,7 +164,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             if given_dtype != specs[name].dtype:
                 raise RequestError(f"Expects arg[{index}] to be {_dtype_name(specs[name].dtype)} but "
                                    f"{_dtype_name(given_dtype)} is provided")
-        inputs = {n: to_tensor(n, tf.make_ndarray(request.inputs[n]), specs[n]) for n in specs}
+        inputs = {n: to_tensor(n, _ndarray(n, request.inputs[n]), specs[n]) for n in specs}
         outputs = self.registry.call(loaded, signature, inputs)
         wanted = list(request.output_filter) or list(outputs)
         unknown = [n for n in wanted if n not in outputs]

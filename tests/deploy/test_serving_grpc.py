@@ -178,6 +178,14 @@ def typed_request(signature: str, array) -> predict_pb2.PredictRequest:
     return request
 
 
+def uint8_request(values: list[int]) -> predict_pb2.PredictRequest:
+    """serve_images' uint8 tensor with int_val values a client may send, whatever they are."""
+    request = typed_request("serve_images", np.zeros([1, 8, 8, 1], "uint8"))
+    request.inputs["image"].ClearField("tensor_content")
+    request.inputs["image"].int_val.extend(values + [0] * (64 - len(values)))
+    return request
+
+
 def regress_request():
     request = regression_pb2.RegressionRequest()
     request.model_spec.name = "model"
@@ -207,6 +215,8 @@ def status_request(name):
      "Expects arg[0] to be string but float is provided"),
     ("Predict", lambda: typed_request("serve_images", np.ones([1, 8, 8, 1], "float64")), "INVALID_ARGUMENT",
      "Expects arg[0] to be uint8 but double is provided"),
+    ("Predict", lambda: uint8_request([300, -1]), "INVALID_ARGUMENT",  # was UNKNOWN: NumPy's OverflowError
+     "input 'image': uint8 values must lie in 0..255"),
     ("Regress", regress_request, "INVALID_ARGUMENT", "Expected regression signature"),
     ("GetModelStatus", lambda: status_request("nope"), "NOT_FOUND", "Could not find any versions of model nope"),
     ("GetModelMetadata", lambda: get_model_metadata_pb2.GetModelMetadataRequest(model_spec={"name": "model"}),
