@@ -315,10 +315,13 @@ class ModelRegistry:
             raise RequestError(f"Could not find any versions of model {name}{hint}", HTTPStatus.NOT_FOUND)
         if number is not None:
             if number not in entries:
-                raise RequestError(f"Could not find version {number} of model {name}", HTTPStatus.NOT_FOUND)
+                hint = (f"; it is not blessed by kcp validate (serve it with --allow-unvalidated)"
+                        if number in self.unblessed.get(name, ()) else "")
+                raise RequestError(f"Could not find version {number} of model {name}{hint}", HTTPStatus.NOT_FOUND)
             entries = {number: entries[number]}
+        # newest first, as TF Serving's ServableStateMonitor::VersionMap (std::greater) lists them
         return [{"version": v, "state": s, "error_code": c, "error_message": m}
-                for v, (s, c, m) in sorted(entries.items())]
+                for v, (s, c, m) in sorted(entries.items(), reverse=True)]
 
     def served(self) -> dict[str, list[int]]:
         with self.lock:

@@ -386,7 +386,8 @@ def test_a_new_version_replaces_the_old_and_a_deleted_one_stops_being_served(ser
         wait_for(lambda: httpd.registry.served().get("colors") == [2])  # the next scan (0.1 s here)
         code, body = call(f"{url}/v1/models/colors")  # TF Serving's default policy: the latest version only;
         assert code == 200 and [(s["version"], s["state"]) for s in body["model_version_status"]] == [
-            ("1", "END"), ("2", "AVAILABLE")]  # the one unloaded stays in the status, END (ServableStateMonitor)
+            ("2", "AVAILABLE"), ("1", "END")]  # the one unloaded stays in the status, END; newest first, as
+        # ServableStateMonitor's VersionMap (std::greater) orders them: a check of [0] sees the served one
         assert call(f"{url}/v1/models/colors/versions/2:predict", {"instances": [[1, 2]]})[0] == 400  # v2 found
         assert call(f"{url}/v1/models/colors/versions/1:predict", {"instances": [[1, 2]]})[0] == 404
     finally:
@@ -394,7 +395,7 @@ def test_a_new_version_replaces_the_old_and_a_deleted_one_stops_being_served(ser
     wait_for(lambda: httpd.registry.served().get("colors") == [1])  # the background scan, no request needed
     assert call(f"{url}/v1/models/colors/versions/2:predict", {"instances": [[1, 2]]})[0] == 404
     code, body = call(f"{url}/v1/models/colors")
-    assert [(s["version"], s["state"]) for s in body["model_version_status"]] == [("1", "AVAILABLE"), ("2", "END")]
+    assert [(s["version"], s["state"]) for s in body["model_version_status"]] == [("2", "END"), ("1", "AVAILABLE")]
     assert call(f"{url}/v1/models/colors/versions/2")[1]["model_version_status"][0]["state"] == "END"
 
 

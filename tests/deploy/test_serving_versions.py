@@ -115,8 +115,8 @@ def test_labels_case_insensitive_routes_and_status_of_a_failed_load(labelled):
     assert call(f"{url}/V1/Models/model/labels/stable/metadata")[1]["model_spec"]["version"] == "1"
     code, status = call(f"{url}/v1/models/model")
     assert code == 200 and [(s["version"], s["state"]) for s in status["model_version_status"]] == \
-        [("1", "AVAILABLE"), ("4", "END")]
-    broken = status["model_version_status"][1]["status"]
+        [("4", "END"), ("1", "AVAILABLE")]  # newest first, as TF Serving lists them
+    broken = status["model_version_status"][0]["status"]
     assert broken["error_code"] == "UNKNOWN" and broken["error_message"]
     loads = httpd.registry.loads
     for _ in range(5):  # requests never retry a failed load (a later scan does, with backoff)
@@ -125,6 +125,9 @@ def test_labels_case_insensitive_routes_and_status_of_a_failed_load(labelled):
     assert httpd.registry.loads == loads
     code, answer = call(f"{url}/v1/models/model/versions/2:predict", "POST", BODY)
     assert code == 404 and "not blessed by kcp validate" in answer["error"]
+    code, answer = call(f"{url}/v1/models/model/versions/2")  # its status says why too, not only "Could not find"
+    assert (code, answer["error"]) == (404, "Could not find version 2 of model model; it is not blessed by kcp "
+                                            "validate (serve it with --allow-unvalidated)")
 
 
 def test_only_blessed_versions_are_served_unless_allowed(versions_run):
