@@ -114,7 +114,9 @@ class RestServer:
             deadline = loop.time() + self._grace
             while self._in_progress and loop.time() < deadline:
                 await asyncio.sleep(0.02)
-            await server.shutdown(max(0.0, deadline - loop.time()))
+            # aiohttp waits without a limit for a timeout of 0 (ceil_timeout): past the grace, it gets a
+            # moment to cancel the handlers still running and close their connections
+            await server.shutdown(max(0.05, deadline - loop.time()))
             with self._lock:
                 self._loop = None
 

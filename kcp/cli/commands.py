@@ -12,7 +12,7 @@ import sys
 import time
 
 from kcp import api
-from kcp.core import storage
+from kcp.core import quiet, storage
 from kcp.core.char_ngrams import char_ngram_count
 from kcp.core.cluster import take_tuner_role, tuner_id
 from kcp.core.config import DEFAULT_DROPOUT
@@ -213,8 +213,7 @@ def serve(args, run_dir: str, config, beam_args: list[str]) -> int:
                        idle_timeout_s=args.idle_timeout_s, version_policy=args.version_policy,
                        allow_unvalidated=args.allow_unvalidated, version_labels=args.version_label,
                        poll_seconds=args.poll_seconds, grpc_port=None if args.no_grpc else args.grpc_port)
-    registry = server.registry
-    grpc = f", gRPC {args.host}:{server.grpc.port}" if server.grpc else ""
+    registry, grpc = server.registry, f", gRPC {args.host}:{server.grpc.port}" if server.grpc else ""
     say(f"[serve] http://{args.host}:{server.server_address[1]}/v1/models/<name>{grpc} "
         f"serving {registry.served() or 'nothing yet'}")
     for name, versions in sorted(registry.unblessed.items()):
@@ -225,12 +224,13 @@ def serve(args, run_dir: str, config, beam_args: list[str]) -> int:
         for version, failure in sorted(failures.items()):
             say(f"[serve] {name}: version {version} failed to load: {failure.error}")
     import signal  # here: only this handler (in the main thread) installs signal handlers
-
     received: list[int] = []
 
     def stop(signum, _frame):  # Ctrl-C and SIGTERM alike: no new requests, those in progress finish
-        if received:  # a second signal: stop at once (main() prints its Ctrl-C line, exit 130)
-            raise KeyboardInterrupt
+        if received:  # a second signal: stop at once, without waiting for the model calls still running
+            print(f"kcp serve: {signal.Signals(signum).name} again: stopped at once", file=sys.stderr, flush=True)
+            quiet.drain()  # the line, through the stderr filter's thread
+            os._exit(128 + signum)
         received.append(signum)
         server.request_stop()
 

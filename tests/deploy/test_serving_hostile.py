@@ -352,6 +352,29 @@ def finish_during_stop(port: int, stop) -> tuple[tuple[int, dict], tuple[int, di
     return responses(b"".join(chunks))[0], before
 
 
+def test_a_stop_closes_a_stalled_request_after_the_grace_not_after_the_idle_timeout(digits_run):
+    """A client that sent half a body and went quiet kept the server from stopping until its idle
+    timeout (30 s): aiohttp's shutdown waits without a limit when given a timeout of 0."""
+    server = make_server(digits_run, "127.0.0.1", 0, allow_unvalidated=True, idle_timeout_s=60)
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    port = server.server_address[1]
+    try:
+        good_predict(port)
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(request(f"Content-Length: {len(BODY)}\r\n", BODY[:10]))  # then nothing more
+            time.sleep(0.3)
+            started = time.monotonic()
+            server.request_stop(grace=0.5)
+            serving.join(10)
+            stopped = time.monotonic() - started
+            assert not serving.is_alive() and stopped < 3, stopped
+            assert sock.recv(65536) == b""  # its connection closed, unanswered: its request never arrived
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_sigterm_stops_kcp_serve_after_the_request_in_progress(digits_run):
     """A real `kcp serve` process: SIGTERM (docker, Kubernetes, systemd) lets the request in progress
     finish, prints one line and exits 143, as a death by SIGTERM would (but cleanly)."""
@@ -373,6 +396,30 @@ def test_sigterm_stops_kcp_serve_after_the_request_in_progress(digits_run):
     assert process.returncode == 143
     assert stderr.strip().splitlines()[-1] == \
         "kcp serve: SIGTERM: stopped; requests in progress were given 5 s to finish"
+
+    # a second SIGTERM while a stalled request holds the drain: out at once, 143 still (it was 130 and
+    # "interrupted; ... train and tune resume", after the model calls still running had finished)
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from kcp import cli; sys.exit(cli.main())", "serve", "--run-dir",
+         digits_run, "--port", "0", "--no-grpc", "--allow-unvalidated"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    try:
+        port = int(re.search(r":(\d+)/v1/models", process.stdout.readline()).group(1))
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(request(f"Content-Length: {len(BODY)}\r\n", BODY[:10]))
+            time.sleep(0.3)
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            started = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            _, stderr = process.communicate(timeout=60)
+            assert time.monotonic() - started < 3
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 143
+    assert stderr.strip().splitlines()[-1] == "kcp serve: SIGTERM again: stopped at once"
 
 
 def test_ctrl_c_stops_kcp_serve_after_the_request_in_progress(digits_run, capsys):
