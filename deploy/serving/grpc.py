@@ -34,7 +34,8 @@ from kcp.core.errors import UserError
 
 log = logging.getLogger("kcp.serve")
 CODES = {HTTPStatus.NOT_FOUND: grpc.StatusCode.NOT_FOUND, HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
-         grpc.StatusCode.RESOURCE_EXHAUSTED, HTTPStatus.SERVICE_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE}
+         grpc.StatusCode.RESOURCE_EXHAUSTED, HTTPStatus.SERVICE_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+         HTTPStatus.NOT_IMPLEMENTED: grpc.StatusCode.UNIMPLEMENTED}
 STATES = {"AVAILABLE": get_model_status_pb2.ModelVersionStatus.AVAILABLE,
           "END": get_model_status_pb2.ModelVersionStatus.END}
 
@@ -207,12 +208,20 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         names = {(t.model_spec.name, t.model_spec.version.value) for t in request.tasks}
         if len(names) != 1:
             raise RequestError("All ModelSpecs in a MultiInferenceRequest must access the same model name and version.")
+        # as TF Serving's RunMultiInference: the first task's spec (version or label) picks the version for
+        # all; a signature asked for twice, or a method other than classify and regress, is refused first
+        loaded, seen = _lookup(self.registry, request.tasks[0].model_spec), set()
+        for task in request.tasks:
+            name = task.model_spec.signature_name or "serving_default"
+            if name in seen:
+                raise RequestError(f"Duplicate evaluation of signature: {name}")
+            seen.add(name)
+            if task.method_name not in (CLASSIFY, REGRESS):
+                raise RequestError(f"Unsupported signature method_name: {task.method_name}", HTTPStatus.NOT_IMPLEMENTED)
         response = inference_pb2.MultiInferenceResponse()
         for task in request.tasks:
-            loaded = _lookup(self.registry, task.model_spec)
-            if task.method_name != CLASSIFY:
-                raise (wrong_method(REGRESS) if task.method_name == REGRESS
-                       else RequestError(f"Unsupported signature method_name: {task.method_name}"))
+            if task.method_name == REGRESS:
+                raise wrong_method(REGRESS)
             result = response.results.add()
             signature = self._classify(loaded, task.model_spec, request.input, result.classification_result)
             _fill_spec(result.model_spec, task.model_spec, loaded, signature)

@@ -104,10 +104,17 @@ def test_classify_and_multi_inference_over_examples(grpc_server, digits_run):
     multi.input.CopyFrom(request.input)
     result = predictions.MultiInference(multi, timeout=30).results[0]
     assert result.classification_result == response.result
-    multi.tasks.add(method_name="tensorflow/serving/regress").model_spec.name = "model"
-    with pytest.raises(grpc.RpcError) as error:
-        predictions.MultiInference(multi, timeout=30)
-    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # refused as TF Serving's RunMultiInference refuses them, before any task runs
+    for method, signature, code, text in (
+            ("tensorflow/serving/classify", "", "INVALID_ARGUMENT", "Duplicate evaluation of signature: serving_default"),
+            ("tensorflow/serving/predict", "serve_images", "UNIMPLEMENTED", "Unsupported signature method_name"),
+            ("tensorflow/serving/regress", "serve_examples", "INVALID_ARGUMENT", "")):
+        del multi.tasks[1:]
+        task = multi.tasks.add(method_name=method)
+        task.model_spec.name, task.model_spec.signature_name = "model", signature
+        with pytest.raises(grpc.RpcError) as error:
+            predictions.MultiInference(multi, timeout=30)
+        assert error.value.code() == getattr(grpc.StatusCode, code) and text in error.value.details()
 
 
 def as_json_features(example: tf.train.Example) -> dict:
