@@ -36,7 +36,7 @@ from deploy.push import push_export
 from kcp.core import contract as contract_lib
 from kcp.core import storage
 from kcp.core.beamio import beam_arg_list
-from kcp.core.cluster import effective_strategy, is_cluster_helper, is_tuner_worker, tuner_id
+from kcp.core.cluster import effective_strategy, is_cluster_helper, is_tuner_worker
 from kcp.core.config import Config
 from kcp.core.config_load import config_recorded, override_list, record_config, resolve_config
 from kcp.core.contract import GENERATE_DEFAULTS, DataContract
@@ -155,8 +155,8 @@ def tune(run_dir: str, model: str | None = None, *, config_file: str | None = No
         contract_lib.read_contract(run_dir)  # as train
         with config_recorded(run_dir, config):
             summary = run_search(config, run_dir)
-            if not config.tune.retrain_best or tuner_id():  # a distributed search's chief or worker: search only
-                return TuneResult(summary)
+            if not config.tune.retrain_best or is_tuner_worker():  # a worker searches only; the chief, once
+                return TuneResult(summary)  # every trial is done, retrains the best config as a search alone does
             final = best_config(config, run_dir)
             recorded = retrained_export(run_dir, summary, final)
             if recorded:  # a complete search whose best trial was retrained and exported: not again

@@ -181,16 +181,18 @@ def test_chief_and_two_workers_run_each_trial_once_and_exit(digits_data, tmp_pat
 def test_a_tf_config_cluster_alone_makes_a_chief_and_workers(digits_data, tmp_path):
     """As a Vertex AI custom job starts `python -m tuning.task` on every replica with only TF_CONFIG
     (no --role, no KERASTUNER_* variables): the chief task serves the oracle on its TF_CONFIG address,
-    the workers share the trials; none runs a search of its own."""
+    the workers share the trials; none runs a search of its own. With tune.retrain_best and
+    AIP_MODEL_DIR, the chief retrains the best config once the trials are done, and hands that export
+    over (it used to skip the retrain and hand over whatever export was newest, or fail on none)."""
     run_dir = fresh_run(digits_data, tmp_path)
     cluster = {"chief": [f"127.0.0.1:{free_port()}"], "worker": [f"127.0.0.1:{free_port()}"]}
     argv = [sys.executable, "-m", "tuning.task", "--job-dir", run_dir]
-    for override in (*SMALL, "tune.algorithm=random", "tune.max_trials=3",
+    for override in (*SMALL, "tune.algorithm=random", "tune.max_trials=3", "tune.retrain_best=true",
                      "tune.space={train.learning_rate: {min: 1.0e-4, max: 1.0e-1, sampling: log}}"):
         argv += ["--set", override]
-    processes = []
+    processes, model_dir = [], str(tmp_path / "aip-model")
     for task in ({"type": "chief", "index": 0}, {"type": "worker", "index": 0}):
-        env = {**QUIET, "TF_CONFIG": json.dumps({"cluster": cluster, "task": task})}
+        env = {**QUIET, "TF_CONFIG": json.dumps({"cluster": cluster, "task": task}), "AIP_MODEL_DIR": model_dir}
         processes.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         time.sleep(2)
     chief, worker = (process.communicate(timeout=600)[0] for process in processes)
@@ -200,6 +202,11 @@ def test_a_tf_config_cluster_alone_makes_a_chief_and_workers(digits_data, tmp_pa
     trials = read_trials(run_dir)
     assert len(trials) == 3 and all(t["status"] == "COMPLETED" for t in trials)  # 3, not 3 per replica
     assert sorted(read_trial_stats(os.path.join(run_dir, "tuning"))) == sorted(t["trial_id"] for t in trials)
+    export_dir = os.path.join(run_dir, "export", "model", "1")  # the chief's retrain, the only export
+    assert f"[tune] retrained the best config on train + validation, exported to {export_dir}" in chief
+    assert f"[export] {export_dir} -> {model_dir} (AIP_MODEL_DIR)" in chief and "retrained" not in worker
+    retrained = json.load(open(os.path.join(run_dir, "tuning", "retrained.json")))
+    assert retrained["export_dir"] == export_dir and os.path.exists(os.path.join(model_dir, "saved_model.pb"))
 
 
 def completed_trials(run_dir):
