@@ -87,6 +87,8 @@ class TrainerHyperModel(kt.HyperModel):
             callbacks.append(keras.callbacks.EarlyStopping(monitor=tune.objective, mode=tune.direction,
                                                            patience=tune.early_stopping_patience,
                                                            restore_best_weights=True))
+        if tune.algorithm != "hyperband":  # the trial's own train.epochs (searched, or the config's), not
+            kwargs.pop("epochs", None)      # search()'s: hyperband alone gives each trial its epochs
         return self.trainer(hp).fit(model, callbacks, **kwargs)
 
 

@@ -42,6 +42,12 @@ def search_space(config: Config) -> dict:
                               "does not change; search model and train keys, and preprocess once per data setting")
         if section not in ("model", "train") or not name:
             raise ConfigError(f"tune.space: {key!r} is not a model or train key")
+        if key == "train.include_validation":  # a trial is scored on the validation split it would fit on
+            raise ConfigError("tune.space: 'train.include_validation' is false in every trial, which is scored on "
+                              "the validation split; tune.retrain_best then trains the best on train + validation")
+        if key == "train.epochs" and config.tune.algorithm == "hyperband":
+            raise ConfigError("tune.space: 'train.epochs' is set by hyperband, whose brackets give each trial its "
+                              "epochs (up to train.epochs); search it with random, grid or bayesian")
         if isinstance(spec, list):
             check_choices(key, spec)
         elif isinstance(spec, dict):

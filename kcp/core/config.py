@@ -302,6 +302,12 @@ class TuneConfig:
     def __post_init__(self):
         if not self.objective.strip():
             raise ConfigError("tune.objective: empty; name a metric the training logs, such as val_accuracy or val_loss")
+        name = self.objective.lower()  # a loss chosen as the best where it is highest picks the worst trial
+        better = ("min" if any(word in name for word in ("loss", "error", "perplexity", "bits_per_byte")) else
+                  "max" if any(word in name for word in ("accuracy", "auc", "precision", "recall")) else None)
+        if better and self.direction != better:
+            raise ConfigError(f"tune.direction: {self.direction} for tune.objective {self.objective!r}, which is "
+                              f"better {'lower' if better == 'min' else 'higher'}; set tune.direction={better}")
 
 
 @dataclass(frozen=True)

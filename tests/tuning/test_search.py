@@ -712,6 +712,35 @@ def one_line_error(capsys, after_trial_tracebacks: bool = False) -> str:
     return err[-1]
 
 
+def test_searched_epochs_are_the_epochs_each_trial_trains(digits_data, tmp_path):
+    """`train.epochs` in the space was accepted and ignored (search()'s epochs won): the trial listed as
+    3 epochs trained 1. Each trial's last objective observation is now at its last epoch."""
+    from kcp import cli
+
+    run_dir = fresh_run(digits_data, tmp_path)
+    assert cli.main(["tune", "--run-dir", run_dir, "--set", "model.filters=[8]", "--set", "train.epochs=1",
+                     "--set", "tune.early_stopping_patience=0", "--set", "tune.algorithm=grid",
+                     "--set", "tune.space={train.epochs: [1, 3]}"]) == 0
+    trained = {}
+    for path in glob.glob(os.path.join(run_dir, "tuning", "search", "trial_*", "trial.json")):
+        state = json.load(open(path))
+        observations = state["metrics"]["metrics"]["val_accuracy"]["observations"]
+        trained[state["hyperparameters"]["values"]["train.epochs"]] = max(o["step"] for o in observations) + 1
+    assert trained == {1: 1, 3: 3}
+
+
+def test_objectives_that_contradict_their_direction_and_fixed_keys_in_a_space_are_one_line():
+    with pytest.raises(ConfigError, match=r"^tune.direction: max for tune.objective 'val_loss', which is better "
+                                          r"lower; set tune.direction=min$"):
+        load_config([], ["tune.objective=val_loss"])  # picked the trial of the highest loss
+    assert load_config([], ["tune.objective=val_loss", "tune.direction=min"]).tune.direction == "min"
+    with pytest.raises(ConfigError, match=r"^tune.space: 'train.include_validation' is false in every trial"):
+        search_space(load_config([], ["tune.space={train.include_validation: [true]}"]))
+    with pytest.raises(ConfigError, match=r"^tune.space: 'train.epochs' is set by hyperband"):
+        search_space(load_config([], ["tune.algorithm=hyperband", "tune.space={train.epochs: [1, 3]}"]))
+    assert search_space(load_config([], ["tune.algorithm=grid", "tune.space={train.epochs: [1, 3]}"]))
+
+
 def test_a_validation_objective_without_a_validation_split_fails_before_any_trial(digits_data, tmp_path, capsys):
     """A contract with 0 validation examples (a small data.limit, data.split with 0 validation) scores no trial
     on a `val_` objective: one line naming tune.objective, before anything is written under RUN/tuning/."""
