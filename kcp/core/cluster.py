@@ -10,9 +10,36 @@ import socket
 from kcp.core.errors import UserError
 
 
+def tf_config() -> dict:
+    """TF_CONFIG, checked: one line (UserError) for text that is not JSON, a cluster that is not lists
+    of addresses, or a task missing (in a cluster of two or more) or not in the cluster, where
+    TensorFlow and Keras Tuner would end in a traceback or run the task as another."""
+    raw = os.environ.get("TF_CONFIG") or "{}"
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise UserError(f"TF_CONFIG: not JSON ({error.msg} at character {error.pos}): {raw[:80]!r}") from None
+    cluster = config.get("cluster") or {} if isinstance(config, dict) else None
+    if not isinstance(cluster, dict) or not all(isinstance(hosts, list) for hosts in cluster.values()):
+        raise UserError('TF_CONFIG: expected {"cluster": {"chief": ["HOST:PORT"], "worker": [...]}, "task": '
+                        f'{{"type": "worker", "index": 0}}}}, got {raw[:80]!r}')
+    task = config.get("task")
+    workers = len(cluster.get("chief", [])) + len(cluster.get("worker", []))
+    if task is None and workers >= 2:
+        raise UserError(f"TF_CONFIG: a cluster of {workers} workers but no 'task': give each replica its own "
+                        '{"type": ..., "index": ...}')
+    if task is not None:
+        kind, index = (task.get("type"), task.get("index", 0)) if isinstance(task, dict) else (None, None)
+        if kind != "evaluator" and (  # TensorFlow's evaluator task is not in the cluster
+                kind not in cluster or not isinstance(index, int) or not 0 <= index < len(cluster[kind])):
+            raise UserError(f"TF_CONFIG: task {json.dumps(task)} is not in the cluster "
+                            f"({', '.join(f'{k}: {len(v)}' for k, v in cluster.items()) or 'empty'})")
+    return config
+
+
 def worker_info() -> tuple[str, int, bool]:
     """(task type, task index, is chief) from TF_CONFIG; ('worker', 0, True) without one."""
-    config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    config = tf_config()
     task = config.get("task", {})
     task_type, index = task.get("type", "worker"), int(task.get("index", 0))
     cluster = config.get("cluster", {})
@@ -22,7 +49,7 @@ def worker_info() -> tuple[str, int, bool]:
 
 def num_workers() -> int:
     """Workers (chief included) in TF_CONFIG's cluster; 1 without one."""
-    cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
+    cluster = tf_config().get("cluster", {})
     return max(1, len(cluster.get("chief", [])) + len(cluster.get("worker", [])))
 
 
@@ -61,7 +88,7 @@ def take_tuner_role(role: str | None, oracle: str | None, worker_id: str | None)
     if not role:
         if tuner_id() or num_workers() < 2:
             return
-        cluster = json.loads(os.environ["TF_CONFIG"])["cluster"]
+        cluster = tf_config()["cluster"]
         task_type, index, chief = worker_info()
         take_tuner_role("chief" if chief else "worker", (cluster.get("chief") or cluster["worker"])[0],
                         None if chief else f"{task_type}-{index}")

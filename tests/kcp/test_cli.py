@@ -360,3 +360,22 @@ def test_the_console_script_prints_no_routine_native_lines(tmp_path):
         assert result.returncode == 0, result.stderr.decode()[-2000:]
         assert not [line for line in result.stderr.splitlines() if is_routine(line)]
         assert b"test accuracy" in result.stdout or b"train written" in result.stdout
+
+
+@pytest.mark.parametrize("tf_config, message", [
+    ('{"cluster": {', "TF_CONFIG: not JSON (Expecting property name enclosed in double quotes at character 13): "
+                      "'{\"cluster\": {'"),
+    ('{"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}}',
+     "TF_CONFIG: a cluster of 2 workers but no 'task': give each replica its own {\"type\": ..., \"index\": ...}"),
+    ('{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 5}}',
+     'TF_CONFIG: task {"type": "worker", "index": 5} is not in the cluster (worker: 1)'),
+])
+def test_a_bad_tf_config_is_one_line_not_a_traceback_or_another_task(digits_run, monkeypatch, capsys, tf_config,
+                                                                      message):
+    """A launcher's TF_CONFIG that is not JSON ended in a JSONDecodeError traceback; a task missing or
+    outside the cluster ran silently as worker-0 or worker-5."""
+    monkeypatch.setenv("TF_CONFIG", tf_config)
+    capsys.readouterr()
+    assert cli.main(["train", "--run-dir", digits_run, "--set", "train.epochs=1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"kcp train: error: {message}"
+
