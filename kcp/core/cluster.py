@@ -86,7 +86,21 @@ def take_tuner_role(role: str | None, oracle: str | None, worker_id: str | None)
     when there is none) serves the oracle on its TF_CONFIG address, every other task is a worker
     named TYPE-INDEX. TF_CONFIG is then dropped from this process: each trial trains on one machine."""
     if not role:
-        if tuner_id() or num_workers() < 2:
+        if oracle or worker_id:
+            raise UserError(f"--{'oracle' if oracle else 'tuner-id'}: give --role chief or --role worker with it "
+                            "(without a role the search runs alone)")
+        given = [name for name in ("KERASTUNER_TUNER_ID", "KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT")
+                 if os.environ.get(name)]
+        if given and len(given) < 3:  # Keras Tuner's RuntimeError, after the search has begun writing
+            missing = sorted({"KERASTUNER_TUNER_ID", "KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT"} - set(given))
+            raise UserError(f"{', '.join(given)} set without {', '.join(missing)}: a distributed search needs all "
+                            "three (or --role and --oracle)")
+        if given:
+            port = os.environ["KERASTUNER_ORACLE_PORT"]
+            if not port.isdigit() or not 0 < int(port) < 65536:
+                raise UserError(f"KERASTUNER_ORACLE_PORT: {port!r} is not a port number (1 to 65535)")
+            return
+        if num_workers() < 2:
             return
         cluster = tf_config()["cluster"]
         task_type, index, chief = worker_info()

@@ -400,6 +400,25 @@ def test_a_worker_with_another_config_than_its_chief_is_refused_and_records_noth
         chief.communicate(timeout=60)
 
 
+def test_half_a_tuner_role_is_one_line_before_the_search_writes(monkeypatch):
+    """KERASTUNER_ORACLE_IP without its port ended in Keras Tuner's RuntimeError after RUN/tuning was
+    begun; --oracle without --role ran a search alone, silently."""
+    from kcp.core.cluster import take_tuner_role
+    from kcp.core.errors import UserError
+
+    for name in ("KERASTUNER_TUNER_ID", "KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT", "TF_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(UserError, match=r"^--oracle: give --role chief or --role worker with it"):
+        take_tuner_role(None, "127.0.0.1:8000", None)
+    monkeypatch.setenv("KERASTUNER_ORACLE_IP", "127.0.0.1")
+    with pytest.raises(UserError, match=r"^KERASTUNER_ORACLE_IP set without KERASTUNER_ORACLE_PORT, "
+                                        r"KERASTUNER_TUNER_ID: a distributed search needs all three"):
+        take_tuner_role(None, None, None)
+    monkeypatch.setenv("KERASTUNER_ORACLE_PORT", "8000")
+    monkeypatch.setenv("KERASTUNER_TUNER_ID", "tuner1")
+    take_tuner_role(None, None, None)  # all three: Keras Tuner's own way of naming the roles
+
+
 def test_a_chief_never_reached_or_a_port_it_cannot_serve_on_is_one_line(monkeypatch, capsys):
     from kcp.core.errors import UserError
     from tuning import search
