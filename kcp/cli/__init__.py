@@ -137,8 +137,10 @@ def launch_training(argv: list[str], stage: str = "train") -> int:
     args, _ = build_parser(abbreviations=False).parse_known_args(["export", *argv])
     run_dir = resolve_run_dir(args)
     config = resolve_config(run_dir, args.config, overrides=args.overrides)
-    if stage == "tune" and not config.tune.retrain_best:
-        return 0  # a search alone trains no final model to hand over
+    if stage == "tune" and not config.tune.retrain_best:  # a search alone trains no final model to hand over
+        print(f"[tune] AIP_MODEL_DIR {model_dir}: nothing handed over, since tune.retrain_best is false (set it "
+              "true to retrain the best config and hand its export over)", flush=True)
+        return 0
     for step in ("export", "validate") if stage == "train" else ("validate",):  # the newest version: this one
         code = main([step, *argv], lenient=True)
         if code:

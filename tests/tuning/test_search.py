@@ -281,14 +281,17 @@ def test_retrain_best_trains_on_train_and_validation_and_exports(digits_data, tm
     assert recorded["train"]["include_validation"] is True
 
 
-def test_the_vertex_tuning_entry_hands_the_retrained_best_to_aip_model_dir(digits_data, tmp_path, monkeypatch):
+def test_the_vertex_tuning_entry_hands_the_retrained_best_to_aip_model_dir(digits_data, tmp_path, monkeypatch,
+                                                                          capsys):
     from tuning import task
 
     run_dir = fresh_run(digits_data, tmp_path)
     model_dir = tmp_path / "aip" / "model"
     monkeypatch.setenv("AIP_MODEL_DIR", str(model_dir))
     argv = ["--job-dir", run_dir, "--set", "tune.max_trials=1", "--set", "model.filters=[8]", "--set", "train.epochs=1"]
-    assert task.main(argv) == 0 and not model_dir.exists()  # a search alone trains no final model
+    assert task.main(argv) == 0 and not model_dir.exists()  # a search alone trains no final model, and says so
+    assert (f"[tune] AIP_MODEL_DIR {model_dir}: nothing handed over, since tune.retrain_best is false"
+            in capsys.readouterr().out)
     assert task.main([*argv, "--set", "tune.retrain_best=true"]) == 0
     version = os.path.join(run_dir, "export", "model", "1")
     assert (model_dir / "saved_model.pb").read_bytes() == open(os.path.join(version, "saved_model.pb"), "rb").read()
