@@ -338,7 +338,8 @@ def test_best_config_is_the_best_trial_fitting_on_train_and_validation(tmp_path)
 
 def test_a_trial_is_built_and_fitted_by_the_trainer_entry(digits_data, tmp_path):
     """The trial gets the trainer's compile (optimizer, one-hot labels for label smoothing)
-    and Keras Tuner's fit arguments; it is scored on validation even if the config fits on it."""
+    and Keras Tuner's fit arguments (but its epochs: the trial's train.epochs); it is scored on validation
+    even if the config fits on it."""
     run_dir = fresh_run(digits_data, tmp_path)
     config = load_config([], [*SMALL, "train.optimizer=sgd", "train.label_smoothing=0.1",
                               "train.include_validation=true", "tune.space={model.kernel_size: [3, 5]}"])
@@ -349,7 +350,8 @@ def test_a_trial_is_built_and_fitted_by_the_trainer_entry(digits_data, tmp_path)
     assert type(model.optimizer).__name__ == "SGD"
     assert isinstance(model.loss, keras.losses.CategoricalCrossentropy)
     history = hypermodel.fit(hp, model, epochs=1, verbose=0, callbacks=[])
-    assert len(history.history["loss"]) == 1 and "val_accuracy" in history.history
+    # the trial's own train.epochs (2), not search()'s epochs, which only hyperband's brackets set per trial
+    assert len(history.history["loss"]) == 2 and "val_accuracy" in history.history
     assert not os.path.exists(os.path.join(run_dir, "train"))  # a trial writes no training outputs
 
 
