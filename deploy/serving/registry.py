@@ -313,15 +313,12 @@ class ModelRegistry:
             hint = (f"; versions {unblessed} are not blessed by kcp validate (serve them with --allow-unvalidated)"
                     if unblessed else "")
             raise RequestError(f"Could not find any versions of model {name}{hint}", HTTPStatus.NOT_FOUND)
-        if number is not None:
-            if number not in entries:
-                hint = (f"; it is not blessed by kcp validate (serve it with --allow-unvalidated)"
-                        if number in self.unblessed.get(name, ()) else "")
-                raise RequestError(f"Could not find version {number} of model {name}{hint}", HTTPStatus.NOT_FOUND)
-            entries = {number: entries[number]}
-        # newest first, as TF Serving's ServableStateMonitor::VersionMap (std::greater) lists them
-        return [{"version": v, "state": s, "error_code": c, "error_message": m}
-                for v, (s, c, m) in sorted(entries.items(), reverse=True)]
+        if number is not None and number not in entries:
+            hint = "; it is not blessed by kcp validate (serve it with --allow-unvalidated)"
+            raise RequestError(f"Could not find version {number} of model {name}"
+                               f"{hint if number in self.unblessed.get(name, ()) else ''}", HTTPStatus.NOT_FOUND)
+        return [{"version": v, "state": s, "error_code": c, "error_message": m}  # newest first, as TF Serving's
+                for v, (s, c, m) in sorted(entries.items(), reverse=True) if number in (None, v)]  # VersionMap
 
     def served(self) -> dict[str, list[int]]:
         with self.lock:
