@@ -21,10 +21,10 @@ import asyncio
 import json
 import logging
 import math
-import zlib
 import os
 import socket
 import threading
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 

@@ -9,6 +9,8 @@ import socket
 
 from kcp.core.errors import UserError
 
+TUNER_VARIABLES = ("KERASTUNER_TUNER_ID", "KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT")  # a distributed search sets all
+
 
 def tf_config() -> dict:
     """TF_CONFIG, checked: one line (UserError) for text that is not JSON, a cluster that is not lists
@@ -89,10 +91,9 @@ def take_tuner_role(role: str | None, oracle: str | None, worker_id: str | None)
         if oracle or worker_id:
             raise UserError(f"--{'oracle' if oracle else 'tuner-id'}: give --role chief or --role worker with it "
                             "(without a role the search runs alone)")
-        given = [name for name in ("KERASTUNER_TUNER_ID", "KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT")
-                 if os.environ.get(name)]
+        given = [name for name in TUNER_VARIABLES if os.environ.get(name)]
         if given and len(given) < 3:  # Keras Tuner's RuntimeError, after the search has begun writing
-            missing = sorted({"KERASTUNER_TUNER_ID", "KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT"} - set(given))
+            missing = sorted(set(TUNER_VARIABLES) - set(given))
             raise UserError(f"{', '.join(given)} set without {', '.join(missing)}: a distributed search needs all "
                             "three (or --role and --oracle)")
         if given:
