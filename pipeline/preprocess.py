@@ -27,7 +27,7 @@ from kcp.core.families import MODEL_FAMILIES, check_family_takes
 from kcp.core.errors import UserError
 from kcp.core.layout import DEAD_LETTER_DIR
 from kcp.core.sources import (SourceError, SourcePlan, class_names_of, narrow_16_bit_line, plan_source, skipped_line,
-                              source_path)
+                              source_path, unserved_line)
 from pipeline import splits
 from pipeline.analysis import AnalyzeArrays, AnalyzeText, write_summary
 from pipeline.language import build_language_pipeline, language_contract
@@ -230,12 +230,8 @@ def plan_lines(plan: SourcePlan) -> list[str]:
              f"{classes}, {plan.modality} {shape}, splits {splits_from}"]
     if skipped := skipped_line(plan):
         lines.append(skipped)
-    if plan.options.get("unserved"):
-        unserved = plan.options["unserved"]
-        lines.append(f"warning: {unserved} of the {plan.estimated_count} images read are .webp/.tif/.tiff files "
-                     f"(e.g. {', '.join(plan.options['unserved_examples'])}): they train, but the export's image_bytes "
-                     "input decodes PNG/JPEG/GIF/BMP only, so such files cannot be sent to the served model "
-                     "(convert them; serve_images takes decoded pixels)")
+    if unserved := unserved_line(plan):
+        lines.append(unserved)
     if narrow := narrow_16_bit_line(plan):
         lines.append(narrow)
     return lines

@@ -244,6 +244,18 @@ def narrow_16_bit_line(plan: SourcePlan) -> str | None:
             f"{(largest >> 8) + 1} levels; scale them to 0..65535 or to 8 bits first (e.g. x * (65535 // x.max()))")
 
 
+def unserved_line(plan: SourcePlan) -> str | None:
+    """A warning for a folder whose images read include .webp/.tif/.tiff files: they train, but the
+    export's image_bytes input decodes PNG, JPEG, GIF and BMP only. None otherwise."""
+    unserved = plan.options.get("unserved") if plan.kind == "folder" else None
+    if not unserved:
+        return None
+    return (f"warning: {unserved} of the {plan.estimated_count} images read are .webp/.tif/.tiff files "
+            f"(e.g. {', '.join(plan.options['unserved_examples'])}): they train, but the export's image_bytes "
+            "input decodes PNG/JPEG/GIF/BMP only, so such files cannot be sent to the served model "
+            "(convert them; serve_images takes decoded pixels)")
+
+
 def header_sample(folders: list[list[str]]) -> list[str]:
     """At most HEADER_SAMPLE files, taken from the folders in turn (the first file of each, then the
     second, ...), not the first files of the listing: those are one class, whose images may all be
