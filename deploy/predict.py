@@ -114,6 +114,21 @@ def signature_for(plan: SourcePlan) -> tuple[str, str]:
     return "serving_default", plan.input_feature
 
 
+def export_modality(export_dir: str) -> str:
+    """The modality an export takes, from its serving_default signature's inputs (RUN/data may have been
+    preprocessed again since): image_bytes, texts (language), another string (text) or numbers (sequence)."""
+    import tensorflow as tf  # the driver reads only saved_model.pb
+
+    from deploy.saved_model import signature_defs
+
+    inputs = signature_defs(export_dir)["serving_default"].inputs
+    if "image_bytes" in inputs:
+        return "image"
+    if "texts" in inputs:
+        return "language"
+    return "text" if any(spec.dtype == tf.string.as_datatype_enum for spec in inputs.values()) else "sequence"
+
+
 def check_input_shape(export_dir: str, plan: SourcePlan) -> None:
     """A one-line UserError, before the job starts, when the export's saved_model.pb cannot be read,
     or the source's arrays are not the shape the model takes (a signature call would broadcast some

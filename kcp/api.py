@@ -31,7 +31,7 @@ import threading
 from dataclasses import dataclass, field
 
 import trainer.models  # noqa: F401  registers the model families, whose keys the config loader validates
-from deploy.predict import plan_input, prediction_version, run_batch_prediction
+from deploy.predict import export_modality, plan_input, prediction_version, run_batch_prediction
 from deploy.push import push_export
 from kcp.core import contract as contract_lib
 from kcp.core import storage
@@ -205,19 +205,20 @@ def predict(run_dir: str, input: str, output: str, version: int | None = None, *
     Without `version`, the newest version `kcp validate` blessed, as `kcp serve` answers with (the
     newest version when none is blessed); `progress` is told which."""
     config = resolve_config(run_dir, overrides=overrides)
-    contract = contract_lib.read_contract(run_dir)
-    if contract.modality == "language":
+    contract_lib.read_contract(run_dir)  # a run that was never preprocessed: that error first
+    say = progress or (lambda line: None)
+    directory = prediction_version(RunLayout(run_dir), config.export.name, version, say)
+    modality = export_modality(directory)  # the export's own: RUN/data may have been preprocessed again since
+    if modality == "language":
         raise UserError(f"predict: {run_dir} holds a language model, which generates rather than classifies; "
                         f"use `kcp generate --run-dir {run_dir} --prompt TEXT` or the export's generate and score "
                         "signatures")
     data = config.data  # the run's data.limit (a quick trial's) does not cap what is predicted; --set can
     if not any(item.startswith("data.limit=") for item in override_list(overrides)):
         data = dataclasses.replace(data, limit=0)
-    if not data.modality and contract.modality in ("image", "sequence"):  # int series are the model's kind
-        data = dataclasses.replace(data, modality=contract.modality)
-    plan = plan_input(input, data, contract.modality)
-    say = progress or (lambda line: None)
-    directory = prediction_version(RunLayout(run_dir), config.export.name, version, say)
+    if not data.modality and modality in ("image", "sequence"):  # int series are the model's kind
+        data = dataclasses.replace(data, modality=modality)
+    plan = plan_input(input, data, modality)
     say(f"{input} through {directory}")
     return run_batch_prediction(directory, plan, output, beam_arg_list(beam_args), single_file, report=progress)
 

@@ -139,6 +139,30 @@ def test_predict_names_classes_as_the_export_does_not_as_a_later_contract(sequen
     assert {line["class_name"] == str(line["class_id"]) for line in lines.values()} == {True}
 
 
+def test_predict_reads_input_as_the_export_takes_it_after_the_run_is_preprocessed_again(sequence_run, tmp_path,
+                                                                                         capsys):
+    """The run's data preprocessed again, from a table of text, before a new training: predict still
+    reads --input as the sequence model it runs takes it (not as the text RUN/data now describes)."""
+    source, x = sequence_run
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(source, run_dir)
+    (tmp_path / "reviews.csv").write_text("text,label\n" + "good film,pos\nbad plot,neg\n" * 30)
+    assert cli.main(["preprocess", "--run-dir", run_dir, "--source", f"csv:{tmp_path / 'reviews.csv'}", "--",
+                     *IN_PROCESS_BEAM]) == 0
+    assert json.loads((tmp_path / "run" / "data" / "metadata.json").read_text())["modality"] == "text"
+    np.savez(tmp_path / "rows.npz", x=x[:5])
+    code, output = predict(run_dir, f"npz:{tmp_path / 'rows.npz'}", tmp_path / "preds", capsys)
+    assert code == 0 and "[predict] predicted 5, failed 0" in output, output
+    served = tf.saved_model.load(f"{source}/export/model/1").signatures["serving_default"](
+        sequence=tf.constant(x[:5]))
+    lines = predictions(tmp_path / "preds")
+    assert [lines[f"all/{index:07d}"]["class_id"] for index in range(5)] == served["class_ids"].numpy().tolist()
+    (tmp_path / "new.csv").write_text("text\ngreat film\n")
+    code, output = predict(run_dir, f"csv:{tmp_path / 'new.csv'}", tmp_path / "texts", capsys)
+    assert code == 2 and f"--input: csv:{tmp_path / 'new.csv'} holds text, the model takes sequence" in output
+    assert not list(tmp_path.glob("texts*"))
+
+
 def test_a_runner_option_beam_refuses_is_one_line_and_keeps_the_earlier_predictions(sequence_run, tmp_path, capsys):
     run_dir, x = sequence_run
     np.savez(tmp_path / "rows.npz", x=x[:3])
