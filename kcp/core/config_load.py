@@ -23,13 +23,20 @@ from kcp.core.layout import RunLayout
 from kcp.core.schema import ConfigError, build, merge, parse_override, read_yaml_file
 
 
+# data keys that describe one source's inputs: a recorded config loses them when a later stage
+# names another data.source (an npz's data.modality must not turn the next folder into sequences)
+SOURCE_KEYS = frozenset({"modality", "image_size", "channels", "text_column", "label_column", "split_column",
+                         "limit", "tfds_data_dir"})
+
+
 def load_config(layers: list[dict] = (), overrides: list[str] = (), *, base: dict | None = None) -> Config:
     """Builds a Config from dict layers (lowest precedence first) and --set overrides.
 
     `base` is a config recorded earlier (a run's config.yaml, the config a tuning trial
     starts from), below every layer. When the layers choose another model family, the
     recorded family's own keys are dropped: they describe a model no longer asked for. Likewise
-    the recorded data.tokenizer when the layers switch between language and other sources.
+    the recorded data.tokenizer when the layers switch between language and other sources, and
+    the recorded SOURCE_KEYS when the layers name another data.source.
     A language family (gpt) with no data.source in any layer or the base reads
     DEFAULT_LANGUAGE_SOURCE (python-stdlib), so `kcp run --model gpt` works with no data; and a
     language source (text:PATH, python-stdlib) with no model.name anywhere trains the language family.
@@ -60,8 +67,10 @@ def load_config(layers: list[dict] = (), overrides: list[str] = (), *, base: dic
             base = {**base, "model": {k: v for k, v in base_model.items() if k in ModelConfig.shared_keys()}}
             base = drop_keys(base, family_default_keys(*(MODEL_FAMILIES.get(name) for name in
                                                          (base_model.get("name"), chosen) if isinstance(name, str))))
-        if switched:
-            base = {**base, "data": {k: v for k, v in base_data.items() if k != "tokenizer"}}
+        if isinstance(base_data, dict) and isinstance(data, dict) and "source" in data and \
+                data["source"] != base_data.get("source"):  # what described the earlier source's inputs
+            base = {**base, "data": {k: v for k, v in base_data.items() if k not in SOURCE_KEYS
+                                     and not (switched and k == "tokenizer")}}
         values = merge(base, values)
     model, data = values.get("model") or {}, values.get("data") or {}
     if isinstance(model, dict) and "name" not in model and isinstance(data, dict) and \

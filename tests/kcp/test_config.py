@@ -157,6 +157,23 @@ def test_a_recorded_config_keeps_its_family_keys_until_the_family_changes():
         load_config([{"model": {"name": "rnn", "filters": [8]}}], [], base=recorded)
 
 
+def test_a_recorded_config_drops_the_earlier_sources_own_keys_when_the_source_changes():
+    """An npz's data.modality (or a table's columns, a quick trial's limit) described that source:
+    a later stage naming another source does not read the new one with them; the same source keeps them,
+    and the keys that are choices for any source (split, seed, vocabulary) stay."""
+    recorded = load_config([{"data": {"source": "npz:x.npz"}}],
+                           ["data.modality=sequence", "data.limit=200", "data.text_column=review",
+                            "data.image_size=[16, 16]", "data.seed=7", "data.vocab_size=500"]).to_dict()
+    same = load_config([{"data": {"source": "npz:x.npz"}}], [], base=recorded).data
+    assert (same.modality, same.limit, same.text_column, same.image_size) == ("sequence", 200, "review", (16, 16))
+    other = load_config([{"data": {"source": "npz:img.npz"}}], [], base=recorded).data
+    assert (other.modality, other.limit, other.text_column, other.image_size) == (None, 0, "text", None)
+    assert (other.seed, other.vocab_size) == (7, 500)
+    given = load_config([{"data": {"source": "csv:t.csv"}}], ["data.text_column=body"], base=recorded).data
+    assert (given.text_column, given.limit) == ("body", 0)
+    assert load_config([], [], base=recorded).data.modality == "sequence"  # no source named: the run's own
+
+
 def test_family_rules_are_checked_by_the_family():
     with pytest.raises(ConfigError, match=r"model.dim: 30 is not divisible by model.heads \(4\)"):
         load_config([], ["model.name=transformer", "model.dim=30", "model.heads=4"])
