@@ -225,8 +225,9 @@ def _check_finished(layout: RunLayout, run_dir: str) -> None:
         return
     if not model and not storage.exists(layout.history):  # no training ever got past its first epoch
         raise UserError(f"{layout.model}: not found; run `kcp train --run-dir {run_dir}` first")
-    raise UserError(f"{layout.train} holds no finished model: the last kcp train did not finish; rerun it "
-                    f"(`kcp train --run-dir {run_dir}` with the same settings) to resume it")
+    raise UserError(f"{layout.train} holds no finished model: the last kcp train did not finish (killed, or "
+                    f"stopped by an error such as a NaN loss); rerun it (`kcp train --run-dir {run_dir}`: a killed "
+                    "one resumes from its last epoch with the settings it had)")
 
 
 def _write_savedmodel(model, contract, config: Config, run_dir: str, directory: str, generate_tokens=None,

@@ -402,8 +402,8 @@ def test_an_interrupted_retrain_leaves_no_model_that_looks_finished(digits_data,
     monkeypatch.undo()
     assert len(json.loads(storage.read_text(layout.history))["loss"]) == 1  # the new training's history
     assert not storage.exists(layout.model) and not storage.exists(layout.metrics)
-    with pytest.raises(UserError, match=r"train holds no finished model: the last kcp train did not finish; "
-                                        r"rerun it") as error:
+    with pytest.raises(UserError, match=r"train holds no finished model: the last kcp train did not finish \(killed, "
+                                        r"or stopped by an error such as a NaN loss\); rerun it") as error:
         api.export(run_dir)
     assert "\n" not in str(error.value) and layout.train in str(error.value)
     assert not export_versions(layout.export_root("model"))
