@@ -21,10 +21,8 @@ produce something record the config they ran with in RUN/config.yaml.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
-import html
 import json
 import os
 import threading
@@ -43,46 +41,13 @@ from kcp.core.contract import GENERATE_DEFAULTS, DataContract
 from kcp.core.errors import UserError
 from kcp.core.layout import RunLayout, new_run_dir, newest_run, run_path, takes_run_dir
 from kcp.core.lock import run_lock
+from kcp.results import Report, TrainResult, TuneResult
 from pipeline.preprocess import run_preprocess
 
 # The stages that need TensorFlow or Keras (training, tuning, export, validation, serving, the
 # report, generation) are imported in the functions that run them: importing them costs about
 # 5 s and 0.5 GB, which `kcp preprocess`, `kcp predict` and `kcp push` never pay (on the digits
 # `kcp preprocess` went from 16.8 s to under 8 s; docs/performance.md).
-
-# --- typed results ----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class TrainResult:
-    metrics: dict  # RUN/train/metrics.json: per-split metrics, throughput, parameters
-    history: dict  # RUN/train/history.json: per-epoch values
-    model_path: str  # the chief's RUN/train/model.keras
-    train_dir: str = ""  # where this process wrote: RUN/train, or RUN/train/worker-N for a non-chief worker
-
-    @property
-    def test_accuracy(self) -> float:
-        return self.metrics.get("test", {}).get("accuracy", float("nan"))
-
-
-@dataclass(frozen=True)
-class TuneResult:
-    summary: dict  # best trial, score, hyperparameters (best_hparams.json)
-    retrained: TrainResult | None = None
-    export_dir: str | None = None
-
-
-@dataclass(frozen=True)
-class Report:
-    """RUN/report/: `path` is index.html; in Jupyter the figures show inline."""
-
-    path: str
-    figures: list = field(default_factory=list)
-
-    def _repr_html_(self) -> str:
-        images = [f'<img src="data:image/png;base64,{base64.b64encode(storage.read_bytes(path)).decode()}" '
-                  f'alt="{html.escape(os.path.basename(path))}" style="max-width:100%">' for path in self.figures]
-        return f"<p>{html.escape(self.path)}</p>" + "".join(images)
-
 
 # --- the stages -------------------------------------------------------------------------
 

@@ -96,6 +96,14 @@ def test_register_custom_layers_is_all_a_fresh_process_needs_to_load_any_model(t
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "[True, True]"
+    # a notebook's fresh kernel: the API's TrainResult.load_model, with nothing imported by hand
+    script = ("import kcp; models = [kcp.TrainResult({}, {}, p).load_model() for p in "
+              f"({str(tmp_path / 'rnn.keras')!r}, {str(tmp_path / 'gpt.keras')!r})]; "
+              "print([type(layer).__name__ for model in models for layer in model.layers])")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    names = result.stdout.strip().splitlines()[-1]
+    assert "WordDropout" in names and "BidirectionalRNN" in names and "DecoderBlock" in names, names
 
 
 @pytest.mark.parametrize("family, modality", CASES)
