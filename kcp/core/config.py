@@ -272,7 +272,7 @@ class TrainConfig:
     seed: int = option(42)
     shuffle_buffer: int = option(10_000, minimum=1)
     cache: bool = option(True, help="keep the serialized records in memory after the first epoch")
-    deterministic: bool = option(False, help="deterministic input order and ops (slower; for tests)")
+    deterministic: bool = option(False, help="deterministic input order and ops: the same train.seed, the same weights (slower)")
     include_validation: bool = option(False, help="fit on train + validation (the final run after tuning)")
 
     def __post_init__(self):
