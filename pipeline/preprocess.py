@@ -34,7 +34,8 @@ from pipeline.language import build_language_pipeline, language_contract
 from pipeline.records import ANALYZE, AUGMENTED, process_record
 from pipeline.samples import write_samples
 from pipeline.summary import (contract_from_summary, counts_table, empty_validation_warning,
-                             imbalanced_classes_warning, lookalike_classes_warning, untrained_classes_warning)
+                             imbalanced_classes_warning, lookalike_classes_warning, sparse_classes_warning,
+                             untrained_classes_warning)
 from pipeline.publish import PARTS_PREFIX, STAGING_PREFIX, SUMMARY_PREFIX, clear_leftovers, discard, publish
 from pipeline.shards import WriteShards, shard_count
 
@@ -311,8 +312,9 @@ def run_preprocess(config: Config, run_dir: str, beam_args: list[str] = (), repo
     bad, read = summary["dead_letters"], summary["read"]
     for line in counts_table(contract, read, bad, summary["augmented"]):
         report(line)
-    for warning in (untrained_classes_warning(contract), lookalike_classes_warning(contract),
-                    imbalanced_classes_warning(contract), empty_validation_warning(contract, config)):
+    for warning in (sparse_classes_warning(contract) or untrained_classes_warning(contract),
+                    lookalike_classes_warning(contract), imbalanced_classes_warning(contract),
+                    empty_validation_warning(contract, config)):
         if warning:
             report(warning)
     return contract

@@ -101,6 +101,31 @@ def imbalanced_classes_warning(contract) -> str | None:
             "against that, and the report's per-class recall")
 
 
+def sparse_classes_warning(contract) -> str | None:
+    """A warning line when there are fewer than 2 train examples a class (10 classes or more): labels
+    that are a continuous value (a regression target: every value its own class), an id or free text,
+    not classes. A classifier cannot learn a class from one example."""
+    names, counts = contract.class_names, contract.statistics.get("class_counts") or {}
+    train = sum(counts.values())
+    if len(names) < 10 or train >= 2 * len(names):
+        return None
+    fractional = sum(1 for name in names if _is_fraction(name))
+    what = ("a continuous value (a regression target: kcp trains classifiers, so bin it into classes first)"
+            if fractional > len(names) / 2 else "an id or free text rather than classes (data.label_column)")
+    return (f"warning: {len(names)} classes for {train} train examples, fewer than 2 each "
+            f"(e.g. {', '.join(repr(name) for name in names[:3])}): a classifier cannot learn a class from one "
+            f"example; are the labels {what}?")
+
+
+def _is_fraction(text: str) -> bool:
+    """True for a number that is not a whole one ('0.53', '-1e-3'), as a continuous label reads."""
+    try:
+        value = float(text)
+    except ValueError:
+        return False
+    return value == value and not value.is_integer()
+
+
 def contract_from_summary(plan: SourcePlan, config: Config, summary: dict, data_dir: str):
     """Assembles the contract (and the vocabulary, for text) from what the pipeline measured."""
     split_infos = {}

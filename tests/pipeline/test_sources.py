@@ -190,6 +190,35 @@ def test_classes_that_differ_only_in_case_and_imbalanced_classes_are_named_in_wa
     assert imbalanced_classes_warning(contract({"a": 40, "b": 0})) is None  # no train example: the other warning's
 
 
+def test_labels_with_fewer_than_two_train_examples_a_class_are_named_in_a_warning(tmp_path, capsys):
+    """A regression target (float y) became one class per value, and an id column one class per row,
+    without a word; a line now says so, in place of the untrained-classes line it would also raise."""
+    from types import SimpleNamespace
+
+    from pipeline.summary import sparse_classes_warning
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "target.npz", x=rng.normal(size=(120, 16)).astype(np.float32), y=rng.normal(size=120))
+    code = cli.main(["preprocess", "--source", f"npz:{tmp_path / 'target.npz'}", "--run-dir", str(tmp_path / "run"),
+                     "--set", "data.modality=sequence", "--", *IN_PROCESS_BEAM])
+    out = capsys.readouterr().out
+    warnings = [line for line in out.splitlines() if "warning:" in line]
+    assert code == 0 and len(warnings) == 1, out
+    assert "classes for" in warnings[0] and "train examples, fewer than 2 each" in warnings[0]
+    assert "are the labels a continuous value (a regression target" in warnings[0]
+
+    def contract(counts):
+        return SimpleNamespace(class_names=tuple(sorted(counts)), statistics={"class_counts": counts})
+
+    ids = contract({f"user-{i}": 1 for i in range(30)})
+    assert sparse_classes_warning(ids) == (
+        "warning: 30 classes for 30 train examples, fewer than 2 each (e.g. 'user-0', 'user-1', 'user-10'): a "
+        "classifier cannot learn a class from one example; are the labels an id or free text rather than classes "
+        "(data.label_column)?")
+    assert sparse_classes_warning(contract({str(i): 2 for i in range(30)})) is None  # 2 each: few, but classes
+    assert sparse_classes_warning(contract({"a": 1, "b": 1, "c": 0})) is None  # few classes: the other warnings'
+
+
 def test_an_empty_validation_split_of_a_corpus_is_told_to_split_its_files():
     """A corpus's documents go whole to one split: a larger validation share cannot divide one file."""
     from types import SimpleNamespace
