@@ -71,7 +71,7 @@ def write_results(tuner, config: Config, run_dir: str, space: dict) -> dict:
         values = {k: native(best[0].hyperparameters.values[k], space[k]) for k in keys
                   if k in best[0].hyperparameters.values}
         result.update({"best_trial": best[0].trial_id, "objective": config.tune.objective,
-                       "best_score": best[0].score, "hyperparameters": values})
+                       "best_score": float(best[0].score), "hyperparameters": values})
         storage.write_text_atomic(layout.best_hparams, json.dumps(result, indent=2) + "\n")
         storage.write_text_atomic(storage.join(directory, "best_config.yaml"),
                                   trial_config(config, values, space).to_yaml())

@@ -155,7 +155,14 @@ def build(cls, values: dict, prefix: str, **extra):
         if dataclasses.is_dataclass(annotation):
             kwargs[name] = build(annotation, value if value is not None else {}, key)
             continue
-        value = coerce(key, value, annotation)
+        try:
+            value = coerce(key, value, annotation)
+        except ConfigError as error:  # `flip: true` for a key of choices: say which
+            choices = fields[name].metadata.get("choices")
+            if choices is None:
+                raise
+            allowed = ", ".join("null" if choice is None else str(choice) for choice in choices)
+            raise ConfigError(f"{error}; allowed: {allowed}") from None
         check_rules(key, value, fields[name].metadata)
         kwargs[name] = value
     return cls(**kwargs)

@@ -64,6 +64,8 @@ def test_layers_take_precedence_in_order():
     ("data.split=[0.5, 0.2]", "data.split: [0.5, 0.2] must be three fractions"),
     ("data.split=[0.5, 0.2, 0.2]", "data.split: [0.5, 0.2, 0.2] must be three fractions"),
     ("data.compression=zip", "data.compression: 'zip' is not one of none, gzip"),
+    ("model.augment.flip=true", "model.augment.flip: True is not a string; allowed: none, horizontal, vertical, "
+                                "horizontal_and_vertical"),  # YAML's true for a key of choices
     ("export.name=a/b", "export.name: 'a/b' must be a plain directory name"),
     ("train=3", "expected section.key=value"),
     ("model.filters=[1, [2]]", "model.filters: [1, [2]] is not a list of values"),

@@ -42,7 +42,7 @@ def assert_results(run_dir, result, keys):
     tuning = os.path.join(run_dir, "tuning")
     best = json.load(open(os.path.join(tuning, "best_hparams.json")))
     assert best["best_score"] == pytest.approx(max(float(t["val_accuracy"]) for t in trials), abs=1e-6)
-    assert best["best_score"] == result["best_score"]
+    assert best["best_score"] == result["best_score"] and type(result["best_score"]) is float  # not np.float64
     assert set(best["hyperparameters"]) == keys
     assert os.path.getsize(os.path.join(tuning, "trials.png")) > 5000
     from kcp.core.config import read_yaml_file
