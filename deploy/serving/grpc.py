@@ -29,7 +29,8 @@ from tensorflow_serving.apis import (
 
 from deploy.serving.codec import (CLASSIFY, REGRESS, RequestError, check_classifier, class_labels, error_message,
                                   input_specs, takes_examples, to_tensor, UnknownSignature, wrong_method)
-from deploy.serving.registry import LoadedVersion, ModelRegistry
+from deploy.serving.registry import ModelRegistry
+from deploy.serving.versions import LoadedVersion
 from kcp.core.errors import UserError
 
 log = logging.getLogger("kcp.serve")

@@ -17,16 +17,13 @@ import tempfile
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import dataclass
 from http import HTTPStatus
 
-from tensorflow_serving.apis import get_model_metadata_pb2
-
-from deploy.saved_model import load_export, signature_defs
+from deploy.saved_model import load_export
 from deploy.serving.batching import Batcher
-from deploy.serving.codec import RequestError, UnknownSignature
-from deploy.serving.versions import parse_labels, parse_policy, replay_warmup
+from deploy.serving.codec import RequestError
+from deploy.serving.versions import LoadedVersion, parse_labels, parse_policy, replay_warmup
 from kcp.core import storage
 from kcp.core.contract import read_lines
 from kcp.core.errors import UserError
@@ -39,39 +36,6 @@ MISS_SCAN_S = 0.5  # a request for a version not loaded rescans at most this oft
 
 class NotLoadedYet(Exception):
     """`get(..., wait=False)` missed: the request must wait for a scan, off the event loop."""
-
-
-@dataclass
-class LoadedVersion:
-    version: int
-    path: str
-    model: object  # what tf.saved_model.load returned; keeps the signatures' variables alive
-    class_names: list  # from the export's assets.extra/labels.txt
-    batchers: dict = field(default_factory=dict)
-
-    @property
-    def signatures(self) -> dict:
-        return dict(self.model.signatures)
-
-    def unload(self) -> None:
-        """Ends its batching threads (calls already queued still run); the model goes with the last reference."""
-        for batcher in self.batchers.values():
-            batcher.close()
-
-    @cached_property
-    def signature_def_map(self) -> get_model_metadata_pb2.SignatureDefMap:
-        """The export's SignatureDefs as saved (tensor names, method names): what metadata answers."""
-        signature_def_map = get_model_metadata_pb2.SignatureDefMap()
-        for name, signature_def in signature_defs(self.path, internal=True).items():
-            signature_def_map.signature_def[name].CopyFrom(signature_def)
-        return signature_def_map
-
-    def signature(self, name: str):
-        """The concrete function of signature `name`, or a 400 naming the ones there are (TF Serving's words)."""
-        function = self.model.signatures.get(name or "serving_default")
-        if function is None:
-            raise UnknownSignature(name)
-        return function
 
 
 @dataclass
@@ -116,14 +80,24 @@ class ModelRegistry:
         return chosen, len(chosen)
 
     def _local_copy(self, name: str, version: int, path: str) -> str:
-        """A remote version folder copied to local disk through kcp.core.storage."""
-        target = os.path.join(self.staging, name, str(version))
+        """A remote version folder copied to local disk through kcp.core.storage (afresh: no file of
+        an earlier, failed copy stays); `_discard_copy` removes it once the version is unloaded."""
+        target = self._discard_copy(name, version)
         prefix = path.rstrip("/") + "/"
         for remote in [n for n in storage.glob(prefix + "**") if not n.endswith("/")]:  # not TF's folder markers
             local = os.path.join(target, remote[len(prefix):])
             os.makedirs(os.path.dirname(local), exist_ok=True)
             with open(local, "wb") as handle:
                 handle.write(storage.read_bytes(remote))
+        return target
+
+    def _discard_copy(self, name: str, version: int) -> str | None:
+        """Removes a gs:// version's local copy (the loaded model needs none of its files), so that a
+        server that follows many pushes keeps one copy a served version; returns its path."""
+        if not self.staging:
+            return None
+        target = os.path.join(self.staging, name, str(version))
+        shutil.rmtree(target, ignore_errors=True)
         return target
 
     def _load(self, name: str, version: int, path: str) -> None:
@@ -135,6 +109,7 @@ class ModelRegistry:
             labels = storage.join(path, "assets.extra", "labels.txt")
             class_names = read_lines(storage.read_text(labels)) if storage.exists(labels) else []
         except Exception as error:  # noqa: BLE001  a broken export must not stop the server
+            self._discard_copy(name, version)
             with self.lock:
                 previous = self.failures.setdefault(name, {}).get(version)
                 attempts = previous.attempts + 1 if previous else 1
@@ -174,6 +149,7 @@ class ModelRegistry:
             for name in set(self.models) - seen:  # a whole model folder deleted
                 for loaded in self.models.pop(name).values():
                     loaded.unload()
+                    self._discard_copy(name, loaded.version)
             for table in (self.failures, self.unblessed, self.ended):
                 for name in set(table) - seen:
                     del table[name]
@@ -220,6 +196,7 @@ class ModelRegistry:
         with self.lock:
             for version in loaded - served:
                 self.models[name].pop(version).unload()
+                self._discard_copy(name, version)
                 self.ended.setdefault(name, set()).add(version)
                 log.info("serve: unloaded %s version %d", name, version)
         return True
@@ -253,8 +230,10 @@ class ModelRegistry:
         while not stop.wait(self.poll_seconds):
             try:
                 self.refresh(wait=True)
-            except Exception:  # noqa: BLE001
-                log.exception("serve: scan failed")
+            except Exception as error:  # noqa: BLE001  storage down: one line a scan, serving goes on
+                log.error("serve: scan failed: %s", str(error).strip().splitlines()[0][:300] if str(error).strip()
+                          else type(error).__name__)
+                log.debug("serve: scan failed", exc_info=True)
 
     # ---- lookups
 

@@ -1,13 +1,18 @@
 """What a version folder and the command line say about serving it: the version policy,
-labels and TF Serving's warmup records (kcp validate's blessing: kcp.core.layout.is_blessed)."""
+labels, TF Serving's warmup records (kcp validate's blessing: kcp.core.layout.is_blessed), and a
+loaded version."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import tensorflow as tf
-from tensorflow_serving.apis import prediction_log_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2, prediction_log_pb2
 
+from deploy.saved_model import signature_defs
+from deploy.serving.codec import UnknownSignature
 from kcp.core.errors import UserError
 
 WARMUP_RECORDS = 10  # of the export's 100: enough to trace every signature call once
@@ -62,3 +67,36 @@ def replay_warmup(model, path: str, limit: int = WARMUP_RECORDS) -> None:
             request = entry.predict_log.request
             function = model.signatures[request.model_spec.signature_name or "serving_default"]
             function(**{name: tf.constant(tf.make_ndarray(proto)) for name, proto in request.inputs.items()})
+
+
+@dataclass
+class LoadedVersion:
+    version: int
+    path: str
+    model: object  # what tf.saved_model.load returned; keeps the signatures' variables alive
+    class_names: list  # from the export's assets.extra/labels.txt
+    batchers: dict = field(default_factory=dict)
+
+    @property
+    def signatures(self) -> dict:
+        return dict(self.model.signatures)
+
+    def unload(self) -> None:
+        """Ends its batching threads (calls already queued still run); the model goes with the last reference."""
+        for batcher in self.batchers.values():
+            batcher.close()
+
+    @cached_property
+    def signature_def_map(self) -> get_model_metadata_pb2.SignatureDefMap:
+        """The export's SignatureDefs as saved (tensor names, method names): what metadata answers."""
+        signature_def_map = get_model_metadata_pb2.SignatureDefMap()
+        for name, signature_def in signature_defs(self.path, internal=True).items():
+            signature_def_map.signature_def[name].CopyFrom(signature_def)
+        return signature_def_map
+
+    def signature(self, name: str):
+        """The concrete function of signature `name`, or a 400 naming the ones there are (TF Serving's words)."""
+        function = self.model.signatures.get(name or "serving_default")
+        if function is None:
+            raise UnknownSignature(name)
+        return function

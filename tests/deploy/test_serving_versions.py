@@ -193,18 +193,54 @@ def test_a_labelled_version_loads_once_and_a_label_may_name_one_model(digits_run
 def test_a_remote_run_dir_is_served_or_fails_in_one_line(digits_run, gcs, tmp_path):
     bucket = gcs.bucket("kcp-test")
     source = os.path.join(digits_run, "export", "model", "1")
-    for folder, _, files in os.walk(source):
-        for name in files:
-            relative = os.path.relpath(os.path.join(folder, name), source)
-            bucket.blob(f"served-run/export/model/1/{relative}").upload_from_filename(os.path.join(folder, name))
-    for marker in ("", "variables/", "assets.extra/"):  # the empty folder objects TensorFlow's GCS client writes
-        bucket.blob(f"served-run/export/model/1/{marker}").upload_from_string(b"")
+
+    def upload(version):
+        for folder, _, files in os.walk(source):
+            for name in files:
+                relative = os.path.relpath(os.path.join(folder, name), source)
+                bucket.blob(f"served-run/export/model/{version}/{relative}").upload_from_filename(
+                    os.path.join(folder, name))
+        for marker in ("", "variables/", "assets.extra/"):  # the empty folder objects TensorFlow's GCS client writes
+            bucket.blob(f"served-run/export/model/{version}/{marker}").upload_from_string(b"")
+
+    upload(1)
     url, httpd = start("gs://kcp-test/served-run", allow_unvalidated=True)
+    staging = httpd.registry.staging
     try:
         assert httpd.registry.served() == {"model": [1]}
         assert call(f"{url}/v1/models/model:predict", "POST", BODY)[0] == 200
+        upload(2)  # a push: version 2 is served, and version 1's local copy goes with its unloading
+        httpd.registry.scan()
+        assert httpd.registry.served() == {"model": [2]}
+        assert os.listdir(os.path.join(staging, "model")) == ["2"]
+        assert call(f"{url}/v1/models/model:predict", "POST", BODY)[0] == 200
     finally:
         stop(httpd)
+    assert not os.path.exists(staging)
     with pytest.raises(UserError, match="cannot list the exports|no exports there") as raised:
         make_server("gs://no-such-bucket-kcp/run", "127.0.0.1", 0)
     assert "\n" not in str(raised.value)
+
+
+def test_a_failed_background_scan_is_one_log_line_and_serving_goes_on(tmp_path, caplog):
+    """Storage down under a gs:// server: each failed scan was a 130-line traceback in the log."""
+    import logging
+
+    from deploy.serving.registry import ModelRegistry
+
+    registry = ModelRegistry(str(tmp_path), poll_seconds=0.1)
+    stop, scans = threading.Event(), []
+
+    def refresh(wait=False):
+        scans.append(wait)
+        if len(scans) == 2:
+            stop.set()
+        raise RuntimeError("Timeout of 120.0s exceeded, last exception: connection refused\n  File ...")
+
+    registry.refresh = refresh
+    with caplog.at_level(logging.INFO, logger="kcp.serve"):
+        registry.poll_forever(stop)
+    failed = [record for record in caplog.records if record.name == "kcp.serve"]
+    assert [record.getMessage() for record in failed] == [
+        "serve: scan failed: Timeout of 120.0s exceeded, last exception: connection refused"] * 2
+    assert all(record.exc_info is None for record in failed)
