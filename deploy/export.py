@@ -36,7 +36,7 @@ from kcp.core.errors import UserError
 from kcp.core import contract as contract_lib
 from kcp.core import document_cache
 from kcp.core import examples as example_lib
-from kcp.core.layout import RunLayout
+from kcp.core.layout import FINGERPRINT, RunLayout
 from deploy.images import decode_like_pipeline
 from deploy.language import GENERATE_SPECS, language_codec, language_functions, language_texts
 
@@ -196,9 +196,6 @@ def export_for_serving(config: Config, run_dir: str, generate_tokens=None) -> st
             shutil.rmtree(temporary, ignore_errors=True)
     log.info("export: wrote %s", final)
     return final
-
-
-FINGERPRINT = "kcp_fingerprint.json"  # in assets.extra/: what the export was made from
 
 
 def weights_sha256(model) -> str:

@@ -27,7 +27,7 @@ import threading
 
 from kcp.core import lock, storage
 from kcp.core.errors import UserError
-from kcp.core.layout import check_unchanged_since_validation, validation_record
+from kcp.core.layout import FINGERPRINT, check_unchanged_since_validation, validation_record
 
 log = logging.getLogger("kcp.push")
 
@@ -53,10 +53,9 @@ def destination_versions(client, bucket_name: str, prefix: str) -> list[int]:
                    if (match := pattern.match(blob.name))})
 
 
-def destination_version(client, bucket_name: str, prefix: str, version: int, dest_version) -> int:
+def destination_version(held: list[int], bucket_name: str, prefix: str, version: int, dest_version) -> int:
     """The version folder a push writes: `dest_version` (a number, or "next": one above the highest
-    there), else the export's own number, refused when the destination holds a higher one."""
-    held = destination_versions(client, bucket_name, prefix)
+    there), else the export's own number, refused when the destination holds (`held`) a higher one."""
     where = f"gs://{bucket_name}/{prefix}" if prefix else f"gs://{bucket_name}"
     if dest_version == "next":
         return (held[-1] + 1) if held else version
@@ -86,9 +85,11 @@ def read_validation(version_dir: str) -> dict | None:
 
 
 def push_export(version_dir: str, destination: str, force: bool = False, client=None,
-                dest_version=None) -> list[str]:
+                dest_version=None, max_regression: float | None = None) -> list[str]:
     """Uploads `version_dir` (local or gs://) to DESTINATION/VERSION/ (`destination_version`);
-    returns the gs:// URIs written, saved_model.pb last."""
+    returns the gs:// URIs written, saved_model.pb last. Unless `force`, a version that would
+    replace the destination's highest (the one a server serves) is refused when it scored more
+    than `max_regression` below it on the same data contract (`check_not_worse_than_served`)."""
     from google.api_core.exceptions import GoogleAPICallError
     from google.cloud import storage as gcs
 
@@ -106,9 +107,13 @@ def push_export(version_dir: str, destination: str, force: bool = False, client=
         raise UserError(f"{version_dir}: no saved_model.pb; not a complete export version")
     client = client or gcs.Client()
     try:
-        version = str(destination_version(client, bucket_name, prefix,
+        held = destination_versions(client, bucket_name, prefix)
+        version = str(destination_version(held, bucket_name, prefix,
                                           int(version_dir.rstrip("/").replace(os.sep, "/").rsplit("/", 1)[-1]),
                                           dest_version))
+        if not force and max_regression is not None and held and int(version) > held[-1]:
+            check_not_worse_than_served(client.bucket(bucket_name), prefix, held[-1], version_dir, validation,
+                                        max_regression)
     except GoogleAPICallError as error:  # a missing bucket, credentials that may not list it, a bad name
         raise _destination_error(error, bucket_name, prefix) from None
     target = f"{prefix}/{version}" if prefix else version
@@ -133,6 +138,36 @@ def push_export(version_dir: str, destination: str, force: bool = False, client=
             except Exception as error:  # noqa: BLE001  the version is whole: say so, do not fail the push
                 log.warning("push: could not remove the lock %s/.kcp-lock (%s); delete it before the next push "
                             "of version %s", claim, " ".join(str(error).split())[:200], version)
+
+
+def check_not_worse_than_served(bucket, prefix: str, served: int, version_dir: str, validation: dict,
+                                max_regression: float) -> None:
+    """Refuses a push that would put a worse model above the destination's highest version: one
+    whose kcp validate test accuracy is more than `max_regression` below that version's, measured on
+    the same data contract (kcp_fingerprint.json's contract_sha256, so the same test split). kcp
+    validate makes that check within one run directory; a push from another run (a new `kcp run`
+    for each retrain) is checked here. Versions of another contract, or without kcp's records
+    (pushed by other tools), are not comparable and pass."""
+    from google.api_core.exceptions import NotFound
+
+    base = f"{prefix}/{served}" if prefix else str(served)
+    try:
+        theirs = json.loads(bucket.blob(f"{base}/assets.extra/validation.json").download_as_bytes())
+        their_contract = json.loads(bucket.blob(f"{base}/assets.extra/{FINGERPRINT}").download_as_bytes())
+        ours = storage.join(version_dir, "assets.extra", FINGERPRINT)
+        our_contract = json.loads(storage.read_text(ours)) if storage.exists(ours) else {}
+    except (ValueError, NotFound):  # no record there, or not kcp's: nothing to compare with
+        return
+    accuracy, served_accuracy = validation.get("export_accuracy"), theirs.get("export_accuracy")
+    if not isinstance(accuracy, (int, float)) or not isinstance(served_accuracy, (int, float)) or \
+            not theirs.get("blessed") or not our_contract.get("contract_sha256") or \
+            our_contract.get("contract_sha256") != their_contract.get("contract_sha256"):
+        return
+    if accuracy < served_accuracy - max_regression:
+        raise UserError(f"--to: gs://{bucket.name}/{base}/, the version a server there serves, scored test accuracy "
+                        f"{served_accuracy:.4f} on the same data; this export scored {accuracy:.4f}, more than "
+                        f"export.max_regression ({max_regression}) below, and would replace it; push a better "
+                        "model, or --force to push it anyway")
 
 
 _PUSHING: set = set()  # destination versions this process is pushing (the run lock counts re-entry per process)

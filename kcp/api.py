@@ -158,7 +158,7 @@ def push(run_dir: str, destination: str, version: int | None = None, *, force: b
     or "next", one above the highest there); returns the URIs written, saved_model.pb last."""
     config = resolve_config(run_dir, overrides=overrides)
     return push_export(RunLayout(run_dir).version_dir(config.export.name, version), destination, force=force,
-                       dest_version=dest_version)
+                       dest_version=dest_version, max_regression=config.export.max_regression)
 
 
 @takes_run_dir

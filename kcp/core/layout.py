@@ -25,6 +25,7 @@ RUNS_ROOT = "runs"  # where runs go when no run directory is named
 DEAD_LETTER_DIR = "dead_letter"  # under RUN/data/
 MERGES_FILE = "merges.txt"  # under RUN/data/ (bpe)
 VOCABULARY_JSON_FILE = "vocab.json"  # under RUN/data/ (bpe)
+FINGERPRINT = "kcp_fingerprint.json"  # under VERSION/assets.extra/: what an export was made from
 
 
 @dataclass(frozen=True)

@@ -555,14 +555,19 @@ def test_push_from_a_local_directory_reads_validation_through_storage(tmp_path, 
     assert written[-1].endswith("/1/saved_model.pb") and len(written) == 3
 
 
-def _blessed_version(directory, content: bytes):
+def _blessed_version(directory, content: bytes, accuracy=None, contract=None):
+    """A version folder kcp validate blessed (with `accuracy`, its test accuracy, and `contract`, the
+    sha256 of the data contract in its kcp_fingerprint.json)."""
     os.makedirs(os.path.join(directory, "variables"))
     os.makedirs(os.path.join(directory, "assets.extra"))
     for relative in ("variables/variables.index", "variables/variables.data-00000-of-00001", "saved_model.pb"):
         with open(os.path.join(directory, *relative.split("/")), "wb") as handle:
             handle.write(content + relative.encode())
     with open(os.path.join(directory, "assets.extra", "validation.json"), "w") as handle:
-        json.dump({"blessed": True, "reasons": []}, handle)
+        json.dump({"blessed": True, "reasons": [], **({"export_accuracy": accuracy} if accuracy else {})}, handle)
+    if contract:
+        with open(os.path.join(directory, "assets.extra", "kcp_fingerprint.json"), "w") as handle:
+            json.dump({"contract_sha256": contract, "weights_sha256": content.hex()}, handle)
 
 
 def _push(version_dir, destination, gcs):
@@ -680,6 +685,40 @@ def test_a_push_that_would_land_below_a_served_version_is_refused_unless_placed_
         push_export(newer, "gs://Bad Bucket/x", client=gcs)
     with pytest.raises(UserError, match=r"^--to: None is not a gs://BUCKET/PATH URI$"):
         push_export(newer, None, client=gcs)
+
+
+def test_a_push_that_would_replace_a_better_model_of_the_same_data_is_refused_unless_forced(tmp_path, gcs):
+    """kcp validate refuses a worse retrain within one run directory; a retrain in a new run pushed
+    above the served version (--dest-version next, as the refusal of a lower number says) was not
+    compared with anything, and a server there swapped a 0.99 model for a 0.82 one."""
+    from deploy.push import push_export
+
+    base = "gs://kcp-test/reliability/regression"
+    versions = {name: str(tmp_path / name / "export" / "model" / "1") for name in ("served", "worse", "close", "other")}
+    _blessed_version(versions["served"], b"served", accuracy=0.99, contract="digits")
+    _blessed_version(versions["worse"], b"worse", accuracy=0.82, contract="digits")
+    _blessed_version(versions["close"], b"close", accuracy=0.985, contract="digits")
+    _blessed_version(versions["other"], b"other", accuracy=0.50, contract="letters")  # another test split
+    assert push_export(versions["served"], base, client=gcs, max_regression=0.01)[-1] == f"{base}/1/saved_model.pb"
+    with pytest.raises(UserError) as refused:
+        push_export(versions["worse"], base, client=gcs, dest_version="next", max_regression=0.01)
+    assert str(refused.value) == (
+        f"--to: {base}/1/, the version a server there serves, scored test accuracy 0.9900 on the same data; this "
+        "export scored 0.8200, more than export.max_regression (0.01) below, and would replace it; push a better "
+        "model, or --force to push it anyway")
+    assert not list(gcs.list_blobs("kcp-test", prefix="reliability/regression/2/"))
+    assert push_export(versions["close"], base, client=gcs, dest_version="next", max_regression=0.01)[-1] \
+        == f"{base}/2/saved_model.pb"  # within the noise allowed
+    with pytest.raises(UserError, match=r"regression/2/, the version a server there serves, scored test accuracy "
+                                        r"0\.9850"):
+        push_export(versions["worse"], base, client=gcs, dest_version="next", max_regression=0.01)
+    assert push_export(versions["worse"], base, client=gcs, dest_version="next", max_regression=None)[-1] \
+        == f"{base}/3/saved_model.pb"  # export.max_regression: null compares nothing
+    assert push_export(versions["other"], base, client=gcs, dest_version="next", max_regression=0.01)[-1] \
+        == f"{base}/4/saved_model.pb"  # 0.50 under 0.82, but on another data contract: not comparable
+    assert push_export(versions["served"], f"{base}-forced", client=gcs)[-1].endswith("-forced/1/saved_model.pb")
+    assert push_export(versions["worse"], f"{base}-forced", client=gcs, dest_version="next", force=True,
+                       max_regression=0.01)[-1].endswith("-forced/2/saved_model.pb")
 
 
 # --- fingerprints: what an artifact was made from ---------------------------------------------
