@@ -28,15 +28,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import re
 from typing import Any, Sequence
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.metrics import Metrics, MetricsFilter
+from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from deploy.predict_output import COUNTERS, counts_line, job_files, output_claimed, output_prefix
 from deploy.push import read_validation
 from kcp.core import storage
 from kcp.core.beamio import (DEAD_LETTER, EXAMPLE, CountProgress, ProgressReporter, ReadSource, checked_pipeline,
@@ -48,7 +47,6 @@ from kcp.core.sources import (BadInput, SourceError, SourcePlan, SourceRecord, c
                                plan_source, record_text, skipped_line, source_modality, source_path)
 
 MAX_BATCH_SIZE = 64
-COUNTERS = "kcp.predict"  # the Beam metrics namespace of the predicted and failed counts
 log = logging.getLogger("kcp.predict")
 
 
@@ -237,41 +235,12 @@ def other_modality(input: str, data, modality: str) -> str | None:  # noqa: A002
     return held if held != modality else None
 
 
-def output_prefix(output: str) -> str:
-    """OUTPUT less a trailing .jsonl; refused (one line) when it names a folder rather than a file prefix."""
-    if not isinstance(output, str) or not output.strip():
-        raise UserError(f"--output: expected a file prefix such as preds/p, got {output!r}")
-    if output.endswith("/") or (not storage.is_remote(output) and os.path.isdir(output)):
-        raise UserError(f"--output: {output} is a folder; give a file prefix inside it, such as "
-                        f"{storage.join(output.rstrip('/'), 'predictions')}")
-    return output[:-len(".jsonl")] if output.endswith(".jsonl") else output
-
-
-def job_files(prefix: str, kind: str = "") -> list[str]:
-    """The shards a job writes to PREFIX (`kind` ".dead_letter": its dead letters), sorted: exactly
-    PREFIX-NNNNN-of-NNNNN.jsonl, not those of another prefix that begins with PREFIX- ("preds-2024")."""
-    name = re.escape(prefix.rsplit("/", 1)[-1] + kind)
-    shard = re.compile(rf"{name}-\d{{5}}-of-\d{{5}}\.jsonl")
-    return sorted(path for path in storage.glob(f"{prefix}{kind}-*-of-*.jsonl")
-                  if shard.fullmatch(path.rsplit("/", 1)[-1]))
-
-
-def remove_earlier_outputs(output: str, prefix: str, single_file: bool) -> None:
-    """Removes what an earlier prediction to the same OUTPUT wrote (its shards, dead letters and a
-    killed job's beam-temp folders), so that the files there after this job are all its own: a
-    dead-letter file of other inputs, or a killed job beside the last one's shards, would pass for it."""
-    earlier = [output, f"{prefix}.dead_letter.jsonl"] if single_file else \
-        job_files(prefix) + job_files(prefix, ".dead_letter")
-    for path in earlier:
-        storage.remove(path)
-    folder, name = prefix.rsplit("/", 1) if "/" in prefix else (".", prefix)
-    # Beam's temporary folders: beam-temp-NAME-<uuid1 hex>; on gs:// a "folder" is its objects' prefix
-    temporary = re.compile(rf"beam-temp-{re.escape(name)}(\.dead_letter)?-[0-9a-f]{{32}}")
-    found = {path.rstrip("/") for path in storage.glob(storage.join(folder, f"beam-temp-{name}*"))}
-    found |= {path.rsplit("/", 1)[0] for path in storage.glob(storage.join(folder, f"beam-temp-{name}*", "*"))}
-    for path in sorted(found):
-        if temporary.fullmatch(path.rsplit("/", 1)[-1]):
-            storage.remove_tree(path)
+def input_files(plan: SourcePlan) -> list[str]:
+    """The files a table or npz source reads (a pattern's matches), which --output must not name."""
+    path = source_path(plan.uri)
+    if plan.kind == "folder" or not path:
+        return []
+    return storage.glob(path) if any(mark in path for mark in "*?[") else [path]
 
 
 def prediction_version(layout: RunLayout, name: str, version: int | None, say) -> str:
@@ -304,9 +273,9 @@ def run_batch_prediction(export_dir: str, plan: SourcePlan, output: str, beam_ar
     prefix = output_prefix(output)
     export_dir = for_cluster_workers(export_dir, options)
     pipeline = checked_pipeline(options, [prefix, export_dir, source_path(plan.uri)])  # before outputs are removed
-    remove_earlier_outputs(output, prefix, single_file)
     progress_dir = progress_directory(options.get_all_options())
-    with ProgressReporter(progress_dir, plan.estimated_count, report or (lambda line: None)), pipeline:
+    with output_claimed(output, prefix, single_file, input_files(plan)), \
+            ProgressReporter(progress_dir, plan.estimated_count, report or (lambda line: None)), pipeline:
         records = pipeline | "Read" >> ReadSource(plan)
         if progress_dir:
             records = records | "Progress" >> beam.ParDo(CountProgress(progress_dir))
@@ -333,18 +302,3 @@ def run_batch_prediction(export_dir: str, plan: SourcePlan, output: str, beam_ar
     if single_file:
         return [output]
     return job_files(prefix)
-
-
-def counts_line(result, dead_letters: str) -> str:
-    """"predicted N, failed M -> DEAD LETTERS" from the job's counters (the failed: unreadable inputs
-    and failed predictions)."""
-    counts = {"predicted": 0, "failed": 0}
-    for counter in result.metrics().query(MetricsFilter().with_namespace(COUNTERS))["counters"]:
-        try:
-            value = counter.committed
-        except Exception:  # noqa: BLE001  a runner without committed metrics
-            value = None
-        counts[counter.key.metric.name] += value if value is not None else counter.attempted
-    found = storage.glob(dead_letters) if counts["failed"] else []
-    where = f" -> {found[0] if len(found) == 1 else dead_letters}" if counts["failed"] else ""
-    return f"predicted {counts['predicted']:,}, failed {counts['failed']:,}{where}"

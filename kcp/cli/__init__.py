@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None, *, lenient: bool = False) -> int:
             print(f"kcp {args.command}: error: {message}", file=sys.stderr)
             return 2
         except Exception as error:  # noqa: BLE001  a storage service that refuses or cannot be reached: one line
+            if _interrupt_inside(error):  # Ctrl-C inside a Beam job, which wraps it in a RuntimeError
+                return _interrupted(args)
             failure = storage_failure(error)
             if failure is None:
                 raise
@@ -110,14 +112,32 @@ def main(argv: list[str] | None = None, *, lenient: bool = False) -> int:
             print(f"kcp {args.command}: error: {failure}; check the network and the credentials", file=sys.stderr)
             return 2
         except KeyboardInterrupt:  # Ctrl-C: one line, not the traceback of wherever the work was
-            if args.verbose:
-                traceback.print_exc()
-            print(f"kcp {args.command}: interrupted; run the same command again (train and tune resume from their "
-                  "last checkpoint)", file=sys.stderr)
-            return 130
+            return _interrupted(args)
         finally:  # a run directory made by a command that failed before writing anything is not left empty
             for folder in made:  # innermost first; one that holds anything stays, and so do those above it
                 storage.remove_empty_folder(folder)
+
+
+def _interrupt_inside(error: BaseException) -> bool:
+    """True for a KeyboardInterrupt that Beam's runner re-raised as "RuntimeError: KeyboardInterrupt
+    [while running 'Predict']" (or chained to another error)."""
+    while error is not None:
+        if isinstance(error, KeyboardInterrupt) or str(error).startswith("KeyboardInterrupt"):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _interrupted(args) -> int:
+    """Ctrl-C: one line naming what a rerun does, exit 130 (the shell's code for SIGINT)."""
+    if args.verbose:
+        traceback.print_exc()
+    rerun = {"train": "it resumes from the last checkpoint", "tune": "it resumes from the last checkpoint",
+             "run": "training resumes from the last checkpoint",
+             "predict": "it replaces what this one left under --output"}.get(args.command, "")
+    print(f"kcp {args.command}: interrupted; run the same command again{f' ({rerun})' if rerun else ''}",
+          file=sys.stderr)
+    return 130
 
 
 def launch_training(argv: list[str], stage: str = "train") -> int:

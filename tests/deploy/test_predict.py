@@ -194,6 +194,47 @@ def test_predict_refuses_an_output_that_is_a_folder_and_names_input_in_its_error
         api.predict(run_dir, f"npz:{tmp_path / 'x.npz'}", 5)
 
 
+def test_predict_never_removes_its_input_nor_another_jobs_output_and_names_an_unwritable_one(sequence_run, tmp_path,
+                                                                                             capsys):
+    """--output naming the --input file deleted it (the earlier outputs are cleared before the job
+    reads); a second job on a prefix in use deleted the first one's files; a parent that is a file
+    was a traceback; and a single-file job left an earlier sharded job's files beside its own."""
+    run_dir, x = sequence_run
+    source = tmp_path / "rows.npz"
+    np.savez(source, x=x[:3])
+    for output, single in ((source, ["--single-file"]), (tmp_path / "rows.npz.jsonl", [])):
+        code = cli.main(["predict", "--run-dir", run_dir, "--input", f"npz:{source}", "--output", str(output),
+                         *single, "--", *IN_PROCESS_BEAM])
+        said = capsys.readouterr().err
+        if single:
+            assert code == 2 and said.strip() == (f"kcp predict: error: --output: {source} is an input this job "
+                                                  "reads; give the predictions another path"), said
+    assert np.load(source)["x"].shape == (3, 20, 3)  # still there, whole
+
+    (tmp_path / "file").write_text("not a folder")
+    code, said = predict(run_dir, f"npz:{source}", tmp_path / "file" / "p", capsys)
+    assert code == 2 and said.strip().splitlines()[-1] == (
+        f"kcp predict: error: --output: cannot write in {tmp_path / 'file'} (Not a directory)"), said
+
+    claim = tmp_path / ".kcp-predict-busy"  # a job on another host holds the prefix
+    claim.mkdir()
+    (claim / ".kcp-lock").write_text(json.dumps({"command": "predict", "user": "u", "host": "otherhost",
+                                                 "pid": 123, "started": "2026-11-29T07:00:00Z", "token": "t"}))
+    (tmp_path / "busy-00000-of-00001.jsonl").write_text("the other job's\n")
+    code, said = predict(run_dir, f"npz:{source}", tmp_path / "busy", capsys)
+    assert code == 2 and said.strip().splitlines()[-1].startswith(
+        f"kcp predict: error: --output: {tmp_path / 'busy'} is being written by another job, `kcp predict` (pid "
+        "123 on otherhost"), said
+    assert (tmp_path / "busy-00000-of-00001.jsonl").read_text() == "the other job's\n"
+
+    code, said = predict(run_dir, f"npz:{source}", tmp_path / "out", capsys)  # sharded, then single-file
+    assert code == 0 and (tmp_path / "out-00000-of-00001.jsonl").exists()
+    assert cli.main(["predict", "--run-dir", run_dir, "--input", f"npz:{source}", "--output",
+                     str(tmp_path / "out.jsonl"), "--single-file", "--", *IN_PROCESS_BEAM]) == 0
+    assert sorted(path.name for path in tmp_path.glob("out*")) == ["out.jsonl"]
+    assert not (tmp_path / ".kcp-predict-out").exists()  # the lock goes with the job
+
+
 @pytest.mark.parametrize("body", ['{"instances": [%s, %s]}', '{"inputs": {"sequence": [%s, %s]}}'])
 @pytest.mark.parametrize("bad, message", [
     ("NaN", f"input 'sequence': instance 1 {NOT_FINITE}"),

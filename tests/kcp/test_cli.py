@@ -234,8 +234,22 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setitem(commands.HANDLERS, "report", interrupted)
     assert cli.main(["report", "--run-dir", str(tmp_path)]) == 130
+    assert capsys.readouterr().err.splitlines() == ["kcp report: interrupted; run the same command again"]
+    monkeypatch.setitem(commands.HANDLERS, "train", interrupted)
+    assert cli.main(["train", "--run-dir", str(tmp_path)]) == 130
     assert capsys.readouterr().err.splitlines() == [
-        "kcp report: interrupted; run the same command again (train and tune resume from their last checkpoint)"]
+        "kcp train: interrupted; run the same command again (it resumes from the last checkpoint)"]
+
+    def interrupted_in_beam(*_):  # what Beam's DirectRunner raises for a Ctrl-C inside a job
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as error:
+            raise RuntimeError("KeyboardInterrupt [while running 'Predict']") from error
+
+    monkeypatch.setitem(commands.HANDLERS, "predict", interrupted_in_beam)
+    assert cli.main(["predict", "--run-dir", str(tmp_path), "--input", "digits", "--output", "p"]) == 130
+    assert capsys.readouterr().err.splitlines() == [
+        "kcp predict: interrupted; run the same command again (it replaces what this one left under --output)"]
 
 
 def test_api_misuse_is_one_clear_error_and_writes_nothing(digits_run, tmp_path):
