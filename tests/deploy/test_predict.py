@@ -4,6 +4,7 @@ batch prediction of inputs without labels (an npz of x alone, a folder without c
 import base64
 import json
 import math
+import os
 import shutil
 import threading
 
@@ -374,6 +375,11 @@ def test_predict_takes_a_folder_of_images_without_class_folders(digits_run, tmp_
         assert (skipped in output) == (name == "flat"), output  # said, as preprocess says it
     labelled, bare = predictions(tmp_path / "out" / "classes"), predictions(tmp_path / "out" / "flat")
     assert sorted(bare) == sorted(flat) and len(labelled) == 12
+    for name in ("gone.png", "more/gone.png"):  # broken links, in the folder and below: dead letters, both
+        os.symlink(tmp_path / "missing.png", tmp_path / "flat" / name)
+    code, output = predict(digits_run, f"folder:{tmp_path / 'flat'}", tmp_path / "out" / "links", capsys)
+    assert code == 0 and "[predict] predicted 12, failed 2" in output, output
+    assert sorted(dead_letters(tmp_path / "out" / "links")) == ["gone.png", "more/gone.png"]
     for key, line in bare.items():
         expected = labelled[flat[key]]
         assert (line["class_id"], line["class_name"]) == (expected["class_id"], expected["class_name"])

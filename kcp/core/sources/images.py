@@ -146,11 +146,13 @@ def _class_folders(root: str) -> tuple[bool, list[tuple[str, str, str | None]]]:
 
 
 def _loose_files(directory: str) -> list[str]:
-    """The names of the files directly in `directory` (hidden ones left out), sorted."""
+    """The names of the files directly in `directory` (hidden ones left out), sorted; a broken link
+    is one (os.walk lists it below, and reading it makes a dead letter), a link to a folder is not."""
     if storage.is_remote(directory):
         return [name for name in _files_below(directory) if "/" not in name]
     try:
-        return sorted(entry.name for entry in os.scandir(directory) if entry.is_file() and not _hidden(entry.name))
+        return sorted(entry.name for entry in os.scandir(directory)
+                      if (entry.is_file() or entry.is_symlink() and not entry.is_dir()) and not _hidden(entry.name))
     except OSError:
         return []
 
