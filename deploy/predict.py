@@ -42,7 +42,7 @@ from kcp.core.beamio import (DEAD_LETTER, EXAMPLE, CountProgress, ProgressReport
                              dead_letter, for_cluster_workers, local_runner_defaults, progress_directory, select)
 from kcp.core.contract import read_lines
 from kcp.core.errors import UserError
-from kcp.core.layout import RunLayout, check_unchanged_since_validation, newest_blessed
+from kcp.core.layout import RunLayout, check_unchanged_since_validation, is_blessed, newest_blessed
 from kcp.core.sources import (BadInput, SourceError, SourcePlan, SourceRecord, check_image_bytes, decode_array,
                                plan_source, record_text, skipped_line, source_modality, source_path)
 
@@ -251,12 +251,17 @@ def prediction_version(layout: RunLayout, name: str, version: int | None, say) -
     newest = int(directory.rstrip("/").rsplit("/", 1)[-1])
     if version is None:
         blessed = newest_blessed(layout.export_root(name))
-        if blessed is None:
-            say(f"version {newest} is not blessed by `kcp validate`; predicting with it, the newest")
+        if blessed is None:  # kcp serve would serve nothing: said, with why when validate refused it
+            reasons = (read_validation(directory) or {}).get("reasons") or []
+            why = f" ({'; '.join(reasons)})" if reasons else ""
+            say(f"no version is blessed by `kcp validate`{why}; predicting with version {newest}, the newest, "
+                "which `kcp serve` would not serve")
         elif blessed != newest:
             directory = layout.version_dir(name, blessed)
             say(f"version {newest} is not blessed by `kcp validate`; predicting with version {blessed}, the newest "
                 f"blessed one (--version {newest} to use it)")
+    elif not is_blessed(directory):
+        say(f"version {version} is not blessed by `kcp validate`; predicting with it, as asked")
     return directory
 
 

@@ -132,7 +132,7 @@ COMMANDS = {
     "predict": Command(
         "Batch prediction with Beam RunInference over the export; writes JSON lines.",
         ("kcp predict --run-dir runs/digits --input folder:new_images --output predictions/part",
-         "kcp predict --run-dir runs/digits --input csv:new.csv --output predictions.jsonl --single-file"),
+         "kcp predict --run-dir runs/reviews --input csv:new.csv --output predictions.jsonl --single-file"),
         (*PREDICT_VERSION, *PREDICT), runs_beam=True),
     "report": Command(
         "Write RUN/report/index.html: curves, confusion matrix, mistakes, filters, attention, augmentation.",

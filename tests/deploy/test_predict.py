@@ -405,8 +405,20 @@ def test_predict_defaults_to_the_newest_blessed_version_and_names_a_damaged_expo
     code = cli.main(["predict", "--run-dir", str(copy), "--input", f"npz:{tmp_path / 'rows.npz'}", "--output",
                      str(tmp_path / "second"), "--version", "2", "--", *IN_PROCESS_BEAM])
     output = capsys.readouterr().out
-    assert code == 0 and f"through {root / '2'}" in output and "not blessed" not in output
+    assert code == 0 and f"through {root / '2'}" in output
+    assert "[predict] version 2 is not blessed by `kcp validate`; predicting with it, as asked" in output
     assert predictions(tmp_path / "second") == predictions(tmp_path / "default")  # the same weights
+    records = [root / version / "assets.extra" / "validation.json" for version in ("1", "2")]
+    blessing = records[0].read_text()
+    for record in records:  # validated again with a floor neither meets: nothing blessed, nothing served
+        record.write_text(json.dumps({"blessed": False, "reasons": ["export accuracy 0.5000 is below "
+                                                                    "export.min_accuracy 0.999"]}))
+    code, output = predict(str(copy), f"npz:{tmp_path / 'rows.npz'}", tmp_path / "none", capsys)
+    assert code == 0 and ("[predict] no version is blessed by `kcp validate` (export accuracy 0.5000 is below "
+                          "export.min_accuracy 0.999); predicting with version 2, the newest, which `kcp serve` "
+                          "would not serve") in output, output
+    records[0].write_text(blessing)
+    records[1].unlink()
 
     pb = (root / "2" / "saved_model.pb").read_bytes()
     (root / "2" / "saved_model.pb").write_bytes(pb[:1000])  # cut short, as a failed copy leaves it
