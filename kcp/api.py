@@ -39,7 +39,7 @@ from kcp.core.config import Config
 from kcp.core.config_load import config_recorded, override_list, record_config, resolve_config
 from kcp.core.contract import GENERATE_DEFAULTS, DataContract
 from kcp.core.errors import UserError
-from kcp.core.layout import RunLayout, new_run_dir, newest_run, run_path, takes_run_dir
+from kcp.core.layout import RunLayout, is_blessed, new_run_dir, newest_blessed, newest_run, run_path, takes_run_dir
 from kcp.core.lock import run_lock
 from kcp.results import Report, TrainResult, TuneResult
 from pipeline.preprocess import run_preprocess
@@ -146,9 +146,18 @@ def export(run_dir: str, *, config_file: str | None = None, overrides=()) -> str
 
 @takes_run_dir
 def validate(run_dir: str, version: int | None = None, *, overrides=()) -> dict:
-    """Runs the test split through the export from raw inputs; writes validation.json (blessed or not)."""
+    """Runs the test split through the export from raw inputs; writes validation.json (blessed or not).
+    Returns its content, and `lost_blessing` when this validation withdrew the version's earlier
+    blessing: the version kcp serve and predict use instead (None: no blessed one)."""
     from deploy.validate import validate_export
-    return validate_export(resolve_config(run_dir, overrides=overrides), run_dir, version)
+
+    config = resolve_config(run_dir, overrides=overrides)
+    layout = RunLayout(run_dir)
+    was_blessed = is_blessed(layout.version_dir(config.export.name, version))
+    result = validate_export(config, run_dir, version)
+    if was_blessed and not result["blessed"]:
+        return {**result, "lost_blessing": newest_blessed(layout.export_root(config.export.name))}
+    return result
 
 
 @takes_run_dir

@@ -12,6 +12,7 @@ import sys
 import time
 
 from kcp import api
+from kcp.cli.figures import document_cache_figures, language_verdict
 from kcp.core import quiet, storage
 from kcp.core.char_ngrams import char_ngram_count
 from kcp.core.cluster import take_tuner_role, tuner_id
@@ -124,7 +125,7 @@ def _run_language_summary(run_dir: str, started: float, contract, metrics: dict,
     verdict, validation = "the test split is empty: not validated", {"blessed": True}
     if "test" in metrics:
         validation = api.validate(run_dir)
-        verdict = _language_verdict(validation)
+        verdict = language_verdict(validation)
     statistics = contract.statistics
     say("")
     say(f"kcp run: done in {time.perf_counter() - started:.0f} s — {run_dir}")
@@ -141,25 +142,6 @@ def _run_language_summary(run_dir: str, started: float, contract, metrics: dict,
     say(f"  export    {export_dir}")
     say(f"  reloaded  {verdict}")
     return validation["blessed"]
-
-
-def document_cache_figures(metrics: dict) -> str:
-    """"B bits per byte with the document cache (network alone N; weights W)" for a language run's
-    whole test documents (metrics.json "document_cache"), or "" when there are none."""
-    cache = metrics.get("document_cache") or {}
-    if "test" not in cache:
-        return ""
-    test = cache["test"]
-    return (f"{test['bits_per_byte']:.4f} bits per byte with the document cache (network alone "
-            f"{test['network_bits_per_byte']:.4f}; weights {', '.join(f'{w:g}' for w in cache['weights'])}"
-            f" fitted on {cache['fitted_on'] or 'nothing: no held-out validation split'})")
-
-
-def _language_verdict(validation: dict) -> str:
-    figures = (f"export {validation['export_bits_per_byte']:.4f} bits per byte on {validation['examples']} test texts "
-               f"(trainer {validation['trainer_bits_per_byte']:.4f}, log-probabilities within "
-               f"{validation['max_log_probability_difference']:.1e} nats)")
-    return figures + (" -> blessed" if validation["blessed"] else " -> NOT blessed: " + "; ".join(validation["reasons"]))
 
 
 def tune(args, run_dir: str, config, beam_args: list[str]) -> int:
@@ -190,8 +172,12 @@ def tune(args, run_dir: str, config, beam_args: list[str]) -> int:
 
 def validate(args, run_dir: str, config, beam_args: list[str]) -> int:
     result = api.validate(run_dir, args.version, overrides=args.overrides)
+    if "lost_blessing" in result:  # validated again, stricter: the version a server used is not served now
+        now = result["lost_blessing"]
+        say(f"[validate] version {result['version']} was blessed before and is not now: kcp serve and kcp predict "
+            + (f"use version {now} instead" if now else "have no blessed version of this model to use"))
     if result.get("modality") == "language":
-        say(f"[validate] version {result['version']}: {_language_verdict(result)}")
+        say(f"[validate] version {result['version']}: {language_verdict(result)}")
         return 0 if result["blessed"] else 1
     verdict = "blessed" if result["blessed"] else "NOT blessed: " + "; ".join(result["reasons"])
     say(f"[validate] version {result['version']}: export test accuracy {result['export_accuracy']:.4f}, trainer "

@@ -123,12 +123,24 @@ def test_validation_blesses_a_faithful_export(image_run):
     assert result["export_accuracy"] == pytest.approx(result["trainer_accuracy"], abs=0.005)
 
 
-def test_validation_refuses_below_min_accuracy(digits_run, tmp_path):
+def test_validation_refuses_below_min_accuracy(digits_run, tmp_path, capsys):
+    """A blessed version validated again with a floor it does not meet loses its blessing, and the
+    line says what a server of the run falls back to (a server dropped it without a word)."""
     copy = str(tmp_path / "copy")
     shutil.copytree(digits_run, copy)  # 3 epochs of digits: well below 0.999
+    shutil.copytree(os.path.join(copy, "export", "model", "1"), os.path.join(copy, "export", "model", "2"))
+    capsys.readouterr()
     assert cli.main(["validate", "--run-dir", copy, "--set", "export.min_accuracy=0.999"]) == 1
-    result = json.load(open(os.path.join(copy, "export", "model", "1", "assets.extra", "validation.json")))
+    result = json.load(open(os.path.join(copy, "export", "model", "2", "assets.extra", "validation.json")))
     assert result["blessed"] is False and "below export.min_accuracy 0.999" in result["reasons"][0]
+    assert "lost_blessing" not in result  # in what the API returns, not in the record
+    assert ("[validate] version 2 was blessed before and is not now: kcp serve and kcp predict use version 1 "
+            "instead") in capsys.readouterr().out
+    assert cli.main(["validate", "--run-dir", copy, "--version", "1", "--set", "export.min_accuracy=0.999"]) == 1
+    assert ("[validate] version 1 was blessed before and is not now: kcp serve and kcp predict have no blessed "
+            "version of this model to use") in capsys.readouterr().out
+    assert cli.main(["validate", "--run-dir", copy, "--version", "1", "--set", "export.min_accuracy=0.999"]) == 1
+    assert "was blessed before" not in capsys.readouterr().out  # not blessed before this one
 
 
 def test_push_to_the_emulator_and_refuse_unblessed(image_run, gcs, tmp_path, capsys):
