@@ -27,7 +27,7 @@ import threading
 
 from kcp.core import lock, storage
 from kcp.core.errors import UserError
-from kcp.core.layout import FINGERPRINT, check_unchanged_since_validation, validation_record
+from kcp.core.layout import FINGERPRINT, check_unchanged_since_validation, newest_blessed, validation_record
 
 log = logging.getLogger("kcp.push")
 
@@ -98,8 +98,10 @@ def push_export(version_dir: str, destination: str, force: bool = False, client=
         if validation is None:
             raise UserError(f"{version_dir}: not validated; run `kcp validate` first (or push with --force)")
         if not validation.get("blessed"):
+            blessed = newest_blessed(os.path.dirname(version_dir.rstrip("/")))
+            other = f"push --version {blessed}, the newest blessed one, or " if blessed else ""
             raise UserError(f"{version_dir}: not blessed ({'; '.join(validation.get('reasons', []))}); "
-                            "push with --force to push it anyway")
+                            f"{other}push with --force to push it anyway")
         check_unchanged_since_validation(version_dir, validation)
     bucket_name, prefix = split_gs_uri(destination)
     files = storage.list_files(version_dir)

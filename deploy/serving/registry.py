@@ -101,6 +101,7 @@ class ModelRegistry:
         return target
 
     def _load(self, name: str, version: int, path: str) -> None:
+        local = None
         try:
             local = self._local_copy(name, version, path) if self.remote else path
             self.loads += 1
@@ -115,6 +116,7 @@ class ModelRegistry:
                 attempts = previous.attempts + 1 if previous else 1
                 backoff = min(MAX_BACKOFF_S, max(self.poll_seconds, 1.0) * 2 ** attempts)
                 message = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+                message = message.replace(local, path) if self.remote and local else message  # the gs:// version's name
                 self.failures[name][version] = Failure(message, attempts, time.monotonic() + backoff)
             log.error("serve: cannot load %s (attempt %d, next in %.0f s): %s", path, attempts, backoff, message)
             return

@@ -188,7 +188,8 @@ def validate(args, run_dir: str, config, beam_args: list[str]) -> int:
 def push(args, run_dir: str, config, beam_args: list[str]) -> int:
     written = api.push(run_dir, args.to, args.version, force=args.force, dest_version=args.dest_version,
                        overrides=args.overrides)
-    say(f"[push] {len(written)} files -> {written[-1].rsplit('/', 1)[0]}/")  # saved_model.pb, written last
+    source = RunLayout(run_dir).version_dir(config.export.name, args.version)  # what was pushed, and where to
+    say(f"[push] {source}: {len(written)} files -> {written[-1].rsplit('/', 1)[0]}/")  # saved_model.pb, last
     return 0
 
 

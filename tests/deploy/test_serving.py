@@ -150,8 +150,11 @@ def test_push_to_the_emulator_and_refuse_unblessed(image_run, gcs, tmp_path, cap
     copy = str(tmp_path / "copy")
     shutil.copytree(run_dir, copy)
     assert cli.main(["validate", "--run-dir", copy]) == 0
+    capsys.readouterr()
     assert cli.main(["push", "--run-dir", copy, "--to", "gs://kcp-test/models/colors"]) == 0
     names = sorted(blob.name for blob in gcs.list_blobs("kcp-test", prefix="models/colors/1/"))
+    assert f"[push] {copy}/export/colors/1: {len(names)} files -> gs://kcp-test/models/colors/1/\n" \
+        in capsys.readouterr().out  # which version went where
     assert "models/colors/1/saved_model.pb" in names and "models/colors/1/assets.extra/validation.json" in names
     local = sorted(os.path.relpath(os.path.join(d, f), os.path.join(copy, "export", "colors", "1"))
                    for d, _, files in os.walk(os.path.join(copy, "export", "colors", "1")) for f in files)
@@ -163,9 +166,16 @@ def test_push_to_the_emulator_and_refuse_unblessed(image_run, gcs, tmp_path, cap
     result = json.load(open(validation))
     result.update(blessed=False, reasons=["export accuracy 0.5 is below export.min_accuracy 0.9"])
     json.dump(result, open(validation, "w"))
-    with pytest.raises(Exception, match="not blessed"):
+    with pytest.raises(Exception, match=r"not blessed \(export accuracy 0.5 is below export.min_accuracy 0.9\); "
+                                        r"push with --force to push it anyway$"):
         push_export(os.path.join(copy, "export", "colors", "1"), "gs://kcp-test/models/other")
-    assert push_export(os.path.join(copy, "export", "colors", "1"), "gs://kcp-test/models/other", force=True)
+    shutil.copytree(os.path.join(copy, "export", "colors", "1"), os.path.join(copy, "export", "colors", "2"))
+    result.update(blessed=True, reasons=[])
+    json.dump(result, open(validation, "w"))  # version 1 blessed, version 2 (its copy) not
+    with pytest.raises(Exception, match=r"2: not blessed \(export accuracy 0.5 is below export.min_accuracy 0.9\); "
+                                        r"push --version 1, the newest blessed one, or push with --force"):
+        push_export(os.path.join(copy, "export", "colors", "2"), "gs://kcp-test/models/other")
+    assert push_export(os.path.join(copy, "export", "colors", "2"), "gs://kcp-test/models/other", force=True)
 
 
 def test_status_and_metadata(server):

@@ -214,6 +214,13 @@ def test_a_remote_run_dir_is_served_or_fails_in_one_line(digits_run, gcs, tmp_pa
         assert httpd.registry.served() == {"model": [2]}
         assert os.listdir(os.path.join(staging, "model")) == ["2"]
         assert call(f"{url}/v1/models/model:predict", "POST", BODY)[0] == 200
+        upload(3)  # damaged: version 2 stays, and the failure names the gs:// version, not the local copy
+        bucket.blob("served-run/export/model/3/saved_model.pb").upload_from_string(b"not a SavedModel")
+        httpd.registry.scan()
+        assert httpd.registry.served() == {"model": [2]}
+        error = httpd.registry.failures["model"][3].error
+        assert error.startswith("gs://kcp-test/served-run/export/model/3: cannot load") and staging not in error
+        assert os.listdir(os.path.join(staging, "model")) == ["2"]
     finally:
         stop(httpd)
     assert not os.path.exists(staging)
