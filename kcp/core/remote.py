@@ -61,6 +61,22 @@ def gcs_rename_no_overwrite(source: str, target: str) -> None:
     source_blob.delete()
 
 
+def anonymous_beam_gcs() -> None:
+    """Against a local GCS emulator (STORAGE_EMULATOR_HOST), Beam's gcsio goes without credentials
+    at once: it would look for Google's credentials first, retrying for about 20 s with a traceback
+    each time, before falling back to the anonymous client the emulator accepts. Beam has no public
+    switch for this (`--no_auth` is not read by gcsio), so its credentials cache is set as resolved
+    to none (Beam 2.x's `_Credentials`; without that attribute, Beam's own lookup runs as before)."""
+    try:
+        from apache_beam.internal.gcp import auth
+    except ImportError:  # Beam without its GCP extra: no gcsio either
+        return
+    credentials = getattr(auth, "_Credentials", None)
+    if credentials is not None and hasattr(credentials, "_credentials_init"):
+        with credentials._credentials_lock:
+            credentials._credentials_init, credentials._credentials = True, None
+
+
 class BeamBackend(Backend):
     """Beam's FileSystems. In its globs `*` stops at "/" and `**` does not."""
 
@@ -70,6 +86,8 @@ class BeamBackend(Backend):
         from apache_beam.io.filesystems import FileSystems
 
         self.fs, self.raw = FileSystems, CompressionTypes.UNCOMPRESSED
+        if os.environ.get("STORAGE_EMULATOR_HOST"):
+            anonymous_beam_gcs()
 
     def _under(self, path: str) -> list[str]:
         """Every object below the "folder" `path`."""

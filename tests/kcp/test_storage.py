@@ -197,3 +197,21 @@ def test_a_gcs_rename_without_overwrite_is_refused_by_a_generation_precondition(
         chosen.rename(f"{base}/c", f"{base}/b")
         assert storage.read_text(f"{base}/b") == "c" and not storage.exists(f"{base}/c")
     storage.remove_tree(base)
+
+
+def test_against_an_emulator_beam_gcs_goes_anonymous_at_once(gcs_emulator):
+    """A user trying gs:// on a local emulator (STORAGE_EMULATOR_HOST and no Google credentials):
+    Beam's gcsio retried Google's credential lookup for ~20 s, a traceback each time, before it
+    fell back to the anonymous client the emulator takes."""
+    import subprocess
+    import sys
+
+    script = ("from kcp.core import storage; storage.write_bytes_atomic('gs://kcp-test/anon/x', b'1'); "
+              "print(storage.exists('gs://kcp-test/anon/x'), storage.read_bytes('gs://kcp-test/anon/x'))")
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("GOOGLE_", "STORAGE_EMULATOR", "CLOUDSDK"))}
+    env.update(STORAGE_EMULATOR_HOST=gcs_emulator.host, HOME=os.environ.get("HOME", "/tmp"))
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "True b'1'"
+    assert "DefaultCredentialsError" not in result.stderr and "Retry with exponential backoff" not in result.stderr
