@@ -12,7 +12,7 @@ needs the foundation (`kcp.core`) must not pay.
 __version__ = "0.1.0"
 
 API = ("Run", "TrainResult", "TuneResult", "Report", "preprocess", "train", "tune", "export", "validate", "push",
-       "predict", "report", "serve", "generate", "resolve_config", "new_run_dir", "newest_run")
+       "predict", "report", "serve", "generate", "versions", "resolve_config", "new_run_dir", "newest_run")
 
 
 def __getattr__(name: str):

@@ -39,7 +39,8 @@ from kcp.core.config import Config
 from kcp.core.config_load import config_recorded, override_list, record_config, resolve_config
 from kcp.core.contract import GENERATE_DEFAULTS, DataContract
 from kcp.core.errors import UserError
-from kcp.core.layout import RunLayout, is_blessed, new_run_dir, newest_blessed, newest_run, run_path, takes_run_dir
+from kcp.core.layout import (RunLayout, export_versions, is_blessed, new_run_dir, newest_blessed, newest_run, run_path,
+                             takes_run_dir, validation_record)
 from kcp.core.lock import run_lock
 from kcp.results import Report, TrainResult, TuneResult
 from pipeline.preprocess import run_preprocess
@@ -198,6 +199,28 @@ def predict(run_dir: str, input: str, output: str, version: int | None = None, *
 
 
 @takes_run_dir
+def versions(run_dir: str) -> list[dict]:
+    """The run's export versions, each model's newest first: {"model", "version", "validated", "blessed",
+    "served" (what `kcp serve` answers with), "reasons", and `export_accuracy` (`export_bits_per_byte`: gpt)}."""
+    layout, rows = RunLayout(run_dir), []
+    names = sorted(storage.list_dir(layout.exports)) if storage.exists(layout.exports) else []
+    for name in names:
+        served = newest_blessed(root := layout.export_root(name))
+        for version in reversed(export_versions(root)):
+            path = validation_record(storage.join(root, str(version)))
+            try:
+                record = json.loads(storage.read_text(path)) if storage.exists(path) else None
+            except ValueError:  # a broken record blesses nothing
+                record = {"blessed": False, "reasons": [f"{path} is not valid JSON"]}
+            found = record if isinstance(record, dict) else {}  # a record that is not a mapping blesses nothing
+            rows.append({"model": name, "version": version, "validated": record is not None,
+                         "blessed": found.get("blessed") is True, "served": version == served,
+                         "reasons": list(found.get("reasons") or []),
+                         **{key: found[key] for key in ("export_accuracy", "export_bits_per_byte") if key in found}})
+    return rows
+
+
+@takes_run_dir
 def report(run_dir: str) -> Report:
     """Writes RUN/report/index.html and its figures."""
     from kcp.reporting import build_report
@@ -305,6 +328,9 @@ class Run:
     def report(self) -> Report:
         return report(self.run_dir)
 
+    def versions(self) -> list[dict]:
+        return versions(self.run_dir)
+
     def generate(self, prompt: str, **options) -> str:
         return generate(self.run_dir, prompt, **options)
 
@@ -320,5 +346,5 @@ class Run:
         return server
 
 
-__all__ = ["Run", "TrainResult", "TuneResult", "Report", "preprocess", "train", "tune", "export", "validate",
-           "push", "predict", "report", "serve", "generate", "resolve_config", "new_run_dir", "newest_run"]
+__all__ = ["Run", "TrainResult", "TuneResult", "Report", "preprocess", "train", "tune", "export", "validate", "push",
+           "predict", "report", "serve", "generate", "versions", "resolve_config", "new_run_dir", "newest_run"]

@@ -12,7 +12,7 @@ import sys
 import time
 
 from kcp import api
-from kcp.cli.figures import document_cache_figures, language_verdict
+from kcp.cli.figures import document_cache_figures, language_verdict, version_line
 from kcp.core import quiet, storage
 from kcp.core.char_ngrams import char_ngram_count
 from kcp.core.cluster import take_tuner_role, tuner_id
@@ -249,6 +249,15 @@ def report(args, run_dir: str, config, beam_args: list[str]) -> int:
     return 0
 
 
+def versions(args, run_dir: str, config, beam_args: list[str]) -> int:
+    rows = api.versions(run_dir)
+    if not rows:
+        raise UserError(f"{RunLayout(run_dir).exports}: no export versions; run `kcp export --run-dir {run_dir}`")
+    for row in rows:
+        say(version_line(row))
+    return 0
+
+
 def generate(args, run_dir: str, config, beam_args: list[str]) -> int:
     """Prints the completion only (stdout), so that it pipes."""
     if (args.prompt is None) == (args.prompt_file is None):
@@ -334,4 +343,4 @@ def describe_model(args, run_dir: str | None, config, beam_args: list[str]) -> i
 
 HANDLERS = {"preprocess": preprocess, "train": train, "export": export, "run": run, "tune": tune,
             "validate": validate, "push": push, "serve": serve, "predict": predict, "report": report,
-            "generate": generate, "describe-model": describe_model}
+            "generate": generate, "describe-model": describe_model, "versions": versions}

@@ -1,5 +1,5 @@
 """The figures the command handlers print that take more than a line to compose: a language
-model's validation verdict and its document-cache figures."""
+model's validation verdict and its document-cache figures, and a line of `kcp versions`."""
 
 from __future__ import annotations
 
@@ -21,3 +21,12 @@ def language_verdict(validation: dict) -> str:
                f"(trainer {validation['trainer_bits_per_byte']:.4f}, log-probabilities within "
                f"{validation['max_log_probability_difference']:.1e} nats)")
     return figures + (" -> blessed" if validation["blessed"] else " -> NOT blessed: " + "; ".join(validation["reasons"]))
+
+
+def version_line(row: dict) -> str:
+    """One export version of `kcp versions`: its verdict, its test figure, what kcp serve does with it."""
+    state = "blessed" if row["blessed"] else "NOT blessed" if row["validated"] else "not validated"
+    figure = (f", test accuracy {row['export_accuracy']:.4f}" if "export_accuracy" in row else
+              f", test {row['export_bits_per_byte']:.4f} bits per byte" if "export_bits_per_byte" in row else "")
+    why = f": {'; '.join(row['reasons'])}" if row["reasons"] and not row["blessed"] else ""
+    return f"{row['model']} version {row['version']}: {state}{figure}{' <- kcp serve' if row['served'] else ''}{why}"

@@ -134,6 +134,9 @@ COMMANDS = {
         ("kcp predict --run-dir runs/digits --input folder:new_images --output predictions/part",
          "kcp predict --run-dir runs/reviews --input csv:new.csv --output predictions.jsonl --single-file"),
         (*PREDICT_VERSION, *PREDICT), runs_beam=True),
+    "versions": Command(
+        "List the run's export versions: blessed or not, test figure, and the one kcp serve answers with.",
+        ("kcp versions --run-dir runs/digits",)),
     "report": Command(
         "Write RUN/report/index.html: curves, confusion matrix, mistakes, filters, attention, augmentation.",
         ("kcp report --run-dir runs/digits",)),

@@ -136,6 +136,13 @@ def test_validation_refuses_below_min_accuracy(digits_run, tmp_path, capsys):
     assert "lost_blessing" not in result  # in what the API returns, not in the record
     assert ("[validate] version 2 was blessed before and is not now: kcp serve and kcp predict use version 1 "
             "instead") in capsys.readouterr().out
+    accuracy = json.load(open(os.path.join(copy, "export", "model", "1", "assets.extra", "validation.json")))[
+        "export_accuracy"]
+    os.makedirs(os.path.join(copy, "export", "model", "3"))  # an export under way: no saved_model.pb, no version
+    assert cli.main(["versions", "--run-dir", copy]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"model version 2: NOT blessed, test accuracy {result['export_accuracy']:.4f}: {result['reasons'][0]}",
+        f"model version 1: blessed, test accuracy {accuracy:.4f} <- kcp serve"]
     assert cli.main(["validate", "--run-dir", copy, "--version", "1", "--set", "export.min_accuracy=0.999"]) == 1
     assert ("[validate] version 1 was blessed before and is not now: kcp serve and kcp predict have no blessed "
             "version of this model to use") in capsys.readouterr().out
