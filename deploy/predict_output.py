@@ -52,9 +52,12 @@ def output_claimed(output: str, prefix: str, single_file: bool, inputs: list[str
     same prefix wrote (its shards and dead letters, sharded or single-file alike, and a killed job's
     beam-temp folders), so that every file there after this job is its own. One-line UserErrors:
     a folder that cannot be written, another job on the prefix, an --output among the `inputs`."""
-    earlier = [output, f"{prefix}.dead_letter.jsonl", *job_files(prefix), *job_files(prefix, ".dead_letter")]
+    def earlier() -> list[str]:  # a sharded job removes a single-file one's PREFIX.jsonl, not a file it was not given
+        return [output if single_file else f"{prefix}.jsonl", f"{prefix}.dead_letter.jsonl", *job_files(prefix),
+                *job_files(prefix, ".dead_letter")]
+
     read = {_same_file(path) for path in inputs if path}
-    clash = next((path for path in earlier if _same_file(path) in read), None)
+    clash = next((path for path in earlier() if _same_file(path) in read), None)
     if clash:
         raise UserError(f"--output: {clash} is an input this job reads; give the predictions another path")
     folder, name = prefix.rsplit("/", 1) if "/" in prefix else (".", prefix)
@@ -63,12 +66,13 @@ def output_claimed(output: str, prefix: str, single_file: bool, inputs: list[str
         storage.makedirs(claim)
         lock.acquire(claim, "predict")
     except lock.RunLockedError as error:
-        raise UserError(f"--output: {prefix} is being written by another job, {str(error).split(' is in use by ')[-1]}"
-                        ) from None
+        holder = str(error).split(" is in use by ", 1)
+        raise UserError(f"--output: {prefix} is being written by another job, {holder[1]}" if len(holder) == 2
+                        else f"--output: {error}") from None
     except OSError as error:  # a parent that is a file, a folder that may not be written
         raise UserError(f"--output: cannot write in {folder} ({error.strerror or error})") from None
     try:
-        for path in earlier:
+        for path in earlier():  # listed again under the lock: a job that ended meanwhile left its shards
             storage.remove(path)
         # Beam's temporary folders: beam-temp-NAME-<uuid1 hex>; on gs:// a "folder" is its objects' prefix
         temporary = re.compile(rf"beam-temp-{re.escape(name)}(\.dead_letter)?-[0-9a-f]{{32}}")

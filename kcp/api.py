@@ -191,8 +191,8 @@ def predict(run_dir: str, input: str, output: str, version: int | None = None, *
     data = config.data  # the run's data.limit (a quick trial's) does not cap what is predicted; --set can
     if not any(item.startswith("data.limit=") for item in override_list(overrides)):
         data = dataclasses.replace(data, limit=0)
-    if not data.modality and modality in ("image", "sequence"):  # int series are the model's kind
-        data = dataclasses.replace(data, modality=modality)
+    # the export's kind, not one a later preprocess recorded (int series are read as the sequence model's)
+    data = dataclasses.replace(data, modality=modality if modality in ("image", "sequence") else None)
     plan = plan_input(input, data, modality)
     say(f"{input} through {directory}")
     return run_batch_prediction(directory, plan, output, beam_arg_list(beam_args), single_file, report=progress)

@@ -112,7 +112,7 @@ def sparse_classes_warning(contract) -> str | None:
     fractional = sum(1 for name in names if _is_fraction(name))
     what = ("a continuous value (a regression target: kcp trains classifiers, so bin it into classes first)"
             if fractional > len(names) / 2 else "an id or free text rather than classes (data.label_column)")
-    return (f"warning: {len(names)} classes for {train} train examples, fewer than 2 each "
+    return (f"warning: {len(names)} classes for {train} train examples, fewer than 2 a class on average "
             f"(e.g. {', '.join(repr(name) for name in names[:3])}): a classifier cannot learn a class from one "
             f"example; are the labels {what}?")
 

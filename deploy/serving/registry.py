@@ -101,7 +101,7 @@ class ModelRegistry:
         return target
 
     def _load(self, name: str, version: int, path: str) -> None:
-        local = None
+        local = os.path.join(self.staging, name, str(version)) if self.remote else path
         try:
             local = self._local_copy(name, version, path) if self.remote else path
             self.loads += 1
@@ -116,7 +116,7 @@ class ModelRegistry:
                 attempts = previous.attempts + 1 if previous else 1
                 backoff = min(MAX_BACKOFF_S, max(self.poll_seconds, 1.0) * 2 ** attempts)
                 message = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-                message = message.replace(local, path) if self.remote and local else message  # the gs:// version's name
+                message = message.replace(local, path) if self.remote else message  # the gs:// version's name
                 self.failures[name][version] = Failure(message, attempts, time.monotonic() + backoff)
             log.error("serve: cannot load %s (attempt %d, next in %.0f s): %s", path, attempts, backoff, message)
             return
@@ -148,13 +148,14 @@ class ModelRegistry:
             return
         seen = {name for name in names if self._scan_model(name, storage.join(self.export_root, name))}
         with self.lock:
-            for name in set(self.models) - seen:  # a whole model folder deleted
-                for loaded in self.models.pop(name).values():
-                    loaded.unload()
-                    self._discard_copy(name, loaded.version)
+            gone = {name: self.models.pop(name) for name in set(self.models) - seen}  # whole model folders deleted
             for table in (self.failures, self.unblessed, self.ended):
                 for name in set(table) - seen:
                     del table[name]
+        for name, versions in gone.items():  # outside the lock: requests go on while the copies are deleted
+            for loaded in versions.values():
+                loaded.unload()
+                self._discard_copy(name, loaded.version)
 
     def _scan_model(self, name: str, directory: str) -> bool:
         """One model's folder: loads and unloads versions per the policy; False when it has none."""
@@ -196,11 +197,12 @@ class ModelRegistry:
                 served.add(version)
                 count -= 1
         with self.lock:
-            for version in loaded - served:
-                self.models[name].pop(version).unload()
-                self._discard_copy(name, version)
-                self.ended.setdefault(name, set()).add(version)
-                log.info("serve: unloaded %s version %d", name, version)
+            unloaded = [self.models[name].pop(version) for version in loaded - served]
+            self.ended.setdefault(name, set()).update(version.version for version in unloaded)
+        for version in unloaded:  # outside the lock: requests go on while the copy is deleted
+            version.unload()
+            self._discard_copy(name, version.version)
+            log.info("serve: unloaded %s version %d", name, version.version)
         return True
 
     def refresh(self, wait: bool = False, interval: float | None = None) -> None:

@@ -175,7 +175,7 @@ def validate(args, run_dir: str, config, beam_args: list[str]) -> int:
     if "lost_blessing" in result:  # validated again, stricter: the version a server used is not served now
         now = result["lost_blessing"]
         say(f"[validate] version {result['version']} was blessed before and is not now: kcp serve and kcp predict "
-            + (f"use version {now} instead" if now else "have no blessed version of this model to use"))
+            + (f"use version {now}" if now else "have no blessed version of this model to use"))
     if result.get("modality") == "language":
         say(f"[validate] version {result['version']}: {language_verdict(result)}")
         return 0 if result["blessed"] else 1

@@ -118,11 +118,14 @@ def coerce(key: str, value: Any, annotation: Any):
     raise TypeError(f"unsupported annotation {annotation!r} for {key}")
 
 
+def allowed(choices) -> str:
+    return ", ".join("null" if choice is None else str(choice) for choice in choices)
+
+
 def check_rules(key: str, value: Any, metadata) -> None:
     choices = metadata.get("choices")
     if choices is not None and value not in choices:
-        allowed = ", ".join("null" if choice is None else str(choice) for choice in choices)
-        raise ConfigError(f"{key}: {value!r} is not one of {allowed}")
+        raise ConfigError(f"{key}: {value!r} is not one of {allowed(choices)}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         minimum, maximum = metadata.get("minimum"), metadata.get("maximum")
         if minimum is not None and value < minimum:
@@ -161,8 +164,7 @@ def build(cls, values: dict, prefix: str, **extra):
             choices = fields[name].metadata.get("choices")
             if choices is None:
                 raise
-            allowed = ", ".join("null" if choice is None else str(choice) for choice in choices)
-            raise ConfigError(f"{error}; allowed: {allowed}") from None
+            raise ConfigError(f"{error}; allowed: {allowed(choices)}") from None
         check_rules(key, value, fields[name].metadata)
         kwargs[name] = value
     return cls(**kwargs)

@@ -140,8 +140,9 @@ def test_predict_names_classes_as_the_export_does_not_as_a_later_contract(sequen
     assert {line["class_name"] == str(line["class_id"]) for line in lines.values()} == {True}
 
 
+@pytest.mark.parametrize("recorded", [None, "image"])
 def test_predict_reads_input_as_the_export_takes_it_after_the_run_is_preprocessed_again(sequence_run, tmp_path,
-                                                                                         capsys):
+                                                                                         capsys, recorded):
     """The run's data preprocessed again, from a table of text, before a new training: predict still
     reads --input as the sequence model it runs takes it (not as the text RUN/data now describes)."""
     source, x = sequence_run
@@ -151,6 +152,11 @@ def test_predict_reads_input_as_the_export_takes_it_after_the_run_is_preprocesse
     assert cli.main(["preprocess", "--run-dir", run_dir, "--source", f"csv:{tmp_path / 'reviews.csv'}", "--",
                      *IN_PROCESS_BEAM]) == 0
     assert json.loads((tmp_path / "run" / "data" / "metadata.json").read_text())["modality"] == "text"
+    if recorded:  # preprocessed again from images with data.modality given: recorded in config.yaml
+        np.savez(tmp_path / "images.npz", x=np.zeros((60, 6, 6), np.uint8) + np.arange(60, dtype=np.uint8)[:, None, None],
+                 y=np.arange(60) % 2)
+        assert cli.main(["preprocess", "--run-dir", run_dir, "--source", f"npz:{tmp_path / 'images.npz'}", "--set",
+                         f"data.modality={recorded}", "--", *IN_PROCESS_BEAM]) == 0
     np.savez(tmp_path / "rows.npz", x=x[:5])
     code, output = predict(run_dir, f"npz:{tmp_path / 'rows.npz'}", tmp_path / "preds", capsys)
     assert code == 0 and "[predict] predicted 5, failed 0" in output, output
@@ -203,14 +209,19 @@ def test_predict_never_removes_its_input_nor_another_jobs_output_and_names_an_un
     run_dir, x = sequence_run
     source = tmp_path / "rows.npz"
     np.savez(source, x=x[:3])
-    for output, single in ((source, ["--single-file"]), (tmp_path / "rows.npz.jsonl", [])):
+    code = cli.main(["predict", "--run-dir", run_dir, "--input", f"npz:{source}", "--output", str(source),
+                     "--single-file", "--", *IN_PROCESS_BEAM])
+    said = capsys.readouterr().err
+    assert code == 2 and said.strip() == (f"kcp predict: error: --output: {source} is an input this job reads; "
+                                          "give the predictions another path"), said
+    (tmp_path / "old.csv").write_text("a file of the user's, named as a sharded job's prefix\n")
+    for output in (tmp_path / "rows.npz.jsonl", tmp_path / "old.csv"):  # sharded: PREFIX-*-of-*.jsonl
         code = cli.main(["predict", "--run-dir", run_dir, "--input", f"npz:{source}", "--output", str(output),
-                         *single, "--", *IN_PROCESS_BEAM])
-        said = capsys.readouterr().err
-        if single:
-            assert code == 2 and said.strip() == (f"kcp predict: error: --output: {source} is an input this job "
-                                                  "reads; give the predictions another path"), said
+                         "--", *IN_PROCESS_BEAM])
+        assert code == 0, capsys.readouterr().err
     assert np.load(source)["x"].shape == (3, 20, 3)  # still there, whole
+    assert (tmp_path / "old.csv").read_text().startswith("a file of the user's")
+    assert (tmp_path / "old.csv-00000-of-00001.jsonl").exists()
 
     (tmp_path / "file").write_text("not a folder")
     code, said = predict(run_dir, f"npz:{source}", tmp_path / "file" / "p", capsys)

@@ -134,8 +134,8 @@ def test_validation_refuses_below_min_accuracy(digits_run, tmp_path, capsys):
     result = json.load(open(os.path.join(copy, "export", "model", "2", "assets.extra", "validation.json")))
     assert result["blessed"] is False and "below export.min_accuracy 0.999" in result["reasons"][0]
     assert "lost_blessing" not in result  # in what the API returns, not in the record
-    assert ("[validate] version 2 was blessed before and is not now: kcp serve and kcp predict use version 1 "
-            "instead") in capsys.readouterr().out
+    assert ("[validate] version 2 was blessed before and is not now: kcp serve and kcp predict use version 1\n"
+            in capsys.readouterr().out)
     accuracy = json.load(open(os.path.join(copy, "export", "model", "1", "assets.extra", "validation.json")))[
         "export_accuracy"]
     os.makedirs(os.path.join(copy, "export", "model", "3"))  # an export under way: no saved_model.pb, no version

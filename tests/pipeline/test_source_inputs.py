@@ -167,6 +167,11 @@ def test_without_labels_a_folder_needs_no_class_folders(tmp_path):
     labelled = tmp_path / "labelled"  # a labelled layout without labels: the same keys as with them
     for split in ("train", "test"):
         image(str(labelled / split / "x" / "0.png"), 5)
+    os.symlink(tmp_path / "nowhere.png", labelled / "gone.png")  # beside the class folders: named as what it is
+    with pytest.raises(SourceError, match=rf"^data.source: {labelled}/gone.png is a broken link outside the class "
+                                          r"folders; remove it$"):
+        plan_source(f"folder:{labelled}")
+    os.remove(labelled / "gone.png")
     _, with_labels = records_of(f"folder:{labelled}")
     _, without = records_of(f"folder:{labelled}", labels=False)
     assert sorted(r.key for r in without) == sorted(r.key for r in with_labels) == ["test/x/0.png", "train/x/0.png"]

@@ -204,7 +204,7 @@ def test_labels_with_fewer_than_two_train_examples_a_class_are_named_in_a_warnin
     out = capsys.readouterr().out
     warnings = [line for line in out.splitlines() if "warning:" in line]
     assert code == 0 and len(warnings) == 1, out
-    assert "classes for" in warnings[0] and "train examples, fewer than 2 each" in warnings[0]
+    assert "classes for" in warnings[0] and "train examples, fewer than 2 a class on average" in warnings[0]
     assert "are the labels a continuous value (a regression target" in warnings[0]
 
     def contract(counts):
@@ -212,9 +212,9 @@ def test_labels_with_fewer_than_two_train_examples_a_class_are_named_in_a_warnin
 
     ids = contract({f"user-{i}": 1 for i in range(30)})
     assert sparse_classes_warning(ids) == (
-        "warning: 30 classes for 30 train examples, fewer than 2 each (e.g. 'user-0', 'user-1', 'user-10'): a "
-        "classifier cannot learn a class from one example; are the labels an id or free text rather than classes "
-        "(data.label_column)?")
+        "warning: 30 classes for 30 train examples, fewer than 2 a class on average (e.g. 'user-0', 'user-1', "
+        "'user-10'): a classifier cannot learn a class from one example; are the labels an id or free text rather "
+        "than classes (data.label_column)?")
     assert sparse_classes_warning(contract({str(i): 2 for i in range(30)})) is None  # 2 each: few, but classes
     assert sparse_classes_warning(contract({"a": 1, "b": 1, "c": 0})) is None  # few classes: the other warnings'
 

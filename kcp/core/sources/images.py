@@ -166,6 +166,9 @@ def _listing(root: str, has_splits: bool, folders) -> tuple[list, list[str]]:
     for split_folder in sorted({folder.rsplit("/", 1)[0] for folder, _, _ in folders} - {root}):
         loose += [f"{split_folder[len(root) + 1:]}/{name}" for name in _loose_files(split_folder)]
     outside = [name for name in loose if _is_image(name)]
+    broken = [name for name in outside if not os.path.exists(f"{root}/{name}")] if not storage.is_remote(root) else []
+    if broken:
+        raise SourceError(f"data.source: {root}/{broken[0]} is a broken link outside the class folders; remove it")
     if outside:
         where = f"{root}/<split>/<class>/" if has_splits else f"{root}/<class>/"
         more = f" (and {len(outside) - 1} more)" if len(outside) > 1 else ""
