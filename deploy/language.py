@@ -6,6 +6,7 @@ puts them into the SavedModel; `kcp generate` and the report run the same `gener
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import numbers
 
@@ -16,6 +17,8 @@ from kcp.core import contract as contract_lib
 from kcp.core import document_cache
 from kcp.core import examples as example_lib
 from kcp.core.errors import UserError
+
+log = logging.getLogger("kcp.generate")
 
 GENERATE_SPECS = {"prompts": tf.TensorSpec([None], tf.string, name="prompts"),
                   "max_new_tokens": tf.TensorSpec([], tf.int32, name="max_new_tokens"),
@@ -150,6 +153,11 @@ def complete_prompt(model, contract, run_dir: str, prompt: str, generate_tokens,
     loaded model.keras): the completion the served signature gives for the same settings."""
     context = int(contract.statistics["context_length"])
     encoder, decoder = language_codec(contract, run_dir)
+    length = int(encoder(tf.constant([prompt.encode("utf-8")])).row_lengths()[0]) + 1  # after a document separator
+    if length > context - max_new_tokens:  # the model sees only the prompt's end: said, not silent
+        log.warning("generate: the prompt is %d tokens with its document separator; the model sees its last %d "
+                    "(the context, %d, less max_new_tokens, %d): lower max_new_tokens to keep more of it",
+                    length, context - max_new_tokens, context, max_new_tokens)
     function = language_functions(model, contract, encoder, decoder, generate_tokens,
                                   lengths=[generation_length(max_new_tokens, context)])["generate"]
     outputs = function(prompts=tf.constant([prompt.encode("utf-8")]), max_new_tokens=tf.constant(max_new_tokens),

@@ -250,7 +250,7 @@ def generate(run_dir: str, prompt: str, *, max_new_tokens: int | None = None,
     It runs the export's own `generate` function (deploy/language.py `language_functions`), built
     on model.keras: the same seed gives the text the served `generate` signature answers. The
     prompt starts a document; the completion ends at the end of one or after `max_new_tokens`
-    tokens (None: 64, or the context less one where that is shorter). temperature 0 is greedy;
+    tokens (None: 64, or half the context where that is shorter). temperature 0 is greedy;
     top_k 0 and top_p 1 switch those filters off."""
     import keras
 
@@ -263,7 +263,7 @@ def generate(run_dir: str, prompt: str, *, max_new_tokens: int | None = None,
                         "(kcp run --model gpt)")
     context = int(contract.statistics["context_length"])
     if max_new_tokens is None:
-        max_new_tokens = min(GENERATE_DEFAULTS["max_new_tokens"], context - 1)
+        max_new_tokens = max(1, min(GENERATE_DEFAULTS["max_new_tokens"], context // 2))  # room for the prompt
     arguments = checked_generate_arguments(prompt, context, max_new_tokens=max_new_tokens, temperature=temperature,
                                            top_k=top_k, top_p=top_p, seed=seed)
     model_path = RunLayout(run_dir).model

@@ -76,8 +76,8 @@ DESCRIBE = [
 GENERATE = [
     (("--prompt",), dict(help="the start of the text to complete (a new document)")),
     (("--prompt-file",), dict(metavar="PATH", help="read the prompt from a file (local or gs://) instead")),
-    (("--max-new-tokens",), dict(type=int, default=None, help="tokens to add at most (default 64, or the context less "
-                                                              "one where that is shorter; the completion also ends "
+    (("--max-new-tokens",), dict(type=int, default=None, help="tokens to add at most (default 64, or half the context "
+                                                              "where that is shorter; the completion also ends "
                                                               "where the model ends the document)")),
     (("--temperature",), dict(type=float, default=0.8, help="0: greedy; higher: more random (default 0.8)")),
     (("--top-k",), dict(type=int, default=0, help="sample among the k most likely tokens (default 0: all)")),

@@ -64,8 +64,9 @@ RESERVED_TOKEN_IDS = 2
 LANGUAGE_PAD = 0  # fills the last block of a shard; never a target
 LANGUAGE_UNKNOWN = 1  # a character outside the vocabulary (characters tokenizer)
 LANGUAGE_SEPARATOR = 2  # after every document: the model learns where documents end
-# the exported `generate` signature's inputs when a client leaves them out (deploy/language.py)
-GENERATE_DEFAULTS = {"max_new_tokens": 64, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 0}
+# kcp generate's and kcp.generate's settings when not given (the exported `generate` signature
+# takes every one; its warmup records use these); max_new_tokens at most half the context
+GENERATE_DEFAULTS = {"max_new_tokens": 64, "temperature": 0.8, "top_k": 0, "top_p": 1.0, "seed": 0}
 LANGUAGE_RESERVED_IDS = 3  # real tokens from here
 LANGUAGE_SEPARATOR_TEXT = "\n\n"  # what the separator decodes to
 LANGUAGE_UNKNOWN_TEXT = "\ufffd"  # what an unknown (or out-of-range) id decodes to

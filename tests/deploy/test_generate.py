@@ -2,6 +2,7 @@
 over REST and gRPC. The run is tests/trainer/test_language_model.py's `language_run` (kcp run --model gpt)."""
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -238,6 +239,21 @@ def test_bad_generate_settings_get_one_line_errors(language_run, served, capsys)
     # NumPy's numbers are numbers: a notebook's np.int64 gives what the int gives
     assert api.generate(language_run, "a", max_new_tokens=np.int64(4), temperature=np.float32(1.0), seed=np.int64(3)) \
         == api.generate(language_run, "a", max_new_tokens=4, temperature=1.0, seed=3)
+
+
+def test_generate_defaults_leave_the_prompt_half_the_context_and_a_cut_prompt_is_said(language_run, caplog):  # noqa: F811
+    """Context 32: max_new_tokens defaulted to 31, which left the prompt one token (any two prompts
+    gave the same text, silently); the API's temperature was 1.0 where the command's is 0.8."""
+    from kcp import api
+
+    default = api.generate(language_run, "def fib", seed=5)
+    assert default == api.generate(language_run, "def fib", seed=5, max_new_tokens=16, temperature=0.8)
+    assert not [record for record in caplog.records if record.name == "kcp.generate"]
+    with caplog.at_level(logging.WARNING, logger="kcp.generate"):
+        api.generate(language_run, "x" * 40, max_new_tokens=8, seed=5)  # 40 bytes + the separator: 41 > 32 - 8
+    assert [record.getMessage() for record in caplog.records if record.name == "kcp.generate"] == [
+        "generate: the prompt is 41 tokens with its document separator; the model sees its last 24 (the context, "
+        "32, less max_new_tokens, 8): lower max_new_tokens to keep more of it"]
 
 
 @pytest.fixture(scope="module")
