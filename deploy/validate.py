@@ -87,8 +87,10 @@ def validate_export(config: Config, run_dir: str, version: int | None = None) ->
     contract = contract_lib.read_contract(run_dir)
     test = contract.splits.get("test")
     if not test or not test.count or "test" not in metrics:
-        raise UserError(f"{run_dir}: the test split is empty, so there is nothing to validate the export on; "
-                        "give data.split a test fraction (or the source a test split) and preprocess again")
+        fix = ("a corpus's documents go whole to one split, so give it more files (data.split then puts some in "
+               "test), or serve without validation (kcp serve --allow-unvalidated)" if contract.modality == "language"
+               else "give data.split a test fraction (or the source a test split) and preprocess again")
+        raise UserError(f"{run_dir}: the test split is empty, so there is nothing to validate the export on; {fix}")
     fingerprint = read_fingerprint(directory)
     exported = fingerprint.get("weights_sha256")
     if metrics.get("weights_sha256") and exported and exported != metrics["weights_sha256"]:

@@ -45,10 +45,8 @@ from kcp.core.lock import run_lock
 from kcp.results import Report, TrainResult, TuneResult
 from pipeline.preprocess import run_preprocess
 
-# The stages that need TensorFlow or Keras (training, tuning, export, validation, serving, the
-# report, generation) are imported in the functions that run them: importing them costs about
-# 5 s and 0.5 GB, which `kcp preprocess`, `kcp predict` and `kcp push` never pay (on the digits
-# `kcp preprocess` went from 16.8 s to under 8 s; docs/performance.md).
+# The stages that need TensorFlow or Keras are imported in the functions that run them: importing them
+# costs about 5 s and 0.5 GB, which `kcp preprocess` and `kcp push` never pay (docs/performance.md).
 
 # --- the stages -------------------------------------------------------------------------
 
@@ -200,8 +198,9 @@ def predict(run_dir: str, input: str, output: str, version: int | None = None, *
 
 @takes_run_dir
 def versions(run_dir: str) -> list[dict]:
-    """The run's export versions, each model's newest first: {"model", "version", "validated", "blessed",
-    "served" (what `kcp serve` answers with), "reasons", and `export_accuracy` (`export_bits_per_byte`: gpt)}."""
+    """The run's export versions, each model's newest first: {"model", "version", "validated", "blessed", "served"
+    (what `kcp serve` answers with), "reasons", and validate's "export_accuracy" (gpt: "export_bits_per_byte")
+    and "examples"}."""
     layout, rows = RunLayout(run_dir), []
     names = sorted(storage.list_dir(layout.exports)) if storage.exists(layout.exports) else []
     for name in names:
@@ -216,7 +215,8 @@ def versions(run_dir: str) -> list[dict]:
             rows.append({"model": name, "version": version, "validated": record is not None,
                          "blessed": found.get("blessed") is True, "served": version == served,
                          "reasons": list(found.get("reasons") or []),
-                         **{key: found[key] for key in ("export_accuracy", "export_bits_per_byte") if key in found}})
+                         **{key: found[key] for key in ("export_accuracy", "export_bits_per_byte", "examples")
+                            if key in found}})
     return rows
 
 

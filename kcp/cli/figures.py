@@ -26,7 +26,8 @@ def language_verdict(validation: dict) -> str:
 def version_line(row: dict) -> str:
     """One export version of `kcp versions`: its verdict, its test figure, what kcp serve does with it."""
     state = "blessed" if row["blessed"] else "NOT blessed" if row["validated"] else "not validated"
+    texts = f" on {row['examples']} test texts" if "examples" in row else ""
     figure = (f", test accuracy {row['export_accuracy']:.4f}" if "export_accuracy" in row else
-              f", test {row['export_bits_per_byte']:.4f} bits per byte" if "export_bits_per_byte" in row else "")
+              f", {row['export_bits_per_byte']:.4f} bits per byte{texts}" if "export_bits_per_byte" in row else "")
     why = f": {'; '.join(row['reasons'])}" if row["reasons"] and not row["blessed"] else ""
     return f"{row['model']} version {row['version']}: {state}{figure}{' <- kcp serve' if row['served'] else ''}{why}"

@@ -278,6 +278,23 @@ def bpe_run(tmp_path_factory):
     return run_dir
 
 
+def test_validating_a_corpus_without_test_documents_says_what_a_corpus_needs(language_run, tmp_path, capsys):  # noqa: F811,E501
+    """A one-file corpus puts its one document in train: "give data.split a test fraction" could not help."""
+    import shutil
+
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(language_run, run_dir)
+    metadata = os.path.join(run_dir, "data", "metadata.json")
+    contract = json.load(open(metadata))
+    contract["splits"]["test"]["count"] = 0
+    json.dump(contract, open(metadata, "w"))
+    assert cli.main(["validate", "--run-dir", run_dir]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"kcp validate: error: {run_dir}: the test split is empty, so there is nothing to validate the export on; a "
+        "corpus's documents go whole to one split, so give it more files (data.split then puts some in test), or "
+        "serve without validation (kcp serve --allow-unvalidated)")
+
+
 def test_generate_and_report_refuse_a_model_trained_on_another_contract(language_run, tmp_path, capsys):  # noqa: F811
     """A preprocess rerun after training (another tokenizer or context) used to pair the old model with
     the new contract: garbage completions, or a traceback; export already refused it."""
