@@ -38,7 +38,8 @@ def empty_validation_warning(contract, config: Config) -> str | None:
     fix = "set data.split to a larger validation share, or add data"
     if contract.modality == "language":  # documents go whole to one split: a share cannot divide one
         documents = contract.statistics.get("documents") or {}
-        fix = (f"each file is one document and goes whole to one split ({sum(documents.values())} documents): "
+        total = sum(documents.values())
+        fix = (f"each file is one document and goes whole to one split ({total} document{'' if total == 1 else 's'}): "
                "split the text into more files, or add files")
     return (f"warning: the validation split is empty ({written} examples written, data.split "
             f"{list(config.data.split)}): early stopping, the best checkpoint and plateau will monitor the train "

@@ -277,13 +277,14 @@ def make_callbacks(config: TrainConfig, paths: TrainPaths, has_validation: bool)
     if monitor != config.monitor:  # said once: otherwise early stopping on a falling train metric looks like a bug
         watched = ["the best checkpoint"] + (["early stopping"] if config.early_stopping_patience else []) \
             + (["plateau"] if config.schedule == "plateau" else [])
-        watching = " and ".join([", ".join(watched[:-1]), watched[-1]] if len(watched) > 1 else watched)
+        watching = " and ".join([", ".join(watched[:-1]), watched[-1]] if len(watched) > 1 else watched) \
+            + (" monitor" if len(watched) > 1 else " monitors")
         if config.include_validation:  # asked for: the final run after tuning
-            log.info("train: no separate validation data (train.include_validation): %s monitor `%s` on the "
+            log.info("train: no separate validation data (train.include_validation): %s `%s` on the "
                      "training data instead of train.monitor `%s`", watching, monitor, config.monitor)
         else:
             log.warning("train: no validation split (RUN/data holds 0 validation examples; see data.split): %s "
-                        "monitor `%s` on the training data instead of train.monitor `%s`", watching, monitor,
+                        "`%s` on the training data instead of train.monitor `%s`", watching, monitor,
                         config.monitor)
     callbacks = [
         StopOnNonFiniteLoss(),  # first: a NaN batch raises before any other callback saves or logs it

@@ -26,7 +26,8 @@ from typing import Any, Optional
 import yaml
 
 from kcp.core.char_ngrams import DEFAULT_CHAR_NGRAM_BUCKETS, DEFAULT_CHAR_NGRAMS
-from kcp.core.contract import BYTE_VOCAB_SIZE, DEFAULT_TEXT_TOKENIZER, LANGUAGE_TOKENIZERS, TEXT_TOKENIZERS, TOKENIZERS
+from kcp.core.contract import (BYTE_VOCAB_SIZE, DEFAULT_TEXT_TOKENIZER, LANGUAGE_RESERVED_IDS, LANGUAGE_TOKENIZERS,
+                               TEXT_TOKENIZERS, TOKENIZERS)
 from kcp.core.families import family_config_class
 from kcp.core.schema import ConfigError, build, coerce, option, parse_override, read_yaml_file, to_plain
 
@@ -126,6 +127,9 @@ class DataConfig:
         if self.tokenizer == "bpe" and self.vocab_size <= BYTE_VOCAB_SIZE:
             raise ConfigError(f"data.vocab_size: {self.vocab_size} leaves bpe no merges (the 3 reserved ids and 256 "
                               f"bytes take {BYTE_VOCAB_SIZE}); set it above {BYTE_VOCAB_SIZE}, e.g. 4096")
+        if self.is_language and self.tokenizer == "characters" and self.vocab_size <= LANGUAGE_RESERVED_IDS:
+            raise ConfigError(f"data.vocab_size: {self.vocab_size} leaves the characters tokenizer no character (the "
+                              f"{LANGUAGE_RESERVED_IDS} reserved ids take them all); set it above, e.g. 512")
         if self.is_language and self.augment.copies:
             raise ConfigError(f"data.augment.copies: {self.augment.copies} augmented copies are not made of language "
                               "data; set it to 0")

@@ -262,3 +262,10 @@ def test_a_notebooks_dataframe_or_array_as_source_is_one_line(tmp_path):
         assert str(raised.value) == (f"data.source: expected a source such as csv:PATH or npz:PATH, got a {kind} "
                                      "(save it first, e.g. DataFrame.to_csv or numpy.savez)")
     assert not os.path.exists(tmp_path / "run" / "config.yaml")
+
+
+def test_a_characters_vocabulary_with_no_room_for_a_character_is_refused(gpt_family):
+    """data.vocab_size 3 gave an empty vocab.txt: every character unknown, and nothing said."""
+    with pytest.raises(ConfigError, match=r"^data.vocab_size: 3 leaves the characters tokenizer no character "):
+        load_config([], ["data.source=text:notes", "data.tokenizer=characters", "data.vocab_size=3"])
+    assert load_config([], ["data.source=text:notes", "data.tokenizer=characters", "data.vocab_size=4"]).data.vocab_size == 4

@@ -229,7 +229,7 @@ def test_an_empty_validation_split_of_a_corpus_is_told_to_split_its_files():
               "test": SimpleNamespace(count=0)}
     contract = SimpleNamespace(modality="language", splits=splits, statistics={"documents": {"train": 1}})
     assert empty_validation_warning(contract, load_config([], [])).endswith(
-        "metrics; each file is one document and goes whole to one split (1 documents): split the text into more "
+        "metrics; each file is one document and goes whole to one split (1 document): split the text into more "
         "files, or add files")
 
 

@@ -294,7 +294,7 @@ def test_without_a_validation_split_the_monitors_watch_the_train_metric_and_say_
     with caplog.at_level("INFO", logger="kcp.train"):
         callbacks, _ = make_callbacks(load_config([], []).train, paths, has_validation=False)
         assert caplog.records[-1].getMessage().startswith("train: no validation split (RUN/data holds 0 validation "
-                                                          "examples; see data.split): the best checkpoint monitor ")
+                                                          "examples; see data.split): the best checkpoint monitors ")
         caplog.clear()
         callbacks, _ = make_callbacks(settings, paths, has_validation=True)
     assert [c.monitor for c in callbacks if isinstance(c, watchers)] == ["val_accuracy"] * 3 and not caplog.records
