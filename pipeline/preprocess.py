@@ -338,4 +338,8 @@ def checked_contract(plan: SourcePlan, config: Config, summary: dict, data_dir: 
         raise SourceError(one_class_message(plan, config, summary["facts"]["class_names"][0]))
     if language:
         return language_contract(plan, config, summary, data_dir)
+    if plan.modality == "text" and not summary.get("vocabulary"):  # every token rarer than min_count: no model
+        raise UserError(f"data.min_count: no token occurs {config.data.min_count} times in the train split of "
+                        f"{plan.uri}, so the vocabulary is empty (unique codes or ids, or a small set); set "
+                        "data.min_count=1 to keep every token")
     return contract_from_summary(plan, config, summary, data_dir)

@@ -46,7 +46,7 @@ def _preprocess(args, run_dir: str, config, beam_args: list[str]):
     contract = api.preprocess(run_dir, args.source, model=getattr(args, "model", None), beam_args=beam_args,
                               **config_inputs(args), progress=lambda line: say(f"[preprocess] {line}"))
     if contract.bad_examples:
-        say(f"[preprocess] {contract.bad_examples} bad inputs: reasons in {run_dir}/data/dead_letter/")
+        say(f"[preprocess] {counted(contract.bad_examples, 'bad input')}: reasons in {run_dir}/data/dead_letter/")
     return contract
 
 

@@ -502,3 +502,19 @@ def test_digits_are_read_without_importing_scikit_learn():
              "print(sorted(m for m in ('sklearn', 'tensorflow', 'keras', 'matplotlib') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]", result.stderr
+
+
+def test_text_whose_tokens_are_all_rarer_than_min_count_is_one_line_at_preprocess(tmp_path, capsys):
+    """Unique product codes: an empty vocabulary, which preprocess accepted and training then crashed
+    on with Keras' traceback ("Cannot set an empty vocabulary")."""
+    rows = "".join(f"X{index:05d}Q,{'ab'[index % 2]}\n" for index in range(60))
+    (tmp_path / "codes.csv").write_text("code,family\n" + rows)
+    run_dir = tmp_path / "run"
+    args = ["preprocess", "--source", f"csv:{tmp_path / 'codes.csv'}", "--run-dir", str(run_dir), "--set",
+            "data.text_column=code", "--set", "data.label_column=family"]
+    assert cli.main([*args, "--", *IN_PROCESS_BEAM]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"kcp preprocess: error: data.min_count: no token occurs 2 times in the train split of csv:{tmp_path / 'codes.csv'}, "
+        "so the vocabulary is empty (unique codes or ids, or a small set); set data.min_count=1 to keep every token")
+    assert not (run_dir / "data" / "metadata.json").exists()
+    assert cli.main([*args, "--set", "data.min_count=1", "--", *IN_PROCESS_BEAM]) == 0
