@@ -39,8 +39,8 @@ from kcp.core.config import Config
 from kcp.core.config_load import config_recorded, override_list, record_config, resolve_config
 from kcp.core.contract import GENERATE_DEFAULTS, DataContract
 from kcp.core.errors import UserError
-from kcp.core.layout import (RunLayout, export_versions, is_blessed, new_run_dir, newest_blessed, newest_run, run_path,
-                             takes_run_dir, validation_record)
+from kcp.core.layout import (RunLayout, export_versions, is_blessed, new_run_dir, newest_blessed, newest_run,
+                             read_verdict, run_path, takes_run_dir)
 from kcp.core.lock import run_lock
 from kcp.results import Report, TrainResult, TuneResult
 from pipeline.preprocess import run_preprocess
@@ -206,12 +206,8 @@ def versions(run_dir: str) -> list[dict]:
     for name in names:
         served = newest_blessed(root := layout.export_root(name))
         for version in reversed(export_versions(root)):
-            path = validation_record(storage.join(root, str(version)))
-            try:
-                record = json.loads(storage.read_text(path)) if storage.exists(path) else None
-            except ValueError:  # a broken record blesses nothing
-                record = {"blessed": False, "reasons": [f"{path} is not valid JSON"]}
-            found = record if isinstance(record, dict) else {}  # a record that is not a mapping blesses nothing
+            record = read_verdict(storage.join(root, str(version)))
+            found = record or {}
             rows.append({"model": name, "version": version, "validated": record is not None,
                          "blessed": found.get("blessed") is True, "served": version == served,
                          "reasons": list(found.get("reasons") or []),

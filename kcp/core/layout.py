@@ -185,15 +185,24 @@ def check_unchanged_since_validation(version_dir: str, validation: dict | None) 
                         "version (its sha256 differs from validation.json's); export and validate again")
 
 
-def is_blessed(version_dir: str) -> bool:
-    """True when kcp validate blessed this export version (a missing or unreadable record: False)."""
+def read_verdict(version_dir: str) -> dict | None:
+    """kcp validate's validation.json of a version, or None when there is none (never validated, or
+    gone meanwhile); a record that is not a JSON mapping reads as a verdict that blesses nothing."""
     import json
 
     path = validation_record(version_dir)
     try:
-        return storage.exists(path) and json.loads(storage.read_text(path)).get("blessed") is True
-    except (OSError, ValueError, AttributeError):  # gone meanwhile, broken JSON, not a dict
-        return False
+        record = json.loads(storage.read_text(path)) if storage.exists(path) else None
+    except OSError:  # gone meanwhile
+        return None
+    except ValueError:
+        return {"blessed": False, "reasons": [f"{path} is not valid JSON"]}
+    return record if isinstance(record, dict) or record is None else {"blessed": False, "reasons": []}
+
+
+def is_blessed(version_dir: str) -> bool:
+    """True when kcp validate blessed this export version (a missing or unreadable record: False)."""
+    return (read_verdict(version_dir) or {}).get("blessed") is True
 
 
 def newest_blessed(export_root: str, exclude: int | None = None) -> int | None:
