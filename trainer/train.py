@@ -38,6 +38,7 @@ from kcp.core import examples as example_lib
 from kcp.core import storage
 from kcp.core.config import Config, TrainConfig
 from kcp.core.layout import SPLITS, RunLayout
+from trainer.batch_norm import batch_norm_layers, reestimate_batch_norm, sample_steps
 from trainer.callbacks import (AtomicBackupAndRestore, EpochHistory, LanguageMetrics, LanguageSamples,
                                StopOnNonFiniteLoss, ThroughputTimer, examples_per_second, learning_rate,
                                steps_per_epoch)
@@ -144,6 +145,20 @@ class Trainer:
                          steps_per_epoch=self.steps if self.own_files else None,  # own files repeat without end
                          callbacks=list(callbacks), shuffle=False, **fit_kwargs)  # the tf.data pipeline shuffles
 
+    def reestimate_batch_norm(self, model) -> int:
+        """BatchNorm's moving statistics set to those of a sample of the training data under the
+        final weights (trainer/batch_norm.py), before anything is evaluated or saved. Returns the
+        number of batches used (0: the model has no BatchNorm)."""
+        if not batch_norm_layers(model):
+            return 0
+        data = self.dataset(self.fit_splits, training=True)
+        if not self.own_files:  # own files are distributed already
+            data = self.strategy.experimental_distribute_dataset(data)
+        used = reestimate_batch_norm(model, self.strategy, data, sample_steps(self.fitted, self.global_batch))
+        if used:
+            log.info("train: BatchNorm statistics re-estimated over %d training batches", used)
+        return used
+
     def evaluate(self, model) -> dict:
         """{split: {metric: value}} for every split with examples (language: with perplexity and bits_per_byte)."""
         results = {}
@@ -186,7 +201,9 @@ class Trainer:
         if paths.chief:
             discard_results(paths)
         with lost_peer_said(self.multi_worker):
-            history, results = self.fit(model, callbacks), self.evaluate(model)
+            history = self.fit(model, callbacks)
+            self.reestimate_batch_norm(model)
+            results = self.evaluate(model)
         history_path = storage.join(paths.outputs, "history.json")
         epochs_done = len(json.loads(storage.read_text(history_path)).get("loss", [])) \
             if storage.exists(history_path) else len(history.history.get("loss", []))

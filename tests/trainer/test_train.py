@@ -245,6 +245,70 @@ def test_a_three_epoch_run_evaluates_as_well_as_it_trains(digits_data, tmp_path)
     assert scores["test"]["accuracy"] >= scores["train"]["accuracy"] - 0.05, scores
 
 
+def support_tickets(path, count=2400, seed=0):
+    """A CSV of `count` one-line tickets in 5 classes: filler words around one or two of the
+    class's key phrases (as /tmp/probe-text's were, where the gap was found)."""
+    import csv
+    import random
+
+    phrases = {"billing": ["invoice", "refund", "charge", "payment", "billed twice"],
+               "login": ["password", "sign in", "locked out", "reset link", "username"],
+               "shipping": ["delivery", "package", "tracking", "courier", "lost parcel"],
+               "bug": ["crash", "error 500", "freezes", "stack trace", "blank screen"],
+               "praise": ["love it", "great service", "thank you", "awesome", "wonderful"]}
+    filler = "the my a it was is and but please help today again when why not sure what happened".split()
+    rng = random.Random(seed)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        for _ in range(count):
+            label = rng.choice(sorted(phrases))
+            words = rng.choices(filler, k=rng.randint(3, 12)) + rng.choices(phrases[label], k=rng.randint(1, 2))
+            rng.shuffle(words)
+            writer.writerow([" ".join(words), label])
+    return f"csv:{path}"
+
+
+def test_a_three_epoch_text_run_evaluates_as_well_as_it_fits(tmp_path):
+    """The momentum rule above was not enough on text: 3 epochs of the text cnn on 3,000 such
+    tickets fitted at 0.97 and evaluated at 0.75 (the moving statistics lagged behind the
+    embeddings); the statistics are now re-estimated under the final weights after fit."""
+    from pipeline.preprocess import run_preprocess
+    from tests.conftest import IN_PROCESS_BEAM
+
+    run_dir = str(tmp_path / "run")
+    source = support_tickets(tmp_path / "tickets.csv")
+    run_preprocess(load_config([], [f"data.source={source}"]), run_dir, IN_PROCESS_BEAM)
+    trainer = Trainer(load_config([], [f"data.source={source}", "model.name=cnn", "train.epochs=3"]), run_dir)
+    metrics = trainer.run()
+    fitted = json.loads(open(os.path.join(run_dir, "train", "history.json")).read())["accuracy"][-1]
+    assert fitted >= 0.9, fitted
+    assert metrics["test"]["accuracy"] >= fitted - 0.05, (fitted, metrics["test"])
+
+
+def test_reestimated_statistics_are_those_of_the_sample_under_the_final_weights():
+    """Mean and variance over the whole sample (not the mean of each batch's variance), the
+    momentum given back, and nothing for a model without BatchNorm."""
+    import tensorflow as tf
+
+    from trainer.batch_norm import reestimate_batch_norm, sample_steps
+
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.BatchNormalization(momentum=0.9)(keras.layers.Dense(2)(inputs)))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 3)).astype("float32") * [1.0, 2.0, 3.0] + [0.0, 5.0, -1.0]
+    batches = tf.data.Dataset.from_tensor_slices((x, np.zeros(40))).batch(10)
+    assert reestimate_batch_norm(model, tf.distribute.get_strategy(), batches, steps=3) == 3
+    dense = x[:30] @ model.layers[1].kernel.numpy() + model.layers[1].bias.numpy()
+    layer = model.layers[2]
+    np.testing.assert_allclose(layer.moving_mean.numpy(), dense.mean(axis=0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), dense.var(axis=0), rtol=1e-4, atol=1e-5)
+    assert layer.momentum == 0.9
+    plain = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+    assert reestimate_batch_norm(plain, tf.distribute.get_strategy(), batches, steps=3) == 0
+    assert [sample_steps(100, 64), sample_steps(30, 64), sample_steps(100_000, 64)] == [1, 1, 128]
+
+
 DIVERGING = ["--set", "train.optimizer=sgd", "--set", "train.learning_rate=1e30", "--set", "model.filters=[8]"]
 
 
