@@ -157,6 +157,12 @@ def resolve_config(run_dir: str | None, config_file: str | None = None, source: 
             except ConfigError as recorded_error:
                 if str(recorded_error) == str(error):
                     raise ConfigError(f"{RunLayout(run_dir).config}: {error}") from None
+        if config_file and not str(error).startswith(config_file):
+            try:  # the --config file holds it: name the file, as its YAML errors do
+                load_config(layers[:1], base=recorded)
+            except ConfigError as file_error:
+                if str(file_error) == str(error):
+                    raise ConfigError(f"{config_file}: {error}") from None
         raise
 
 

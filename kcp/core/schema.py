@@ -7,6 +7,7 @@ The sections themselves (data, model, train, tune, export) are in kcp/core/confi
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import typing
@@ -150,7 +151,9 @@ def build(cls, values: dict, prefix: str, **extra):
     if unknown:
         where = f"{prefix}." if prefix else ""
         kind = "key" if prefix else "section"
-        raise ConfigError(f"{where}{unknown[0]}: unknown {kind}; allowed: {', '.join(fields)}")
+        close = difflib.get_close_matches(unknown[0], fields, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ConfigError(f"{where}{unknown[0]}: unknown {kind}; {hint}allowed: {', '.join(fields)}")
     kwargs = dict(extra)
     for name, value in values.items():
         key = f"{prefix}.{name}" if prefix else name

@@ -56,8 +56,9 @@ def test_layers_take_precedence_in_order():
     ("train.epochs=0", "train.epochs: 0 is below the minimum 1"),
     ("train.epochs=two", "train.epochs: 'two' is not an integer"),
     ("train.epochs=2.5", "train.epochs: 2.5 is not an integer"),
-    ("train.epoch=3", "train.epoch: unknown key; allowed: epochs,"),
-    ("trian.epochs=3", "trian: unknown section; allowed: data, model, train, tune, export"),
+    ("train.epoch=3", "train.epoch: unknown key; did you mean epochs? allowed: epochs,"),
+    ("trian.epochs=3", "trian: unknown section; did you mean train? allowed: data, model, train, tune, export"),
+    ("train.zzz=3", "train.zzz: unknown key; allowed: epochs,"),  # nothing close: no guess
     ("model.batch_norm=maybe", "model.batch_norm: 'maybe' is not a boolean"),
     ("model.dropout=1.5", "model.dropout: 1.5 is above the maximum 0.95"),
     ("train.learning_rate=0", "train.learning_rate: 0.0 must be above 0"),
@@ -127,6 +128,26 @@ def test_a_bad_value_in_the_runs_config_yaml_names_that_file(tmp_path):
     with pytest.raises(ConfigError) as error:  # a bad value the user typed is named as typed, not as the file's
         resolve_config(str(tmp_path), overrides=["train.epochs=4", "train.seed=x"])
     assert str(error.value).startswith("train.seed: ")
+
+
+def test_a_bad_key_or_value_in_the_config_file_names_that_file(tmp_path):
+    """`--config my.yaml` with a misspelt key or a bad value: the error named neither the file
+    nor a guess, so a user who had typed no `--set` looked for it on the command line."""
+    from kcp.core.config_load import resolve_config
+
+    path = tmp_path / "my.yaml"
+    path.write_text("data:\n  text_colum: body\n")
+    with pytest.raises(ConfigError) as error:
+        resolve_config(None, str(path))
+    assert str(error.value).startswith(f"{path}: data.text_colum: unknown key; did you mean text_column? allowed: ")
+    path.write_text("train:\n  epochs: abc\n")
+    with pytest.raises(ConfigError) as error:
+        resolve_config(None, str(path))
+    assert str(error.value) == f"{path}: train.epochs: 'abc' is not an integer"
+    assert resolve_config(None, str(path), overrides=["train.epochs=4"]).train.epochs == 4
+    with pytest.raises(ConfigError) as error:  # the value typed on the command line is not the file's
+        resolve_config(None, str(path), overrides=["train.epochs=0"])
+    assert str(error.value) == "train.epochs: 0 is below the minimum 1"
 
 
 def test_every_section_is_present():
