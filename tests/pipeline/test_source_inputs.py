@@ -421,6 +421,25 @@ def test_csv_label_cells_name_floats_as_json_numbers_and_missing_markers_are_mis
     assert [r.label for r in records] == ["1", "1", "1.0", "NA", ""]
 
 
+def test_a_jsonl_number_as_text_reads_as_its_csv_cell_and_other_types_are_dead_letters(tmp_path):
+    """Product codes written by `DataFrame.to_json(lines=True)` are JSON numbers: every such row
+    was a dead letter (`text is int, not a string`) though the same frame as CSV read fine."""
+    lines = tmp_path / "codes.jsonl"
+    values = [40213, 2.5, 40213.0, "A-7", True, None, [1], {"k": 1}]
+    lines.write_text("".join(json.dumps({"text": value, "label": "a"}) + "\n" for value in values))
+    plan, records = records_of(f"jsonl:{lines}")
+    decoded = []
+    for record in records:
+        try:
+            decoded.append(decode_record(plan, record, ("a",)).inputs)
+        except BadInput as error:
+            decoded.append(f"bad: {error}")
+    assert decoded == ["40213", "2.5", "40213.0", "A-7"] + [
+        f"bad: line {number}: column 'text': {reason}" for number, reason in
+        [(5, "text is bool, not a string"), (6, "no text"), (7, "text is list, not a string"),
+         (8, "text is dict, not a string")]]
+
+
 def test_data_modality_on_a_source_that_is_not_npz_is_refused_not_ignored(tmp_path):
     path = tmp_path / "s.jsonl"
     path.write_text(json.dumps({"sequence": [[1.0, 2.0]], "label": "a"}) + "\n")

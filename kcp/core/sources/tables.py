@@ -319,6 +319,10 @@ def read_table_task(plan: SourcePlan, task):
 
 
 def decode_text(text) -> str:
+    """A row's text: a string, or a JSON number as JSON writes it (a JSONL `"text": 40213`, a
+    product code or an amount, reads as its CSV cell would, `40213`); not blank."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        text = json.dumps(text)
     if not isinstance(text, str):
         raise BadInput("no text" if text is None else f"text is {type(text).__name__}, not a string")
     if not text.strip():
