@@ -277,6 +277,9 @@ def parse_predict_body(body: dict, specs: dict) -> tuple[dict, str]:
 
 
 def format_predictions(outputs: dict, form: str) -> dict:
+    """A REST answer, outputs in name order: the same request gets the same bytes back (a
+    SavedModel's output dict comes back in no fixed order)."""
+    outputs = dict(sorted(outputs.items()))
     for name, value in outputs.items():
         check_finite(name, np.asarray(value), "output")
     binary = {name: name.endswith("_bytes") for name in outputs}

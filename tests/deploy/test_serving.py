@@ -272,6 +272,8 @@ def test_single_output_and_bytes_outputs_are_formatted_as_tf_serving_does():
            "text": np.array(["é".encode(), b"c"], object)}
     assert format_predictions(two, "row")["predictions"][0] == {"y": [1], "out_bytes": {"b64": "/wBh"}, "text": "é"}
     assert format_predictions(two, "columnar")["outputs"]["out_bytes"] == [{"b64": "/wBh"}, {"b64": "Yg=="}]
+    assert list(format_predictions(two, "row")["predictions"][0]) == ["out_bytes", "text", "y"]  # name order
+    assert list(format_predictions(two, "columnar")["outputs"]) == ["out_bytes", "text", "y"]
 
 
 @pytest.mark.parametrize("path, body, raw, code, message", [
