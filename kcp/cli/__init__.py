@@ -23,7 +23,7 @@ from kcp.core.errors import UserError
 from kcp.core.cluster import is_cluster_helper
 from kcp.core import storage
 from kcp.core.layout import RunLayout, new_run_dir, newest_run
-from kcp.core.remote import storage_failure
+from kcp.core.remote import check_write_credentials, storage_failure
 
 log = logging.getLogger("kcp")
 
@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None, *, lenient: bool = False) -> int:
         try:
             made = missing_folders(args.run_dir) if args.run_dir else []  # the folders this command may make
             run_dir = resolve_run_dir(args)
+            check_write_credentials([run_dir, getattr(args, "output", None), getattr(args, "to", None)])
             if not args.run_dir and args.command in ("preprocess", "run"):
                 made = [run_dir]
             config = resolve_config(run_dir, args.config, getattr(args, "source", None),

@@ -215,3 +215,31 @@ def test_against_an_emulator_beam_gcs_goes_anonymous_at_once(gcs_emulator):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "True b'1'"
     assert "DefaultCredentialsError" not in result.stderr and "Retry with exponential backoff" not in result.stderr
+
+
+def test_a_gs_output_without_credentials_is_one_line_before_any_work(digits_run, tmp_path, monkeypatch, capsys):
+    """`kcp predict --output gs://…` with no Google credentials: Beam's gcsio went on anonymously
+    and retried for 2 min 18 s before a traceback and a line about a RetryError; the run
+    directory, --output and push's --to are checked at once now. Reading needs no check (a
+    public bucket), and neither does an emulator."""
+    from kcp import cli
+    from kcp.core import remote
+
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing-key.json"))
+    monkeypatch.setenv("NO_GCE_CHECK", "True")  # google.auth: no metadata server to ask on this machine
+    monkeypatch.setattr(remote, "_CREDENTIALS_CHECKED", {})
+    inputs = tmp_path / "in.csv"
+    inputs.write_text("x\n")
+    commands = [["predict", "--run-dir", digits_run, "--input", f"csv:{inputs}", "--output", "gs://kcp-b/out"],
+                ["push", "--run-dir", digits_run, "--to", "gs://kcp-b/models/digits"],
+                ["train", "--run-dir", "gs://kcp-b/runs/r1"]]
+    for argv, target in zip(commands, ["gs://kcp-b/out", "gs://kcp-b/models/digits", "gs://kcp-b/runs/r1"]):
+        assert cli.main(argv) == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert error == [f"kcp {argv[0]}: error: {target}: no Google Cloud credentials to write there (File "
+                         f"{tmp_path / 'missing-key.json'} was not found); run `gcloud auth application-default "
+                         "login`, or set GOOGLE_APPLICATION_CREDENTIALS to a service account's key file"], error
+    remote.check_write_credentials([str(tmp_path), None])  # local paths: nothing to check
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")
+    remote.check_write_credentials(["gs://kcp-b/out"])  # an emulator takes anonymous writes
