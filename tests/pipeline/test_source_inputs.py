@@ -440,6 +440,32 @@ def test_a_jsonl_number_as_text_reads_as_its_csv_cell_and_other_types_are_dead_l
          (8, "text is dict, not a string")]]
 
 
+def test_jsonl_fields_inside_objects_are_named_with_dots(tmp_path):
+    """An API's export nests its fields (`{"ticket": {"body": …}}`); `data.text_column:
+    ticket.body` could not reach them, and the error listed only `ticket`."""
+    lines = tmp_path / "nested.jsonl"
+    rows = [{"id": 1, "ticket": {"body": "refund please", "meta": {"queue": "billing"}}},
+            {"id": 2, "ticket": {"body": "cannot sign in", "meta": {"queue": "login"}}},
+            {"id": 3, "ticket": {"meta": {"queue": "login"}}},  # no body: a dead letter
+            {"id": 4, "ticket.body": "a flat key with a dot wins", "ticket": {"body": "not this",
+                                                                           "meta": {"queue": "billing"}}}]
+    lines.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    plan, records = records_of(f"jsonl:{lines}", "data.text_column=ticket.body", "data.label_column=ticket.meta.queue")
+    decoded = []
+    for record in records:
+        try:
+            example = decode_record(plan, record, ("billing", "login"))
+            decoded.append((example.inputs, example.label))
+        except BadInput as error:
+            decoded.append(f"bad: {error}")
+    assert decoded == [("refund please", "billing"), ("cannot sign in", "login"),
+                       "bad: line 3: column 'ticket.body': no text", ("a flat key with a dot wins", "billing")]
+    with pytest.raises(SourceError) as raised:
+        plan_source(f"jsonl:{lines}", DataConfig(text_column="body"))
+    assert str(raised.value) == (f"data.text_column: column 'body' is not in the first lines of {lines} (it has id, "
+                                 "ticket, ticket.body, ticket.meta, ticket.meta.queue)")
+
+
 def test_data_modality_on_a_source_that_is_not_npz_is_refused_not_ignored(tmp_path):
     path = tmp_path / "s.jsonl"
     path.write_text(json.dumps({"sequence": [[1.0, 2.0]], "label": "a"}) + "\n")

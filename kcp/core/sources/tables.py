@@ -171,7 +171,7 @@ def _head_columns(kind: str, path: str) -> tuple[list[str], int]:
             row = None
         parsed.append((line.lstrip(), row))
         if isinstance(row, dict):
-            columns |= set(row)
+            columns |= set(field_paths(row))
     if not rows:
         raise SourceError(f"data.source: {path} holds no rows")
     first_line, first_row = parsed[0]
@@ -218,6 +218,33 @@ def plan_table(uri: str, kind: str, path: str, data: DataConfig, labels: bool = 
     return SourcePlan(uri, kind, "text", "text", spec, (), None, ((kind, path),), max(1, count), options)
 
 
+def field_paths(row: dict, prefix: str = "") -> list[str]:
+    """The names a JSON object's fields can be given by: each key, and `key.inner` for the fields of
+    an object inside it (`{"ticket": {"body": …}}` has `ticket` and `ticket.body`)."""
+    paths = []
+    for key, value in row.items():
+        paths.append(prefix + key)
+        if isinstance(value, dict):
+            paths += field_paths(value, f"{prefix}{key}.")
+    return paths
+
+
+def field(row: dict, name: str):
+    """The value of the field `name` of a JSON object: a key as it is (dots and all), else a path
+    `outer.inner` into the objects inside it; None when there is none."""
+    if name in row:
+        return row[name]
+    outer, dot, inner = name.partition(".")
+    while dot:
+        if isinstance(row.get(outer), dict):
+            found = field(row[outer], inner)
+            if found is not None:
+                return found
+        more, dot, inner = inner.partition(".")
+        outer = f"{outer}.{more}"
+    return None
+
+
 def _record(number: int, row, options: dict, where: str, cells: bool = False) -> SourceRecord:
     """One row's record; `cells`: its values are CSV text, whose label is read as a table cell
     (label_text: missing-value markers, numbers written as floats)."""
@@ -225,10 +252,10 @@ def _record(number: int, row, options: dict, where: str, cells: bool = False) ->
     if not isinstance(row, dict):
         return SourceRecord(key, None, "", None, f"{where}: not a JSON object ({type(row).__name__})")
     try:
-        split = _split_of(row.get(options["split"]), where) if options["split"] else None
+        split = _split_of(field(row, options["split"]), where) if options["split"] else None
     except SourceError as error:
         return SourceRecord(key, None, "", None, str(error))
-    label, text = row.get(options["label"]) if options["label"] else None, row.get(options["text"])
+    label, text = field(row, options["label"]) if options["label"] else None, field(row, options["text"])
     if any(isinstance(value, str) and has_surrogates(value) for value in (label, text)):
         return SourceRecord(key, None, "", split, f"{where}: {UTF8_HINT}")
     try:
