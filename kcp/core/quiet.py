@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import sys
 import threading
 
@@ -40,7 +41,10 @@ ROUTINE_LINES = re.compile(
     # graph rewrites skip (once per worker and run; the data is read whole either way)
     rb"|dataset\.cc:\d+\] Input of GeneratorDatasetOp::Dataset will not be optimized because the dataset does not"
     # the C++ side of an input error the Python side raises and kcp answers (a 400, a dead letter)
-    rb"|local_rendezvous\.cc:\d+\] Local rendezvous is aborting with status: INVALID_ARGUMENT")
+    rb"|local_rendezvous\.cc:\d+\] Local rendezvous is aborting with status: INVALID_ARGUMENT"
+    # a Beam worker process stopped by the Ctrl-C that stops the command (which says so itself),
+    # logged by the driver as its one long line, at times before the driver has seen the signal
+    rb"|Worker: severity: CRITICAL .*Python sdk harness failed: .*\\nKeyboardInterrupt")
 
 
 # TensorFlow's op context under an error status ("\t [[{{function_node ...}}{{node map/while/Assert}}]]"):
@@ -63,12 +67,20 @@ def shown_lines(lines: list, after_routine: bool = False) -> tuple[list, bool]:
     return shown, after_routine
 
 
+# After a Ctrl-C only kcp's own lines pass: the terminal sends SIGINT to the whole process group,
+# and each of Beam's worker processes printed its KeyboardInterrupt traceback, and the driver's
+# threads their "Worker subprocess exited with return code -2" (91 lines for one `kcp predict`).
+OWN_LINE = re.compile(rb"^kcp [\w-]+: ")
+
+
 class _Filter:
-    """The active filter of this process: what `drain` writes and waits for."""
+    """The active filter of this process: what `drain` writes and waits for, and whether a Ctrl-C
+    came (then only `OWN_LINE`s pass)."""
 
     def __init__(self):
         self.sentinel = b"\x00kcp-stderr-drain-%d" % os.getpid()
         self.drained = threading.Event()
+        self.interrupted = False
 
 
 _active: _Filter | None = None
@@ -120,6 +132,8 @@ def filtered_stderr(enabled: bool = True):
                 *lines, pending = pending.split(b"\n")
                 drained = active.sentinel in lines
                 kept, after_routine = shown_lines([line for line in lines if line != active.sentinel], after_routine)
+                if active.interrupted:
+                    kept = [line for line in kept if OWN_LINE.match(line)]
                 shown = b"".join(line + b"\n" for line in kept)
                 with contextlib.suppress(OSError):
                     if shown:
@@ -133,9 +147,20 @@ def filtered_stderr(enabled: bool = True):
     thread = threading.Thread(target=pump, name="kcp-stderr", daemon=True)
     thread.start()
     _active = active
+
+    def on_interrupt(signum, frame):  # Python's own handler, after noting the Ctrl-C
+        active.interrupted = True
+        signal.default_int_handler(signum, frame)
+
+    ours = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if ours:
+        signal.signal(signal.SIGINT, on_interrupt)
     try:
         yield
     finally:
+        if ours and signal.getsignal(signal.SIGINT) is on_interrupt:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         _active = None
         sys.stderr.flush()
         os.dup2(original, 2)  # closes this process's end of the pipe

@@ -359,6 +359,31 @@ def test_drain_passes_on_the_last_lines_before_a_hard_exit():
     assert result.stderr == "child line\nthe chief is gone; this worker stops\n"
 
 
+def test_after_ctrl_c_only_kcps_own_lines_reach_the_terminal():
+    """A terminal's Ctrl-C reaches every process of the group: each of Beam's worker processes
+    printed its KeyboardInterrupt traceback and the driver's threads theirs (91 lines for one
+    `kcp predict`, around the one line that says what happened). Lines before the Ctrl-C pass;
+    after it, only `kcp COMMAND: ...` lines, and the handler is Python's own again after the block."""
+    script = ("import os, signal, subprocess, sys\n"
+              "from kcp.core.quiet import filtered_stderr\n"
+              "with filtered_stderr():\n"
+              "    print('a warning before', file=sys.stderr, flush=True)\n"
+              "    child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+              "    try:\n"
+              "        os.killpg(0, signal.SIGINT)\n"  # as a terminal does: this process and its child
+              "        signal.pause()\n"
+              "    except KeyboardInterrupt:\n"
+              "        child.wait()\n"  # its KeyboardInterrupt traceback goes to the same pipe
+              "        print('Exception in thread Thread-3: RuntimeError: Worker subprocess exited', file=sys.stderr)\n"
+              "        print('kcp predict: interrupted; run the same command again', file=sys.stderr)\n"
+              "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            start_new_session=True)  # its own process group, which the script interrupts
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "a warning before\nkcp predict: interrupted; run the same command again\n"
+    assert result.stdout == "True\n"
+
+
 def test_the_console_script_prints_no_routine_native_lines(tmp_path):
     """`kcp preprocess` on Beam's worker processes and `kcp train` (TensorFlow's C++ start-up)
     print their results and none of the lines every run used to print."""
