@@ -202,12 +202,17 @@ def checked_generate_arguments(prompt, context: int, *, max_new_tokens, temperat
             "top_p": float(top_p), "seed": int(seed)}
 
 
+SCANNED_BLOCKS = 4096  # blocks of a split that language_texts picks from (1M tokens at a context of 256)
+
+
 def language_texts(contract, run_dir: str, split: str = "test", count: int = 64, min_tokens: int = 8) -> list[str]:
-    """Up to `count` texts of a split, as a client would send them: each block's pieces between
-    separators (documents or their parts) of at least `min_tokens` ids, decoded."""
+    """Up to `count` texts of a split, as a client would send them: pieces of the blocks between
+    separators (documents or their parts) of at least `min_tokens` ids, decoded, spread evenly over
+    the split's first SCANNED_BLOCKS blocks. (The first `count` pieces in file order were often one
+    long document's, which spans a piece a block: validation then scored that document alone.)"""
     tokenizer = contract_lib.language_tokenizer(contract)
     vocabulary = contract_lib.language_vocabulary(run_dir, contract)
-    texts = []
+    pieces, blocks_read = [], 0
     for blocks, _, _ in example_lib.read_split(contract, contract_lib.data_dir(run_dir), split, 64):
         for block in blocks.numpy():
             piece = []
@@ -216,11 +221,14 @@ def language_texts(contract, run_dir: str, split: str = "test", count: int = 64,
                     piece.append(token)
                     continue
                 if len(piece) >= min_tokens:
-                    texts.append(contract_lib.decode_language(piece, tokenizer, vocabulary))
-                    if len(texts) >= count:
-                        return texts
+                    pieces.append(piece)
                 piece = []
-    return texts
+        blocks_read += len(blocks)
+        if blocks_read >= SCANNED_BLOCKS:
+            break
+    if len(pieces) > count:  # evenly spaced, first and last included
+        pieces = [pieces[round(index * (len(pieces) - 1) / max(1, count - 1))] for index in range(count)]
+    return [contract_lib.decode_language(piece, tokenizer, vocabulary) for piece in pieces]
 
 
 def language_codec(contract, run_dir: str) -> tuple:

@@ -342,3 +342,31 @@ def test_a_bpe_run_trains_in_bits_per_byte_and_exports_what_kcp_generate_prints(
         key: tf.constant(value) for key, value in SETTINGS.items()})["completions"].numpy()[0]
     assert exported.decode("utf-8", errors="replace") == printed and printed  # what `kcp serve` runs
 
+
+
+def test_validation_texts_are_spread_over_the_split_not_one_long_documents_pieces(language_run, monkeypatch):  # noqa: F811
+    """A long document spans a piece a block: the first 64 pieces in file order were often all
+    its own, and validation and the export's warmup scored that one document."""
+    from deploy import language
+
+    contract = contract_lib.read_contract(language_run)
+    tokenizer = contract_lib.language_tokenizer(contract)
+    vocabulary = contract_lib.language_vocabulary(language_run, contract)
+    width = int(contract.statistics["context_length"]) + 1
+
+    def block(*texts):
+        ids = []
+        for text in texts:
+            ids += [*contract_lib.encode_language(text, tokenizer, vocabulary), SEPARATOR]
+        ids = ids[:-1] if len(texts) == 1 else ids  # one text alone: a part of a document, no end in this block
+        return ids[:width] + [contract_lib.LANGUAGE_PAD] * (width - len(ids[:width]))
+
+    blocks = [block(f"long part {index:03d} of one document") for index in range(100)]
+    blocks += [block(f"short {index:02d} one", f"short {index:02d} two") for index in range(20)]
+    batches = [(tf.constant(blocks[start:start + 64]), None, None) for start in range(0, len(blocks), 64)]
+    monkeypatch.setattr(language.example_lib, "read_split", lambda *args, **kwargs: iter(batches))
+    texts = language.language_texts(contract, language_run, "test", count=8)
+    assert len(texts) == 8 and texts[0] == "long part 000 of one document", texts
+    assert texts[-1] == "short 19 two"
+    assert sum(text.startswith("short") for text in texts) >= 2, texts
+    assert len(language.language_texts(contract, language_run, "test", count=500)) == 140  # fewer: every one
