@@ -651,3 +651,27 @@ def test_a_feature_constant_in_training_is_centred_not_divided_by_zero():
     model = keras.Model(inputs, normalized)
     out = keras.ops.convert_to_numpy(model(np.array([[[3.0, 5.001]] * 4], np.float32)))
     np.testing.assert_allclose(out[0, 0], [1.0, 0.001], atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e30, 1e-12])
+def test_series_of_huge_or_tiny_values_normalise_to_unit_scale(scale):
+    """Series around 1e20 have a variance near 1e40, beyond float32: the Normalization layer held
+    inf, every input became 0 (a model at chance) and the export failed on the config. Around
+    1e-12, the layer's epsilon (std 1e-7 at least) squashed them 100,000 times. A power of ten
+    divides them first now; inputs of ordinary scale keep the one layer."""
+    import keras
+
+    from kcp.core.config import ModelConfig
+    from trainer.models.common import ModelInputs, model_input
+
+    spec = ModelInputs("sequence", (4, 2), 3, mean=(1.0 * scale, -3.0 * scale), std=(2.0 * scale, 0.5 * scale),
+                       input_name="sequence")
+    inputs, normalized = model_input(spec, ModelConfig())
+    model = keras.Model(inputs, normalized)
+    values = np.array([[[3.0 * scale, -2.0 * scale]] * 4], np.float32)
+    out = keras.ops.convert_to_numpy(model(values))
+    np.testing.assert_allclose(out[0, 0], [1.0, 2.0], rtol=1e-5)
+    assert "prescale" in {layer.name for layer in model.layers}
+    ordinary = keras.Model(*model_input(ModelInputs("sequence", (4, 2), 3, mean=(1.0, 5.0), std=(2.0, 1e-3),
+                                                    input_name="sequence"), ModelConfig()))
+    assert "prescale" not in {layer.name for layer in ordinary.layers}
