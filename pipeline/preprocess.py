@@ -26,7 +26,7 @@ from kcp.core.config import Config
 from kcp.core.families import MODEL_FAMILIES, check_family_takes
 from kcp.core.errors import UserError
 from kcp.core.layout import DEAD_LETTER_DIR
-from kcp.core.sources import (SourceError, SourcePlan, class_names_of, narrow_16_bit_line, plan_source, skipped_line,
+from kcp.core.sources import (SourceError, SourcePlan, class_names_of, folder_warning_lines, plan_source, skipped_line,
                               source_path, unserved_line)
 from pipeline import splits
 from pipeline.analysis import AnalyzeArrays, AnalyzeText, write_summary
@@ -233,8 +233,7 @@ def plan_lines(plan: SourcePlan) -> list[str]:
         lines.append(skipped)
     if unserved := unserved_line(plan):
         lines.append(unserved)
-    if narrow := narrow_16_bit_line(plan):
-        lines.append(narrow)
+    lines += folder_warning_lines(plan)
     return lines
 
 

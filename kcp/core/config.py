@@ -62,6 +62,9 @@ class OfflineAugmentConfig:
     token_swap: float = option(0.1, minimum=0.0, maximum=0.9, help="text: fraction of adjacent swaps")
 
 
+MAX_IMAGE_SIDE = 4096  # data.image_size: each image is resized to it in memory, in every Beam worker
+
+
 @dataclass(frozen=True)
 class DataConfig:
     source: str = option("digits", help="digits | folder:PATH | npz:PATH | csv:PATH | jsonl:PATH | tfds:NAME[:SPLIT] "
@@ -107,6 +110,9 @@ class DataConfig:
         if self.image_size is not None and (len(self.image_size) != 2 or not all(
                 isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in self.image_size)):
             raise ConfigError(f"data.image_size: {list(self.image_size)!r} must be [height, width] in pixels")
+        if self.image_size is not None and max(self.image_size) > MAX_IMAGE_SIDE:  # [100000, 100000]: killed, no word
+            raise ConfigError(f"data.image_size: {list(self.image_size)!r} is above {MAX_IMAGE_SIDE} pixels a side "
+                              f"(one 3-channel {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE} image is 48 MiB); crop or tile larger images")
         self._resolve_tokenizer()
 
     @property

@@ -65,6 +65,7 @@ def test_layers_take_precedence_in_order():
     ("data.split=[0.5, 0.2]", "data.split: [0.5, 0.2] must be three fractions"),
     ("data.split=[0.5, 0.2, 0.2]", "data.split: [0.5, 0.2, 0.2] must be three fractions"),
     ("data.compression=zip", "data.compression: 'zip' is not one of none, gzip"),
+    ("data.image_size=[5000, 10]", "data.image_size: [5000, 10] is above 4096 pixels a side"),  # was killed, OOM
     ("model.augment.flip=true", "model.augment.flip: True is not a string; allowed: none, horizontal, vertical, "
                                 "horizontal_and_vertical"),  # YAML's true for a key of choices
     ("export.name=a/b", "export.name: 'a/b' must be a plain directory name"),

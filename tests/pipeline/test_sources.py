@@ -449,6 +449,29 @@ def test_a_16_bit_grayscale_png_decodes_as_tensorflow_decodes_it(tmp_path, chann
     assert np.asarray(to_8_bit(Image.fromarray(values.astype(np.int32), "I"))).tolist() == expected[..., 0].tolist()
 
 
+def test_images_of_several_sizes_are_named_at_planning_with_the_size_they_are_stretched_to(tmp_path):
+    """Photos of 10 sizes: the most common, 35 of 184, was chosen and every other image stretched
+    to it, without a word (the docs did not say that resizing stretches either)."""
+    from kcp.core.sources import folder_warning_lines
+
+    rng = np.random.default_rng(0)
+    sizes = {"a": [(6, 8)] * 4 + [(8, 6)] * 3, "b": [(6, 8)] * 2 + [(5, 5)] * 3}  # 6x8: 6 of 12, not most
+    for label, shapes in sizes.items():
+        for index, shape in enumerate(shapes):
+            write_png(str(tmp_path / "mixed" / label / f"{index}.png"), rng.integers(0, 255, shape, np.uint8))
+    plan = plan_source(f"folder:{tmp_path / 'mixed'}")
+    assert plan.input_spec.shape == (6, 8, 1)
+    assert folder_warning_lines(plan) == [
+        "the 12 sampled images have 3 sizes: all are resized to 6x8, the most common (6 of them), the aspect ratio "
+        "not kept; choose the size with data.image_size=[HEIGHT, WIDTH]"]
+    write_png(str(tmp_path / "mixed" / "b" / "extra.png"), rng.integers(0, 255, (5, 5), np.uint8))
+    write_png(str(tmp_path / "mixed" / "a" / "extra.png"), rng.integers(0, 255, (8, 6), np.uint8))
+    assert folder_warning_lines(plan_source(f"folder:{tmp_path / 'mixed'}"))[0].startswith(
+        "warning: the 14 sampled images have 3 sizes: all are resized to 6x8, the most common (6 of them)")
+    chosen = load_config([], ["data.image_size=[6, 8]"]).data
+    assert folder_warning_lines(plan_source(f"folder:{tmp_path / 'mixed'}", chosen)) == []
+
+
 def test_12_bit_data_in_16_bit_pngs_is_named_at_planning_and_a_float_image_is_a_dead_letter(tmp_path, capsys):
     """Values of 0..4095 in 16-bit PNGs (as microscopes save them) keep their high byte, 16 levels,
     as the export decodes them: planning says so. A 32-bit float TIFF (mode F) of 0..1 was read as

@@ -236,17 +236,24 @@ def _image_header(path: str):
         return None
 
 
-def narrow_16_bit_line(plan: SourcePlan) -> str | None:
-    """A warning for a folder whose sampled 16-bit gray images hold values below 4096 (12-bit data,
-    as microscopes and scanners save it): read as their high byte, as the export's decoder reads
-    them, they keep 16 levels or fewer. None otherwise."""
-    narrow = plan.options.get("narrow_16_bit") if plan.kind == "folder" else None
-    if not narrow:
-        return None
-    count, largest = narrow
-    return (f"warning: the {count} sampled 16-bit gray images hold values up to {largest} only: they are read as "
-            f"8 bits by their high byte (v >> 8), as the export's PNG decoder reads them, which leaves "
-            f"{(largest >> 8) + 1} levels; scale them to 0..65535 or to 8 bits first (e.g. x * (65535 // x.max()))")
+def folder_warning_lines(plan: SourcePlan) -> list[str]:
+    """Lines for a folder: its sampled images of several sizes, all resized (stretched) to the most
+    common one, a warning when that is a minority's; its sampled 16-bit gray images that hold values
+    below 4096 (12-bit data, as microscopes and scanners save it): read as their high byte, as the
+    export's decoder reads them, they keep 16 levels or fewer."""
+    lines, options = [], plan.options if plan.kind == "folder" else {}
+    if options.get("mixed_sizes"):
+        share, sampled, kinds = options["mixed_sizes"]
+        height, width = plan.input_spec.shape[:2]
+        lines.append(f"{'warning: ' if 2 * share < sampled else ''}the {sampled} sampled images have {kinds} sizes: "
+                     f"all are resized to {height}x{width}, the most common ({share} of them), the aspect ratio not "
+                     "kept; choose the size with data.image_size=[HEIGHT, WIDTH]")
+    if options.get("narrow_16_bit"):
+        count, largest = options["narrow_16_bit"]
+        lines.append(f"warning: the {count} sampled 16-bit gray images hold values up to {largest} only: they are "
+                     f"read as 8 bits by their high byte (v >> 8), as the export's PNG decoder reads them, which leaves "
+                     f"{(largest >> 8) + 1} levels; scale them to 0..65535 or to 8 bits first (e.g. x * (65535 // x.max()))")
+    return lines
 
 
 def unserved_line(plan: SourcePlan) -> str | None:
@@ -294,7 +301,8 @@ def plan_folder(uri: str, root: str, data: DataConfig, labels: bool = True):
         headers = [h for h in (_image_header(path) for path in sample) if h is not None]
     if not headers:
         raise SourceError(f"data.source: none of the {len(sample)} files sampled under {root} is a readable image")
-    height, width = data.image_size or collections.Counter((h, w) for h, w, _, _ in headers).most_common(1)[0][0]
+    sizes = collections.Counter((h, w) for h, w, _, _ in headers)
+    (height, width), share = data.image_size or sizes.most_common(1)[0][0], sizes.most_common(1)[0][1]
     channels = data.channels or (3 if any(colour for _, _, colour, _ in headers) else 1)
     sixteen_bit = [largest for *_, largest in headers if largest is not None]
     spec = FeatureSpec(dtype="uint8", shape=(int(height), int(width), int(channels)), encoding="raw_bytes")
@@ -314,7 +322,9 @@ def plan_folder(uri: str, root: str, data: DataConfig, labels: bool = True):
                       {"root": root, "skipped": len(skipped), "skipped_examples": tuple(skipped[:3]),
                        "unserved": len(unserved), "unserved_examples": tuple(map(safe_key, unserved[:2])),
                        "narrow_16_bit": (len(sixteen_bit), max(sixteen_bit))
-                       if sixteen_bit and max(sixteen_bit) < 4096 else None})
+                       if sixteen_bit and max(sixteen_bit) < 4096 else None,
+                       "mixed_sizes": (share, len(headers), len(sizes)) if len(sizes) > 1 and not data.image_size
+                       else None})
     return plan
 
 
