@@ -675,3 +675,29 @@ def test_series_of_huge_or_tiny_values_normalise_to_unit_scale(scale):
     ordinary = keras.Model(*model_input(ModelInputs("sequence", (4, 2), 3, mean=(1.0, 5.0), std=(2.0, 1e-3),
                                                     input_name="sequence"), ModelConfig()))
     assert "prescale" not in {layer.name for layer in ordinary.layers}
+
+
+def test_a_long_series_is_cut_into_patches_of_steps_so_attention_fits():
+    """2,000 steps a token took over 9 GB in the transformer's first step at batch 64 (attention is
+    tokens^2 per head): above 256 steps, the stem's second convolution strides by the patch, as
+    `model.sequence_patch` (0: enough for 256 tokens; 1 up to 256 steps, so the table's series keep
+    a token a step), and the linear stem becomes a patch projection."""
+    import keras
+
+    from trainer.models.transformer import TransformerConfig
+
+    def tokens(steps, *extra):
+        spec = ModelInputs("sequence", (steps, 2), 3, mean=(0.0, 0.0), std=(1.0, 1.0), input_name="sequence")
+        model = build_model(spec, small_config("transformer", *extra))
+        return model.get_layer("position_encoding").output.shape[1], model, spec
+
+    assert tokens(48)[0] == 48 and tokens(256)[0] == 256
+    count, model, spec = tokens(2000)
+    assert count == 250
+    assert np.isfinite(keras.ops.convert_to_numpy(model(random_inputs(spec, 2)))).all()
+    assert tokens(40, "model.sequence_patch=4")[0] == 10
+    count, linear, _ = tokens(1000, "model.sequence_stem=linear")
+    assert count == 250 and isinstance(linear.get_layer("step_projection"), keras.layers.Conv1D)
+    assert TransformerConfig().applied(spec) == {"sequence_patch": 8}
+    with pytest.raises(ConfigError, match=r"^model.sequence_patch: 50 is longer than the sequence \(40 steps\)$"):
+        tokens(40, "model.sequence_patch=50")

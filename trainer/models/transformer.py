@@ -34,6 +34,17 @@ from trainer.models.common import (ModelInputs, classifier_head, conv_pool_block
 # Two 7-step convolutions: each token sees 13 steps. Measured on the shape-under-shift sequences
 # (docs/performance.md), test / validation accuracy: kernel 3: 0.793 / -, 5: 0.851 / 0.920, 7: 0.891 / 0.903.
 SEQUENCE_STEM_KERNEL = 7
+# Attention costs tokens^2 per head and example: 2,000 steps a token took over 9 GB in its first
+# step at batch 64 (a user's long series); longer series are cut into patches of steps first.
+MAX_SEQUENCE_TOKENS = 256
+
+
+def sequence_patch(steps: int, patch: int) -> int:
+    """Steps per token of a sequence: `model.sequence_patch`, or (0) 1 up to MAX_SEQUENCE_TOKENS steps
+    and enough above for at most that many tokens."""
+    if patch > steps:
+        raise ConfigError(f"model.sequence_patch: {patch} is longer than the sequence ({steps} steps)")
+    return patch or -(-steps // MAX_SEQUENCE_TOKENS)
 
 
 @model_family("transformer")
@@ -47,6 +58,7 @@ class TransformerConfig:
     mlp_dim: int = option(128, minimum=1, help="feed-forward width")
     positional: str = option("sinusoidal", choices=("sinusoidal", "learned"), help="position encoding")
     patch_size: int = option(0, minimum=0, help="images: patch side; 0: the side that gives 8x8 patches")
+    sequence_patch: int = option(0, minimum=0, help="sequences: steps per token; 0: 1, or enough for 256 tokens")
     pooling: str = option("mean", choices=("mean", "cls"), help="mean of the tokens or a class token")
     sequence_stem: str = option("conv", choices=("linear", "conv"),
                                 help="sequences: a linear projection of each step, or two 7-step convolutions")
@@ -59,6 +71,14 @@ class TransformerConfig:
     search_space: ClassVar[dict] = {
         "model.layers": [1, 2], "model.heads": [2, 4], "model.dim": [32, 64],
         "train.learning_rate": {"min": 1e-4, "max": 3e-3, "sampling": "log"}}
+
+    def applied(self, spec: ModelInputs) -> dict:
+        """The keys whose default depends on the data, as `build` applies them to `spec`."""
+        if spec.modality == "image":
+            return {"patch_size": self.patch_size or default_patch_size(*spec.shape[:2])}
+        if spec.modality == "sequence":
+            return {"sequence_patch": sequence_patch(spec.shape[0], self.sequence_patch)}
+        return {}
 
     def __post_init__(self):
         if self.dim % self.heads:
@@ -148,8 +168,13 @@ def build(spec: ModelInputs, config: ModelConfig):
         # in all, the span of the first two convolutions (8, 5) of the FCN time-series baseline (Wang et al. 2017)
         x = keras.layers.Conv1D(config.dim, SEQUENCE_STEM_KERNEL, padding="same", activation="gelu",
                                 kernel_initializer=initializer, name="stem_conv1")(x)
-        x = keras.layers.Conv1D(config.dim, SEQUENCE_STEM_KERNEL, padding="same", kernel_initializer=initializer,
-                                name="stem_conv2")(x)
+        patch = sequence_patch(spec.shape[0], config.sequence_patch)  # strided: a token per `patch` steps
+        x = keras.layers.Conv1D(config.dim, max(SEQUENCE_STEM_KERNEL, patch), strides=patch, padding="same",
+                                kernel_initializer=initializer, name="stem_conv2")(x)
+    elif spec.modality == "sequence" and sequence_patch(spec.shape[0], config.sequence_patch) > 1:
+        patch = sequence_patch(spec.shape[0], config.sequence_patch)  # ViT's patch projection, of steps
+        x = keras.layers.Conv1D(config.dim, patch, strides=patch, padding="same", kernel_initializer=initializer,
+                                name="step_projection")(x)
     elif spec.modality == "sequence":
         x = keras.layers.Dense(config.dim, kernel_initializer=initializer, name="step_projection")(x)
     else:
