@@ -472,6 +472,26 @@ def test_images_of_several_sizes_are_named_at_planning_with_the_size_they_are_st
     assert folder_warning_lines(plan_source(f"folder:{tmp_path / 'mixed'}", chosen)) == []
 
 
+def test_photos_with_an_exif_rotation_are_named_at_planning(tmp_path):
+    """A phone's portrait photos are stored sideways with an EXIF orientation, which neither the
+    pipeline nor the export's decoder (tf.io.decode_jpeg) applies: they trained turned, silently."""
+    from kcp.core.sources import folder_warning_lines
+
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        for index in range(3):
+            image = Image.fromarray(rng.integers(0, 255, (6, 8, 3), np.uint8))
+            exif = Image.Exif()
+            exif[0x0112] = 6 if (label, index) in (("a", 0), ("b", 2)) else 1  # 6: turn 90 degrees to show it
+            os.makedirs(tmp_path / "photos" / label, exist_ok=True)
+            image.save(tmp_path / "photos" / label / f"{index}.jpg", exif=exif)
+    plan = plan_source(f"folder:{tmp_path / 'photos'}")
+    assert folder_warning_lines(plan) == [
+        "warning: 2 of the 6 sampled images carry an EXIF orientation (a phone's photos): it is not applied, in "
+        "training or by the export's decoder, as tf.io.decode_jpeg does not, so they are read as stored, turned; "
+        "rotate them first (PIL.ImageOps.exif_transpose)"]
+
+
 def test_12_bit_data_in_16_bit_pngs_is_named_at_planning_and_a_float_image_is_a_dead_letter(tmp_path, capsys):
     """Values of 0..4095 in 16-bit PNGs (as microscopes save them) keep their high byte, 16 levels,
     as the export decodes them: planning says so. A 32-bit float TIFF (mode F) of 0..1 was read as

@@ -28,9 +28,9 @@ from kcp.core.sources.arrays import decode_array, plan_npz, read_npz_task
 from kcp.core.sources.base import (BadInput, RawExample, SourceError, SourcePlan, SourceRecord, check_path,
                                    class_names_of)
 from kcp.core.sources.corpus import STDLIB_URI, decode_document, plan_stdlib, plan_text, read_corpus_task
-from kcp.core.sources.images import (check_image_bytes, decode_image_file, digits_to_uint8, folder_warning_lines,
-                                     plan_digits, plan_folder, read_digits, read_folder_task, skipped_line,
-                                     unserved_line)
+from kcp.core.sources.folder_notes import folder_warning_lines, skipped_line, unserved_line
+from kcp.core.sources.images import (check_image_bytes, decode_image_file, digits_to_uint8, plan_digits, plan_folder,
+                                     read_digits, read_folder_task)
 from kcp.core.sources.tables import decode_text, plan_table, read_table_task
 from kcp.core.sources.tfds import plan_tfds, read_tfds_task
 

@@ -223,49 +223,22 @@ def read_class_folder(root: str, folder: str, label: str, split):
             yield SourceRecord(safe_key(path[len(root) + 1:]), path, label, split)
 
 
+EXIF_ORIENTATION = 0x0112  # 1: as stored; 2-8: mirrored and/or turned (a phone held sideways)
+
+
 def _image_header(path: str):
-    """(height, width, has colour, the largest value of a 16-bit gray image or None) from the file
-    header (and the pixels of a 16-bit gray image), or None if it is not an image."""
+    """(height, width, has colour, the largest value of a 16-bit gray image or None, whether its
+    EXIF says to turn or mirror it) from the file header (and the pixels of a 16-bit gray image),
+    or None if it is not an image."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path) as image:
             largest = int(np.asarray(image).max()) if image.mode in SIXTEEN_BIT_GRAY else None
-            return image.height, image.width, image.mode not in GRAY_MODES, largest
+            turned = image.getexif().get(EXIF_ORIENTATION, 1) not in (0, 1)
+            return image.height, image.width, image.mode not in GRAY_MODES, largest, turned
     except Exception:  # noqa: BLE001  an unreadable file is a dead letter later, not a planning error
         return None
-
-
-def folder_warning_lines(plan: SourcePlan) -> list[str]:
-    """Lines for a folder: its sampled images of several sizes, all resized (stretched) to the most
-    common one, a warning when that is a minority's; its sampled 16-bit gray images that hold values
-    below 4096 (12-bit data, as microscopes and scanners save it): read as their high byte, as the
-    export's decoder reads them, they keep 16 levels or fewer."""
-    lines, options = [], plan.options if plan.kind == "folder" else {}
-    if options.get("mixed_sizes"):
-        share, sampled, kinds = options["mixed_sizes"]
-        height, width = plan.input_spec.shape[:2]
-        lines.append(f"{'warning: ' if 2 * share < sampled else ''}the {sampled} sampled images have {kinds} sizes: "
-                     f"all are resized to {height}x{width}, the most common ({share} of them), the aspect ratio not "
-                     "kept; choose the size with data.image_size=[HEIGHT, WIDTH]")
-    if options.get("narrow_16_bit"):
-        count, largest = options["narrow_16_bit"]
-        lines.append(f"warning: the {count} sampled 16-bit gray images hold values up to {largest} only: they are "
-                     f"read as 8 bits by their high byte (v >> 8), as the export's PNG decoder reads them, which leaves "
-                     f"{(largest >> 8) + 1} levels; scale them to 0..65535 or to 8 bits first (e.g. x * (65535 // x.max()))")
-    return lines
-
-
-def unserved_line(plan: SourcePlan) -> str | None:
-    """A warning for a folder whose images read include .webp/.tif/.tiff files: they train, but the
-    export's image_bytes input decodes PNG, JPEG, GIF and BMP only. None otherwise."""
-    unserved = plan.options.get("unserved") if plan.kind == "folder" else None
-    if not unserved:
-        return None
-    return (f"warning: {unserved} of the {plan.estimated_count} images read are .webp/.tif/.tiff files "
-            f"(e.g. {', '.join(plan.options['unserved_examples'])}): they train, but the export's image_bytes "
-            "input decodes PNG/JPEG/GIF/BMP only, so such files cannot be sent to the served model "
-            "(convert them; serve_images takes decoded pixels)")
 
 
 def header_sample(folders: list[list[str]]) -> list[str]:
@@ -296,15 +269,16 @@ def plan_folder(uri: str, root: str, data: DataConfig, labels: bool = True):
     count = sum(len(files) for *_, files in listing)
     sample = header_sample([sorted(files) for *_, files in listing])
     if data.image_size and data.channels:  # no header is read (on gs://, 256 reads spared)
-        headers = [(0, 0, False, None)]
+        headers = [(0, 0, False, None, False)]
     else:
         headers = [h for h in (_image_header(path) for path in sample) if h is not None]
     if not headers:
         raise SourceError(f"data.source: none of the {len(sample)} files sampled under {root} is a readable image")
-    sizes = collections.Counter((h, w) for h, w, _, _ in headers)
+    sizes = collections.Counter((h, w) for h, w, *_ in headers)
     (height, width), share = data.image_size or sizes.most_common(1)[0][0], sizes.most_common(1)[0][1]
-    channels = data.channels or (3 if any(colour for _, _, colour, _ in headers) else 1)
-    sixteen_bit = [largest for *_, largest in headers if largest is not None]
+    channels = data.channels or (3 if any(colour for _, _, colour, *_ in headers) else 1)
+    sixteen_bit = [largest for *_, largest, _ in headers if largest is not None]
+    turned = sum(header[4] for header in headers)
     spec = FeatureSpec(dtype="uint8", shape=(int(height), int(width), int(channels)), encoding="raw_bytes")
     if data.limit:  # the first `limit` files in sorted order: named one by one (quick trials only)
         chosen = sorted((path, label, split) for _, label, split, files in listing for path in files)[:data.limit]
@@ -324,18 +298,8 @@ def plan_folder(uri: str, root: str, data: DataConfig, labels: bool = True):
                        "narrow_16_bit": (len(sixteen_bit), max(sixteen_bit))
                        if sixteen_bit and max(sixteen_bit) < 4096 else None,
                        "mixed_sizes": (share, len(headers), len(sizes)) if len(sizes) > 1 and not data.image_size
-                       else None})
+                       else None, "rotated": (turned, len(headers)) if turned else None})
     return plan
-
-
-def skipped_line(plan: SourcePlan) -> str | None:
-    """"skipped: N files, not images by their extension (not read), e.g. …" for a folder with such
-    files (preprocess and batch prediction print it after the plan); None when there is none."""
-    skipped = plan.options.get("skipped") if plan.kind == "folder" else None
-    if not skipped:
-        return None
-    what = "file, not an image by its" if skipped == 1 else "files, not images by their"
-    return f"skipped: {skipped} {what} extension (not read), e.g. {', '.join(plan.options['skipped_examples'])}"
 
 
 def read_folder_task(plan: SourcePlan, task):
