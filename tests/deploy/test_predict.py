@@ -97,7 +97,9 @@ def test_predict_counts_predictions_and_failures(sequence_run, tmp_path, capsys)
     assert f"[predict] predicted 2, failed 2 -> {dead_file}" in output
     dead = [json.loads(line) for line in dead_file.read_text().splitlines()]
     assert sorted(d["key"] for d in dead) == ["all/0000001", "all/0000003"]
-    assert {d["reason"] for d in dead} == {"sequence holds NaN or infinite values"}
+    assert sorted(d["reason"] for d in dead) == [f"sequence holds NaN or infinite values ({value} at {place}); fill "
+                                                 "missing values, and pad shorter series with a number such as 0, not "
+                                                 "NaN" for value, place in (("inf", [0, 0]), ("nan", [3, 2]))]
     predicted = [json.loads(line) for line in (tmp_path / "preds-00000-of-00001.jsonl").read_text().splitlines()]
     assert sorted(p["key"] for p in predicted) == ["all/0000000", "all/0000002"]
     code, output = predict(run_dir, f"npz:{tmp_path / 'bad.npz'}", tmp_path / "again", capsys)

@@ -326,8 +326,10 @@ def test_a_sequence_value_beyond_float32_is_named_and_nan_or_infinity_as_before(
     for values, message in [
         ([[0.5, 1e39], [2.0, 3.0]], "sequence value 1e+39 at [0, 1] is outside float32's range (±3.402823e+38)"),
         ([[0.5, 1.0], [-7e300, 3.0]], "sequence value -7e+300 at [1, 0] is outside float32's range (±3.402823e+38)"),
-        ([[0.5, 1.0], [np.nan, 3.0]], "sequence holds NaN or infinite values"),
-        ([[0.5, -np.inf], [1e39, 3.0]], "sequence holds NaN or infinite values"),
+        ([[0.5, 1.0], [np.nan, 3.0]], "sequence holds NaN or infinite values (nan at [1, 0]); fill missing values, "
+                                      "and pad shorter series with a number such as 0, not NaN"),
+        ([[0.5, -np.inf], [1e39, 3.0]], "sequence holds NaN or infinite values (-inf at [0, 1]); fill missing "
+                                        "values, and pad shorter series with a number such as 0, not NaN"),
     ]:
         with pytest.raises(BadInput) as raised:
             decode_array(np.array(values, np.float64), spec)

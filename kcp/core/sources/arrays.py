@@ -37,7 +37,8 @@ def _headers(path: str) -> dict:
                     shape, fortran, dtype = reader(stream)
                     if dtype.hasobject:
                         raise SourceError(f"{path}: array {member[:-4]} holds Python objects; save plain "
-                                          "numeric or string arrays")
+                                          "numeric or string arrays (series of different lengths: pad them to "
+                                          "one length with a number such as 0)")
                     if fortran and len(shape) > 1:
                         raise SourceError(f"{path}: array {member[:-4]} is in Fortran order; save it with "
                                           "np.ascontiguousarray")
@@ -226,7 +227,9 @@ def decode_array(array, spec: FeatureSpec) -> np.ndarray:
             raise BadInput(f"image values {array.min()}..{array.max()} are outside 0..255")
         return array.astype(np.uint8)
     if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
-        raise BadInput("sequence holds NaN or infinite values")
+        index = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])
+        raise BadInput(f"sequence holds NaN or infinite values ({float(array[index])} at {list(index)}); fill missing "
+                       "values, and pad shorter series with a number such as 0, not NaN")
     with np.errstate(over="ignore"):  # a finite float64 beyond float32's range becomes infinite: named below
         values = array.astype(np.float32)
     if not np.all(np.isfinite(values)):
