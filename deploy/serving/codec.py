@@ -206,8 +206,12 @@ def to_tensor(name: str, values, spec):
     except (ValueError, TypeError) as error:
         raise RequestError(f"input {name!r}: {ragged(values, spec) or error}") from None
     if not spec.shape.is_compatible_with(tensor.shape):
+        # rows of one feature a step (an npz of [N, 60], which `kcp predict` takes): say how TF Serving wants them
+        one_feature = spec.shape.rank == tensor.shape.rank + 1 and spec.shape[-1] == 1 and \
+            spec.shape[:-1].is_compatible_with(tensor.shape)
+        hint = "; each step goes in a list of its own, [[v1], [v2], …], one feature a step" if one_feature else ""
         raise RequestError(f"input {name!r}: shape {tensor.shape.as_list()} does not match the signature's "
-                           f"{spec.shape.as_list()}")
+                           f"{spec.shape.as_list()}{hint}")
     if spec.shape.rank and tensor.shape[0] == 0:  # the models fail on 0 rows in a graph op (BatchNorm)
         raise RequestError(f"input {name!r} must hold at least one instance (it is empty)")
     return tensor

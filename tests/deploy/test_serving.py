@@ -496,3 +496,19 @@ def test_server_close_releases_the_loaded_versions_and_their_threads(image_run):
         assert len(kcp_threads() - before) >= 2  # the scanner and a batcher
     wait_for(lambda: not kcp_threads() - before, seconds=5)
     assert httpd.registry.models == {}
+
+
+def test_rows_of_one_feature_a_step_are_refused_as_tf_serving_does_with_how_to_send_them():
+    """A model trained on an npz of [N, 60] series takes [None, 60, 1]: `kcp predict` reads the rows
+    as they are, but REST answered only that [2, 60] does not match, leaving the client to guess."""
+    from deploy.serving.codec import RequestError, to_tensor
+
+    spec = tf.TensorSpec([None, 60, 1], tf.float32)
+    with pytest.raises(RequestError) as raised:
+        to_tensor("sequence", [[0.5] * 60, [1.0] * 60], spec)
+    assert str(raised.value) == ("input 'sequence': shape [2, 60] does not match the signature's [None, 60, 1]; each "
+                                 "step goes in a list of its own, [[v1], [v2], …], one feature a step")
+    assert to_tensor("sequence", [[[0.5]] * 60] * 2, spec).shape == (2, 60, 1)
+    with pytest.raises(RequestError) as raised:  # another shape: no such hint
+        to_tensor("sequence", [[0.5] * 59] * 2, spec)
+    assert str(raised.value) == "input 'sequence': shape [2, 59] does not match the signature's [None, 60, 1]"
