@@ -95,7 +95,7 @@ def _post(registry: ModelRegistry, name, version, label, method, raw, wait: bool
     function = loaded.signature(signature)
     if method == "predict":
         inputs, form = parse_predict_body(body, input_specs(function))
-        return format_predictions((yield loaded, signature, inputs), form)
+        return format_predictions((yield from _called(loaded, signature, inputs)), form)
     if method == "regress":  # TF Serving's answer for a signature that is not a regression one
         raise wrong_method(REGRESS)
     check_classifier(function)
@@ -115,7 +115,27 @@ def _post(registry: ModelRegistry, name, version, label, method, raw, wait: bool
         examples = [{name: value for name, value in example.items() if name in specs} if isinstance(example, dict)
                     and set(example) != {"b64"} else example for example in examples]  # them (a label feature)
         inputs, _ = parse_predict_body({"instances": examples}, specs)
-    return format_classifications((yield loaded, signature, inputs), loaded.class_names)
+    return format_classifications((yield from _called(loaded, signature, inputs)), loaded.class_names)
+
+
+def _called(loaded, signature: str, inputs: dict):
+    """(yield from) the outputs of one call, which the caller makes and sends back (or throws its
+    error in). When a call of several instances fails in an image decoder, each is called alone to
+    name the first one that fails: TensorFlow's error names no instance ("Invalid JPEG data")."""
+    try:
+        return (yield loaded, signature, inputs)
+    except tf.errors.InvalidArgumentError as error:
+        shapes = [value.shape for value in inputs.values()]
+        if not shapes or any(shape.rank == 0 for shape in shapes) or shapes[0][0] < 2 or \
+                not error_message(error).startswith("could not decode the image"):
+            raise
+        rows = shapes[0][0]
+        for index in range(rows):
+            try:
+                yield loaded, signature, {name: value[index:index + 1] for name, value in inputs.items()}
+            except tf.errors.InvalidArgumentError as single:
+                raise RequestError(f"instance {index}: {error_message(single)}") from None
+        raise
 
 
 def respond(registry: ModelRegistry, method: str, path: str, raw: bytes) -> tuple[int, bytes]:
@@ -125,7 +145,12 @@ def respond(registry: ModelRegistry, method: str, path: str, raw: bytes) -> tupl
         steps = route(registry, method, path, raw)
         call = next(steps)
         while True:
-            call = steps.send(registry.call(*call))
+            try:
+                outputs = registry.call(*call)
+            except tf.errors.InvalidArgumentError as error:  # the route may name the instance
+                call = steps.throw(error)
+                continue
+            call = steps.send(outputs)
     except StopIteration as done:
         return ok_answer(done.value)
     except Exception as error:  # noqa: BLE001  sorted out by error_answer
@@ -143,8 +168,12 @@ async def respond_inline(registry: ModelRegistry, pool, method: str, path: str, 
         call = next(steps)
         while True:
             future = registry.submit(*call)
-            outputs = await (asyncio.wrap_future(future) if future is not None
-                             else loop.run_in_executor(pool, registry.call, *call))
+            try:
+                outputs = await (asyncio.wrap_future(future) if future is not None
+                                 else loop.run_in_executor(pool, registry.call, *call))
+            except tf.errors.InvalidArgumentError as error:  # the route may name the instance
+                call = steps.throw(error)
+                continue
             call = steps.send(outputs)
     except StopIteration as done:
         return ok_answer(done.value)

@@ -2,6 +2,7 @@
 
 import base64
 import gzip
+import io
 import json
 import os
 import shutil
@@ -314,6 +315,23 @@ def test_bad_requests_get_4xx_with_an_error(server, path, body, raw, code, messa
     status, answer = call(f"{url}{path}", body, raw)
     assert status == code and message in answer["error"]
     assert call(f"{url}/v1/models/colors")[0] == 200  # and the server is still fine
+
+
+def test_an_image_that_cannot_be_decoded_in_a_batch_is_named_by_its_instance(server, image_run):
+    """A batch of a good PNG, a truncated JPEG and another good PNG: the answer said "could not
+    decode the image (…)" with no instance, leaving the client to find the file among many."""
+    url, _ = server
+    _, root = image_run
+    good = png_b64(sorted(root.glob("class0/*.png"))[0])
+    truncated = io.BytesIO()
+    Image.fromarray(np.full((10, 12, 3), 90, np.uint8)).save(truncated, "JPEG")
+    bad = base64.b64encode(truncated.getvalue()[:40]).decode()
+    for path, body in [("predict", {"instances": [{"b64": good}, {"b64": bad}, {"b64": good}]}),
+                       ("classify", {"examples": [{"b64": good}, {"b64": bad}]})]:
+        status, answer = call(f"{url}/v1/models/colors:{path}", body)
+        assert status == 400 and answer["error"].startswith("instance 1: could not decode the image ("), answer
+    status, answer = call(f"{url}/v1/models/colors:predict", {"instances": [{"b64": good}, {"b64": good}]})
+    assert status == 200 and len(answer["predictions"]) == 2
 
 
 def test_classify_merges_the_context_into_every_example(server, image_run):
