@@ -45,6 +45,7 @@ from kcp.core.errors import UserError
 from kcp.core.layout import RunLayout, check_unchanged_since_validation, is_blessed, newest_blessed
 from kcp.core.sources import (BadInput, SourceError, SourcePlan, SourceRecord, check_image_bytes, decode_array,
                                plan_source, record_text, skipped_line, source_modality, source_path)
+from kcp.core.sources.base import read_input_file
 
 MAX_BATCH_SIZE = 64
 log = logging.getLogger("kcp.predict")
@@ -82,10 +83,7 @@ def client_input(plan: SourcePlan, record: SourceRecord):
     if record.problem:
         raise BadInput(record.problem)
     if plan.kind == "folder":
-        try:
-            content = storage.read_bytes(record.payload)
-        except Exception as error:  # noqa: BLE001
-            raise BadInput(f"cannot read the file ({type(error).__name__}: {error})") from None
+        content = read_input_file(record.payload)  # a broken link named as preprocess names it
         check_image_bytes(content)
         return content
     if plan.modality == "text":
