@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import gzip
 import io
+import textwrap
 
 import numpy as np
 from apache_beam.io.tfrecordio import _TFRecordUtil  # Beam's TFRecord framing (length + CRC32C)
@@ -79,7 +80,8 @@ def _write_samples(contract, run_dir: str, rows: int) -> str:
                           fontsize=6, va="center", family="monospace")
             axis.set_title("original" if "#aug" not in key else key.rsplit("#", 1)[1], fontsize=7)
     copies = " and their augmented copies" if columns > 1 else ""  # one column is too narrow for more
-    figure.suptitle(f"{contract.source}: train examples{copies}", fontsize=9)
+    title = f"{contract.source}: train examples{copies}"  # wrapped to the figure's width: a long path was cut
+    figure.suptitle("\n".join(textwrap.wrap(title, int(12 * figure.get_figwidth()), break_on_hyphens=False)), fontsize=9)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
