@@ -223,7 +223,8 @@ def plan_lines(plan: SourcePlan) -> list[str]:
     shape = "x".join(map(str, plan.input_spec.shape)) or "string"
     exact = plan.kind not in ("csv", "jsonl")
     classes = "no classes" if language else \
-        f"{len(plan.class_names)} classes" if plan.class_names else "classes from the data"
+        f"{len(plan.class_names)} class{'es' * (len(plan.class_names) != 1)}" if plan.class_names else \
+        "classes from the data"
     splits_from = "by key hash" if plan.has_splits is False else "from the source" if plan.has_splits else \
         "from the data"
     lines = [f"plan: {'' if exact else 'about '}{plan.estimated_count} inputs in {len(plan.tasks)} read "

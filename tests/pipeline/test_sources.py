@@ -360,6 +360,19 @@ def test_a_file_named_as_an_image_folder_is_one_line(tmp_path):
     Image.new("RGB", (4, 4)).save(image)
     with pytest.raises(SourceError, match=f"data.source: {image} is a file; folder: reads a folder of class folders"):
         plan_source(f"folder:{image}")
+    with pytest.raises(SourceError) as raised:  # batch prediction reads a folder of images too: said so
+        plan_source(f"folder:{image}", labels=False)
+    assert str(raised.value) == (f"data.source: {image} is a file; folder: reads a folder of images (or of folders "
+                                 "of them) (name the folder that holds them)")
+
+
+def test_a_npy_file_named_as_npz_says_how_to_save_one(tmp_path):
+    path = tmp_path / "x.npy"
+    np.save(path, np.zeros((4, 3)))
+    with pytest.raises(SourceError) as raised:
+        plan_source(f"npz:{path}")
+    assert str(raised.value) == (f"data.source: {path} is not a NumPy .npz archive (File is not a zip file); a .npy "
+                                 "holds one array: save the inputs and labels together, np.savez(PATH, x=x, y=y)")
 
 
 def test_missing_text_column_is_named(tmp_path):

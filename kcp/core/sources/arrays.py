@@ -46,7 +46,9 @@ def _headers(path: str) -> dict:
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as error:
         if isinstance(error, SourceError):
             raise
-        raise SourceError(f"data.source: {path} is not a NumPy .npz archive ({error})") from None
+        hint = "; a .npy holds one array: save the inputs and labels together, np.savez(PATH, x=x, y=y)" \
+            if path.lower().endswith(".npy") else ""
+        raise SourceError(f"data.source: {path} is not a NumPy .npz archive ({error}){hint}") from None
     return arrays
 
 

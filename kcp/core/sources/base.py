@@ -148,9 +148,10 @@ def safe_key(relative: str) -> str:
     return os.fsencode(relative).decode("utf-8", errors="backslashreplace")
 
 
-def check_path(uri: str, path: str, kind: str | None = None) -> None:
+def check_path(uri: str, path: str, kind: str | None = None, labels: bool = True) -> None:
     """Fails with one line when the source names no path, a path that does not exist, or (a local
-    path, with `kind` "file" or "folder") a folder where the source reads a file or the reverse."""
+    path, with `kind` "file" or "folder") a folder where the source reads a file or the reverse
+    (`labels` false: batch prediction, whose folder may hold the images themselves)."""
     if not path:
         raise SourceError(f"data.source: {uri!r} names no path")
     if not storage.exists(path):
@@ -160,7 +161,8 @@ def check_path(uri: str, path: str, kind: str | None = None) -> None:
         raise SourceError(f"data.source: {path} is a folder; {scheme}: reads one file "
                           f"(name it: {scheme}:{path.rstrip('/')}/FILE)")
     if kind == "folder" and not storage.is_remote(path) and os.path.isfile(path):
-        raise SourceError(f"data.source: {path} is a file; {scheme}: reads a folder of class folders "
+        what = "class folders" if labels else "images (or of folders of them)"
+        raise SourceError(f"data.source: {path} is a file; {scheme}: reads a folder of {what} "
                           "(name the folder that holds them)")
 
 

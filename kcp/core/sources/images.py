@@ -256,7 +256,7 @@ def header_sample(folders: list[list[str]]) -> list[str]:
 def plan_folder(uri: str, root: str, data: DataConfig, labels: bool = True):
     """The plan of an image folder; without `labels` (batch prediction) every image below the root
     is read, whatever the folders are named, and the records' labels are empty."""
-    check_path(uri, root, "folder")
+    check_path(uri, root, "folder", labels)
     root = root.rstrip("/")
     if labels:
         has_splits, folders = _class_folders(root)
