@@ -30,6 +30,7 @@ from tensorflow_serving.apis import (
 from deploy.serving.codec import (CLASSIFY, REGRESS, RequestError, check_classifier, class_labels, error_message,
                                   input_specs, takes_examples, to_tensor, UnknownSignature, wrong_method)
 from deploy.serving.registry import ModelRegistry
+from deploy.serving.routes import call_naming_the_instance
 from deploy.serving.versions import LoadedVersion
 from kcp.core.errors import UserError
 
@@ -167,7 +168,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                 raise RequestError(f"Expects arg[{index}] to be {_dtype_name(specs[name].dtype)} but "
                                    f"{_dtype_name(given_dtype)} is provided")
         inputs = {n: to_tensor(n, _ndarray(n, request.inputs[n]), specs[n]) for n in specs}
-        outputs = self.registry.call(loaded, signature, inputs)
+        outputs = call_naming_the_instance(self.registry.call, loaded, signature, inputs)
         wanted = list(request.output_filter) or list(outputs)
         unknown = [n for n in wanted if n not in outputs]
         if unknown:
@@ -181,7 +182,8 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     def _classify(self, loaded, spec, request_input, result) -> str:
         signature = _examples_signature(loaded, spec.signature_name)
         check_classifier(loaded.signature(signature))
-        outputs = self.registry.call(loaded, signature, {"examples": _examples(request_input)})
+        outputs = call_naming_the_instance(self.registry.call, loaded, signature,
+                                           {"examples": _examples(request_input)})
         for row in outputs["probabilities"]:
             classification = result.classifications.add()
             for label, score in zip(class_labels(loaded.class_names, len(row)), row):

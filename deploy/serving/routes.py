@@ -138,6 +138,23 @@ def _called(loaded, signature: str, inputs: dict):
         raise
 
 
+def call_naming_the_instance(call, loaded, signature: str, inputs: dict) -> dict:
+    """`call(loaded, signature, inputs)`, with `_called`'s naming of an image that cannot be
+    decoded (gRPC's Predict and Classify, which make their calls in one go)."""
+    steps = _called(loaded, signature, inputs)
+    request = next(steps)
+    try:
+        while True:
+            try:
+                outputs = call(*request)
+            except tf.errors.InvalidArgumentError as error:
+                request = steps.throw(error)
+                continue
+            request = steps.send(outputs)
+    except StopIteration as done:
+        return done.value
+
+
 def respond(registry: ModelRegistry, method: str, path: str, raw: bytes) -> tuple[int, bytes]:
     """(status, JSON body) for one request, its model calls made here (a pool thread); a bad
     request is a 4xx with {"error": ...}, never a 500."""

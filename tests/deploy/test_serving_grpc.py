@@ -213,6 +213,8 @@ def status_request(name):
      "Unrecognized servable version label"),
     ("Predict", lambda: predict_request([b"not an image"]), "INVALID_ARGUMENT", ""),
     ("Predict", lambda: predict_request([]), "INVALID_ARGUMENT", "input 'image_bytes' must hold at least one instance"),
+    ("Predict", lambda: predict_request([digit_png(), b"\x89PNG\r\n\x1a\n" + bytes(40)]), "INVALID_ARGUMENT",
+     "instance 1: could not decode the image (Invalid PNG"),  # a damaged file named by its instance, as over REST
     ("Predict", lambda: predict_request([digit_png()], signature_name="nope"), "FAILED_PRECONDITION",
      'Serving signature key "nope" not found.'),
     ("Predict", lambda: predict_pb2.PredictRequest(model_spec={"name": "model"}), "INVALID_ARGUMENT",
