@@ -675,6 +675,28 @@ def test_series_of_huge_or_tiny_values_normalise_to_unit_scale(scale):
     ordinary = keras.Model(*model_input(ModelInputs("sequence", (4, 2), 3, mean=(1.0, 5.0), std=(2.0, 1e-3),
                                                     input_name="sequence"), ModelConfig()))
     assert "prescale" not in {layer.name for layer in ordinary.layers}
+    mixed = keras.Model(*model_input(ModelInputs("sequence", (4, 2), 3, mean=(0.0, 5.0), std=(scale, 2.0),
+                                                 input_name="sequence"), ModelConfig()))  # one feature's scale only
+    out = keras.ops.convert_to_numpy(mixed(np.array([[[scale, 7.0]] * 4], np.float32)))
+    np.testing.assert_allclose(out[0, 0], [1.0, 1.0], rtol=1e-5)  # one power of ten for both left [1, 2e-9]
+
+
+def test_normalization_stays_float32_under_mixed_precision():
+    """Under mixed_float16 the layer's variance became float16: a std above 256 (variance 65504) was
+    inf and every input 0."""
+    import keras
+
+    from kcp.core.config import ModelConfig
+    from trainer.models.common import ModelInputs, model_input
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = keras.Model(*model_input(ModelInputs("sequence", (4, 2), 3, mean=(0.0, 5.0), std=(300.0, 2.0),
+                                                     input_name="sequence"), ModelConfig()))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    out = keras.ops.convert_to_numpy(model(np.array([[[300.0, 7.0]] * 4], np.float32)))
+    np.testing.assert_allclose(out[0, 0], [1.0, 1.0], rtol=1e-3)
 
 
 def test_a_long_series_is_cut_into_patches_of_steps_so_attention_fits():

@@ -107,27 +107,27 @@ def model_input(spec: ModelInputs, config: ModelConfig):
     if spec.modality != "text" and spec.mean:
         mean, std = np.asarray(spec.mean, dtype=np.float64), np.asarray(spec.std, dtype=np.float64)
         scale = input_scale(std)
-        if scale != 1.0:  # variances float32 cannot hold: divide by a power of ten first, in float32
-            x = keras.layers.Rescaling(1.0 / scale, dtype="float32", name="prescale")(x)
+        if np.any(scale != 1.0):  # variances float32 cannot hold: those features divided by a power of ten first
+            x = keras.layers.Rescaling(list(1.0 / scale), dtype="float32", name="prescale")(x)
             mean, std = mean / scale, std / scale
         # a feature constant in training (std 0) is centred, not divided by ~0 (scikit-learn's
-        # StandardScaler does the same): else 5.001 against a trained 5.0 would be 10,000 std away
+        # StandardScaler does the same): else 5.001 against a trained 5.0 would be 10,000 std away.
+        # float32 whatever the policy: under mixed_float16, a variance above 65504 (std 256) was inf
         variance = np.where(std > 0, np.square(std), 1.0)
-        x = keras.layers.Normalization(axis=-1, mean=list(mean), variance=list(variance), name="normalize")(x)
+        x = keras.layers.Normalization(axis=-1, mean=list(mean), variance=list(variance), dtype="float32",
+                                       name="normalize")(x)
     return inputs, x
 
 
-def input_scale(std) -> float:
-    """1, or the power of ten to divide the inputs by before Normalization when their largest std
-    is outside [1e-6, 1e15]. Above, its square, the layer's variance, leaves float32's range:
-    series of values around 1e20 have a variance near 1e40, which float32 holds as inf, so every
-    input became 0 (a model at chance) and the export failed writing the variance into its
-    config. Below, the layer divides by at least its epsilon's 1e-7 and squashes the inputs."""
-    positive = np.asarray(std, dtype=np.float64)
-    positive = positive[np.isfinite(positive) & (positive > 0)]
-    if not positive.size or 1e-6 <= positive.max() <= 1e15:
-        return 1.0
-    return float(10.0 ** np.round(np.log10(positive.max())))
+def input_scale(std) -> np.ndarray:
+    """Per feature, 1 or the power of ten to divide it by before Normalization, for a std outside
+    [1e-6, 1e15]. Above, its square, the layer's variance, leaves float32's range: series of values
+    around 1e20 have a variance near 1e40, which float32 holds as inf, so every input became 0 (a
+    model at chance) and the export failed writing the variance into its config. Below, the layer
+    divides by at least its epsilon's 1e-7 and squashes the feature."""
+    std = np.asarray(std, dtype=np.float64)
+    outside = np.isfinite(std) & (std > 0) & ((std < 1e-6) | (std > 1e15))
+    return np.where(outside, 10.0 ** np.round(np.log10(np.where(outside, std, 1.0))), 1.0)
 
 
 def augmentation_layers(config: ModelConfig, spec: ModelInputs):
