@@ -62,6 +62,11 @@ def resolve_run_dir(args) -> str | None:
     return newest
 
 
+# the commands that write into the run directory (serve, predict, push, versions, generate and
+# describe-model only read it, which a public bucket allows without credentials)
+WRITES_RUN_DIR = ("preprocess", "train", "tune", "export", "validate", "run", "report")
+
+
 def main(argv: list[str] | None = None, *, lenient: bool = False) -> int:
     """Entry of `kcp` (strict flags) and of the `python -m STAGE.task` launchers (`lenient`:
     unknown flags are warned about and ignored)."""
@@ -85,7 +90,8 @@ def main(argv: list[str] | None = None, *, lenient: bool = False) -> int:
         try:
             made = missing_folders(args.run_dir) if args.run_dir else []  # the folders this command may make
             run_dir = resolve_run_dir(args)
-            check_write_credentials([run_dir, getattr(args, "output", None), getattr(args, "to", None)])
+            check_write_credentials([run_dir if args.command in WRITES_RUN_DIR else None,
+                                     getattr(args, "output", None), getattr(args, "to", None)])
             if not args.run_dir and args.command in ("preprocess", "run"):
                 made = [run_dir]
             config = resolve_config(run_dir, args.config, getattr(args, "source", None),

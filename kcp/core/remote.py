@@ -77,7 +77,7 @@ def anonymous_beam_gcs() -> None:
             credentials._credentials_init, credentials._credentials = True, None
 
 
-_CREDENTIALS_CHECKED: dict = {}  # by STORAGE_EMULATOR_HOST: the answer of google.auth, once a process
+_CREDENTIALS_FOUND: set = set()  # GOOGLE_APPLICATION_CREDENTIALS values google.auth found credentials with
 
 
 def check_write_credentials(paths) -> None:
@@ -95,20 +95,19 @@ def check_write_credentials(paths) -> None:
     except ImportError:  # no GCP extra: the storage layer says so
         return
     key = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
-    if key not in _CREDENTIALS_CHECKED:
-        try:
-            google.auth.default()
-            _CREDENTIALS_CHECKED[key] = None
-        except DefaultCredentialsError as error:
-            _CREDENTIALS_CHECKED[key] = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    problem = _CREDENTIALS_CHECKED[key]
-    if problem is not None:
+    if key in _CREDENTIALS_FOUND:  # found once: not looked up again (a failure is: a notebook may log in since)
+        return
+    try:
+        google.auth.default()
+        _CREDENTIALS_FOUND.add(key)
+    except DefaultCredentialsError as error:
         from kcp.core.errors import UserError
 
+        problem = str(error).strip().splitlines()[0] if str(error).strip() else ""
         shown = f" ({problem.split(' To set up')[0].rstrip('.')})" if problem else ""
         raise UserError(f"{remote[0]}: no Google Cloud credentials to write there{shown}; run `gcloud auth "
                         "application-default login`, or set GOOGLE_APPLICATION_CREDENTIALS to a service account's "
-                        "key file")
+                        "key file") from None
 
 
 class BeamBackend(Backend):

@@ -228,7 +228,7 @@ def test_a_gs_output_without_credentials_is_one_line_before_any_work(digits_run,
     monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing-key.json"))
     monkeypatch.setenv("NO_GCE_CHECK", "True")  # google.auth: no metadata server to ask on this machine
-    monkeypatch.setattr(remote, "_CREDENTIALS_CHECKED", {})
+    monkeypatch.setattr(remote, "_CREDENTIALS_FOUND", set())
     inputs = tmp_path / "in.csv"
     inputs.write_text("x\n")
     commands = [["predict", "--run-dir", digits_run, "--input", f"csv:{inputs}", "--output", "gs://kcp-b/out"],
@@ -241,5 +241,9 @@ def test_a_gs_output_without_credentials_is_one_line_before_any_work(digits_run,
                          f"{tmp_path / 'missing-key.json'} was not found); run `gcloud auth application-default "
                          "login`, or set GOOGLE_APPLICATION_CREDENTIALS to a service account's key file"], error
     remote.check_write_credentials([str(tmp_path), None])  # local paths: nothing to check
+    from kcp.cli import WRITES_RUN_DIR  # a command that only reads a gs:// run directory (a public bucket) is not
+
+    assert "serve" not in WRITES_RUN_DIR and "versions" not in WRITES_RUN_DIR and "predict" not in WRITES_RUN_DIR
+    assert {"preprocess", "train", "tune", "export", "validate", "run", "report"} <= set(WRITES_RUN_DIR)
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")
     remote.check_write_credentials(["gs://kcp-b/out"])  # an emulator takes anonymous writes
