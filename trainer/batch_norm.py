@@ -35,18 +35,32 @@ def sample_steps(examples: int, global_batch: int, sample: int = SAMPLE_EXAMPLES
     return max(1, min(examples // global_batch, math.ceil(sample / global_batch)))
 
 
-def reestimate_batch_norm(model, strategy, batches, steps: int) -> int:
+def seed_states(model) -> list:
+    """The state variables of the random layers' seed generators (dropout, augmentation)."""
+    return [generator.state for layer in model._flatten_layers()  # noqa: SLF001
+            for generator in getattr(layer, "_seed_generators", ())]
+
+
+def reestimate_batch_norm(model, strategy, batches, steps: int, seed: int = 0) -> int:
     """Sets the moving mean and variance of every BatchNormalization layer of `model` to the
-    statistics of its inputs over `steps` batches of `batches` ((inputs, labels) batches; under
-    a multi-replica `strategy`, a distributed dataset), the model running in training mode.
-    Each replica runs its share of each batch as in `fit`, so synchronized BatchNorm keeps the
-    replicas and workers of a cluster equal. Returns the number of batches used (0: no layer)."""
+    statistics of its inputs over `steps` batches of `batches` ((inputs, labels) batches in a
+    fixed order; under a multi-replica `strategy`, a distributed dataset), the model running in
+    training mode. Each replica runs its share of each batch as in `fit`, so synchronized
+    BatchNorm keeps the replicas and workers of a cluster equal. The random layers' generators
+    start from `seed`, and the batches come in a fixed order, so the result depends on the
+    weights alone: a run resumed after its last epoch (which fits nothing) saves the model the
+    killed run would have saved. Returns the number of batches used (0: no layer)."""
     layers = batch_norm_layers(model)
     if not layers:
         return 0
+    for index, state in enumerate(seed_states(model)):
+        dtype = keras.ops.convert_to_numpy(state).dtype
+        state.assign(np.array([seed + index, 0], dtype=dtype))
     momenta = [layer.momentum for layer in layers]
     for layer in layers:
         layer.momentum = 0.0  # each forward pass leaves that batch's statistics in the moving ones
+        layer.moving_mean.assign(np.zeros(layer.moving_mean.shape, np.float32))  # NaN * 0 would stay NaN
+        layer.moving_variance.assign(np.ones(layer.moving_variance.shape, np.float32))
     sums = [np.zeros(layer.moving_mean.shape, np.float64) for layer in layers]
     squares = [np.zeros(layer.moving_mean.shape, np.float64) for layer in layers]
 

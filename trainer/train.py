@@ -151,10 +151,12 @@ class Trainer:
         number of batches used (0: the model has no BatchNorm)."""
         if not batch_norm_layers(model):
             return 0
-        data = self.dataset(self.fit_splits, training=True)
-        if not self.own_files:  # own files are distributed already
-            data = self.strategy.experimental_distribute_dataset(data)
-        used = reestimate_batch_norm(model, self.strategy, data, sample_steps(self.fitted, self.global_batch))
+        data = make_dataset(self.contract, self.data_dir, self.fit_splits, self.config.train,  # in a fixed order,
+                            global_batch=self.global_batch, training=False, drop_remainder=True,  # whole batches
+                            workers=num_workers() if self.multi_worker else 1, one_hot=self.one_hot,
+                            vectorizer=self.vectorizer)
+        used = reestimate_batch_norm(model, self.strategy, self.strategy.experimental_distribute_dataset(data),
+                                     sample_steps(self.fitted, self.global_batch), seed=self.config.train.seed)
         if used:
             log.info("train: BatchNorm statistics re-estimated over %d training batches", used)
         return used

@@ -306,6 +306,18 @@ def test_reestimated_statistics_are_those_of_the_sample_under_the_final_weights(
     assert layer.momentum == 0.9
     plain = keras.Model(inputs, keras.layers.Dense(2)(inputs))
     assert reestimate_batch_norm(plain, tf.distribute.get_strategy(), batches, steps=3) == 0
+    # with dropout before it: the same statistics each time (a rerun after a kill saves the same model),
+    # and moving statistics that had become NaN are replaced, not kept (NaN * momentum 0 is NaN)
+    noisy = keras.Model(inputs, keras.layers.BatchNormalization()(keras.layers.Dropout(0.5)(inputs)))
+    norm = noisy.layers[-1]
+    runs = []
+    for _ in range(2):
+        norm.moving_mean.assign(np.full(3, np.nan, np.float32))
+        reestimate_batch_norm(noisy, tf.distribute.get_strategy(), batches, steps=4, seed=7)
+        runs.append((norm.moving_mean.numpy().copy(), norm.moving_variance.numpy().copy()))
+    assert np.isfinite(runs[0][0]).all() and np.isfinite(runs[0][1]).all()
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])
     assert [sample_steps(100, 64), sample_steps(30, 64), sample_steps(100_000, 64)] == [1, 1, 128]
 
 
