@@ -75,7 +75,7 @@ class DataConfig:
     seed: int = option(42, help="seed of the reproducible split")
     limit: int = option(0, minimum=0, help="read at most this many examples (0: all), for quick trials")
     modality: Optional[str] = option(None, choices=(None, "image", "sequence", "text"), help="npz: override")
-    image_size: Optional[tuple] = option(None, help="[height, width]; null: the most common size")
+    image_size: Optional[tuple] = option(None, help="[height, width]; null: the most common, at most 256 a side")
     channels: Optional[int] = option(None, choices=(None, 1, 3), help="null: 3 if any image has colour, else 1")
     text_column: str = option("text")
     label_column: str = option("label")

@@ -485,6 +485,24 @@ def test_images_of_several_sizes_are_named_at_planning_with_the_size_they_are_st
     assert folder_warning_lines(plan_source(f"folder:{tmp_path / 'mixed'}", chosen)) == []
 
 
+def test_large_photos_default_to_256_on_their_longer_side(tmp_path):
+    """A folder of 4032x3024 phone photos planned at full size: one batch of 64 is 9 GB of floats
+    before the first convolution. The most common size is scaled down to 256 a side by default
+    (Ludwig's inferred maximum; Keras' image_dataset_from_directory takes 256x256), and said."""
+    from kcp.core.sources import folder_warning_lines
+
+    for label in ("a", "b"):
+        for index in range(2):
+            write_png(str(tmp_path / "big" / label / f"{index}.png"), np.zeros((300, 600), np.uint8))
+    plan = plan_source(f"folder:{tmp_path / 'big'}")
+    assert plan.input_spec.shape == (128, 256, 1)
+    assert folder_warning_lines(plan) == [
+        "the most common image size, 300x600, is above 256 a side: images are resized to 128x256; choose the size "
+        "with data.image_size=[HEIGHT, WIDTH]"]
+    chosen = plan_source(f"folder:{tmp_path / 'big'}", load_config([], ["data.image_size=[300, 600]"]).data)
+    assert chosen.input_spec.shape == (300, 600, 1) and folder_warning_lines(chosen) == []
+
+
 def test_photos_with_an_exif_rotation_are_named_at_planning(tmp_path):
     """A phone's portrait photos are stored sideways with an EXIF orientation, which neither the
     pipeline nor the export's decoder (tf.io.decode_jpeg) applies: they trained turned, silently."""

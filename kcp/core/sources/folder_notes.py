@@ -7,18 +7,23 @@ from kcp.core.sources.base import SourcePlan
 
 
 def folder_warning_lines(plan: SourcePlan) -> list[str]:
-    """Lines for a folder: its sampled images of several sizes, all resized (stretched) to the most
-    common one, a warning when that is a minority's; its sampled photos whose EXIF says to rotate
+    """Lines for a folder: the most common size scaled down to 256 a side; its sampled images of
+    several sizes, all resized (stretched) to the most common one, a warning when that is a minority's; its sampled photos whose EXIF says to rotate
     them, which neither training nor the export's decoder does (tf.io.decode_jpeg does not); its
     sampled 16-bit gray images that hold values below 4096 (12-bit data, as microscopes and
     scanners save it): read as their high byte, as the export's decoder reads them, they keep 16
     levels or fewer."""
     lines, options = [], plan.options if plan.kind == "folder" else {}
+    if options.get("capped"):
+        height, width = plan.input_spec.shape[:2]
+        lines.append(f"the most common image size, {options['capped'][0]}x{options['capped'][1]}, is above 256 a side: "
+                     f"images are resized to {height}x{width}; choose the size with data.image_size=[HEIGHT, WIDTH]")
     if options.get("mixed_sizes"):
         share, sampled, kinds = options["mixed_sizes"]
         height, width = plan.input_spec.shape[:2]
         lines.append(f"{'warning: ' if 2 * share < sampled else ''}the {sampled} sampled images have {kinds} sizes: "
-                     f"all are resized to {height}x{width}, the most common ({share} of them), the aspect ratio not "
+                     f"all are resized to {height}x{width}, the most common{' scaled down' * bool(options.get('capped'))} "
+                     f"({share} of them), the aspect ratio not "
                      "kept; choose the size with data.image_size=[HEIGHT, WIDTH]")
     if options.get("rotated"):
         rotated, sampled = options["rotated"]

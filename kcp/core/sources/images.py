@@ -41,6 +41,9 @@ DIGITS_LEVELS = 16  # scikit-learn's digits hold integer intensities 0..16
 DIGITS_COUNT = 1797
 DIGITS_TASK_ROWS = 600
 HEADER_SAMPLE = 256  # files whose headers fix a folder's image size and channels
+# data.image_size null: the most common size, scaled down to this many pixels on its longer side
+# (Ludwig's infer_image_max_height/width; Keras' image_dataset_from_directory takes 256x256)
+DEFAULT_MAX_SIDE = 256
 
 
 # --- digits -------------------------------------------------------------------------------
@@ -276,6 +279,10 @@ def plan_folder(uri: str, root: str, data: DataConfig, labels: bool = True):
         raise SourceError(f"data.source: none of the {len(sample)} files sampled under {root} is a readable image")
     sizes = collections.Counter((h, w) for h, w, *_ in headers)
     (height, width), share = data.image_size or sizes.most_common(1)[0][0], sizes.most_common(1)[0][1]
+    capped = None
+    if not data.image_size and max(height, width) > DEFAULT_MAX_SIDE:  # photos: 4032x3024 would not fit a batch
+        capped, factor = (height, width), DEFAULT_MAX_SIDE / max(height, width)
+        height, width = max(1, round(height * factor)), max(1, round(width * factor))
     channels = data.channels or (3 if any(colour for _, _, colour, *_ in headers) else 1)
     sixteen_bit = [largest for *_, largest, _ in headers if largest is not None]
     turned = sum(header[4] for header in headers)
@@ -298,7 +305,7 @@ def plan_folder(uri: str, root: str, data: DataConfig, labels: bool = True):
                        "narrow_16_bit": (len(sixteen_bit), max(sixteen_bit))
                        if sixteen_bit and max(sixteen_bit) < 4096 else None,
                        "mixed_sizes": (share, len(headers), len(sizes)) if len(sizes) > 1 and not data.image_size
-                       else None, "rotated": (turned, len(headers)) if turned else None})
+                       else None, "rotated": (turned, len(headers)) if turned else None, "capped": capped})
     return plan
 
 
