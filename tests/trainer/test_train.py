@@ -287,8 +287,8 @@ def test_a_three_epoch_text_run_evaluates_as_well_as_it_fits(tmp_path):
 
 
 def test_reestimated_statistics_are_those_of_the_sample_under_the_final_weights():
-    """Mean and variance over the whole sample (not the mean of each batch's variance), the
-    momentum given back, and nothing for a model without BatchNorm."""
+    """The means of the batch means and of the batch variances (what training normalizes by, not
+    the whole sample's variance), the momentum given back, and nothing for a model without BatchNorm."""
     import tensorflow as tf
 
     from trainer.batch_norm import reestimate_batch_norm, sample_steps
@@ -299,10 +299,11 @@ def test_reestimated_statistics_are_those_of_the_sample_under_the_final_weights(
     x = rng.normal(size=(40, 3)).astype("float32") * [1.0, 2.0, 3.0] + [0.0, 5.0, -1.0]
     batches = tf.data.Dataset.from_tensor_slices((x, np.zeros(40))).batch(10)
     assert reestimate_batch_norm(model, tf.distribute.get_strategy(), batches, steps=3) == 3
-    dense = x[:30] @ model.layers[1].kernel.numpy() + model.layers[1].bias.numpy()
+    dense = (x[:30] @ model.layers[1].kernel.numpy() + model.layers[1].bias.numpy()).reshape(3, 10, 2)  # 3 batches
     layer = model.layers[2]
-    np.testing.assert_allclose(layer.moving_mean.numpy(), dense.mean(axis=0), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(layer.moving_variance.numpy(), dense.var(axis=0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), dense.mean(axis=1).mean(axis=0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), dense.var(axis=1).mean(axis=0), rtol=1e-4, atol=1e-5)
+    assert np.all(dense.var(axis=1).mean(axis=0) < dense.reshape(30, 2).var(axis=0))  # not the whole sample's
     assert layer.momentum == 0.9
     plain = keras.Model(inputs, keras.layers.Dense(2)(inputs))
     assert reestimate_batch_norm(plain, tf.distribute.get_strategy(), batches, steps=3) == 0
