@@ -189,3 +189,30 @@ def read_input_file(path: str) -> bytes:
         if not storage.is_remote(path) and os.path.islink(path) and not os.path.exists(path):
             raise BadInput(f"a broken symbolic link (to {os.readlink(path)}, which does not exist)") from None
         raise BadInput(f"cannot read the file ({type(error).__name__}: {error})") from None
+
+
+def field_paths(row: dict, prefix: str = "") -> list[str]:
+    """The names a JSON object's fields can be given by: each key, and `key.inner` for the fields of
+    an object inside it (`{"ticket": {"body": …}}` has `ticket` and `ticket.body`)."""
+    paths = []
+    for key, value in row.items():
+        paths.append(prefix + key)
+        if isinstance(value, dict):
+            paths += field_paths(value, f"{prefix}{key}.")
+    return paths
+
+
+def field(row: dict, name: str):
+    """The value of the field `name` of a JSON object: a key as it is (dots and all), else a path
+    `outer.inner` into the objects inside it; None when there is none."""
+    if name in row:
+        return row[name]
+    outer, dot, inner = name.partition(".")
+    while dot:
+        if isinstance(row.get(outer), dict):
+            found = field(row[outer], inner)
+            if found is not None:
+                return found
+        more, dot, inner = inner.partition(".")
+        outer = f"{outer}.{more}"
+    return None

@@ -32,8 +32,8 @@ from typing import Optional
 from kcp.core.config import DataConfig
 from kcp.core.contract import FeatureSpec
 from kcp.core.layout import SPLIT_NAMES
-from kcp.core.sources.base import (BadInput, SourceError, SourcePlan, SourceRecord, check_path, has_surrogates,
-                                   label_text, open_binary)
+from kcp.core.sources.base import (BadInput, SourceError, SourcePlan, SourceRecord, check_path, field, field_paths,
+                                   has_surrogates, label_text, open_binary)
 
 HEAD_BYTES = 1 << 20  # what the driver reads: the CSV header or the first JSONL lines
 FIELD_LIMIT = 2**31 - 1  # Python's csv module refuses fields over 131,072 characters by default
@@ -216,33 +216,6 @@ def plan_table(uri: str, kind: str, path: str, data: DataConfig, labels: bool = 
     spec = FeatureSpec("string", (), "utf8")
     count = min(estimate, data.limit) if data.limit else estimate
     return SourcePlan(uri, kind, "text", "text", spec, (), None, ((kind, path),), max(1, count), options)
-
-
-def field_paths(row: dict, prefix: str = "") -> list[str]:
-    """The names a JSON object's fields can be given by: each key, and `key.inner` for the fields of
-    an object inside it (`{"ticket": {"body": …}}` has `ticket` and `ticket.body`)."""
-    paths = []
-    for key, value in row.items():
-        paths.append(prefix + key)
-        if isinstance(value, dict):
-            paths += field_paths(value, f"{prefix}{key}.")
-    return paths
-
-
-def field(row: dict, name: str):
-    """The value of the field `name` of a JSON object: a key as it is (dots and all), else a path
-    `outer.inner` into the objects inside it; None when there is none."""
-    if name in row:
-        return row[name]
-    outer, dot, inner = name.partition(".")
-    while dot:
-        if isinstance(row.get(outer), dict):
-            found = field(row[outer], inner)
-            if found is not None:
-                return found
-        more, dot, inner = inner.partition(".")
-        outer = f"{outer}.{more}"
-    return None
 
 
 def _record(number: int, row, options: dict, where: str, cells: bool = False) -> SourceRecord:
