@@ -84,8 +84,8 @@ def reestimate_batch_norm(model, strategy, batches, steps: int, seed: int = 0) -
     finally:
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum
-    for index, layer in enumerate(layers):
-        if used:
-            layer.moving_mean.assign((sums[index] / used).astype(np.float32))
-            layer.moving_variance.assign((variances[index] / used).astype(np.float32))
+    if used:
+        for layer, total, variance in zip(layers, sums, variances):
+            layer.moving_mean.assign((total / used).astype(np.float32))
+            layer.moving_variance.assign((variance / used).astype(np.float32))
     return used

@@ -138,12 +138,12 @@ def _called(loaded, signature: str, inputs: dict):
         raise
 
 
-def call_naming_the_instance(call, loaded, signature: str, inputs: dict) -> dict:
-    """`call(loaded, signature, inputs)`, with `_called`'s naming of an image that cannot be
-    decoded (gRPC's Predict and Classify, which make their calls in one go)."""
-    steps = _called(loaded, signature, inputs)
-    request = next(steps)
+def drive(steps, call):
+    """Runs a generator of model calls (`route`, `_called`) to its value: each (loaded, signature,
+    inputs) it yields is made with `call` and sent back, or its InvalidArgumentError thrown in
+    (where `_called` may name the instance)."""
     try:
+        request = next(steps)  # a route that makes no call (a model's status) stops here
         while True:
             try:
                 outputs = call(*request)
@@ -155,23 +155,20 @@ def call_naming_the_instance(call, loaded, signature: str, inputs: dict) -> dict
         return done.value
 
 
+def call_naming_the_instance(call, loaded, signature: str, inputs: dict) -> dict:
+    """`call(loaded, signature, inputs)`, with `_called`'s naming of an image that cannot be
+    decoded (gRPC's Predict and Classify, which make their calls in one go)."""
+    return drive(_called(loaded, signature, inputs), call)
+
+
 def respond(registry: ModelRegistry, method: str, path: str, raw: bytes) -> tuple[int, bytes]:
     """(status, JSON body) for one request, its model calls made here (a pool thread); a bad
     request is a 4xx with {"error": ...}, never a 500."""
     try:
-        steps = route(registry, method, path, raw)
-        call = next(steps)
-        while True:
-            try:
-                outputs = registry.call(*call)
-            except tf.errors.InvalidArgumentError as error:  # the route may name the instance
-                call = steps.throw(error)
-                continue
-            call = steps.send(outputs)
-    except StopIteration as done:
-        return ok_answer(done.value)
+        value = drive(route(registry, method, path, raw), registry.call)
     except Exception as error:  # noqa: BLE001  sorted out by error_answer
         return error_answer(error)
+    return ok_answer(value)
 
 
 async def respond_inline(registry: ModelRegistry, pool, method: str, path: str, raw: bytes) -> tuple[int, bytes]:

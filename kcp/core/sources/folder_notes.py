@@ -4,6 +4,7 @@ cannot decode, several sizes, EXIF rotations, 12-bit data (from the options `pla
 from __future__ import annotations
 
 from kcp.core.sources.base import SourcePlan
+from kcp.core.sources.images import DEFAULT_MAX_SIDE
 
 
 def folder_warning_lines(plan: SourcePlan) -> list[str]:
@@ -16,7 +17,8 @@ def folder_warning_lines(plan: SourcePlan) -> list[str]:
     lines, options = [], plan.options if plan.kind == "folder" else {}
     if options.get("capped"):
         height, width = plan.input_spec.shape[:2]
-        lines.append(f"the most common image size, {options['capped'][0]}x{options['capped'][1]}, is above 256 a side: "
+        lines.append(f"the most common image size, {options['capped'][0]}x{options['capped'][1]}, is above "
+                     f"{DEFAULT_MAX_SIDE} a side: "
                      f"images are resized to {height}x{width}; choose the size with data.image_size=[HEIGHT, WIDTH]")
     if options.get("mixed_sizes"):
         share, sampled, kinds = options["mixed_sizes"]

@@ -21,6 +21,7 @@ import collections
 import importlib.util
 import io
 import os
+from typing import NamedTuple
 
 import numpy as np
 
@@ -229,17 +230,24 @@ def read_class_folder(root: str, folder: str, label: str, split):
 EXIF_ORIENTATION = 0x0112  # 1: as stored; 2-8: mirrored and/or turned (a phone held sideways)
 
 
-def _image_header(path: str):
-    """(height, width, has colour, the largest value of a 16-bit gray image or None, whether its
-    EXIF says to turn or mirror it) from the file header (and the pixels of a 16-bit gray image),
-    or None if it is not an image."""
+class ImageHeader(NamedTuple):
+    """What planning reads of one sampled file."""
+    height: int
+    width: int
+    colour: bool
+    largest: int | None  # the largest value of a 16-bit gray image
+    turned: bool  # its EXIF says to turn or mirror it
+
+
+def _image_header(path: str) -> ImageHeader | None:
+    """The file's header (and the pixels of a 16-bit gray image), or None if it is not an image."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path) as image:
             largest = int(np.asarray(image).max()) if image.mode in SIXTEEN_BIT_GRAY else None
             turned = image.getexif().get(EXIF_ORIENTATION, 1) not in (0, 1)
-            return image.height, image.width, image.mode not in GRAY_MODES, largest, turned
+            return ImageHeader(image.height, image.width, image.mode not in GRAY_MODES, largest, turned)
     except Exception:  # noqa: BLE001  an unreadable file is a dead letter later, not a planning error
         return None
 
@@ -272,20 +280,20 @@ def plan_folder(uri: str, root: str, data: DataConfig, labels: bool = True):
     count = sum(len(files) for *_, files in listing)
     sample = header_sample([sorted(files) for *_, files in listing])
     if data.image_size and data.channels:  # no header is read (on gs://, 256 reads spared)
-        headers = [(0, 0, False, None, False)]
+        headers = [ImageHeader(0, 0, False, None, False)]
     else:
         headers = [h for h in (_image_header(path) for path in sample) if h is not None]
     if not headers:
         raise SourceError(f"data.source: none of the {len(sample)} files sampled under {root} is a readable image")
-    sizes = collections.Counter((h, w) for h, w, *_ in headers)
+    sizes = collections.Counter((header.height, header.width) for header in headers)
     (height, width), share = data.image_size or sizes.most_common(1)[0][0], sizes.most_common(1)[0][1]
     capped = None
     if not data.image_size and max(height, width) > DEFAULT_MAX_SIDE:  # photos: 4032x3024 would not fit a batch
         capped, factor = (height, width), DEFAULT_MAX_SIDE / max(height, width)
         height, width = max(1, round(height * factor)), max(1, round(width * factor))
-    channels = data.channels or (3 if any(colour for _, _, colour, *_ in headers) else 1)
-    sixteen_bit = [largest for *_, largest, _ in headers if largest is not None]
-    turned = sum(header[4] for header in headers)
+    channels = data.channels or (3 if any(header.colour for header in headers) else 1)
+    sixteen_bit = [header.largest for header in headers if header.largest is not None]
+    turned = sum(header.turned for header in headers)
     spec = FeatureSpec(dtype="uint8", shape=(int(height), int(width), int(channels)), encoding="raw_bytes")
     if data.limit:  # the first `limit` files in sorted order: named one by one (quick trials only)
         chosen = sorted((path, label, split) for _, label, split, files in listing for path in files)[:data.limit]
