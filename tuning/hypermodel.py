@@ -74,7 +74,15 @@ class TrainerHyperModel(kt.HyperModel):
         # on its hyperparameters only: not on the trials this process ran before it (a resumed
         # search re-runs a killed trial as its first, and gets the score an uninterrupted search gets).
         keras.utils.set_random_seed(self.config.train.seed)
-        return self.trainer(hp).build()
+        trainer = self.trainer(hp)
+        model = trainer.build()
+        # The optimizer's variables now, not at the first step: Hyperband continues a trial of an
+        # earlier bracket by `load_weights` of its checkpoint, which restores the optimizer (moments,
+        # step count, so the learning-rate schedule goes on where it stopped) only into an optimizer
+        # that has them; otherwise Keras skips it with a warning and the trial restarts its warmup.
+        with trainer.strategy.scope():
+            model.optimizer.build(model.trainable_variables)
+        return model
 
     def fit(self, hp, model, *args, **kwargs):
         if args:

@@ -61,6 +61,29 @@ def test_each_algorithm_runs_and_writes_its_results(digits_data, tmp_path, algor
                               "model.kernel_size: [3, 5]}"])
     trials = assert_results(run_dir, run_search(config, run_dir), {"train.learning_rate", "model.kernel_size"})
     assert len(trials) >= 3 if algorithm == "hyperband" else len(trials) == 2
+    if algorithm == "hyperband":
+        assert_continued_trials_resume_their_optimizer(config, run_dir)
+
+
+def assert_continued_trials_resume_their_optimizer(config, run_dir):
+    """Hyperband continues a trial of an earlier bracket from its checkpoint: the weights and the
+    optimizer (moments, and the step count that drives the learning-rate schedule), not the weights
+    under a fresh optimizer that starts its warmup again."""
+    import warnings
+
+    from tuning.hypermodel import make_tuner
+
+    tuner = make_tuner(config, TrainerHyperModel(config, run_dir, search_space(config)),
+                       os.path.join(run_dir, "tuning"))
+    continued = [t for t in tuner.oracle.trials.values() if "tuner/trial_id" in t.hyperparameters.values]
+    assert continued
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = tuner._build_hypermodel(continued[0].hyperparameters)
+    assert not [w for w in caught if "Skipping variable loading" in str(w.message)]
+    assert int(model.optimizer.iterations.numpy()) > 0  # where the earlier bracket's best epoch stopped
+    moments = [v for v in model.optimizer.variables if "momentum" in v.path]
+    assert moments and any(float(abs(v).numpy().max()) > 0 for v in moments)
 
 
 def test_grid_enumerates_exactly_its_grid_and_writes_its_results(digits_data, tmp_path):
