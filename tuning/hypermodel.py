@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import logging
 import time
 
 import keras
@@ -23,6 +24,7 @@ from tuning import compat
 from tuning.space import hyperparameter, trial_config
 from tuning.workers import heartbeat
 
+log = logging.getLogger("kcp.tune")
 TRIAL_STATS = "trial_stats"  # one JSON file per trial: workers sharing the run directory never race on one file
 EPOCH_END, TRIAL_END = "epoch", "trial-end"  # fault points (KCP_KILL_AT=after:epoch:N, after:trial-end:N)
 TUNERS = {"random": kt.RandomSearch, "grid": kt.GridSearch, "bayesian": kt.BayesianOptimization,
@@ -122,6 +124,22 @@ def resident_mb() -> float:
     return 0.0
 
 
+def said_trial_end(oracle, trial, objective: str, seconds: float) -> None:
+    """One log line a trial: its score (or that it failed), and the best so far. A search of an hour
+    said nothing between its first line and its result."""
+    try:
+        best = oracle.get_best_trials(1)
+    except Exception:  # noqa: BLE001  a chief gone: the worker's own watchdog says so
+        best = []
+    leader = f"; best so far {best[0].score:.4f} (trial {best[0].trial_id})" if best and best[0].score is not None \
+        else ""
+    if trial.score is None:
+        log.info("tune: trial %s ended without a score (%s) in %.0f s%s", trial.trial_id, trial.status, seconds,
+                 leader)
+    else:
+        log.info("tune: trial %s: %s %.4f in %.0f s%s", trial.trial_id, objective, trial.score, seconds, leader)
+
+
 def make_tuner(config: Config, hypermodel, directory: str):
     """The `tune.algorithm` tuner over `hypermodel`, its project in DIRECTORY/search (resumed if there)."""
     compat.patch_keras_tuner_atomic_json()
@@ -153,13 +171,15 @@ def make_tuner(config: Config, hypermodel, directory: str):
             finally:
                 measured = {"seconds": time.perf_counter() - started, "rss_mb": resident_mb()}
                 write_trial_stats(directory, trial.trial_id, measured)
+                self.seconds = measured["seconds"]
 
         def on_epoch_end(self, trial, model, epoch, logs=None):
             super().on_epoch_end(trial, model, epoch, logs=logs)
             storage.fault_point("after", EPOCH_END)  # the fault suite's kill inside a trial
 
         def on_trial_end(self, trial):
-            super().on_trial_end(trial)
+            super().on_trial_end(trial)  # the oracle has scored it now
+            said_trial_end(self.oracle, trial, tune.objective, getattr(self, "seconds", 0.0))
             keras.backend.clear_session()
             gc.collect()
             storage.fault_point("after", TRIAL_END)  # between trials: this one recorded, the next not begun

@@ -53,14 +53,22 @@ def assert_results(run_dir, result, keys):
 
 
 @pytest.mark.parametrize("algorithm", ["random", "bayesian", "hyperband"])  # grid: the next test
-def test_each_algorithm_runs_and_writes_its_results(digits_data, tmp_path, algorithm):
+def test_each_algorithm_runs_and_writes_its_results(digits_data, tmp_path, algorithm, caplog):
     run_dir = fresh_run(digits_data, tmp_path)
     epochs = ["train.epochs=3"] if algorithm == "hyperband" else []  # its brackets come from max epochs
     config = load_config([], [*SMALL, *epochs, f"tune.algorithm={algorithm}", "tune.max_trials=2",
                               "tune.space={train.learning_rate: {min: 1.0e-3, max: 1.0e-2, sampling: log}, "
                               "model.kernel_size: [3, 5]}"])
-    trials = assert_results(run_dir, run_search(config, run_dir), {"train.learning_rate", "model.kernel_size"})
+    with caplog.at_level("INFO", logger="kcp.tune"):
+        trials = assert_results(run_dir, run_search(config, run_dir), {"train.learning_rate", "model.kernel_size"})
     assert len(trials) >= 3 if algorithm == "hyperband" else len(trials) == 2
+    said = [record.getMessage() for record in caplog.records if record.getMessage().startswith("tune: trial ")]
+    assert len(said) == len(trials)  # one line a trial, as it ends, with its score and the best so far
+    best = max(float(t["val_accuracy"]) for t in trials)
+    assert f"; best so far {best:.4f} (trial " in said[-1]
+    for trial in trials:
+        assert any(line.startswith(f"tune: trial {trial['trial_id']}: val_accuracy {float(trial['val_accuracy']):.4f} in ")
+                   for line in said)
     if algorithm == "hyperband":
         assert_continued_trials_resume_their_optimizer(config, run_dir)
 
