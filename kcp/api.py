@@ -51,11 +51,12 @@ from pipeline.preprocess import run_preprocess
 # --- the stages -------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def locked(run_dir: str, command: str):
+def locked(run_dir: str, command: str, helper: bool = False):
     """Holds RUN/.kcp-lock (kcp/core/lock.py) while a producing stage writes into the run
     directory; a second one fails at once with a one-line error naming the holder. Re-entrant
-    in one process (`kcp run` holds it over its stages); not taken by a cluster's non-chief members."""
-    if is_cluster_helper():
+    in one process (`kcp run` holds it over its stages); not taken by a `helper` (a cluster's
+    non-chief member, `is_cluster_helper`), whose chief holds it."""
+    if helper:
         yield
         return
     if command not in ("preprocess", "run") and not storage.exists(run_dir):  # a mistyped --run-dir: the
@@ -80,7 +81,9 @@ def train(run_dir: str, model: str | None = None, *, config_file: str | None = N
     """Trains on RUN/data and writes RUN/train/."""
     from trainer.global_state import caller_state_kept
 
-    with locked(run_dir, "train"), caller_state_kept():
+    # resolved before the lock too: its strategy says whether this process is a cluster's helper
+    strategy = resolve_config(run_dir, config_file, model=model, overrides=overrides, data_fixed=True).train.strategy
+    with locked(run_dir, "train", is_cluster_helper(strategy)), caller_state_kept():
         config = resolve_config(run_dir, config_file, model=model, overrides=overrides, data_fixed=True)
         contract_lib.read_contract(run_dir)  # no data: one line, and no config.yaml recorded for a run that is not
         from trainer.train import train as train_model
@@ -111,7 +114,7 @@ def tune(run_dir: str, model: str | None = None, *, config_file: str | None = No
     from trainer.global_state import caller_state_kept
     from tuning.search import run_search, wait_for_chief
 
-    with locked(run_dir, "tune"), caller_state_kept():
+    with locked(run_dir, "tune", is_tuner_worker()), caller_state_kept():
         config = resolve_config(run_dir, config_file, model=model, overrides=overrides, data_fixed=True)
         if is_tuner_worker():  # the chief records config.yaml and the search's fingerprint before its oracle serves
             wait_for_chief(config.tune.chief_timeout)

@@ -180,6 +180,7 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
             self.model.optimizer.build(self.model.trainable_variables)
         self.model.load_weights(weights)
         self.model._initial_epoch = epoch
+        log.info("train: resuming after epoch %d, from the backup in %s", epoch, self.backup_dir)
 
     def on_train_begin(self, logs=None):
         self._load_model()

@@ -19,12 +19,20 @@ def _keras_version() -> tuple:
     return tuple(int(part) for part in keras.__version__.split(".")[:2])
 
 
+def _needs_a_batch(model) -> bool:
+    """Whether Keras' `_symbolic_build` would read a batch: the model, its compiled metrics or loss unbuilt."""
+    metrics, loss = model._compile_metrics, model._compile_loss  # noqa: SLF001  Keras' own conditions
+    return (not all(layer.built for layer in model._flatten_layers())  # noqa: SLF001
+            or (metrics is not None and not metrics.built) or (loss is not None and not loss.built))
+
+
 def patch_multi_worker_fit() -> bool:
     """Applies the two-part fix for keras#20585; returns True if it patched now or before.
 
     1. `_maybe_symbolic_build` reduces the first distributed batch with `strategy.reduce`,
        which multi-worker strategies refuse for per-replica batches; the build only needs
        shapes, so take the first local replica's batch instead.
+       Once built (evaluate after fit) it takes no batch at all.
     2. `reduce_per_replica` reduces multi-worker means with `axis=0`, which fails on the
        scalar metric values; reduce them with `axis=None`.
     """
@@ -42,6 +50,9 @@ def patch_multi_worker_fit() -> bool:
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         if self._distribute_strategy is None:
             return
+        if iterator is not None and not _needs_a_batch(self):
+            iterator = None  # built already (evaluate after fit): no batch taken, which would leave a cached
+            # dataset read in part, thrown away by tf.data with a warning on every worker
         if iterator is not None:
             for _, _, batches in iterator:
                 batch = next(batches)

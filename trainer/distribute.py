@@ -15,11 +15,15 @@ TPU detection never hangs: the resolver is only asked when a TPU variable is set
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
+import signal
 
+import numpy as np
 import tensorflow as tf
 
+from kcp.core.cluster import training_task
 from kcp.core.errors import UserError
 from trainer import compat
 
@@ -56,8 +60,18 @@ def choose_strategy(name: str, cpu_devices: int = 0):
     if name == "multi_worker":
         if not os.environ.get("TF_CONFIG"):
             raise UserError("train.strategy: 'multi_worker' needs TF_CONFIG with the cluster and this task")
+        training_task()
+        if cpu_devices > 1:
+            log.warning("train.cpu_devices=%d is not used under multi_worker: each worker is one replica on its "
+                        "CPU (or all its GPUs)", cpu_devices)
         compat.patch_multi_worker_fit()
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        on_sigterm = signal.getsignal(signal.SIGTERM)
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        # TensorFlow's preemption notifier took SIGTERM over: it notes the signal and the worker trains
+        # on, so `kill`, `timeout` or a pod's shutdown could not stop it. As a single process, it stops.
+        with contextlib.suppress(ValueError):  # not the main thread: the signal is not ours to set
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if on_sigterm is None else on_sigterm)
+        return strategy
     split_cpu(cpu_devices)
     gpus = tf.config.list_logical_devices("GPU")
     if name == "tpu":
@@ -78,6 +92,18 @@ def choose_strategy(name: str, cpu_devices: int = 0):
     raise UserError(f"train.strategy: {name!r} is not supported")
 
 
+PEER_FAILURE = ("Connection reset by peer", "unhealthy", "aborted by", "Connection refused", "Socket closed",
+                "failed to connect", "Deadline Exceeded")
+
+
+def peer_failure(error: Exception) -> str:
+    """The line of a collective's error that says what became of the peer ("recvmsg:Connection reset by
+    peer", "The following tasks are unhealthy ..."), not its first ("Graph execution error:")."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    told = [line for line in lines if any(word.lower() in line.lower() for word in PEER_FAILURE)]
+    return (told or lines or [type(error).__name__])[0][:200]
+
+
 @contextlib.contextmanager
 def lost_peer_said(multi_worker: bool):
     """Under multi_worker, a peer that is gone (killed, preempted, out of memory) ends this worker's
@@ -88,7 +114,46 @@ def lost_peer_said(multi_worker: bool):
     except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError) as error:
         if not multi_worker:
             raise
-        first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
-        raise UserError(f"train.strategy: multi_worker lost a peer ({type(error).__name__}: {first[:200]}); run "
+        raise UserError(f"train.strategy: multi_worker lost a peer ({type(error).__name__}: {peer_failure(error)}); run "
                         "every worker's command again: training resumes after the last epoch all of them backed "
                         "up") from None
+
+
+def flat_settings(tree: dict, prefix: str = "") -> dict:
+    """{"train.epochs": 8, ...}: a nested config dict with dotted keys."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flat_settings(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_workers_agree(strategy, settings: dict) -> None:
+    """Under multi_worker, before training's first collective: every worker was given the same
+    `settings` ({name: value}: the config's keys and the data contract), else one line on each
+    worker naming the keys that differ and this worker's values. Workers started with different
+    settings (one worker's `--set` changed between a kill and the rerun) otherwise fail deep in a
+    collective ("Collective instance ... expected type 0 and data_type 1 but got ... data_type 9"),
+    and the other worker says a peer was lost, which rerunning the same commands does not mend."""
+    names = sorted(settings)
+    digests = [int.from_bytes(hashlib.sha256(f"{name}={settings[name]!r}".encode()).digest()[:4], "little",
+                              signed=True) for name in names]
+
+    def gathered(values: list[int]) -> np.ndarray:
+        row = tf.constant([values], tf.int32)
+        return strategy.gather(strategy.run(tf.function(lambda: tf.identity(row))), axis=0).numpy()
+
+    counts = gathered([len(names)])
+    if len(set(counts[:, 0].tolist())) > 1:
+        raise UserError(f"train.strategy: multi_worker: the workers run different versions of kcp ({len(names)} "
+                        f"settings here, {', '.join(str(c) for c in counts[:, 0])} across the workers); install "
+                        "the same on every worker")
+    every = gathered(digests)
+    differ = [name for column, name in enumerate(names) if len(set(every[:, column].tolist())) > 1]
+    if differ:
+        here = ", ".join(f"{name}={settings[name]!r}" for name in differ[:4])
+        raise UserError(f"train.strategy: multi_worker: the workers were started with different settings: "
+                        f"{', '.join(differ[:4])}{' ...' if len(differ) > 4 else ''} (here {here}); start every "
+                        "worker with the same --config and --set, and run every worker's command again")

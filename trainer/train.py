@@ -46,7 +46,7 @@ from trainer.data import files_split_evenly, make_dataset, per_worker_dataset
 from trainer.language_metrics import fit_document_cache, language_split_metrics
 from trainer.objectives import loss_and_metrics, make_optimizer, one_hot_labels
 from kcp.core.cluster import effective_strategy, num_workers
-from trainer.distribute import choose_strategy, lost_peer_said
+from trainer.distribute import check_workers_agree, choose_strategy, flat_settings, lost_peer_said
 from trainer.models import ModelInputs, build_model
 from trainer.models.common import batch_norm_momentum_for
 from trainer.outputs import TrainPaths, confusion_matrix, predict_labels, save_results, weights_digest
@@ -74,6 +74,9 @@ class Trainer:
             else None
         self.language = self.contract.modality == "language"
         self.multi_worker = strategy == "multi_worker"
+        if self.multi_worker:  # before any collective of training: one line if a worker was given other settings
+            check_workers_agree(self.strategy, {**flat_settings(config.to_dict()), "train.strategy": strategy,  # as run
+                                                "the data (metadata.json)": storage.sha256(RunLayout(run_dir).metadata)})
         self.replicas = self.strategy.num_replicas_in_sync
         self.global_batch = settings.batch_size * self.replicas
         self.drop_remainder = isinstance(self.strategy, tf.distribute.TPUStrategy)  # TPUs need static shapes
@@ -151,8 +154,11 @@ class Trainer:
         number of batches used (0: the model has no BatchNorm)."""
         if not batch_norm_layers(model):
             return 0
-        data = make_dataset(self.contract, self.data_dir, self.fit_splits, self.config.train,  # in a fixed order,
-                            global_batch=self.global_batch, training=False, drop_remainder=True,  # whole batches
+        # in a fixed order, whole batches, not cached: a sample stops before the end, and a cache read in
+        # part is thrown away (tf.data then warns, "did not fully read the dataset being cached")
+        data = make_dataset(self.contract, self.data_dir, self.fit_splits, dataclasses.replace(
+                                self.config.train, cache=False),
+                            global_batch=self.global_batch, training=False, drop_remainder=True,
                             workers=num_workers() if self.multi_worker else 1, one_hot=self.one_hot,
                             vectorizer=self.vectorizer)
         used = reestimate_batch_norm(model, self.strategy, self.strategy.experimental_distribute_dataset(data),

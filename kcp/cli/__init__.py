@@ -10,6 +10,7 @@ prints one line and exits 2; `--verbose` adds the traceback. Beam options go aft
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -17,9 +18,9 @@ import traceback
 
 import trainer.models  # noqa: F401  registers the model families, whose keys the config loader validates
 from kcp.cli.parser import COMMANDS, build_parser
-from kcp.core.quiet import filtered_stderr
+from kcp.core.quiet import exit_at_once, filtered_stderr, write_failure_said_once
 from kcp.core.config_load import resolve_config
-from kcp.core.errors import UserError
+from kcp.core.errors import UserError, write_failure
 from kcp.core.cluster import is_cluster_helper
 from kcp.core import storage
 from kcp.core.layout import RunLayout, new_run_dir, newest_run
@@ -67,9 +68,13 @@ def resolve_run_dir(args) -> str | None:
 WRITES_RUN_DIR = ("preprocess", "train", "tune", "export", "validate", "run", "report")
 
 
+_UNFREED: list = []  # a write failure's error, with the frames and h5py objects it holds, never let go
+
+
 def main(argv: list[str] | None = None, *, lenient: bool = False) -> int:
     """Entry of `kcp` (strict flags) and of the `python -m STAGE.task` launchers (`lenient`:
     unknown flags are warned about and ignored)."""
+    console = argv is None  # the `kcp` script, whose process ends when this returns
     argv = list(sys.argv[1:] if argv is None else argv)
     beam_args: list[str] = []
     if "--" in argv:
@@ -86,7 +91,7 @@ def main(argv: list[str] | None = None, *, lenient: bool = False) -> int:
     if beam_args and not COMMANDS[args.command].runs_beam:
         log.warning("ignoring Beam options after --: %s runs no Beam pipeline", args.command)
     run_dir, made = None, []
-    with filtered_stderr(enabled=not args.verbose):
+    with filtered_stderr(enabled=not args.verbose), write_failure_said_once():
         try:
             made = missing_folders(args.run_dir) if args.run_dir else []  # the folders this command may make
             run_dir = resolve_run_dir(args)
@@ -112,11 +117,15 @@ def main(argv: list[str] | None = None, *, lenient: bool = False) -> int:
             if _interrupt_inside(error):  # Ctrl-C inside a Beam job, which wraps it in a RuntimeError
                 return _interrupted(args)
             failure = storage_failure(error)
+            failure = f"{failure}; check the network and the credentials" if failure else write_failure(error)
             if failure is None:
                 raise
+            if console and not storage_failure(error):  # a file h5py could not write crashes the interpreter
+                _UNFREED.append(error)  # (139) when it is let go: kept until the end, which skips the finalizers
+                atexit.register(exit_at_once, code=2)
             if args.verbose:
                 traceback.print_exc()
-            print(f"kcp {args.command}: error: {failure}; check the network and the credentials", file=sys.stderr)
+            print(f"kcp {args.command}: error: {failure}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:  # Ctrl-C: one line, not the traceback of wherever the work was
             return _interrupted(args)
@@ -157,13 +166,15 @@ def launch_training(argv: list[str], stage: str = "train") -> int:
     is removed from there, since the trainer has put its new model.keras and metrics.json beside it."""
     code = main([stage, *argv], lenient=True)
     model_dir = os.environ.get("AIP_MODEL_DIR")
-    if code or not model_dir or is_cluster_helper():
+    if code or not model_dir:
         return code
     from deploy.export import copy_tree
 
     args, _ = build_parser(abbreviations=False).parse_known_args(["export", *argv])
     run_dir = resolve_run_dir(args)
     config = resolve_config(run_dir, args.config, overrides=args.overrides)
+    if is_cluster_helper(config.train.strategy):  # the chief hands the model over
+        return code
     if stage == "tune" and not config.tune.retrain_best:  # a search alone trains no final model to hand over
         print(f"[tune] AIP_MODEL_DIR {model_dir}: nothing handed over, since tune.retrain_best is false (set it "
               "true to retrain the best config and hand its export over)", flush=True)

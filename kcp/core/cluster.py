@@ -39,6 +39,17 @@ def tf_config() -> dict:
     return config
 
 
+def training_task() -> None:
+    """A multi_worker replica's TF_CONFIG task is a "chief" or a "worker": an "evaluator" (or a
+    parameter server) is one line, where TensorFlow would end in a KeyError or the task would
+    train a model of its own."""
+    kind = worker_info()[0]
+    if kind not in ("chief", "worker"):
+        raise UserError(f"TF_CONFIG: task type {kind!r} does not train: multi_worker training runs 'chief' and "
+                        "'worker' tasks (kcp evaluates every split itself after fit); start this task as one of "
+                        "them, or not at all")
+
+
 def worker_info() -> tuple[str, int, bool]:
     """(task type, task index, is chief) from TF_CONFIG; ('worker', 0, True) without one."""
     config = tf_config()
@@ -73,10 +84,14 @@ def is_tuner_worker() -> bool:
     return bool(tuner_id()) and "chief" not in tuner_id()
 
 
-def is_cluster_helper() -> bool:
+def is_cluster_helper(strategy: str | None = None) -> bool:
     """True in the processes of a distributed job that work for another one: Keras Tuner workers,
-    and training workers other than the chief (or worker 0 when there is no chief)."""
-    return is_tuner_worker() or not worker_info()[2]
+    and the training replicas of a multi_worker `strategy` (`train.strategy`, auto included)
+    other than the chief (or worker 0 when there is no chief). A process that TF_CONFIG names as
+    a worker but that trains alone (another strategy), or runs another command, works for no one."""
+    if is_tuner_worker():
+        return True
+    return strategy is not None and effective_strategy(strategy) == "multi_worker" and not worker_info()[2]
 
 
 def take_tuner_role(role: str | None, oracle: str | None, worker_id: str | None) -> None:

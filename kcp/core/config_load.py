@@ -194,7 +194,7 @@ def config_recorded(run_dir: str, config: Config):
     resumes with it); a body that fails with a one-line error (a strategy with no TPU, a family that
     does not take the data, a NaN stop) puts back the config.yaml that was there before, so that
     later commands do not inherit the settings of a command that failed."""
-    if is_cluster_helper():  # a tuner worker or a non-chief replica: the chief, which holds the run's lock,
+    if is_cluster_helper(config.train.strategy):  # a tuner worker or a non-chief replica: the chief, which holds the run's lock,
         yield                # records config.yaml; a helper with other keys would overwrite the chief's
         return
     path = RunLayout(run_dir).config

@@ -22,6 +22,8 @@ import signal
 import sys
 import threading
 
+from kcp.core.errors import write_failure
+
 # Each pattern is one known line; anything else is shown.
 ROUTINE_LINES = re.compile(
     rb"All log messages before absl::InitializeLog\(\) is called are written to STDERR"
@@ -47,20 +49,37 @@ ROUTINE_LINES = re.compile(
     rb"|Worker: severity: CRITICAL .*Python sdk harness failed: .*\\nKeyboardInterrupt")
 
 
+# multi_worker: a peer that is gone aborts every collective in flight, and the C++ runtime logs each
+# abort with the peer's gRPC status over several lines, before the Python error that kcp answers with
+# one line naming the peer's failure (trainer/distribute.py `lost_peer_said`); --verbose shows them
+PEER_LOST_LINES = re.compile(
+    rb"base_collective_executor\.cc:\d+\] BaseCollectiveExecutor::StartAbort UNAVAILABLE: "
+    rb"|ring_alg\.cc:\d+\] Aborting RingReduce with UNAVAILABLE: "
+    rb"|local_rendezvous\.cc:\d+\] Local rendezvous is aborting with status: UNAVAILABLE: ")
+
 # TensorFlow's op context under an error status ("\t [[{{function_node ...}}{{node map/while/Assert}}]]"):
-# routine when it continues a routine line, kept under any other
+# routine when it continues a routine line, kept under any other; and the lines that continue a
+# peer's abort (its gRPC detail, the tasks TensorFlow names as unhealthy)
 CONTINUATION = re.compile(rb"^\t \[\[")
+PEER_LOST_CONTINUATION = re.compile(
+    rb"^(?:\t \[\[|Additional GRPC error information from remote target |:UNKNOWN:Error received from peer "
+    rb"|The error could be from a previous operation\. |/job:\w+/replica:\d+/task:\d+$"
+    rb"|The tasks have crashed\. )")
 
 
 def is_routine(line: bytes) -> bool:
-    return ROUTINE_LINES.search(line) is not None
+    return ROUTINE_LINES.search(line) is not None or PEER_LOST_LINES.search(line) is not None
 
 
-def shown_lines(lines: list, after_routine: bool = False) -> tuple[list, bool]:
-    """The lines that are not routine, and whether the last line was (for the next call)."""
+def shown_lines(lines: list, after_routine: bool | str = False) -> tuple[list, bool | str]:
+    """The lines that are not routine, and whether the last line was (for the next call: "peer"
+    within a peer's abort record)."""
     shown = []
     for line in lines:
-        routine = is_routine(line) or (after_routine and CONTINUATION.match(line) is not None)
+        if PEER_LOST_LINES.search(line) or (after_routine == "peer" and PEER_LOST_CONTINUATION.match(line)):
+            routine = "peer"
+        else:
+            routine = is_routine(line) or (bool(after_routine) and CONTINUATION.match(line) is not None)
         if not routine:
             shown.append(line)
         after_routine = routine
@@ -100,6 +119,40 @@ def drain(timeout: float = 2.0) -> None:
     except OSError:
         return
     active.drained.wait(timeout)
+
+
+@contextlib.contextmanager
+def write_failure_said_once():
+    """Within the block, an exception in a finalizer that is a full disk or a read-only folder (h5py's
+    "Exception ignored in: h5py._objects.ObjectID.__dealloc__", after its traceback, which Cython
+    prints through sys.excepthook: a dozen lines each time a weights file that could not be written
+    is let go) is not printed: it is the failure the command's own line names
+    (kcp.core.errors.write_failure). Any other goes to Python's hooks as before."""
+    unraisable_hook, except_hook = sys.unraisablehook, sys.excepthook
+
+    def on_unraisable(unraisable):
+        if write_failure(unraisable.exc_value) is None:
+            unraisable_hook(unraisable)
+
+    def on_exception(kind, value, trace):
+        if write_failure(value) is None:
+            except_hook(kind, value, trace)
+
+    sys.unraisablehook, sys.excepthook = on_unraisable, on_exception
+    try:
+        yield
+    finally:
+        sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
+
+
+def exit_at_once(_signum=None, _frame=None, code: int = 130) -> None:
+    """Ends the process with `code` (130: the shell's code for SIGINT) at once, after passing on what
+    is in stdout's buffer and stderr's pipe; no finalizer runs."""
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    drain(0.5)
+    os._exit(code)
 
 
 @contextlib.contextmanager
@@ -149,6 +202,8 @@ def filtered_stderr(enabled: bool = True):
     _active = active
 
     def on_interrupt(signum, frame):  # Python's own handler, after noting the Ctrl-C
+        if active.interrupted:  # a second Ctrl-C while the first winds down: stop now, as a kill would,
+            exit_at_once(signum, frame)  # not with a KeyboardInterrupt traceback out of the clean-up
         active.interrupted = True
         signal.default_int_handler(signum, frame)
 
@@ -159,8 +214,9 @@ def filtered_stderr(enabled: bool = True):
     try:
         yield
     finally:
-        if ours and signal.getsignal(signal.SIGINT) is on_interrupt:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+        if ours and signal.getsignal(signal.SIGINT) is on_interrupt:  # Python's own again, unless the command
+            # was interrupted and is ending: then a second Ctrl-C (or `timeout` passing one on) ends it at once
+            signal.signal(signal.SIGINT, exit_at_once if active.interrupted else signal.default_int_handler)
         _active = None
         sys.stderr.flush()
         os.dup2(original, 2)  # closes this process's end of the pipe

@@ -96,6 +96,30 @@ def test_a_second_producing_stage_is_refused_with_one_line_naming_the_holder(tmp
         sleeper.wait()
 
 
+def test_a_process_tf_config_names_a_worker_takes_the_lock_unless_it_trains_in_the_cluster(tmp_path, monkeypatch):
+    """Only a multi_worker replica other than the chief (whose chief holds the lock) and a tuner worker
+    go without it. A TF_CONFIG worker 1 that preprocesses, or trains alone (another strategy), is a
+    producing stage like any other: two such wrote into one run directory at once (a preprocess
+    reported success over another's data; two trainings into one RUN/train/)."""
+    run_dir = str(tmp_path / "run")
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]},
+                                                "task": {"type": "worker", "index": 1}}))
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _holder(run_dir, sleeper.pid)
+        for stage in (lambda: api.preprocess(run_dir, "digits"),
+                      lambda: api.train(run_dir, overrides=["train.strategy=one_device"])):
+            with pytest.raises(lock_lib.RunLockedError, match=f"pid {sleeper.pid} on "):
+                stage()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    from kcp.core.cluster import is_cluster_helper
+
+    assert is_cluster_helper("multi_worker") and is_cluster_helper("auto")  # a cluster of 2: auto is multi_worker
+    assert not is_cluster_helper("one_device") and not is_cluster_helper(None)
+
+
 def test_a_lock_left_by_a_dead_process_on_this_host_is_taken_over(tmp_path):
     run_dir = str(tmp_path / "run")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -916,3 +940,55 @@ def test_train_gives_a_notebook_back_its_dtype_policy_and_random_generators(digi
     api.train(run_dir, "cnn", overrides=["train.epochs=1", "model.filters=[8]", "train.precision=mixed_bfloat16"])
     assert keras.config.dtype_policy().name == "float32"
     assert draws() == expected
+
+
+def test_a_write_failure_is_found_and_named_by_the_file_the_user_knows():
+    from kcp.core.errors import write_failure
+
+    try:  # a real full device: every write to /dev/full fails with ENOSPC
+        with open("/dev/full", "w") as handle:
+            handle.write("x")
+    except OSError as error:
+        assert write_failure(error) == ("no space left on the device; free some, or give a --run-dir (or --output) "
+                                        "elsewhere")
+    read_only = OSError(30, "Read-only file system", "runs/r/.kcp-lock.tmp-06e479ac")
+    assert write_failure(read_only) == ("cannot write runs/r/.kcp-lock: read-only file system; give a --run-dir (or "
+                                        "--output) that can be written")
+    try:  # h5py names the file inside its message; found through what it was raised while handling
+        try:
+            raise OSError(28, "Unable to synchronously create file (unable to open file: name = "
+                              "'runs/r/train/model.keras', errno = 28, error message = 'No space left on device')")
+        except OSError:
+            raise RuntimeError("saving failed")
+    except RuntimeError as error:
+        assert write_failure(error).startswith("cannot write runs/r/train/model.keras: no space left on the device")
+    assert write_failure(PermissionError(13, "Permission denied", "/data/x.png")) == "/data/x.png: permission denied"
+    assert write_failure(FileNotFoundError(2, "No such file or directory", "x")) is None
+    assert write_failure(ValueError("a bug")) is None
+
+
+def test_a_file_that_cannot_be_written_mid_training_is_one_line_and_the_rerun_completes(digits_data, tmp_path):
+    """A full disk as the backup's weights file is written: h5py's file let go crashed the interpreter
+    (exit 139) or printed about 40 lines of its finalizers' tracebacks around a 46-line traceback. The
+    process's file-size limit fails that write as a full disk does (EFBIG for ENOSPC), without root."""
+    import resource
+    import signal
+
+    run_dir = fresh_run(digits_data, tmp_path)
+    kcp = os.path.join(os.path.dirname(sys.executable), "kcp")
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
+
+    command = [kcp, "train", "--run-dir", run_dir, "--set", "train.epochs=2"]
+    failed = subprocess.run(command, preexec_fn=limited, capture_output=True, text=True, timeout=600)
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    backup = os.path.join(run_dir, "train", "backup", "epoch00001-batch000000.weights.h5")
+    assert failed.stderr.splitlines()[-1] == (f"kcp train: error: cannot write {backup}: file too large for this "
+                                              "process's limit (ulimit -f)"), failed.stderr[-3000:]
+    assert "Traceback" not in failed.stderr and "h5py" not in failed.stderr
+    assert not os.path.exists(RunLayout(run_dir).model)
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert json.loads(storage.read_text(RunLayout(run_dir).metrics))["epochs"] == 2
