@@ -83,12 +83,13 @@ def train(run_dir: str, model: str | None = None, *, config_file: str | None = N
 
     # resolved before the lock too: its strategy says whether this process is a cluster's helper
     strategy = resolve_config(run_dir, config_file, model=model, overrides=overrides, data_fixed=True).train.strategy
-    with locked(run_dir, "train", is_cluster_helper(strategy)), caller_state_kept():
+    helper = is_cluster_helper(strategy)
+    with locked(run_dir, "train", helper), caller_state_kept():
         config = resolve_config(run_dir, config_file, model=model, overrides=overrides, data_fixed=True)
         contract_lib.read_contract(run_dir)  # no data: one line, and no config.yaml recorded for a run that is not
         from trainer.train import train as train_model
 
-        with config_recorded(run_dir, config):  # a train that fails with one line records nothing
+        with config_recorded(run_dir, config, helper):  # a train that fails with one line records nothing
             return _train_result(run_dir, train_model(config, run_dir), config.train.strategy)
 
 
@@ -120,7 +121,7 @@ def tune(run_dir: str, model: str | None = None, *, config_file: str | None = No
             wait_for_chief(config.tune.chief_timeout)
             config = resolve_config(run_dir, config_file, model=model, overrides=overrides)
         contract_lib.read_contract(run_dir)  # as train
-        with config_recorded(run_dir, config):
+        with config_recorded(run_dir, config, is_tuner_worker()):
             summary = run_search(config, run_dir)
             if not config.tune.retrain_best or is_tuner_worker():  # a worker searches only; the chief, once
                 return TuneResult(summary)  # every trial is done, retrains the best config as a search alone does

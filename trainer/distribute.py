@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import signal
+import zlib
 
 import numpy as np
 import tensorflow as tf
@@ -100,8 +102,13 @@ def peer_failure(error: Exception) -> str:
     """The line of a collective's error that says what became of the peer ("recvmsg:Connection reset by
     peer", "The following tasks are unhealthy ..."), not its first ("Graph execution error:")."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    told = [line for line in lines if any(word.lower() in line.lower() for word in PEER_FAILURE)]
-    return (told or lines or [type(error).__name__])[0][:200]
+    told = [index for index, line in enumerate(lines) if any(word.lower() in line.lower() for word in PEER_FAILURE)]
+    if not told:
+        return (lines or [type(error).__name__])[0][:200]
+    first = lines[told[0]]
+    if first.endswith(":") and told[0] + 1 < len(lines):  # "The following tasks are unhealthy (...):" + the task
+        first = f"{first} {lines[told[0] + 1]}"
+    return first[:200]
 
 
 @contextlib.contextmanager
@@ -130,30 +137,47 @@ def flat_settings(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+SETTINGS_BYTES = 65536  # the most a worker's settings may take, compressed, to be named key by key
+IGNORED_SETTINGS = ("tune.", "export.", "train.cpu_devices")  # not used by a multi_worker training
+
+
 def check_workers_agree(strategy, settings: dict) -> None:
     """Under multi_worker, before training's first collective: every worker was given the same
     `settings` ({name: value}: the config's keys and the data contract), else one line on each
     worker naming the keys that differ and this worker's values. Workers started with different
     settings (one worker's `--set` changed between a kill and the rerun) otherwise fail deep in a
     collective ("Collective instance ... expected type 0 and data_type 1 but got ... data_type 9"),
-    and the other worker says a peer was lost, which rerunning the same commands does not mend."""
-    names = sorted(settings)
-    digests = [int.from_bytes(hashlib.sha256(f"{name}={settings[name]!r}".encode()).digest()[:4], "little",
-                              signed=True) for name in names]
+    and the other worker says a peer was lost, which rerunning the same commands does not mend.
 
-    def gathered(values: list[int]) -> np.ndarray:
-        row = tf.constant([values], tf.int32)
+    Two all-gathers of fixed shapes, the same on every worker whatever its settings: a digest of
+    them all and, only when the digests differ, each worker's settings themselves (compressed), so
+    that each can name the keys, those of another model family's included."""
+    settings = {name: value for name, value in settings.items() if not name.startswith(IGNORED_SETTINGS)}
+    text = json.dumps(settings, sort_keys=True, default=str).encode()
+
+    def gathered(values: np.ndarray) -> np.ndarray:
+        row = tf.constant(values[None], tf.int32)
         return strategy.gather(strategy.run(tf.function(lambda: tf.identity(row))), axis=0).numpy()
 
-    counts = gathered([len(names)])
-    if len(set(counts[:, 0].tolist())) > 1:
-        raise UserError(f"train.strategy: multi_worker: the workers run different versions of kcp ({len(names)} "
-                        f"settings here, {', '.join(str(c) for c in counts[:, 0])} across the workers); install "
-                        "the same on every worker")
-    every = gathered(digests)
-    differ = [name for column, name in enumerate(names) if len(set(every[:, column].tolist())) > 1]
-    if differ:
-        here = ", ".join(f"{name}={settings[name]!r}" for name in differ[:4])
-        raise UserError(f"train.strategy: multi_worker: the workers were started with different settings: "
-                        f"{', '.join(differ[:4])}{' ...' if len(differ) > 4 else ''} (here {here}); start every "
-                        "worker with the same --config and --set, and run every worker's command again")
+    digests = gathered(np.frombuffer(hashlib.sha256(text).digest(), np.int32))
+    if (digests == digests[0]).all():
+        return
+    packed = zlib.compress(text, 9)[:SETTINGS_BYTES]
+    padded = np.zeros(SETTINGS_BYTES + 4, np.uint8)
+    padded[:4] = np.frombuffer(np.int32(len(packed)).tobytes(), np.uint8)
+    padded[4:4 + len(packed)] = np.frombuffer(packed, np.uint8)
+    others = []
+    for row in gathered(padded.view(np.int32)):
+        raw = row.astype(np.int32).view(np.uint8)
+        size = int(raw[:4].view(np.int32)[0])
+        try:
+            others.append(json.loads(zlib.decompress(raw[4:4 + size].tobytes())))
+        except (zlib.error, ValueError):  # settings too large to be named
+            others.append(None)
+    differ = sorted({name for other in others if other is not None for name in set(settings) | set(other)
+                     if settings.get(name, "(not set)") != other.get(name, "(not set)")},
+                    key=lambda name: (name != "model.name", name))  # another family: its keys follow
+    here = ", ".join(f"{name}={settings.get(name, '(not set)')!r}" for name in differ[:4])
+    raise UserError("train.strategy: multi_worker: the workers were started with different settings"
+                    + (f": {', '.join(differ[:4])}{' ...' if len(differ) > 4 else ''} (here {here})" if differ else "")
+                    + "; start every worker with the same --config and --set, and run every worker's command again")

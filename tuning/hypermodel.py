@@ -125,17 +125,21 @@ def resident_mb() -> float:
 
 
 def said_trial_end(oracle, trial, objective: str, seconds: float) -> None:
-    """One log line a trial: its score (or that it failed), and the best so far. A search of an hour
-    said nothing between its first line and its result."""
+    """One log line a trial, from the process that ran it (a worker, in a distributed search): its
+    score (or why it has none), and the best so far. A search of an hour said nothing between its
+    first line and its result. The score is the oracle's: a worker's own copy of the trial is
+    scored on the chief."""
     try:
+        trial = oracle.get_trial(trial.trial_id) or trial
         best = oracle.get_best_trials(1)
     except Exception:  # noqa: BLE001  a chief gone: the worker's own watchdog says so
         best = []
     leader = f"; best so far {best[0].score:.4f} (trial {best[0].trial_id})" if best and best[0].score is not None \
         else ""
     if trial.score is None:
-        log.info("tune: trial %s ended without a score (%s) in %.0f s%s", trial.trial_id, trial.status, seconds,
-                 leader)
+        why = (getattr(trial, "message", None) or "").strip().splitlines()
+        log.info("tune: trial %s ended without a score (%s%s) in %.0f s%s", trial.trial_id, trial.status,
+                 f": {why[-1][:200]}" if why else "", seconds, leader)
     else:
         log.info("tune: trial %s: %s %.4f in %.0f s%s", trial.trial_id, objective, trial.score, seconds, leader)
 

@@ -17,7 +17,8 @@ from kcp import cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.launch_training(list(sys.argv[1:] if argv is None else argv), "tune")
+    # no argv: this process's own entry, which ends when the stage does (cli.main's `console`)
+    return cli.launch_training(list(sys.argv[1:] if argv is None else argv), "tune", console=argv is None)
 
 
 if __name__ == "__main__":

@@ -71,10 +71,12 @@ WRITES_RUN_DIR = ("preprocess", "train", "tune", "export", "validate", "run", "r
 _UNFREED: list = []  # a write failure's error, with the frames and h5py objects it holds, never let go
 
 
-def main(argv: list[str] | None = None, *, lenient: bool = False) -> int:
+def main(argv: list[str] | None = None, *, lenient: bool = False, console: bool | None = None) -> int:
     """Entry of `kcp` (strict flags) and of the `python -m STAGE.task` launchers (`lenient`:
-    unknown flags are warned about and ignored)."""
-    console = argv is None  # the `kcp` script, whose process ends when this returns
+    unknown flags are warned about and ignored). `console`: the process ends when this returns
+    (the `kcp` script, which gives no `argv`, and the launchers' own entries), so a second Ctrl-C
+    and a write failure may end it at once; not for callers in a process that goes on."""
+    console = argv is None if console is None else console
     argv = list(sys.argv[1:] if argv is None else argv)
     beam_args: list[str] = []
     if "--" in argv:
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None, *, lenient: bool = False) -> int:
     if beam_args and not COMMANDS[args.command].runs_beam:
         log.warning("ignoring Beam options after --: %s runs no Beam pipeline", args.command)
     run_dir, made = None, []
-    with filtered_stderr(enabled=not args.verbose), write_failure_said_once():
+    with filtered_stderr(enabled=not args.verbose, hard_exit=console), write_failure_said_once() as said:
         try:
             made = missing_folders(args.run_dir) if args.run_dir else []  # the folders this command may make
             run_dir = resolve_run_dir(args)
@@ -120,9 +122,11 @@ def main(argv: list[str] | None = None, *, lenient: bool = False) -> int:
             failure = f"{failure}; check the network and the credentials" if failure else write_failure(error)
             if failure is None:
                 raise
-            if console and not storage_failure(error):  # a file h5py could not write crashes the interpreter
-                _UNFREED.append(error)  # (139) when it is let go: kept until the end, which skips the finalizers
-                atexit.register(exit_at_once, code=2)
+            if not storage_failure(error):
+                said.failed = True  # its finalizers' reports of the same failure are not shown
+                if console:  # a file h5py could not write crashes the interpreter (139) when it is let go: kept
+                    _UNFREED.append(error)  # until the end, which skips the finalizers
+                    atexit.register(exit_at_once, code=2)
             if args.verbose:
                 traceback.print_exc()
             print(f"kcp {args.command}: error: {failure}", file=sys.stderr)
@@ -156,7 +160,7 @@ def _interrupted(args) -> int:
     return 130
 
 
-def launch_training(argv: list[str], stage: str = "train") -> int:
+def launch_training(argv: list[str], stage: str = "train", console: bool = False) -> int:
     """`python -m trainer.task` (and `python -m tuning.task`, `stage` "tune"): the stage with a launcher's
     flags. With `AIP_MODEL_DIR` set (a Vertex AI job that registers a model), the chief then exports
     (`kcp export`; a search with `tune.retrain_best` has exported its best config) and validates
@@ -164,7 +168,7 @@ def launch_training(argv: list[str], stage: str = "train") -> int:
     AIP_MODEL_DIR, saved_model.pb last, where Vertex AI's TensorFlow prediction containers look for
     it. An export that is not blessed is not handed over (exit 1), and a SavedModel handed over before
     is removed from there, since the trainer has put its new model.keras and metrics.json beside it."""
-    code = main([stage, *argv], lenient=True)
+    code = main([stage, *argv], lenient=True, console=console)
     model_dir = os.environ.get("AIP_MODEL_DIR")
     if code or not model_dir:
         return code
@@ -180,7 +184,7 @@ def launch_training(argv: list[str], stage: str = "train") -> int:
               "true to retrain the best config and hand its export over)", flush=True)
         return 0
     for step in ("export", "validate") if stage == "train" else ("validate",):  # the newest version: this one
-        code = main([step, *argv], lenient=True)
+        code = main([step, *argv], lenient=True, console=console)
         if code:
             remove_saved_model(model_dir)
             return code

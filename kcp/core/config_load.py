@@ -15,7 +15,6 @@ import contextlib
 import json
 
 from kcp.core import storage
-from kcp.core.cluster import is_cluster_helper
 from kcp.core.config import DEFAULT_LANGUAGE_SOURCE, Config, ModelConfig, is_language_source
 from kcp.core.errors import UserError
 from kcp.core.families import MODEL_FAMILIES, families_for
@@ -189,13 +188,15 @@ def record_config(run_dir: str, config: Config) -> None:
 
 
 @contextlib.contextmanager
-def config_recorded(run_dir: str, config: Config):
+def config_recorded(run_dir: str, config: Config, helper: bool = False):
     """Records `config` (record_config) for the body, which may read it back (a killed stage's rerun
     resumes with it); a body that fails with a one-line error (a strategy with no TPU, a family that
     does not take the data, a NaN stop) puts back the config.yaml that was there before, so that
-    later commands do not inherit the settings of a command that failed."""
-    if is_cluster_helper(config.train.strategy):  # a tuner worker or a non-chief replica: the chief, which holds the run's lock,
-        yield                # records config.yaml; a helper with other keys would overwrite the chief's
+    later commands do not inherit the settings of a command that failed. Not by a `helper` (a tuner
+    worker or a multi_worker non-chief, as `locked` has it): the chief, which holds the run's lock,
+    records config.yaml; a helper with other keys would overwrite the chief's."""
+    if helper:
+        yield
         return
     path = RunLayout(run_dir).config
     before = storage.read_text(path) if storage.exists(path) else None

@@ -30,6 +30,7 @@ import threading
 import uuid
 
 from kcp.core import storage
+from kcp.core.cluster import worker_info
 from kcp.core.errors import UserError
 
 LOCK_NAME = ".kcp-lock"
@@ -39,6 +40,17 @@ _HELD: dict[tuple, list] = {}  # (lock path, thread) -> [content bytes, depth], 
 
 class RunLockedError(UserError):
     """Another process holds the run directory's lock."""
+
+
+def cluster_hint() -> str:
+    """For a process that TF_CONFIG names as a non-chief worker yet takes the lock (it preprocesses, or
+    trains with a strategy other than multi_worker, alone): why its chief's lock stops it."""
+    try:
+        kind, index, chief = worker_info()
+    except UserError:
+        return ""
+    return "" if chief else (f" (TF_CONFIG names this process {kind} {index} of a cluster, but it does not train in "
+                             "it: only train.strategy auto or multi_worker trains with the chief, which holds the lock)")
 
 
 def lock_path(run_dir: str) -> str:
@@ -109,7 +121,7 @@ def acquire(run_dir: str, command: str) -> bytes:
             storage.remove_if_content(path, seen)
             continue
         raise RunLockedError(f"{run_dir} is in use by {describe_holder(holder)}; wait for it to finish, or, "
-                             f"if that process is gone, delete {path}")
+                             f"if that process is gone, delete {path}{cluster_hint()}")
     if unread is not None and storage.exists(path):  # there all along, and never read: say why, not "taken"
         detail = " ".join(str(unread).split())[:200] or type(unread).__name__
         raise RunLockedError(f"{run_dir}: its lock {path} is there but cannot be read ({detail}); if no process "

@@ -121,28 +121,41 @@ def drain(timeout: float = 2.0) -> None:
     active.drained.wait(timeout)
 
 
+class _Said:
+    failed = False  # set by the caller once it has printed a write failure's one line
+
+
 @contextlib.contextmanager
 def write_failure_said_once():
     """Within the block, an exception in a finalizer that is a full disk or a read-only folder (h5py's
     "Exception ignored in: h5py._objects.ObjectID.__dealloc__", after its traceback, which Cython
     prints through sys.excepthook: a dozen lines each time a weights file that could not be written
-    is let go) is not printed: it is the failure the command's own line names
-    (kcp.core.errors.write_failure). Any other goes to Python's hooks as before."""
+    is let go) is held back; it is dropped if the command ends by naming that failure in its own
+    line (the caller sets `.failed` on what the block yields; kcp.core.errors.write_failure), and
+    shown as Python would have shown it otherwise. Any other goes to Python's hooks at once."""
     unraisable_hook, except_hook = sys.unraisablehook, sys.excepthook
+    said, held = _Said(), []
 
     def on_unraisable(unraisable):
         if write_failure(unraisable.exc_value) is None:
             unraisable_hook(unraisable)
+        else:
+            held.append(lambda: unraisable_hook(unraisable))
 
     def on_exception(kind, value, trace):
         if write_failure(value) is None:
             except_hook(kind, value, trace)
+        else:
+            held.append(lambda: except_hook(kind, value, trace))
 
     sys.unraisablehook, sys.excepthook = on_unraisable, on_exception
     try:
-        yield
+        yield said
     finally:
         sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
+        if not said.failed:
+            for show in held:
+                show()
 
 
 def exit_at_once(_signum=None, _frame=None, code: int = 130) -> None:
@@ -156,9 +169,11 @@ def exit_at_once(_signum=None, _frame=None, code: int = 130) -> None:
 
 
 @contextlib.contextmanager
-def filtered_stderr(enabled: bool = True):
+def filtered_stderr(enabled: bool = True, hard_exit: bool = False):
     """Within the block, drops the routine lines from everything written to descriptor 2, by
-    this process and by the processes it starts."""
+    this process and by the processes it starts. With `hard_exit` (a process that ends with the
+    block), a second Ctrl-C, in the block after a first or after an interrupted block, ends the
+    process at once (130)."""
     try:
         original = os.dup(2)
     except OSError:  # no descriptor 2 (a detached process): nothing to filter
@@ -202,8 +217,8 @@ def filtered_stderr(enabled: bool = True):
     _active = active
 
     def on_interrupt(signum, frame):  # Python's own handler, after noting the Ctrl-C
-        if active.interrupted:  # a second Ctrl-C while the first winds down: stop now, as a kill would,
-            exit_at_once(signum, frame)  # not with a KeyboardInterrupt traceback out of the clean-up
+        if active.interrupted and hard_exit:  # a second Ctrl-C while the first winds down: stop now, as a kill
+            exit_at_once(signum, frame)        # would, not with a KeyboardInterrupt traceback out of the clean-up
         active.interrupted = True
         signal.default_int_handler(signum, frame)
 
@@ -216,7 +231,8 @@ def filtered_stderr(enabled: bool = True):
     finally:
         if ours and signal.getsignal(signal.SIGINT) is on_interrupt:  # Python's own again, unless the command
             # was interrupted and is ending: then a second Ctrl-C (or `timeout` passing one on) ends it at once
-            signal.signal(signal.SIGINT, exit_at_once if active.interrupted else signal.default_int_handler)
+            signal.signal(signal.SIGINT, exit_at_once if active.interrupted and hard_exit
+                          else signal.default_int_handler)
         _active = None
         sys.stderr.flush()
         os.dup2(original, 2)  # closes this process's end of the pipe

@@ -109,8 +109,13 @@ def test_a_process_tf_config_names_a_worker_takes_the_lock_unless_it_trains_in_t
         _holder(run_dir, sleeper.pid)
         for stage in (lambda: api.preprocess(run_dir, "digits"),
                       lambda: api.train(run_dir, overrides=["train.strategy=one_device"])):
-            with pytest.raises(lock_lib.RunLockedError, match=f"pid {sleeper.pid} on "):
+            with pytest.raises(lock_lib.RunLockedError, match=f"pid {sleeper.pid} on ") as refused:
                 stage()
+            assert str(refused.value).endswith(" (TF_CONFIG names this process worker 1 of a cluster, but it does not "
+                                               "train in it: only train.strategy auto or multi_worker trains with the "
+                                               "chief, which holds the lock)")
+        with api.locked(run_dir, "train", helper=True):  # a multi_worker non-chief: its chief holds the lock
+            pass
     finally:
         sleeper.kill()
         sleeper.wait()
@@ -945,15 +950,16 @@ def test_train_gives_a_notebook_back_its_dtype_policy_and_random_generators(digi
 def test_a_write_failure_is_found_and_named_by_the_file_the_user_knows():
     from kcp.core.errors import write_failure
 
-    try:  # a real full device: every write to /dev/full fails with ENOSPC
+    with pytest.raises(OSError) as full:  # a real full device: every write to /dev/full fails with ENOSPC
         with open("/dev/full", "w") as handle:
             handle.write("x")
-    except OSError as error:
-        assert write_failure(error) == ("no space left on the device; free some, or give a --run-dir (or --output) "
-                                        "elsewhere")
+    assert write_failure(full.value) == "no space left on its device; free some, or write elsewhere (--run-dir, " \
+                                        "--output, TMPDIR)"
     read_only = OSError(30, "Read-only file system", "runs/r/.kcp-lock.tmp-06e479ac")
     assert write_failure(read_only) == ("cannot write runs/r/.kcp-lock: read-only file system; give a --run-dir (or "
                                         "--output) that can be written")
+    saving = OSError(28, "No space left on device", "runs/r/train/model.tmp-0123456789ab.keras")  # trainer/outputs.py
+    assert write_failure(saving).startswith("cannot write runs/r/train/model.keras: no space left")
     try:  # h5py names the file inside its message; found through what it was raised while handling
         try:
             raise OSError(28, "Unable to synchronously create file (unable to open file: name = "
@@ -961,7 +967,7 @@ def test_a_write_failure_is_found_and_named_by_the_file_the_user_knows():
         except OSError:
             raise RuntimeError("saving failed")
     except RuntimeError as error:
-        assert write_failure(error).startswith("cannot write runs/r/train/model.keras: no space left on the device")
+        assert write_failure(error).startswith("cannot write runs/r/train/model.keras: no space left on its device")
     assert write_failure(PermissionError(13, "Permission denied", "/data/x.png")) == "/data/x.png: permission denied"
     assert write_failure(FileNotFoundError(2, "No such file or directory", "x")) is None
     assert write_failure(ValueError("a bug")) is None

@@ -4,6 +4,7 @@ import csv
 import glob
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -65,10 +66,12 @@ def test_each_algorithm_runs_and_writes_its_results(digits_data, tmp_path, algor
     said = [record.getMessage() for record in caplog.records if record.getMessage().startswith("tune: trial ")]
     assert len(said) == len(trials)  # one line a trial, as it ends, with its score and the best so far
     best = max(float(t["val_accuracy"]) for t in trials)
-    assert f"; best so far {best:.4f} (trial " in said[-1]
+    leader = re.findall(r"; best so far ([0-9.]+) \(trial ", said[-1])
+    assert leader and float(leader[0]) == pytest.approx(best, abs=1e-4)
     for trial in trials:
-        assert any(line.startswith(f"tune: trial {trial['trial_id']}: val_accuracy {float(trial['val_accuracy']):.4f} in ")
-                   for line in said)
+        logged = [float(found) for line in said
+                  for found in re.findall(rf"^tune: trial {trial['trial_id']}: val_accuracy ([0-9.]+) in ", line)]
+        assert len(logged) == 1 and logged[0] == pytest.approx(float(trial["val_accuracy"]), abs=1e-4), said
     if algorithm == "hyperband":
         assert_continued_trials_resume_their_optimizer(config, run_dir)
 
@@ -202,6 +205,12 @@ def test_chief_and_two_workers_run_each_trial_once_and_exit(digits_data, tmp_pat
     trials = read_trials(run_dir)
     assert len(trials) == 4 and len({t["trial_id"] for t in trials}) == 4
     assert all(t["status"] == "COMPLETED" for t in trials)
+    # each trial's line, with the chief's score, from the worker that ran it (its own copy has none)
+    said = "".join(outputs[:2])
+    for trial in trials:
+        logged = re.findall(rf"tune: trial {trial['trial_id']}: val_accuracy ([0-9.]+) in ", said)
+        assert len(logged) == 1 and float(logged[0]) == pytest.approx(float(trial["val_accuracy"]), abs=1e-4), said
+    assert "ended without a score" not in said
     stats = read_trial_stats(os.path.join(run_dir, "tuning"))
     assert sorted(stats) == sorted(t["trial_id"] for t in trials)  # no worker's figures lost to another's
     assert all(float(t["seconds"]) > 0 for t in trials)
