@@ -174,10 +174,11 @@ def check_workers_agree(strategy, settings: dict) -> None:
             others.append(json.loads(zlib.decompress(raw[4:4 + size].tobytes())))
         except (zlib.error, ValueError):  # settings too large to be named
             others.append(None)
-    differ = sorted({name for other in others if other is not None for name in set(settings) | set(other)
-                     if settings.get(name, "(not set)") != other.get(name, "(not set)")},
+    mine = json.loads(text)  # as the others' came: tuples as lists, other values as text
+    differ = sorted({name for other in others if other is not None for name in set(mine) | set(other)
+                     if mine.get(name, "(not set)") != other.get(name, "(not set)")},
                     key=lambda name: (name != "model.name", name))  # another family: its keys follow
-    here = ", ".join(f"{name}={settings.get(name, '(not set)')!r}" for name in differ[:4])
+    here = ", ".join(f"{name}={mine.get(name, '(not set)')!r}" for name in differ[:4])
     raise UserError("train.strategy: multi_worker: the workers were started with different settings"
                     + (f": {', '.join(differ[:4])}{' ...' if len(differ) > 4 else ''} (here {here})" if differ else "")
                     + "; start every worker with the same --config and --set, and run every worker's command again")

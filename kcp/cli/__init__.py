@@ -118,11 +118,11 @@ def main(argv: list[str] | None = None, *, lenient: bool = False, console: bool 
         except Exception as error:  # noqa: BLE001  a storage service that refuses or cannot be reached: one line
             if _interrupt_inside(error):  # Ctrl-C inside a Beam job, which wraps it in a RuntimeError
                 return _interrupted(args)
-            failure = storage_failure(error)
-            failure = f"{failure}; check the network and the credentials" if failure else write_failure(error)
+            remote = storage_failure(error)
+            failure = f"{remote}; check the network and the credentials" if remote else write_failure(error)
             if failure is None:
                 raise
-            if not storage_failure(error):
+            if not remote:  # a file this machine would not let the command write
                 said.failed = True  # its finalizers' reports of the same failure are not shown
                 if console:  # a file h5py could not write crashes the interpreter (139) when it is let go: kept
                     _UNFREED.append(error)  # until the end, which skips the finalizers
