@@ -17,7 +17,7 @@ import keras
 import keras_tuner as kt
 
 from kcp.core import storage
-from kcp.core.cluster import is_tuner_worker
+from kcp.core.cluster import is_tuner_worker, tuner_id
 from kcp.core.config import Config
 from trainer.train import Trainer
 from tuning import compat
@@ -188,6 +188,22 @@ def make_tuner(config: Config, hypermodel, directory: str):
             gc.collect()
             storage.fault_point("after", TRIAL_END)  # between trials: this one recorded, the next not begun
 
-    if tune.algorithm == "hyperband":
-        return TimedTuner(hypermodel, max_epochs=config.train.epochs, factor=3, **common)
-    return TimedTuner(hypermodel, max_trials=tune.max_trials, **common)
+    tuner = (TimedTuner(hypermodel, max_epochs=config.train.epochs, factor=3, **common)
+             if tune.algorithm == "hyperband" else TimedTuner(hypermodel, max_trials=tune.max_trials, **common))
+    if tuner_id() and not is_tuner_worker():  # the chief of a distributed search: its workers run the trials
+        said_by_chief(tuner.oracle, tune.objective, directory)
+    return tuner
+
+
+def said_by_chief(oracle, objective: str, directory: str) -> None:
+    """The chief's oracle logs each trial a worker ends, as the worker does (`said_trial_end`, with
+    the seconds the worker wrote before ending it): the chief, the process a user watches, said
+    nothing between its first line and its result."""
+    end_trial = oracle.end_trial
+
+    def ended(trial):
+        result = end_trial(trial)
+        said_trial_end(oracle, trial, objective, read_trial_stats(directory).get(trial.trial_id, {}).get("seconds", 0))
+        return result
+
+    oracle.end_trial = ended

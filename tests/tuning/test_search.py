@@ -205,12 +205,15 @@ def test_chief_and_two_workers_run_each_trial_once_and_exit(digits_data, tmp_pat
     trials = read_trials(run_dir)
     assert len(trials) == 4 and len({t["trial_id"] for t in trials}) == 4
     assert all(t["status"] == "COMPLETED" for t in trials)
-    # each trial's line, with the chief's score, from the worker that ran it (its own copy has none)
-    said = "".join(outputs[:2])
-    for trial in trials:
-        logged = re.findall(rf"tune: trial {trial['trial_id']}: val_accuracy ([0-9.]+) in ", said)
-        assert len(logged) == 1 and float(logged[0]) == pytest.approx(float(trial["val_accuracy"]), abs=1e-4), said
-    assert "ended without a score" not in said
+    # each trial's line, with the chief's score, from the worker that ran it (its own copy has none),
+    # and from the chief, the process a user watches
+    for said in ("".join(outputs[:2]), outputs[2]):
+        for trial in trials:
+            logged = re.findall(rf"tune: trial {trial['trial_id']}: val_accuracy ([0-9.]+) in ([0-9]+) s", said)
+            assert len(logged) == 1, said
+            assert float(logged[0][0]) == pytest.approx(float(trial["val_accuracy"]), abs=1e-4)
+            assert abs(int(logged[0][1]) - float(trial["seconds"])) <= 0.55  # "%.0f" against "%.1f" of one figure
+        assert "ended without a score" not in said
     stats = read_trial_stats(os.path.join(run_dir, "tuning"))
     assert sorted(stats) == sorted(t["trial_id"] for t in trials)  # no worker's figures lost to another's
     assert all(float(t["seconds"]) > 0 for t in trials)
