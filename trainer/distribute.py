@@ -25,7 +25,7 @@ import zlib
 import numpy as np
 import tensorflow as tf
 
-from kcp.core.cluster import training_task
+from kcp.core.cluster import num_workers, training_task, worker_info
 from kcp.core.errors import UserError
 from trainer import compat
 
@@ -67,8 +67,10 @@ def choose_strategy(name: str, cpu_devices: int = 0):
             log.warning("train.cpu_devices=%d is not used under multi_worker: each worker is one replica on its "
                         "CPU (or all its GPUs)", cpu_devices)
         compat.patch_multi_worker_fit()
+        kind, index, _ = worker_info()
+        log.info("train: %s %d of a cluster of %d; waiting for every worker to start", kind, index, num_workers())
         on_sigterm = signal.getsignal(signal.SIGTERM)
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()  # holds the GIL until every worker has come
         # TensorFlow's preemption notifier took SIGTERM over: it notes the signal and the worker trains
         # on, so `kill`, `timeout` or a pod's shutdown could not stop it. As a single process, it stops.
         with contextlib.suppress(ValueError):  # not the main thread: the signal is not ours to set

@@ -37,8 +37,11 @@ def write_failure(error: BaseException) -> str | None:
         code = getattr(error, "errno", None) if isinstance(error, OSError) else None
         code = code if code in WRITE_ERRNOS else next((c for m, c in WRITE_MESSAGES.items() if m in text), None)
         if code is not None:
-            path = getattr(error, "filename", None) or next(iter(re.findall(r"name = '([^']+)'", text)), None)
-            path = re.sub(r"\.tmp-[0-9a-f]{6,}", "", str(path)) if path else None
+            path = getattr(error, "filename", None) or next(iter(  # h5py's, Python's inside Beam's, TensorFlow's
+                re.findall(r"name = '([^']+)'|\[Errno \d+\] [^:\n]+: '([^']+)'|RESOURCE_EXHAUSTED: ([^;\s]+);", text)),
+                None)
+            path = next((found for found in path if found), None) if isinstance(path, tuple) else path
+            path = re.sub(r"\.tmp-[0-9a-f]{6,}", "", re.sub(r"/\.tmp-[0-9a-f]{6,}/", "/", str(path))) if path else None
             if code == errno.EACCES:  # reading or writing: the path says which
                 return f"{path}: permission denied" if path else "permission denied on a file this command uses"
             return f"{'cannot write ' + path + ': ' if path else ''}{WRITE_ERRNOS[code]}"

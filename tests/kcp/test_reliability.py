@@ -968,6 +968,13 @@ def test_a_write_failure_is_found_and_named_by_the_file_the_user_knows():
             raise RuntimeError("saving failed")
     except RuntimeError as error:
         assert write_failure(error).startswith("cannot write runs/r/train/model.keras: no space left on its device")
+    # Python's OSError inside Beam's error, and TensorFlow's, name the file in their text
+    beam = RuntimeError("OSError: [Errno 28] No space left on device: 'r/data/.attempt-1/train.tmp-0123456789ab' "
+                        "[while running 'WriteTrain/WriteParts']")
+    assert write_failure(beam).startswith("cannot write r/data/.attempt-1/train: no space left")
+    tensorflow = RuntimeError("RESOURCE_EXHAUSTED: r/export/model/.tmp-1a2b3c4d/variables/variables.index; No space "
+                              "left on device")
+    assert write_failure(tensorflow).startswith("cannot write r/export/model/variables/variables.index: no space")
     assert write_failure(PermissionError(13, "Permission denied", "/data/x.png")) == "/data/x.png: permission denied"
     assert write_failure(FileNotFoundError(2, "No such file or directory", "x")) is None
     assert write_failure(ValueError("a bug")) is None
