@@ -102,8 +102,12 @@ class TrainerHyperModel(kt.HyperModel):
         return self.trainer(hp).fit(model, callbacks, **kwargs)
 
 
+def trial_stats_path(directory: str, trial_id: str) -> str:
+    return storage.join(directory, TRIAL_STATS, f"{trial_id}.json")
+
+
 def write_trial_stats(directory: str, trial_id: str, measured: dict) -> None:
-    storage.write_text_atomic(storage.join(directory, TRIAL_STATS, f"{trial_id}.json"), json.dumps(measured))
+    storage.write_text_atomic(trial_stats_path(directory, trial_id), json.dumps(measured))
 
 
 def read_trial_stats(directory: str) -> dict:
@@ -203,7 +207,9 @@ def said_by_chief(oracle, objective: str, directory: str) -> None:
 
     def ended(trial):
         result = end_trial(trial)
-        said_trial_end(oracle, trial, objective, read_trial_stats(directory).get(trial.trial_id, {}).get("seconds", 0))
+        path = trial_stats_path(directory, trial.trial_id)  # this trial's file alone, not every trial's
+        seconds = json.loads(storage.read_text(path))["seconds"] if storage.exists(path) else 0
+        said_trial_end(oracle, trial, objective, seconds)
         return result
 
     oracle.end_trial = ended
